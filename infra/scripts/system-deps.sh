@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the system packages K2 needs when they are missing (Debian/Ubuntu, as root or
+# with sudo). `--test` adds what the test suite needs beyond `make run`.
+set -euo pipefail
+
+need=()
+command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need+=(maven)
+if [[ "${1:-}" == "--test" ]]; then
+  :  # test-only tools are appended here by later features
+fi
+
+if [[ ${#need[@]} -eq 0 ]]; then
+  exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "K2 needs: ${need[*]}. Install them with your system's package manager, then run make again." >&2
+  exit 1
+fi
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null 2>&1 || { echo "K2 needs: ${need[*]}; run as root or install sudo." >&2; exit 1; }
+  sudo="sudo"
+fi
+echo "installing ${need[*]} from Debian's packages ..."
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

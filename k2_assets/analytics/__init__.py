@@ -1,0 +1,1 @@
+"""analytics domain: assets, checks, jobs and schedules."""

@@ -1,0 +1,1 @@
+"""asx domain: assets, checks, jobs and schedules."""

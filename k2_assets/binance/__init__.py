@@ -1,0 +1,1 @@
+"""binance domain: assets, checks, jobs and schedules."""

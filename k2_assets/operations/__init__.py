@@ -1,0 +1,1 @@
+"""operations domain: assets, checks, jobs and schedules."""

@@ -1,0 +1,21 @@
+"""The resources every K2 asset, sensor and job uses, picked per environment.
+
+With no settings at all they point at the embedded default: the Kafka broker that
+`k2 kafka start` runs on 127.0.0.1 and the SQLite Iceberg catalog under K2_HOME. Set
+K2_KAFKA_BOOTSTRAP and K2_ICEBERG_CATALOG_URI (and friends) to point them elsewhere.
+"""
+
+from __future__ import annotations
+
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.query import DuckDBQueryResource
+
+
+def build_resources() -> dict[str, object]:
+    iceberg = IcebergResource()
+    return {
+        "kafka": KafkaResource(),
+        "iceberg": iceberg,
+        "duckdb": DuckDBQueryResource(iceberg=iceberg),
+    }

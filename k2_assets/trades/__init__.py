@@ -1,0 +1,1 @@
+"""trades domain: assets, checks, jobs and schedules."""

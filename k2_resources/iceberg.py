@@ -1,0 +1,102 @@
+"""IcebergResource: the K2 catalog and its tables.
+
+By default a pyiceberg SqlCatalog on SQLite with the warehouse on the local file system,
+both under K2_HOME; any pyiceberg catalog (REST + S3, Glue, ...) by configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+from dagster import ConfigurableResource
+from pydantic import Field, PrivateAttr
+from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
+from pyiceberg.table import Table
+
+from k2_resources.settings import state_dir
+from k2_resources.tables import ALL_TABLES, DEAD_LETTERS, NAMESPACE, QUOTES, TRADES, TableDefinition
+
+
+def default_catalog_properties() -> dict[str, str]:
+    """SQLite catalog and file-system warehouse under K2_HOME."""
+    root = state_dir("iceberg")
+    return {
+        "type": "sql",
+        "uri": f"sqlite:///{root / 'catalog.db'}",
+        "warehouse": f"file://{state_dir('iceberg', 'warehouse')}",
+    }
+
+
+class IcebergResource(ConfigurableResource):
+    """The Iceberg catalog holding ``market.trades``, ``market.quotes`` and ``market.dead_letters``."""
+
+    catalog_name: str = Field(default="k2")
+    catalog_properties: dict[str, str] | None = Field(
+        default=None,
+        description="pyiceberg catalog properties (type, uri, warehouse, s3.*); "
+        "default: SQLite catalog and local warehouse under K2_HOME",
+    )
+    _catalog: Catalog | None = PrivateAttr(default=None)
+
+    def catalog(self) -> Catalog:
+        """The catalog, with the K2 namespace and tables created on first use."""
+        if self._catalog is None:
+            properties = dict(self.catalog_properties or _env_catalog_properties() or default_catalog_properties())
+            self._catalog = load_catalog(self.catalog_name, **properties)
+            ensure_tables(self._catalog)
+        return self._catalog
+
+    def table(self, definition: TableDefinition) -> Table:
+        return self.catalog().load_table(definition.identifier)
+
+    def trades(self) -> Table:
+        """``market.trades``, freshly loaded (current snapshot)."""
+        return self.table(TRADES)
+
+    def quotes(self) -> Table:
+        return self.table(QUOTES)
+
+    def dead_letters(self) -> Table:
+        return self.table(DEAD_LETTERS)
+
+
+def _env_catalog_properties() -> dict[str, str] | None:
+    """Catalog properties from ``K2_ICEBERG_CATALOG_URI`` / ``K2_ICEBERG_WAREHOUSE`` when set."""
+    uri = os.environ.get("K2_ICEBERG_CATALOG_URI")
+    if not uri:
+        return None
+    props = {"uri": uri, "type": os.environ.get("K2_ICEBERG_CATALOG_TYPE", "sql")}
+    if os.environ.get("K2_ICEBERG_WAREHOUSE"):
+        props["warehouse"] = os.environ["K2_ICEBERG_WAREHOUSE"]
+    return props
+
+
+def ensure_tables(catalog: Catalog) -> None:
+    """Create the namespace and every K2 table that does not exist yet."""
+    try:
+        catalog.create_namespace(NAMESPACE)
+    except NamespaceAlreadyExistsError:
+        pass
+    for definition in ALL_TABLES:
+        try:
+            catalog.load_table(definition.identifier)
+        except NoSuchTableError:
+            try:
+                catalog.create_table(
+                    definition.identifier,
+                    schema=definition.schema,
+                    partition_spec=definition.partition_spec,
+                    sort_order=definition.sort_order,
+                    properties={"write.parquet.compression-codec": "zstd", "format-version": "2"},
+                )
+            except TableAlreadyExistsError:  # created concurrently by another process
+                pass
+
+
+def to_arrow(records: list[dict[str, Any]], definition: TableDefinition) -> pa.Table:
+    """Rows (dicts of Python values) as an Arrow table in the table's exact schema."""
+    return pa.Table.from_pylist(records, schema=definition.arrow_schema())

@@ -1,0 +1,246 @@
+"""The embedded Apache Kafka broker: single-node KRaft, jars from Maven Central.
+
+`k2 kafka start` resolves the broker's runtime classpath with Maven from
+``infra/kafka/pom.xml`` (cached under K2_HOME), formats the KRaft storage once, and runs
+``kafka.Kafka`` listening on 127.0.0.1 only. Its log directories and logs stay under
+``K2_HOME/kafka`` (or the folder given), so several brokers (one per test run) can coexist.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from k2_resources.errors import KafkaUnavailableError
+from k2_resources.settings import PROJECT_ROOT, state_dir
+
+POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
+LOG4J_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.properties"
+DEFAULT_PORT = 9092
+DEFAULT_CONTROLLER_PORT = 9093
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _require(tool: str, fix: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise KafkaUnavailableError(f"`{tool}` was not found on PATH; {fix}")
+    return path
+
+
+def _java_major(java: str) -> int:
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    # e.g. openjdk version "17.0.15" 2025-04-15
+    for token in out.split():
+        token = token.strip('"')
+        if token[:1].isdigit():
+            major = token.split(".")[0]
+            return int(major) if major != "1" else int(token.split(".")[1])
+    return 0
+
+
+@dataclass
+class KafkaBroker:
+    """One single-node KRaft broker whose state lives in ``home``."""
+
+    home: Path
+    port: int = DEFAULT_PORT
+    controller_port: int = DEFAULT_CONTROLLER_PORT
+    heap: str = "512m"
+
+    @classmethod
+    def default(cls) -> "KafkaBroker":
+        """The broker of this K2_HOME, ports from K2_KAFKA_PORT / K2_KAFKA_CONTROLLER_PORT."""
+        return cls(
+            home=state_dir("kafka"),
+            port=int(os.environ.get("K2_KAFKA_PORT", DEFAULT_PORT)),
+            controller_port=int(os.environ.get("K2_KAFKA_CONTROLLER_PORT", DEFAULT_CONTROLLER_PORT)),
+        )
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "broker.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "broker.log"
+
+    @property
+    def log_dirs(self) -> Path:
+        return self.home / "data"
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def classpath(self) -> str:
+        """The broker's runtime classpath, resolved by Maven once and cached beside the state."""
+        cached = self.home / "classpath.txt"
+        if cached.exists() and cached.stat().st_mtime >= POM.stat().st_mtime and cached.read_text().strip():
+            return cached.read_text().strip()
+        mvn = _require("mvn", "install Maven (Debian: `apt-get install maven`) so K2 can fetch the Kafka jars")
+        self.home.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
+             f"-Dmdep.outputFile={cached}", "-Dmdep.includeScope=runtime"],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0 or not cached.exists():
+            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+            raise KafkaUnavailableError(
+                "Maven could not resolve the Kafka jars from Maven Central; check network access "
+                "to Maven Central (or a mirror in ~/.m2/settings.xml):\n" + "\n".join(tail)
+            )
+        return cached.read_text().strip()
+
+    def _properties(self) -> Path:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.log_dirs),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "true",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # Consumers join at once; a single-node broker has nobody else to wait for.
+            "group.initial.rebalance.delay.ms": "0",
+            "log.retention.hours": "168",
+        }
+        path = self.home / "server.properties"
+        path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
+        return path
+
+    def _java_command(self, classpath: str, main: str, *args: str) -> list[str]:
+        java = _require("java", "install a Java 17+ runtime (Debian: `apt-get install openjdk-17-jre-headless`)")
+        if _java_major(java) < 17:
+            raise KafkaUnavailableError("Kafka 4 needs Java 17 or newer; install openjdk-17 and put it first on PATH")
+        return [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-Dkafka.logs.dir=" + str(self.home / "logs"),
+                "-cp", classpath, main, *args]
+
+    def _format_storage(self, classpath: str, properties: Path) -> None:
+        if (self.log_dirs / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        result = subprocess.run(
+            self._java_command(classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                               "-c", str(properties), "--ignore-formatted"),
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise KafkaUnavailableError(f"formatting Kafka storage in {self.log_dirs} failed:\n{result.stdout}{result.stderr}")
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The broker's process id when it is running."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+
+    def is_ready(self, timeout_s: float = 2.0) -> bool:
+        """Whether the broker answers a metadata request."""
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=int(timeout_s * 1000),
+                                     bootstrap_timeout_ms=int(timeout_s * 1000))
+        except (KafkaError, OSError, ValueError):
+            return False
+        try:
+            admin.describe_cluster()
+            return True
+        except (KafkaError, OSError):
+            return False
+        finally:
+            admin.close()
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Start the broker (if it is not running) and return once it answers metadata requests."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.pid() is not None and self.is_ready():
+            return
+        classpath = self.classpath()
+        properties = self._properties()
+        self._format_storage(classpath, properties)
+        log = self.log_file.open("ab")
+        process = subprocess.Popen(
+            self._java_command(classpath, "kafka.Kafka", str(properties)),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal goes to `k2`, which stops the broker itself
+        )
+        self.pid_file.write_text(str(process.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = self.log_file.read_text(errors="replace").splitlines()[-20:]
+                raise KafkaUnavailableError(
+                    f"the Kafka broker exited with code {process.returncode}; is port {self.port} or "
+                    f"{self.controller_port} in use (set K2_KAFKA_PORT)? Last log lines:\n" + "\n".join(tail)
+                )
+            if self.is_ready(timeout_s=1.0):
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise KafkaUnavailableError(f"the Kafka broker did not answer within {timeout_s:.0f}s; see {self.log_file}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the broker: SIGTERM for a clean shutdown, SIGKILL if it does not finish in time."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                finished, _ = os.waitpid(pid, os.WNOHANG)
+                if finished == pid:
+                    break
+            except ChildProcessError:  # not our child: poll for its end instead
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+    def status(self) -> str:
+        """One line: running and ready, running but not answering, or stopped."""
+        pid = self.pid()
+        if pid is None:
+            return f"stopped (state in {self.home})"
+        ready = "ready" if self.is_ready() else "not answering yet"
+        return f"running, pid {pid}, {ready} on {self.bootstrap_servers} (state in {self.home})"

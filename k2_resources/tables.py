@@ -1,0 +1,111 @@
+"""Iceberg table definitions of K2: schemas, partition specs and sort orders.
+
+``market.trades`` and ``market.quotes`` carry the V2 columns, partitioned by
+day(timestamp) and exchange and sorted by symbol then timestamp, so a query for one symbol
+on one day opens one partition and skips most row groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.table.sorting import SortField, SortOrder
+from pyiceberg.transforms import DayTransform, IdentityTransform
+from pyiceberg.types import (
+    DecimalType,
+    ListType,
+    LongType,
+    MapType,
+    NestedField,
+    StringType,
+    TimestamptzType,
+)
+
+NAMESPACE = "market"
+PRICE = DecimalType(18, 8)
+
+TRADES_SCHEMA = Schema(
+    NestedField(1, "message_id", StringType(), required=True),
+    NestedField(2, "trade_id", StringType(), required=True),
+    NestedField(3, "symbol", StringType(), required=True),
+    NestedField(4, "exchange", StringType(), required=True),
+    NestedField(5, "asset_class", StringType(), required=True),
+    NestedField(6, "timestamp", TimestamptzType(), required=True, doc="exchange time, UTC"),
+    NestedField(7, "price", PRICE, required=True),
+    NestedField(8, "quantity", PRICE, required=True),
+    NestedField(9, "currency", StringType(), required=True),
+    NestedField(10, "side", StringType(), required=True, doc="aggressor side: BUY, SELL, SELL_SHORT, UNKNOWN"),
+    NestedField(11, "trade_conditions", ListType(16, StringType(), element_required=True), required=False),
+    NestedField(12, "source_sequence", LongType(), required=False),
+    NestedField(13, "ingestion_timestamp", TimestamptzType(), required=True),
+    NestedField(14, "platform_sequence", LongType(), required=False),
+    NestedField(15, "vendor_data", MapType(17, StringType(), 18, StringType(), value_required=False), required=False),
+)
+
+QUOTES_SCHEMA = Schema(
+    NestedField(1, "message_id", StringType(), required=True),
+    NestedField(2, "quote_id", StringType(), required=True),
+    NestedField(3, "symbol", StringType(), required=True),
+    NestedField(4, "exchange", StringType(), required=True),
+    NestedField(5, "asset_class", StringType(), required=True),
+    NestedField(6, "timestamp", TimestamptzType(), required=True),
+    NestedField(7, "bid_price", PRICE, required=False, doc="null: empty bid side"),
+    NestedField(8, "bid_quantity", PRICE, required=False),
+    NestedField(9, "ask_price", PRICE, required=False, doc="null: empty ask side"),
+    NestedField(10, "ask_quantity", PRICE, required=False),
+    NestedField(11, "currency", StringType(), required=True),
+    NestedField(12, "source_sequence", LongType(), required=False),
+    NestedField(13, "ingestion_timestamp", TimestamptzType(), required=True),
+    NestedField(14, "platform_sequence", LongType(), required=False),
+    NestedField(15, "vendor_data", MapType(17, StringType(), 18, StringType(), value_required=False), required=False),
+)
+
+DEAD_LETTERS_SCHEMA = Schema(
+    NestedField(1, "source", StringType(), required=True, doc="e.g. asx_trades, asx_quotes"),
+    NestedField(2, "partition_key", StringType(), required=False, doc="the asset partition the row belonged to"),
+    NestedField(3, "file", StringType(), required=False),
+    NestedField(4, "line_number", LongType(), required=False, doc="1-based line in the file"),
+    NestedField(5, "raw", StringType(), required=True, doc="the input exactly as read"),
+    NestedField(6, "reason", StringType(), required=True),
+    NestedField(7, "ingestion_timestamp", TimestamptzType(), required=True),
+)
+
+_MARKET_SPEC = PartitionSpec(
+    PartitionField(source_id=6, field_id=1000, transform=DayTransform(), name="timestamp_day"),
+    PartitionField(source_id=4, field_id=1001, transform=IdentityTransform(), name="exchange"),
+)
+_MARKET_SORT = SortOrder(
+    SortField(source_id=3, transform=IdentityTransform()),
+    SortField(source_id=6, transform=IdentityTransform()),
+)
+
+
+@dataclass(frozen=True)
+class TableDefinition:
+    """Everything needed to create one K2 table."""
+
+    name: str
+    schema: Schema
+    partition_spec: PartitionSpec
+    sort_order: SortOrder
+
+    @property
+    def identifier(self) -> str:
+        return f"{NAMESPACE}.{self.name}"
+
+    def arrow_schema(self) -> pa.Schema:
+        return self.schema.as_arrow()
+
+
+TRADES = TableDefinition("trades", TRADES_SCHEMA, _MARKET_SPEC, _MARKET_SORT)
+QUOTES = TableDefinition("quotes", QUOTES_SCHEMA, _MARKET_SPEC, _MARKET_SORT)
+DEAD_LETTERS = TableDefinition(
+    "dead_letters",
+    DEAD_LETTERS_SCHEMA,
+    PartitionSpec(PartitionField(source_id=1, field_id=1000, transform=IdentityTransform(), name="source")),
+    SortOrder(),
+)
+ALL_TABLES = (TRADES, QUOTES, DEAD_LETTERS)

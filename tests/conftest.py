@@ -1,0 +1,42 @@
+"""Shared fixtures: one real Kafka broker per pytest run, and a fresh K2_HOME per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from k2_resources.kafka_broker import KafkaBroker, free_port
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
+    """A real Apache Kafka (KRaft) broker on free ports, for the whole test session."""
+    broker = KafkaBroker(home=tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port())
+    broker.start()
+    previous = os.environ.get("K2_KAFKA_BOOTSTRAP")
+    os.environ["K2_KAFKA_BOOTSTRAP"] = broker.bootstrap_servers
+    yield broker
+    if previous is None:
+        os.environ.pop("K2_KAFKA_BOOTSTRAP", None)
+    else:
+        os.environ["K2_KAFKA_BOOTSTRAP"] = previous
+    broker.stop()
+
+
+@pytest.fixture
+def k2_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty K2_HOME (Iceberg catalog, warehouse, Dagster home) for one test."""
+    home = tmp_path / "k2home"
+    home.mkdir()
+    monkeypatch.setenv("K2_HOME", str(home))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    return home
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest) -> str:
+    """A topic name unique to the test, so tests sharing the broker never see each other's data."""
+    safe = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[:80]
+    return f"test-{safe}-{os.getpid()}-{free_port()}"
