@@ -8,6 +8,8 @@ command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 if [[ "${1:-}" == "--test" ]]; then
   :  # test-only tools are appended here by later features
+  command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+  command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 fi
 
 if [[ ${#need[@]} -eq 0 ]]; then
