@@ -8,9 +8,9 @@ from k2_assets.resources import build_resources
 
 
 def _domain_definitions() -> list[Definitions]:
-    from k2_assets import asx
+    from k2_assets import asx, binance
 
-    domains = [asx]
+    domains = [asx, binance]
     return [module.defs for module in domains if hasattr(module, "defs")]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.query import DuckDBQueryResource
+from k2_resources.trades.sink import TradeSinkResource
 
 
 def build_resources() -> dict[str, object]:
@@ -18,4 +19,5 @@ def build_resources() -> dict[str, object]:
         "kafka": KafkaResource(),
         "iceberg": iceberg,
         "duckdb": DuckDBQueryResource(iceberg=iceberg),
+        "sink": TradeSinkResource(),
     }

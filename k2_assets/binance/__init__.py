@@ -1,1 +1,15 @@
-"""binance domain: assets, checks, jobs and schedules."""
+"""Binance domain: the micro-batch asset fed by the stream sensor, its checks and job."""
+
+from dagster import Definitions
+
+from k2_assets.binance.assets import binance_trades
+from k2_assets.binance.checks import binance_consumer_lag, binance_offset_baseline
+from k2_assets.binance.jobs import binance_trades_job
+from k2_sensors.binance import binance_stream_sensor
+
+defs = Definitions(
+    assets=[binance_trades],
+    asset_checks=[binance_consumer_lag, binance_offset_baseline],
+    jobs=[binance_trades_job],
+    sensors=[binance_stream_sensor],
+)

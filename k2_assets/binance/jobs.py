@@ -1,0 +1,12 @@
+"""The micro-batch job the stream sensor launches."""
+
+from dagster import AssetSelection, define_asset_job
+
+from k2_assets.binance.assets import binance_trades
+
+binance_trades_job = define_asset_job(
+    "binance_trades_microbatch",
+    selection=AssetSelection.assets(binance_trades).without_checks(),
+    description="Append one Kafka offset range of Binance trades to market.trades (config from the stream sensor).",
+    tags={"k2/kind": "ingest"},
+)
