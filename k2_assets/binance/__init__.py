@@ -5,7 +5,7 @@ from dagster import Definitions
 from k2_assets.binance.assets import binance_trades
 from k2_assets.binance.checks import binance_consumer_lag, binance_offset_baseline
 from k2_assets.binance.jobs import binance_trades_job
-from k2_sensors.binance import binance_stream_sensor
+from k2_sensors.binance.stream_sensor import binance_stream_sensor
 
 defs = Definitions(
     assets=[binance_trades],

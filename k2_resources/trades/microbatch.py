@@ -129,7 +129,7 @@ def commit_range(
             raise OffsetGapError(
                 f"{batch.key} does not start where market.trades ends for {batch.topic}[{batch.partition}] "
                 f"(committed up to offset {done}); run the range starting at {done} first, or if the topic was "
-                "recreated set a new baseline with `k2 stream reset-offsets`"
+                "recreated set a new baseline with `k2 offsets reset --topic <topic>`"
             )
         committed_after = dict(committed)
         committed_after[batch.partition] = batch.end

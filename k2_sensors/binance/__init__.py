@@ -1,5 +1,1 @@
-"""Sensors of the Binance stream."""
-
-from k2_sensors.binance.stream_sensor import binance_stream_sensor
-
-__all__ = ["binance_stream_sensor"]
+"""Sensors of the Binance stream: stream_sensor (the Dagster sensor), stream_state (its rules), driver."""

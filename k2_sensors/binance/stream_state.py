@@ -81,7 +81,7 @@ def baseline_evaluation(snapshot: StreamSnapshot) -> CheckOutcome:
             for p, (end, committed) in mismatched.items()
         )
         metadata["fix"] = (f"the topic or the Kafka cluster was recreated; check the data, then set a new "
-                           f"baseline with `k2 stream reset-offsets --topic {snapshot.topic}`")
+                           f"baseline with `k2 offsets reset --topic {snapshot.topic}`")
     return CheckOutcome("offset_baseline", passed=not mismatched, severity=AssetCheckSeverity.ERROR, metadata=metadata)
 
 
