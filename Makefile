@@ -13,7 +13,8 @@ help:
 
 # The environment: uv installs exactly what uv.lock pins into .venv.
 $(VENV)/.installed: pyproject.toml uv.lock
-	@command -v uv >/dev/null 2>&1 || [ -x "$(UV)" ] || python3 -m pip install --user --quiet uv
+	@command -v uv >/dev/null 2>&1 || [ -x "$(UV)" ] || python3 -m pip install --user --quiet uv \
+		|| python3 -m pip install --user --quiet --break-system-packages uv
 	$(UV) sync --frozen --extra dev
 	@touch $@
 
