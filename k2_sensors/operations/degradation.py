@@ -297,3 +297,14 @@ def system_memory_percent(meminfo: str = "/proc/meminfo") -> float:
     if total <= 0 or available is None:
         return 0.0
     return round(100.0 * (total - available) / total, 2)
+
+
+def check_status(level: DegradationLevel | int) -> tuple[bool, str]:
+    """(passed, severity) of the degradation-level asset check: passes below GRACEFUL, WARN from
+    GRACEFUL, ERROR at CIRCUIT_BREAK (the severity name matches dagster.AssetCheckSeverity)."""
+    level = DegradationLevel(level)
+    if level >= DegradationLevel.CIRCUIT_BREAK:
+        return False, "ERROR"
+    if level >= DegradationLevel.GRACEFUL:
+        return False, "WARN"
+    return True, "WARN"

@@ -209,4 +209,4 @@ def test_unreachable_webhook_keeps_the_incident_for_retry(k2_home, webhook: Webh
 def test_operations_defs_load_with_the_sensor_and_resource() -> None:
     repository = dg.Definitions.merge(operations_defs).get_repository_def()
     assert repository.get_sensor_def("k2_check_alerts").default_status == dg.DefaultSensorStatus.RUNNING
-    assert RESOURCE_KEY in repository.get_top_level_resources()
+    assert {RESOURCE_KEY, "degradation"} <= set(repository.get_top_level_resources())

@@ -298,3 +298,38 @@ def test_system_memory_percent_reads_meminfo(tmp_path) -> None:
     meminfo.write_text("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    250 kB\n")
     assert system_memory_percent(str(meminfo)) == 75.0
     assert system_memory_percent(str(tmp_path / "missing")) == 0.0
+
+
+def test_check_status_warns_from_graceful_and_errors_at_circuit_break() -> None:
+    from k2_sensors.operations.degradation import check_status
+
+    assert [check_status(level) for level in L] == [
+        (True, "WARN"),
+        (True, "WARN"),
+        (False, "WARN"),
+        (False, "WARN"),
+        (False, "ERROR"),
+    ]
+
+
+def test_degradation_resource_defaults_and_overrides(k2_home, clock: FakeClock) -> None:
+    from k2_sensors.operations.config import DegradationResource
+
+    default = DegradationResource()
+    assert default.thresholds() == DegradationThresholds()
+    assert default.load_shedder().tier("BHP") == 1
+    assert default.load_shedder({"ZZZ": 1e9}).tier("ZZZ") == 3  # volumes ignored unless tiers_from_volume
+    assert default.spill_store().root == k2_home / "spill"
+    manager = default.manager(clock=clock)
+    manager.evaluate(600_000, 0.0)
+    assert default.manager(manager.to_state(), clock=clock).level == L.GRACEFUL
+
+    custom = DegradationResource(
+        lag_triggers=[10, 20, 30, 40], cooldown_seconds=1, tier1_symbols=["MWR"], tiers_from_volume=False
+    )
+    assert custom.manager(clock=clock).evaluate(35, 0.0) == L.AGGRESSIVE
+    assert custom.load_shedder().tier("MWR") == 1 and custom.load_shedder().tier("BHP") == 3
+    by_volume = DegradationResource(tiers_from_volume=True)
+    assert by_volume.load_shedder({"ZZZ": 1e9}).tier("ZZZ") == 1
+    with pytest.raises(K2Error, match="strictly increasing"):
+        DegradationResource(lag_triggers=[5, 4, 3, 2]).thresholds()
