@@ -14,6 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+# Ports infra/prometheus/prometheus.yml scrapes on 127.0.0.1.
+K2_EXPORTER_PORT = 9465  # the Dagster code server (stream sensor, micro-batches)
+STREAMER_EXPORTER_PORT = 9464  # `k2 stream binance`
+
 CONSUMER_LAG = Gauge(
     "k2_consumer_lag_messages",
     "Messages in Kafka not yet committed to Iceberg (end offset minus committed offset).",

@@ -33,7 +33,7 @@ from dagster import (
     SensorResult,
     sensor,
 )
-# not exported from the dagster package; stable across 1.x and pinned to 1.13 in pyproject.toml
+# not exported from the dagster package (dagster is pinned to 1.13 in pyproject.toml)
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from pydantic import Field
 
