@@ -1,0 +1,1 @@
+"""Binance source: normaliser, WebSocket client, local replay server and the Kafka streamer."""

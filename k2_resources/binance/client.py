@@ -1,0 +1,242 @@
+"""The Binance combined-stream WebSocket client, and the per-symbol trade-id tracker.
+
+The client yields raw text frames and keeps the stream alive:
+
+- pings from the server are answered by websockets itself (Binance pings every 20 s and
+  drops a connection that does not answer within a minute);
+- a closed or failed connection is reopened with exponential backoff and jitter: the n-th
+  retry in a row waits ``min(cap, initial * 2**n)`` scaled by a random factor in
+  ``[1 - jitter, 1 + jitter]``; a connection that delivered frames resets the count;
+- Binance closes every connection after 24 hours, so the client rotates proactively at
+  ``max_connection_age_s`` (default 23.5 h): it opens the new connection first, keeps reading
+  the old one for ``handover_s`` and only then closes it, so nothing falls in between (the
+  overlap comes through twice and the tracker drops it);
+- a close with code 1000 and reason ``end of replay`` (sent only by K2's replay server at the
+  end of a once-only replay) ends the stream; so do ``stop_event`` and ``idle_timeout_s``.
+
+:class:`TradeIdTracker` drops trades already seen per symbol and counts gaps in the ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from k2_resources.binance.replay_server import END_OF_REPLAY_REASON
+
+log = logging.getLogger(__name__)
+
+LIVE_BASE_URL = "wss://stream.binance.com:9443"
+DEFAULT_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")
+BINANCE_MAX_CONNECTION_AGE_S = 24 * 3600
+
+
+def combined_stream_url(base_url: str, symbols: list[str] | tuple[str, ...]) -> str:
+    """``<base>/stream?streams=<sym>@trade/...``; a URL that already names streams is returned as is."""
+    if "streams=" in base_url:
+        return base_url
+    return base_url.rstrip("/") + "/stream?streams=" + "/".join(f"{s.lower()}@trade" for s in symbols)
+
+
+DEFAULT_LIVE_URL = combined_stream_url(LIVE_BASE_URL, DEFAULT_SYMBOLS)
+
+
+class StopSignal(Protocol):
+    def is_set(self) -> bool: ...
+
+
+def backoff_delay(attempt: int, initial_s: float, cap_s: float, jitter: float,
+                  rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): doubling from initial to cap, jittered."""
+    base = min(cap_s, initial_s * (2 ** min(attempt, 62)))
+    factor = 1.0 + (rng or random).uniform(-jitter, jitter)
+    return max(0.0, base * factor)
+
+
+@dataclass
+class ClientStats:
+    connections: int = 0  # connections opened
+    reconnects: int = 0  # connections opened after the first one
+    rotations: int = 0  # proactive reconnects before Binance's 24-hour cut
+    failed_attempts: int = 0  # connection attempts that failed
+    frames: int = 0
+    last_close: str | None = None
+    ended_by: str | None = None  # end_of_replay | stop | idle | max_frames
+
+
+@dataclass
+class BinanceStreamClient:
+    """Reads a Binance combined stream forever (or until stopped), reconnecting as needed."""
+
+    url: str = DEFAULT_LIVE_URL
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    backoff_jitter: float = 0.25
+    max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800
+    handover_s: float = 1.0
+    open_timeout_s: float = 10.0
+    ping_interval_s: float | None = 20.0
+    ping_timeout_s: float | None = 60.0
+    idle_timeout_s: float | None = None
+    stop_event: StopSignal | None = None
+    poll_interval_s: float = 0.25
+    on_event: Callable[[str], None] | None = None  # called with "reconnect", "rotation", "failed_attempt"
+    stats: ClientStats = field(default_factory=ClientStats)
+
+    def _event(self, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name)
+
+    async def _open(self) -> ClientConnection:
+        connection = await connect(self.url, open_timeout=self.open_timeout_s, ping_interval=self.ping_interval_s,
+                                   ping_timeout=self.ping_timeout_s, close_timeout=2, max_size=2**20,
+                                   max_queue=1024)
+        self.stats.connections += 1
+        if self.stats.connections > 1:
+            self.stats.reconnects += 1
+            self._event("reconnect")
+        return connection
+
+    def _stopping(self) -> bool:
+        return self.stop_event is not None and self.stop_event.is_set()
+
+    async def frames(self) -> AsyncIterator[str]:
+        """Every text frame of the stream, across reconnects, until the stream ends."""
+        attempt = 0
+        last_frame_at = time.monotonic()
+        while not self._stopping():
+            try:
+                connection = await self._open()
+            except (OSError, InvalidHandshake, TimeoutError, asyncio.TimeoutError) as exc:
+                self.stats.failed_attempts += 1
+                self._event("failed_attempt")
+                delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s, self.backoff_jitter)
+                log.warning("cannot connect to %s (%s); retrying in %.2f s", self.url, exc, delay)
+                attempt += 1
+                if not await self._wait(delay):
+                    break
+                continue
+            opened_at = time.monotonic()
+            got_frames = False
+            try:
+                while True:
+                    if self._stopping():
+                        self.stats.ended_by = "stop"
+                        return
+                    if time.monotonic() - opened_at >= self.max_connection_age_s:
+                        async for frame in self._handover(connection):
+                            yield frame
+                        connection, opened_at = self._next, time.monotonic()
+                        continue
+                    wait = self.poll_interval_s
+                    try:
+                        async with asyncio.timeout(wait):
+                            message = await connection.recv()
+                    except TimeoutError:
+                        if self.idle_timeout_s is not None and time.monotonic() - last_frame_at > self.idle_timeout_s:
+                            self.stats.ended_by = "idle"
+                            return
+                        continue
+                    last_frame_at = time.monotonic()
+                    got_frames = True
+                    self.stats.frames += 1
+                    yield message if isinstance(message, str) else message.decode("utf-8", "replace")
+            except ConnectionClosed as closed:
+                received = closed.rcvd
+                self.stats.last_close = f"{received.code} {received.reason}" if received else "no close frame"
+                if received is not None and received.code == 1000 and received.reason == END_OF_REPLAY_REASON:
+                    self.stats.ended_by = "end_of_replay"
+                    return
+                log.warning("connection to %s closed (%s); reconnecting", self.url, self.stats.last_close)
+            finally:
+                await connection.close()
+            if got_frames:
+                attempt = 0
+            delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s, self.backoff_jitter)
+            attempt += 1
+            if not await self._wait(delay):
+                break
+        self.stats.ended_by = self.stats.ended_by or "stop"
+
+    async def _handover(self, old: ClientConnection) -> AsyncIterator[str]:
+        """Open the next connection, read the old one for handover_s more, then close it."""
+        try:
+            self._next = await self._open()
+        except (OSError, InvalidHandshake, TimeoutError, asyncio.TimeoutError) as exc:
+            # keep the old connection; Binance will close it and the normal retry takes over
+            self.stats.failed_attempts += 1
+            log.warning("proactive reconnect to %s failed (%s); keeping the current connection", self.url, exc)
+            self._next = old
+            return
+        self.stats.rotations += 1
+        self._event("rotation")
+        deadline = time.monotonic() + self.handover_s
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    async with asyncio.timeout(remaining):
+                        message = await old.recv()
+                except TimeoutError:
+                    break
+                self.stats.frames += 1
+                yield message if isinstance(message, str) else message.decode("utf-8", "replace")
+        except ConnectionClosed:
+            pass
+        finally:
+            await old.close()
+
+    async def _wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; False if a stop was requested meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._stopping():
+                return False
+            await asyncio.sleep(min(remaining, self.poll_interval_s))
+        return not self._stopping()
+
+
+async def probe(url: str, timeout_s: float = 5.0) -> str | None:
+    """None if a WebSocket connection to ``url`` opens within the timeout, else the reason it did not."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            connection = await connect(url, open_timeout=timeout_s)
+            await connection.close()
+        return None
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError, asyncio.TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class TrackVerdict:
+    NEW = "new"
+    DUPLICATE = "duplicate"
+
+
+@dataclass
+class TradeIdTracker:
+    """Per-symbol highest trade id seen: drops repeats, counts gaps (Binance ids rise by one per trade)."""
+
+    last_ids: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    gaps: int = 0  # times the id jumped by more than one
+    missing_ids: int = 0  # ids skipped in those jumps
+
+    def observe(self, symbol: str, trade_id: int) -> tuple[str, int]:
+        """(verdict, ids missing before this one); a duplicate must not be produced."""
+        last = self.last_ids.get(symbol)
+        if last is not None and trade_id <= last:
+            self.duplicates += 1
+            return TrackVerdict.DUPLICATE, 0
+        self.last_ids[symbol] = trade_id
+        missing = 0 if last is None else trade_id - last - 1
+        if missing:
+            self.gaps += 1
+            self.missing_ids += missing
+        return TrackVerdict.NEW, missing
