@@ -33,7 +33,7 @@ test: install
 
 bench: install
 	@mkdir -p bench-results
-	$(VENV)/bin/pytest tests/benchmarks -p no:cacheprovider -o testpaths=tests/benchmarks -q
+	$(VENV)/bin/pytest tests/benchmarks -p no:cacheprovider -o testpaths=tests/benchmarks -o python_files="bench_*.py" -q
 
 clean-state:
 	rm -rf .k2

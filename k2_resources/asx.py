@@ -110,13 +110,13 @@ def source_files(data_dir: Path, kind: Kind) -> list[Path]:
     return sorted((data_dir / kind).glob("*.csv"))
 
 
-def _read_lines(path: Path) -> list[str]:
-    """The lines of a file without their line ends; a final line end does not start a new line."""
+def _read_lines(path: Path) -> pl.Series:
+    """The lines of a file without their line ends (LF or CRLF); a final line end starts no new line."""
     text = path.read_bytes().decode("utf-8", errors="replace")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return pl.Series("raw", lines, dtype=pl.String).str.strip_suffix("\r")
 
 
 def _dated_lines(path: Path) -> pl.DataFrame:
@@ -126,7 +126,7 @@ def _dated_lines(path: Path) -> pl.DataFrame:
     belongs to the day of the line before it (files are in time order), or the line after
     it at the top of a file, so that it is dead-lettered with its neighbours, never lost.
     """
-    frame = pl.DataFrame({"raw": _read_lines(path)}, schema={"raw": pl.String}).with_row_index(
+    frame = pl.DataFrame({"raw": _read_lines(path)}).with_row_index(
         "line_number", offset=1
     )
     day = pl.col("raw").str.extract(r"^([0-9]{2}/[0-9]{2}/[0-9]{4})(,|$)", 1).str.strptime(
@@ -327,7 +327,7 @@ def _dead_letters(rejected: pl.DataFrame, source: str, partition_key: str, inges
     return frame.to_arrow().cast(DEAD_LETTERS.arrow_schema())
 
 
-def _vendor_map(frame: pl.DataFrame, keys: tuple[str, ...]) -> pa.Array:
+def _vendor_map(frame: pl.DataFrame, keys: tuple[str, ...], definition: TableDefinition) -> pa.Array:
     """A map<string,string> column of the given columns' non-empty values, keyed by column name."""
     rows = pl.int_range(frame.height, dtype=pl.Int64)
     entries = pl.concat(
@@ -344,7 +344,7 @@ def _vendor_map(frame: pl.DataFrame, keys: tuple[str, ...]) -> pa.Array:
         .cast(pl.Int32)
     )
     offsets = pa.array([0] + per_row.cum_sum().to_list(), type=pa.int32()) if frame.height else pa.array([0], pa.int32())
-    target = TRADES.arrow_schema().field("vendor_data").type
+    target = definition.arrow_schema().field("vendor_data").type
     return pa.MapArray.from_arrays(
         offsets,
         entries["key"].to_arrow().cast(pa.large_string()),
@@ -356,7 +356,7 @@ def _vendor_map(frame: pl.DataFrame, keys: tuple[str, ...]) -> pa.Array:
 def _finish(frame: pl.DataFrame, columns: list[pl.Expr], vendor_keys: tuple[str, ...], definition: TableDefinition) -> pa.Table:
     """Select the V2 columns, add vendor_data, sort by symbol then time, cast to the table schema."""
     table = frame.select(columns).to_arrow()
-    table = table.append_column("vendor_data", _vendor_map(frame, vendor_keys))
+    table = table.append_column("vendor_data", _vendor_map(frame, vendor_keys, definition))
     schema = definition.arrow_schema()
     table = table.select(schema.names)
     table = table.sort_by([("symbol", "ascending"), ("timestamp", "ascending"), ("source_sequence", "ascending")])
@@ -502,6 +502,8 @@ def replace_rows(
     """
     for attempt in range(attempts):
         table: Table = load_table()
+        # The catalog assigns field ids when it creates a table; write with the table's own.
+        rows = rows.cast(table.schema().as_arrow())
         try:
             with warnings.catch_warnings():
                 # The first load of a day deletes nothing; pyiceberg warns about that, harmlessly.
