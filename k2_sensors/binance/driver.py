@@ -51,6 +51,7 @@ def drive(
     timeout_s: float = 300.0,
     cursor: str | None = None,
     idle_pause_s: float = 0.2,
+    run_log_level: str = "INFO",
 ) -> DriveReport:
     """Tick, run what was requested, and repeat until ``until(report)`` or the deadline."""
     report = DriveReport(cursor=cursor)
@@ -66,8 +67,9 @@ def drive(
         }
         for request in result.run_requests:
             job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
+            run_config = {**request.run_config, "loggers": {"console": {"config": {"log_level": run_log_level}}}}
             outcome = job.execute_in_process(
-                run_config=request.run_config, instance=instance,
+                run_config=run_config, instance=instance,
                 tags={**request.tags, RUN_KEY_TAG: request.run_key}, raise_on_error=False,
             )
             report.runs += 1
