@@ -1,0 +1,214 @@
+"""Reading rows of one Iceberg snapshot of ``market.trades`` / ``market.quotes`` for a filter.
+
+Three read paths were measured on the benchmark data (tests/benchmarks/bench_hybrid.py:
+5.0M rows in Iceberg, 1.0M of them ASX over 5 trading days, 4.0M Binance over two UTC days,
+42 data files; 2 cores), p50 / p99 in ms over 30 runs each, whole V2 rows returned:
+
+====================================  ============  =============  ==============
+path                                  point query   BTCUSDT 15min  all ASX (1.0M)
+====================================  ============  =============  ==============
+``duckdb``: iceberg_scan(metadata)    see PLAN_NOTE
+``pyiceberg``: scan().to_arrow()      see PLAN_NOTE
+``planned``: plan_files + read_parquet see PLAN_NOTE
+====================================  ============  =============  ==============
+
+PLAN_NOTE is filled from the measurement (see :data:`MEASURED`). The default is the fastest
+path that is exact: ``planned``. pyiceberg plans the scan (partition pruning on the day and
+exchange partitions, then file pruning on the column bounds of ``symbol`` and ``timestamp``),
+and DuckDB reads only the planned Parquet files with the same filter pushed into the Parquet
+reader (row groups skipped on their statistics). It falls back to pyiceberg's own reader when
+a planned file carries delete files, which pyiceberg (copy-on-write) does not write.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Sequence
+from urllib.parse import unquote, urlparse
+
+import duckdb
+import pyarrow as pa
+from pyiceberg.expressions import (
+    AlwaysTrue,
+    And,
+    BooleanExpression,
+    EqualTo,
+    GreaterThanOrEqual,
+    In,
+    LessThan,
+)
+from pyiceberg.table import Table
+
+ReadPath = Literal["planned", "duckdb", "pyiceberg"]
+DEFAULT_READ_PATH: ReadPath = "planned"
+
+# Filled from the benchmark run that chose the read path (ms, p50/p99).
+MEASURED: dict[str, dict[str, float]] = {}
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which rows to read: symbols (None: all), the time window [start, end), an exchange."""
+
+    symbols: tuple[str, ...] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    exchange: str | None = None
+
+    def iceberg(self) -> BooleanExpression:
+        """The same filter as a pyiceberg expression, for partition and file pruning."""
+        parts: list[BooleanExpression] = []
+        if self.symbols is not None:
+            parts.append(EqualTo("symbol", self.symbols[0]) if len(self.symbols) == 1 else In("symbol", self.symbols))
+        if self.exchange is not None:
+            parts.append(EqualTo("exchange", self.exchange))
+        if self.start is not None:
+            parts.append(GreaterThanOrEqual("timestamp", self.start.isoformat()))
+        if self.end is not None:
+            parts.append(LessThan("timestamp", self.end.isoformat()))
+        expression: BooleanExpression = AlwaysTrue()
+        for part in parts:
+            expression = part if isinstance(expression, AlwaysTrue) else And(expression, part)
+        return expression
+
+    def sql(self) -> tuple[str, list[object]]:
+        """A WHERE clause with ``?`` placeholders, and its parameters."""
+        clauses: list[str] = []
+        parameters: list[object] = []
+        if self.symbols is not None:
+            clauses.append(f"symbol IN ({', '.join('?' for _ in self.symbols)})")
+            parameters.extend(self.symbols)
+        if self.exchange is not None:
+            clauses.append("exchange = ?")
+            parameters.append(self.exchange)
+        if self.start is not None:
+            clauses.append('"timestamp" >= ?')
+            parameters.append(self.start)
+        if self.end is not None:
+            clauses.append('"timestamp" < ?')
+            parameters.append(self.end)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", parameters
+
+
+@dataclass
+class ScanStats:
+    """What a read touched: planned files out of the snapshot's files, and rows returned."""
+
+    files_planned: int = 0
+    files_total: int = 0
+    rows: int = 0
+    path: str = ""
+
+
+def _local_path(location: str) -> str:
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return unquote(parsed.path) if parsed.scheme else location
+    return location  # s3://, gs://: DuckDB's httpfs reads them when configured
+
+
+@dataclass
+class SnapshotReader:
+    """Reads rows of one pinned snapshot of one table; reuses one DuckDB connection."""
+
+    read_path: ReadPath = DEFAULT_READ_PATH
+    threads: int = 2
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _plain: duckdb.DuckDBPyConnection | None = field(default=None, repr=False)
+    _iceberg: duckdb.DuckDBPyConnection | None = field(default=None, repr=False)
+
+    def _connection(self, with_iceberg: bool) -> duckdb.DuckDBPyConnection:
+        if with_iceberg:
+            if self._iceberg is None:
+                from k2_resources.query import connect_with_iceberg
+
+                self._iceberg = connect_with_iceberg()
+                self._iceberg.execute("SET threads = ?", [self.threads])
+            return self._iceberg
+        if self._plain is None:
+            self._plain = duckdb.connect()
+            self._plain.execute("SET TimeZone = 'UTC'")
+            self._plain.execute("SET threads = ?", [self.threads])
+        return self._plain
+
+    def read(
+        self,
+        table: Table,
+        snapshot_id: int | None,
+        row_filter: RowFilter,
+        columns: Sequence[str] | None = None,
+        stats: ScanStats | None = None,
+    ) -> pa.Table:
+        """Rows of ``snapshot_id`` (None: the table has no snapshot -> no rows) matching the filter."""
+        schema = table.schema().as_arrow()
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+        stats = stats if stats is not None else ScanStats()
+        stats.path = self.read_path
+        if snapshot_id is None:
+            return schema.empty_table()
+        if self.read_path == "pyiceberg":
+            result = self._read_pyiceberg(table, snapshot_id, row_filter, columns, stats)
+        elif self.read_path == "duckdb":
+            result = self._read_duckdb_iceberg(table, snapshot_id, row_filter, columns)
+        else:
+            result = self._read_planned(table, snapshot_id, row_filter, columns, stats)
+        stats.rows = result.num_rows
+        return result.cast(schema) if result.schema != schema else result
+
+    def _read_pyiceberg(self, table: Table, snapshot_id: int, row_filter: RowFilter,
+                        columns: Sequence[str] | None, stats: ScanStats) -> pa.Table:
+        scan = table.scan(row_filter=row_filter.iceberg(), snapshot_id=snapshot_id,
+                          selected_fields=tuple(columns) if columns else ("*",))
+        return scan.to_arrow()
+
+    def _select(self, columns: Sequence[str] | None) -> str:
+        # Column names come from the table schema, never from user input.
+        return ", ".join(f'"{c}"' for c in columns) if columns else "*"
+
+    def _read_duckdb_iceberg(self, table: Table, snapshot_id: int, row_filter: RowFilter,
+                             columns: Sequence[str] | None) -> pa.Table:
+        where, parameters = row_filter.sql()
+        with self._lock:
+            connection = self._connection(with_iceberg=True)
+            connection.execute("SET VARIABLE k2_metadata = ?", [table.metadata_location])
+            connection.execute("SET VARIABLE k2_snapshot = ?", [snapshot_id])
+            sql = (f"SELECT {self._select(columns)} FROM iceberg_scan(getvariable('k2_metadata'), "
+                   f"snapshot_from_id => getvariable('k2_snapshot')::UBIGINT){where}")
+            return connection.execute(sql, parameters).fetch_arrow_table()
+
+    def planned_files(self, table: Table, snapshot_id: int, row_filter: RowFilter,
+                      stats: ScanStats | None = None) -> list[str] | None:
+        """Data files pyiceberg's planning keeps for the filter; None if any has delete files."""
+        tasks = list(table.scan(row_filter=row_filter.iceberg(), snapshot_id=snapshot_id).plan_files())
+        if stats is not None:
+            stats.files_planned = len(tasks)
+            snapshot = table.snapshot_by_id(snapshot_id)
+            stats.files_total = int(snapshot.summary.additional_properties.get("total-data-files", 0)) \
+                if snapshot and snapshot.summary else 0
+        if any(task.delete_files for task in tasks):
+            return None
+        return [_local_path(task.file.file_path) for task in tasks]
+
+    def _read_planned(self, table: Table, snapshot_id: int, row_filter: RowFilter,
+                      columns: Sequence[str] | None, stats: ScanStats) -> pa.Table:
+        files = self.planned_files(table, snapshot_id, row_filter, stats)
+        if files is None:  # merge-on-read deletes: let pyiceberg apply them
+            return self._read_pyiceberg(table, snapshot_id, row_filter, columns, stats)
+        if not files:
+            schema = table.schema().as_arrow()
+            return (pa.schema([schema.field(c) for c in columns]) if columns else schema).empty_table()
+        where, parameters = row_filter.sql()
+        with self._lock:
+            connection = self._connection(with_iceberg=False)
+            connection.execute("SET VARIABLE k2_files = ?", [files])
+            sql = f"SELECT {self._select(columns)} FROM read_parquet(getvariable('k2_files'), hive_partitioning = false){where}"
+            return connection.execute(sql, parameters).fetch_arrow_table()
+
+    def close(self) -> None:
+        for connection in (self._plain, self._iceberg):
+            if connection is not None:
+                connection.close()
+        self._plain = self._iceberg = None

@@ -1,0 +1,227 @@
+"""Exact hybrid reads: trades split between Iceberg and the Kafka tail at known offsets."""
+
+from __future__ import annotations
+
+import csv
+import threading
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.schemas import TradeV2, encode_trade
+from k2_resources.settings import DATA_DIR
+from k2_resources.trades.hybrid import HybridQueryResource
+from k2_resources.trades.microbatch import run_microbatch
+from k2_resources.trades.offsets import OffsetRange, committed_offsets, snapshot_committed_offsets
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+PER_SYMBOL = 1500
+
+
+def real_trades() -> list[dict]:
+    """Real recorded BTCUSDT and ETHUSDT trades of 2024-08-09 as V2 records, in time order."""
+    records = []
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        with open(DATA_DIR / "binance" / f"{symbol}-trades-2024-08-09.csv") as handle:
+            for row in list(csv.DictReader(handle))[:PER_SYMBOL]:
+                records.append(TradeV2(
+                    message_id=f"BINANCE-{symbol}-{row['trade_id']}", trade_id=f"BINANCE-{row['trade_id']}",
+                    symbol=symbol, exchange="BINANCE", asset_class="crypto",
+                    timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=timezone.utc),
+                    price=Decimal(row["price"]), quantity=Decimal(row["qty"]), currency="USDT",
+                    side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
+                    source_sequence=int(row["trade_id"]), ingestion_timestamp=datetime.now(timezone.utc),
+                ).to_record())
+    return sorted(records, key=lambda r: (r["timestamp"], r["symbol"]))
+
+
+class Source:
+    """What was produced: each record with its partition and offset (the truth to compare with)."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def expected(self, symbols, start: datetime | None, end: datetime | None, below: dict[int, int] | None = None):
+        """message_ids in the order the hybrid read must return them."""
+        chosen = [
+            r for r in self.rows
+            if (symbols is None or r["symbol"] in symbols)
+            and (start is None or r["timestamp"] >= start) and (end is None or r["timestamp"] < end)
+            and (below is None or r["offset"] < below.get(r["partition"], 0))
+        ]
+        chosen.sort(key=lambda r: (r["timestamp"], r["offset"], r["source_sequence"], r["message_id"]))
+        return [r["message_id"] for r in chosen]
+
+
+def produce(kafka: KafkaResource, topic: str, records: list[dict]) -> Source:
+    producer = kafka.producer()
+    futures = []
+    for index, record in enumerate(records):
+        futures.append(producer.send(topic, key=record["symbol"].encode(), value=encode_trade(record),
+                                     partition=index % PARTITIONS,
+                                     timestamp_ms=int(record["timestamp"].timestamp() * 1000)))
+    producer.flush()
+    rows = []
+    for record, future in zip(records, futures):
+        metadata = future.get(timeout=30)
+        rows.append({**record, "partition": metadata.partition, "offset": metadata.offset})
+    producer.close()
+    return Source(rows)
+
+
+@pytest.fixture
+def split(k2_home, kafka_broker, topic_name):
+    """3000 real trades in Kafka; the first half of each partition committed to Iceberg in two batches."""
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    # Messages carry the trades' own 2024 times: keep them regardless of age.
+    kafka.ensure_topic(topic_name, partitions=PARTITIONS, config={"retention.ms": "-1"})
+    source = produce(kafka, topic_name, real_trades())
+    ends = kafka.end_offsets(topic_name)
+    boundary = {p: end // 2 for p, end in ends.items()}
+    for partition, offset in boundary.items():
+        run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, 0, offset // 2))
+        run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, offset // 2, offset))
+    assert committed_offsets(iceberg.trades(), topic_name) == boundary
+    # A small clock slack, so that offsets_for_times visibly bounds the short recorded window.
+    hybrid = HybridQueryResource(topics=[topic_name], producer_clock_slack_seconds=1)
+    yield source, hybrid, boundary, ends
+    hybrid.close()
+
+
+def _ids(frame) -> list[str]:
+    return frame["message_id"].to_list()
+
+
+def _boundary_time(source: Source, boundary: dict[int, int]) -> tuple[datetime, datetime]:
+    """(last committed trade time, first uncommitted trade time)."""
+    committed = [r["timestamp"] for r in source.rows if r["offset"] < boundary[r["partition"]]]
+    tail = [r["timestamp"] for r in source.rows if r["offset"] >= boundary[r["partition"]]]
+    return max(committed), min(tail)
+
+
+def test_windows_in_iceberg_in_kafka_and_across_the_boundary(split):
+    source, hybrid, boundary, ends = split
+    last_committed, first_tail = _boundary_time(source, boundary)
+    first = source.rows[0]["timestamp"]
+    last = source.rows[-1]["timestamp"]
+    windows = {
+        "iceberg": (first, last_committed - timedelta(seconds=5)),
+        "kafka": (first_tail + timedelta(seconds=5), last + timedelta(seconds=1)),
+        "across": (last_committed - timedelta(seconds=20), first_tail + timedelta(seconds=20)),
+        "everything": (None, None),
+    }
+    for name, (start, end) in windows.items():
+        for symbols in (["BTCUSDT"], ["BTCUSDT", "ETHUSDT"]):
+            frame = hybrid.trades(symbols, start, end)
+            expected = source.expected(symbols, start, end)
+            assert expected, f"window {name} selects no source trade: the test data is wrong"
+            assert _ids(frame) == expected, f"window {name}, symbols {symbols}"
+            assert frame["message_id"].n_unique() == frame.height
+            stats = hybrid.last_stats
+            if name == "iceberg":
+                assert stats.kafka_rows == 0 and stats.iceberg_rows == len(expected)
+            if name == "kafka":
+                assert stats.iceberg_rows == 0 and stats.kafka_rows == len(expected)
+                # offsets_for_times bounded the Kafka read: it started past the committed offsets.
+                assert any(stats.kafka.ranges[(hybrid.topics[0], p)][0] > boundary[p] for p in boundary)
+            if name in ("across", "everything"):
+                assert stats.iceberg_rows > 0 and stats.kafka_rows > 0
+
+
+def test_a_batch_committing_during_the_query_counts_nothing_twice(split):
+    source, hybrid, boundary, ends = split
+    topic = hybrid.topics[0]
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    next_end = {p: boundary[p] + (ends[p] - boundary[p]) // 2 for p in boundary}
+
+    def commit_next_batches() -> None:
+        for partition in boundary:
+            run_microbatch(kafka, iceberg, OffsetRange(topic, partition, boundary[partition], next_end[partition]))
+
+    hybrid._after_metadata_read = commit_next_batches
+    frame = hybrid.trades(["BTCUSDT", "ETHUSDT"])
+    hybrid._after_metadata_read = None
+    assert committed_offsets(iceberg.trades(), topic) == next_end  # the batch really committed mid-query
+    assert _ids(frame) == source.expected(None, None, None)
+    # The query read the snapshot from before that commit, and the moved offsets from Kafka.
+    assert hybrid.last_stats.committed[topic] == boundary
+    assert hybrid.last_stats.duplicates_dropped == 0
+
+    after = hybrid.trades(["BTCUSDT", "ETHUSDT"])
+    assert _ids(after) == source.expected(None, None, None)
+    assert hybrid.last_stats.committed[topic] == next_end
+    assert hybrid.last_stats.iceberg_rows == sum(next_end.values())
+
+
+def test_concurrent_micro_batches_while_querying_in_a_loop(split):
+    source, hybrid, boundary, ends = split
+    topic = hybrid.topics[0]
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    expected = source.expected(["BTCUSDT"], None, None)
+    errors: list[BaseException] = []
+
+    def committer() -> None:
+        try:
+            for partition in boundary:
+                position = boundary[partition]
+                while position < ends[partition]:
+                    step = min(97, ends[partition] - position)
+                    run_microbatch(kafka, iceberg, OffsetRange(topic, partition, position, position + step))
+                    position += step
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=committer)
+    thread.start()
+    queries = 0
+    seen_committed = set()
+    while thread.is_alive() or queries < 3:
+        frame = hybrid.trades(["BTCUSDT"])
+        assert _ids(frame) == expected
+        seen_committed.add(tuple(sorted(hybrid.last_stats.committed[topic].items())))
+        queries += 1
+    thread.join()
+    assert not errors, errors
+    assert committed_offsets(iceberg.trades(), topic) == ends
+    assert len(seen_committed) >= 2  # the queries really ran against different commits
+
+
+def test_as_of_reads_time_travel_only(split):
+    source, hybrid, boundary, ends = split
+    table = IcebergResource().trades()
+    snapshots = sorted(table.snapshots(), key=lambda s: s.sequence_number)
+    first_batch = snapshots[0]  # one partition's first half-batch
+    held = snapshot_committed_offsets(table, first_batch, hybrid.topics[0])
+    assert len(held) == 1 and sum(held.values()) > 0
+    frame = hybrid.trades(None, as_of=first_batch.snapshot_id)
+    assert _ids(frame) == source.expected(None, None, None, below=held)
+    assert hybrid.last_stats.kafka_rows == 0
+
+    at_time = datetime.fromtimestamp(snapshots[-1].timestamp_ms / 1000, tz=timezone.utc)
+    everything_committed = hybrid.trades(["ETHUSDT"], as_of=at_time)
+    assert _ids(everything_committed) == source.expected(["ETHUSDT"], None, None, below=boundary)
+
+    with pytest.raises(Exception, match="no snapshot"):
+        hybrid.trades(None, as_of=123456789)
+
+
+def test_recent_trades_with_an_explicit_now_and_duplicates_dropped(split):
+    source, hybrid, boundary, ends = split
+    last = source.rows[-1]["timestamp"]
+    frame = hybrid.recent_trades("ETHUSDT", minutes=2, now=last)
+    assert _ids(frame) == source.expected(["ETHUSDT"], last - timedelta(minutes=2), last + timedelta(microseconds=1))
+
+    # The same trade delivered again (an upstream re-send) appears once.
+    again = next(r for r in source.rows if r["symbol"] == "ETHUSDT" and r["offset"] < boundary[r["partition"]])
+    record = {k: v for k, v in again.items() if k not in ("partition", "offset")}
+    producer = KafkaResource().producer()
+    producer.send(hybrid.topics[0], key=b"ETHUSDT", value=encode_trade(record), partition=0).get(timeout=30)
+    producer.close()
+    frame = hybrid.trades("ETHUSDT", arrow=True)
+    assert frame.column("message_id").to_pylist() == source.expected(["ETHUSDT"], None, None)
+    assert hybrid.last_stats.duplicates_dropped == 1
