@@ -59,27 +59,41 @@ def _available(argv: list[str]) -> bool:
         return False
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace) -> int:
-    env = dict(os.environ, K2_HOME=str(k2_home()), DAGSTER_HOME=str(prepare_dagster_home()))
+    # `kill`, a closed terminal or a supervisor stop the platform as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    home = prepare_dagster_home()
+    env = dict(os.environ, K2_HOME=str(k2_home()), DAGSTER_HOME=str(home))
     broker = KafkaBroker.default()
     print(f"K2_HOME={env['K2_HOME']}")
     print("starting Kafka ...", flush=True)
-    broker.start()
-    env.setdefault("K2_KAFKA_BOOTSTRAP", broker.bootstrap_servers)
-    print(f"Kafka ready on {broker.bootstrap_servers}", flush=True)
-
     processes: list[tuple[str, subprocess.Popen]] = []
-    logs = k2_home() / "logs"
-    logs.mkdir(exist_ok=True)
     try:
+        broker.start()
+        env.setdefault("K2_KAFKA_BOOTSTRAP", broker.bootstrap_servers)
+        print(f"Kafka ready on {broker.bootstrap_servers}", flush=True)
+        logs = k2_home() / "logs"
+        logs.mkdir(exist_ok=True)
+        bin_dir = Path(sys.executable).parent
+        workspace = str(PROJECT_ROOT / "workspace.yaml")
+        dagster = [
+            ("dagster daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace]),
+            ("dagster webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace,
+                                   "-h", "127.0.0.1", "-p", str(args.port)]),
+        ]
         for name, argv in services(args):
             log = (logs / f"{name.replace(' ', '-')}.log").open("ab")
             processes.append((name, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                      start_new_session=True)))
             print(f"started {name} (log: {log.name})", flush=True)
-        dagster = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-                   "-h", "127.0.0.1", "-p", str(args.port)]
-        processes.append(("dagster", subprocess.Popen(dagster, env=env, cwd=PROJECT_ROOT, start_new_session=True)))
+        for name, argv in dagster:
+            # Run from DAGSTER_HOME so the project's own dagster.yaml is not mistaken for the instance's.
+            processes.append((name, subprocess.Popen(argv, env=env, cwd=home, start_new_session=True)))
         print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything)", flush=True)
         while all(process.poll() is None for _, process in processes):
             time.sleep(0.5)
@@ -91,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         print("\nstopping ...", flush=True)
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave Kafka running
         for _, process in reversed(processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
