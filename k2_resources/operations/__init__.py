@@ -1,0 +1,1 @@
+"""Operations domain code: table maintenance (compaction, snapshot expiry, orphan clean-up)."""
