@@ -10,6 +10,7 @@ if [[ "${1:-}" == "--test" ]]; then
   :  # test-only tools are appended here by later features
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)  # tests/ui: headless browser driven by Playwright
 fi
 
 if [[ ${#need[@]} -eq 0 ]]; then
