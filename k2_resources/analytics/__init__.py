@@ -1,0 +1,1 @@
+"""Analytics over market.trades: OHLCV bars and the tables that hold them."""
