@@ -9,8 +9,8 @@ The client yields raw text frames and keeps the stream alive:
   ``[1 - jitter, 1 + jitter]``; a connection that delivered frames resets the count;
 - Binance closes every connection after 24 hours, so the client rotates proactively at
   ``max_connection_age_s`` (default 23.5 h): it opens the new connection first, keeps reading
-  the old one for ``handover_s`` and only then closes it, so nothing falls in between (the
-  overlap comes through twice and the tracker drops it);
+  the old one until that has caught up with the new one's first trade, and only then closes
+  it, so nothing falls in between (the overlap comes through twice and the tracker drops it);
 - a close with code 1000 and reason ``end of replay`` (sent only by K2's replay server at the
   end of a once-only replay) ends the stream; so do ``stop_event`` and ``idle_timeout_s``.
 
@@ -20,6 +20,7 @@ The client yields raw text frames and keeps the stream alive:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -81,7 +82,8 @@ class BinanceStreamClient:
     backoff_max_s: float = 60.0
     backoff_jitter: float = 0.25
     max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800
-    handover_s: float = 1.0
+    handover_s: float = 1.0  # wait this long for the new connection's first frame on a rotation
+    handover_max_s: float = 30.0  # read the old connection at most this long after that
     open_timeout_s: float = 10.0
     ping_interval_s: float | None = 20.0
     ping_timeout_s: float | None = 60.0
@@ -90,6 +92,8 @@ class BinanceStreamClient:
     poll_interval_s: float = 0.25
     on_event: Callable[[str], None] | None = None  # called with "reconnect", "rotation", "failed_attempt"
     stats: ClientStats = field(default_factory=ClientStats)
+    _next: ClientConnection | None = field(default=None, init=False, repr=False)
+    _carry: str | None = field(default=None, init=False, repr=False)
 
     def _event(self, name: str) -> None:
         if self.on_event is not None:
@@ -135,6 +139,9 @@ class BinanceStreamClient:
                         async for frame in self._handover(connection):
                             yield frame
                         connection, opened_at = self._next, time.monotonic()
+                        if self._carry is not None:
+                            self.stats.frames += 1
+                            yield self._carry
                         continue
                     wait = self.poll_interval_s
                     try:
@@ -167,27 +174,50 @@ class BinanceStreamClient:
         self.stats.ended_by = self.stats.ended_by or "stop"
 
     async def _handover(self, old: ClientConnection) -> AsyncIterator[str]:
-        """Open the next connection, read the old one for handover_s more, then close it."""
+        """Open the next connection, then read the old one until it has caught up with the first
+        trade of the new one (or goes quiet), then close it: nothing falls between the two.
+
+        The frames the old connection still holds were sent before the new one started, so they
+        must be read; the overlap that follows comes through twice and the tracker drops it.
+        """
+        self._carry = None
         try:
-            self._next = await self._open()
+            new = await self._open()
         except (OSError, InvalidHandshake, TimeoutError, asyncio.TimeoutError) as exc:
             # keep the old connection; Binance will close it and the normal retry takes over
             self.stats.failed_attempts += 1
+            self._event("failed_attempt")
             log.warning("proactive reconnect to %s failed (%s); keeping the current connection", self.url, exc)
             self._next = old
             return
         self.stats.rotations += 1
         self._event("rotation")
-        deadline = time.monotonic() + self.handover_s
+        settle_s = min(self.handover_s, self.max_connection_age_s / 4)  # tests shorten both
+        marker = None
+        try:
+            async with asyncio.timeout(settle_s):
+                first = await new.recv()
+            self._carry = first if isinstance(first, str) else first.decode("utf-8", "replace")
+            marker = _position(self._carry)
+        except TimeoutError:
+            pass  # a quiet market: drain the old connection until it is quiet too
+        except ConnectionClosed:
+            self._next = old  # the new connection failed at once: keep the old one
+            return
+        self._next = new
+        deadline = time.monotonic() + self.handover_max_s
         try:
             while (remaining := deadline - time.monotonic()) > 0:
                 try:
-                    async with asyncio.timeout(remaining):
+                    async with asyncio.timeout(remaining if marker else min(remaining, settle_s)):
                         message = await old.recv()
                 except TimeoutError:
                     break
+                text = message if isinstance(message, str) else message.decode("utf-8", "replace")
                 self.stats.frames += 1
-                yield message if isinstance(message, str) else message.decode("utf-8", "replace")
+                yield text
+                if marker is not None and _caught_up(_position(text), marker):
+                    break
         except ConnectionClosed:
             pass
         finally:
@@ -201,6 +231,19 @@ class BinanceStreamClient:
                 return False
             await asyncio.sleep(min(remaining, self.poll_interval_s))
         return not self._stopping()
+
+
+def _position(frame: str) -> tuple[str, int] | None:
+    """(stream, trade id) of a trade frame, None for anything else."""
+    try:
+        message = json.loads(frame)
+        return str(message["stream"]), int(message["data"]["t"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _caught_up(position: tuple[str, int] | None, marker: tuple[str, int]) -> bool:
+    return position is not None and position[0] == marker[0] and position[1] >= marker[1]
 
 
 async def probe(url: str, timeout_s: float = 5.0) -> str | None:

@@ -19,9 +19,11 @@ The tape
     would look like, with trade ids that never repeat across restarts.
 
 Reconnects
-    The server remembers, per set of requested streams, where the last connection stopped and a
-    new connection resumes there, minus ``resume_overlap`` trades that it sends again (as a live
-    reconnect can). That is what makes a forced drop lose nothing and bring duplicates.
+    The server remembers, per set of requested streams, where the newest connection got to, and
+    a new connection resumes there, minus ``resume_overlap`` trades that it sends again (as a
+    live reconnect can). That is what makes a forced drop lose nothing and bring duplicates.
+    While two connections overlap (a client rotating its connection), the older one keeps
+    playing but no longer moves the resume point.
 
 Faults on request (constructor options, or :meth:`ReplayServer.set_faults` while running)
     ``drop_after`` closes each connection (code 1001) after that many frames, at most
@@ -211,6 +213,7 @@ class ReplayServer:
         self._lock = threading.Lock()
         self._stats = ReplayStats()
         self._cursors: dict[tuple[str, ...], int] = {}
+        self._owners: dict[tuple[str, ...], ServerConnection] = {}
         self._views: dict[tuple[str, ...], list[int]] = {}
         self._connections: set[ServerConnection] = set()
         self._pending: deque[str] = deque()
@@ -347,6 +350,8 @@ class ReplayServer:
 
     async def _play(self, connection: ServerConnection, key: tuple[str, ...], view: list[int]) -> None:
         position = self._start_position(key, view)
+        with self._lock:  # the newest connection of a stream set owns its resume cursor
+            self._owners[key] = connection
         first_offset = self._values(view, position)[3]
         started = time.monotonic()
         sent_here = 0
@@ -371,7 +376,8 @@ class ReplayServer:
             sent_here += 1
             recent.append(frame)
             with self._lock:
-                self._cursors[key] = position
+                if self._owners.get(key) is connection:
+                    self._cursors[key] = position
                 self._stats.trade_frames += 1
                 self._stats.trade_ids.setdefault(trade.symbol, set()).add(trade_id)
                 faults = self._faults
