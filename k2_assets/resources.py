@@ -11,6 +11,7 @@ from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.query import DuckDBQueryResource
 from k2_resources.trades.sink import TradeSinkResource
+from k2_sensors.operations import DEGRADATION_KEY, defs as operations_defs
 
 
 def build_resources() -> dict[str, object]:
@@ -20,4 +21,5 @@ def build_resources() -> dict[str, object]:
         "iceberg": iceberg,
         "duckdb": DuckDBQueryResource(iceberg=iceberg),
         "sink": TradeSinkResource(),
+        DEGRADATION_KEY: operations_defs.resources[DEGRADATION_KEY],  # the same object: Definitions.merge needs one
     }

@@ -1,17 +1,35 @@
-"""Checks on the Binance stream: consumer lag and the topic's offsets against the table's.
+"""Checks on the Binance stream: consumer lag, the topic's offsets against the table's, the
+degradation level, deferred and spilled backlogs, sequence gaps and dead letters.
 
 The stream sensor reports these every tick as AssetCheckEvaluations; defining them here
 makes them visible (with history) in the UI and runnable on demand.
 """
 
 
-from dagster import AssetCheckResult, AssetCheckSeverity, asset_check
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
 from k2_assets.binance.assets import binance_trades
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
+from k2_resources.trades.microbatch import dead_letter_topic
 from k2_resources.trades.sink import TradeSinkResource
-from k2_sensors.binance.stream_state import StreamSnapshot, baseline_evaluation, lag_evaluation
+from k2_sensors.binance.stream_state import (
+    DEAD_LETTER_COUNT,
+    DEFERRED_BACKLOG,
+    DEGRADATION_LEVEL,
+    SEQUENCE_GAPS,
+    SPILLED_BACKLOG,
+    StreamSnapshot,
+    baseline_evaluation,
+    dead_letter_evaluation,
+    deferred_backlog_evaluation,
+    degradation_evaluation,
+    lag_evaluation,
+    sequence_gap_evaluation,
+    spilled_backlog_evaluation,
+)
+from k2_sensors.operations.config import DegradationResource
+from k2_sensors.operations.degradation import system_memory_percent
 
 CONSUMER_LAG = "consumer_lag"
 OFFSET_BASELINE = "offset_baseline"
@@ -41,4 +59,70 @@ def binance_offset_baseline(
     return _result(baseline_evaluation(_snapshot(kafka, iceberg, sink)))
 
 
-__all__ = ["AssetCheckSeverity", "binance_consumer_lag", "binance_offset_baseline"]
+@asset_check(
+    asset=binance_trades,
+    name=DEGRADATION_LEVEL,
+    description="Degradation level of the stream path: WARN from GRACEFUL, ERROR at CIRCUIT_BREAK. The sensor "
+    "reports it every tick with hysteresis and cooldown; run on demand it shows the level today's lag and "
+    "memory trigger.",
+)
+def binance_degradation_level(
+    kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource, degradation: DegradationResource
+) -> AssetCheckResult:
+    manager = degradation.manager(None)
+    manager.evaluate(_snapshot(kafka, iceberg, sink).total_lag, system_memory_percent())
+    return _result(degradation_evaluation(manager))
+
+
+@asset_check(
+    asset=binance_trades,
+    name=DEFERRED_BACKLOG,
+    description="Offset ranges whose tier-3 rows were deferred by load shedding and are not in market.trades yet.",
+)
+def binance_deferred_backlog(kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource) -> AssetCheckResult:
+    return _result(deferred_backlog_evaluation(_snapshot(kafka, iceberg, sink)))
+
+
+@asset_check(
+    asset=binance_trades,
+    name=SPILLED_BACKLOG,
+    description="Raw batches spilled to K2_HOME/spill at AGGRESSIVE and not yet written to market.trades.",
+)
+def binance_spilled_backlog(
+    kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource, degradation: DegradationResource
+) -> AssetCheckResult:
+    return _result(spilled_backlog_evaluation(_snapshot(kafka, iceberg, sink), degradation.spill_store().backlog()))
+
+
+@asset_check(
+    asset=binance_trades,
+    name=SEQUENCE_GAPS,
+    description="Binance trade ids missing inside the newest micro-batch of each partition (ids are contiguous per symbol).",
+)
+def binance_sequence_gaps(context: AssetCheckExecutionContext, sink: TradeSinkResource) -> AssetCheckResult:
+    from k2_sensors.binance.stream_sensor import latest_batch_gaps  # the sensor module imports this package
+
+    return _result(sequence_gap_evaluation(latest_batch_gaps(context.instance, sink.topic)))
+
+
+@asset_check(
+    asset=binance_trades,
+    name=DEAD_LETTER_COUNT,
+    description="Messages in the dead-letter topic <topic>.dlq (undecodable records, with their reason).",
+)
+def binance_dead_letter_count(kafka: KafkaResource, sink: TradeSinkResource) -> AssetCheckResult:
+    from k2_sensors.binance.stream_sensor import dead_letter_total
+
+    topic = dead_letter_topic(sink.topic)
+    return _result(dead_letter_evaluation(topic, dead_letter_total(kafka, topic)))
+
+
+DEGRADATION_CHECKS = [
+    binance_degradation_level,
+    binance_deferred_backlog,
+    binance_spilled_backlog,
+    binance_sequence_gaps,
+    binance_dead_letter_count,
+]
+
+__all__ = ["AssetCheckSeverity", "DEGRADATION_CHECKS", "binance_consumer_lag", "binance_offset_baseline"]

@@ -11,6 +11,25 @@ the table's committed offsets decide:
 
 So a re-run of a committed range writes nothing, and a run killed at any point (before or
 after its Iceberg commit) is repaired by running the same range again.
+
+Degradation (the level travels in the run's config; see k2_sensors/operations/degradation.py):
+
+- NORMAL: rows are enriched (``enrich``: ``k2.notional`` = price x quantity as an exact decimal
+  string and ``k2.tier``, the symbol's load-shedding tier, added to vendor_data) and appended.
+- SOFT: enrichment is skipped; the normalised V2 rows are appended as they came from Kafka.
+- GRACEFUL: rows of tier-3 symbols are not written now. The commit appends the other rows, advances
+  the committed offset and records the range as pending ``deferred`` (with the deferred symbols),
+  in the same transaction (``offsets.PendingRange``).
+- AGGRESSIVE: the raw batch (offset, timestamp, key, value; not even decoded) is spilled to Parquet
+  (SpillStore) and the commit advances the offset with no rows and a pending ``spilled`` entry.
+- ``recover_range`` later appends the missing rows of a pending range (re-read from Kafka and
+  filtered to the deferred symbols, or read from the spill file) and removes its entry in ONE
+  commit; a re-run finds no entry and writes nothing; then the spill file is deleted.
+
+Every commit here is an Iceberg append (an empty one when there are no rows), so it makes a
+snapshot whose summary records the range, and pyiceberg's snapshot-id requirement makes
+concurrent commits (another partition, a recovery) conflict and retry instead of overwriting
+each other's offset and pending properties.
 """
 
 from __future__ import annotations
@@ -20,7 +39,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 from kafka import TopicPartition
@@ -28,11 +48,27 @@ from kafka.structs import OffsetAndMetadata
 from pyiceberg.exceptions import CommitFailedException
 
 from k2_resources.errors import K2Error, SchemaMismatchError
+from k2_resources import metrics
 from k2_resources.iceberg import IcebergResource, to_arrow
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import decode_trade
 from k2_resources.tables import TRADES
-from k2_resources.trades.offsets import OffsetRange, commit_properties, committed_offsets
+from k2_resources.trades.offsets import (
+    DEFERRED,
+    PREFIX,
+    SPILLED,
+    OffsetRange,
+    PendingRange,
+    commit_properties,
+    committed_key,
+    committed_offsets,
+    pending_properties,
+    pending_ranges,
+)
+
+if TYPE_CHECKING:
+    from k2_sensors.operations.load_shedding import LoadShedder
+    from k2_sensors.operations.spill import SpillStore
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +91,7 @@ class BatchRead:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """The outcome of one micro-batch."""
+    """The outcome of one micro-batch (or of the recovery of one pending range)."""
 
     batch: OffsetRange
     written: int
@@ -63,6 +99,11 @@ class BatchResult:
     already_committed: bool
     snapshot_id: int | None
     commit_seconds: float
+    deferred: int = 0  # rows left out now and recorded as a pending deferred range
+    spilled: int = 0  # raw messages spilled to Parquet and recorded as a pending spilled range
+    enriched: bool = False
+    level: int = 0
+    sequence_gaps: dict[str, int] = field(default_factory=dict)  # symbol -> trade ids missing in the range
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -72,8 +113,54 @@ def dead_letter_topic(topic: str) -> str:
 def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0) -> BatchRead:
     """Every message of ``batch``, decoded; undecodable ones kept apart with the reason."""
     result = BatchRead()
+    for message in _messages(kafka, batch, timeout_s):
+        result.last_offset_seen = message.offset
+        _decode_into(result, message.offset, message.value)
+    return result
+
+
+def _decode_into(result: BatchRead, offset: int, value: bytes | None) -> None:
+    try:
+        record = decode_trade(value)
+        # The Kafka offset is the platform's sequence: it orders the partition's log.
+        record["platform_sequence"] = offset
+        result.records.append(record)
+    except (SchemaMismatchError, ValueError, EOFError, TypeError) as exc:
+        result.dead_letters.append((offset, value or b"", f"undecodable: {exc}"))
+
+
+RAW_SCHEMA = pa.schema([
+    pa.field("offset", pa.int64(), nullable=False),
+    pa.field("timestamp_ms", pa.int64()),
+    pa.field("key", pa.binary()),
+    pa.field("value", pa.binary()),
+])
+
+
+def read_raw_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0) -> pa.Table:
+    """The messages of ``batch`` as they are in Kafka (offset, timestamp, key, value), not decoded."""
+    offsets, stamps, keys, values = [], [], [], []
+    for message in _messages(kafka, batch, timeout_s):
+        offsets.append(message.offset)
+        stamps.append(message.timestamp)
+        keys.append(message.key)
+        values.append(message.value)
+    return pa.table({"offset": offsets, "timestamp_ms": stamps, "key": keys, "value": values}, schema=RAW_SCHEMA)
+
+
+def decode_raw(raw: pa.Table) -> BatchRead:
+    """Decode a raw batch (``read_raw_range`` / a spill file) like ``read_range`` would."""
+    result = BatchRead()
+    for offset, value in zip(raw.column("offset").to_pylist(), raw.column("value").to_pylist()):
+        result.last_offset_seen = offset
+        _decode_into(result, offset, value)
+    return result
+
+
+def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float) -> Iterator[Any]:
+    """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group)."""
     if batch.size == 0:
-        return result
+        return
     consumer = kafka.consumer(group_id=None)
     partition = TopicPartition(batch.topic, batch.partition)
     try:
@@ -94,20 +181,12 @@ def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.
                     break
                 # Offsets can skip (compacted topics, transaction markers): take what exists below end.
                 expected = message.offset + 1
-                result.last_offset_seen = message.offset
-                try:
-                    record = decode_trade(message.value)
-                    # The Kafka offset is the platform's sequence: it orders the partition's log.
-                    record["platform_sequence"] = message.offset
-                    result.records.append(record)
-                except (SchemaMismatchError, ValueError, EOFError, TypeError) as exc:
-                    result.dead_letters.append((message.offset, message.value or b"", f"undecodable: {exc}"))
+                yield message
             position = consumer.position(partition)
             if position is not None and position >= batch.end:
                 break
     finally:
         consumer.close()
-    return result
 
 
 def commit_range(
@@ -116,9 +195,11 @@ def commit_range(
     records: list[dict],
     max_attempts: int = 8,
     before_commit: Callable[[], None] | None = None,
+    pending: PendingRange | None = None,
 ) -> BatchResult:
-    """Append ``records`` (all of ``batch``) to market.trades in one commit, exactly once."""
-    arrow = _sorted(to_arrow(records, TRADES)) if records else None
+    """Append ``records`` (all of ``batch``, except the rows ``pending`` says are missing) to
+    market.trades in one commit, exactly once; ``pending`` is recorded in the same commit."""
+    arrow = _sorted(to_arrow(records, TRADES)) if records else to_arrow([], TRADES)
     for attempt in range(1, max_attempts + 1):
         table = iceberg.trades()
         committed = committed_offsets(table, batch.topic)
@@ -134,13 +215,18 @@ def commit_range(
         committed_after = dict(committed)
         committed_after[batch.partition] = batch.end
         summary, properties = commit_properties(batch, committed_after)
+        if pending is not None:
+            pending_after = pending_properties(batch.topic, [*pending_ranges(table, batch.topic), pending])
+            summary.update(pending_after)
+            properties.update(pending_after)
         started = time.perf_counter()
         try:
             if before_commit is not None:
                 before_commit()
             with table.transaction() as transaction:
-                if arrow is not None and arrow.num_rows:
-                    transaction.append(arrow, snapshot_properties=summary)
+                # Always an append (possibly empty): a snapshot records the range, and its
+                # snapshot-id requirement makes a concurrent commit conflict instead of racing.
+                transaction.append(arrow, snapshot_properties=summary)
                 transaction.set_properties(properties)
         except CommitFailedException as exc:
             # Another batch (another partition, or a maintenance rewrite) committed first: reload and retry.
@@ -149,8 +235,10 @@ def commit_range(
             continue
         table.refresh()
         snapshot = table.current_snapshot()
-        return BatchResult(batch, len(records), 0, False, snapshot.snapshot_id if snapshot else None,
-                           time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.ICEBERG_COMMIT_SECONDS.observe(seconds)
+        metrics.MICROBATCH_MESSAGES.inc(len(records))
+        return BatchResult(batch, len(records), 0, False, snapshot.snapshot_id if snapshot else None, seconds)
     raise K2Error(f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
                   "writes, run the batch again")
 
@@ -174,6 +262,7 @@ def send_dead_letters(kafka: KafkaResource, batch: OffsetRange, dead: list[tuple
         producer.flush()
     finally:
         producer.close()
+    metrics.DEAD_LETTERS.labels(batch.topic).inc(len(dead))
 
 
 def commit_consumer_group(kafka: KafkaResource, batch: OffsetRange, group_id: str = CONSUMER_GROUP) -> None:
@@ -189,18 +278,186 @@ def commit_consumer_group(kafka: KafkaResource, batch: OffsetRange, group_id: st
         consumer.close()
 
 
+def enrich(records: list[dict], shedder: "LoadShedder") -> None:
+    """Add the derived fields of NORMAL operation to each record's vendor_data (in place).
+
+    ``k2.notional``: price x quantity, an exact decimal string (the traded value in the quote
+    currency); ``k2.tier``: the symbol's load-shedding tier when it was ingested. Both can be
+    recomputed from the row, which is why SOFT and above may skip them.
+    """
+    for record in records:
+        vendor = dict(record.get("vendor_data") or {})
+        price, quantity = record["price"], record["quantity"]
+        notional = Decimal(price) * Decimal(quantity)
+        vendor["k2.notional"] = format(notional.normalize(), "f")
+        vendor["k2.tier"] = str(shedder.tier(record["symbol"]))
+        record["vendor_data"] = vendor
+
+
+def sequence_gaps(records: list[dict]) -> dict[str, int]:
+    """Trade ids missing inside this batch, per symbol (Binance ids are contiguous per symbol)."""
+    ids: dict[str, list[int]] = {}
+    for record in records:
+        sequence = record.get("source_sequence")
+        if sequence is not None:
+            ids.setdefault(record["symbol"], []).append(int(sequence))
+    gaps: dict[str, int] = {}
+    for symbol, values in ids.items():
+        values.sort()
+        missing = sum(b - a - 1 for a, b in zip(values, values[1:]) if b - a > 1)
+        if missing:
+            gaps[symbol] = missing
+    return gaps
+
+
+def _default_shedder() -> "LoadShedder":
+    from k2_sensors.operations.load_shedding import LoadShedder
+
+    return LoadShedder()
+
+
+def _default_spill_store() -> "SpillStore":
+    from k2_sensors.operations.spill import SpillStore
+
+    return SpillStore()
+
+
 def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
-                   before_commit: Callable[[], None] | None = None) -> BatchResult:
-    """Read, dead-letter, commit to Iceberg, then move the consumer group: one whole micro-batch."""
+                   before_commit: Callable[[], None] | None = None, *, level: int = 0,
+                   shedder: "LoadShedder | None" = None, spill_store: "SpillStore | None" = None) -> BatchResult:
+    """Read, dead-letter, commit to Iceberg, then move the consumer group: one whole micro-batch.
+
+    ``level`` is the degradation level (0 NORMAL .. 3 AGGRESSIVE) the run works at; see the
+    module docstring for what each level writes.
+    """
+    shedder = shedder or _default_shedder()
     table = iceberg.trades()
     if committed_offsets(table, batch.topic).get(batch.partition, 0) >= batch.end:
         commit_consumer_group(kafka, batch)
-        return BatchResult(batch, 0, 0, True, None, 0.0)
+        return BatchResult(batch, 0, 0, True, None, 0.0, level=level)
+    if shedder.spill(level):
+        return _spill_microbatch(kafka, iceberg, batch, before_commit, level, spill_store or _default_spill_store())
     read = read_range(kafka, batch)
     # Dead letters first: if the run dies after this, the re-run sends them again (at-least-once
     # for the DLQ, which carries the source offset to dedupe on), while the table stays exact.
     send_dead_letters(kafka, batch, read.dead_letters)
-    result = commit_range(iceberg, batch, read.records, before_commit=before_commit)
+    gaps = sequence_gaps(read.records)
+    kept, deferred = shedder.split(read.records, level)
+    pending = None
+    if deferred:
+        by_symbol: dict[str, int] = {}
+        for record in deferred:
+            by_symbol[record["symbol"]] = by_symbol.get(record["symbol"], 0) + 1
+        for symbol, count in by_symbol.items():
+            metrics.SHED_MESSAGES.labels(symbol).inc(count)
+        pending = PendingRange(batch.topic, batch.partition, batch.start, batch.end, DEFERRED,
+                               tuple(sorted(by_symbol)), len(deferred))
+    enriched = not shedder.skip_enrichment(level)
+    if enriched:
+        enrich(kept, shedder)
+    result = commit_range(iceberg, batch, kept, before_commit=before_commit, pending=pending)
     commit_consumer_group(kafka, batch)
     return BatchResult(result.batch, result.written, len(read.dead_letters), result.already_committed,
-                       result.snapshot_id, result.commit_seconds)
+                       result.snapshot_id, result.commit_seconds, deferred=0 if result.already_committed else len(deferred),
+                       enriched=enriched, level=level, sequence_gaps=gaps)
+
+
+def _spill_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
+                      before_commit: Callable[[], None] | None, level: int, spill_store: "SpillStore") -> BatchResult:
+    """AGGRESSIVE: spill the raw range to Parquet, then commit the offsets with a pending spilled entry."""
+    raw = read_raw_range(kafka, batch)
+    committed = committed_offsets(iceberg.trades(), batch.topic).get(batch.partition, 0)
+    pending_here = {(p.start, p.end) for p in pending_ranges(iceberg.trades(), batch.topic)
+                    if p.kind == SPILLED and p.partition == batch.partition}
+    for stale in spill_store.list(batch.topic, batch.partition):
+        # A file at or above the committed offset that the table does not list is what a run that
+        # died before its commit left behind: this run owns that range now.
+        if stale.start >= committed and (stale.start, stale.end) not in pending_here:
+            spill_store.delete(stale)
+    spill_store.write(batch.topic, batch.partition, batch.start, batch.end, raw)
+    pending = PendingRange(batch.topic, batch.partition, batch.start, batch.end, SPILLED, (), raw.num_rows)
+    result = commit_range(iceberg, batch, [], before_commit=before_commit, pending=pending)
+    if result.already_committed and _find_pending(iceberg, batch) is None:
+        _delete_spilled(spill_store, batch)  # another run committed this range meanwhile: the file is not needed
+    commit_consumer_group(kafka, batch)
+    return BatchResult(result.batch, 0, 0, result.already_committed, result.snapshot_id, result.commit_seconds,
+                       spilled=0 if result.already_committed else raw.num_rows, level=level)
+
+
+def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange, *, level: int = 0,
+                  shedder: "LoadShedder | None" = None, spill_store: "SpillStore | None" = None,
+                  before_commit: Callable[[], None] | None = None, max_attempts: int = 8) -> BatchResult:
+    """Write the missing rows of the pending range ``batch`` and remove its entry, in one commit.
+
+    A range that is not (or no longer) pending writes nothing; its spill file, if one is left, is
+    deleted. Deferred rows are re-read from Kafka (the deferred symbols only); spilled rows come
+    from the spill file, or from Kafka if the file is gone.
+    """
+    shedder = shedder or _default_shedder()
+    spill_store = spill_store or _default_spill_store()
+    entry = _find_pending(iceberg, batch)
+    if entry is None:
+        _delete_spilled(spill_store, batch)
+        return BatchResult(batch, 0, 0, True, None, 0.0, level=level)
+    dead: list[tuple[int, bytes, str]] = []
+    if entry.kind == DEFERRED:
+        # The first pass already dead-lettered this range's undecodable messages.
+        records = [r for r in read_range(kafka, batch).records if entry.is_missing(r["symbol"])]
+    else:
+        files = [f for f in spill_store.list(batch.topic, batch.partition) if (f.start, f.end) == (batch.start, batch.end)]
+        read = decode_raw(spill_store.read(files[0])) if files else read_range(kafka, batch)
+        records, dead = read.records, read.dead_letters
+        send_dead_letters(kafka, batch, dead)
+    gaps = sequence_gaps(records)
+    enriched = not shedder.skip_enrichment(level)
+    if enriched:
+        enrich(records, shedder)
+    arrow = _sorted(to_arrow(records, TRADES)) if records else to_arrow([], TRADES)
+    for attempt in range(1, max_attempts + 1):
+        table = iceberg.trades()
+        pending = pending_ranges(table, batch.topic)
+        if not any(p.same_range(entry) for p in pending):
+            _delete_spilled(spill_store, batch)
+            return BatchResult(batch, 0, len(dead), True, None, 0.0, level=level)
+        remaining = pending_properties(batch.topic, [p for p in pending if not p.same_range(entry)])
+        committed = committed_offsets(table, batch.topic)
+        summary = {
+            f"{PREFIX}.topic": batch.topic,
+            f"{PREFIX}.recovered-range": f"{batch.partition}:{batch.start}-{batch.end}",
+            f"{PREFIX}.recovered-kind": entry.kind,
+            committed_key(batch.topic): json.dumps({str(p): o for p, o in sorted(committed.items())}),
+            **remaining,
+        }
+        started = time.perf_counter()
+        try:
+            if before_commit is not None:
+                before_commit()
+            with table.transaction() as transaction:
+                transaction.append(arrow, snapshot_properties=summary)
+                transaction.set_properties(remaining)
+        except CommitFailedException as exc:
+            log.info("recovery commit of %s conflicted (attempt %d): %s", entry.key, attempt, exc)
+            time.sleep(min(0.05 * 2**attempt, 2.0))
+            continue
+        seconds = time.perf_counter() - started
+        metrics.ICEBERG_COMMIT_SECONDS.observe(seconds)
+        metrics.MICROBATCH_MESSAGES.inc(len(records))
+        table.refresh()
+        snapshot = table.current_snapshot()
+        _delete_spilled(spill_store, batch)
+        return BatchResult(batch, len(records), len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
+                           enriched=enriched, level=level, sequence_gaps=gaps)
+    raise K2Error(f"recovery of {entry.key}: {max_attempts} commit attempts conflicted; run it again")
+
+
+def _find_pending(iceberg: IcebergResource, batch: OffsetRange) -> PendingRange | None:
+    for entry in pending_ranges(iceberg.trades(), batch.topic):
+        if (entry.partition, entry.start, entry.end) == (batch.partition, batch.start, batch.end):
+            return entry
+    return None
+
+
+def _delete_spilled(spill_store: "SpillStore", batch: OffsetRange) -> None:
+    for spilled in spill_store.list(batch.topic, batch.partition):
+        if (spilled.start, spilled.end) == (batch.start, batch.end):
+            spill_store.delete(spilled)

@@ -102,3 +102,114 @@ def reset_baseline(table: Table, topic: str, offsets: dict[int, int]) -> None:
         transaction.set_properties({committed_key(topic): committed_json,
                                     f"{PREFIX}.baseline-reset.{topic}": committed_json})
     table.refresh()
+
+
+# -- pending ranges: below the committed offsets but not (wholly) in the table yet ---------------
+#
+# Load shedding advances the committed offsets without writing every row: at GRACEFUL the rows of
+# tier-3 symbols are deferred, at AGGRESSIVE a whole raw batch is spilled to local Parquet. The
+# commit that advances the offsets records such a range as pending, in the same transaction, in a
+# table property (the authority) and in the snapshot summary (history)::
+#
+#     k2.kafka.pending.<topic>   [{"partition": 0, "start": 1200, "end": 1700, "kind": "deferred",
+#                                  "symbols": ["PEPEUSDT"], "rows": 37},
+#                                 {"partition": 1, "start": 950, "end": 1450, "kind": "spilled", "rows": 500}]
+#
+# A "deferred" entry means: the rows of ``symbols`` in [start, end) are not in the table (every
+# other row of the range is). A "spilled" entry means: no row of [start, end) is in the table;
+# the raw batch is in K2_HOME/spill (and still in Kafka while retained). The recovery commit
+# appends the missing rows and removes the entry in one transaction, so a range is recovered
+# exactly once. Readers (the hybrid query) read the missing rows of pending ranges from Kafka.
+
+DEFERRED = "deferred"
+SPILLED = "spilled"
+PENDING_KINDS = (DEFERRED, SPILLED)
+
+
+def pending_key(topic: str) -> str:
+    return f"{PREFIX}.pending.{topic}"
+
+
+@dataclass(frozen=True)
+class PendingRange:
+    """Offsets [start, end) of one partition whose rows (all, or those of ``symbols``) are not in the table yet."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+    kind: str  # DEFERRED or SPILLED
+    symbols: tuple[str, ...] = ()  # DEFERRED: the symbols whose rows are missing
+    rows: int = 0  # rows missing from the table (for backlog checks and metrics)
+
+    def __post_init__(self) -> None:
+        if self.kind not in PENDING_KINDS:
+            raise ValueError(f"unknown pending kind {self.kind!r}; expected one of {PENDING_KINDS}")
+        if self.start < 0 or self.end <= self.start:
+            raise ValueError(f"bad pending range {self.start}..{self.end}")
+
+    @property
+    def range(self) -> OffsetRange:
+        return OffsetRange(self.topic, self.partition, self.start, self.end)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.range.key}"
+
+    def is_missing(self, symbol: str) -> bool:
+        """True when a row of ``symbol`` read from this range is not in the table."""
+        return self.kind == SPILLED or symbol in self.symbols
+
+    def same_range(self, other: "PendingRange") -> bool:
+        return (self.topic, self.partition, self.start, self.end, self.kind) == (
+            other.topic, other.partition, other.start, other.end, other.kind)
+
+    def to_dict(self) -> dict:
+        data: dict = {"partition": self.partition, "start": self.start, "end": self.end, "kind": self.kind}
+        if self.kind == DEFERRED:
+            data["symbols"] = list(self.symbols)
+        data["rows"] = self.rows
+        return data
+
+    @classmethod
+    def from_dict(cls, topic: str, data: dict) -> "PendingRange":
+        return cls(topic, int(data["partition"]), int(data["start"]), int(data["end"]), str(data["kind"]),
+                   tuple(sorted(str(s) for s in data.get("symbols", ()))), int(data.get("rows", 0)))
+
+
+def _pending_json(pending: list[PendingRange]) -> str:
+    ordered = sorted(pending, key=lambda p: (p.partition, p.start, p.kind))
+    return json.dumps([p.to_dict() for p in ordered])
+
+
+def _parse_pending(topic: str, raw: str) -> list[PendingRange]:
+    return [PendingRange.from_dict(topic, item) for item in json.loads(raw)]
+
+
+def snapshot_pending_ranges(table: Table, snapshot: Snapshot | None, topic: str) -> list[PendingRange]:
+    """Pending ranges as of ``snapshot`` (walking back to the last commit that recorded them)."""
+    key = pending_key(topic)
+    current = snapshot
+    while current is not None:
+        summary = current.summary
+        if summary is not None and key in summary.additional_properties:
+            return _parse_pending(topic, summary.additional_properties[key])
+        current = table.snapshot_by_id(current.parent_snapshot_id) if current.parent_snapshot_id else None
+    return []
+
+
+def pending_ranges(table: Table, topic: str) -> list[PendingRange]:
+    """Ranges below the committed offsets whose rows are (partly) not in the table's current state.
+
+    For an exact read of the topic, take the table, plus from Kafka: everything at or above the
+    committed offsets, and within each pending range the rows for which ``is_missing(symbol)``.
+    """
+    raw = table.properties.get(pending_key(topic))
+    if raw is not None:
+        return _parse_pending(topic, raw)
+    return snapshot_pending_ranges(table, table.current_snapshot(), topic)
+
+
+def pending_properties(topic: str, pending: list[PendingRange]) -> dict[str, str]:
+    """The property (and summary entry) recording ``pending`` as the topic's pending ranges."""
+    return {pending_key(topic): _pending_json(pending)}

@@ -44,6 +44,29 @@ def tick(instance: DagsterInstance, defs: Definitions, cursor: str | None) -> Se
     return result
 
 
+def execute_requests(instance: DagsterInstance, defs: Definitions, result: SensorResult) -> tuple[int, int]:
+    """Run the tick's run requests in-process, one after another; returns (runs, failed runs)."""
+    runs = failed = 0
+    for request in result.run_requests:
+        job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
+        outcome = job.execute_in_process(
+            run_config=request.run_config, instance=instance,
+            tags={**request.tags, RUN_KEY_TAG: request.run_key}, raise_on_error=False,
+        )
+        runs += 1
+        failed += 0 if outcome.success else 1
+    return runs, failed
+
+
+def checks_of(result: SensorResult) -> dict[str, dict]:
+    """The tick's check evaluations: check name -> {passed, severity, metadata (plain values)}."""
+    return {
+        event.check_name: {"passed": event.passed, "severity": event.severity.value, "metadata": {
+            key: getattr(value, "value", value) for key, value in event.metadata.items()}}
+        for event in result.asset_events
+    }
+
+
 def drive(
     instance: DagsterInstance,
     defs: Definitions,

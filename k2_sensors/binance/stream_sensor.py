@@ -1,12 +1,23 @@
 """The stream sensor: watches the Binance topic and the table, requests micro-batch runs,
-and reports lag and offset-baseline checks every tick.
+and reports lag, offset-baseline and degradation checks every tick.
 
-A tick only reads offsets (Kafka end offsets, the table's committed offsets) and the status
-of the runs it requested: it stays far below the sensor timeout; the work is in the runs.
+A tick only reads offsets (Kafka end offsets, the table's committed offsets and pending
+ranges, the dead-letter topic's end offsets), the status of the runs it requested and the
+latest materialisations' metadata: it stays far below the sensor timeout; the work is in the runs.
+
+Degradation, each tick: lag and memory -> DegradationManager (state in the cursor, under
+``extra["degradation"]``) -> level; a transition is logged with its cause; the level, lag and
+backlogs are set as Prometheus metrics; the level travels to each requested run in its config.
+CIRCUIT_BREAK requests nothing but one probe round per cooldown; at SOFT or below, pending
+(deferred and spilled) ranges get ``mode: recover`` runs.
 """
 
 
+import json
+import logging
 import os
+import time
+from typing import Any, Callable
 
 from dagster import (
     AssetCheckEvaluation,
@@ -22,10 +33,14 @@ from dagster import (
 )
 from dagster._core.storage.tags import RUN_KEY_TAG
 
+from kafka import TopicPartition
+
 from k2_assets.binance.jobs import binance_trades_job
+from k2_resources import metrics
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.trades.microbatch import dead_letter_topic
+from k2_resources.trades.offsets import DEFERRED, SPILLED, OffsetRange
 from k2_resources.trades.sink import TradeSinkResource
 from k2_sensors.binance.stream_state import (
     RUN_ACTIVE,
@@ -35,9 +50,22 @@ from k2_sensors.binance.stream_state import (
     StreamCursor,
     StreamSnapshot,
     baseline_evaluation,
+    batch_level,
+    dead_letter_evaluation,
+    deferred_backlog_evaluation,
+    degradation_evaluation,
     lag_evaluation,
+    note_probe,
     plan_batches,
+    plan_recoveries,
+    recovery_run_keys,
+    sequence_gap_evaluation,
+    spilled_backlog_evaluation,
 )
+from k2_sensors.operations.config import DegradationResource
+from k2_sensors.operations.degradation import DegradationLevel, system_memory_percent
+
+_logger = logging.getLogger("k2.stream_sensor")
 
 BINANCE_TRADES = AssetKey("binance_trades")
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED, DagsterRunStatus.CANCELING}
@@ -55,20 +83,53 @@ def run_statuses(instance: DagsterInstance, run_keys: list[str]) -> dict[str, st
     return statuses
 
 
-def run_request(batch: OffsetRange, run_key: str, attempt: int) -> RunRequest:
-    """The run for one offset range: the range in run config, and tags to find it by."""
+def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, mode: str = "ingest") -> RunRequest:
+    """The run for one offset range: the range, degradation level and mode in run config, and tags to find it by."""
     return RunRequest(
         run_key=run_key,
         run_config={"ops": {"binance_trades": {"config": {
             "topic": batch.topic, "partition": batch.partition,
             "start_offset": batch.start, "end_offset": batch.end,
+            "degradation_level": int(level), "mode": mode,
         }}}},
         tags={
             "k2/kafka-partition": f"{batch.topic}-{batch.partition}",
             "k2/offset-range": f"{batch.start}-{batch.end}",
             "k2/attempt": str(attempt),
+            "k2/degradation-level": DegradationLevel(level).name,
+            "k2/mode": mode,
         },
     )
+
+
+def dead_letter_total(kafka: KafkaResource, topic: str) -> int:
+    """Messages ever written to ``topic`` (sum of its end offsets); 0 when it does not exist yet."""
+    consumer = kafka.consumer()
+    try:
+        if topic not in consumer.topics():
+            return 0  # asking for its partitions could auto-create it
+        partitions = consumer.partitions_for_topic(topic) or set()
+        return sum(consumer.end_offsets([TopicPartition(topic, p) for p in partitions]).values())
+    finally:
+        consumer.close()
+
+
+def latest_batch_gaps(instance: DagsterInstance, topic: str, limit: int = 30) -> dict[int, dict[str, Any]]:
+    """Sequence gaps of the newest micro-batch materialisation per partition of ``topic``."""
+    latest: dict[int, dict[str, Any]] = {}
+    records = instance.fetch_materializations(BINANCE_TRADES, limit=limit).records
+    for record in records:  # newest first
+        materialization = record.asset_materialization
+        if materialization is None:
+            continue
+        meta = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+        if meta.get("topic") != topic or "sequence_gaps_by_symbol" not in meta:
+            continue
+        partition = int(meta["partition"])
+        if partition not in latest:
+            latest[partition] = {"range": f"{meta['start_offset']}-{meta['end_offset']}",
+                                 "gaps": json.loads(meta["sequence_gaps_by_symbol"])}
+    return latest
 
 
 def check_evaluation(outcome: CheckOutcome) -> AssetCheckEvaluation:
@@ -87,15 +148,61 @@ def evaluate_stream(
     kafka: KafkaResource,
     iceberg: IcebergResource,
     sink: TradeSinkResource,
+    degradation: DegradationResource | None = None,
+    log: Any = None,
+    clock: Callable[[], float] = time.time,
+    memory_percent: Callable[[], float] = system_memory_percent,
 ) -> SensorResult:
-    """One tick: read offsets, plan ranges, report checks. Also used by `k2 demo` and the tests."""
+    """One tick: read offsets, set the degradation level, plan ranges and recoveries, report checks.
+
+    Also used by `k2 demo` and the tests; ``log`` is the sensor's context.log (default: a logger).
+    """
+    log = log or _logger
+    degradation = degradation or DegradationResource()
     cursor = StreamCursor.from_json(cursor_json)
     snapshot = StreamSnapshot.read(kafka, iceberg, sink.topic)
-    statuses = run_statuses(instance, [flight.run_key for flight in cursor.in_flight.values()])
-    planned = plan_batches(snapshot, cursor, sink.max_batch_messages, statuses, sink.run_retry_after_seconds)
-    outcomes = [lag_evaluation(snapshot, sink), baseline_evaluation(snapshot)]
+    now = clock()
+
+    manager = degradation.manager(cursor.extra.get("degradation"), clock=clock)
+    level = manager.evaluate(snapshot.total_lag, memory_percent())
+    transition = manager.last_transition
+    if transition is not None:
+        message = f"degradation {transition.from_level.name} -> {transition.to_level.name}: {transition.cause}"
+        (log.warning if transition.is_escalation else log.info)(message)
+    cursor.extra["degradation"] = manager.to_state()
+
+    statuses = run_statuses(instance, [flight.run_key for flight in cursor.in_flight.values()]
+                            + recovery_run_keys(cursor))
+    requests: list[RunRequest] = []
+    run_level = batch_level(level, cursor, manager.changed_at, degradation.cooldown_seconds, now)
+    if run_level is not None:
+        planned = plan_batches(snapshot, cursor, sink.max_batch_messages, statuses, sink.run_retry_after_seconds, now)
+        requests += [run_request(batch, key, attempt, run_level) for batch, key, attempt in planned]
+        if planned and level == DegradationLevel.CIRCUIT_BREAK:
+            note_probe(cursor, now)
+            log.info(f"circuit breaker half-open: {len(planned)} probe batch(es) at {run_level.name}")
+    recoveries = plan_recoveries(snapshot, cursor, level, statuses, sink.run_retry_after_seconds, now)
+    requests += [run_request(entry.range, key, attempt, level, mode="recover") for entry, key, attempt in recoveries]
+
+    spill_store = degradation.spill_store()
+    metrics.DEGRADATION_LEVEL.set(int(level))
+    for partition in snapshot.end_offsets:
+        metrics.CONSUMER_LAG.labels(snapshot.topic, str(partition)).set(snapshot.lag(partition))
+    metrics.DEFERRED_RANGES.set(len(snapshot.pending_of(DEFERRED)))
+    metrics.SPILLED_BATCHES.set(len(snapshot.pending_of(SPILLED)))
+
+    dlq = dead_letter_topic(sink.topic)
+    outcomes = [
+        lag_evaluation(snapshot, sink),
+        baseline_evaluation(snapshot),
+        degradation_evaluation(manager),
+        deferred_backlog_evaluation(snapshot),
+        spilled_backlog_evaluation(snapshot, spill_store.backlog()),
+        sequence_gap_evaluation(latest_batch_gaps(instance, sink.topic)),
+        dead_letter_evaluation(dlq, dead_letter_total(kafka, dlq)),
+    ]
     return SensorResult(
-        run_requests=[run_request(batch, key, attempt) for batch, key, attempt in planned],
+        run_requests=requests,
         cursor=cursor.to_json(),
         asset_events=[check_evaluation(outcome) for outcome in outcomes],
     )
@@ -106,10 +213,15 @@ def evaluate_stream(
     job=binance_trades_job,
     minimum_interval_seconds=int(os.environ.get("K2_STREAM_SENSOR_INTERVAL_S", "5")),
     default_status=DefaultSensorStatus.RUNNING,
-    description="Requests a micro-batch run per Kafka partition as trades arrive; reports consumer lag "
-    "and offset-baseline checks on binance_trades every tick.",
+    description="Requests a micro-batch run per Kafka partition as trades arrive, at the current degradation "
+    "level, and recovery runs for deferred and spilled ranges; reports consumer lag, offset-baseline, "
+    "degradation level, backlog, sequence-gap and dead-letter checks on binance_trades every tick.",
 )
 def binance_stream_sensor(
-    context: SensorEvaluationContext, kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource
+    context: SensorEvaluationContext,
+    kafka: KafkaResource,
+    iceberg: IcebergResource,
+    sink: TradeSinkResource,
+    degradation: DegradationResource,
 ) -> SensorResult:
-    return evaluate_stream(context.instance, context.cursor, kafka, iceberg, sink)
+    return evaluate_stream(context.instance, context.cursor, kafka, iceberg, sink, degradation, log=context.log)

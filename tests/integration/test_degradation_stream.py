@@ -1,0 +1,210 @@
+"""A burst drives the stream path to CIRCUIT_BREAK and back, and every trade lands exactly once.
+
+Real parts only: the session's Kafka broker, Iceberg on disk in a temp K2_HOME, the real stream
+sensor and micro-batch job in an ephemeral Dagster instance, the real alert sensor posting to a
+real HTTP server. Thresholds are small (lag 1K/3K/6K/10K, 1 s cooldown) so the burst is 30K
+real recorded trades; ETHUSDT is configured as tier 3 so GRACEFUL has something to defer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from dagster import AssetCheckKey, AssetKey, DagsterInstance, Definitions, build_sensor_context
+
+from k2_assets.binance import defs as binance_defs
+from k2_assets.resources import build_resources
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.schemas import TradeV2, encode_trade
+from k2_resources.settings import DATA_DIR
+from k2_resources.trades.microbatch import recover_range
+from k2_resources.trades.offsets import OffsetRange, committed_offsets, pending_key, pending_ranges
+from k2_resources.trades.sink import TradeSinkResource
+from k2_sensors.binance.driver import checks_of, execute_requests, tick
+from k2_sensors.operations.alerts import AlertWebhookResource, build_alert_sensor
+from k2_sensors.operations.config import DegradationResource
+from k2_sensors.operations.spill import SpillStore
+
+pytestmark = pytest.mark.integration
+
+BURST = 30_000
+FIRST_WAVE = 4_000  # lag 4K: GRACEFUL (WARN) before the rest arrives
+PARTITION_OF = {"BTCUSDT": 0, "ETHUSDT": 1}  # one partition per symbol, as a keyed producer would
+LEVEL_CHECK = AssetCheckKey(AssetKey("binance_trades"), "degradation_level")
+
+
+class Webhook:
+    """A real HTTP server on 127.0.0.1 that keeps every JSON body posted to it."""
+
+    def __init__(self) -> None:
+        received: list[dict] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def recorded_trades_of(symbol: str, count: int) -> list[dict]:
+    """The first ``count`` recorded trades of ``symbol`` (the contiguous 8-9 August 2024 recording) as V2 records."""
+    records = []
+    for day in ("2024-08-08", "2024-08-09"):
+        with open(DATA_DIR / "binance" / f"{symbol}-trades-{day}.csv") as handle:
+            for row in csv.DictReader(handle):
+                if len(records) == count:
+                    return records
+                records.append(TradeV2(
+                    message_id=f"BINANCE-{symbol}-{row['trade_id']}", trade_id=f"BINANCE-{row['trade_id']}",
+                    symbol=symbol, exchange="BINANCE", asset_class="crypto",
+                    timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=timezone.utc),
+                    price=Decimal(row["price"]), quantity=Decimal(row["qty"]), currency="USDT",
+                    side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
+                    source_sequence=int(row["trade_id"]), ingestion_timestamp=datetime.now(timezone.utc),
+                ).to_record())
+    assert len(records) == count, f"only {len(records)} recorded {symbol} trades"
+    return records
+
+
+def burst_records() -> list[dict]:
+    """30K real trades, BTCUSDT and ETHUSDT merged in trade-time order."""
+    records = recorded_trades_of("BTCUSDT", 19_904) + recorded_trades_of("ETHUSDT", BURST - 19_904)
+    records.sort(key=lambda r: (r["timestamp"], r["symbol"], r["source_sequence"]))
+    return records
+
+
+def produce(kafka: KafkaResource, topic: str, records: list[dict]) -> None:
+    producer = kafka.producer()
+    for record in records:
+        producer.send(topic, key=record["symbol"].encode(), value=encode_trade(record),
+                      partition=PARTITION_OF[record["symbol"]])
+    producer.flush()
+    producer.close()
+
+
+def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka_broker, topic_name):
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka.ensure_topic(topic_name, partitions=3)
+    records = burst_records()
+    degradation = DegradationResource(
+        lag_triggers=[1_000, 3_000, 6_000, 10_000],
+        memory_triggers_percent=[101.0, 102.0, 103.0, 104.0],  # this test is about lag only
+        cooldown_seconds=1.0,
+        tier1_symbols=["BTCUSDT"],
+        tier2_symbols=[],  # so ETHUSDT is tier 3
+    )
+    resources = build_resources()
+    resources.update(sink=TradeSinkResource(topic=topic_name, max_batch_messages=2_000), degradation=degradation)
+    defs = Definitions.merge(binance_defs, Definitions(resources=resources))
+    webhook = Webhook()
+    alerts = build_alert_sensor(check_keys=[LEVEL_CHECK], minimum_interval_seconds=1)
+    alert_resources = {"alert_webhooks": AlertWebhookResource(urls=[webhook.url])}
+
+    levels: list[str] = []
+    cursor: str | None = None
+    alert_cursor: str | None = None
+    try:
+        with DagsterInstance.ephemeral() as instance:
+
+            def step() -> dict[str, dict]:
+                nonlocal cursor, alert_cursor
+                result = tick(instance, defs, cursor)
+                cursor = result.cursor
+                checks = checks_of(result)
+                levels.append(checks["degradation_level"]["metadata"]["level"])
+                runs, failed = execute_requests(instance, defs, result)
+                assert failed == 0, f"{failed} of {runs} micro-batch runs failed"
+                with build_sensor_context(instance=instance, cursor=alert_cursor, resources=alert_resources) as ctx:
+                    alert_cursor = alerts(ctx).cursor
+                return checks
+
+            # Hold the consumer back: the first wave is in Kafka before the sensor's first tick.
+            produce(kafka, topic_name, records[:FIRST_WAVE])
+            first = step()
+            assert first["degradation_level"]["metadata"]["level"] == "GRACEFUL"
+            produce(kafka, topic_name, records[FIRST_WAVE:])
+            second = step()
+            assert second["degradation_level"]["metadata"]["level"] == "CIRCUIT_BREAK"
+            assert "lag" in second["degradation_level"]["metadata"]["cause"]
+
+            deadline = time.monotonic() + 600
+            while True:
+                checks = step()
+                settled = (checks["degradation_level"]["metadata"]["level"] == "NORMAL"
+                           and checks["consumer_lag"]["metadata"]["lag_messages"] == 0
+                           and checks["deferred_backlog"]["passed"] and checks["spilled_backlog"]["passed"])
+                if settled:
+                    break
+                assert time.monotonic() < deadline, f"did not settle; levels so far {levels}, last checks {checks}"
+                time.sleep(0.2)  # the next tick is a fresh look (the cooldown runs on the wall clock)
+
+            print("levels per tick:", " ".join(levels))
+            # Every check the sensor reports is green at the end.
+            failing = {name: c for name, c in checks.items() if not c["passed"]}
+            assert failing == {}
+
+            # The level check went WARN, then ERROR, then passed (history from the instance, oldest first).
+            history = list(reversed(instance.event_log_storage.get_asset_check_execution_history(
+                LEVEL_CHECK, limit=10_000)))
+            verdicts = [("PASS" if r.evaluation.passed else r.evaluation.severity.value) for r in history]
+            first_warn = verdicts.index("WARN")
+            first_error = verdicts.index("ERROR")
+            assert first_warn < first_error
+            assert "PASS" in verdicts[first_error:] and verdicts[-1] == "PASS"
+            assert {"AGGRESSIVE", "SOFT"} <= set(levels)  # it stepped down through the levels
+
+        # The webhook got the alert (and its escalation) and the recovery, in that order.
+        statuses = [(a["check"], a["status"], a["severity"]) for a in webhook.received]
+        assert statuses[0] == ("binance_trades:degradation_level", "firing", "WARN")
+        assert ("binance_trades:degradation_level", "firing", "ERROR") in statuses
+        assert statuses[-1][:2] == ("binance_trades:degradation_level", "resolved")
+    finally:
+        webhook.close()
+
+    # Iceberg holds every trade exactly once.
+    table = iceberg.trades()
+    ids = table.scan(selected_fields=("message_id",)).to_arrow().column("message_id").to_pylist()
+    assert len(ids) == len(records) == BURST
+    assert set(ids) == {r["message_id"] for r in records}
+    ends = {partition: end for partition, end in kafka.end_offsets(topic_name).items() if end}
+    assert committed_offsets(table, topic_name) == ends
+    assert pending_ranges(table, topic_name) == []
+    assert SpillStore().list(topic_name) == []
+
+    # Both load-shedding paths ran and were recovered (the snapshot summaries say so).
+    summaries = [s.summary.additional_properties for s in table.snapshots()]
+    pending_seen = [json.loads(s[pending_key(topic_name)]) for s in summaries if pending_key(topic_name) in s]
+    kinds = {entry["kind"] for entries in pending_seen for entry in entries}
+    assert kinds == {"deferred", "spilled"}
+    recovered = [s for s in summaries if "k2.kafka.recovered-kind" in s]
+    assert {s["k2.kafka.recovered-kind"] for s in recovered} == {"deferred", "spilled"}
+
+    # Re-running a recovered range writes nothing.
+    partition, _, offsets = recovered[0]["k2.kafka.recovered-range"].partition(":")
+    start, end = (int(v) for v in offsets.split("-"))
+    before = table.current_snapshot().snapshot_id
+    again = recover_range(kafka, iceberg, OffsetRange(topic_name, int(partition), start, end))
+    assert again.already_committed and again.written == 0
+    assert iceberg.trades().current_snapshot().snapshot_id == before
