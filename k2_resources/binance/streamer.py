@@ -40,7 +40,7 @@ from pydantic import Field
 
 from k2_resources.binance.client import (
     BINANCE_MAX_CONNECTION_AGE_S,
-    DEFAULT_LIVE_URL,
+    LIVE_BASE_URL,
     DEFAULT_SYMBOLS,
     BinanceStreamClient,
     StopSignal,
@@ -67,7 +67,7 @@ DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 class StreamerConfig:
     """Where the streamer reads from and writes to; the defaults stream live Binance into the embedded Kafka."""
 
-    url: str = DEFAULT_LIVE_URL  # a combined-stream URL, or a base URL the symbols are appended to
+    url: str = LIVE_BASE_URL  # a base URL the symbols' streams are appended to, or a full combined-stream URL
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
     topic: str = DEFAULT_TOPIC
     dlq_topic: str = DEFAULT_DLQ_TOPIC
@@ -86,7 +86,9 @@ class StreamerConfig:
 class BinanceStreamResource(ConfigurableResource):
     """Settings of the Binance streamer (`k2 stream binance`), usable from Dagster; defaults need no settings."""
 
-    source_url: str = Field(default=DEFAULT_LIVE_URL, description="combined-stream URL or base URL of the source")
+    source_url: str = Field(default=LIVE_BASE_URL,
+                            description="base URL of the source (the symbols' streams are appended), "
+                                        "or a full /stream?streams=... URL")
     symbols: list[str] = Field(default_factory=lambda: list(DEFAULT_SYMBOLS))
     topic: str = Field(default=DEFAULT_TOPIC, description="Kafka topic of trade V2 records")
     dlq_topic: str = Field(default=DEFAULT_DLQ_TOPIC, description="Kafka topic of frames that are not valid trades")
@@ -102,6 +104,10 @@ class BinanceStreamResource(ConfigurableResource):
                                       backoff_max_s=self.backoff_max_s)
         values.update(overrides)
         return StreamerConfig(**values)
+
+    def stream(self, kafka: KafkaResource | None = None, **options: Any) -> StreamStats:
+        """Run the streamer with these settings until it ends (see run_streamer for the options)."""
+        return asyncio.run(run_streamer(self.config(), kafka, **options))
 
 
 class StreamMetrics:
@@ -185,8 +191,8 @@ class _Pipeline:
         kafka.ensure_topic(config.dlq_topic, partitions=1)
         self.producer = kafka.producer()
         self._errors_lock = threading.Lock()
-        self._produced = {}  # symbol -> prometheus child counter
-        self._dupes = {}
+        self._produced: dict[str, Any] = {}  # symbol -> its child of the produced counter
+        self._dupes: dict[str, Any] = {}
 
     def _on_send_error(self, exc: BaseException) -> None:
         with self._errors_lock:
@@ -261,14 +267,19 @@ async def run_streamer(
     if own_metrics_server:
         metrics.serve(config.metrics_port)  # type: ignore[arg-type]
     started = time.monotonic()
-    pipeline = _Pipeline(config, kafka or KafkaResource(), metrics)
+
+    def count_reconnects(event: str) -> None:
+        if event == "reconnect":
+            metrics.reconnects.inc()
+
     client = BinanceStreamClient(
         url=config.stream_url, backoff_initial_s=config.backoff_initial_s, backoff_max_s=config.backoff_max_s,
         backoff_jitter=config.backoff_jitter, max_connection_age_s=config.max_connection_age_s,
-        idle_timeout_s=idle_timeout_s, stop_event=stop_event,
-        on_event=lambda name: metrics.reconnects.inc() if name in ("reconnect",) else None,
+        idle_timeout_s=idle_timeout_s, stop_event=stop_event, on_event=count_reconnects,
     )
+    pipeline: _Pipeline | None = None
     try:
+        pipeline = _Pipeline(config, kafka or KafkaResource(), metrics)
         async with contextlib.aclosing(client.frames()) as frames:
             async for raw in frames:
                 pipeline.handle(raw)
@@ -276,7 +287,8 @@ async def run_streamer(
                     client.stats.ended_by = "max_messages"
                     break
     finally:
-        pipeline.close()
+        if pipeline is not None:
+            pipeline.close()
         if own_metrics_server:
             metrics.close()
     stats = pipeline.stats
@@ -321,7 +333,10 @@ def stream_to_kafka(
     backoff_max_s: float = 60.0,
     max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800,
 ) -> StreamStats:
-    """Stream a Binance combined stream (live or a replay server's URL) into Kafka; blocks until done.
+    """Stream a Binance combined stream into Kafka; blocks until done.
+
+    ``url`` is a full ``.../stream?streams=...`` URL (e.g. ReplayServerThread.url) or a base URL
+    (``wss://stream.binance.com:9443``, ``ReplayServerThread.base_url``) that ``symbols`` complete.
 
     Returns when the server ends the stream (a once-only replay closes with 1000 "end of replay"),
     when stop_event (threading.Event) is set, after idle_timeout_s without frames, or after

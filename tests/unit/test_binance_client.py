@@ -12,6 +12,7 @@ from k2_resources.binance.client import (
     combined_stream_url,
 )
 from k2_resources.binance.replay_server import RecordedTrade, ReplayServer, requested_symbols
+from k2_resources.binance.streamer import BinanceStreamResource
 
 
 def test_tracker_drops_repeats_and_counts_gaps_per_symbol():
@@ -56,3 +57,12 @@ def test_looping_shifts_times_and_ids_forward_so_they_stay_unique_and_increasing
     assert btc == [(1_000, 100), (2_000, 101), (2_001, 102), (3_001, 103), (3_002, 104), (4_002, 105)]
     eth = [(time_ms, trade_id) for trade, time_ms, trade_id in values if trade.symbol == "ETHUSDT"]
     assert eth == [(1_500, 7), (2_501, 8), (3_502, 9)]
+
+
+def test_the_stream_resource_works_with_no_settings():
+    config = BinanceStreamResource().config()
+    assert config.stream_url == DEFAULT_LIVE_URL
+    assert (config.topic, config.dlq_topic, config.metrics_port) == ("market.trades.binance",
+                                                                     "market.trades.binance.dlq", 9464)
+    chosen = BinanceStreamResource(symbols=["XRPUSDT"], source_url="ws://127.0.0.1:9443").config()
+    assert chosen.stream_url == "ws://127.0.0.1:9443/stream?streams=xrpusdt@trade"
