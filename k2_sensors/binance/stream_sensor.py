@@ -35,7 +35,6 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 
 from kafka import TopicPartition
 
-from k2_assets.binance.jobs import binance_trades_job
 from k2_resources import metrics
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
@@ -210,7 +209,7 @@ def evaluate_stream(
 
 @sensor(
     name="binance_stream_sensor",
-    job=binance_trades_job,
+    job_name="binance_trades_microbatch",  # by name: k2_assets.binance imports this module
     minimum_interval_seconds=int(os.environ.get("K2_STREAM_SENSOR_INTERVAL_S", "5")),
     default_status=DefaultSensorStatus.RUNNING,
     description="Requests a micro-batch run per Kafka partition as trades arrive, at the current degradation "
