@@ -36,7 +36,7 @@ from k2_resources.tables import QUOTES, TRADES
 from k2_resources.trades.iceberg_read import DEFAULT_READ_PATH, RowFilter, ScanStats, SnapshotReader
 from k2_resources.trades.kafka_tail import KafkaTail, TailStats
 from k2_resources.trades.microbatch import DEFAULT_TOPIC
-from k2_resources.trades.offsets import committed_offsets, snapshot_committed_offsets
+from k2_resources.trades.offsets import PendingRange, committed_offsets, pending_ranges, snapshot_committed_offsets
 
 _ORDER = [("timestamp", "ascending"), ("platform_sequence", "ascending"), ("source_sequence", "ascending"),
           ("message_id", "ascending")]
@@ -48,6 +48,7 @@ class QueryStats:
 
     snapshot_id: int | None = None
     committed: dict[str, dict[int, int]] = field(default_factory=dict)
+    pending: dict[str, list[PendingRange]] = field(default_factory=dict)  # below committed, rows not in the table yet
     iceberg: ScanStats = field(default_factory=ScanStats)
     kafka: TailStats = field(default_factory=TailStats)
     iceberg_rows: int = 0
@@ -162,6 +163,7 @@ class HybridQueryResource(ConfigurableResource):
             snapshot = table.current_snapshot()
             stats.snapshot_id = snapshot.snapshot_id if snapshot else None
             stats.committed = {topic: committed_offsets(table, topic) for topic in self.topics}
+            stats.pending = {topic: pending_ranges(table, topic) for topic in self.topics}
             if self._after_metadata_read is not None:
                 self._after_metadata_read()
             iceberg_part = self._snapshot_reader().read(table, stats.snapshot_id, row_filter, stats=stats.iceberg)
@@ -219,6 +221,7 @@ class HybridQueryResource(ConfigurableResource):
             tail.forget_below(topic, committed)
             rows = tail.read(topic, ranges, stats.kafka)
             frames.append(_filter(rows, row_filter))
+            frames.append(_filter(_pending_rows(self.kafka, stats.pending.get(topic, []), row_filter), row_filter))
         if not frames:
             return TRADES.arrow_schema().empty_table()
         return pl.concat(frames).to_arrow()
@@ -265,3 +268,17 @@ def _filter(rows: pl.DataFrame, row_filter: RowFilter) -> pl.DataFrame:
     if row_filter.end is not None:
         conditions.append(pl.col("timestamp") < row_filter.end)
     return rows.filter(*conditions) if conditions else rows
+
+
+def _pending_rows(kafka: KafkaResource, pending: list[PendingRange], row_filter: RowFilter) -> pl.DataFrame:
+    """Rows of load-shed ranges (below the committed offsets, not in the table yet) read from Kafka:
+    every row of a spilled range, the deferred symbols' rows of a deferred range."""
+    from k2_resources.iceberg import to_arrow
+    from k2_resources.trades.microbatch import read_range
+
+    records: list[dict] = []
+    for entry in pending:
+        if row_filter.symbols is not None and entry.kind == "deferred" and not set(entry.symbols) & set(row_filter.symbols):
+            continue  # none of the wanted symbols is missing from this range
+        records += [r for r in read_range(kafka, entry.range).records if entry.is_missing(r["symbol"])]
+    return pl.from_arrow(to_arrow(records, TRADES))

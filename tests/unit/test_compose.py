@@ -1,0 +1,272 @@
+"""docker-compose.yml and its satellites (Dockerfile, Postgres dagster.yaml, Prometheus, Grafana)
+cross-checked against the code: names, ports, images, volumes and variables must agree."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from k2_resources import metrics
+from k2_resources.binance import streamer
+from k2_resources.cli import build_parser
+from k2_resources.kafka_broker import DEFAULT_PORT as KAFKA_PORT
+from k2_resources.settings import PROJECT_ROOT
+
+COMPOSE = PROJECT_ROOT / "docker-compose.yml"
+DOCKERFILE = PROJECT_ROOT / "infra" / "docker" / "Dockerfile"
+PACKAGES = ("k2_resources", "k2_assets", "k2_sensors")
+# What the brief says the code reads; the compose stack must set each for the K2 services.
+REQUIRED_K2_VARIABLES = {"K2_HOME", "K2_KAFKA_BOOTSTRAP", "K2_ICEBERG_CATALOG_URI", "K2_ICEBERG_CATALOG_TYPE",
+                         "K2_ICEBERG_WAREHOUSE", "DAGSTER_HOME", "K2_ALERT_WEBHOOKS"}
+K2_IMAGE_SERVICES = {"dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics"}
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict]:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def package_sources() -> str:
+    return "\n".join(p.read_text() for package in PACKAGES for p in (PROJECT_ROOT / package).rglob("*.py"))
+
+
+def command_of(service: dict) -> list[str]:
+    command = service.get("command", [])
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def published(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port."""
+    result = []
+    for spec in service.get("ports", []):
+        parts = str(spec).split(":")
+        assert len(parts) == 3, f"port {spec!r} does not name the host address (bind it to 127.0.0.1)"
+        result.append((parts[0], int(parts[1]), int(parts[2])))
+    return result
+
+
+def test_the_expected_services_exist(services):
+    assert {"kafka", "postgres", "dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics",
+            "prometheus", "grafana"} <= set(services)
+
+
+def test_every_published_port_is_bound_to_localhost(services):
+    ports = [p for service in services.values() for p in published(service)]
+    assert ports
+    assert {address for address, _, _ in ports} == {"127.0.0.1"}
+    host_ports = [host for _, host, _ in ports]
+    assert len(host_ports) == len(set(host_ports)), "two services publish the same host port"
+
+
+def test_ports_match_the_code_defaults(services):
+    assert ("127.0.0.1", KAFKA_PORT, KAFKA_PORT) in published(services["kafka"])
+    run_source = (PROJECT_ROOT / "k2_resources" / "cli" / "run.py").read_text()
+    dagster_port = int(re.search(r'"K2_DAGSTER_PORT",\s*(\d+)', run_source).group(1))
+    webserver = services["dagster-webserver"]
+    command = command_of(webserver)
+    assert command[command.index("--port") + 1] == str(dagster_port)
+    assert ("127.0.0.1", dagster_port, dagster_port) in published(webserver)
+
+
+def test_kafka_image_is_the_version_the_embedded_launcher_runs(services):
+    pom = (PROJECT_ROOT / "infra" / "kafka" / "pom.xml").read_text()
+    version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom).group(1)
+    assert services["kafka"]["image"] == f"apache/kafka:{version}"
+    environment = services["kafka"]["environment"]
+    assert "controller" in environment["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
+    advertised = dict(item.split("://") for item in environment["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    assert advertised["HOST"] == f"127.0.0.1:{KAFKA_PORT}"
+    internal = advertised["INTERNAL"]
+    for name in K2_IMAGE_SERVICES:
+        assert services[name]["environment"]["K2_KAFKA_BOOTSTRAP"] == internal
+
+
+def test_images_are_pinned_and_k2_services_build_the_project_image(services):
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert ":" in image and not image.endswith(":latest") or name in K2_IMAGE_SERVICES, f"{name}: pin {image!r}"
+    for name in K2_IMAGE_SERVICES:
+        build = services[name]["build"]
+        assert (PROJECT_ROOT / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+        assert services[name]["image"] == "k2:latest"
+
+
+def test_dockerfile_copies_what_exists_and_installs_with_uv(compose):
+    text = DOCKERFILE.read_text()
+    assert "uv sync --frozen" in text and "dagster-postgres" in text
+    for line in text.splitlines():
+        if line.startswith("COPY") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (PROJECT_ROOT / source).exists(), f"Dockerfile copies missing {source}"
+    entrypoint = PROJECT_ROOT / "infra" / "docker" / "entrypoint.sh"
+    assert "infra/dagster/dagster.postgres.yaml" in entrypoint.read_text()
+    assert "uv" not in load_yaml(PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml")
+    pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
+    assert "dagster-postgres" not in pyproject  # the image installs it; the project does not depend on it
+
+
+def test_every_volume_is_declared_or_a_file_of_the_repository(compose, services):
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for name, service in services.items():
+        for spec in service.get("volumes", []):
+            source = str(spec).split(":")[0]
+            if source.startswith("."):
+                assert (PROJECT_ROOT / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in declared, f"{name} uses undeclared volume {source}"
+                used.add(source)
+    assert used == declared, f"declared but unused: {declared - used}"
+
+
+def test_dependencies_and_shared_network_namespaces_name_real_services(services):
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        for dependency in depends if isinstance(depends, list) else depends.keys():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            assert dependency != name
+        mode = service.get("network_mode", "")
+        if mode.startswith("service:"):
+            anchor = mode.split(":", 1)[1]
+            assert anchor in services and anchor in depends
+            assert "ports" not in service, f"{name} shares {anchor}'s network: publish ports on {anchor}"
+
+
+def test_k2_services_set_the_variables_the_code_reads(services, package_sources):
+    for name in K2_IMAGE_SERVICES:
+        environment = services[name]["environment"]
+        assert REQUIRED_K2_VARIABLES <= set(environment), f"{name} misses {REQUIRED_K2_VARIABLES - set(environment)}"
+        for variable in environment:
+            if variable.startswith("K2_") or variable == "DAGSTER_HOME":
+                assert f'"{variable}"' in package_sources, f"{name} sets {variable}, which no code reads"
+    assert services["dagster-code"]["environment"]["K2_HOME"] == "/k2"
+    assert services["dagster-code"]["environment"]["DAGSTER_HOME"].startswith("/k2/")
+
+
+def test_postgres_variables_match_the_dagster_postgres_settings(services):
+    settings = load_yaml(PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml")
+    database = settings["storage"]["postgres"]["postgres_db"]
+    wanted = {field["env"] for field in database.values()}
+    assert wanted == {"DAGSTER_POSTGRES_HOST", "DAGSTER_POSTGRES_PORT", "DAGSTER_POSTGRES_USER",
+                      "DAGSTER_POSTGRES_PASSWORD", "DAGSTER_POSTGRES_DB"}
+    for name in ("dagster-code", "dagster-webserver", "dagster-daemon"):
+        environment = services[name]["environment"]
+        assert wanted <= set(environment)
+        assert environment["DAGSTER_POSTGRES_HOST"] == "postgres"
+        assert environment["DAGSTER_POSTGRES_USER"] == services["postgres"]["environment"]["POSTGRES_USER"]
+        assert environment["DAGSTER_POSTGRES_DB"] == services["postgres"]["environment"]["POSTGRES_DB"]
+        assert "@postgres:" in environment["K2_ICEBERG_CATALOG_URI"]
+
+
+def test_postgres_instance_keeps_the_embedded_run_limits():
+    embedded = load_yaml(PROJECT_ROOT / "dagster.yaml")
+    postgres = load_yaml(PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml")
+    for key in ("run_coordinator", "run_monitoring", "telemetry", "sensors", "schedules"):
+        assert postgres[key] == embedded[key], f"{key} differs from dagster.yaml"
+    limits = {limit["key"]: limit for limit in embedded["run_coordinator"]["config"]["tag_concurrency_limits"]}
+    from k2_assets.operations.jobs import MAINTENANCE_TAGS
+
+    assert limits["k2/kind"]["value"] == MAINTENANCE_TAGS["k2/kind"] and limits["k2/kind"]["limit"] == 1
+    assert "storage" not in embedded  # the embedded default keeps SQLite under DAGSTER_HOME
+
+
+def test_workspace_points_at_the_code_location(services):
+    workspace = load_yaml(PROJECT_ROOT / "infra" / "docker" / "workspace.yaml")
+    server = workspace["load_from"][0]["grpc_server"]
+    code = command_of(services["dagster-code"])
+    assert server["host"] == "dagster-code"
+    assert str(server["port"]) == code[code.index("--port") + 1]
+    module = re.search(r'module_name = "([^"]+)"', (PROJECT_ROOT / "pyproject.toml").read_text()).group(1)
+    assert code[code.index("--module-name") + 1] == module
+    assert server["location_name"] == load_yaml(PROJECT_ROOT / "workspace.yaml")["load_from"][0]["python_module"][
+        "location_name"]
+    for name in ("dagster-webserver", "dagster-daemon"):
+        command = command_of(services[name])
+        assert command[command.index("--workspace") + 1] == "/opt/k2/infra/docker/workspace.yaml"
+
+
+def test_k2_commands_exist_in_the_cli(services):
+    parser = build_parser()
+    for name in ("streamer", "metrics"):
+        command = command_of(services[name])
+        assert command[0] == "k2"
+        parser.parse_args(command[1:])  # exits (fails the test) for an unknown sub-command or flag
+
+
+def listening_ports(services: dict, name: str) -> set[int]:
+    """The ports a service listens on inside its network namespace (from the code's defaults)."""
+    command = command_of(services[name])
+    if command[:3] == ["k2", "stream", "binance"]:
+        return {streamer.DEFAULT_METRICS_PORT}
+    if command[:2] == ["k2", "metrics"]:
+        return {metrics.K2_EXPORTER_PORT}
+    joined = " ".join(command)
+    return {int(port) for port in re.findall(r"--web\.listen-address=[^:\s]*:(\d+)", joined)}
+
+
+def test_prometheus_scrapes_and_alerts_the_services_of_its_network_namespace(services):
+    prometheus = services["prometheus"]
+    mounts = dict(str(spec).split(":")[:2] for spec in prometheus["volumes"])
+    config_dir = PROJECT_ROOT / next(src for src, dst in mounts.items() if dst == "/etc/prometheus")
+    assert config_dir.resolve() == (PROJECT_ROOT / "infra" / "prometheus").resolve()
+    assert "--config.file=/etc/prometheus/prometheus.yml" in command_of(prometheus)
+    config = load_yaml(config_dir / "prometheus.yml")
+    for rule_file in config.get("rule_files", []):
+        assert (config_dir / rule_file).exists()
+
+    sharing = [name for name, s in services.items() if s.get("network_mode") == "service:prometheus"]
+    local_ports = {port: name for name in sharing + ["prometheus"] for port in listening_ports(services, name)}
+    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+    targets += [t for am in config.get("alerting", {}).get("alertmanagers", [])
+                for sc in am.get("static_configs", []) for t in sc["targets"]]
+    assert targets
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        if host in ("127.0.0.1", "localhost"):
+            assert int(port) in local_ports, f"nothing in Prometheus's network namespace listens on {target}"
+        else:
+            assert host in services, f"scrape target {target} is no compose service"
+    assert {"streamer", "metrics"} <= {local_ports.get(int(t.rsplit(":", 1)[1])) for t in targets}
+
+
+def test_grafana_provisions_prometheus_and_a_dashboard_of_real_metrics(services, package_sources):
+    grafana = services["grafana"]
+    mounts = dict(str(spec).split(":")[:2] for spec in grafana["volumes"])
+    provisioning = PROJECT_ROOT / next(src for src, dst in mounts.items() if dst == "/etc/grafana/provisioning")
+    dashboards_dir = PROJECT_ROOT / next(src for src, dst in mounts.items() if dst == "/var/lib/grafana/dashboards")
+    datasource = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"][0]
+    assert datasource["url"] == f"http://prometheus:{next(iter(listening_ports(services, 'prometheus')))}"
+    provider = load_yaml(provisioning / "dashboards" / "k2.yml")["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+    dashboard = json.loads((dashboards_dir / "k2.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert {p["datasource"]["uid"] for p in panels} == {datasource["uid"]}
+    expressions = " ".join(t["expr"] for p in panels for t in p["targets"])
+    defined = {_base(name) for name in re.findall(r'(?:Gauge|Counter|Histogram|Summary)\(\s*"([a-z0-9_]+)"',
+                                                  package_sources)}
+    used = {_base(name) for name in re.findall(r"\b(k2_[a-z0-9_]+)", expressions)}
+    assert used and used <= defined, f"the dashboard plots metrics no code defines: {sorted(used - defined)}"
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("lag", "degradation", "throughput", "dead letters", "commit latency", "rows"):
+        assert topic in titles, f"the dashboard has no panel on {topic}"
+
+
+def _base(metric: str) -> str:
+    """A metric's family name, without the suffixes prometheus_client adds to samples."""
+    return re.sub(r"_(total|bucket|sum|count|created)$", "", metric)
