@@ -44,13 +44,17 @@ def tick(instance: DagsterInstance, defs: Definitions, cursor: str | None) -> Se
     return result
 
 
-def execute_requests(instance: DagsterInstance, defs: Definitions, result: SensorResult) -> tuple[int, int]:
-    """Run the tick's run requests in-process, one after another; returns (runs, failed runs)."""
+def execute_requests(instance: DagsterInstance, defs: Definitions, result: SensorResult,
+                     extra_run_config: dict | None = None) -> tuple[int, int]:
+    """Run the tick's run requests in-process, one after another; returns (runs, failed runs).
+
+    ``extra_run_config`` is merged into each run's config (e.g. loggers, to keep a demo quiet).
+    """
     runs = failed = 0
     for request in result.run_requests:
         job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
         outcome = job.execute_in_process(
-            run_config=request.run_config, instance=instance,
+            run_config={**request.run_config, **(extra_run_config or {})}, instance=instance,
             tags={**request.tags, RUN_KEY_TAG: request.run_key}, raise_on_error=False,
         )
         runs += 1
