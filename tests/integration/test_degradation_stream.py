@@ -208,3 +208,45 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
     again = recover_range(kafka, iceberg, OffsetRange(topic_name, int(partition), start, end))
     assert again.already_committed and again.written == 0
     assert iceberg.trades().current_snapshot().snapshot_id == before
+
+
+def test_hybrid_query_reads_deferred_and_spilled_ranges_from_kafka_until_recovered(k2_home, kafka_broker, topic_name):
+    from k2_resources.trades.hybrid import HybridQueryResource
+    from k2_resources.trades.microbatch import run_microbatch
+    from k2_sensors.operations.degradation import DegradationLevel
+    from k2_sensors.operations.load_shedding import LoadShedder
+
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka.ensure_topic(topic_name, partitions=1)
+    records = recorded_trades_of("BTCUSDT", 300) + recorded_trades_of("ETHUSDT", 200)
+    records.sort(key=lambda r: (r["timestamp"], r["symbol"], r["source_sequence"]))
+    producer = kafka.producer()
+    for record in records:
+        producer.send(topic_name, key=record["symbol"].encode(), value=encode_trade(record), partition=0)
+    producer.flush()
+    producer.close()
+    shedder, spill = LoadShedder(tier1=["BTCUSDT"], tier2=[]), SpillStore()
+    graceful = run_microbatch(kafka, iceberg, OffsetRange(topic_name, 0, 0, 250), level=DegradationLevel.GRACEFUL,
+                              shedder=shedder, spill_store=spill)
+    spilled = run_microbatch(kafka, iceberg, OffsetRange(topic_name, 0, 250, 400), level=DegradationLevel.AGGRESSIVE,
+                             shedder=shedder, spill_store=spill)
+    assert graceful.deferred > 0 and spilled.spilled == 150
+    assert committed_offsets(iceberg.trades(), topic_name) == {0: 400}
+    in_table = iceberg.trades().scan().to_arrow().num_rows
+    assert in_table == 250 - graceful.deferred  # the deferred ETHUSDT rows and the spilled batch are not in the table
+
+    hybrid = HybridQueryResource(kafka=kafka, iceberg=iceberg, topics=[topic_name])
+    everything = {r["message_id"] for r in records}
+    eth = {r["message_id"] for r in records if r["symbol"] == "ETHUSDT"}
+    try:
+        rows = hybrid.trades(None)
+        assert rows.height == len(records) and set(rows["message_id"].to_list()) == everything
+        assert set(hybrid.trades("ETHUSDT")["message_id"].to_list()) == eth
+        for entry in pending_ranges(iceberg.trades(), topic_name):
+            recover_range(kafka, iceberg, entry.range, shedder=shedder, spill_store=spill)
+        assert pending_ranges(iceberg.trades(), topic_name) == []
+        assert iceberg.trades().scan().to_arrow().num_rows == 400
+        rows = hybrid.trades(None)
+        assert rows.height == len(records) and set(rows["message_id"].to_list()) == everything
+    finally:
+        hybrid.close()
