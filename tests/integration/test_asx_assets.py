@@ -153,3 +153,27 @@ def test_a_malformed_row_is_a_dead_letter_and_the_rest_of_the_day_loads(k2_home:
     _materialise(instance, "2014-03-12", [asx_raw_trades, asx_trades], data_dir)
     assert IcebergResource().dead_letters().scan(row_filter=EqualTo("partition_key", "2014-03-12")).to_arrow().num_rows == 0
     assert _counts_per_day("market.trades")["2014-03-12"] == TRADES_PER_DAY["2014-03-12"]
+
+
+def test_days_written_at_the_same_time_by_separate_processes_all_land_once(k2_home: Path) -> None:
+    """A UI backfill runs up to four days at once; their Iceberg commits race and must all land,
+    including two runs of the same day (the later one replaces the earlier)."""
+    IcebergResource().catalog()  # tables exist before the race, as after the first run
+    script = (
+        "import sys\n"
+        "from k2_resources.asx import default_data_dir, ingest_day\n"
+        "from k2_resources.iceberg import IcebergResource\n"
+        "print(ingest_day(default_data_dir(), IcebergResource(), 'trades', sys.argv[1]).valid)\n"
+    )
+    days = DAYS + ["2014-03-11"]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, day], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ))
+        for day in days
+    ]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    assert [w.returncode for w in workers] == [0] * len(days), [err[-2000:] for _, err in outputs]
+    assert [int(out) for out, _ in outputs] == [sum(TRADES_PER_DAY[day].values()) for day in days]
+    assert _counts_per_day("market.trades") == TRADES_PER_DAY
+    ids = DuckDBQueryResource().query("select count(*) as n, count(distinct trade_id) as d from market.trades").to_pylist()
+    assert ids == [{"n": 200545, "d": 200545}]
