@@ -28,7 +28,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -40,6 +40,7 @@ from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOr
 from pyiceberg.table import Table
 
 from k2_resources.errors import K2Error, SchemaMismatchError
+from k2_resources.iceberg import IcebergResource
 from k2_resources.schemas.models import QuoteV2, TradeV2
 from k2_resources.settings import DATA_DIR
 from k2_resources.tables import DEAD_LETTERS, QUOTES, TRADES, TableDefinition
@@ -493,7 +494,7 @@ def dead_letter_filter(source: str, partition_key: str) -> BooleanExpression:
 
 
 def replace_rows(
-    load_table, rows: pa.Table, row_filter: BooleanExpression, properties: dict[str, str], attempts: int = 5
+    load_table: Callable[[], Table], rows: pa.Table, row_filter: BooleanExpression, properties: dict[str, str], attempts: int = 5
 ) -> Table:
     """Delete the rows matching ``row_filter`` and append ``rows`` in one Iceberg transaction.
 
@@ -530,7 +531,7 @@ class IngestResult:
     snapshot_id: int | None
 
 
-def write_day(iceberg, kind: Kind, partition_key: str, day: NormalisedDay) -> int | None:
+def write_day(iceberg: IcebergResource, kind: Kind, partition_key: str, day: NormalisedDay) -> int | None:
     """Replace one trading day in market.trades/quotes and its dead letters; the new snapshot id."""
     source = DEAD_LETTER_SOURCE[kind]
     properties = {"k2.source": source, "k2.partition": partition_key}
@@ -555,7 +556,7 @@ def rows_per_symbol(rows: pa.Table) -> dict[str, int]:
     return dict(zip(counts["symbol"].to_list(), counts["len"].to_list()))
 
 
-def ingest_day(data_dir: Path, iceberg, kind: Kind, partition_key: str, raw: pa.Table | None = None) -> IngestResult:
+def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_key: str, raw: pa.Table | None = None) -> IngestResult:
     """CSV -> validated V2 rows -> Iceberg for one trading day (what the assets and the benchmark run)."""
     if raw is None:
         raw = read_raw_day(data_dir, kind, partition_key)

@@ -13,6 +13,7 @@ from dagster import (
     Output,
     asset,
 )
+from pyiceberg.expressions import And, EqualTo
 
 from k2_assets.asx.partitions import asx_trading_days
 from k2_resources.asx import (
@@ -99,8 +100,6 @@ def _stored_day_stats(duckdb: DuckDBQueryResource, kind: Kind, partition_key: st
 
 
 def _dead_letter_sample(iceberg: IcebergResource, kind: Kind, partition_key: str, limit: int = 5) -> str:
-    from pyiceberg.expressions import And, EqualTo
-
     rows = (
         iceberg.dead_letters()
         .scan(
