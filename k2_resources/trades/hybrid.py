@@ -74,19 +74,22 @@ def _symbols(symbols: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return chosen
 
 
-def merge_trades(parts: Sequence[pa.Table], stats: QueryStats | None = None) -> pa.Table:
-    """Concatenate trade parts in market.trades' schema, keep each message_id's first row, order them."""
-    schema = TRADES.arrow_schema()
-    table = pa.concat_tables([part.cast(schema) if part.schema != schema else part for part in parts])
-    if table.num_rows == 0:
-        return table
-    ids = pl.from_arrow(table.select(["message_id"])).with_row_index("row")
-    first = ids.unique("message_id", keep="first", maintain_order=True)["row"]
-    if len(first) != table.num_rows:
-        if stats is not None:
-            stats.duplicates_dropped = table.num_rows - len(first)
-        table = table.take(first.to_arrow())
-    return table.sort_by(_ORDER)
+def merge_trades(parts: Sequence[pa.Table | pl.DataFrame], stats: QueryStats | None = None) -> pl.DataFrame:
+    """Concatenate trade parts, keep each message_id's first row, order by timestamp then sequences."""
+    frames = [part if isinstance(part, pl.DataFrame) else pl.from_arrow(part) for part in parts]
+    frames = [frame for frame in frames if frame.height] or frames[:1]
+    merged = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+    if merged.height == 0:
+        return merged
+    unique = merged.unique("message_id", keep="first", maintain_order=True)
+    if stats is not None:
+        stats.duplicates_dropped = merged.height - unique.height
+    return unique.sort([name for name, _ in _ORDER], nulls_last=True)
+
+
+def to_trades_arrow(frame: pl.DataFrame) -> pa.Table:
+    """A merged result in market.trades' exact Arrow schema."""
+    return frame.to_arrow().cast(TRADES.arrow_schema())
 
 
 class HybridQueryResource(ConfigurableResource):
@@ -97,7 +100,7 @@ class HybridQueryResource(ConfigurableResource):
     topics: list[str] = Field(default_factory=lambda: [DEFAULT_TOPIC],
                               description="Kafka topics of trade V2 records whose tails are read")
     read_path: str = Field(default=DEFAULT_READ_PATH,
-                           description="Iceberg read path: planned (default, measured fastest), duckdb, pyiceberg")
+                           description="Iceberg read path: polars (default, measured fastest), planned, duckdb, pyiceberg")
     producer_clock_slack_seconds: float = Field(
         default=300.0,
         description="how far a Kafka message timestamp may lag the trade's time; widens the offsets_for_times bound",
@@ -156,8 +159,8 @@ class HybridQueryResource(ConfigurableResource):
             snapshot = self._snapshot_as_of(table, as_of)
             stats.snapshot_id = snapshot.snapshot_id
             stats.committed = {t: snapshot_committed_offsets(table, snapshot, t) for t in self.topics}
-            result = self._snapshot_reader().read(table, snapshot.snapshot_id, row_filter, stats=stats.iceberg)
-            stats.iceberg_rows = result.num_rows
+            result = self._snapshot_reader().read_frame(table, snapshot.snapshot_id, row_filter, stats=stats.iceberg)
+            stats.iceberg_rows = result.height
             merged = merge_trades([result], stats)
         else:
             snapshot = table.current_snapshot()
@@ -166,12 +169,13 @@ class HybridQueryResource(ConfigurableResource):
             stats.pending = {topic: pending_ranges(table, topic) for topic in self.topics}
             if self._after_metadata_read is not None:
                 self._after_metadata_read()
-            iceberg_part = self._snapshot_reader().read(table, stats.snapshot_id, row_filter, stats=stats.iceberg)
+            iceberg_part = self._snapshot_reader().read_frame(table, stats.snapshot_id, row_filter,
+                                                              stats=stats.iceberg)
             kafka_part = self._kafka_part(row_filter, stats)
-            stats.iceberg_rows, stats.kafka_rows = iceberg_part.num_rows, kafka_part.num_rows
+            stats.iceberg_rows, stats.kafka_rows = iceberg_part.height, kafka_part.height
             merged = merge_trades([iceberg_part, kafka_part], stats)
         self._last_stats = stats
-        return merged if arrow else pl.from_arrow(merged)
+        return to_trades_arrow(merged) if arrow else merged
 
     def recent_trades(self, symbol: str, minutes: float = 15, now: datetime | None = None,
                       arrow: bool = False) -> pl.DataFrame | pa.Table:
@@ -196,7 +200,7 @@ class HybridQueryResource(ConfigurableResource):
                           "list the snapshots with table.snapshots() or pass a time instead")
         return snapshot
 
-    def _kafka_part(self, row_filter: RowFilter, stats: QueryStats) -> pa.Table:
+    def _kafka_part(self, row_filter: RowFilter, stats: QueryStats) -> pl.DataFrame:
         tail = self.kafka_tail()
         frames: list[pl.DataFrame] = []
         for topic in self.topics:
@@ -219,12 +223,11 @@ class HybridQueryResource(ConfigurableResource):
                 lower = {p: max(lower[p], ends[p] if by_time.get(p) is None else by_time[p]) for p in partitions}
             ranges = {p: (lower[p], ends.get(p, 0)) for p in partitions}
             tail.forget_below(topic, committed)
-            rows = tail.read(topic, ranges, stats.kafka)
-            frames.append(_filter(rows, row_filter))
+            frames.append(tail.read(topic, ranges, stats.kafka, predicate=row_filter.polars()))
             frames.append(_filter(_pending_rows(self.kafka, stats.pending.get(topic, []), row_filter), row_filter))
         if not frames:
-            return TRADES.arrow_schema().empty_table()
-        return pl.concat(frames).to_arrow()
+            return pl.from_arrow(TRADES.arrow_schema().empty_table())
+        return pl.concat(frames)
 
     # ---------------------------------------------------------------------------------------
     # Quotes

@@ -29,6 +29,7 @@ from typing import Literal, Sequence
 from urllib.parse import unquote, urlparse
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 from pyiceberg.expressions import (
     AlwaysTrue,
@@ -41,8 +42,8 @@ from pyiceberg.expressions import (
 )
 from pyiceberg.table import Table
 
-ReadPath = Literal["planned", "duckdb", "pyiceberg"]
-DEFAULT_READ_PATH: ReadPath = "planned"
+ReadPath = Literal["polars", "planned", "duckdb", "pyiceberg"]
+DEFAULT_READ_PATH: ReadPath = "polars"
 
 # Filled from the benchmark run that chose the read path (ms, p50/p99).
 MEASURED: dict[str, dict[str, float]] = {}
@@ -72,6 +73,20 @@ class RowFilter:
         for part in parts:
             expression = part if isinstance(expression, AlwaysTrue) else And(expression, part)
         return expression
+
+    def polars(self) -> pl.Expr | None:
+        """The same filter as one polars predicate (None: every row)."""
+        conditions: list[pl.Expr] = []
+        if self.symbols is not None:
+            conditions.append(pl.col("symbol") == self.symbols[0] if len(self.symbols) == 1
+                              else pl.col("symbol").is_in(list(self.symbols)))
+        if self.exchange is not None:
+            conditions.append(pl.col("exchange") == self.exchange)
+        if self.start is not None:
+            conditions.append(pl.col("timestamp") >= self.start)
+        if self.end is not None:
+            conditions.append(pl.col("timestamp") < self.end)
+        return pl.all_horizontal(conditions) if conditions else None
 
     def sql(self) -> tuple[str, list[object]]:
         """A WHERE clause with ``?`` placeholders, and its parameters."""
@@ -140,8 +155,13 @@ class SnapshotReader:
         row_filter: RowFilter,
         columns: Sequence[str] | None = None,
         stats: ScanStats | None = None,
+        exact_schema: bool = True,
     ) -> pa.Table:
-        """Rows of ``snapshot_id`` (None: the table has no snapshot -> no rows) matching the filter."""
+        """Rows of ``snapshot_id`` (None: the table has no snapshot -> no rows) matching the filter.
+
+        ``exact_schema=False`` skips the final cast to the table's Arrow types (large strings),
+        for callers that convert to polars anyway.
+        """
         schema = table.schema().as_arrow()
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
@@ -149,14 +169,50 @@ class SnapshotReader:
         stats.path = self.read_path
         if snapshot_id is None:
             return schema.empty_table()
-        if self.read_path == "pyiceberg":
+        if self.read_path == "polars":
+            result = self.read_frame(table, snapshot_id, row_filter, columns, stats).to_arrow()
+        elif self.read_path == "pyiceberg":
             result = self._read_pyiceberg(table, snapshot_id, row_filter, columns, stats)
         elif self.read_path == "duckdb":
             result = self._read_duckdb_iceberg(table, snapshot_id, row_filter, columns)
         else:
             result = self._read_planned(table, snapshot_id, row_filter, columns, stats)
         stats.rows = result.num_rows
+        if not exact_schema:
+            return result
         return result.cast(schema) if result.schema != schema else result
+
+    def read_frame(
+        self,
+        table: Table,
+        snapshot_id: int | None,
+        row_filter: RowFilter,
+        columns: Sequence[str] | None = None,
+        stats: ScanStats | None = None,
+    ) -> pl.DataFrame:
+        """Like :meth:`read`, as a polars DataFrame (the polars path never goes through Arrow)."""
+        if self.read_path != "polars":
+            return pl.from_arrow(self.read(table, snapshot_id, row_filter, columns, stats, exact_schema=False))
+        stats = stats if stats is not None else ScanStats()
+        stats.path = self.read_path
+        empty = table.schema().as_arrow()
+        if columns is not None:
+            empty = pa.schema([empty.field(c) for c in columns])
+        files = self.planned_files(table, snapshot_id, row_filter, stats) if snapshot_id is not None else []
+        if files is None:  # merge-on-read deletes: let pyiceberg apply them
+            frame = pl.from_arrow(self._read_pyiceberg(table, snapshot_id, row_filter, columns, stats))
+        elif not files:
+            frame = pl.from_arrow(empty.empty_table())
+        else:
+            scan = pl.scan_parquet(files, hive_partitioning=False)
+            predicate = row_filter.polars()
+            if predicate is not None:
+                scan = scan.filter(predicate)
+            if columns is not None:
+                scan = scan.select(list(columns))
+            frame = scan.collect()
+        stats.rows = frame.height
+        return frame
 
     def _read_pyiceberg(self, table: Table, snapshot_id: int, row_filter: RowFilter,
                         columns: Sequence[str] | None, stats: ScanStats) -> pa.Table:

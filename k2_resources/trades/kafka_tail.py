@@ -85,8 +85,9 @@ class KafkaTail:
             found = self.consumer().offsets_for_times({TopicPartition(topic, p): timestamp_ms for p in partitions})
             return {tp.partition: (None if hit is None else hit.offset) for tp, hit in found.items()}
 
-    def read(self, topic: str, ranges: dict[int, tuple[int, int]], stats: TailStats | None = None) -> pl.DataFrame:
-        """Rows of offsets [start, end) for each partition, in partition then offset order."""
+    def read(self, topic: str, ranges: dict[int, tuple[int, int]], stats: TailStats | None = None,
+             predicate: pl.Expr | None = None) -> pl.DataFrame:
+        """Rows of offsets [start, end) for each partition (and ``predicate``), partition then offset order."""
         stats = stats if stats is not None else TailStats()
         with self._lock:
             missing: dict[int, list[tuple[int, int]]] = {}
@@ -114,7 +115,8 @@ class KafkaTail:
                 cached = self._cache.get((topic, partition))
                 if end <= start or cached is None:
                     continue
-                frames.append(cached.rows.filter(pl.col("platform_sequence").is_between(start, end, closed="left")))
+                wanted = pl.col("platform_sequence").is_between(start, end, closed="left")
+                frames.append(cached.rows.filter(wanted if predicate is None else predicate & wanted))
             return pl.concat(frames) if frames else _EMPTY.clear()
 
     def forget_below(self, topic: str, committed: dict[int, int]) -> None:
