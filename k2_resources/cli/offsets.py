@@ -67,6 +67,9 @@ def _reset(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in {"y", "yes"}:
             print("nothing changed")
             return 1
-    reset_baseline(table, args.topic, baseline)
+    dropped = reset_baseline(table, args.topic, baseline)
     print(f"baseline of {args.topic} set to {baseline} (was {before})")
+    for pending in dropped:
+        print(f"not recoverable: {pending.rows} deferred rows of {', '.join(pending.symbols)} in "
+              f"{pending.range.key} pointed into the old topic")
     return 0

@@ -91,17 +91,24 @@ def commit_properties(batch: OffsetRange, committed_after: dict[int, int]) -> tu
     return summary, {committed_key(batch.topic): committed_json}
 
 
-def reset_baseline(table: Table, topic: str, offsets: dict[int, int]) -> None:
+def reset_baseline(table: Table, topic: str, offsets: dict[int, int]) -> list["PendingRange"]:
     """Declare that the table holds ``topic`` up to ``offsets`` (the operator's new baseline).
 
     Used after the topic or the cluster was recreated and its offsets restarted lower than
-    the table's: from now on, ranges are counted from the new baseline.
+    the table's: from now on, ranges are counted from the new baseline. Deferred ranges
+    pointed into the old topic and cannot be read again: they are dropped and returned so
+    the operator sees what was lost. Spilled ranges stay: their rows are in the spill files.
     """
+    pending = pending_ranges(table, topic)
+    kept = [p for p in pending if p.kind == SPILLED]
+    dropped = [p for p in pending if p.kind != SPILLED]
     committed_json = json.dumps({str(p): o for p, o in sorted(offsets.items())})
     with table.transaction() as transaction:
         transaction.set_properties({committed_key(topic): committed_json,
-                                    f"{PREFIX}.baseline-reset.{topic}": committed_json})
+                                    f"{PREFIX}.baseline-reset.{topic}": committed_json,
+                                    **pending_properties(topic, kept)})
     table.refresh()
+    return dropped
 
 
 # -- pending ranges: below the committed offsets but not (wholly) in the table yet ---------------

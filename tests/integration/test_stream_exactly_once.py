@@ -154,3 +154,31 @@ def test_recreated_topic_stops_batches_and_fails_the_baseline_check(k2_home, kaf
         assert baseline.passed is False
         assert "recreated" in baseline.metadata["fix"].value
         assert "committed up to" in baseline.metadata["mismatch"].value
+
+
+def test_new_baseline_after_recreation_loads_the_new_topic_from_its_start(k2_home, kafka_broker, stream_topic):
+    from k2_resources.cli import main as k2
+
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    old = recorded_trades(900)
+    produce(kafka, stream_topic, old)
+    defs = stream_defs(stream_topic, max_batch=1000)
+    with DagsterInstance.ephemeral() as instance:
+        drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
+    admin = kafka.admin()
+    admin.delete_topics([stream_topic])
+    admin.close()
+    from tests.integration.waiting import wait_for
+
+    wait_for(lambda: stream_topic not in kafka.admin().list_topics(), timeout_s=60, what="topic deleted")
+    kafka.ensure_topic(stream_topic, partitions=3)
+    new = recorded_trades(1500)[1200:]  # ETHUSDT trades 450..749: 300 the table has not seen
+    produce(kafka, stream_topic, new)
+
+    assert k2(["offsets", "reset", "--topic", stream_topic, "--yes"]) == 0
+    assert committed_offsets(iceberg.trades(), stream_topic) == {0: 0, 1: 0, 2: 0}
+    with DagsterInstance.ephemeral() as instance:
+        report = drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
+        assert report.last_checks["offset_baseline"]["passed"] is True
+    ids = iceberg_trade_ids(iceberg)
+    assert len(ids) == len(set(ids)) == len(old) + len(new)

@@ -1,0 +1,196 @@
+"""Benchmark: Kafka -> Iceberg through the exactly-once micro-batches, and event-to-Iceberg freshness.
+
+Writes bench-results/stream.json:
+
+- ``throughput``: 200K trade V2 messages already in a 3-partition topic are committed to
+  market.trades by ``run_microbatch`` (read the exact range, decode, one Iceberg commit per
+  range of at most 50K) in msg/s, next to the raw kafka-python consume rate of the same topic
+  measured in the same run (poll every message, no decoding), and their ratio.
+- ``freshness``: a producer sends at a steady 1,000 msg/s for 30 s, each record stamped with
+  its event time; the real stream sensor (``evaluate_stream``) ticks every 5 s as the daemon
+  would and its micro-batch ranges are run as they are requested. Each row's freshness is the
+  commit time of the snapshot that brought its offset into the table (the snapshot summaries
+  say which) minus its event time. Dagster's run-launch overhead (seconds per run with the
+  default launcher) is not in this figure: it measures the sink, not the launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from dagster import DagsterInstance
+from kafka import TopicPartition
+
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.schemas import TradeV2, encode_trade
+from k2_resources.settings import PROJECT_ROOT
+from k2_resources.trades.microbatch import run_microbatch
+from k2_resources.trades.offsets import OffsetRange
+from k2_resources.trades.sink import TradeSinkResource
+from k2_sensors.binance.stream_sensor import evaluate_stream
+
+THROUGHPUT_MESSAGES = 200_000
+PARTITIONS = 3
+STEADY_RATE = 1_000
+STEADY_SECONDS = 30
+SENSOR_INTERVAL_S = 5.0
+
+
+def _payload(index: int, event_time: datetime) -> bytes:
+    symbol = ("BTCUSDT", "ETHUSDT", "BNBUSDT")[index % 3]
+    return encode_trade(TradeV2(
+        message_id=f"BINANCE-{symbol}-{index}", trade_id=f"BINANCE-{index}", symbol=symbol, exchange="BINANCE",
+        asset_class="crypto", timestamp=event_time, price=Decimal("61837.63") + Decimal(index % 1000) / 100,
+        quantity=Decimal("0.00120000"), currency="USDT", side=("BUY", "SELL")[index % 2], source_sequence=index,
+        ingestion_timestamp=event_time,
+    ).to_record())
+
+
+def _fill(kafka: KafkaResource, topic: str, count: int) -> None:
+    producer = kafka.producer()
+    base = datetime(2024, 8, 9, tzinfo=timezone.utc)
+    for index in range(count):
+        producer.send(topic, value=_payload(index, base + timedelta(milliseconds=index)), partition=index % PARTITIONS)
+    producer.flush()
+    producer.close()
+
+
+def _raw_consume_rate(kafka: KafkaResource, topic: str, count: int) -> float:
+    consumer = kafka.consumer()
+    partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    seen = 0
+    start = time.perf_counter()
+    while seen < count:
+        for batch in consumer.poll(timeout_ms=1000).values():
+            seen += len(batch)
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    return count / elapsed
+
+
+def _sink_rate(kafka: KafkaResource, iceberg: IcebergResource, topic: str, count: int) -> tuple[float, int]:
+    ends = kafka.end_offsets(topic)
+    assert sum(ends.values()) == count
+    start = time.perf_counter()
+    commits = 0
+    for partition, end in sorted(ends.items()):
+        for begin in range(0, end, 50_000):
+            run_microbatch(kafka, iceberg, OffsetRange(topic, partition, begin, min(begin + 50_000, end)))
+            commits += 1
+    return count / (time.perf_counter() - start), commits
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _freshness(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> dict:
+    sink = TradeSinkResource(topic=topic, max_batch_messages=50_000)
+    stop = threading.Event()
+    sent = {"count": 0}
+
+    def produce_steadily() -> None:
+        producer = kafka.producer(linger_ms=0)
+        started = time.monotonic()
+        while not stop.is_set() and sent["count"] < STEADY_RATE * STEADY_SECONDS:
+            due = started + sent["count"] / STEADY_RATE
+            delay = due - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)  # pacing the producer to the target rate, not waiting on a race
+            producer.send(topic, value=_payload(sent["count"], datetime.now(timezone.utc)),
+                          partition=sent["count"] % PARTITIONS)
+            sent["count"] += 1
+        producer.flush()
+        producer.close()
+
+    producer_thread = threading.Thread(target=produce_steadily, daemon=True)
+    producer_thread.start()
+    cursor = None
+    with DagsterInstance.ephemeral() as instance:
+        deadline = time.monotonic() + STEADY_SECONDS + 120
+        while time.monotonic() < deadline:
+            tick_started = time.monotonic()
+            result = evaluate_stream(instance, cursor, kafka, iceberg, sink)
+            cursor = result.cursor
+            for request in result.run_requests:
+                config = request.run_config["ops"]["binance_trades"]["config"]
+                run_microbatch(kafka, iceberg, OffsetRange(config["topic"], config["partition"],
+                                                           config["start_offset"], config["end_offset"]))
+            lag = next(e for e in result.asset_events if e.check_name == "consumer_lag").metadata["lag_messages"].value
+            if not producer_thread.is_alive() and lag == 0 and not result.run_requests:
+                break
+            stop.wait(max(0.0, SENSOR_INTERVAL_S - (time.monotonic() - tick_started)))
+    stop.set()
+    producer_thread.join(timeout=30)
+
+    # Commit time of the snapshot that brought each offset range in, from the table's own metadata.
+    table = iceberg.trades()
+    commit_ms: dict[tuple[int, int, int], int] = {}
+    for snapshot in table.snapshots():
+        props = snapshot.summary.additional_properties if snapshot.summary else {}
+        if props.get("k2.kafka.topic") == topic:
+            commit_ms[(int(props["k2.kafka.partition"]), int(props["k2.kafka.start-offset"]),
+                       int(props["k2.kafka.end-offset"]))] = snapshot.timestamp_ms
+    rows = table.scan(row_filter="exchange = 'BINANCE'",
+                      selected_fields=("timestamp", "platform_sequence", "trade_id")).to_arrow().to_pylist()
+    latencies = []
+    for row in rows:
+        offset = row["platform_sequence"]
+        partition = int(row["trade_id"].split("-")[1]) % PARTITIONS
+        committed_at = next(ms for (p, start, end), ms in commit_ms.items() if p == partition and start <= offset < end)
+        latencies.append(committed_at / 1000 - row["timestamp"].timestamp())
+    return {
+        "input_rate_msg_s": STEADY_RATE,
+        "messages": len(rows),
+        "sent": sent["count"],
+        "sensor_interval_s": SENSOR_INTERVAL_S,
+        "p50_s": round(_percentile(latencies, 0.50), 3),
+        "p99_s": round(_percentile(latencies, 0.99), 3),
+        "max_s": round(max(latencies), 3),
+        "mean_s": round(statistics.fmean(latencies), 3),
+    }
+
+
+@pytest.mark.timeout(1800)
+def test_stream_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka.ensure_topic(topic_name, partitions=PARTITIONS)
+    _fill(kafka, topic_name, THROUGHPUT_MESSAGES)
+    raw_rate = _raw_consume_rate(kafka, topic_name, THROUGHPUT_MESSAGES)
+    sink_rate, commits = _sink_rate(kafka, iceberg, topic_name, THROUGHPUT_MESSAGES)
+    assert iceberg.trades().scan().count() == THROUGHPUT_MESSAGES
+
+    # A table of its own for the freshness run, so only its rows are measured.
+    monkeypatch.setenv("K2_HOME", str(k2_home / "steady"))
+    steady_topic = f"{topic_name}-steady"
+    kafka.ensure_topic(steady_topic, partitions=PARTITIONS)
+    freshness = _freshness(kafka, IcebergResource(), steady_topic)
+    assert freshness["messages"] == freshness["sent"] == STEADY_RATE * STEADY_SECONDS
+
+    result = {
+        "benchmark": "stream",
+        "measured_at": datetime.now(timezone.utc).isoformat(),
+        "throughput": {
+            "messages": THROUGHPUT_MESSAGES,
+            "partitions": PARTITIONS,
+            "iceberg_commits": commits,
+            "k2_kafka_to_iceberg_msg_s": round(sink_rate),
+            "baseline_raw_kafka_python_consume_msg_s": round(raw_rate),
+            "ratio_to_baseline": round(sink_rate / raw_rate, 3),
+        },
+        "freshness": freshness,
+    }
+    out = PROJECT_ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "stream.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
