@@ -1,4 +1,5 @@
-"""`k2 query sql "<SQL>"`: SQL over the K2 Iceberg tables with DuckDB."""
+"""`k2 query sql "<SQL>"` (DuckDB over the Iceberg tables), `k2 query trades` (Iceberg plus the Kafka
+tail, through HybridQueryResource) and `k2 query ohlcv` (bars from market.ohlcv)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import csv
 import json
 import sys
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import duckdb
@@ -23,6 +24,101 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sql.add_argument("sql", help='e.g. "select symbol, count(*) from market.trades group by 1"')
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.set_defaults(handler=_sql)
+
+    trades = kinds.add_parser("trades", help="trades from Iceberg plus the Kafka tail (the hybrid query)")
+    trades.add_argument("--symbol", action="append", required=True, help="repeat for several symbols")
+    window = trades.add_mutually_exclusive_group()
+    window.add_argument("--minutes", type=float, help="the last N minutes (up to --end, default now)")
+    window.add_argument("--start", type=_moment, help="ISO time, UTC unless it has an offset")
+    trades.add_argument("--end", type=_moment, help="ISO time (exclusive), UTC unless it has an offset")
+    trades.add_argument("--exchange", help="e.g. BINANCE or ASX")
+    trades.add_argument("--as-of", help="snapshot id or ISO time: Iceberg time travel, no Kafka tail")
+    trades.add_argument("--topic", action="append", help="Kafka topic(s) of the tail (default market.trades.binance)")
+    trades.add_argument("--columns", default="timestamp,symbol,exchange,price,quantity,side,trade_id",
+                        help="comma-separated columns to print, or 'all'")
+    _output_arguments(trades)
+    trades.set_defaults(handler=_trades)
+
+    ohlcv = kinds.add_parser("ohlcv", help="OHLCV bars from market.ohlcv")
+    ohlcv.add_argument("--symbol", action="append", required=True, help="repeat for several symbols")
+    ohlcv.add_argument("--interval", choices=["1m", "5m", "1h", "1d"], default="1m")
+    ohlcv.add_argument("--start", type=_moment, help="bars starting at or after this ISO time (UTC default)")
+    ohlcv.add_argument("--end", type=_moment, help="bars starting before this ISO time")
+    ohlcv.add_argument("--exchange", help="e.g. BINANCE or ASX")
+    _output_arguments(ohlcv)
+    ohlcv.set_defaults(handler=_ohlcv)
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="print at most N rows (default: 100 for table, all for csv/json; 0: all)")
+
+
+def _moment(text: str) -> datetime:
+    """An ISO time; naive means UTC."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time; use e.g. 2024-08-09T00:05:00Z") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _limited(table: pa.Table, args: argparse.Namespace) -> pa.Table:
+    limit = args.limit if args.limit is not None else (100 if args.format == "table" else 0)
+    if limit and table.num_rows > limit:
+        print(f"(showing the first {limit} of {table.num_rows} rows; --limit 0 prints all)", file=sys.stderr)
+        return table.slice(0, limit)
+    return table
+
+
+def _trades(args: argparse.Namespace) -> int:
+    from k2_resources.trades.hybrid import HybridQueryResource
+
+    hybrid = HybridQueryResource(topics=args.topic) if args.topic else HybridQueryResource()
+    try:
+        if args.minutes is not None:
+            end = args.end or datetime.now(timezone.utc)
+            frame = hybrid.trades(args.symbol, end - timedelta(minutes=args.minutes), end, exchange=args.exchange)
+        else:
+            as_of: int | datetime | None = None
+            if args.as_of:
+                as_of = int(args.as_of) if args.as_of.isdigit() else _moment(args.as_of)
+            frame = hybrid.trades(args.symbol, args.start, args.end, exchange=args.exchange, as_of=as_of)
+    finally:
+        hybrid.close()
+    table = frame.to_arrow()
+    if args.columns != "all":
+        wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in table.column_names]
+        if unknown:
+            raise K2Error(f"unknown column(s) {', '.join(unknown)}; choose from {', '.join(table.column_names)}")
+        table = table.select(wanted)
+    print_table(_limited(table, args), args.format, out=sys.stdout)
+    return 0
+
+
+def _ohlcv(args: argparse.Namespace) -> int:
+    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In, LessThan
+
+    from k2_resources.analytics.ohlcv import ohlcv_table
+    from k2_resources.iceberg import IcebergResource
+
+    condition = And(EqualTo("interval", args.interval), In("symbol", tuple(args.symbol)))
+    if args.exchange:
+        condition = And(condition, EqualTo("exchange", args.exchange))
+    if args.start:
+        condition = And(condition, GreaterThanOrEqual("bucket_start", args.start.isoformat()))
+    if args.end:
+        condition = And(condition, LessThan("bucket_start", args.end.isoformat()))
+    rows = ohlcv_table(IcebergResource().catalog()).scan(row_filter=condition).to_arrow()
+    rows = rows.select(["bucket_start", "symbol", "exchange", "open", "high", "low", "close", "volume", "vwap",
+                        "trade_count"]).sort_by([("symbol", "ascending"), ("bucket_start", "ascending")])
+    if rows.num_rows == 0:
+        print(f"no {args.interval} bars for {', '.join(args.symbol)} in that window; materialise asx_ohlcv / "
+              "binance_ohlcv in Dagster first", file=sys.stderr)
+    print_table(_limited(rows, args), args.format, out=sys.stdout)
+    return 0
 
 
 def _sql(args: argparse.Namespace) -> int:

@@ -84,3 +84,20 @@ def test_binance_bars_follow_micro_batches_incrementally_and_exactly(k2_home, ka
         before = ohlcv_table(iceberg.catalog()).current_snapshot().snapshot_id
         assert materialize([binance_ohlcv], resources=resources, instance=instance).success
         assert ohlcv_table(iceberg.catalog()).current_snapshot().snapshot_id == before
+
+
+def test_k2_query_ohlcv_prints_the_stored_bars(k2_home, capsys):
+    from k2_resources.cli import main
+
+    iceberg = IcebergResource()
+    iceberg.trades().append(asx_trades(scale=1))
+    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg}).success
+    start, end = exchange_day_bounds("ASX", "2014-03-12")
+    assert main(["query", "ohlcv", "--symbol", "RIO", "--interval", "1h", "--start", start.isoformat(),
+                 "--end", end.isoformat(), "--format", "json"]) == 0
+    import json
+
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    stored = stored_bars(iceberg, "ASX").filter((pl.col("interval") == "1h") & (pl.col("symbol") == "RIO"))
+    assert len(printed) == stored.height > 5
+    assert [p["trade_count"] for p in printed] == stored["trade_count"].to_list()

@@ -225,3 +225,19 @@ def test_recent_trades_with_an_explicit_now_and_duplicates_dropped(split):
     frame = hybrid.trades("ETHUSDT", arrow=True)
     assert frame.column("message_id").to_pylist() == source.expected(["ETHUSDT"], None, None)
     assert hybrid.last_stats.duplicates_dropped == 1
+
+
+def test_k2_query_trades_prints_the_hybrid_result(split, capsys):
+    from k2_resources.cli import main
+
+    source, hybrid, boundary, ends = split
+    last = source.rows[-1]["timestamp"]
+    code = main(["query", "trades", "--symbol", "BTCUSDT", "--topic", hybrid.topics[0], "--columns", "message_id",
+                 "--format", "csv", "--minutes", "1", "--end", last.isoformat()])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "message_id"
+    assert printed[1:] == source.expected(["BTCUSDT"], last - timedelta(minutes=1), last)
+
+    assert main(["query", "trades", "--symbol", "BTCUSDT", "--columns", "nope", "--topic", hybrid.topics[0]]) == 2
+    assert "unknown column(s) nope" in capsys.readouterr().err
