@@ -21,6 +21,7 @@ from k2_assets.operations import defs as operations_defs
 from k2_assets.operations.assets import MAINTENANCE_ASSETS, trades_file_layout
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
 from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
 from k2_resources.operations.maintenance import (
     compact_table,
     expire_snapshots,
@@ -32,9 +33,10 @@ from k2_resources.operations.maintenance import (
 from k2_resources.metrics import metrics_text
 from k2_resources.operations.table_metrics import update_table_metrics
 from k2_resources.query import DuckDBQueryResource
-from k2_resources.schemas import TradeV2
+from k2_resources.schemas import TradeV2, encode_trade
 from k2_resources.settings import DATA_DIR
-from k2_resources.trades.microbatch import commit_range
+from k2_resources.trades.hybrid import HybridQueryResource
+from k2_resources.trades.microbatch import commit_range, run_microbatch
 from k2_resources.trades.offsets import OffsetRange, committed_offsets, snapshot_committed_offsets
 
 pytestmark = pytest.mark.integration
@@ -266,3 +268,50 @@ def test_maintenance_job_compacts_and_its_checks_go_from_warn_to_pass(k2_home):
     assert gauges["data_files"] == len(table.inspect.files()) and gauges["max_files_per_partition"] <= 3
     assert f'k2_iceberg_table_records{{table="market.trades"}} {float(total)}' in metrics_text()
     assert {str(p) for p in local_path(table.location()).rglob("*") if p.is_file()} == referenced_files(table)
+
+
+def test_hybrid_reads_are_identical_across_compaction(k2_home, kafka_broker, topic_name):
+    """Real Kafka -> Iceberg micro-batches with a tail left in Kafka: compaction changes no hybrid read."""
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka.ensure_topic(topic_name, partitions=KAFKA_PARTITIONS)
+    records = [r for stream in recorded_streams() for r in stream[:500]]  # 2,500 trades on three days
+    producer = kafka.producer()
+    for index, record in enumerate(records):
+        producer.send(topic_name, key=record["symbol"].encode(), value=encode_trade(record),
+                      partition=index % KAFKA_PARTITIONS)
+    producer.flush()
+    producer.close()
+    per_partition, batch, tail = len(records) // KAFKA_PARTITIONS, 100, 250
+    for start in range(0, per_partition - tail, batch):
+        for partition in range(KAFKA_PARTITIONS):
+            end = min(start + batch, per_partition - tail)
+            assert run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, start, end)).written == end - start
+
+    def hybrid_read() -> tuple[pa.Table, pa.Table, dict, tuple[int, int]]:
+        hybrid = HybridQueryResource(kafka=kafka, iceberg=iceberg, topics=[topic_name])
+        try:
+            everything = hybrid.trades(None, arrow=True)
+            stats = hybrid.last_stats
+            newest = max(r["timestamp"] for r in records if r["symbol"] == "ETHUSDT")
+            recent = hybrid.recent_trades("ETHUSDT", minutes=3, now=newest, arrow=True)
+            return everything, recent, stats.committed, (stats.iceberg_rows, stats.kafka_rows)
+        finally:
+            hybrid.close()
+
+    everything, recent, committed, split = hybrid_read()
+    assert everything.num_rows == len(records) and split == (len(records) - tail * KAFKA_PARTITIONS,
+                                                              tail * KAFKA_PARTITIONS)
+    assert recent.num_rows > 0
+    before_compaction = iceberg.trades().current_snapshot().snapshot_id
+
+    report = compact_table(iceberg.trades(), min_small_files=5)
+    assert report.commits >= 1 and report.files_removed > report.files_added
+
+    assert hybrid_read() == (everything, recent, committed, split)
+    as_of = HybridQueryResource(kafka=kafka, iceberg=iceberg, topics=[topic_name])
+    try:
+        old = as_of.trades(None, as_of=before_compaction, arrow=True)
+        new = as_of.trades(None, as_of=iceberg.trades().current_snapshot().snapshot_id, arrow=True)
+    finally:
+        as_of.close()
+    assert old.num_rows == len(records) - tail * KAFKA_PARTITIONS and old.equals(new)
