@@ -60,7 +60,8 @@ QUOTES_SCHEMA = Schema(
     NestedField(12, "source_sequence", LongType(), required=False),
     NestedField(13, "ingestion_timestamp", TimestamptzType(), required=True),
     NestedField(14, "platform_sequence", LongType(), required=False),
-    NestedField(15, "vendor_data", MapType(17, StringType(), 18, StringType(), value_required=False), required=False),
+    # Nested ids follow the top-level ones, as the catalog assigns them on create.
+    NestedField(15, "vendor_data", MapType(16, StringType(), 17, StringType(), value_required=False), required=False),
 )
 
 DEAD_LETTERS_SCHEMA = Schema(

@@ -139,8 +139,9 @@ def _plain(value: object) -> object:
     return value
 
 
-def print_table(table: pa.Table, fmt: str, out=sys.stdout) -> None:
+def print_table(table: pa.Table, fmt: str, out=None) -> None:
     """Print Arrow rows as an aligned table, CSV with a header row, or JSON lines."""
+    out = out or sys.stdout  # looked up per call: tests and notebooks swap sys.stdout
     rows = table.to_pylist()
     columns = table.column_names
     if fmt == "csv":
