@@ -1,0 +1,51 @@
+"""notebooks/k2-tour.ipynb runs end to end against a real broker and a real Iceberg catalog."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.settings import PROJECT_ROOT
+from k2_resources.trades.microbatch import run_microbatch
+from k2_resources.trades.offsets import OffsetRange
+from tests.integration.test_hybrid_query import PARTITIONS, produce, real_trades
+
+pytestmark = pytest.mark.integration
+
+NOTEBOOK = PROJECT_ROOT / "notebooks" / "k2-tour.ipynb"
+
+
+def test_the_tour_notebook_runs_and_shows_hybrid_time_travel_and_a_chart(k2_home, kafka_broker, topic_name,
+                                                                         monkeypatch, tmp_path):
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka.ensure_topic(topic_name, partitions=PARTITIONS, config={"retention.ms": "-1"})
+    source = produce(kafka, topic_name, real_trades())
+    ends = kafka.end_offsets(topic_name)
+    for partition, end in ends.items():  # the first half in Iceberg, in two commits; the rest stays in Kafka
+        run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, 0, end // 4))
+        run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, end // 4, end // 2))
+    monkeypatch.setenv("K2_TRADES_TOPIC", topic_name)
+    assert os.environ["K2_KAFKA_BOOTSTRAP"] == kafka_broker.bootstrap_servers
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    summary = json.loads(text.split("TOUR-RESULT ", 1)[1].splitlines()[0])
+    assert summary["recent_iceberg_rows"] > 0 and summary["recent_kafka_rows"] > 0
+    assert summary["recent_rows"] == summary["recent_iceberg_rows"] + summary["recent_kafka_rows"]
+    assert summary["all_rows"] == len(source.rows)
+    # The first snapshot holds one partition's first quarter: time travel sees only that.
+    assert 0 < summary["time_travel_rows"] < len(source.rows) // 4
+    assert summary["bar_trade_count"] == summary["recent_rows"]
+    charts = [o["data"]["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert len(charts) == 1 and len(charts[0]) > 1000  # base64 PNG of the price and volume chart
