@@ -241,3 +241,30 @@ def test_k2_query_trades_prints_the_hybrid_result(split, capsys):
 
     assert main(["query", "trades", "--symbol", "BTCUSDT", "--columns", "nope", "--topic", hybrid.topics[0]]) == 2
     assert "unknown column(s) nope" in capsys.readouterr().err
+
+
+def test_quotes_come_from_iceberg_in_time_order_with_time_travel(k2_home):
+    from k2_resources.iceberg import to_arrow
+    from k2_resources.tables import QUOTES
+
+    iceberg = IcebergResource()
+    base = datetime(2014, 3, 11, 0, 0, tzinfo=timezone.utc)
+
+    def quote(n: int, symbol: str, seconds: int) -> dict:
+        return {"message_id": f"Q-{n}", "quote_id": f"ASX-Q{n}", "symbol": symbol, "exchange": "ASX",
+                "asset_class": "equities", "timestamp": base + timedelta(seconds=seconds),
+                "bid_price": Decimal("36.5") + n, "bid_quantity": Decimal(100), "ask_price": Decimal("36.6") + n,
+                "ask_quantity": Decimal(200), "currency": "AUD", "source_sequence": n,
+                "ingestion_timestamp": datetime.now(timezone.utc), "platform_sequence": None, "vendor_data": None}
+
+    iceberg.quotes().append(to_arrow([quote(1, "BHP", 30), quote(2, "RIO", 10), quote(3, "BHP", 5)], QUOTES))
+    first = iceberg.quotes().current_snapshot().snapshot_id
+    iceberg.quotes().append(to_arrow([quote(4, "BHP", 20)], QUOTES))
+
+    hybrid = HybridQueryResource(topics=[])
+    frame = hybrid.quotes("BHP")
+    assert frame["message_id"].to_list() == ["Q-3", "Q-4", "Q-1"]
+    assert hybrid.quotes("BHP", as_of=first)["message_id"].to_list() == ["Q-3", "Q-1"]
+    window = hybrid.quotes(["BHP", "RIO"], base + timedelta(seconds=10), base + timedelta(seconds=30), arrow=True)
+    assert window.column("message_id").to_pylist() == ["Q-2", "Q-4"]
+    assert window.schema == QUOTES.arrow_schema()
