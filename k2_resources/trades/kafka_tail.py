@@ -45,6 +45,8 @@ class TailStats:
 
     fetched_messages: int = 0
     undecodable: int = 0
+    poll_seconds: float = 0.0  # waiting on the broker and parsing record batches (kafka-python)
+    decode_seconds: float = 0.0  # Avro decoding and building columns
     ranges: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
 
 
@@ -157,7 +159,9 @@ class KafkaTail:
             records = self._fetch_ranges(consumer, topic, batch, stats)
             for partition, (start, end) in batch.items():
                 rows = records[partition]
+                building = time.perf_counter()
                 frame = pl.from_arrow(to_arrow(rows, TRADES)) if rows else _EMPTY.clear()
+                stats.decode_seconds += time.perf_counter() - building
                 result.setdefault(partition, []).append((start, end, frame))
         return result
 
@@ -185,7 +189,10 @@ class KafkaTail:
                     f"read only part of the Kafka tail of {topic} (partitions {sorted(pending)}) within "
                     f"{self.timeout_s:.0f}s; is the broker at {self.kafka.servers} healthy?"
                 )
+            polling = time.perf_counter()
             polled = consumer.poll(timeout_ms=200, max_records=20_000)
+            decoding = time.perf_counter()
+            stats.poll_seconds += decoding - polling
             for tp, messages in polled.items():
                 start, end = ranges[tp.partition]
                 out = records[tp.partition]
@@ -202,6 +209,7 @@ class KafkaTail:
                     record["platform_sequence"] = message.offset
                     out.append(record)
                     stats.fetched_messages += 1
+            stats.decode_seconds += time.perf_counter() - decoding
             for partition in list(pending):
                 position = consumer.position(partitions[partition])
                 if position is not None and position >= ranges[partition][1]:
