@@ -43,6 +43,7 @@ def services(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     chosen = []
     if not args.no_stream:
         chosen.append(("binance streamer", k2 + ["stream", "binance"]))
+    chosen.append(("metrics exporter", k2 + ["metrics"]))
     chosen.extend(SERVICE_COMMANDS)
     return [(name, argv) for name, argv in chosen if _available(argv)]
 

@@ -1,0 +1,131 @@
+"""The K2 metrics exporter: one Prometheus endpoint for the whole flow.
+
+Every ``interval_s`` it reads what the platform's parts already record and turns it into
+metrics: Kafka end offsets against the table's committed offsets (lag, and committed
+messages whose rate is the sink's throughput), pending deferred/spilled ranges, the
+dead-letter topic's size, the latest degradation level the stream sensor reported (from the
+Dagster instance), each micro-batch's Iceberg commit time (from its materialisation), and
+table statistics. It holds no state the platform needs: restarting it loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from dagster import AssetCheckKey, AssetKey, DagsterInstance
+from prometheus_client import Gauge
+
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.metrics import (
+    CONSUMER_LAG,
+    DEAD_LETTERS,
+    DEFERRED_RANGES,
+    DEGRADATION_LEVEL,
+    ICEBERG_COMMIT_SECONDS,
+    MICROBATCH_MESSAGES,
+    REGISTRY,
+    SPILLED_BATCHES,
+)
+from k2_resources.operations.table_metrics import update_table_metrics
+from k2_resources.trades.microbatch import DEFAULT_TOPIC, dead_letter_topic
+from k2_resources.trades.offsets import SPILLED, committed_offsets, pending_ranges
+
+log = logging.getLogger(__name__)
+
+COMMITTED_MESSAGES = Gauge(
+    "k2_iceberg_committed_offsets",
+    "Sum over partitions of the Kafka offsets market.trades has committed; rate() of it is the sink's throughput.",
+    ["topic"],
+    registry=REGISTRY,
+)
+TOPIC_END_OFFSETS = Gauge(
+    "k2_kafka_end_offsets", "Sum over partitions of the topic's end offsets; rate() of it is the input rate.",
+    ["topic"], registry=REGISTRY,
+)
+EXPORTER_ERRORS = Gauge(
+    "k2_exporter_last_poll_failed", "1 when the exporter's last poll of a source failed.", ["source"], registry=REGISTRY,
+)
+
+BINANCE_TRADES = AssetKey("binance_trades")
+
+
+@dataclass
+class MetricsPoller:
+    """Reads the platform's state and sets the metrics; ``poll()`` once per scrape interval."""
+
+    kafka: KafkaResource = field(default_factory=KafkaResource)
+    iceberg: IcebergResource = field(default_factory=IcebergResource)
+    topic: str = DEFAULT_TOPIC
+    instance: DagsterInstance | None = None
+    _dead_letters_seen: int | None = None
+    _materialization_cursor: str | None = None
+
+    def poll(self) -> None:
+        for source, step in (("kafka", self._stream), ("dagster", self._dagster), ("iceberg", self._tables)):
+            try:
+                step()
+                EXPORTER_ERRORS.labels(source=source).set(0)
+            except Exception as exc:  # one unreachable part must not blank the others' metrics
+                EXPORTER_ERRORS.labels(source=source).set(1)
+                log.warning("metrics poll of %s failed: %s", source, exc)
+
+    def _stream(self) -> None:
+        table = self.iceberg.trades()
+        committed = committed_offsets(table, self.topic)
+        ends = self.kafka.end_offsets(self.topic)
+        for partition, end in ends.items():
+            CONSUMER_LAG.labels(topic=self.topic, partition=str(partition)).set(max(0, end - committed.get(partition, 0)))
+        COMMITTED_MESSAGES.labels(topic=self.topic).set(sum(committed.values()))
+        TOPIC_END_OFFSETS.labels(topic=self.topic).set(sum(ends.values()))
+        pending = pending_ranges(table, self.topic)
+        SPILLED_BATCHES.set(sum(1 for p in pending if p.kind == SPILLED))
+        DEFERRED_RANGES.set(sum(1 for p in pending if p.kind != SPILLED))
+        dead = sum(self.kafka.end_offsets(dead_letter_topic(self.topic)).values())
+        if self._dead_letters_seen is not None and dead > self._dead_letters_seen:
+            DEAD_LETTERS.labels(topic=self.topic).inc(dead - self._dead_letters_seen)
+        elif self._dead_letters_seen is None:
+            DEAD_LETTERS.labels(topic=self.topic).inc(0)  # the series exists from the first scrape
+        self._dead_letters_seen = dead
+
+    def _dagster(self) -> None:
+        if self.instance is None:
+            return
+        storage = self.instance.event_log_storage
+        key = AssetCheckKey(BINANCE_TRADES, "degradation_level")
+        latest = storage.get_latest_asset_check_execution_by_key([key]).get(key)
+        evaluation = latest.evaluation if latest is not None else None
+        if evaluation is not None and "level_value" in evaluation.metadata:
+            DEGRADATION_LEVEL.set(evaluation.metadata["level_value"].value)
+        records = self.instance.fetch_materializations(BINANCE_TRADES, limit=500, cursor=self._materialization_cursor,
+                                                      ascending=True)
+        for record in records.records:
+            metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+            if "commit_seconds" in metadata and not metadata.get("already_committed", _Value(False)).value:
+                ICEBERG_COMMIT_SECONDS.observe(float(metadata["commit_seconds"].value))
+            if "rows_written" in metadata:
+                MICROBATCH_MESSAGES.inc(int(metadata["rows_written"].value))
+        self._materialization_cursor = records.cursor
+
+    def _tables(self) -> None:
+        update_table_metrics(self.iceberg)
+
+
+@dataclass
+class _Value:
+    value: object
+
+
+def run_exporter(port: int, interval_s: float, stop: threading.Event, poller: MetricsPoller) -> None:
+    """Serve /metrics on 127.0.0.1:port and poll every interval until ``stop`` is set."""
+    from k2_resources.metrics import serve_metrics, stop_metrics
+
+    serve_metrics(port)
+    try:
+        while not stop.is_set():
+            poller.poll()
+            stop.wait(interval_s)
+    finally:
+        stop_metrics(port)
