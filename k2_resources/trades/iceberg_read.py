@@ -23,6 +23,7 @@ a planned file carries delete files, which pyiceberg (copy-on-write) does not wr
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Sequence
@@ -130,6 +131,8 @@ class SnapshotReader:
 
     read_path: ReadPath = DEFAULT_READ_PATH
     threads: int = 2
+    plan_cache_size: int = 256
+    _plans: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _plain: duckdb.DuckDBPyConnection | None = field(default=None, repr=False)
     _iceberg: duckdb.DuckDBPyConnection | None = field(default=None, repr=False)
@@ -237,16 +240,32 @@ class SnapshotReader:
 
     def planned_files(self, table: Table, snapshot_id: int, row_filter: RowFilter,
                       stats: ScanStats | None = None) -> list[str] | None:
-        """Data files pyiceberg's planning keeps for the filter; None if any has delete files."""
-        tasks = list(table.scan(row_filter=row_filter.iceberg(), snapshot_id=snapshot_id).plan_files())
-        if stats is not None:
-            stats.files_planned = len(tasks)
+        """Data files pyiceberg's planning keeps for the filter; None if any has delete files.
+
+        A snapshot never changes, so its plan for a filter is kept (LRU): a repeated query skips
+        reading the manifests again.
+        """
+        key = (table.metadata.table_uuid, snapshot_id, row_filter)
+        with self._lock:
+            cached = self._plans.get(key)
+            if cached is not None:
+                self._plans.move_to_end(key)
+        if cached is None:
+            tasks = list(table.scan(row_filter=row_filter.iceberg(), snapshot_id=snapshot_id).plan_files())
+            files = None if any(task.delete_files for task in tasks) else \
+                tuple(_local_path(task.file.file_path) for task in tasks)
             snapshot = table.snapshot_by_id(snapshot_id)
-            stats.files_total = int(snapshot.summary.additional_properties.get("total-data-files", 0)) \
+            total = int(snapshot.summary.additional_properties.get("total-data-files", 0)) \
                 if snapshot and snapshot.summary else 0
-        if any(task.delete_files for task in tasks):
-            return None
-        return [_local_path(task.file.file_path) for task in tasks]
+            cached = (files, len(tasks), total)
+            with self._lock:
+                self._plans[key] = cached
+                while len(self._plans) > self.plan_cache_size:
+                    self._plans.popitem(last=False)
+        files, planned, total = cached
+        if stats is not None:
+            stats.files_planned, stats.files_total = planned, total
+        return None if files is None else list(files)
 
     def _read_planned(self, table: Table, snapshot_id: int, row_filter: RowFilter,
                       columns: Sequence[str] | None, stats: ScanStats) -> pa.Table:

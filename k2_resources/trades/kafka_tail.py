@@ -121,6 +121,17 @@ class KafkaTail:
                 frames.append(cached.rows.filter(wanted if predicate is None else predicate & wanted))
             return pl.concat(frames) if frames else _EMPTY.clear()
 
+    def covers(self, topic: str, ranges: dict[int, tuple[int, int]]) -> bool:
+        """True when every offset of ``ranges`` is decoded in the cache already."""
+        with self._lock:
+            for partition, (start, end) in ranges.items():
+                if end <= start:
+                    continue
+                cached = self._cache.get((topic, partition))
+                if cached is None or cached.start > start or cached.end < end:
+                    return False
+            return True
+
     def forget_below(self, topic: str, committed: dict[int, int]) -> None:
         """Drop cached rows the table has committed (they are read from Iceberg now)."""
         with self._lock:
