@@ -1,23 +1,28 @@
 """Reading rows of one Iceberg snapshot of ``market.trades`` / ``market.quotes`` for a filter.
 
-Three read paths were measured on the benchmark data (tests/benchmarks/bench_hybrid.py:
-5.0M rows in Iceberg, 1.0M of them ASX over 5 trading days, 4.0M Binance over two UTC days,
-42 data files; 2 cores), p50 / p99 in ms over 30 runs each, whole V2 rows returned:
+Four read paths were measured on the benchmark data (tests/benchmarks/bench_hybrid.py: 5.02M
+rows in 29 data files, 401K of them ASX over 5 trading days, 4.6M Binance over two UTC days;
+2 cores shared with other test runs, load average 4-10), p50 / p99 in ms, rows returned as a
+polars DataFrame:
 
-====================================  ============  =============  ==============
-path                                  point query   BTCUSDT 15min  all ASX (1.0M)
-====================================  ============  =============  ==============
-``duckdb``: iceberg_scan(metadata)    see PLAN_NOTE
-``pyiceberg``: scan().to_arrow()      see PLAN_NOTE
-``planned``: plan_files + read_parquet see PLAN_NOTE
-====================================  ============  =============  ==============
+=================================  ===========  ================  ==================
+path                               point query  BTCUSDT 60 min    all ASX, 8 columns
+                                   (40.6K rows) (53K rows)        (401K rows)
+=================================  ===========  ================  ==================
+``polars``: plan_files + polars    15 / 23      18 / 35           24 / 29
+``planned``: plan_files + DuckDB   34 / 42      43 / 51           94 / 100
+``pyiceberg``: scan().to_arrow()   41 / 53      67 / 80           75 / 87
+``duckdb``: iceberg_scan()         67 / 75      78 / 112          126 / 136
+=================================  ===========  ================  ==================
 
-PLAN_NOTE is filled from the measurement (see :data:`MEASURED`). The default is the fastest
-path that is exact: ``planned``. pyiceberg plans the scan (partition pruning on the day and
-exchange partitions, then file pruning on the column bounds of ``symbol`` and ``timestamp``),
-and DuckDB reads only the planned Parquet files with the same filter pushed into the Parquet
-reader (row groups skipped on their statistics). It falls back to pyiceberg's own reader when
-a planned file carries delete files, which pyiceberg (copy-on-write) does not write.
+So the default is ``polars``: pyiceberg plans the scan (partition pruning on the day and
+exchange partitions, then file pruning on the column bounds of ``symbol`` and ``timestamp``:
+the point query plans 2 of 29 files, the last 15 minutes of BTCUSDT 0 when they are all in
+Kafka), and polars reads only the planned Parquet files with the filter pushed into its reader
+(row groups skipped on their statistics, predicate columns decoded first). Plans are cached
+per (snapshot, filter): a snapshot never changes. A planned file that carries delete files
+(pyiceberg itself writes copy-on-write, so only other writers produce them) sends the read to
+pyiceberg's own reader, which applies them.
 """
 
 from __future__ import annotations
@@ -45,9 +50,6 @@ from pyiceberg.table import Table
 
 ReadPath = Literal["polars", "planned", "duckdb", "pyiceberg"]
 DEFAULT_READ_PATH: ReadPath = "polars"
-
-# Filled from the benchmark run that chose the read path (ms, p50/p99).
-MEASURED: dict[str, dict[str, float]] = {}
 
 
 @dataclass(frozen=True)
