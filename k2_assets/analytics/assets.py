@@ -13,12 +13,12 @@ from dagster import (
     AutomationCondition,
     MaterializeResult,
     MetadataValue,
-    StaticPartitionsDefinition,
     asset,
 )
 from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.table import Table
 
+from k2_assets.asx.partitions import asx_trading_days
 from k2_resources.analytics.ohlcv import (
     INTERVALS,
     TRADE_COLUMNS,
@@ -34,10 +34,8 @@ from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
 
 GROUP = "analytics"
 
-try:  # the ASX domain's own partitions, so that asx_ohlcv maps 1:1 onto asx_trades
-    from k2_assets.asx.partitions import asx_trading_days as ASX_DAYS
-except ImportError:  # the same keys: the five trading days of the data in data/asx
-    ASX_DAYS = StaticPartitionsDefinition(["2014-03-10", "2014-03-11", "2014-03-12", "2014-03-13", "2014-03-14"])
+# The ASX domain's own trading-day partitions, so that asx_ohlcv maps 1:1 onto asx_trades.
+ASX_DAYS = asx_trading_days
 
 
 def _check_specs(asset_name: str) -> list[AssetCheckSpec]:
