@@ -91,7 +91,12 @@ def ensure_tables(catalog: Catalog) -> None:
                     schema=definition.schema,
                     partition_spec=definition.partition_spec,
                     sort_order=definition.sort_order,
-                    properties={"write.parquet.compression-codec": "zstd", "format-version": "2"},
+                    properties={
+                        "write.parquet.compression-codec": "zstd",
+                        "format-version": "2",
+                        # Several row groups per file, so Parquet statistics skip by symbol inside a file.
+                        "write.parquet.row-group-limit": "131072",
+                    },
                 )
             except TableAlreadyExistsError:  # created concurrently by another process
                 pass
