@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import AssetSelection, DagsterInstance, Definitions
 
-from k2_assets.operations import defs as operations_defs
+from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
 from k2_assets.operations.assets import MAINTENANCE_ASSETS, trades_file_layout
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
 from k2_resources.iceberg import IcebergResource
@@ -218,8 +218,8 @@ def maintenance_definitions(maintenance: TableMaintenanceResource) -> Definition
     return Definitions(
         assets=MAINTENANCE_ASSETS,
         asset_checks=MAINTENANCE_CHECKS,
-        jobs=operations_defs.jobs,
-        schedules=operations_defs.schedules,
+        jobs=[trades_table_maintenance_job],
+        schedules=[trades_table_maintenance_schedule],
         resources={"iceberg": IcebergResource(), "maintenance": maintenance},
     )
 
