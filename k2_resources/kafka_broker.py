@@ -147,7 +147,9 @@ class KafkaBroker:
     def _format_storage(self, classpath: str, properties: Path) -> None:
         if (self.log_dirs / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # the storage tool would read a leading '-' as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         result = subprocess.run(
             self._java_command(classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
                                "-c", str(properties), "--ignore-formatted"),

@@ -70,6 +70,8 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, _raise_interrupt)
     home = prepare_dagster_home()
     env = dict(os.environ, K2_HOME=str(k2_home()), DAGSTER_HOME=str(home))
+    # A busy two-core machine can take over Dagster's default 60 s to load the code in a new run.
+    env.setdefault("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")
     broker = KafkaBroker.default()
     print(f"K2_HOME={env['K2_HOME']}")
     print("starting Kafka ...", flush=True)
