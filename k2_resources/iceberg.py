@@ -7,7 +7,6 @@ both under K2_HOME; any pyiceberg catalog (REST + S3, Glue, ...) by configuratio
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from typing import Any
 
 import pyarrow as pa

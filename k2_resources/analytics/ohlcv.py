@@ -33,7 +33,7 @@ from pyiceberg.transforms import IdentityTransform, MonthTransform
 from pyiceberg.types import DecimalType, LongType, NestedField, StringType, TimestamptzType
 
 from k2_resources.errors import K2Error
-from k2_resources.tables import NAMESPACE, PRICE, TableDefinition
+from k2_resources.tables import PRICE, TableDefinition
 
 INTERVALS: dict[str, str] = {"1m": "1m", "5m": "5m", "1h": "1h", "1d": "1d"}  # name -> polars duration
 EXCHANGE_TIME_ZONES: dict[str, str] = {"ASX": "Australia/Sydney"}  # others: UTC

@@ -8,30 +8,38 @@ real recorded trades; ETHUSDT is configured as tier 3 so GRACEFUL has something 
 
 from __future__ import annotations
 
-import csv
 import json
 import threading
 import time
-from datetime import datetime, timezone
-from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from dagster import AssetCheckKey, AssetKey, DagsterInstance, Definitions, build_sensor_context
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    DagsterInstance,
+    Definitions,
+    build_sensor_context,
+)
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import TradeV2, encode_trade
-from k2_resources.settings import DATA_DIR
+from k2_resources.schemas import encode_trade
 from k2_resources.trades.microbatch import recover_range
-from k2_resources.trades.offsets import OffsetRange, committed_offsets, pending_key, pending_ranges
+from k2_resources.trades.offsets import (
+    OffsetRange,
+    committed_offsets,
+    pending_key,
+    pending_ranges,
+)
 from k2_resources.trades.sink import TradeSinkResource
 from k2_sensors.binance.driver import checks_of, execute_requests, tick
 from k2_sensors.operations.alerts import AlertWebhookResource, build_alert_sensor
 from k2_sensors.operations.config import DegradationResource
 from k2_sensors.operations.spill import SpillStore
+from tests.recorded import first_binance_records
 
 pytestmark = pytest.mark.integration
 
@@ -70,22 +78,7 @@ class Webhook:
 
 def recorded_trades_of(symbol: str, count: int) -> list[dict]:
     """The first ``count`` recorded trades of ``symbol`` (the contiguous 8-9 August 2024 recording) as V2 records."""
-    records = []
-    for day in ("2024-08-08", "2024-08-09"):
-        with open(DATA_DIR / "binance" / f"{symbol}-trades-{day}.csv") as handle:
-            for row in csv.DictReader(handle):
-                if len(records) == count:
-                    return records
-                records.append(TradeV2(
-                    message_id=f"BINANCE-{symbol}-{row['trade_id']}", trade_id=f"BINANCE-{row['trade_id']}",
-                    symbol=symbol, exchange="BINANCE", asset_class="crypto",
-                    timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=timezone.utc),
-                    price=Decimal(row["price"]), quantity=Decimal(row["qty"]), currency="USDT",
-                    side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
-                    source_sequence=int(row["trade_id"]), ingestion_timestamp=datetime.now(timezone.utc),
-                ).to_record())
-    assert len(records) == count, f"only {len(records)} recorded {symbol} trades"
-    return records
+    return first_binance_records(symbol, count)
 
 
 def burst_records() -> list[dict]:

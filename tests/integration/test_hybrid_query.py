@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -11,11 +10,15 @@ import pytest
 
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import TradeV2, encode_trade
-from k2_resources.settings import DATA_DIR
+from k2_resources.schemas import encode_trade
 from k2_resources.trades.hybrid import HybridQueryResource
 from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets, snapshot_committed_offsets
+from k2_resources.trades.offsets import (
+    OffsetRange,
+    committed_offsets,
+    snapshot_committed_offsets,
+)
+from tests.recorded import first_binance_records
 
 pytestmark = pytest.mark.integration
 
@@ -25,18 +28,8 @@ PER_SYMBOL = 1500
 
 def real_trades() -> list[dict]:
     """Real recorded BTCUSDT and ETHUSDT trades of 2024-08-09 as V2 records, in time order."""
-    records = []
-    for symbol in ("BTCUSDT", "ETHUSDT"):
-        with open(DATA_DIR / "binance" / f"{symbol}-trades-2024-08-09.csv") as handle:
-            for row in list(csv.DictReader(handle))[:PER_SYMBOL]:
-                records.append(TradeV2(
-                    message_id=f"BINANCE-{symbol}-{row['trade_id']}", trade_id=f"BINANCE-{row['trade_id']}",
-                    symbol=symbol, exchange="BINANCE", asset_class="crypto",
-                    timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=timezone.utc),
-                    price=Decimal(row["price"]), quantity=Decimal(row["qty"]), currency="USDT",
-                    side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
-                    source_sequence=int(row["trade_id"]), ingestion_timestamp=datetime.now(timezone.utc),
-                ).to_record())
+    records = [record for symbol in ("BTCUSDT", "ETHUSDT")
+               for record in first_binance_records(symbol, PER_SYMBOL, days=("2024-08-09",))]
     return sorted(records, key=lambda r: (r["timestamp"], r["symbol"]))
 
 

@@ -7,7 +7,6 @@ import urllib.request
 import pytest
 from dagster import DagsterInstance
 
-from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.kafka_broker import free_port
 from k2_resources.metrics import REGISTRY, serve_metrics, stop_metrics

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import multiprocessing
 import os
-from datetime import datetime, timezone
-from decimal import Decimal
 
 import pytest
 from dagster import DagsterInstance, Definitions
@@ -15,31 +12,20 @@ from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import TradeV2, encode_trade
-from k2_resources.settings import DATA_DIR
+from k2_resources.schemas import encode_trade
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange, committed_offsets
 from k2_resources.trades.sink import TradeSinkResource
 from k2_sensors.binance.driver import drive
+from tests.recorded import first_binance_records
 
 pytestmark = pytest.mark.integration
 
 
 def recorded_trades(limit: int) -> list[dict]:
-    """Real recorded Binance trades as V2 records (BTCUSDT and ETHUSDT interleaved)."""
-    records = []
-    for symbol, name in (("BTCUSDT", "BTCUSDT-trades-2024-08-09.csv"), ("ETHUSDT", "ETHUSDT-trades-2024-08-09.csv")):
-        with open(DATA_DIR / "binance" / name) as handle:
-            for row in list(csv.DictReader(handle))[: limit // 2]:
-                records.append(TradeV2(
-                    message_id=f"BINANCE-{symbol}-{row['trade_id']}", trade_id=f"BINANCE-{row['trade_id']}",
-                    symbol=symbol, exchange="BINANCE", asset_class="crypto",
-                    timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=timezone.utc),
-                    price=Decimal(row["price"]), quantity=Decimal(row["qty"]), currency="USDT",
-                    side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
-                    source_sequence=int(row["trade_id"]), ingestion_timestamp=datetime.now(timezone.utc),
-                ).to_record())
-    return records
+    """Real recorded Binance trades of 2024-08-09 as V2 records: BTCUSDT's then ETHUSDT's."""
+    return [record for symbol in ("BTCUSDT", "ETHUSDT")
+            for record in first_binance_records(symbol, limit // 2, days=("2024-08-09",))]
 
 
 def produce(kafka: KafkaResource, topic: str, records: list[dict]) -> None:
@@ -129,7 +115,7 @@ def test_batch_killed_half_way_then_rerun_leaves_no_duplicates_and_no_gaps(k2_ho
 
 
 def test_recreated_topic_stops_batches_and_fails_the_baseline_check(k2_home, kafka_broker, stream_topic):
-    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka = KafkaResource()
     produce(kafka, stream_topic, recorded_trades(600))
     defs = stream_defs(stream_topic, max_batch=1000)
     with DagsterInstance.ephemeral() as instance:
