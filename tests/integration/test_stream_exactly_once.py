@@ -10,13 +10,15 @@ from dagster import DagsterInstance, Definitions
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
+from k2_resources.cli import main as k2
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import encode_trade
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange, committed_offsets
 from k2_resources.trades.sink import TradeSinkResource
-from k2_sensors.binance.driver import drive
+from k2_sensors.binance.driver import drive, tick
+from tests.integration.waiting import wait_for
 from tests.recorded import first_binance_records
 
 pytestmark = pytest.mark.integration
@@ -45,6 +47,23 @@ def stream_defs(topic: str, max_batch: int) -> Definitions:
 
 def iceberg_trade_ids(iceberg: IcebergResource) -> list[str]:
     return iceberg.trades().scan(selected_fields=("trade_id",)).to_arrow().column("trade_id").to_pylist()
+
+
+def _topic_exists(kafka: KafkaResource, topic: str) -> bool:
+    admin = kafka.admin()
+    try:
+        return topic in admin.list_topics()
+    finally:
+        admin.close()
+
+
+def recreate_topic(kafka: KafkaResource, topic: str) -> None:
+    """Delete the topic and create it again, empty: what a recreated topic or cluster looks like."""
+    admin = kafka.admin()
+    admin.delete_topics([topic])
+    admin.close()
+    wait_for(lambda: not _topic_exists(kafka, topic), timeout_s=60, what=f"topic {topic} deleted")
+    kafka.ensure_topic(topic, partitions=3)
 
 
 @pytest.fixture
@@ -121,18 +140,9 @@ def test_recreated_topic_stops_batches_and_fails_the_baseline_check(k2_home, kaf
     with DagsterInstance.ephemeral() as instance:
         drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
 
-        # The table now claims offsets the (recreated) topic does not have: simulate by a second,
-        # empty topic under the same name after deleting the first.
-        admin = kafka.admin()
-        admin.delete_topics([stream_topic])
-        admin.close()
-        from tests.integration.waiting import wait_for
-
-        wait_for(lambda: stream_topic not in kafka.admin().list_topics(), timeout_s=60, what="topic deleted")
-        kafka.ensure_topic(stream_topic, partitions=3)
+        # The table now claims offsets the recreated topic does not have.
+        recreate_topic(kafka, stream_topic)
         produce(kafka, stream_topic, recorded_trades(20))
-
-        from k2_sensors.binance.driver import tick
 
         result = tick(instance, defs, None)
         assert result.run_requests == []
@@ -143,21 +153,13 @@ def test_recreated_topic_stops_batches_and_fails_the_baseline_check(k2_home, kaf
 
 
 def test_new_baseline_after_recreation_loads_the_new_topic_from_its_start(k2_home, kafka_broker, stream_topic):
-    from k2_resources.cli import main as k2
-
     kafka, iceberg = KafkaResource(), IcebergResource()
     old = recorded_trades(900)
     produce(kafka, stream_topic, old)
     defs = stream_defs(stream_topic, max_batch=1000)
     with DagsterInstance.ephemeral() as instance:
         drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
-    admin = kafka.admin()
-    admin.delete_topics([stream_topic])
-    admin.close()
-    from tests.integration.waiting import wait_for
-
-    wait_for(lambda: stream_topic not in kafka.admin().list_topics(), timeout_s=60, what="topic deleted")
-    kafka.ensure_topic(stream_topic, partitions=3)
+    recreate_topic(kafka, stream_topic)
     new = recorded_trades(1500)[1200:]  # ETHUSDT trades 450..749: 300 the table has not seen
     produce(kafka, stream_topic, new)
 
