@@ -66,6 +66,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     # `kill`, a closed terminal or a supervisor stop the platform as cleanly as Ctrl-C does.
+    # Installed explicitly: a process started in the background inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     home = prepare_dagster_home()
