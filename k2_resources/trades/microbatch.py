@@ -46,6 +46,7 @@ import pyarrow as pa
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.table import Table
 
 from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources import metrics
@@ -219,28 +220,39 @@ def commit_range(
             pending_after = pending_properties(batch.topic, [*pending_ranges(table, batch.topic), pending])
             summary.update(pending_after)
             properties.update(pending_after)
-        started = time.perf_counter()
-        try:
-            if before_commit is not None:
-                before_commit()
-            with table.transaction() as transaction:
-                # Always an append (possibly empty): a snapshot records the range, and its
-                # snapshot-id requirement makes a concurrent commit conflict instead of racing.
-                transaction.append(arrow, snapshot_properties=summary)
-                transaction.set_properties(properties)
-        except CommitFailedException as exc:
-            # Another batch (another partition, or a maintenance rewrite) committed first: reload and retry.
-            log.info("commit of %s conflicted (attempt %d): %s", batch.key, attempt, exc)
-            time.sleep(min(0.05 * 2**attempt, 2.0))
+        seconds = _commit_once(table, arrow, summary, properties, before_commit, batch.key, attempt)
+        if seconds is None:
             continue
-        table.refresh()
         snapshot = table.current_snapshot()
-        seconds = time.perf_counter() - started
-        metrics.ICEBERG_COMMIT_SECONDS.observe(seconds)
-        metrics.MICROBATCH_MESSAGES.inc(len(records))
         return BatchResult(batch, len(records), 0, False, snapshot.snapshot_id if snapshot else None, seconds)
     raise K2Error(f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
                   "writes, run the batch again")
+
+
+def _commit_once(table: Table, arrow: pa.Table, summary: dict[str, str], properties: dict[str, str],
+                 before_commit: Callable[[], None] | None, what: str, attempt: int) -> float | None:
+    """One commit attempt: rows and offset properties in one transaction; seconds, or None on a conflict.
+
+    Always an append (possibly empty): a snapshot records the range, and its snapshot-id
+    requirement makes a concurrent commit conflict instead of racing.
+    """
+    started = time.perf_counter()
+    try:
+        if before_commit is not None:
+            before_commit()
+        with table.transaction() as transaction:
+            transaction.append(arrow, snapshot_properties=summary)
+            transaction.set_properties(properties)
+    except CommitFailedException as exc:
+        # Another batch (another partition, or a maintenance rewrite) committed first: reload and retry.
+        log.info("commit of %s conflicted (attempt %d): %s", what, attempt, exc)
+        time.sleep(min(0.05 * 2**attempt, 2.0))
+        return None
+    seconds = time.perf_counter() - started
+    metrics.ICEBERG_COMMIT_SECONDS.observe(seconds)
+    metrics.MICROBATCH_MESSAGES.inc(arrow.num_rows)
+    table.refresh()
+    return seconds
 
 
 def _sorted(table: pa.Table) -> pa.Table:
@@ -428,21 +440,9 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
             committed_key(batch.topic): json.dumps({str(p): o for p, o in sorted(committed.items())}),
             **remaining,
         }
-        started = time.perf_counter()
-        try:
-            if before_commit is not None:
-                before_commit()
-            with table.transaction() as transaction:
-                transaction.append(arrow, snapshot_properties=summary)
-                transaction.set_properties(remaining)
-        except CommitFailedException as exc:
-            log.info("recovery commit of %s conflicted (attempt %d): %s", entry.key, attempt, exc)
-            time.sleep(min(0.05 * 2**attempt, 2.0))
+        seconds = _commit_once(table, arrow, summary, remaining, before_commit, f"recovery of {entry.key}", attempt)
+        if seconds is None:
             continue
-        seconds = time.perf_counter() - started
-        metrics.ICEBERG_COMMIT_SECONDS.observe(seconds)
-        metrics.MICROBATCH_MESSAGES.inc(len(records))
-        table.refresh()
         snapshot = table.current_snapshot()
         _delete_spilled(spill_store, batch)
         return BatchResult(batch, len(records), len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
