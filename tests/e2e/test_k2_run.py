@@ -33,7 +33,7 @@ def test_k2_run_serves_the_ui_and_ctrl_c_stops_everything(tmp_path):
     log_path = tmp_path / "k2-run.log"  # a file, not a pipe: nobody reads a pipe while the UI starts
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "k2_resources", "run", "--port", str(ui_port), "--no-stream"],
+        [sys.executable, "-m", "k2_assets.cli", "run", "--port", str(ui_port), "--no-stream"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     broker = KafkaBroker(home=home / "kafka", port=kafka_port, controller_port=controller_port)

@@ -87,7 +87,7 @@ def test_binance_bars_follow_micro_batches_incrementally_and_exactly(k2_home, ka
 
 
 def test_k2_query_ohlcv_prints_the_stored_bars(k2_home, capsys):
-    from k2_resources.cli import main
+    from k2_assets.cli import main
 
     iceberg = IcebergResource()
     iceberg.trades().append(asx_trades(scale=1))

@@ -79,7 +79,7 @@ def _k2_query_csv(sql: str) -> list[list[str]]:
     # A process of its own: in-process, print_table's `out=sys.stdout` default is bound at import
     # and so keeps writing to whichever stdout the first caller had.
     done = subprocess.run(
-        [sys.executable, "-m", "k2_resources", "query", "sql", sql, "--format", "csv"],
+        [sys.executable, "-m", "k2_assets.cli", "query", "sql", sql, "--format", "csv"],
         capture_output=True, text=True, timeout=120, env=dict(os.environ),
     )
     assert done.returncode == 0, done.stderr

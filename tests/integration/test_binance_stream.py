@@ -239,7 +239,7 @@ def test_quiet_stream_keeps_its_connection_by_answering_pings_and_ends_on_idle_t
 
 
 def _k2(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "k2_resources", *args], env=env, cwd=PROJECT_ROOT,
+    return subprocess.run([sys.executable, "-m", "k2_assets.cli", *args], env=env, cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -263,7 +263,7 @@ def test_k2_stream_binance_falls_back_to_the_replay_in_one_line(kafka_broker, to
 
 def test_k2_binance_server_serves_the_combined_stream(k2_home):
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "k2_resources", "binance-server", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "binance-server", "--port", str(port),
                                "--once", "--speed", "0"], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         banner = server.stdout.readline()

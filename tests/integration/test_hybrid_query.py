@@ -228,7 +228,7 @@ def test_recent_trades_with_an_explicit_now_and_duplicates_dropped(split):
 
 
 def test_k2_query_trades_prints_the_hybrid_result(split, capsys):
-    from k2_resources.cli import main
+    from k2_assets.cli import main
 
     source, hybrid, boundary, ends = split
     last = source.rows[-1]["timestamp"]

@@ -10,7 +10,7 @@ from dagster import DagsterInstance, Definitions
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
-from k2_resources.cli import main as k2
+from k2_assets.cli import main as k2
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import encode_trade

@@ -30,7 +30,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from k2_assets.asx import asx_trading_days
 from k2_assets.definitions import defs
-from k2_resources.cli.run import prepare_dagster_home
+from k2_assets.cli.run import prepare_dagster_home
 from k2_resources.kafka_broker import KafkaBroker, free_port
 from k2_resources.query import DuckDBQueryResource
 from k2_resources.settings import PROJECT_ROOT

@@ -13,7 +13,7 @@ import yaml
 
 from k2_resources import metrics
 from k2_resources.binance import streamer
-from k2_resources.cli import build_parser
+from k2_assets.cli import build_parser
 from k2_resources.kafka_broker import DEFAULT_PORT as KAFKA_PORT
 from k2_resources.settings import PROJECT_ROOT
 
@@ -75,7 +75,7 @@ def test_every_published_port_is_bound_to_localhost(services):
 
 def test_ports_match_the_code_defaults(services):
     assert ("127.0.0.1", KAFKA_PORT, KAFKA_PORT) in published(services["kafka"])
-    run_source = (PROJECT_ROOT / "k2_resources" / "cli" / "run.py").read_text()
+    run_source = (PROJECT_ROOT / "k2_assets" / "cli" / "run.py").read_text()
     dagster_port = int(re.search(r'"K2_DAGSTER_PORT",\s*(\d+)', run_source).group(1))
     webserver = services["dagster-webserver"]
     command = command_of(webserver)

@@ -9,7 +9,7 @@ import sys
 
 from k2_resources.errors import K2Error
 
-# Modules under k2_resources.cli that add sub-commands, in the order `k2 --help` lists them.
+# Modules under k2_assets.cli that add sub-commands, in the order `k2 --help` lists them.
 COMMAND_MODULES = ("run", "demo", "kafka", "query", "offsets", "stream", "binance_server", "metrics")
 
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2", description="K2 market-data lakehouse")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"k2_resources.cli.{name}").register(subparsers)
+        importlib.import_module(f"k2_assets.cli.{name}").register(subparsers)
     return parser
 
 

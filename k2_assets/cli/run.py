@@ -39,7 +39,7 @@ def prepare_dagster_home() -> Path:
 
 def services(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The long-running processes beside Dagster: the streamer and the metrics exporter."""
-    k2 = [sys.executable, "-m", "k2_resources"]
+    k2 = [sys.executable, "-m", "k2_assets.cli"]
     chosen = []
     if not args.no_stream:
         chosen.append(("binance streamer", k2 + ["stream", "binance"]))
@@ -49,9 +49,9 @@ def services(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def _available(argv: list[str]) -> bool:
-    from k2_resources.cli import build_parser
+    from k2_assets.cli import build_parser
 
-    if argv[1:3] != ["-m", "k2_resources"]:
+    if argv[1:3] != ["-m", "k2_assets.cli"]:
         return True
     try:
         build_parser().parse_args(argv[3:])

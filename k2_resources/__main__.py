@@ -1,5 +1,0 @@
-import sys
-
-from k2_resources.cli import main
-
-sys.exit(main())
