@@ -7,11 +7,12 @@ K2_KAFKA_BOOTSTRAP and K2_ICEBERG_CATALOG_URI (and friends) to point them elsewh
 
 from __future__ import annotations
 
+from k2_resources.degradation.resource import RESOURCE_KEY as DEGRADATION_KEY
+from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.query import DuckDBQueryResource
-from k2_resources.trades.sink import TradeSinkResource
-from k2_sensors.operations import DEGRADATION_KEY, defs as operations_defs
+from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_sensors.operations import defs as operations_defs
 
 
 def build_resources() -> dict[str, object]:

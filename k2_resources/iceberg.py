@@ -31,7 +31,7 @@ def default_catalog_properties() -> dict[str, str]:
 
 
 class IcebergResource(ConfigurableResource):
-    """The Iceberg catalog holding ``market.trades``, ``market.quotes`` and ``market.dead_letters``."""
+    """The Iceberg catalog holding ``market.trades``, ``quotes``, ``dead_letters`` and ``ohlcv``."""
 
     catalog_name: str = Field(default="k2")
     catalog_properties: dict[str, str] | None = Field(

@@ -2,7 +2,8 @@
 
 ``market.trades`` and ``market.quotes`` carry the V2 columns, partitioned by
 day(timestamp) and exchange and sorted by symbol then timestamp, so a query for one symbol
-on one day opens one partition and skips most row groups.
+on one day opens one partition and skips most row groups. ``market.ohlcv`` holds the bars of
+every interval (k2_resources.analytics.ohlcv), partitioned by interval, exchange and month.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pyarrow as pa
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table.sorting import SortField, SortOrder
-from pyiceberg.transforms import DayTransform, IdentityTransform
+from pyiceberg.transforms import DayTransform, IdentityTransform, MonthTransform
 from pyiceberg.types import (
     DecimalType,
     ListType,
@@ -26,6 +27,7 @@ from pyiceberg.types import (
 
 NAMESPACE = "market"
 PRICE = DecimalType(18, 8)
+VOLUME = DecimalType(38, 8)
 
 TRADES_SCHEMA = Schema(
     NestedField(1, "message_id", StringType(), required=True),
@@ -74,6 +76,25 @@ DEAD_LETTERS_SCHEMA = Schema(
     NestedField(7, "ingestion_timestamp", TimestamptzType(), required=True),
 )
 
+OHLCV_SCHEMA = Schema(
+    NestedField(1, "interval", StringType(), required=True, doc="1m, 5m, 1h or 1d"),
+    NestedField(2, "symbol", StringType(), required=True),
+    NestedField(3, "exchange", StringType(), required=True),
+    NestedField(4, "bucket_start", TimestamptzType(), required=True, doc="inclusive"),
+    NestedField(5, "bucket_end", TimestamptzType(), required=True, doc="exclusive"),
+    NestedField(6, "open", PRICE, required=True),
+    NestedField(7, "high", PRICE, required=True),
+    NestedField(8, "low", PRICE, required=True),
+    NestedField(9, "close", PRICE, required=True),
+    NestedField(10, "volume", VOLUME, required=True, doc="sum of quantity"),
+    NestedField(11, "notional", VOLUME, required=True, doc="sum of price * quantity"),
+    NestedField(12, "vwap", PRICE, required=True, doc="notional / volume"),
+    NestedField(13, "trade_count", LongType(), required=True),
+    NestedField(14, "first_trade_at", TimestamptzType(), required=True),
+    NestedField(15, "last_trade_at", TimestamptzType(), required=True),
+    NestedField(16, "computed_at", TimestamptzType(), required=True),
+)
+
 _MARKET_SPEC = PartitionSpec(
     PartitionField(source_id=6, field_id=1000, transform=DayTransform(), name="timestamp_day"),
     PartitionField(source_id=4, field_id=1001, transform=IdentityTransform(), name="exchange"),
@@ -109,4 +130,15 @@ DEAD_LETTERS = TableDefinition(
     PartitionSpec(PartitionField(source_id=1, field_id=1000, transform=IdentityTransform(), name="source")),
     SortOrder(),
 )
-ALL_TABLES = (TRADES, QUOTES, DEAD_LETTERS)
+# One table for every interval, so one commit replaces all intervals of the buckets a run recomputes.
+OHLCV = TableDefinition(
+    "ohlcv",
+    OHLCV_SCHEMA,
+    PartitionSpec(
+        PartitionField(source_id=1, field_id=1000, transform=IdentityTransform(), name="interval"),
+        PartitionField(source_id=3, field_id=1001, transform=IdentityTransform(), name="exchange"),
+        PartitionField(source_id=4, field_id=1002, transform=MonthTransform(), name="bucket_start_month"),
+    ),
+    SortOrder(SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())),
+)
+ALL_TABLES = (TRADES, QUOTES, DEAD_LETTERS, OHLCV)

@@ -1,13 +1,63 @@
-"""Smoke test: the one Definitions object loads, validates and holds the ASX graph."""
+"""The one Definitions object loads, validates and holds exactly the definitions listed here."""
 
 from __future__ import annotations
 
 from dagster import AssetKey, Definitions
 
+from k2_assets.definitions import defs
+
+ASSETS = {
+    "asx_raw_trades", "asx_trades", "asx_raw_quotes", "asx_quotes",
+    "binance_trades",
+    "asx_ohlcv", "binance_ohlcv",
+    "trades_storage", "trades_file_layout", "trades_snapshot_history",
+}
+ASSET_CHECKS = {
+    ("asx_raw_trades", "company_ids_mapped"),
+    ("asx_trades", "no_dead_letters"),
+    ("asx_trades", "no_duplicate_trade_id"),
+    ("asx_trades", "prices_positive"),
+    ("asx_trades", "rows_match_valid_csv_rows"),
+    ("asx_raw_quotes", "company_ids_mapped"),
+    ("asx_quotes", "no_dead_letters"),
+    ("asx_quotes", "no_duplicate_quote_id"),
+    ("asx_quotes", "prices_positive"),
+    ("asx_quotes", "rows_match_valid_csv_rows"),
+    ("binance_trades", "consumer_lag"),
+    ("binance_trades", "dead_letter_count"),
+    ("binance_trades", "deferred_backlog"),
+    ("binance_trades", "degradation_level"),
+    ("binance_trades", "offset_baseline"),
+    ("binance_trades", "sequence_gaps"),
+    ("binance_trades", "spilled_backlog"),
+    ("asx_ohlcv", "high_at_least_open_and_close"),
+    ("asx_ohlcv", "low_at_most_open_and_close"),
+    ("asx_ohlcv", "volumes_add_up_to_trades"),
+    ("binance_ohlcv", "high_at_least_open_and_close"),
+    ("binance_ohlcv", "low_at_most_open_and_close"),
+    ("binance_ohlcv", "volumes_add_up_to_trades"),
+    ("trades_file_layout", "files_per_partition"),
+    ("trades_file_layout", "small_files_per_partition"),
+}
+JOBS = {"__ASSET_JOB", "binance_trades_microbatch", "trades_replay", "trades_table_maintenance"}
+SCHEDULES = {"trades_replay_nightly", "trades_table_maintenance_nightly"}
+# default_automation_condition_sensor is Dagster's, present because assets declare automation conditions.
+SENSORS = {"binance_stream_sensor", "k2_check_alerts", "default_automation_condition_sensor"}
+RESOURCES = {"alert_webhooks", "asx_source", "degradation", "duckdb", "iceberg", "kafka", "maintenance", "sink"}
+
+
+def test_definitions_hold_exactly_the_expected_definitions() -> None:
+    graph = defs.resolve_asset_graph()
+    repository = defs.get_repository_def()
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSETS
+    assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == ASSET_CHECKS
+    assert {job.name for job in repository.get_all_jobs()} == JOBS
+    assert {schedule.name for schedule in repository.schedule_defs} == SCHEDULES
+    assert {sensor.name for sensor in repository.sensor_defs} == SENSORS
+    assert set(repository.get_top_level_resources()) == RESOURCES
+
 
 def test_definitions_load_and_hold_the_asx_assets() -> None:
-    from k2_assets.definitions import defs
-
     Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     asx = {AssetKey(name) for name in ("asx_raw_trades", "asx_trades", "asx_raw_quotes", "asx_quotes")}

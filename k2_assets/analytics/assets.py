@@ -1,8 +1,5 @@
 """OHLCV bars in ``market.ohlcv``: ASX per trading day, Binance incrementally as micro-batches land."""
 
-
-from datetime import datetime, timedelta
-
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -15,22 +12,21 @@ from dagster import (
     MetadataValue,
     asset,
 )
-from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThan
-from pyiceberg.table import Table
 
 from k2_assets.asx.partitions import asx_trading_days
+from k2_resources.analytics.incremental import update_binance_bars
 from k2_resources.analytics.ohlcv import (
     INTERVALS,
-    TRADE_COLUMNS,
     bar_violations,
     exchange_day_bounds,
     ohlcv_bars,
     ohlcv_table,
+    read_trades,
     replace_bars,
-    roll_up,
+    stored_bars,
 )
 from k2_resources.iceberg import IcebergResource
-from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
+from k2_resources.trades.iceberg_read import RowFilter
 
 GROUP = "analytics"
 
@@ -47,12 +43,6 @@ def _check_specs(asset_name: str) -> list[AssetCheckSpec]:
         AssetCheckSpec("volumes_add_up_to_trades", asset=asset_name,
                        description="in every interval, the bars' volumes and counts add up to the trades table"),
     ]
-
-
-def _stored_bars(ohlcv: Table, exchange: str, start: datetime, end: datetime) -> pl.DataFrame:
-    rows = ohlcv.scan(row_filter=And(EqualTo("exchange", exchange), And(
-        GreaterThanOrEqual("bucket_start", start.isoformat()), LessThan("bucket_start", end.isoformat())))).to_arrow()
-    return pl.from_arrow(rows)
 
 
 def _checks(asset_name: str, stored: pl.DataFrame, trades: pl.DataFrame) -> list[AssetCheckResult]:
@@ -84,14 +74,6 @@ def _checks(asset_name: str, stored: pl.DataFrame, trades: pl.DataFrame) -> list
     ]
 
 
-def _read_trades(table: Table, snapshot_id: int | None, row_filter: RowFilter) -> pl.DataFrame:
-    reader = SnapshotReader()
-    try:
-        return pl.from_arrow(reader.read(table, snapshot_id, row_filter, columns=TRADE_COLUMNS))
-    finally:
-        reader.close()
-
-
 @asset(
     partitions_def=ASX_DAYS,
     deps=[AssetKey("asx_trades")],
@@ -108,12 +90,12 @@ def asx_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource) -> Mater
     table = iceberg.trades()
     snapshot = table.current_snapshot()
     snapshot_id = snapshot.snapshot_id if snapshot else None
-    trades = _read_trades(table, snapshot_id, RowFilter(None, start, end, "ASX"))
+    trades = read_trades(table, snapshot_id, RowFilter(None, start, end, "ASX"))
     bars = ohlcv_bars(trades)
     ohlcv = ohlcv_table(iceberg.catalog())
     written = replace_bars(ohlcv, bars, "ASX", start, end, snapshot_properties={
         "k2.ohlcv.source-snapshot": str(snapshot_id), "k2.ohlcv.asx-day": day})
-    stored = _stored_bars(ohlcv, "ASX", start, end)
+    stored = stored_bars(ohlcv, "ASX", start, end)
     context.log.info(f"ASX {day}: {trades.height} trades -> {bars.height} bars")
     return MaterializeResult(
         metadata={
@@ -138,22 +120,6 @@ def _last_source_snapshot(context: AssetExecutionContext) -> int | None:
     return int(text) if text and text != "None" else None
 
 
-def _touched_days(table: Table, last: int | None, current: int) -> tuple[list[datetime], str]:
-    """UTC day starts whose Binance trades changed since snapshot ``last``, and how that was found."""
-    binance = EqualTo("exchange", "BINANCE")
-    if last is not None and table.snapshot_by_id(last) is not None:
-        appended = table.incremental_append_scan(from_snapshot_id_exclusive=last, to_snapshot_id_inclusive=current,
-                                                 row_filter=binance, selected_fields=("timestamp",)).to_arrow()
-        how = f"appended since snapshot {last}"
-    else:
-        appended = table.scan(row_filter=binance, selected_fields=("timestamp",), snapshot_id=current).to_arrow()
-        how = "full recompute (no earlier run, or its snapshot expired)"
-    if appended.num_rows == 0:
-        return [], how
-    days = pl.from_arrow(appended).select(pl.col("timestamp").dt.truncate("1d").unique().sort())["timestamp"]
-    return days.to_list(), how
-
-
 @asset(
     deps=[AssetKey("binance_trades")],
     group_name=GROUP,
@@ -171,67 +137,24 @@ def binance_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource) -> M
     rolls the 5m, 1h and 1d bars of the touched days up from the day's 1m bars, and replaces those
     days' bars in one commit: whole buckets, so the bars stay exact however batches are cut.
     """
-    table = iceberg.trades()
-    snapshot = table.current_snapshot()
-    last = _last_source_snapshot(context)
-    if snapshot is None or snapshot.snapshot_id == last:
-        return MaterializeResult(metadata={"source_snapshot_id": MetadataValue.text(str(last)), "days": 0,
-                                           "note": "no new trades"},
-                                 check_results=_checks("binance_ohlcv", _empty_bars(), _empty_trades()))
-    current = snapshot.snapshot_id
-    days, how = _touched_days(table, last, current)
-    ohlcv = ohlcv_table(iceberg.catalog())
-    all_stored, all_trades, bars_written = [], [], 0
-    for day_start in days:
-        day_end = day_start + timedelta(days=1)
-        appended = table.incremental_append_scan(
-            from_snapshot_id_exclusive=last, to_snapshot_id_inclusive=current,
-            row_filter=And(EqualTo("exchange", "BINANCE"), And(
-                GreaterThanOrEqual("timestamp", day_start.isoformat()), LessThan("timestamp", day_end.isoformat()))),
-            selected_fields=("timestamp",)).to_arrow() if last is not None and table.snapshot_by_id(last) else None
-        if appended is not None and appended.num_rows:
-            stamps = pl.from_arrow(appended)["timestamp"]
-            first_minute = stamps.min().replace(second=0, microsecond=0)
-            end_minute = stamps.max().replace(second=0, microsecond=0) + timedelta(minutes=1)
-        else:
-            first_minute, end_minute = day_start, day_end
-        trades = _read_trades(table, current, RowFilter(None, first_minute, end_minute, "BINANCE"))
-        fresh = ohlcv_bars(trades, intervals=["1m"])
-        kept = _stored_bars(ohlcv, "BINANCE", day_start, day_end).filter(
-            (pl.col("interval") == "1m") & ((pl.col("bucket_start") < first_minute) | (pl.col("bucket_start") >= end_minute)))
-        minutes = pl.concat([kept, fresh]).sort("symbol", "bucket_start")
-        bars = pl.concat([minutes] + [roll_up(minutes, interval) for interval in INTERVALS if interval != "1m"])
-        replace_bars(ohlcv, bars, "BINANCE", day_start, day_end, snapshot_properties={
-            "k2.ohlcv.source-snapshot": str(current), "k2.ohlcv.binance-day": day_start.date().isoformat()})
-        bars_written += bars.height
-        all_stored.append(_stored_bars(ohlcv, "BINANCE", day_start, day_end))
-        all_trades.append(_read_trades(table, current, RowFilter(None, day_start, day_end, "BINANCE")))
-    context.log.info(f"Binance bars: {len(days)} day(s) recomputed ({how})")
-    stored = pl.concat(all_stored) if all_stored else _empty_bars()
-    trades = pl.concat(all_trades) if all_trades else _empty_trades()
+    report = update_binance_bars(iceberg, _last_source_snapshot(context))
+    checks = _checks("binance_ohlcv", report.stored, report.trades)
+    if report.nothing_new:
+        return MaterializeResult(metadata={"source_snapshot_id": MetadataValue.text(str(report.source_snapshot_id)),
+                                           "days": 0, "note": "no new trades"},
+                                 check_results=checks)
+    context.log.info(f"Binance bars: {len(report.days)} day(s) recomputed ({report.how})")
     return MaterializeResult(
         metadata={
-            "source_snapshot_id": MetadataValue.text(str(current)),
-            "previous_source_snapshot_id": MetadataValue.text(str(last)),
-            "days": len(days),
-            "days_recomputed": ", ".join(d.date().isoformat() for d in days),
-            "bars_written": bars_written,
-            "how": how,
+            "source_snapshot_id": MetadataValue.text(str(report.source_snapshot_id)),
+            "previous_source_snapshot_id": MetadataValue.text(str(report.previous_snapshot_id)),
+            "days": len(report.days),
+            "days_recomputed": ", ".join(d.date().isoformat() for d in report.days),
+            "bars_written": report.bars_written,
+            "how": report.how,
         },
-        check_results=_checks("binance_ohlcv", stored, trades),
+        check_results=checks,
     )
-
-
-def _empty_bars() -> pl.DataFrame:
-    from k2_resources.analytics.ohlcv import OHLCV
-
-    return pl.from_arrow(OHLCV.arrow_schema().empty_table())
-
-
-def _empty_trades() -> pl.DataFrame:
-    from k2_resources.tables import TRADES
-
-    return pl.from_arrow(TRADES.arrow_schema().empty_table()).select(TRADE_COLUMNS)
 
 
 __all__ = ["asx_ohlcv", "binance_ohlcv", "ASX_DAYS"]

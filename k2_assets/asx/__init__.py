@@ -4,7 +4,7 @@ from dagster import Definitions
 
 from k2_assets.asx.assets import ASX_ASSETS, asx_quotes, asx_raw_quotes, asx_raw_trades, asx_trades
 from k2_assets.asx.partitions import asx_trading_days
-from k2_resources.asx import AsxSourceResource
+from k2_resources.asx.source import AsxSourceResource
 
 # The checks are declared on the assets (check_specs) and evaluated right after each day's
 # write, so asset_checks holds nothing extra.

@@ -16,16 +16,13 @@ from dagster import (
 from pyiceberg.expressions import And, EqualTo
 
 from k2_assets.asx.partitions import asx_trading_days
-from k2_resources.asx import (
-    DEAD_LETTER_SOURCE,
-    AsxSourceResource,
-    IngestResult,
-    Kind,
-    ingest_day,
-    local_day_bounds_utc,
-)
+from k2_resources.asx.files import Kind
+from k2_resources.asx.normalise import DEAD_LETTER_SOURCE
+from k2_resources.asx.source import AsxSourceResource
+from k2_resources.asx.sydney_time import local_day_bounds_utc
+from k2_resources.asx.writes import IngestResult, ingest_day
+from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.iceberg import IcebergResource
-from k2_resources.query import DuckDBQueryResource
 
 GROUP = "asx"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dagster import StaticPartitionsDefinition
 
-from k2_resources.asx import trading_days
+from k2_resources.asx.files import trading_days
 
 asx_trading_days = StaticPartitionsDefinition(trading_days())
 
@@ -19,4 +19,4 @@ asx_trading_days = StaticPartitionsDefinition(trading_days())
 # asset code stays one-key simple (BackfillPolicy.single_run would need every asset to loop over
 # context.partition_keys; setting multi_run(1) explicitly gives the same runs plus a beta warning
 # on every load). Concurrent days commit to the same tables; a commit that loses the race is
-# redone on the new snapshot (k2_resources.asx.replace_rows).
+# redone on the new snapshot (k2_resources.asx.writes.replace_rows).

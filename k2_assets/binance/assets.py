@@ -7,12 +7,13 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from k2_resources.degradation.levels import DegradationLevel
+from k2_resources.degradation.resource import DegradationResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import DEFAULT_TOPIC, recover_range, run_microbatch
+from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.trades.microbatch import recover_range, run_microbatch
 from k2_resources.trades.offsets import OffsetRange
-from k2_sensors.operations.config import DegradationResource
-from k2_sensors.operations.degradation import DegradationLevel
 
 INGEST = "ingest"
 RECOVER = "recover"
@@ -26,7 +27,7 @@ class MicroBatchConfig(Config):
     missing rows of the pending (deferred or spilled) range and removes it from the pending list.
     """
 
-    topic: str = Field(default=DEFAULT_TOPIC)
+    topic: str = Field(default=BINANCE_TRADES_TOPIC)
     partition: int = Field(default=0, ge=0)
     start_offset: int = Field(default=0, ge=0)
     end_offset: int = Field(default=0, ge=0)

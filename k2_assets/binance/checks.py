@@ -9,11 +9,13 @@ makes them visible (with history) in the UI and runnable on demand.
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
 from k2_assets.binance.assets import binance_trades
+from k2_resources.degradation.levels import system_memory_percent
+from k2_resources.degradation.resource import DegradationResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import dead_letter_topic
-from k2_resources.trades.sink import TradeSinkResource
-from k2_sensors.binance.stream_state import (
+from k2_resources.topics import dead_letter_topic
+from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_sensors.binance.stream_rules import (
     DEAD_LETTER_COUNT,
     DEFERRED_BACKLOG,
     DEGRADATION_LEVEL,
@@ -28,8 +30,7 @@ from k2_sensors.binance.stream_state import (
     sequence_gap_evaluation,
     spilled_backlog_evaluation,
 )
-from k2_sensors.operations.config import DegradationResource
-from k2_sensors.operations.degradation import system_memory_percent
+from k2_sensors.binance.stream_sensor import dead_letter_total, latest_batch_gaps
 
 CONSUMER_LAG = "consumer_lag"
 OFFSET_BASELINE = "offset_baseline"
@@ -100,8 +101,6 @@ def binance_spilled_backlog(
     description="Binance trade ids missing inside the newest micro-batch of each partition (ids are contiguous per symbol).",
 )
 def binance_sequence_gaps(context: AssetCheckExecutionContext, sink: TradeSinkResource) -> AssetCheckResult:
-    from k2_sensors.binance.stream_sensor import latest_batch_gaps  # the sensor module imports this package
-
     return _result(sequence_gap_evaluation(latest_batch_gaps(context.instance, sink.topic)))
 
 
@@ -111,8 +110,6 @@ def binance_sequence_gaps(context: AssetCheckExecutionContext, sink: TradeSinkRe
     description="Messages in the dead-letter topic <topic>.dlq (undecodable records, with their reason).",
 )
 def binance_dead_letter_count(kafka: KafkaResource, sink: TradeSinkResource) -> AssetCheckResult:
-    from k2_sensors.binance.stream_sensor import dead_letter_total
-
     topic = dead_letter_topic(sink.topic)
     return _result(dead_letter_evaluation(topic, dead_letter_total(kafka, topic)))
 

@@ -1,4 +1,4 @@
-"""`k2 binance-server`: the local Binance-compatible replay server in the foreground."""
+"""`k2 binance-server`: the local Binance-compatible recording server in the foreground."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import signal
 
-from k2_resources.binance.replay_server import DEFAULT_PORT, ReplayFaults, ReplayServer
+from k2_resources.binance.recording_server import DEFAULT_PORT, ServerFaults, RecordingServer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--loop", dest="loop", action="store_true", default=True,
                       help="play forever, shifting times and trade ids each pass (default)")
     mode.add_argument("--once", dest="loop", action="store_false",
-                      help="play the recording once, then close with 1000 'end of replay'")
+                      help="play the recording once, then close with 1000 'end of recording'")
     parser.add_argument("--time-base", choices=["recorded", "now"], default=None,
                         help="recorded times, or a live-like tape at the current time "
                              "(default: now when looping, recorded with --once)")
@@ -32,9 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    faults = ReplayFaults(drop_after=args.drop_after, repeat_every=args.repeat_every,
+    faults = ServerFaults(drop_after=args.drop_after, repeat_every=args.repeat_every,
                           malformed_every=args.malformed_every)
-    server = ReplayServer(port=args.port, speed=args.speed if args.speed > 0 else None, loop=args.loop,
+    server = RecordingServer(port=args.port, speed=args.speed if args.speed > 0 else None, loop=args.loop,
                           time_base=args.time_base or ("now" if args.loop else "recorded"),
                           resume_overlap=args.resume_overlap, faults=faults)
     asyncio.run(_serve(server))
@@ -44,12 +44,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(server: ReplayServer) -> None:
+async def _serve(server: RecordingServer) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with server:
-        print(f"Binance replay server on {server.url} "
+        print(f"Binance recording server on {server.url} "
               f"({len(server.tape.trades)} recorded trades; Ctrl-C stops)", flush=True)
         await stop.wait()

@@ -1,7 +1,7 @@
 """`k2 demo [--json]`: the whole platform headless, for a bounded time, in a fresh K2_HOME.
 
 Starts its own Kafka broker, loads the five ASX days through the real assets, streams the
-bundled Binance recording once as fast as possible through the local replay server, the
+bundled Binance recording once as fast as possible through the local recording server, the
 WebSocket client and Kafka, drives the real stream sensor and its micro-batch runs in a real
 Dagster instance until the lag is zero, checks the counts, and stops everything it started.
 `k2 demo degradation` runs the degradation scenario instead.
@@ -40,7 +40,7 @@ def _say(message: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.scenario == "degradation":
-        from k2_sensors.operations.degradation_demo import run_degradation_demo
+        from k2_assets.cli.degradation_demo import run_degradation_demo
 
         return run_degradation_demo(json_output=args.json)
     home = Path(args.home or tempfile.mkdtemp(prefix="k2-demo-")).resolve()
@@ -60,6 +60,7 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
     from dagster import DagsterInstance, materialize
 
     from k2_resources.kafka_broker import KafkaBroker, free_port
+    from k2_resources.operations.dagster_instance import prepare_instance
     from k2_resources.settings import dagster_home
 
     started = time.monotonic()
@@ -73,15 +74,16 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
         from k2_assets.asx.assets import ASX_ASSETS
         from k2_assets.asx.partitions import asx_trading_days
         from k2_assets.definitions import defs
-        from k2_resources.binance.replay_server import ReplayServerThread
+        from k2_resources.binance.recording_server import RecordingServerThread
         from k2_resources.binance.streamer import stream_to_kafka
+        from k2_resources.duckdb_query import DuckDBQueryResource
         from k2_resources.iceberg import IcebergResource
         from k2_resources.kafka import KafkaResource
-        from k2_resources.query import DuckDBQueryResource
-        from k2_resources.trades.microbatch import DEFAULT_TOPIC
+        from k2_resources.topics import BINANCE_TRADES_TOPIC
         from k2_sensors.binance.driver import drive
 
         (dagster_home() / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        prepare_instance(dagster_home(), config=None)  # created once, before anything opens it
         checks: dict[str, str] = {}
         with DagsterInstance.from_config(str(dagster_home())) as instance:
             resources = defs.get_repository_def().get_top_level_resources()
@@ -97,11 +99,11 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
                 _say(f"ASX {day} loaded")
 
             kafka = KafkaResource()
-            kafka.ensure_topic(DEFAULT_TOPIC, partitions=3)
+            kafka.ensure_topic(BINANCE_TRADES_TOPIC, partitions=3)
             stats: dict[str, Any] = {}
-            with ReplayServerThread(speed=None, loop=False) as server:
+            with RecordingServerThread(speed=None, loop=False) as server:
                 def stream() -> None:
-                    stats["stream"] = stream_to_kafka(server.url, DEFAULT_TOPIC, kafka, idle_timeout_s=30)
+                    stats["stream"] = stream_to_kafka(server.url, BINANCE_TRADES_TOPIC, kafka, idle_timeout_s=30)
 
                 streamer = threading.Thread(target=stream, name="k2-demo-streamer", daemon=True)
                 streamer.start()

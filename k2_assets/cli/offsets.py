@@ -8,7 +8,7 @@ import json
 from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import DEFAULT_TOPIC
+from k2_resources.topics import BINANCE_TRADES_TOPIC
 from k2_resources.trades.offsets import committed_offsets, reset_baseline
 
 
@@ -16,14 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("offsets", help="show or reset the Kafka offsets market.trades has committed")
     actions = parser.add_subparsers(dest="action", required=True)
     show = actions.add_parser("show", help="committed offsets next to the topic's offsets")
-    show.add_argument("--topic", default=DEFAULT_TOPIC)
+    show.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
     show.set_defaults(handler=_show)
     reset = actions.add_parser(
         "reset", help="set a new baseline after the topic or the Kafka cluster was recreated",
         description="Declare that market.trades holds the topic up to the given offsets. By default the "
         "baseline is the topic's earliest offsets, so every message now in the topic is loaded.",
     )
-    reset.add_argument("--topic", default=DEFAULT_TOPIC)
+    reset.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
     reset.add_argument("--to", choices=["earliest", "latest"], default="earliest",
                        help="earliest: load everything now in the topic (default); latest: skip it")
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")

@@ -13,14 +13,14 @@ from decimal import Decimal
 import duckdb
 import pyarrow as pa
 
+from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.errors import K2Error
-from k2_resources.query import DuckDBQueryResource
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("query", help="query the Iceberg tables")
     kinds = parser.add_subparsers(dest="kind", required=True)
-    sql = kinds.add_parser("sql", help="run SQL over market.trades, market.quotes, market.dead_letters")
+    sql = kinds.add_parser("sql", help="run SQL over market.trades, market.quotes, market.dead_letters, market.ohlcv")
     sql.add_argument("sql", help='e.g. "select symbol, count(*) from market.trades group by 1"')
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.set_defaults(handler=_sql)

@@ -1,25 +1,31 @@
 """`k2 run`: the whole platform on the embedded default, in the foreground.
 
-Starts the Kafka broker and the Dagster UI (webserver and daemon) on 127.0.0.1, plus the
-long-running services the graph needs; Ctrl-C stops all of it, Kafka last.
+Order matters: the Dagster instance is created and migrated once, by this process, before
+anything else opens it (processes that create a new SQLite instance together corrupt it);
+then Kafka starts (or, with K2_KAFKA_BOOTSTRAP set, the named cluster is checked), then the
+streamer, the metrics exporter, the Dagster daemon and the webserver. Each service logs to
+K2_HOME/logs; one that dies is reported with the last lines of its log. Ctrl-C stops all of
+it, Kafka last.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
+from k2_resources.errors import K2Error
 from k2_resources.kafka_broker import KafkaBroker
+from k2_resources.operations.dagster_instance import prepare_instance
 from k2_resources.settings import PROJECT_ROOT, dagster_home, k2_home
 
-# Extra long-running services other modules contribute: (name, argv) pairs; see services().
-SERVICE_COMMANDS: list[tuple[str, list[str]]] = []
+LOG_TAIL_LINES = 25
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,39 +35,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def prepare_dagster_home() -> Path:
-    """DAGSTER_HOME with the project's dagster.yaml in it."""
-    home = dagster_home()
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    return home
+@dataclass(frozen=True)
+class Service:
+    """A long-running process of the platform and where its output goes."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    cwd: Path | None = None
 
 
-def services(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    """The long-running processes beside Dagster: the streamer and the metrics exporter."""
+def services(args: argparse.Namespace, logs: Path, home: Path) -> list[Service]:
+    """The processes `k2 run` starts once the instance and Kafka are ready, in start order."""
     k2 = [sys.executable, "-m", "k2_assets.cli"]
+    bin_dir = Path(sys.executable).parent
+    workspace = str(PROJECT_ROOT / "workspace.yaml")
     chosen = []
     if not args.no_stream:
-        chosen.append(("binance streamer", k2 + ["stream", "binance"]))
-    chosen.append(("metrics exporter", k2 + ["metrics"]))
-    chosen.extend(SERVICE_COMMANDS)
-    return [(name, argv) for name, argv in chosen if _available(argv)]
+        chosen.append(("binance streamer", k2 + ["stream", "binance"], None))
+    chosen.append(("metrics exporter", k2 + ["metrics"], None))
+    # Dagster runs from DAGSTER_HOME so the project's own dagster.yaml is not mistaken for the instance's.
+    chosen.append(("dagster daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], home))
+    chosen.append(("dagster webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace,
+                                         "-h", "127.0.0.1", "-p", str(args.port)], home))
+    return [Service(name, argv, logs / f"{name.replace(' ', '-')}.log", cwd) for name, argv, cwd in chosen]
 
 
-def _available(argv: list[str]) -> bool:
-    from k2_assets.cli import build_parser
-
-    if argv[1:3] != ["-m", "k2_assets.cli"]:
-        return True
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' when there is none)."""
     try:
-        build_parser().parse_args(argv[3:])
-        return True
-    except SystemExit:
-        return False
+        with path.open("r", errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines))
+    except FileNotFoundError:
+        return ""
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _kafka(env: dict[str, str]) -> KafkaBroker | None:
+    """The embedded broker to start, or None when K2_KAFKA_BOOTSTRAP names a cluster (checked here)."""
+    external = os.environ.get("K2_KAFKA_BOOTSTRAP")
+    if not external:
+        return KafkaBroker.default()
+    from k2_resources.kafka import KafkaResource
+
+    try:
+        KafkaResource(bootstrap_servers=external, request_timeout_ms=10_000).admin().close()
+    except K2Error as exc:
+        raise K2Error(f"{exc}. (`k2 run` uses the cluster in K2_KAFKA_BOOTSTRAP instead of starting its own "
+                      "broker; unset it to run the embedded one.)") from exc
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -70,41 +95,35 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
-    home = prepare_dagster_home()
+    home = dagster_home()
+    print(f"K2_HOME={k2_home()}", flush=True)
+    print(prepare_instance(home).describe(), flush=True)
     env = dict(os.environ, K2_HOME=str(k2_home()), DAGSTER_HOME=str(home))
     # A busy two-core machine can take over Dagster's default 60 s to load the code in a new run.
     env.setdefault("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")
-    broker = KafkaBroker.default()
-    print(f"K2_HOME={env['K2_HOME']}")
-    print("starting Kafka ...", flush=True)
-    processes: list[tuple[str, subprocess.Popen]] = []
+    broker = _kafka(env)
+    running: list[tuple[Service, subprocess.Popen]] = []
     try:
-        broker.start()
-        env.setdefault("K2_KAFKA_BOOTSTRAP", broker.bootstrap_servers)
-        print(f"Kafka ready on {broker.bootstrap_servers}", flush=True)
+        if broker is not None:
+            print("starting Kafka ...", flush=True)
+            broker.start()
+            env.setdefault("K2_KAFKA_BOOTSTRAP", broker.bootstrap_servers)
+        print(f"Kafka ready on {env['K2_KAFKA_BOOTSTRAP']}", flush=True)
         logs = k2_home() / "logs"
         logs.mkdir(exist_ok=True)
-        bin_dir = Path(sys.executable).parent
-        workspace = str(PROJECT_ROOT / "workspace.yaml")
-        dagster = [
-            ("dagster daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace]),
-            ("dagster webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace,
-                                   "-h", "127.0.0.1", "-p", str(args.port)]),
-        ]
-        for name, argv in services(args):
-            log = (logs / f"{name.replace(' ', '-')}.log").open("ab")
-            processes.append((name, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                     start_new_session=True)))
-            print(f"started {name} (log: {log.name})", flush=True)
-        for name, argv in dagster:
-            # Run from DAGSTER_HOME so the project's own dagster.yaml is not mistaken for the instance's.
-            processes.append((name, subprocess.Popen(argv, env=env, cwd=home, start_new_session=True)))
+        for service in services(args, logs, home):
+            with service.log.open("ab") as log:  # the child keeps its own copy of the descriptor
+                process = subprocess.Popen(service.argv, env=env, cwd=service.cwd, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            running.append((service, process))
+            print(f"started {service.name} (log: {service.log})", flush=True)
         print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything)", flush=True)
-        while all(process.poll() is None for _, process in processes):
+        while all(process.poll() is None for _, process in running):
             time.sleep(0.5)
-        for name, process in processes:
+        for service, process in running:
             if process.poll() is not None:
-                print(f"{name} exited with code {process.returncode}; stopping the rest", file=sys.stderr)
+                print(f"{service.name} exited with code {process.returncode}; the last lines of {service.log}:\n"
+                      f"{log_tail(service.log)}\nstopping the rest", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
@@ -112,13 +131,14 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave Kafka running
-        for _, process in reversed(processes):
+        for _, process in reversed(running):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        for name, process in reversed(processes):
+        for _, process in reversed(running):
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        broker.stop()
+        if broker is not None:
+            broker.stop()
         print("stopped", flush=True)

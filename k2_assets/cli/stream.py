@@ -1,7 +1,7 @@
 """`k2 stream binance`: Binance trades into Kafka, live or from the bundled recording.
 
 The default source is the live endpoint; when it cannot be reached (no network) the command
-says so in one line and streams the bundled recording from an in-process replay server
+says so in one line and streams the bundled recording from an in-process recording server
 instead, looping with current times, so `make run` always streams.
 """
 
@@ -14,44 +14,48 @@ import threading
 
 from k2_resources.binance.client import DEFAULT_SYMBOLS, LIVE_BASE_URL, combined_stream_url, probe
 from k2_resources.binance.streamer import (
-    DEFAULT_DLQ_TOPIC,
     DEFAULT_METRICS_PORT,
     DEFAULT_PARTITIONS,
-    DEFAULT_TOPIC,
     StreamerConfig,
     StreamMetrics,
     StreamStats,
     run_streamer,
-    run_with_local_replay,
+    run_with_local_recording,
 )
+from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("stream", help="stream a live source into Kafka")
     sources = parser.add_subparsers(dest="stream_source", required=True)
     binance = sources.add_parser("binance", help="Binance spot trades -> Kafka (trade V2 Avro)")
-    binance.add_argument("--source", choices=["live", "replay"], default="live",
-                         help="live Binance (default; falls back to replay when unreachable) or the local replay")
+    binance.add_argument("--source", choices=["live", "recording"], default="live",
+                         help="live Binance (default; falls back to the recording when unreachable) or the bundled recording")
     binance.add_argument("--url", default=LIVE_BASE_URL, help=f"live endpoint (default {LIVE_BASE_URL})")
     binance.add_argument("--symbols", nargs="+", default=list(DEFAULT_SYMBOLS), metavar="SYMBOL")
     binance.add_argument("--max-messages", type=int, default=None, help="stop after N frames received")
     binance.add_argument("--speed", type=float, default=1.0,
-                         help="replay speed factor (default 1 = as recorded; 0 = as fast as possible)")
-    binance.add_argument("--once", action="store_true", help="replay the recording once instead of looping")
-    binance.add_argument("--topic", default=DEFAULT_TOPIC)
-    binance.add_argument("--dlq-topic", default=DEFAULT_DLQ_TOPIC)
+                         help="playback speed factor (default 1 = as recorded; 0 = as fast as possible)")
+    binance.add_argument("--once", action="store_true", help="play the recording once instead of looping")
+    binance.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
+    binance.add_argument("--dlq-topic", default=BINANCE_TRADES_DLQ_TOPIC)
     binance.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
     binance.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                          help=f"/metrics port on 127.0.0.1 (default {DEFAULT_METRICS_PORT}; 0 = a free port)")
     binance.set_defaults(handler=_run)
 
 
+def streamer_config(args: argparse.Namespace) -> StreamerConfig:
+    """The streamer settings parsed `k2 stream binance` arguments ask for (the command serves the metrics)."""
+    return StreamerConfig(url=args.url, symbols=tuple(s.upper() for s in args.symbols), topic=args.topic,
+                          dlq_topic=args.dlq_topic, partitions=args.partitions, metrics_port=None)
+
+
 def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    config = StreamerConfig(url=args.url, symbols=tuple(s.upper() for s in args.symbols), topic=args.topic,
-                            dlq_topic=args.dlq_topic, partitions=args.partitions, metrics_port=None)
+    config = streamer_config(args)
     metrics = StreamMetrics()
     port = metrics.serve(args.metrics_port)
     try:
@@ -77,7 +81,7 @@ async def _stream(args: argparse.Namespace, config: StreamerConfig, metrics: Str
             print(f"streaming live {url} -> {destination}", flush=True)
             return await run_streamer(config, **options)
         print(f"live Binance endpoint {url} is unreachable ({reason}); streaming the bundled recording "
-              f"from a local replay server instead -> {destination}", flush=True)
+              f"from a local recording server instead -> {destination}", flush=True)
     else:
-        print(f"streaming the bundled recording from a local replay server -> {destination}", flush=True)
-    return await run_with_local_replay(config, speed=speed, loop=not args.once, **options)
+        print(f"streaming the bundled recording from a local recording server -> {destination}", flush=True)
+    return await run_with_local_recording(config, speed=speed, loop=not args.once, **options)

@@ -17,13 +17,14 @@ from pydantic import Field
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.operations.replay_topic import ReplaySpec, replay_to_kafka
-from k2_resources.trades.replay import ReplayEngine
+from k2_resources.topics import replay_trades_topic
+from k2_resources.trades.time_ordered import TimeOrderedReader
 
 
 class ReplayConfig(Config):
     """The window to replay; the defaults replay the ASX trading day of 11 March 2014."""
 
-    topic: str = Field(default="replay.trades.asx-2014-03-11", description="Kafka topic to replay into")
+    topic: str = Field(default=replay_trades_topic("asx-2014-03-11"), description="Kafka topic to replay into")
     start: str = Field(default="2014-03-11T00:00:00+11:00", description="window start, ISO 8601 with offset")
     end: str = Field(default="2014-03-12T00:00:00+11:00", description="window end (exclusive)")
     symbols: list[str] = Field(default_factory=list, description="symbols to replay; empty: all")
@@ -38,7 +39,7 @@ def replay_trades(context: OpExecutionContext, config: ReplayConfig, kafka: Kafk
         topic=config.topic, start=datetime.fromisoformat(config.start), end=datetime.fromisoformat(config.end),
         symbols=tuple(config.symbols) or None, exchange=config.exchange or None,
     )
-    result = replay_to_kafka(spec, kafka, ReplayEngine(iceberg), speed=config.speed or None)
+    result = replay_to_kafka(spec, kafka, TimeOrderedReader(iceberg), speed=config.speed or None)
     context.log.info(
         f"replay {result.replay_id} of snapshot {result.snapshot_id}: {result.total} trades in the window, "
         f"{result.already_in_topic} already in {result.topic}, {result.produced} produced now"
@@ -62,7 +63,7 @@ def trades_replay_nightly(context: ScheduleEvaluationContext) -> RunRequest:
     return RunRequest(
         run_key=f"replay-{day.isoformat()}",
         run_config={"ops": {"replay_trades": {"config": {
-            "topic": f"replay.trades.{day.isoformat()}", "start": start.isoformat(),
+            "topic": replay_trades_topic(day.isoformat()), "start": start.isoformat(),
             "end": (start + timedelta(days=1)).isoformat(),
         }}}},
     )

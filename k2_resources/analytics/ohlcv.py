@@ -23,66 +23,27 @@ from typing import Iterable, Sequence
 import polars as pl
 import pyarrow as pa
 from pyiceberg.catalog import Catalog
-from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
+from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, In, LessThan
-from pyiceberg.partitioning import PartitionField, PartitionSpec
-from pyiceberg.schema import Schema
 from pyiceberg.table import Table
-from pyiceberg.table.sorting import SortField, SortOrder
-from pyiceberg.transforms import IdentityTransform, MonthTransform
-from pyiceberg.types import DecimalType, LongType, NestedField, StringType, TimestamptzType
 
 from k2_resources.errors import K2Error
-from k2_resources.tables import PRICE, TableDefinition
+from k2_resources.iceberg import ensure_tables
+from k2_resources.tables import OHLCV, OHLCV_SCHEMA, TRADES
+from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
 
 INTERVALS: dict[str, str] = {"1m": "1m", "5m": "5m", "1h": "1h", "1d": "1d"}  # name -> polars duration
 EXCHANGE_TIME_ZONES: dict[str, str] = {"ASX": "Australia/Sydney"}  # others: UTC
 TRADE_COLUMNS = ("symbol", "exchange", "timestamp", "price", "quantity", "source_sequence", "platform_sequence",
                  "message_id")
-VOLUME = DecimalType(38, 8)
-
-OHLCV_SCHEMA = Schema(
-    NestedField(1, "interval", StringType(), required=True, doc="1m, 5m, 1h or 1d"),
-    NestedField(2, "symbol", StringType(), required=True),
-    NestedField(3, "exchange", StringType(), required=True),
-    NestedField(4, "bucket_start", TimestamptzType(), required=True, doc="inclusive"),
-    NestedField(5, "bucket_end", TimestamptzType(), required=True, doc="exclusive"),
-    NestedField(6, "open", PRICE, required=True),
-    NestedField(7, "high", PRICE, required=True),
-    NestedField(8, "low", PRICE, required=True),
-    NestedField(9, "close", PRICE, required=True),
-    NestedField(10, "volume", VOLUME, required=True, doc="sum of quantity"),
-    NestedField(11, "notional", VOLUME, required=True, doc="sum of price * quantity"),
-    NestedField(12, "vwap", PRICE, required=True, doc="notional / volume"),
-    NestedField(13, "trade_count", LongType(), required=True),
-    NestedField(14, "first_trade_at", TimestamptzType(), required=True),
-    NestedField(15, "last_trade_at", TimestamptzType(), required=True),
-    NestedField(16, "computed_at", TimestamptzType(), required=True),
-)
-
-OHLCV = TableDefinition(
-    "ohlcv",
-    OHLCV_SCHEMA,
-    PartitionSpec(
-        PartitionField(source_id=1, field_id=1000, transform=IdentityTransform(), name="interval"),
-        PartitionField(source_id=3, field_id=1001, transform=IdentityTransform(), name="exchange"),
-        PartitionField(source_id=4, field_id=1002, transform=MonthTransform(), name="bucket_start_month"),
-    ),
-    SortOrder(SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())),
-)
 
 
 def ohlcv_table(catalog: Catalog) -> Table:
-    """``market.ohlcv``, created on first use."""
+    """``market.ohlcv``, created with the other K2 tables if it does not exist yet."""
     try:
         return catalog.load_table(OHLCV.identifier)
     except NoSuchTableError:
-        try:
-            catalog.create_table(OHLCV.identifier, schema=OHLCV.schema, partition_spec=OHLCV.partition_spec,
-                                 sort_order=OHLCV.sort_order,
-                                 properties={"write.parquet.compression-codec": "zstd", "format-version": "2"})
-        except TableAlreadyExistsError:
-            pass
+        ensure_tables(catalog)
         return catalog.load_table(OHLCV.identifier)
 
 
@@ -246,3 +207,29 @@ def exchange_day_bounds(exchange: str, day: str | datetime) -> tuple[datetime, d
     start = datetime(local.year, local.month, local.day, tzinfo=zone)
     end = datetime(following.year, following.month, following.day, tzinfo=zone)
     return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+
+
+def empty_bars() -> pl.DataFrame:
+    """No bars, in OHLCV's columns."""
+    return pl.from_arrow(OHLCV.arrow_schema().empty_table())
+
+
+def empty_trades() -> pl.DataFrame:
+    """No trades, in TRADE_COLUMNS."""
+    return pl.from_arrow(TRADES.arrow_schema().empty_table()).select(TRADE_COLUMNS)
+
+
+def stored_bars(ohlcv: Table, exchange: str, start: datetime, end: datetime) -> pl.DataFrame:
+    """The bars of ``exchange`` in ``market.ohlcv`` whose buckets start in [start, end)."""
+    rows = ohlcv.scan(row_filter=And(EqualTo("exchange", exchange), And(
+        GreaterThanOrEqual("bucket_start", start.isoformat()), LessThan("bucket_start", end.isoformat())))).to_arrow()
+    return pl.from_arrow(rows)
+
+
+def read_trades(table: Table, snapshot_id: int | None, row_filter: RowFilter) -> pl.DataFrame:
+    """The TRADE_COLUMNS of the trades matching ``row_filter`` in snapshot ``snapshot_id`` of market.trades."""
+    reader = SnapshotReader()
+    try:
+        return pl.from_arrow(reader.read(table, snapshot_id, row_filter, columns=TRADE_COLUMNS))
+    finally:
+        reader.close()

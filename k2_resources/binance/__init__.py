@@ -1,1 +1,1 @@
-"""Binance source: normaliser, WebSocket client, local replay server and the Kafka streamer."""
+"""Binance source: normaliser, WebSocket client, local recording server and the Kafka streamer."""

@@ -11,8 +11,8 @@ The client yields raw text frames and keeps the stream alive:
   ``max_connection_age_s`` (default 23.5 h): it opens the new connection first, keeps reading
   the old one until that has caught up with the new one's first trade, and only then closes
   it, so nothing falls in between (the overlap comes through twice and the tracker drops it);
-- a close with code 1000 and reason ``end of replay`` (sent only by K2's replay server at the
-  end of a once-only replay) ends the stream; so do ``stop_event`` and ``idle_timeout_s``.
+- a close with code 1000 and reason ``end of recording`` (sent only by K2's recording server at the
+  end of a once-only playback) ends the stream; so do ``stop_event`` and ``idle_timeout_s``.
 
 :class:`TradeIdTracker` drops trades already seen per symbol and counts gaps in the ids.
 """
@@ -31,7 +31,7 @@ from typing import Protocol
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from k2_resources.binance.replay_server import END_OF_REPLAY_REASON
+from k2_resources.binance.recording_server import END_OF_RECORDING_REASON
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ClientStats:
     failed_attempts: int = 0  # connection attempts that failed
     frames: int = 0
     last_close: str | None = None
-    ended_by: str | None = None  # end_of_replay | stop | idle | max_frames
+    ended_by: str | None = None  # end_of_recording | stop | idle | max_frames
 
 
 @dataclass
@@ -159,8 +159,8 @@ class BinanceStreamClient:
             except ConnectionClosed as closed:
                 received = closed.rcvd
                 self.stats.last_close = f"{received.code} {received.reason}" if received else "no close frame"
-                if received is not None and received.code == 1000 and received.reason == END_OF_REPLAY_REASON:
-                    self.stats.ended_by = "end_of_replay"
+                if received is not None and received.code == 1000 and received.reason == END_OF_RECORDING_REASON:
+                    self.stats.ended_by = "end_of_recording"
                     return
                 log.warning("connection to %s closed (%s); reconnecting", self.url, self.stats.last_close)
             finally:

@@ -34,9 +34,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from dagster import ConfigurableResource
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from pydantic import Field
 
 from k2_resources.binance.client import (
     BINANCE_MAX_CONNECTION_AGE_S,
@@ -49,15 +47,14 @@ from k2_resources.binance.client import (
     combined_stream_url,
 )
 from k2_resources.binance.normalise import MalformedTradeMessage, normalise_trade
-from k2_resources.binance.replay_server import ReplayServer
+from k2_resources.binance.recording_server import RecordingServer
 from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import encode_trade
+from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOPIC = "market.trades.binance"
-DEFAULT_DLQ_TOPIC = "market.trades.binance.dlq"
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_PARTITIONS = 3
 DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
@@ -69,8 +66,8 @@ class StreamerConfig:
 
     url: str = LIVE_BASE_URL  # a base URL the symbols' streams are appended to, or a full combined-stream URL
     symbols: tuple[str, ...] = DEFAULT_SYMBOLS
-    topic: str = DEFAULT_TOPIC
-    dlq_topic: str = DEFAULT_DLQ_TOPIC
+    topic: str = BINANCE_TRADES_TOPIC
+    dlq_topic: str = BINANCE_TRADES_DLQ_TOPIC
     partitions: int = DEFAULT_PARTITIONS
     metrics_port: int | None = DEFAULT_METRICS_PORT  # None: no /metrics endpoint; 0: a free port
     backoff_initial_s: float = 1.0
@@ -81,33 +78,6 @@ class StreamerConfig:
     @property
     def stream_url(self) -> str:
         return combined_stream_url(self.url, self.symbols)
-
-
-class BinanceStreamResource(ConfigurableResource):
-    """Settings of the Binance streamer (`k2 stream binance`), usable from Dagster; defaults need no settings."""
-
-    source_url: str = Field(default=LIVE_BASE_URL,
-                            description="base URL of the source (the symbols' streams are appended), "
-                                        "or a full /stream?streams=... URL")
-    symbols: list[str] = Field(default_factory=lambda: list(DEFAULT_SYMBOLS))
-    topic: str = Field(default=DEFAULT_TOPIC, description="Kafka topic of trade V2 records")
-    dlq_topic: str = Field(default=DEFAULT_DLQ_TOPIC, description="Kafka topic of frames that are not valid trades")
-    partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
-    metrics_port: int = Field(default=DEFAULT_METRICS_PORT, description="port of /metrics on 127.0.0.1")
-    backoff_initial_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=60.0, gt=0)
-
-    def config(self, **overrides: Any) -> StreamerConfig:
-        values: dict[str, Any] = dict(url=self.source_url, symbols=tuple(self.symbols), topic=self.topic,
-                                      dlq_topic=self.dlq_topic, partitions=self.partitions,
-                                      metrics_port=self.metrics_port, backoff_initial_s=self.backoff_initial_s,
-                                      backoff_max_s=self.backoff_max_s)
-        values.update(overrides)
-        return StreamerConfig(**values)
-
-    def stream(self, kafka: KafkaResource | None = None, **options: Any) -> StreamStats:
-        """Run the streamer with these settings until it ends (see run_streamer for the options)."""
-        return asyncio.run(run_streamer(self.config(), kafka, **options))
 
 
 class StreamMetrics:
@@ -260,7 +230,7 @@ async def run_streamer(
     idle_timeout_s: float | None = None,
     metrics: StreamMetrics | None = None,
 ) -> StreamStats:
-    """Stream until the source ends the stream (end of a replay), a stop, idle_timeout_s without
+    """Stream until the source ends the stream (end of the recording), a stop, idle_timeout_s without
     frames, or max_messages frames received; flushes the producer before it returns."""
     metrics = metrics or StreamMetrics()
     own_metrics_server = config.metrics_port is not None and metrics.port is None
@@ -298,7 +268,7 @@ async def run_streamer(
     return stats
 
 
-async def run_with_local_replay(
+async def run_with_local_recording(
     config: StreamerConfig,
     kafka: KafkaResource | None = None,
     *,
@@ -306,11 +276,11 @@ async def run_with_local_replay(
     loop: bool = True,
     **options: Any,
 ) -> StreamStats:
-    """Stream from an in-process replay server of the bundled recording (the offline default).
+    """Stream from an in-process recording server of the bundled recording (the offline default).
 
-    Looping replays use the "now" time base, so trades carry current times and fresh trade ids.
+    Looping playback uses the "now" time base, so trades carry current times and fresh trade ids.
     """
-    server = ReplayServer(speed=speed, loop=loop, time_base="now" if loop else "recorded")
+    server = RecordingServer(speed=speed, loop=loop, time_base="now" if loop else "recorded")
     async with server:
         local = StreamerConfig(**{**asdict(config), "url": server.base_url})
         return await run_streamer(local, kafka, **options)
@@ -318,11 +288,11 @@ async def run_with_local_replay(
 
 def stream_to_kafka(
     url: str,
-    topic: str = DEFAULT_TOPIC,
+    topic: str = BINANCE_TRADES_TOPIC,
     kafka: KafkaResource | None = None,
     *,
     symbols: tuple[str, ...] | list[str] = DEFAULT_SYMBOLS,
-    dlq_topic: str = DEFAULT_DLQ_TOPIC,
+    dlq_topic: str = BINANCE_TRADES_DLQ_TOPIC,
     partitions: int = DEFAULT_PARTITIONS,
     max_messages: int | None = None,
     stop_event: StopSignal | None = None,
@@ -335,10 +305,10 @@ def stream_to_kafka(
 ) -> StreamStats:
     """Stream a Binance combined stream into Kafka; blocks until done.
 
-    ``url`` is a full ``.../stream?streams=...`` URL (e.g. ReplayServerThread.url) or a base URL
-    (``wss://stream.binance.com:9443``, ``ReplayServerThread.base_url``) that ``symbols`` complete.
+    ``url`` is a full ``.../stream?streams=...`` URL (e.g. RecordingServerThread.url) or a base URL
+    (``wss://stream.binance.com:9443``, ``RecordingServerThread.base_url``) that ``symbols`` complete.
 
-    Returns when the server ends the stream (a once-only replay closes with 1000 "end of replay"),
+    Returns when the server ends the stream (a once-only playback closes with 1000 "end of recording"),
     when stop_event (threading.Event) is set, after idle_timeout_s without frames, or after
     max_messages frames. Call from a thread that has no running asyncio loop.
     """

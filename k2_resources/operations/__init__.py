@@ -1,1 +1,1 @@
-"""Operations domain code: table maintenance (compaction, snapshot expiry, orphan clean-up)."""
+"""Operating the platform: table maintenance, Kafka replays, the metrics exporter, table metrics."""

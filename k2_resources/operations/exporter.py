@@ -30,7 +30,7 @@ from k2_resources.metrics import (
     SPILLED_BATCHES,
 )
 from k2_resources.operations.table_metrics import update_table_metrics
-from k2_resources.trades.microbatch import DEFAULT_TOPIC, dead_letter_topic
+from k2_resources.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.trades.offsets import SPILLED, committed_offsets, pending_ranges
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class MetricsPoller:
 
     kafka: KafkaResource = field(default_factory=KafkaResource)
     iceberg: IcebergResource = field(default_factory=IcebergResource)
-    topic: str = DEFAULT_TOPIC
+    topic: str = BINANCE_TRADES_TOPIC
     instance: DagsterInstance | None = None
     _dead_letters_seen: int | None = None
     _materialization_cursor: str | None = None

@@ -9,7 +9,7 @@ headers naming the replay and its position::
 
 Before producing, the writer reads the topic's last message: the same replay resumes after
 its last sequence number (a finished replay writes nothing), another replay's topic is
-refused. With the engine's deterministic order (timestamp, source_sequence, ...) and the
+refused. With the reader's deterministic order (timestamp, source_sequence, ...) and the
 idempotent producer, running a replay twice leaves the same topic content as running it once,
 and a replay killed half-way is completed by running it again.
 """
@@ -28,7 +28,7 @@ from kafka import TopicPartition
 from k2_resources.errors import K2Error
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import encode_trade
-from k2_resources.trades.replay import ReplayEngine
+from k2_resources.trades.time_ordered import TimeOrderedReader
 
 REPLAY_ID = "k2.replay.id"
 REPLAY_SEQ = "k2.replay.seq"
@@ -85,7 +85,7 @@ def _last_message_headers(kafka: KafkaResource, topic: str) -> tuple[int, dict[s
 def replay_to_kafka(
     spec: ReplaySpec,
     kafka: KafkaResource,
-    engine: ReplayEngine,
+    reader: TimeOrderedReader,
     speed: float | None = None,
     limit: int | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -104,7 +104,7 @@ def replay_to_kafka(
     produced = total = 0
     paced_from: tuple[float, datetime] | None = None
     try:
-        for sequence, record in enumerate(engine.replay(spec.symbols, spec.start, spec.end, exchange=spec.exchange)):
+        for sequence, record in enumerate(reader.records(spec.symbols, spec.start, spec.end, exchange=spec.exchange)):
             total = sequence + 1
             if sequence < done:
                 continue  # already in the topic from an earlier run of this replay
@@ -119,10 +119,10 @@ def replay_to_kafka(
             producer.send(spec.topic, key=record["symbol"].encode(), value=encode_trade(record), partition=0, headers=[
                 (REPLAY_ID, spec.replay_id.encode()),
                 (REPLAY_SEQ, str(sequence).encode()),
-                (REPLAY_SNAPSHOT, str(engine.progress.snapshot_id).encode()),
+                (REPLAY_SNAPSHOT, str(reader.progress.snapshot_id).encode()),
             ])
             produced += 1
         producer.flush()
     finally:
         producer.close()
-    return ReplayResult(spec.topic, spec.replay_id, done, produced, total, engine.progress.snapshot_id)
+    return ReplayResult(spec.topic, spec.replay_id, done, produced, total, reader.progress.snapshot_id)

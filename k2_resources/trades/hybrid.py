@@ -33,9 +33,9 @@ from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.tables import QUOTES, TRADES
+from k2_resources.topics import BINANCE_TRADES_TOPIC
 from k2_resources.trades.iceberg_read import DEFAULT_READ_PATH, RowFilter, ScanStats, SnapshotReader
 from k2_resources.trades.kafka_tail import KafkaTail, TailStats
-from k2_resources.trades.microbatch import DEFAULT_TOPIC
 from k2_resources.trades.offsets import PendingRange, committed_offsets, pending_ranges, snapshot_committed_offsets
 
 _ORDER = [("timestamp", "ascending"), ("platform_sequence", "ascending"), ("source_sequence", "ascending"),
@@ -99,7 +99,7 @@ class HybridQueryResource(ConfigurableResource):
 
     kafka: KafkaResource = Field(default_factory=KafkaResource)
     iceberg: IcebergResource = Field(default_factory=IcebergResource)
-    topics: list[str] = Field(default_factory=lambda: [DEFAULT_TOPIC],
+    topics: list[str] = Field(default_factory=lambda: [BINANCE_TRADES_TOPIC],
                               description="Kafka topics of trade V2 records whose tails are read")
     read_path: str = Field(default=DEFAULT_READ_PATH,
                            description="Iceberg read path: polars (default, measured fastest), planned, duckdb, pyiceberg")

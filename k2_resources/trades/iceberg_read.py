@@ -142,7 +142,7 @@ class SnapshotReader:
     def _connection(self, with_iceberg: bool) -> duckdb.DuckDBPyConnection:
         if with_iceberg:
             if self._iceberg is None:
-                from k2_resources.query import connect_with_iceberg
+                from k2_resources.duckdb_query import connect_with_iceberg
 
                 self._iceberg = connect_with_iceberg()
                 self._iceberg.execute("SET threads = ?", [self.threads])

@@ -12,7 +12,7 @@ the table's committed offsets decide:
 So a re-run of a committed range writes nothing, and a run killed at any point (before or
 after its Iceberg commit) is repaired by running the same range again.
 
-Degradation (the level travels in the run's config; see k2_sensors/operations/degradation.py):
+Degradation (the level travels in the run's config; see k2_resources/degradation/levels.py):
 
 - NORMAL: rows are enriched (``enrich``: ``k2.notional`` = price x quantity as an exact decimal
   string and ``k2.tier``, the symbol's load-shedding tier, added to vendor_data) and appended.
@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 from kafka import TopicPartition
@@ -48,12 +48,15 @@ from kafka.structs import OffsetAndMetadata
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.table import Table
 
-from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources import metrics
+from k2_resources.degradation.shedding import LoadShedder
+from k2_resources.degradation.spill import SpillStore
+from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources.iceberg import IcebergResource, to_arrow
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import decode_trade
 from k2_resources.tables import TRADES
+from k2_resources.topics import dead_letter_topic
 from k2_resources.trades.offsets import (
     DEFERRED,
     PREFIX,
@@ -67,13 +70,8 @@ from k2_resources.trades.offsets import (
     pending_ranges,
 )
 
-if TYPE_CHECKING:
-    from k2_sensors.operations.load_shedding import LoadShedder
-    from k2_sensors.operations.spill import SpillStore
-
 log = logging.getLogger(__name__)
 
-DEFAULT_TOPIC = "market.trades.binance"
 CONSUMER_GROUP = "k2-iceberg-sink"
 
 
@@ -105,10 +103,6 @@ class BatchResult:
     enriched: bool = False
     level: int = 0
     sequence_gaps: dict[str, int] = field(default_factory=dict)  # symbol -> trade ids missing in the range
-
-
-def dead_letter_topic(topic: str) -> str:
-    return f"{topic}.dlq"
 
 
 def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0) -> BatchRead:
@@ -290,7 +284,7 @@ def commit_consumer_group(kafka: KafkaResource, batch: OffsetRange, group_id: st
         consumer.close()
 
 
-def enrich(records: list[dict], shedder: "LoadShedder") -> None:
+def enrich(records: list[dict], shedder: LoadShedder) -> None:
     """Add the derived fields of NORMAL operation to each record's vendor_data (in place).
 
     ``k2.notional``: price x quantity, an exact decimal string (the traded value in the quote
@@ -322,33 +316,21 @@ def sequence_gaps(records: list[dict]) -> dict[str, int]:
     return gaps
 
 
-def _default_shedder() -> "LoadShedder":
-    from k2_sensors.operations.load_shedding import LoadShedder
-
-    return LoadShedder()
-
-
-def _default_spill_store() -> "SpillStore":
-    from k2_sensors.operations.spill import SpillStore
-
-    return SpillStore()
-
-
 def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
                    before_commit: Callable[[], None] | None = None, *, level: int = 0,
-                   shedder: "LoadShedder | None" = None, spill_store: "SpillStore | None" = None) -> BatchResult:
+                   shedder: LoadShedder | None = None, spill_store: SpillStore | None = None) -> BatchResult:
     """Read, dead-letter, commit to Iceberg, then move the consumer group: one whole micro-batch.
 
     ``level`` is the degradation level (0 NORMAL .. 3 AGGRESSIVE) the run works at; see the
     module docstring for what each level writes.
     """
-    shedder = shedder or _default_shedder()
+    shedder = shedder or LoadShedder()
     table = iceberg.trades()
     if committed_offsets(table, batch.topic).get(batch.partition, 0) >= batch.end:
         commit_consumer_group(kafka, batch)
         return BatchResult(batch, 0, 0, True, None, 0.0, level=level)
     if shedder.spill(level):
-        return _spill_microbatch(kafka, iceberg, batch, before_commit, level, spill_store or _default_spill_store())
+        return _spill_microbatch(kafka, iceberg, batch, before_commit, level, spill_store or SpillStore())
     read = read_range(kafka, batch)
     # Dead letters first: if the run dies after this, the re-run sends them again (at-least-once
     # for the DLQ, which carries the source offset to dedupe on), while the table stays exact.
@@ -375,7 +357,7 @@ def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: Offset
 
 
 def _spill_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
-                      before_commit: Callable[[], None] | None, level: int, spill_store: "SpillStore") -> BatchResult:
+                      before_commit: Callable[[], None] | None, level: int, spill_store: SpillStore) -> BatchResult:
     """AGGRESSIVE: spill the raw range to Parquet, then commit the offsets with a pending spilled entry."""
     raw = read_raw_range(kafka, batch)
     committed = committed_offsets(iceberg.trades(), batch.topic).get(batch.partition, 0)
@@ -397,7 +379,7 @@ def _spill_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: Off
 
 
 def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange, *, level: int = 0,
-                  shedder: "LoadShedder | None" = None, spill_store: "SpillStore | None" = None,
+                  shedder: LoadShedder | None = None, spill_store: SpillStore | None = None,
                   before_commit: Callable[[], None] | None = None, max_attempts: int = 8) -> BatchResult:
     """Write the missing rows of the pending range ``batch`` and remove its entry, in one commit.
 
@@ -405,8 +387,8 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
     deleted. Deferred rows are re-read from Kafka (the deferred symbols only); spilled rows come
     from the spill file, or from Kafka if the file is gone.
     """
-    shedder = shedder or _default_shedder()
-    spill_store = spill_store or _default_spill_store()
+    shedder = shedder or LoadShedder()
+    spill_store = spill_store or SpillStore()
     entry = _find_pending(iceberg, batch)
     if entry is None:
         _delete_spilled(spill_store, batch)
@@ -457,7 +439,7 @@ def _find_pending(iceberg: IcebergResource, batch: OffsetRange) -> PendingRange 
     return None
 
 
-def _delete_spilled(spill_store: "SpillStore", batch: OffsetRange) -> None:
+def _delete_spilled(spill_store: SpillStore, batch: OffsetRange) -> None:
     for spilled in spill_store.list(batch.topic, batch.partition):
         if (spilled.start, spilled.end) == (batch.start, batch.end):
             spill_store.delete(spilled)

@@ -1,1 +1,1 @@
-"""Sensors of the Binance stream: stream_sensor (the Dagster sensor), stream_state (its rules), driver."""
+"""Sensors of the Binance stream: stream_sensor (the Dagster sensor), stream_rules (its pure rules), driver."""

@@ -5,13 +5,17 @@ A tick only reads offsets (Kafka end offsets, the table's committed offsets and 
 ranges, the dead-letter topic's end offsets), the status of the runs it requested and the
 latest materialisations' metadata: it stays far below the sensor timeout; the work is in the runs.
 
-Degradation, each tick: lag and memory -> DegradationManager (state in the cursor, under
-``extra["degradation"]``) -> level; a transition is logged with its cause; the level, lag and
+A tick is three steps: ``observe`` (every read, here) -> ``decide`` -> ``report`` (both pure, in
+``stream_rules``); ``evaluate_stream`` composes them into the SensorResult and sets the metrics.
+
+Degradation, each tick: lag and memory -> DegradationManager (state in the cursor's
+``degradation``) -> level; a transition is logged with its cause; the level, lag and
 backlogs are set as Prometheus metrics; the level travels to each requested run in its config.
 CIRCUIT_BREAK requests nothing but one probe round per cooldown; at SOFT or below, pending
 (deferred and spilled) ranges get ``mode: recover`` runs.
 """
 
+from __future__ import annotations
 
 import json
 import logging
@@ -36,33 +40,28 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 from kafka import TopicPartition
 
 from k2_resources import metrics
+from k2_resources.degradation.levels import DegradationLevel, system_memory_percent
+from k2_resources.degradation.resource import DegradationResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import dead_letter_topic
+from k2_resources.topics import dead_letter_topic
 from k2_resources.trades.offsets import DEFERRED, SPILLED, OffsetRange
-from k2_resources.trades.sink import TradeSinkResource
-from k2_sensors.binance.stream_state import (
+from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_sensors.binance.stream_rules import (
+    INGEST,
     RUN_ACTIVE,
     RUN_FAILED,
     RUN_SUCCEEDED,
     CheckOutcome,
+    Decision,
+    Observation,
     StreamCursor,
+    StreamSettings,
     StreamSnapshot,
-    baseline_evaluation,
-    batch_level,
-    dead_letter_evaluation,
-    deferred_backlog_evaluation,
-    degradation_evaluation,
-    lag_evaluation,
-    note_probe,
-    plan_batches,
-    plan_recoveries,
+    decide,
     recovery_run_keys,
-    sequence_gap_evaluation,
-    spilled_backlog_evaluation,
+    report,
 )
-from k2_sensors.operations.config import DegradationResource
-from k2_sensors.operations.degradation import DegradationLevel, system_memory_percent
 
 _logger = logging.getLogger("k2.stream_sensor")
 
@@ -82,7 +81,7 @@ def run_statuses(instance: DagsterInstance, run_keys: list[str]) -> dict[str, st
     return statuses
 
 
-def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, mode: str = "ingest") -> RunRequest:
+def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, mode: str = INGEST) -> RunRequest:
     """The run for one offset range: the range, degradation level and mode in run config, and tags to find it by."""
     return RunRequest(
         run_key=run_key,
@@ -141,6 +140,40 @@ def check_evaluation(outcome: CheckOutcome) -> AssetCheckEvaluation:
     )
 
 
+def observe(
+    instance: DagsterInstance,
+    cursor: StreamCursor,
+    kafka: KafkaResource,
+    iceberg: IcebergResource,
+    sink: TradeSinkResource,
+    degradation: DegradationResource,
+    memory_percent: Callable[[], float] = system_memory_percent,
+) -> Observation:
+    """Every read of one tick: offsets and pending ranges, the in-flight runs' statuses, memory,
+    dead letters, the latest batches' sequence gaps and the spill folder's backlog."""
+    dlq = dead_letter_topic(sink.topic)
+    return Observation(
+        snapshot=StreamSnapshot.read(kafka, iceberg, sink.topic),
+        run_status=run_statuses(instance, [flight.run_key for flight in cursor.in_flight.values()]
+                                + recovery_run_keys(cursor)),
+        memory_percent=memory_percent(),
+        dead_letter_topic=dlq,
+        dead_letters=dead_letter_total(kafka, dlq),
+        batch_gaps=latest_batch_gaps(instance, sink.topic),
+        spill_files=degradation.spill_store().backlog(),
+    )
+
+
+def publish_metrics(observation: Observation, decision: Decision) -> None:
+    """The level, per-partition lag and backlogs as Prometheus gauges."""
+    snapshot = observation.snapshot
+    metrics.DEGRADATION_LEVEL.set(int(decision.level))
+    for partition in snapshot.end_offsets:
+        metrics.CONSUMER_LAG.labels(snapshot.topic, str(partition)).set(snapshot.lag(partition))
+    metrics.DEFERRED_RANGES.set(len(snapshot.pending_of(DEFERRED)))
+    metrics.SPILLED_BATCHES.set(len(snapshot.pending_of(SPILLED)))
+
+
 def evaluate_stream(
     instance: DagsterInstance,
     cursor_json: str | None,
@@ -152,58 +185,24 @@ def evaluate_stream(
     clock: Callable[[], float] = time.time,
     memory_percent: Callable[[], float] = system_memory_percent,
 ) -> SensorResult:
-    """One tick: read offsets, set the degradation level, plan ranges and recoveries, report checks.
+    """One tick: observe, decide, report; then the SensorResult (runs, next cursor, check evaluations).
 
     Also used by `k2 demo` and the tests; ``log`` is the sensor's context.log (default: a logger).
     """
     log = log or _logger
     degradation = degradation or DegradationResource()
+    settings = StreamSettings.of(sink, degradation)
     cursor = StreamCursor.from_json(cursor_json)
-    snapshot = StreamSnapshot.read(kafka, iceberg, sink.topic)
-    now = clock()
-
-    manager = degradation.manager(cursor.extra.get("degradation"), clock=clock)
-    level = manager.evaluate(snapshot.total_lag, memory_percent())
-    transition = manager.last_transition
-    if transition is not None:
-        message = f"degradation {transition.from_level.name} -> {transition.to_level.name}: {transition.cause}"
-        (log.warning if transition.is_escalation else log.info)(message)
-    cursor.extra["degradation"] = manager.to_state()
-
-    statuses = run_statuses(instance, [flight.run_key for flight in cursor.in_flight.values()]
-                            + recovery_run_keys(cursor))
-    requests: list[RunRequest] = []
-    run_level = batch_level(level, cursor, manager.changed_at, degradation.cooldown_seconds, now)
-    if run_level is not None:
-        planned = plan_batches(snapshot, cursor, sink.max_batch_messages, statuses, sink.run_retry_after_seconds, now)
-        requests += [run_request(batch, key, attempt, run_level) for batch, key, attempt in planned]
-        if planned and level == DegradationLevel.CIRCUIT_BREAK:
-            note_probe(cursor, now)
-            log.info(f"circuit breaker half-open: {len(planned)} probe batch(es) at {run_level.name}")
-    recoveries = plan_recoveries(snapshot, cursor, level, statuses, sink.run_retry_after_seconds, now)
-    requests += [run_request(entry.range, key, attempt, level, mode="recover") for entry, key, attempt in recoveries]
-
-    spill_store = degradation.spill_store()
-    metrics.DEGRADATION_LEVEL.set(int(level))
-    for partition in snapshot.end_offsets:
-        metrics.CONSUMER_LAG.labels(snapshot.topic, str(partition)).set(snapshot.lag(partition))
-    metrics.DEFERRED_RANGES.set(len(snapshot.pending_of(DEFERRED)))
-    metrics.SPILLED_BATCHES.set(len(snapshot.pending_of(SPILLED)))
-
-    dlq = dead_letter_topic(sink.topic)
-    outcomes = [
-        lag_evaluation(snapshot, sink),
-        baseline_evaluation(snapshot),
-        degradation_evaluation(manager),
-        deferred_backlog_evaluation(snapshot),
-        spilled_backlog_evaluation(snapshot, spill_store.backlog()),
-        sequence_gap_evaluation(latest_batch_gaps(instance, sink.topic)),
-        dead_letter_evaluation(dlq, dead_letter_total(kafka, dlq)),
-    ]
+    observation = observe(instance, cursor, kafka, iceberg, sink, degradation, memory_percent)
+    decision = decide(observation, cursor, settings, clock())
+    told = report(observation, decision, settings)
+    for line in told.log_lines:
+        getattr(log, line.level)(line.message)
+    publish_metrics(observation, decision)
     return SensorResult(
-        run_requests=requests,
-        cursor=cursor.to_json(),
-        asset_events=[check_evaluation(outcome) for outcome in outcomes],
+        run_requests=[run_request(run.range, run.run_key, run.attempt, run.level, run.mode) for run in decision.runs],
+        cursor=decision.cursor.to_json(),
+        asset_events=[check_evaluation(outcome) for outcome in told.outcomes],
     )
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the five ASX trading days from CSV to Iceberg, through the code the assets run.
 
-Writes bench-results/asx_ingest.json: rows/s of k2_resources.asx.ingest_day (read the day's
+Writes bench-results/asx_ingest.json: rows/s of k2_resources.asx.writes.ingest_day (read the day's
 lines, validate and normalise to V2, replace the day in Iceberg with its dead letters) for
 trades and quotes, next to a baseline measured in the same run on the same files: pyarrow
 reading the CSVs and writing one zstd Parquet file per file (no validation, no catalog). The
@@ -20,16 +20,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from k2_resources.asx import (
-    FIELDS,
-    KINDS,
-    NORMALISERS,
-    default_data_dir,
-    ingest_day,
-    read_raw_day,
-    source_files,
-    trading_days,
-)
+from k2_resources.asx.files import FIELDS, KINDS, default_data_dir, read_raw_day, source_files, trading_days
+from k2_resources.asx.normalise import NORMALISERS
+from k2_resources.asx.writes import ingest_day
 from k2_resources.iceberg import IcebergResource
 from k2_resources.settings import PROJECT_ROOT
 
@@ -107,7 +100,7 @@ def test_asx_ingest_rows_per_second(k2_home: Path, tmp_path: Path) -> None:
 
     report = {
         "benchmark": "asx_ingest",
-        "what": "five ASX trading days (10-14 March 2014) from CSV to Iceberg via k2_resources.asx.ingest_day, "
+        "what": "five ASX trading days (10-14 March 2014) from CSV to Iceberg via k2_resources.asx.writes.ingest_day, "
         "the code the asx_trades/asx_quotes assets run; baseline: pyarrow CSV -> zstd Parquet on the same files",
         "measured_at": datetime.now(timezone.utc).isoformat(),
         "machine": {"python": platform.python_version(), "pyarrow": pa.__version__, "cpus": __import__("os").cpu_count()},

@@ -1,6 +1,6 @@
 """Hybrid query benchmark: 5M+ rows in Iceberg, 100K in the Kafka tail; writes bench-results/hybrid.json.
 
-Data (synthetic, drawn from the real trades' distributions, see synthetic.py): ASX = the real
+Data (synthetic, drawn from the real trades' distributions, see tests/support/synthetic.py): ASX = the real
 10-14 March 2014 trades twice over (about 400K rows), Binance = 4.6M BTCUSDT/ETHUSDT trades
 ending now, appended to market.trades in commits of 250K rows; then 120K more Binance trades
 produced to a real Kafka topic (3 partitions, message timestamps = trade times), of which the
@@ -33,7 +33,7 @@ from k2_resources.trades.hybrid import HybridQueryResource
 from k2_resources.trades.iceberg_read import RowFilter, ScanStats, SnapshotReader
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange, committed_offsets
-from tests.benchmarks import synthetic
+from tests.support import synthetic
 
 RESULTS = PROJECT_ROOT / "bench-results" / "hybrid.json"
 ASX_SCALE = 2

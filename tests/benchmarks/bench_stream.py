@@ -33,7 +33,7 @@ from k2_resources.schemas import TradeV2, encode_trade
 from k2_resources.settings import PROJECT_ROOT
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange
-from k2_resources.trades.sink import TradeSinkResource
+from k2_resources.trades.sink_settings import TradeSinkResource
 from k2_sensors.binance.stream_sensor import evaluate_stream
 
 THROUGHPUT_MESSAGES = 200_000

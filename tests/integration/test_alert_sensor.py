@@ -7,17 +7,15 @@ re-notification after the interval, and the recoveries.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dagster as dg
 import pytest
 
 from k2_sensors.operations import defs as operations_defs
 from k2_sensors.operations.alerts import RESOURCE_KEY, AlertWebhookResource, build_alert_sensor, parse_cursor
+from tests.support.webhooks import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -52,45 +50,10 @@ def demo_degradation_level() -> dg.AssetCheckResult:
 LEVEL = dg.AssetCheckKey(dg.AssetKey("demo_trades"), "degradation_level")
 
 
-class Webhook:
-    """A real HTTP server collecting the JSON bodies posted to it."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.received) >= count, f"webhook got {len(self.received)} of {count} alerts: {self.received}"
-        return self.received
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
-    yield hook
-    hook.close()
+def webhook() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as receiver:
+        yield receiver
 
 
 class Clock:
@@ -101,7 +64,7 @@ class Clock:
         return self.now
 
 
-def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook: Webhook) -> None:
+def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook: WebhookReceiver) -> None:
     clock = Clock()
     alert_sensor = build_alert_sensor(clock=clock)  # watches every check of the code location
     resource = AlertWebhookResource(urls=[webhook.url], renotify_interval_seconds=600)
@@ -183,7 +146,7 @@ def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook
         assert len(webhook.received) == 6
 
 
-def test_unreachable_webhook_keeps_the_incident_for_retry(k2_home, webhook: Webhook) -> None:
+def test_unreachable_webhook_keeps_the_incident_for_retry(k2_home, webhook: WebhookReceiver) -> None:
     from k2_resources.kafka_broker import free_port
 
     alert_sensor = build_alert_sensor(check_keys=[LEVEL])

@@ -12,8 +12,9 @@ from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange
-from tests.benchmarks.synthetic import asx_trades
-from tests.integration.test_hybrid_query import produce, real_trades
+from tests.support.producing import produce
+from tests.support.recorded import recorded_trades_in_time_order
+from tests.support.synthetic import asx_trades
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,7 @@ def test_asx_bars_of_a_trading_day_replace_and_pass_their_checks(k2_home):
 def test_binance_bars_follow_micro_batches_incrementally_and_exactly(k2_home, kafka_broker, topic_name):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=3, config={"retention.ms": "-1"})
-    produce(kafka, topic_name, real_trades())
+    produce(kafka, topic_name, recorded_trades_in_time_order(), record_timestamps=True)
     ends = kafka.end_offsets(topic_name)
     # Uneven cuts, so that batches end inside minutes and buckets are split between runs.
     cuts = {p: [0, end // 3, 2 * end // 3 + 7, end] for p, end in ends.items()}
@@ -101,3 +102,22 @@ def test_k2_query_ohlcv_prints_the_stored_bars(k2_home, capsys):
     stored = stored_bars(iceberg, "ASX").filter((pl.col("interval") == "1h") & (pl.col("symbol") == "RIO"))
     assert len(printed) == stored.height > 5
     assert [p["trade_count"] for p in printed] == stored["trade_count"].to_list()
+
+
+def test_k2_query_sql_reads_market_ohlcv(k2_home, capsys):
+    """market.ohlcv is one of the DuckDB views: empty before any bars, the stored bars after."""
+    import json
+
+    from k2_assets.cli import main
+
+    sql = "select count(*) as bars, count(distinct symbol) as symbols from market.ohlcv where interval = '1d'"
+    assert main(["query", "sql", sql, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"bars": 0, "symbols": 0}
+
+    iceberg = IcebergResource()
+    iceberg.trades().append(asx_trades(scale=1))
+    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg}).success
+    assert main(["query", "sql", sql, "--format", "json"]) == 0
+    daily = stored_bars(iceberg, "ASX").filter(pl.col("interval") == "1d")
+    assert daily.height > 1
+    assert json.loads(capsys.readouterr().out) == {"bars": daily.height, "symbols": daily["symbol"].n_unique()}

@@ -1,4 +1,4 @@
-"""The Binance source end to end up to Kafka: the replay server, the client and the streamer,
+"""The Binance source end to end up to Kafka: the recording server, the client and the streamer,
 against a real Kafka broker. Exactly once is checked by (symbol, trade id) against what the
 server says it sent."""
 
@@ -17,12 +17,13 @@ import pytest
 from kafka import TopicPartition
 from websockets.sync.client import connect as sync_connect
 
-from k2_resources.binance.replay_server import ReplayServerThread, ReplayStats
+from k2_resources.binance.recording_server import RecordingServerThread, ServerStats
 from k2_resources.binance.streamer import StreamMetrics, stream_to_kafka
 from k2_resources.kafka import KafkaResource
 from k2_resources.kafka_broker import free_port
 from k2_resources.schemas import decode_trade
 from k2_resources.settings import PROJECT_ROOT
+from k2_resources.topics import dead_letter_topic
 
 pytestmark = pytest.mark.integration
 
@@ -47,11 +48,11 @@ def _read_topic(kafka: KafkaResource, topic: str, timeout_s: float = 60) -> list
     return records
 
 
-def _sent_keys(stats: ReplayStats) -> set[tuple[str, int]]:
+def _sent_keys(stats: ServerStats) -> set[tuple[str, int]]:
     return {(symbol, trade_id) for symbol, ids in stats.trade_ids.items() for trade_id in ids}
 
 
-def _assert_exactly_once(kafka: KafkaResource, topic: str, sent: ReplayStats) -> list[dict]:
+def _assert_exactly_once(kafka: KafkaResource, topic: str, sent: ServerStats) -> list[dict]:
     records = _read_topic(kafka, topic)
     trades = [decode_trade(record.value) for record in records]
     keys = [(trade["symbol"], trade["source_sequence"]) for trade in trades]
@@ -70,12 +71,12 @@ def _assert_exactly_once(kafka: KafkaResource, topic: str, sent: ReplayStats) ->
 
 def test_clean_run_puts_every_sent_trade_in_kafka_exactly_once(kafka_broker, topic_name):
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
-    with ReplayServerThread(speed=None) as server:
-        stats = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=f"{topic_name}.dlq",
+    with RecordingServerThread(speed=None) as server:
+        stats = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
                                 backoff_initial_s=0.05, backoff_max_s=0.5)
         sent = server.stats()
 
-    assert sent.finished and stats.ended_by == "end_of_replay"
+    assert sent.finished and stats.ended_by == "end_of_recording"
     assert sent.unique_trades == sent.trade_frames == RECORDED_TRADES
     assert stats.produced == RECORDED_TRADES and stats.duplicates == 0 and stats.dead_lettered == 0
     assert stats.produce_errors == 0 and stats.reconnects == 0
@@ -85,14 +86,14 @@ def test_clean_run_puts_every_sent_trade_in_kafka_exactly_once(kafka_broker, top
     first = next(t for t in trades if t["source_sequence"] == 3735692997)
     assert first["trade_id"] == "BINANCE-3735692997" and first["side"] == "BUY"  # m=false in the CSV
     assert str(first["price"]) == "61686.00000000" and str(first["quantity"]) == "0.00705000"
-    assert sum(kafka.end_offsets(f"{topic_name}.dlq").values()) == 0
+    assert sum(kafka.end_offsets(dead_letter_topic(topic_name)).values()) == 0
 
 
 def test_forced_disconnects_and_repeats_leave_each_trade_once(kafka_broker, topic_name):
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
-    with ReplayServerThread(speed=None, resume_overlap=5, drop_after=4_000, max_drops=5,
+    with RecordingServerThread(speed=None, resume_overlap=5, drop_after=4_000, max_drops=5,
                             repeat_every=500, repeat_count=3) as server:
-        stats = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=f"{topic_name}.dlq",
+        stats = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
                                 backoff_initial_s=0.01, backoff_max_s=0.1)
         sent = server.stats()
 
@@ -111,9 +112,9 @@ def test_drop_on_request_and_proactive_rotation_lose_nothing(kafka_broker, topic
     age limit (the 24-hour rule, shortened), with trades paced at 200x the recorded speed."""
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
     result = {}
-    with ReplayServerThread(speed=200, limit=3_000) as server:
+    with RecordingServerThread(speed=200, limit=3_000) as server:
         worker = threading.Thread(target=lambda: result.update(stats=stream_to_kafka(
-            server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=f"{topic_name}.dlq",
+            server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
             backoff_initial_s=0.01, backoff_max_s=0.1, max_connection_age_s=0.4)))
         worker.start()
         deadline = time.monotonic() + 30
@@ -134,8 +135,8 @@ def test_drop_on_request_and_proactive_rotation_lose_nothing(kafka_broker, topic
 
 def test_malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on(kafka_broker, topic_name):
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
-    dlq = f"{topic_name}.dlq"
-    with ReplayServerThread(speed=None, limit=10_000, malformed_every=997) as server:
+    dlq = dead_letter_topic(topic_name)
+    with RecordingServerThread(speed=None, limit=10_000, malformed_every=997) as server:
         server.inject_frame('{"result":null,"id":1}')  # a subscription reply: not a trade
         stats = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dlq)
         sent = server.stats()
@@ -178,9 +179,9 @@ def test_metrics_endpoint_serves_the_counters(kafka_broker, topic_name):
     stop = threading.Event()
     metrics = StreamMetrics()
     result = {}
-    with ReplayServerThread(speed=None, loop=True) as server:
+    with RecordingServerThread(speed=None, loop=True) as server:
         worker = threading.Thread(target=lambda: result.update(stats=stream_to_kafka(
-            server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=f"{topic_name}.dlq", stop_event=stop,
+            server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name), stop_event=stop,
             metrics_port=port, metrics=metrics, backoff_initial_s=0.01, backoff_max_s=0.1)))
         worker.start()
 
@@ -227,9 +228,9 @@ def test_quiet_stream_keeps_its_connection_by_answering_pings_and_ends_on_idle_t
     """No BNBUSDT in the recording: the stream stays quiet. The server pings every 0.1 s and drops
     a connection whose pong is 0.3 s late, so one connection for 1.5 s means the client answered."""
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
-    with ReplayServerThread(speed=None, ping_interval=0.1, ping_timeout=0.3) as server:
+    with RecordingServerThread(speed=None, ping_interval=0.1, ping_timeout=0.3) as server:
         started = time.monotonic()
-        stats = stream_to_kafka(server.stream_url(["BNBUSDT"]), topic_name, kafka, dlq_topic=f"{topic_name}.dlq",
+        stats = stream_to_kafka(server.stream_url(["BNBUSDT"]), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
                                 idle_timeout_s=1.5, backoff_initial_s=0.01)
         elapsed = time.monotonic() - started
         sent = server.stats()
@@ -243,20 +244,20 @@ def _k2(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_k2_stream_binance_falls_back_to_the_replay_in_one_line(kafka_broker, topic_name, k2_home):
+def test_k2_stream_binance_falls_back_to_the_recording_in_one_line(kafka_broker, topic_name, k2_home):
     env = dict(os.environ, K2_KAFKA_BOOTSTRAP=kafka_broker.bootstrap_servers)
     unreachable = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
     done = _k2("stream", "binance", "--url", unreachable, "--max-messages", "500", "--speed", "0",
-               "--metrics-port", "0", "--topic", topic_name, "--dlq-topic", f"{topic_name}.dlq", env=env)
+               "--metrics-port", "0", "--topic", topic_name, "--dlq-topic", dead_letter_topic(topic_name), env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2, done.stdout
-    assert "unreachable" in lines[0] and "local replay server" in lines[0]
+    assert "unreachable" in lines[0] and "local recording server" in lines[0]
     assert "produced 500" in lines[1]
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
     trades = [decode_trade(record.value) for record in _read_topic(kafka, topic_name)]
     assert len(trades) == 500
-    # looping replay with the "now" time base: trades carry current times
+    # looping playback with the "now" time base: trades carry current times
     newest = max(trade["timestamp"] for trade in trades).timestamp()
     assert abs(newest - time.time()) < 3600
 

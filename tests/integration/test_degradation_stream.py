@@ -9,9 +9,7 @@ real recorded trades; ETHUSDT is configured as tier 3 so GRACEFUL has something 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from dagster import (
@@ -24,9 +22,10 @@ from dagster import (
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
+from k2_resources.degradation.resource import DegradationResource
+from k2_resources.degradation.spill import SpillStore
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import encode_trade
 from k2_resources.trades.microbatch import recover_range
 from k2_resources.trades.offsets import (
     OffsetRange,
@@ -34,12 +33,12 @@ from k2_resources.trades.offsets import (
     pending_key,
     pending_ranges,
 )
-from k2_resources.trades.sink import TradeSinkResource
+from k2_resources.trades.sink_settings import TradeSinkResource
 from k2_sensors.binance.driver import checks_of, execute_requests, tick
 from k2_sensors.operations.alerts import AlertWebhookResource, build_alert_sensor
-from k2_sensors.operations.config import DegradationResource
-from k2_sensors.operations.spill import SpillStore
-from tests.recorded import first_binance_records
+from tests.support.producing import produce
+from tests.support.recorded import first_binance_records
+from tests.support.webhooks import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -47,33 +46,6 @@ BURST = 30_000
 FIRST_WAVE = 4_000  # lag 4K: GRACEFUL (WARN) before the rest arrives
 PARTITION_OF = {"BTCUSDT": 0, "ETHUSDT": 1}  # one partition per symbol, as a keyed producer would
 LEVEL_CHECK = AssetCheckKey(AssetKey("binance_trades"), "degradation_level")
-
-
-class Webhook:
-    """A real HTTP server on 127.0.0.1 that keeps every JSON body posted to it."""
-
-    def __init__(self) -> None:
-        received: list[dict] = []
-        self.received = received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def recorded_trades_of(symbol: str, count: int) -> list[dict]:
@@ -86,15 +58,6 @@ def burst_records() -> list[dict]:
     records = recorded_trades_of("BTCUSDT", 19_904) + recorded_trades_of("ETHUSDT", BURST - 19_904)
     records.sort(key=lambda r: (r["timestamp"], r["symbol"], r["source_sequence"]))
     return records
-
-
-def produce(kafka: KafkaResource, topic: str, records: list[dict]) -> None:
-    producer = kafka.producer()
-    for record in records:
-        producer.send(topic, key=record["symbol"].encode(), value=encode_trade(record),
-                      partition=PARTITION_OF[record["symbol"]])
-    producer.flush()
-    producer.close()
 
 
 def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka_broker, topic_name):
@@ -111,7 +74,7 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
     resources = build_resources()
     resources.update(sink=TradeSinkResource(topic=topic_name, max_batch_messages=2_000), degradation=degradation)
     defs = Definitions.merge(binance_defs, Definitions(resources=resources))
-    webhook = Webhook()
+    webhook = WebhookReceiver()
     alerts = build_alert_sensor(check_keys=[LEVEL_CHECK], minimum_interval_seconds=1)
     alert_resources = {"alert_webhooks": AlertWebhookResource(urls=[webhook.url])}
 
@@ -134,10 +97,10 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
                 return checks
 
             # Hold the consumer back: the first wave is in Kafka before the sensor's first tick.
-            produce(kafka, topic_name, records[:FIRST_WAVE])
+            produce(kafka, topic_name, records[:FIRST_WAVE], partitions=PARTITION_OF)
             first = step()
             assert first["degradation_level"]["metadata"]["level"] == "GRACEFUL"
-            produce(kafka, topic_name, records[FIRST_WAVE:])
+            produce(kafka, topic_name, records[FIRST_WAVE:], partitions=PARTITION_OF)
             second = step()
             assert second["degradation_level"]["metadata"]["level"] == "CIRCUIT_BREAK"
             assert "lag" in second["degradation_level"]["metadata"]["cause"]
@@ -204,20 +167,16 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
 
 
 def test_hybrid_query_reads_deferred_and_spilled_ranges_from_kafka_until_recovered(k2_home, kafka_broker, topic_name):
+    from k2_resources.degradation.levels import DegradationLevel
+    from k2_resources.degradation.shedding import LoadShedder
     from k2_resources.trades.hybrid import HybridQueryResource
     from k2_resources.trades.microbatch import run_microbatch
-    from k2_sensors.operations.degradation import DegradationLevel
-    from k2_sensors.operations.load_shedding import LoadShedder
 
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=1)
     records = recorded_trades_of("BTCUSDT", 300) + recorded_trades_of("ETHUSDT", 200)
     records.sort(key=lambda r: (r["timestamp"], r["symbol"], r["source_sequence"]))
-    producer = kafka.producer()
-    for record in records:
-        producer.send(topic_name, key=record["symbol"].encode(), value=encode_trade(record), partition=0)
-    producer.flush()
-    producer.close()
+    produce(kafka, topic_name, records, partitions=1)
     shedder, spill = LoadShedder(tier1=["BTCUSDT"], tier2=[]), SpillStore()
     graceful = run_microbatch(kafka, iceberg, OffsetRange(topic_name, 0, 0, 250), level=DegradationLevel.GRACEFUL,
                               shedder=shedder, spill_store=spill)

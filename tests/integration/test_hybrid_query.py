@@ -18,53 +18,10 @@ from k2_resources.trades.offsets import (
     committed_offsets,
     snapshot_committed_offsets,
 )
-from tests.recorded import first_binance_records
+from tests.support.producing import PARTITIONS, Produced, produce
+from tests.support.recorded import recorded_trades_in_time_order
 
 pytestmark = pytest.mark.integration
-
-PARTITIONS = 3
-PER_SYMBOL = 1500
-
-
-def real_trades() -> list[dict]:
-    """Real recorded BTCUSDT and ETHUSDT trades of 2024-08-09 as V2 records, in time order."""
-    records = [record for symbol in ("BTCUSDT", "ETHUSDT")
-               for record in first_binance_records(symbol, PER_SYMBOL, days=("2024-08-09",))]
-    return sorted(records, key=lambda r: (r["timestamp"], r["symbol"]))
-
-
-class Source:
-    """What was produced: each record with its partition and offset (the truth to compare with)."""
-
-    def __init__(self, rows: list[dict]) -> None:
-        self.rows = rows
-
-    def expected(self, symbols, start: datetime | None, end: datetime | None, below: dict[int, int] | None = None):
-        """message_ids in the order the hybrid read must return them."""
-        chosen = [
-            r for r in self.rows
-            if (symbols is None or r["symbol"] in symbols)
-            and (start is None or r["timestamp"] >= start) and (end is None or r["timestamp"] < end)
-            and (below is None or r["offset"] < below.get(r["partition"], 0))
-        ]
-        chosen.sort(key=lambda r: (r["timestamp"], r["offset"], r["source_sequence"], r["message_id"]))
-        return [r["message_id"] for r in chosen]
-
-
-def produce(kafka: KafkaResource, topic: str, records: list[dict]) -> Source:
-    producer = kafka.producer()
-    futures = []
-    for index, record in enumerate(records):
-        futures.append(producer.send(topic, key=record["symbol"].encode(), value=encode_trade(record),
-                                     partition=index % PARTITIONS,
-                                     timestamp_ms=int(record["timestamp"].timestamp() * 1000)))
-    producer.flush()
-    rows = []
-    for record, future in zip(records, futures):
-        metadata = future.get(timeout=30)
-        rows.append({**record, "partition": metadata.partition, "offset": metadata.offset})
-    producer.close()
-    return Source(rows)
 
 
 @pytest.fixture
@@ -73,7 +30,7 @@ def split(k2_home, kafka_broker, topic_name):
     kafka, iceberg = KafkaResource(), IcebergResource()
     # Messages carry the trades' own 2024 times: keep them regardless of age.
     kafka.ensure_topic(topic_name, partitions=PARTITIONS, config={"retention.ms": "-1"})
-    source = produce(kafka, topic_name, real_trades())
+    source = produce(kafka, topic_name, recorded_trades_in_time_order(), record_timestamps=True)
     ends = kafka.end_offsets(topic_name)
     boundary = {p: end // 2 for p, end in ends.items()}
     for partition, offset in boundary.items():
@@ -90,7 +47,7 @@ def _ids(frame) -> list[str]:
     return frame["message_id"].to_list()
 
 
-def _boundary_time(source: Source, boundary: dict[int, int]) -> tuple[datetime, datetime]:
+def _boundary_time(source: Produced, boundary: dict[int, int]) -> tuple[datetime, datetime]:
     """(last committed trade time, first uncommitted trade time)."""
     committed = [r["timestamp"] for r in source.rows if r["offset"] < boundary[r["partition"]]]
     tail = [r["timestamp"] for r in source.rows if r["offset"] >= boundary[r["partition"]]]

@@ -20,6 +20,7 @@ from dagster import AssetSelection, DagsterInstance, Definitions
 from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
 from k2_assets.operations.assets import MAINTENANCE_ASSETS, trades_file_layout
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
+from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.operations.maintenance import (
@@ -32,16 +33,16 @@ from k2_resources.operations.maintenance import (
 )
 from k2_resources.metrics import metrics_text
 from k2_resources.operations.table_metrics import update_table_metrics
-from k2_resources.query import DuckDBQueryResource
 from k2_resources.schemas import TradeV2, encode_trade
 from k2_resources.settings import DATA_DIR
+from k2_resources.topics import BINANCE_TRADES_TOPIC
 from k2_resources.trades.hybrid import HybridQueryResource
 from k2_resources.trades.microbatch import commit_range, run_microbatch
 from k2_resources.trades.offsets import OffsetRange, committed_offsets, snapshot_committed_offsets
 
 pytestmark = pytest.mark.integration
 
-TOPIC = "market.trades.binance"
+TOPIC = BINANCE_TRADES_TOPIC
 KAFKA_PARTITIONS = 2
 RECORDINGS = (  # real Binance trades on three UTC days: three (day, exchange) partitions
     ("BTCUSDT", "BTCUSDT-trades-2023-04-05.csv"),

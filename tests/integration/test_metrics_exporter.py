@@ -11,7 +11,10 @@ from k2_resources.kafka import KafkaResource
 from k2_resources.kafka_broker import free_port
 from k2_resources.metrics import REGISTRY, serve_metrics, stop_metrics
 from k2_resources.operations.exporter import MetricsPoller
-from tests.integration.test_stream_exactly_once import drive, produce, recorded_trades, stream_defs
+from k2_sensors.binance.driver import drive
+from tests.support.producing import produce
+from tests.support.recorded import recorded_trades
+from tests.support.stream import stream_defs
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ from k2_resources.kafka import KafkaResource
 from k2_resources.settings import PROJECT_ROOT
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange
-from tests.integration.test_hybrid_query import PARTITIONS, produce, real_trades
+from tests.support.producing import PARTITIONS, produce
+from tests.support.recorded import recorded_trades_in_time_order
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def test_the_tour_notebook_runs_and_shows_hybrid_time_travel_and_a_chart(k2_home
                                                                          monkeypatch, tmp_path):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=PARTITIONS, config={"retention.ms": "-1"})
-    source = produce(kafka, topic_name, real_trades())
+    source = produce(kafka, topic_name, recorded_trades_in_time_order(), record_timestamps=True)
     ends = kafka.end_offsets(topic_name)
     for partition, end in ends.items():  # the first half in Iceberg, in two commits; the rest stays in Kafka
         run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, 0, end // 4))

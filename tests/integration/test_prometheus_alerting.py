@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,39 +22,17 @@ import yaml
 from k2_resources import metrics
 from k2_resources.kafka_broker import free_port
 from k2_resources.settings import PROJECT_ROOT
-from tests.integration.waiting import wait_for
+from tests.support.waiting import wait_for
+from tests.support.webhooks import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
 TOPIC = "test.prometheus.lag"
 
 
-class AlertWebhook:
-    """An HTTP server on 127.0.0.1 keeping every Alertmanager notification it receives."""
-
-    def __init__(self) -> None:
-        self.notifications: list[dict] = []
-        notifications = self.notifications
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                notifications.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/alertmanager"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def alerts(self) -> list[dict]:
-        return [alert for n in self.notifications for alert in n.get("alerts", [])]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def delivered_alerts(webhook: WebhookReceiver) -> list[dict]:
+    """Every alert in the Alertmanager notifications the webhook received."""
+    return [alert for notification in webhook.received for alert in notification.get("alerts", [])]
 
 
 def binary(name: str) -> str:
@@ -85,10 +61,9 @@ def processes() -> Iterator[list[subprocess.Popen]]:
 
 
 @pytest.fixture
-def webhook() -> Iterator[AlertWebhook]:
-    hook = AlertWebhook()
-    yield hook
-    hook.close()
+def webhook() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver("/alertmanager") as receiver:
+        yield receiver
 
 
 @pytest.fixture
@@ -137,7 +112,7 @@ def prometheus_config(tmp_path: Path, exporter_port: int, alertmanager_port: int
 
 
 def test_lag_alert_travels_from_exporter_through_prometheus_and_alertmanager_to_the_webhook(
-    tmp_path: Path, processes: list[subprocess.Popen], webhook: AlertWebhook, exporter: int
+    tmp_path: Path, processes: list[subprocess.Popen], webhook: WebhookReceiver, exporter: int
 ) -> None:
     am_port, prom_port = free_port(), free_port()
     am_dir, prom_dir = tmp_path / "alertmanager-data", tmp_path / "prometheus-data"
@@ -194,7 +169,7 @@ def test_lag_alert_travels_from_exporter_through_prometheus_and_alertmanager_to_
 
     # Alertmanager delivers it to the webhook; the warning is inhibited by the critical one
     def delivered() -> list[dict]:
-        return [a for a in webhook.alerts() if a["labels"]["alertname"] == "K2ConsumerLagHigh"]
+        return [a for a in delivered_alerts(webhook) if a["labels"]["alertname"] == "K2ConsumerLagHigh"]
 
     try:
         lag_alerts = wait_for(delivered, 60, "Alertmanager to post K2ConsumerLagHigh to the webhook")
@@ -205,13 +180,13 @@ def test_lag_alert_travels_from_exporter_through_prometheus_and_alertmanager_to_
     assert alert["labels"]["topic"] == TOPIC
     assert alert["labels"]["severity"] == "critical"
     assert "1.5M messages" in alert["annotations"]["summary"]
-    assert webhook.notifications[0]["receiver"] == "k2-webhook"
+    assert webhook.received[0]["receiver"] == "k2-webhook"
     # AGGRESSIVE (3) also raises the degradation warning, delivered through the same route
     wait_for(
-        lambda: any(a["labels"]["alertname"] == "K2DegradationLevel" for a in webhook.alerts()),
+        lambda: any(a["labels"]["alertname"] == "K2DegradationLevel" for a in delivered_alerts(webhook)),
         60,
         "K2DegradationLevel to reach the webhook",
     )
     assert all(
-        a["labels"]["severity"] == "critical" for a in webhook.alerts() if a["labels"]["alertname"] == "K2ConsumerLagHigh"
+        a["labels"]["severity"] == "critical" for a in delivered_alerts(webhook) if a["labels"]["alertname"] == "K2ConsumerLagHigh"
     ), "the critical lag alert should inhibit the warning of the same topic"

@@ -9,13 +9,15 @@ from dagster import DagsterInstance, build_schedule_context
 from kafka import TopicPartition
 
 from k2_assets.operations.replays import trades_replay, trades_replay_nightly
-from k2_resources.asx import default_data_dir, ingest_day
+from k2_resources.asx.files import default_data_dir
+from k2_resources.asx.writes import ingest_day
 from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.operations.replay_topic import ReplaySpec, replay_to_kafka
 from k2_resources.schemas import decode_trade
-from k2_resources.trades.replay import ReplayEngine
+from k2_resources.topics import replay_trades_topic
+from k2_resources.trades.time_ordered import TimeOrderedReader
 
 pytestmark = pytest.mark.integration
 
@@ -68,16 +70,16 @@ def test_a_replay_killed_half_way_is_completed_by_running_it_again(k2_home, kafk
     start = datetime(2014, 3, 11, 2, 0, tzinfo=timezone.utc)
     spec = ReplaySpec(topic=topic_name, start=start, end=start + timedelta(hours=1), symbols=("BHP",))
 
-    partial = replay_to_kafka(spec, kafka, ReplayEngine(iceberg), limit=500)
+    partial = replay_to_kafka(spec, kafka, TimeOrderedReader(iceberg), limit=500)
     assert partial.produced == 500
-    rest = replay_to_kafka(spec, kafka, ReplayEngine(iceberg))
+    rest = replay_to_kafka(spec, kafka, TimeOrderedReader(iceberg))
     assert rest.already_in_topic == 500 and rest.produced == rest.total - 500
     content = topic_content(kafka, topic_name)
     assert len(content) == len({m for m, _, _ in content}) == rest.total > 500
 
     other = ReplaySpec(topic=topic_name, start=start, end=start + timedelta(hours=2))
     with pytest.raises(K2Error, match="another replay"):
-        replay_to_kafka(other, kafka, ReplayEngine(iceberg))
+        replay_to_kafka(other, kafka, TimeOrderedReader(iceberg))
 
 
 def test_paced_replay_sleeps_by_the_speed_factor_without_waiting(k2_home, kafka_broker, topic_name):
@@ -86,7 +88,7 @@ def test_paced_replay_sleeps_by_the_speed_factor_without_waiting(k2_home, kafka_
     start = datetime(2014, 3, 11, 2, 0, tzinfo=timezone.utc)
     spec = ReplaySpec(topic=topic_name, start=start, end=start + timedelta(minutes=10), symbols=("RIO",))
     now = [0.0]
-    result = replay_to_kafka(spec, kafka, ReplayEngine(iceberg), speed=60.0,
+    result = replay_to_kafka(spec, kafka, TimeOrderedReader(iceberg), speed=60.0,
                              clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
     content = topic_content(kafka, topic_name)
     span = (content[-1][1] - content[0][1]).total_seconds()
@@ -98,5 +100,5 @@ def test_nightly_schedule_replays_the_previous_utc_day_into_its_own_topic():
     context = build_schedule_context(scheduled_execution_time=datetime(2026, 11, 25, 2, 30, tzinfo=timezone.utc))
     request = trades_replay_nightly(context)
     config = request.run_config["ops"]["replay_trades"]["config"]
-    assert config["topic"] == "replay.trades.2026-11-24"
+    assert config["topic"] == replay_trades_topic("2026-11-24")
     assert config["start"] == "2026-11-24T00:00:00+00:00" and config["end"] == "2026-11-25T00:00:00+00:00"

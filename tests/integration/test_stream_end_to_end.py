@@ -13,14 +13,15 @@ import os
 import pytest
 from dagster import DagsterInstance
 
-from k2_resources.binance.replay_server import ReplayServerThread
+from k2_resources.binance.recording_server import RecordingServerThread
 from k2_resources.binance.streamer import stream_to_kafka
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
+from k2_resources.topics import dead_letter_topic
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange, committed_offsets
 from k2_sensors.binance.driver import drive
-from tests.integration.test_stream_exactly_once import stream_defs
+from tests.support.stream import stream_defs
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +37,14 @@ def _die_before_commit(topic: str, k2_home: str, bootstrap: str, end: int) -> No
 def test_every_trade_the_server_sends_lands_in_iceberg_once_despite_faults(k2_home, kafka_broker, topic_name):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=3)
-    with ReplayServerThread(speed=None, limit=TRADES, drop_after=1_500, max_drops=3, repeat_every=400,
+    with RecordingServerThread(speed=None, limit=TRADES, drop_after=1_500, max_drops=3, repeat_every=400,
                             repeat_count=3, malformed_every=1_000) as server:
-        stats = stream_to_kafka(server.url, topic_name, kafka, dlq_topic=f"{topic_name}.dlq",
+        stats = stream_to_kafka(server.url, topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
                                 backoff_initial_s=0.01, backoff_max_s=0.1)
         sent = server.stats()
     assert sent.finished and sent.drops == 3 and sent.repeated_frames > 0 and sent.malformed_frames > 0
     assert stats.dead_lettered == sent.malformed_frames
-    assert sum(kafka.end_offsets(f"{topic_name}.dlq").values()) == sent.malformed_frames
+    assert sum(kafka.end_offsets(dead_letter_topic(topic_name)).values()) == sent.malformed_frames
 
     # A micro-batch process reads half a partition and dies before its Iceberg commit.
     first_partition_end = kafka.end_offsets(topic_name).get(0, 0)

@@ -6,43 +6,20 @@ import multiprocessing
 import os
 
 import pytest
-from dagster import DagsterInstance, Definitions
+from dagster import DagsterInstance
 
-from k2_assets.binance import defs as binance_defs
-from k2_assets.resources import build_resources
 from k2_assets.cli import main as k2
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import encode_trade
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange, committed_offsets
-from k2_resources.trades.sink import TradeSinkResource
 from k2_sensors.binance.driver import drive, tick
-from tests.integration.waiting import wait_for
-from tests.recorded import first_binance_records
+from tests.support.producing import produce
+from tests.support.recorded import recorded_trades
+from tests.support.stream import stream_defs
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def recorded_trades(limit: int) -> list[dict]:
-    """Real recorded Binance trades of 2024-08-09 as V2 records: BTCUSDT's then ETHUSDT's."""
-    return [record for symbol in ("BTCUSDT", "ETHUSDT")
-            for record in first_binance_records(symbol, limit // 2, days=("2024-08-09",))]
-
-
-def produce(kafka: KafkaResource, topic: str, records: list[dict]) -> None:
-    """Spread over the topic's three partitions (two symbols alone would hash to few)."""
-    producer = kafka.producer()
-    for index, record in enumerate(records):
-        producer.send(topic, key=record["symbol"].encode(), value=encode_trade(record), partition=index % 3)
-    producer.flush()
-    producer.close()
-
-
-def stream_defs(topic: str, max_batch: int) -> Definitions:
-    resources = build_resources()
-    resources["sink"] = TradeSinkResource(topic=topic, max_batch_messages=max_batch)
-    return Definitions.merge(binance_defs, Definitions(resources=resources))
 
 
 def iceberg_trade_ids(iceberg: IcebergResource) -> list[str]:

@@ -30,11 +30,11 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from k2_assets.asx import asx_trading_days
 from k2_assets.definitions import defs
-from k2_assets.cli.run import prepare_dagster_home
+from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.kafka_broker import KafkaBroker, free_port
-from k2_resources.query import DuckDBQueryResource
-from k2_resources.settings import PROJECT_ROOT
-from tests.integration.waiting import wait_for
+from k2_resources.operations.dagster_instance import prepare_instance
+from k2_resources.settings import PROJECT_ROOT, dagster_home
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +88,8 @@ def dagster_ui(kafka_broker: KafkaBroker, tmp_path: Path, monkeypatch: pytest.Mo
     k2_home.mkdir()
     monkeypatch.setenv("K2_HOME", str(k2_home))
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    home = prepare_dagster_home()
+    home = dagster_home()
+    prepare_instance(home)  # once, before the webserver and daemon open it together
     env = dict(os.environ, K2_HOME=str(k2_home), DAGSTER_HOME=str(home))
     # Launching a run asks the code server to spawn the run worker and waits until that worker has
     # imported the definitions; on a busy 2-core machine that passes Dagster's 60 s default and the

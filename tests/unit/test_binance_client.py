@@ -1,9 +1,11 @@
-"""The client's pure parts: trade-id tracking, backoff delays, stream URLs, the replay tape's shifts."""
+"""The client's pure parts: trade-id tracking, backoff delays, stream URLs, the recording server's loop shifts, CLI settings."""
 
 from __future__ import annotations
 
 import random
 
+from k2_assets.cli import build_parser
+from k2_assets.cli.stream import streamer_config
 from k2_resources.binance.client import (
     DEFAULT_LIVE_URL,
     TrackVerdict,
@@ -11,8 +13,8 @@ from k2_resources.binance.client import (
     backoff_delay,
     combined_stream_url,
 )
-from k2_resources.binance.replay_server import RecordedTrade, ReplayServer, requested_symbols
-from k2_resources.binance.streamer import BinanceStreamResource
+from k2_resources.binance.recording_server import RecordedTrade, RecordingServer, requested_symbols
+from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
 
 
 def test_tracker_drops_repeats_and_counts_gaps_per_symbol():
@@ -50,7 +52,7 @@ def test_looping_shifts_times_and_ids_forward_so_they_stay_unique_and_increasing
     trades = [RecordedTrade("BTCUSDT", 100, "1.0", "1.0", 1_000, True),
               RecordedTrade("ETHUSDT", 7, "2.0", "1.0", 1_500, False),
               RecordedTrade("BTCUSDT", 101, "1.5", "1.0", 2_000, False)]
-    server = ReplayServer(trades=trades, loop=True)
+    server = RecordingServer(trades=trades, loop=True)
     view = server._view(("BTCUSDT", "ETHUSDT"))
     values = [server._values(view, position)[:3] for position in range(9)]
     btc = [(time_ms, trade_id) for trade, time_ms, trade_id in values if trade.symbol == "BTCUSDT"]
@@ -59,10 +61,12 @@ def test_looping_shifts_times_and_ids_forward_so_they_stay_unique_and_increasing
     assert eth == [(1_500, 7), (2_501, 8), (3_502, 9)]
 
 
-def test_the_stream_resource_works_with_no_settings():
-    config = BinanceStreamResource().config()
+def test_k2_stream_binance_needs_no_settings_and_takes_a_local_url_and_symbols():
+    args = build_parser().parse_args(["stream", "binance"])
+    config = streamer_config(args)
     assert config.stream_url == DEFAULT_LIVE_URL
-    assert (config.topic, config.dlq_topic, config.metrics_port) == ("market.trades.binance",
-                                                                     "market.trades.binance.dlq", 9464)
-    chosen = BinanceStreamResource(symbols=["XRPUSDT"], source_url="ws://127.0.0.1:9443").config()
+    assert (config.topic, config.dlq_topic, config.partitions) == (BINANCE_TRADES_TOPIC, BINANCE_TRADES_DLQ_TOPIC, 3)
+    assert args.metrics_port == 9464 and args.source == "live"
+    chosen = streamer_config(build_parser().parse_args(
+        ["stream", "binance", "--symbols", "xrpusdt", "--url", "ws://127.0.0.1:9443"]))
     assert chosen.stream_url == "ws://127.0.0.1:9443/stream?streams=xrpusdt@trade"

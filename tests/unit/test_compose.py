@@ -23,7 +23,7 @@ PACKAGES = ("k2_resources", "k2_assets", "k2_sensors")
 # What the brief says the code reads; the compose stack must set each for the K2 services.
 REQUIRED_K2_VARIABLES = {"K2_HOME", "K2_KAFKA_BOOTSTRAP", "K2_ICEBERG_CATALOG_URI", "K2_ICEBERG_CATALOG_TYPE",
                          "K2_ICEBERG_WAREHOUSE", "DAGSTER_HOME", "K2_ALERT_WEBHOOKS"}
-K2_IMAGE_SERVICES = {"dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics"}
+K2_IMAGE_SERVICES = {"dagster-migrate", "dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics"}
 
 
 def load_yaml(path: Path) -> dict:
@@ -202,7 +202,7 @@ def test_workspace_points_at_the_code_location(services):
 
 def test_k2_commands_exist_in_the_cli(services):
     parser = build_parser()
-    for name in ("streamer", "metrics"):
+    for name in ("streamer", "metrics", "dagster-migrate"):
         command = command_of(services[name])
         assert command[0] == "k2"
         parser.parse_args(command[1:])  # exits (fails the test) for an unknown sub-command or flag
@@ -270,3 +270,14 @@ def test_grafana_provisions_prometheus_and_a_dashboard_of_real_metrics(services,
 def _base(metric: str) -> str:
     """A metric's family name, without the suffixes prometheus_client adds to samples."""
     return re.sub(r"_(total|bucket|sum|count|created)$", "", metric)
+
+
+def test_the_dagster_instance_is_migrated_once_before_any_service_opens_it(services):
+    """Processes that find a new instance together corrupt it (two alembic heads): one one-shot
+    step creates it, and every service that opens the instance waits for it to succeed."""
+    assert command_of(services["dagster-migrate"])[:3] == ["k2", "instance", "migrate"]
+    assert services["dagster-migrate"]["restart"] == "no"
+    for name in ("dagster-code", "dagster-webserver", "dagster-daemon", "metrics"):
+        assert services[name]["depends_on"]["dagster-migrate"] == {"condition": "service_completed_successfully"}
+    instance_file = (PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml").read_text()
+    assert "k2 instance migrate" in instance_file

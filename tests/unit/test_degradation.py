@@ -7,8 +7,7 @@ import logging
 
 import pytest
 
-from k2_resources.errors import K2Error
-from k2_sensors.operations.degradation import (
+from k2_resources.degradation.levels import (
     LEVEL_BEHAVIOUR,
     DegradationLevel,
     DegradationManager,
@@ -17,6 +16,7 @@ from k2_sensors.operations.degradation import (
     describe_level,
     system_memory_percent,
 )
+from k2_resources.errors import K2Error
 
 L = DegradationLevel
 LAG_TRIGGERS = {L.SOFT: 100_000, L.GRACEFUL: 500_000, L.AGGRESSIVE: 1_000_000, L.CIRCUIT_BREAK: 5_000_000}
@@ -301,7 +301,7 @@ def test_system_memory_percent_reads_meminfo(tmp_path) -> None:
 
 
 def test_check_status_warns_from_graceful_and_errors_at_circuit_break() -> None:
-    from k2_sensors.operations.degradation import check_status
+    from k2_resources.degradation.levels import check_status
 
     assert [check_status(level) for level in L] == [
         (True, "WARN"),
@@ -313,7 +313,7 @@ def test_check_status_warns_from_graceful_and_errors_at_circuit_break() -> None:
 
 
 def test_degradation_resource_defaults_and_overrides(k2_home, clock: FakeClock) -> None:
-    from k2_sensors.operations.config import DegradationResource
+    from k2_resources.degradation.resource import DegradationResource
 
     default = DegradationResource()
     assert default.thresholds() == DegradationThresholds()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from k2_resources.degradation.levels import DegradationLevel as L
+from k2_resources.degradation.shedding import ASX_TOP20, DEFAULT_TIER1, LoadShedder, tiers_from_config
 from k2_resources.errors import K2Error
-from k2_sensors.operations.degradation import DegradationLevel as L
-from k2_sensors.operations.load_shedding import ASX_TOP20, DEFAULT_TIER1, LoadShedder, tiers_from_config
 
 
 def test_default_tier1_holds_btc_eth_and_the_asx_top_20() -> None:

@@ -7,10 +7,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from k2_resources.degradation.spill import SpillStore
 from k2_resources.errors import K2Error
-from k2_sensors.operations.spill import SpillStore
+from k2_resources.topics import BINANCE_TRADES_TOPIC
 
-TOPIC = "market.trades.binance"
+TOPIC = BINANCE_TRADES_TOPIC
 
 
 def records(start: int, end: int) -> list[dict]:
@@ -34,7 +35,7 @@ def test_write_list_read_delete(k2_home: Path) -> None:
     listed = store.list(TOPIC)
     assert [(b.partition, b.start, b.end, b.rows) for b in listed] == [(0, 20, 1000, 5), (0, 1000, 1003, 3), (1, 0, 5, 5)]
     assert listed == [b0, b1, b2]
-    assert [b.topic for b in store.list()] == ["market.trades.binance"] * 3 + ["other.topic"]
+    assert [b.topic for b in store.list()] == [TOPIC] * 3 + ["other.topic"]
     assert store.list(TOPIC, partition=1) == [b2]
     assert store.list("never.spilled") == []
     table = store.read(b1)
@@ -76,7 +77,7 @@ def test_adjacent_ranges_and_other_partitions_are_fine(k2_home: Path) -> None:
 
 def test_write_is_atomic_no_partial_file_on_failure(k2_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SpillStore()
-    import k2_sensors.operations.spill as spill
+    import k2_resources.degradation.spill as spill
 
     def broken_write(table, where, **kwargs):
         where.write(b"PAR1 partial")

@@ -6,9 +6,12 @@ import itertools
 
 from dagster import AssetCheckSeverity
 
+from k2_resources.degradation.levels import DegradationLevel, DegradationManager, DegradationThresholds
+from k2_resources.degradation.shedding import LoadShedder
+from k2_resources.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.trades.microbatch import enrich, sequence_gaps
 from k2_resources.trades.offsets import DEFERRED, SPILLED, PendingRange
-from k2_sensors.binance.stream_state import (
+from k2_sensors.binance.stream_rules import (
     RUN_ACTIVE,
     RUN_FAILED,
     StreamCursor,
@@ -21,10 +24,8 @@ from k2_sensors.binance.stream_state import (
     plan_recoveries,
     spilled_backlog_evaluation,
 )
-from k2_sensors.operations.degradation import DegradationLevel, DegradationManager, DegradationThresholds
-from k2_sensors.operations.load_shedding import LoadShedder
 
-TOPIC = "market.trades.binance"
+TOPIC = BINANCE_TRADES_TOPIC
 
 
 def deferred(partition: int, start: int, end: int) -> PendingRange:
@@ -116,7 +117,7 @@ def test_backlog_and_dead_letter_checks():
     spilled_check = spilled_backlog_evaluation(snapshot, {"batches": 1, "rows": 40})
     assert not spilled_check.passed and spilled_check.metadata["rows"] == 40
     assert deferred_backlog_evaluation(snap([])).passed and spilled_backlog_evaluation(snap([]), {}).passed
-    assert dead_letter_evaluation("t.dlq", 0).passed and not dead_letter_evaluation("t.dlq", 3).passed
+    assert dead_letter_evaluation(dead_letter_topic("t"), 0).passed and not dead_letter_evaluation(dead_letter_topic("t"), 3).passed
 
 
 def test_sequence_gaps_count_missing_ids_per_symbol():

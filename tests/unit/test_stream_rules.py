@@ -1,22 +1,30 @@
-"""The stream sensor's rules: which ranges it requests, retries, and how checks judge lag."""
+"""The stream sensor's rules: which ranges it requests, retries, its cursor, and how checks judge lag."""
 
 from __future__ import annotations
 
+import json
+
 from dagster import AssetCheckSeverity
 
-from k2_resources.trades.sink import TradeSinkResource
-from k2_sensors.binance.stream_state import (
+from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.trades.offsets import DEFERRED
+from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_sensors.binance.stream_rules import (
     RUN_ACTIVE,
     RUN_FAILED,
     RUN_SUCCEEDED,
+    InFlight,
+    Recovery,
     StreamCursor,
     StreamSnapshot,
     baseline_evaluation,
     lag_evaluation,
     plan_batches,
+    recovery_run_keys,
+    retry_attempt,
 )
 
-TOPIC = "market.trades.binance"
+TOPIC = BINANCE_TRADES_TOPIC
 
 
 def snap(ends: dict[int, int], committed: dict[int, int]) -> StreamSnapshot:
@@ -70,12 +78,44 @@ def test_run_that_succeeded_without_committing_is_retried():
 
 
 def test_cursor_round_trips_through_json():
-    cursor = StreamCursor()
+    cursor = StreamCursor(degradation={"version": 1, "level": "SOFT"}, probe_at=130.0)
     plan_batches(snap({0: 50, 3: 9}, {}), cursor, 100, {}, 300, now=7)
-    cursor.extra["degradation"] = {"level": 2}
+    cursor.recovering[1] = Recovery(0, 40, f"recover:{TOPIC}-1-0-40#2", 5.0, 2, DEFERRED)
     restored = StreamCursor.from_json(cursor.to_json())
-    assert restored.in_flight == cursor.in_flight
-    assert restored.extra == {"degradation": {"level": 2}}
+    assert restored == cursor
+    assert StreamCursor.from_json(None) == StreamCursor.from_json("") == StreamCursor()
+
+
+def test_a_cursor_of_the_old_format_with_extra_is_read():
+    old = json.dumps({
+        "in_flight": {"0": {"start": 0, "end": 50, "run_key": f"{TOPIC}-0-0-50#1", "requested_at": 7.0, "attempt": 1},
+                      "1": {"start": 0},
+                      "2": {"start": "bad", "end": 9, "run_key": "x", "requested_at": 0}},  # unreadable: dropped
+        "extra": {
+            "degradation": {"version": 1, "level": "SOFT", "changed_at": 100.0, "peak_level": "GRACEFUL", "history": []},
+            "breaker": {"probe_at": 130.0},
+            "recovery": {"1": {"start": 0, "end": 40, "kind": DEFERRED, "run_key": f"recover:{TOPIC}-1-0-40#2",
+                               "requested_at": 5.0, "attempt": 2}},
+        },
+    })
+    cursor = StreamCursor.from_json(old)
+    assert cursor.in_flight == {0: InFlight(0, 50, f"{TOPIC}-0-0-50#1", 7.0, 1)}
+    assert cursor.recovering == {1: Recovery(0, 40, f"recover:{TOPIC}-1-0-40#2", 5.0, 2, DEFERRED)}
+    assert cursor.degradation["level"] == "SOFT" and cursor.probe_at == 130.0
+    assert recovery_run_keys(cursor) == [f"recover:{TOPIC}-1-0-40#2"]
+    assert StreamCursor.from_json(json.dumps({"in_flight": {}, "extra": {}})) == StreamCursor()
+    assert StreamCursor.from_json("[]") == StreamCursor()
+
+
+def test_one_retry_rule_for_batches_and_recoveries():
+    flight = InFlight(0, 50, "k#3", requested_at=100.0, attempt=3)
+    assert retry_attempt(flight, {"k#3": RUN_ACTIVE}, 300, now=1000.0) is None  # active: never retried
+    assert retry_attempt(flight, {}, 300, now=400.0) is None  # not visible yet, within the retry period
+    assert retry_attempt(flight, {}, 300, now=400.5) == 4  # vanished
+    assert retry_attempt(flight, {"k#3": RUN_FAILED}, 300, now=101.0) == 4
+    assert retry_attempt(flight, {"k#3": RUN_SUCCEEDED}, 300, now=101.0) == 4  # finished without committing
+    recovery = Recovery(0, 50, "recover:k#1", 100.0, 1, DEFERRED)
+    assert retry_attempt(recovery, {"recover:k#1": RUN_FAILED}, 300, now=101.0) == 2
 
 
 def test_offsets_below_the_tables_stop_all_requests_and_fail_the_baseline_check():

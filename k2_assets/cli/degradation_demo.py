@@ -1,14 +1,14 @@
 """`k2 demo degradation [--json]`: a burst through the real stream path, up the levels and back.
 
 In a fresh K2_HOME (a temporary folder) it starts its own Kafka broker on free ports and the
-local Binance replay server, and holds the consumer back: a first wave of recorded trades goes
+local Binance recording server, and holds the consumer back: a first wave of recorded trades goes
 through the WebSocket client into Kafka before the stream sensor's first tick, the rest of the
 burst right after it. With small lag triggers (500 / 1.5K / 3K / 6K, 1 s cooldown) the level
 rises to CIRCUIT_BREAK; the real sensor and micro-batch job (in a real, ephemeral Dagster
 instance) then drain the topic: probe batches and spills, deferred tier-3 rows (ETHUSDT is tier 3
 here), stepwise recovery to NORMAL, and recovery runs that write every deferred and spilled range
 back. It prints each transition with its cause and ends by checking that every trade the
-replay server sent is in Iceberg exactly once. With ``--json`` the last line is
+recording server sent is in Iceberg exactly once. With ``--json`` the last line is
 ``{"max_level", "final_level", "transitions", "sent", "in_iceberg"}``.
 """
 
@@ -25,13 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from k2_resources.topics import BINANCE_TRADES_TOPIC
+
 BURST = 12_000  # recorded trades in the burst
 FIRST_WAVE = 2_000  # in Kafka before the first tick: GRACEFUL
 LAG_TRIGGERS = [500, 1_500, 3_000, 6_000]
 COOLDOWN_S = 1.0
 MAX_BATCH = 1_000
 TIMEOUT_S = 600.0
-TOPIC = "market.trades.binance"
 QUIET_RUNS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -88,13 +89,14 @@ def _scenario() -> dict[str, Any]:
 
     from k2_assets.binance import defs as binance_defs
     from k2_assets.resources import build_resources
-    from k2_resources.binance.replay_server import ReplayServerThread, load_recorded_trades
+    from k2_resources.binance.recording_server import RecordingServerThread, load_recorded_trades
     from k2_resources.binance.streamer import stream_to_kafka
+    from k2_resources.degradation.levels import DegradationLevel
+    from k2_resources.degradation.resource import DegradationResource
     from k2_resources.iceberg import IcebergResource
-    from k2_resources.trades.sink import TradeSinkResource
+    from k2_resources.trades.sink_settings import TradeSinkResource
     from k2_sensors.binance.driver import checks_of, execute_requests, tick
-    from k2_sensors.binance.stream_state import StreamCursor
-    from k2_sensors.operations.config import DegradationResource
+    from k2_sensors.binance.stream_rules import StreamCursor
 
     degradation = DegradationResource(
         lag_triggers=LAG_TRIGGERS,
@@ -104,7 +106,7 @@ def _scenario() -> dict[str, Any]:
         tier2_symbols=[],  # ETHUSDT becomes tier 3: deferred at GRACEFUL
     )
     resources = build_resources()
-    resources.update(sink=TradeSinkResource(topic=TOPIC, max_batch_messages=MAX_BATCH), degradation=degradation)
+    resources.update(sink=TradeSinkResource(topic=BINANCE_TRADES_TOPIC, max_batch_messages=MAX_BATCH), degradation=degradation)
     defs = Definitions.merge(binance_defs, Definitions(resources=resources))
     _say(f"lag triggers SOFT/GRACEFUL/AGGRESSIVE/CIRCUIT_BREAK = {LAG_TRIGGERS}, cooldown {COOLDOWN_S:g}s, "
          f"tier 1 BTCUSDT, tier 3 ETHUSDT; burst of {BURST:,} recorded trades")
@@ -117,10 +119,10 @@ def _scenario() -> dict[str, Any]:
     started = time.monotonic()
 
     def send_wave(trades: list[Any]) -> int:
-        """Replay ``trades`` once, as fast as possible, through the WebSocket client into Kafka."""
+        """Play ``trades`` once, as fast as possible, through the WebSocket client into Kafka."""
         nonlocal expected
-        with ReplayServerThread(speed=None, loop=False, trades=trades) as server:
-            stats = stream_to_kafka(server.url, TOPIC, idle_timeout_s=30)
+        with RecordingServerThread(speed=None, loop=False, trades=trades) as server:
+            stats = stream_to_kafka(server.url, BINANCE_TRADES_TOPIC, idle_timeout_s=30)
             expected |= {f"BINANCE-{s}-{i}" for s, ids in server.stats().trade_ids.items() for i in ids}
         return stats.produced
 
@@ -131,7 +133,7 @@ def _scenario() -> dict[str, Any]:
             nonlocal cursor
             result = tick(instance, defs, cursor)
             cursor = result.cursor
-            history = StreamCursor.from_json(cursor).extra.get("degradation", {}).get("history", [])
+            history = StreamCursor.from_json(cursor).degradation.get("history", [])
             for entry in history[len(transitions):]:
                 transitions.append({k: entry[k] for k in ("from", "to", "cause", "lag")})
                 _say(f"  level {entry['from']} -> {entry['to']}: {entry['cause']}")
@@ -142,7 +144,7 @@ def _scenario() -> dict[str, Any]:
                 raise RuntimeError(f"{failed} micro-batch run(s) failed; see the Dagster logs above")
             return checks_of(result)
 
-        _say(f"wave 1: {FIRST_WAVE:,} trades through the local Binance replay server and the WebSocket client "
+        _say(f"wave 1: {FIRST_WAVE:,} trades through the local Binance recording server and the WebSocket client "
              "into Kafka, before the sensor's first tick ...")
         sent += send_wave(recorded[:FIRST_WAVE])
         step()
@@ -168,15 +170,13 @@ def _scenario() -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the stream did not settle within {TIMEOUT_S:.0f}s (level {level}, lag {lag})")
             time.sleep(0.2)
-        state = StreamCursor.from_json(cursor).extra["degradation"]
+        state = StreamCursor.from_json(cursor).degradation
 
     ids = IcebergResource().trades().scan(selected_fields=("message_id",)).to_arrow().column("message_id").to_pylist()
     missing = expected - set(ids)
     if missing:
         _say(f"  {len(missing)} sent trades are not in Iceberg, e.g. {sorted(missing)[:3]}")
     _say(f"done in {time.monotonic() - started:.1f}s: {runs['ingest']} ingest and {runs['recover']} recovery runs")
-    from k2_sensors.operations.degradation import DegradationLevel
-
     return {
         "max_level": int(DegradationLevel[state["peak_level"]]),
         "final_level": int(DegradationLevel[state["level"]]),

@@ -1,4 +1,4 @@
-"""ReplayEngine over a real Iceberg table: order, bounded slices, pacing with an injected clock."""
+"""TimeOrderedReader over a real Iceberg table: order, bounded slices, pacing with an injected clock."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from k2_resources.iceberg import IcebergResource
 from k2_resources.schemas import encode_trade, decode_trade
-from k2_resources.trades.replay import ReplayEngine
-from tests.benchmarks.synthetic import asx_trades
+from k2_resources.trades.time_ordered import TimeOrderedReader
+from tests.support.synthetic import asx_trades
 
 pytestmark = pytest.mark.integration
 
@@ -41,25 +41,25 @@ def asx_table(k2_home):
     return pl.from_arrow(rows)
 
 
-def test_replay_is_in_time_order_complete_and_read_in_slices(asx_table):
+def test_reads_in_time_order_complete_and_in_slices(asx_table):
     start, end = datetime(2014, 3, 10, 22, 0, tzinfo=UTC), datetime(2014, 3, 11, 6, 0, tzinfo=UTC)
-    engine = ReplayEngine(slice_length=timedelta(minutes=20))
-    batches = list(engine.batches(["BHP", "RIO"], start, end))
-    assert engine.progress.slices == 24  # 8 hours in 20-minute slices
+    reader = TimeOrderedReader(slice_length=timedelta(minutes=20))
+    batches = list(reader.batches(["BHP", "RIO"], start, end))
+    assert reader.progress.slices == 24  # 8 hours in 20-minute slices
     assert len(batches) > 10 and max(b.height for b in batches) < sum(b.height for b in batches) / 5
-    replayed = pl.concat(batches)
+    read = pl.concat(batches)
     expected = asx_table.filter(pl.col("symbol").is_in(["BHP", "RIO"]) & (pl.col("timestamp") >= start)
                                 & (pl.col("timestamp") < end)).sort("timestamp", "source_sequence")
-    assert replayed["message_id"].to_list() == expected["message_id"].to_list()
-    assert replayed["timestamp"].is_sorted()
+    assert read["message_id"].to_list() == expected["message_id"].to_list()
+    assert read["timestamp"].is_sorted()
 
 
-def test_replay_at_a_speed_factor_paces_by_trade_time(asx_table):
+def test_a_speed_factor_paces_by_trade_time(asx_table):
     clock = FakeClock()
-    engine = ReplayEngine(slice_length=timedelta(hours=1), clock=clock, sleep=clock.sleep)
+    reader = TimeOrderedReader(slice_length=timedelta(hours=1), clock=clock, sleep=clock.sleep)
     start = datetime(2014, 3, 11, 23, 0, tzinfo=UTC)
     records = []
-    for record in engine.replay("DVN", start, start + timedelta(hours=7), speed=60.0):
+    for record in reader.records("DVN", start, start + timedelta(hours=7), speed=60.0):
         records.append((record, clock.now))
     assert len(records) > 10
     first_time, first_wall = records[0][0]["timestamp"], records[0][1]
@@ -74,12 +74,12 @@ def test_replay_at_a_speed_factor_paces_by_trade_time(asx_table):
 
 def test_as_fast_as_possible_never_sleeps_and_bad_windows_are_refused(asx_table):
     clock = FakeClock()
-    engine = ReplayEngine(clock=clock, sleep=clock.sleep)
+    reader = TimeOrderedReader(clock=clock, sleep=clock.sleep)
     start = datetime(2014, 3, 9, 20, 0, tzinfo=UTC)
-    count = sum(1 for _ in engine.replay(["MWR"], start, start + timedelta(days=6)))
+    count = sum(1 for _ in reader.records(["MWR"], start, start + timedelta(days=6)))
     assert count == asx_table.filter(pl.col("symbol") == "MWR").height == 11
     assert clock.sleeps == []
     with pytest.raises(Exception, match="not after start"):
-        list(engine.replay("BHP", start, start))
+        list(reader.records("BHP", start, start))
     with pytest.raises(Exception, match="speed"):
-        list(engine.replay("BHP", start, start + timedelta(hours=1), speed=0))
+        list(reader.records("BHP", start, start + timedelta(hours=1), speed=0))

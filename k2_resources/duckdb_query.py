@@ -57,7 +57,7 @@ def connect_with_iceberg(database: str = ":memory:") -> duckdb.DuckDBPyConnectio
 
 
 class DuckDBQueryResource(ConfigurableResource):
-    """Read-only SQL over ``market.trades``, ``market.quotes`` and ``market.dead_letters``."""
+    """Read-only SQL over every K2 table: ``market.trades``, ``quotes``, ``dead_letters`` and ``ohlcv``."""
 
     iceberg: IcebergResource = Field(default_factory=IcebergResource)
     threads: int = Field(default=2, description="DuckDB worker threads")

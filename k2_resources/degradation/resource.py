@@ -13,9 +13,9 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from k2_sensors.operations.degradation import Clock, DegradationManager, DegradationThresholds
-from k2_sensors.operations.load_shedding import TIER1_SIZE, TIER2_SIZE, LoadShedder, tiers_from_config
-from k2_sensors.operations.spill import SpillStore
+from k2_resources.degradation.levels import Clock, DegradationManager, DegradationThresholds
+from k2_resources.degradation.shedding import TIER1_SIZE, TIER2_SIZE, LoadShedder, tiers_from_config
+from k2_resources.degradation.spill import SpillStore
 
 RESOURCE_KEY = "degradation"
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.errors import K2Error
-from k2_sensors.operations.degradation import DegradationLevel
 
 T = TypeVar("T")
 

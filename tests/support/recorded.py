@@ -35,3 +35,16 @@ def first_binance_records(symbol: str, count: int, days: tuple[str, ...] = ("202
         records.append(record)
     assert len(records) == count, f"only {len(records)} recorded {symbol} trades"
     return records
+
+
+def recorded_trades(limit: int) -> list[dict]:
+    """``limit`` recorded trades of 2024-08-09 as V2 records: BTCUSDT's, then ETHUSDT's (half each)."""
+    return [record for symbol in ("BTCUSDT", "ETHUSDT")
+            for record in first_binance_records(symbol, limit // 2, days=("2024-08-09",))]
+
+
+def recorded_trades_in_time_order(per_symbol: int = 1500) -> list[dict]:
+    """The first ``per_symbol`` recorded BTCUSDT and ETHUSDT trades of 2024-08-09, merged in time order."""
+    records = [record for symbol in ("BTCUSDT", "ETHUSDT")
+               for record in first_binance_records(symbol, per_symbol, days=("2024-08-09",))]
+    return sorted(records, key=lambda r: (r["timestamp"], r["symbol"]))

@@ -1,4 +1,4 @@
-"""A local Binance-compatible WebSocket server that replays the recorded trades in data/binance.
+"""A local Binance-compatible WebSocket server that plays back the recorded trades in data/binance.
 
 It speaks the combined-stream protocol of ``wss://stream.binance.com:9443``: a client opens
 ``/stream?streams=btcusdt@trade/ethusdt@trade/...`` and receives
@@ -25,16 +25,16 @@ Reconnects
     While two connections overlap (a client rotating its connection), the older one keeps
     playing but no longer moves the resume point.
 
-Faults on request (constructor options, or :meth:`ReplayServer.set_faults` while running)
+Faults on request (constructor options, or :meth:`RecordingServer.set_faults` while running)
     ``drop_after`` closes each connection (code 1001) after that many frames, at most
     ``max_drops`` times; ``repeat_every``/``repeat_count`` resends the last trades;
     ``malformed_every`` sends a malformed frame (cycling: truncated JSON, missing price,
     bad price); :meth:`drop_connections` and :meth:`inject_frame` act at once.
 
-End of a once-only replay: the server closes with code 1000 and reason ``end of replay``;
+End of a once-only playback: the server closes with code 1000 and reason ``end of recording``;
 the K2 client treats exactly that as the end of the stream.
 
-:meth:`ReplayServer.stats` says how many frames of each kind went out and which trade ids,
+:meth:`RecordingServer.stats` says how many frames of each kind went out and which trade ids,
 per symbol, the server sent (for exactly-once checks).
 """
 
@@ -63,8 +63,8 @@ from k2_resources.settings import DATA_DIR
 log = logging.getLogger(__name__)
 
 RECORDING_DIR = DATA_DIR / "binance"
-END_OF_REPLAY_REASON = "end of replay"
-FORCED_DROP_REASON = "forced drop (replay server fault injection)"
+END_OF_RECORDING_REASON = "end of recording"
+FORCED_DROP_REASON = "forced drop (recording server fault injection)"
 DEFAULT_PORT = 9443
 MALFORMED_KINDS = ("truncated_json", "missing_price", "bad_price")
 
@@ -103,7 +103,7 @@ class Tape:
 
     def __init__(self, trades: list[RecordedTrade], max_pause_ms: int = 1000) -> None:
         if not trades:
-            raise K2Error("the replay tape is empty: no recorded trades to serve")
+            raise K2Error("the recording server's tape is empty: no recorded trades to serve")
         self.trades = trades
         offsets = [0]
         for previous, current in zip(trades, trades[1:]):
@@ -124,7 +124,7 @@ class Tape:
 
 
 @dataclass
-class ReplayFaults:
+class ServerFaults:
     """Faults the server injects, per connection; all off by default."""
 
     drop_after: int | None = None  # close each connection after this many frames ...
@@ -135,7 +135,7 @@ class ReplayFaults:
 
 
 @dataclass
-class ReplayStats:
+class ServerStats:
     """What the server sent so far (a snapshot)."""
 
     connections: int = 0
@@ -144,7 +144,7 @@ class ReplayStats:
     repeated_frames: int = 0
     malformed_frames: int = 0
     injected_frames: int = 0
-    finished: bool = False  # a once-only replay reached the end of the tape
+    finished: bool = False  # a once-only playback reached the end of the tape
     trade_ids: dict[str, set[int]] = field(default_factory=dict)
     malformed: list[tuple[str, str]] = field(default_factory=list)  # (kind, frame)
 
@@ -178,8 +178,8 @@ def requested_symbols(path: str) -> set[str] | None:
     return {name.split("@", 1)[0].upper() for name in streams.split("/") if name.lower().endswith("@trade")}
 
 
-class ReplayServer:
-    """The replay server on an asyncio loop: ``await start()``, ``await stop()``, or ``async with``."""
+class RecordingServer:
+    """The recording server on an asyncio loop: ``await start()``, ``await stop()``, or ``async with``."""
 
     def __init__(
         self,
@@ -195,12 +195,12 @@ class ReplayServer:
         max_pause_ms: int = 1000,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 60.0,
-        faults: ReplayFaults | None = None,
+        faults: ServerFaults | None = None,
         **fault_options: Any,
     ) -> None:
-        """``fault_options`` are ReplayFaults fields (drop_after=, repeat_every=, ...) given directly."""
+        """``fault_options`` are ServerFaults fields (drop_after=, repeat_every=, ...) given directly."""
         if host not in ("127.0.0.1", "localhost", "::1"):
-            raise K2Error(f"the replay server binds to the loopback only, not {host!r}; use 127.0.0.1")
+            raise K2Error(f"the recording server binds to the loopback only, not {host!r}; use 127.0.0.1")
         if speed is not None and speed <= 0:
             raise K2Error(f"speed must be above 0 (or None for as fast as possible), not {speed}")
         recorded = trades if trades is not None else load_recorded_trades()
@@ -209,9 +209,9 @@ class ReplayServer:
         self.speed, self.loop, self.time_base = speed, loop, time_base
         self.resume_overlap = resume_overlap
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
-        self._faults = replace(faults or ReplayFaults(), **fault_options)
+        self._faults = replace(faults or ServerFaults(), **fault_options)
         self._lock = threading.Lock()
-        self._stats = ReplayStats()
+        self._stats = ServerStats()
         self._cursors: dict[tuple[str, ...], int] = {}
         self._owners: dict[tuple[str, ...], ServerConnection] = {}
         self._views: dict[tuple[str, ...], list[int]] = {}
@@ -221,13 +221,13 @@ class ReplayServer:
         self._event_loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> ReplayServer:
+    async def start(self) -> RecordingServer:
         self._event_loop = asyncio.get_running_loop()
         self._server = await serve(self._handle, self.host, self.port, process_request=self._check_path,
                                    ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
                                    close_timeout=2, max_queue=None)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("Binance replay server on %s", self.url)
+        log.info("Binance recording server on %s", self.url)
         return self
 
     async def stop(self) -> None:
@@ -236,7 +236,7 @@ class ReplayServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> ReplayServer:
+    async def __aenter__(self) -> RecordingServer:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -260,14 +260,14 @@ class ReplayServer:
         return f"{self.base_url}/stream?streams=" + "/".join(f"{s.lower()}@trade" for s in symbols)
 
     # ---- control API (thread-safe) --------------------------------------------------------------
-    def stats(self) -> ReplayStats:
+    def stats(self) -> ServerStats:
         """A copy of the counters and of the sent trade ids."""
         with self._lock:
             return replace(self._stats, trade_ids={s: set(ids) for s, ids in self._stats.trade_ids.items()},
                            malformed=list(self._stats.malformed))
 
     def set_faults(self, **changes: Any) -> None:
-        """Change fault settings (fields of ReplayFaults) for frames sent from now on."""
+        """Change fault settings (fields of ServerFaults) for frames sent from now on."""
         with self._lock:
             self._faults = replace(self._faults, **changes)
 
@@ -361,7 +361,7 @@ class ReplayServer:
             if not self.loop and position >= limit:
                 with self._lock:
                     self._stats.finished = True
-                await connection.close(1000, END_OF_REPLAY_REASON)
+                await connection.close(1000, END_OF_RECORDING_REASON)
                 return
             trade, time_ms, trade_id, offset = self._values(view, position)
             if self.speed:
@@ -411,28 +411,28 @@ class ReplayServer:
                     return
 
 
-class ReplayServerThread:
-    """The replay server on an event loop of its own thread, for synchronous code and tests.
+class RecordingServerThread:
+    """The recording server on an event loop of its own thread, for synchronous code and tests.
 
-    ``with ReplayServerThread(speed=None) as server: stream_to_kafka(server.url, ...)``; the
+    ``with RecordingServerThread(speed=None) as server: stream_to_kafka(server.url, ...)``; the
     control methods (stats, set_faults, inject_frame, drop_connections, reset) are thread-safe.
     """
 
     def __init__(self, **options: Any) -> None:
-        self.server = ReplayServer(**options)
+        self.server = RecordingServer(**options)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
 
-    def start(self) -> ReplayServerThread:
-        self._thread = threading.Thread(target=self._run, name="binance-replay-server", daemon=True)
+    def start(self) -> RecordingServerThread:
+        self._thread = threading.Thread(target=self._run, name="binance-recording-server", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout=30):
-            raise K2Error("the Binance replay server did not start within 30 s")
+            raise K2Error("the Binance recording server did not start within 30 s")
         if self._error is not None:
-            raise K2Error(f"the Binance replay server could not start: {self._error}") from self._error
+            raise K2Error(f"the Binance recording server could not start: {self._error}") from self._error
         return self
 
     def _run(self) -> None:
@@ -457,7 +457,7 @@ class ReplayServerThread:
             self._thread.join(timeout=30)
         self._thread = None
 
-    def __enter__(self) -> ReplayServerThread:
+    def __enter__(self) -> RecordingServerThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -474,7 +474,7 @@ class ReplayServerThread:
     def stream_url(self, symbols: list[str]) -> str:
         return self.server.stream_url(symbols)
 
-    def stats(self) -> ReplayStats:
+    def stats(self) -> ServerStats:
         return self.server.stats()
 
     def set_faults(self, **changes: Any) -> None:

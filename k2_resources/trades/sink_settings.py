@@ -5,13 +5,13 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from k2_resources.trades.microbatch import DEFAULT_TOPIC
+from k2_resources.topics import BINANCE_TRADES_TOPIC
 
 
 class TradeSinkResource(ConfigurableResource):
     """Topic, batch size and lag thresholds of the stream sensor and its micro-batches."""
 
-    topic: str = Field(default=DEFAULT_TOPIC, description="Kafka topic of trade V2 records")
+    topic: str = Field(default=BINANCE_TRADES_TOPIC, description="Kafka topic of trade V2 records")
     max_batch_messages: int = Field(default=50_000, description="largest offset range one run reads")
     lag_warn_messages: int = Field(default=10_000, description="consumer lag at which the check turns WARN")
     lag_error_messages: int = Field(default=100_000, description="consumer lag at which the check turns ERROR")

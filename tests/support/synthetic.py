@@ -1,4 +1,4 @@
-"""Synthetic trades drawn from the real trades' distributions, for the benchmarks.
+"""Synthetic trades drawn from the real trades' distributions, for the benchmarks and tests.
 
 ASX: the real March 2014 rows of each symbol and day, repeated ``scale`` times with each copy's
 timestamps jittered within the gap to the next real trade, so the intraday profile, the skew

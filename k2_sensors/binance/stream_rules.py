@@ -1,22 +1,34 @@
-"""The stream sensor's decisions, as pure functions of offsets and its cursor.
+"""The stream sensor's rules, as pure functions of what a tick observed and the sensor's cursor.
 
 Kept apart from the Dagster sensor so every rule (which ranges to request, when a range is
-in flight, when lag or a baseline mismatch fails a check) is unit-testable without Kafka.
+in flight or retried, when lag or a baseline mismatch fails a check) is unit-testable without
+Kafka. A tick is observe (I/O, in ``stream_sensor``) -> ``decide`` -> ``report``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from dagster import AssetCheckSeverity
 
+from k2_resources.degradation.levels import (
+    DegradationLevel,
+    DegradationManager,
+    DegradationThresholds,
+    Transition,
+    check_status,
+    describe_level,
+)
+from k2_resources.degradation.resource import DegradationResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.trades.offsets import DEFERRED, SPILLED, OffsetRange, PendingRange, committed_offsets, pending_ranges
-from k2_sensors.operations.degradation import DegradationLevel, DegradationManager, check_status, describe_level
+from k2_resources.trades.sink_settings import TradeSinkResource
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ def baseline_evaluation(snapshot: StreamSnapshot) -> CheckOutcome:
 
 @dataclass
 class InFlight:
-    """A requested micro-batch run that has not committed yet."""
+    """A requested run (micro-batch or recovery) that has not committed its range yet."""
 
     start: int
     end: int
@@ -105,24 +117,82 @@ class InFlight:
 
 
 @dataclass
+class Recovery(InFlight):
+    """A requested recovery run of one pending range; ``kind`` is the range's DEFERRED or SPILLED."""
+
+    kind: str = ""
+
+
+CURSOR_VERSION = 2  # 1: in_flight plus a free "extra" dict; 2: typed fields
+
+
+@dataclass
 class StreamCursor:
-    """The sensor's memory between ticks (serialised as JSON in the Dagster cursor)."""
+    """The sensor's memory between ticks (serialised as JSON in the Dagster cursor).
+
+    ``in_flight`` and ``recovering``: partition -> the micro-batch / recovery run in flight;
+    ``degradation``: the DegradationManager's ``to_state()`` (its format is the manager's);
+    ``probe_at``: when the circuit breaker's latest half-open probe round was requested.
+    """
 
     in_flight: dict[int, InFlight] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # state other components keep here
+    recovering: dict[int, Recovery] = field(default_factory=dict)
+    degradation: dict[str, Any] = field(default_factory=dict)
+    probe_at: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"in_flight": {str(p): asdict(f) for p, f in self.in_flight.items()}, "extra": self.extra})
+        return json.dumps({
+            "version": CURSOR_VERSION,
+            "in_flight": {str(p): asdict(f) for p, f in self.in_flight.items()},
+            "recovering": {str(p): asdict(f) for p, f in self.recovering.items()},
+            "degradation": self.degradation,
+            "probe_at": self.probe_at,
+        })
 
     @classmethod
-    def from_json(cls, raw: str | None) -> "StreamCursor":
+    def from_json(cls, raw: str | None) -> StreamCursor:
+        """Read a cursor; one of the version-1 format (free ``extra`` dict) is read best effort."""
         if not raw:
             return cls()
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            return cls()
+        if "extra" in data:  # version 1: {"in_flight": ..., "extra": {"degradation", "breaker", "recovery"}}
+            extra = data.get("extra") or {}
+            breaker = extra.get("breaker") or {}
+            data = {
+                "in_flight": data.get("in_flight", {}),
+                "recovering": extra.get("recovery", {}),
+                "degradation": extra.get("degradation", {}),
+                "probe_at": breaker.get("probe_at") if isinstance(breaker, dict) else None,
+            }
+        probe_at = data.get("probe_at")
         return cls(
-            in_flight={int(p): InFlight(**f) for p, f in data.get("in_flight", {}).items()},
-            extra=data.get("extra", {}),
+            in_flight=_flights(data.get("in_flight"), InFlight),
+            recovering=_flights(data.get("recovering"), Recovery),
+            degradation=dict(data.get("degradation") or {}),
+            probe_at=None if probe_at is None else float(probe_at),
         )
+
+
+_Flight = TypeVar("_Flight", bound=InFlight)
+
+
+def _flights(raw: Any, kind: type[_Flight]) -> dict[int, _Flight]:
+    """partition -> flight from JSON; an entry that does not read is dropped (its range is requested again)."""
+    flights: dict[int, _Flight] = {}
+    if not isinstance(raw, dict):
+        return flights
+    names = {f.name for f in fields(kind)}
+    for partition, entry in raw.items():
+        try:
+            flight = kind(**{k: v for k, v in entry.items() if k in names})
+            flight.start, flight.end, flight.attempt = int(flight.start), int(flight.end), int(flight.attempt)
+            flight.run_key, flight.requested_at = str(flight.run_key), float(flight.requested_at)
+            flights[int(partition)] = flight
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return flights
 
 
 RUN_FAILED = "failed"
@@ -131,11 +201,24 @@ RUN_UNKNOWN = "unknown"
 RUN_SUCCEEDED = "succeeded"
 
 
+def retry_attempt(flight: InFlight, run_status: Mapping[str, str], retry_after_s: float, now: float) -> int | None:
+    """The attempt to request ``flight``'s range again with, or None while it is still in flight.
+
+    Called only while the range is not done (not committed, or still pending). Its run is in
+    flight while active, or while it has not appeared yet and ``retry_after_s`` has not passed;
+    otherwise (failed, vanished, or finished without committing) it is requested again, attempt + 1.
+    """
+    status = run_status.get(flight.run_key, RUN_UNKNOWN)
+    if status == RUN_ACTIVE or (status == RUN_UNKNOWN and now - flight.requested_at <= retry_after_s):
+        return None
+    return flight.attempt + 1
+
+
 def plan_batches(
     snapshot: StreamSnapshot,
     cursor: StreamCursor,
     max_batch_messages: int,
-    run_status: dict[str, str],
+    run_status: Mapping[str, str],
     retry_after_s: float,
     now: float | None = None,
 ) -> list[tuple[OffsetRange, str, int]]:
@@ -154,13 +237,11 @@ def plan_batches(
         attempt = 1
         flight = cursor.in_flight.pop(partition, None)
         if flight is not None and committed < flight.end:
-            status = run_status.get(flight.run_key, RUN_UNKNOWN)
-            waiting = status == RUN_UNKNOWN and now - flight.requested_at <= retry_after_s
-            if status == RUN_ACTIVE or waiting:
+            retry = retry_attempt(flight, run_status, retry_after_s, now)
+            if retry is None:
                 cursor.in_flight[partition] = flight
                 continue
-            # Failed, vanished, or finished without committing: request again from where the table is.
-            attempt = flight.attempt + 1
+            attempt = retry  # requested again from where the table is
         end = min(snapshot.end_offsets[partition], committed + max_batch_messages)
         if end <= committed:
             continue
@@ -271,8 +352,7 @@ def batch_level(level: DegradationLevel, cursor: StreamCursor, changed_at: float
     """
     if level < DegradationLevel.CIRCUIT_BREAK:
         return level
-    breaker = cursor.extra.setdefault("breaker", {})
-    last = max(changed_at or 0.0, float(breaker.get("probe_at", 0.0)))
+    last = max(changed_at or 0.0, cursor.probe_at or 0.0)
     if now - last < cooldown_s:
         return None
     return DegradationLevel.AGGRESSIVE
@@ -280,51 +360,192 @@ def batch_level(level: DegradationLevel, cursor: StreamCursor, changed_at: float
 
 def note_probe(cursor: StreamCursor, now: float) -> None:
     """Remember that a half-open probe round was requested at ``now``."""
-    cursor.extra.setdefault("breaker", {})["probe_at"] = now
+    cursor.probe_at = now
 
 
 def plan_recoveries(
     snapshot: StreamSnapshot,
     cursor: StreamCursor,
     level: DegradationLevel,
-    run_status: dict[str, str],
+    run_status: Mapping[str, str],
     retry_after_s: float,
     now: float | None = None,
 ) -> list[tuple[PendingRange, str, int]]:
     """Recovery runs to request now, oldest pending range first, one in flight per partition.
 
     Only at RECOVERY_MAX_LEVEL or below. A recovery is done once its range is no longer pending;
-    a failed run (or one that never appeared) is requested again with a new run key. State lives
-    in ``cursor.extra["recovery"]`` (partition -> the range in flight).
+    a failed run (or one that never appeared) is requested again with a new run key (the retry
+    rule of ``retry_attempt``). Updates ``cursor.recovering`` (partition -> the range in flight).
     """
     now = time.time() if now is None else now
-    flights: dict[str, dict[str, Any]] = cursor.extra.setdefault("recovery", {})
+    flights = cursor.recovering
     pending = {(p.partition, p.start, p.end): p for p in snapshot.pending}
     requests: list[tuple[PendingRange, str, int]] = []
-    for partition_key in list(flights):
-        flight = flights[partition_key]
-        if (int(partition_key), flight["start"], flight["end"]) not in pending:
-            del flights[partition_key]  # recovered
+    for partition, flight in list(flights.items()):
+        if (partition, flight.start, flight.end) not in pending:
+            del flights[partition]  # recovered
     if level > RECOVERY_MAX_LEVEL or snapshot.mismatched:
         return requests
     for partition in sorted({p.partition for p in snapshot.pending}):
         attempt = 1
-        flight = flights.get(str(partition))
+        flight = flights.get(partition)
         if flight is not None:
-            status = run_status.get(flight["run_key"], RUN_UNKNOWN)
-            waiting = status == RUN_UNKNOWN and now - flight["requested_at"] <= retry_after_s
-            if status == RUN_ACTIVE or waiting:
+            retry = retry_attempt(flight, run_status, retry_after_s, now)
+            if retry is None:
                 continue
-            attempt = int(flight["attempt"]) + 1
-            entry = pending[(partition, flight["start"], flight["end"])]
+            attempt = retry
+            entry = pending[(partition, flight.start, flight.end)]
         else:
             entry = min((p for p in snapshot.pending if p.partition == partition), key=lambda p: p.start)
         run_key = f"recover:{entry.range.key}#{attempt}"
-        flights[str(partition)] = {"start": entry.start, "end": entry.end, "kind": entry.kind,
-                                   "run_key": run_key, "requested_at": now, "attempt": attempt}
+        flights[partition] = Recovery(entry.start, entry.end, run_key, now, attempt, entry.kind)
         requests.append((entry, run_key, attempt))
     return requests
 
 
 def recovery_run_keys(cursor: StreamCursor) -> list[str]:
-    return [flight["run_key"] for flight in cursor.extra.get("recovery", {}).values()]
+    return [flight.run_key for flight in cursor.recovering.values()]
+
+
+# -- one tick as three steps: observe (I/O, in stream_sensor) -> decide -> report ---------------
+
+INGEST = "ingest"
+RECOVER = "recover"
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The configuration a tick decides and reports under (from the sink and degradation resources)."""
+
+    topic: str
+    max_batch_messages: int
+    retry_after_s: float
+    lag_warn_messages: int
+    lag_error_messages: int
+    thresholds: DegradationThresholds = field(default_factory=DegradationThresholds)
+
+    @classmethod
+    def of(cls, sink: TradeSinkResource, degradation: DegradationResource) -> StreamSettings:
+        return cls(
+            topic=sink.topic,
+            max_batch_messages=sink.max_batch_messages,
+            retry_after_s=sink.run_retry_after_seconds,
+            lag_warn_messages=sink.lag_warn_messages,
+            lag_error_messages=sink.lag_error_messages,
+            thresholds=degradation.thresholds(),
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one tick reads from outside, so that decide and report need no I/O."""
+
+    snapshot: StreamSnapshot
+    run_status: Mapping[str, str] = field(default_factory=dict)  # run key -> RUN_* (the cursor's in-flight keys)
+    memory_percent: float = 0.0
+    dead_letter_topic: str = ""
+    dead_letters: int = 0  # messages ever written to the dead-letter topic
+    batch_gaps: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)  # see sequence_gap_evaluation
+    spill_files: Mapping[str, int] = field(default_factory=dict)  # SpillStore.backlog()
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run to request: one offset range, at a degradation level, to ingest or to recover."""
+
+    range: OffsetRange
+    run_key: str
+    attempt: int
+    level: DegradationLevel
+    mode: str = INGEST
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one tick decided: the next cursor, the runs to request, and the degradation state."""
+
+    cursor: StreamCursor
+    degradation: DegradationManager  # after this tick's evaluate (level, last_transition, history)
+    runs: tuple[PlannedRun, ...] = ()
+    probe: bool = False  # the batches are a half-open probe round of the circuit breaker
+
+    @property
+    def level(self) -> DegradationLevel:
+        return self.degradation.level
+
+    @property
+    def transition(self) -> Transition | None:
+        return self.degradation.last_transition
+
+    @property
+    def batches(self) -> tuple[PlannedRun, ...]:
+        return tuple(run for run in self.runs if run.mode == INGEST)
+
+    @property
+    def recoveries(self) -> tuple[PlannedRun, ...]:
+        return tuple(run for run in self.runs if run.mode == RECOVER)
+
+
+def decide(observation: Observation, cursor: StreamCursor, settings: StreamSettings, now: float) -> Decision:
+    """Set the degradation level, then plan batches (at that level, or a probe round) and recoveries.
+
+    Pure: ``cursor`` is not changed; the next cursor is in the Decision.
+    """
+    cursor = copy.deepcopy(cursor)
+    snapshot = observation.snapshot
+    manager = DegradationManager.from_state(cursor.degradation, thresholds=settings.thresholds, clock=lambda: now)
+    level = manager.evaluate(snapshot.total_lag, observation.memory_percent)
+    cursor.degradation = manager.to_state()
+
+    runs: list[PlannedRun] = []
+    probe = False
+    run_level = batch_level(level, cursor, manager.changed_at, settings.thresholds.cooldown_seconds, now)
+    if run_level is not None:
+        planned = plan_batches(snapshot, cursor, settings.max_batch_messages, observation.run_status,
+                               settings.retry_after_s, now)
+        runs += [PlannedRun(batch, key, attempt, run_level) for batch, key, attempt in planned]
+        if planned and level == DegradationLevel.CIRCUIT_BREAK:
+            note_probe(cursor, now)
+            probe = True
+    recoveries = plan_recoveries(snapshot, cursor, level, observation.run_status, settings.retry_after_s, now)
+    runs += [PlannedRun(entry.range, key, attempt, level, RECOVER) for entry, key, attempt in recoveries]
+    return Decision(cursor, manager, tuple(runs), probe)
+
+
+@dataclass(frozen=True)
+class LogLine:
+    level: str  # "info" or "warning": the logger method
+    message: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """What one tick tells: its check outcomes (in check order) and its log lines."""
+
+    outcomes: tuple[CheckOutcome, ...]
+    log_lines: tuple[LogLine, ...] = ()
+
+
+def report(observation: Observation, decision: Decision, settings: StreamSettings) -> Report:
+    """The tick's checks and log lines; pure (``settings`` gives the lag check its thresholds)."""
+    lines: list[LogLine] = []
+    transition = decision.transition
+    if transition is not None:
+        lines.append(LogLine("warning" if transition.is_escalation else "info",
+                             f"degradation {transition.from_level.name} -> {transition.to_level.name}: "
+                             f"{transition.cause}"))
+    if decision.probe:
+        batches = decision.batches
+        lines.append(LogLine("info", f"circuit breaker half-open: {len(batches)} probe batch(es) at "
+                                     f"{batches[0].level.name}"))
+    snapshot = observation.snapshot
+    outcomes = (
+        lag_evaluation(snapshot, settings),
+        baseline_evaluation(snapshot),
+        degradation_evaluation(decision.degradation),
+        deferred_backlog_evaluation(snapshot),
+        spilled_backlog_evaluation(snapshot, dict(observation.spill_files)),
+        sequence_gap_evaluation(dict(observation.batch_gaps)),
+        dead_letter_evaluation(observation.dead_letter_topic, observation.dead_letters),
+    )
+    return Report(outcomes, tuple(lines))

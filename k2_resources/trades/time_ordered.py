@@ -1,13 +1,13 @@
-"""ReplayEngine: trades from Iceberg in time order, as fast as possible or at a speed factor.
+"""TimeOrderedReader: a window of trades from Iceberg in time order, as fast as possible or paced.
 
-The window is read from ONE pinned snapshot in consecutive time slices, so a replay of a
-month holds one slice in memory at a time and never sees a half-written batch. Within the
-window trades come in timestamp order; ties are broken by source_sequence, then
-platform_sequence, then message_id, so two replays of the same window are identical.
+The window is read from ONE pinned snapshot in consecutive time slices, so reading a month
+holds one slice in memory at a time and never sees a half-written batch. Within the window
+trades come in timestamp order; ties are broken by source_sequence, then platform_sequence,
+then message_id, so two reads of the same window are identical (what Kafka replays rely on).
 
 Pacing: with ``speed=s``, a trade that happened ``d`` seconds after the first one is yielded
-``d / s`` seconds after the replay started (``speed=60``: an hour in a minute); ``speed=None``
-yields as fast as the reader goes. The clock and sleep are injectable, so tests pace a replay
+``d / s`` seconds after the read started (``speed=60``: an hour in a minute); ``speed=None``
+yields as fast as the reader goes. The clock and sleep are injectable, so tests pace a read
 without waiting.
 """
 
@@ -28,8 +28,8 @@ ORDER = ["timestamp", "source_sequence", "platform_sequence", "message_id"]
 
 
 @dataclass
-class ReplayProgress:
-    """Where a replay is: rows yielded, slices read, the last trade time, the snapshot replayed."""
+class ReadProgress:
+    """Where a read is: rows yielded, slices read, the last trade time, the snapshot read."""
 
     snapshot_id: int | None = None
     rows: int = 0
@@ -38,8 +38,8 @@ class ReplayProgress:
     slept_seconds: float = 0.0
 
 
-class ReplayEngine:
-    """Replays ``market.trades`` for symbols and a window, in order, in bounded memory."""
+class TimeOrderedReader:
+    """Reads ``market.trades`` for symbols and a window, in time order, in bounded memory."""
 
     def __init__(
         self,
@@ -54,7 +54,7 @@ class ReplayEngine:
         self.slice_length = slice_length
         self.clock = clock
         self.sleep = sleep
-        self.progress = ReplayProgress()
+        self.progress = ReadProgress()
 
     def batches(self, symbols: str | Sequence[str] | None, start: datetime, end: datetime,
                 exchange: str | None = None) -> Iterator[pl.DataFrame]:
@@ -66,7 +66,7 @@ class ReplayEngine:
         chosen = None if symbols is None else ((symbols,) if isinstance(symbols, str) else tuple(symbols))
         table = self.iceberg.trades()
         snapshot = table.current_snapshot()
-        self.progress = ReplayProgress(snapshot_id=snapshot.snapshot_id if snapshot else None)
+        self.progress = ReadProgress(snapshot_id=snapshot.snapshot_id if snapshot else None)
         if snapshot is None:
             return
         reader = SnapshotReader()
@@ -82,8 +82,8 @@ class ReplayEngine:
         finally:
             reader.close()
 
-    def replay(self, symbols: str | Sequence[str] | None, start: datetime, end: datetime,
-               speed: float | None = None, exchange: str | None = None) -> Iterator[dict]:
+    def records(self, symbols: str | Sequence[str] | None, start: datetime, end: datetime,
+                speed: float | None = None, exchange: str | None = None) -> Iterator[dict]:
         """Each trade of the window as a V2 record dict, in order, paced by ``speed`` (None: no pacing)."""
         if speed is not None and speed <= 0:
             raise K2Error(f"speed={speed} must be positive (or None for as fast as possible)")

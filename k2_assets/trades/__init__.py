@@ -1,1 +1,0 @@
-"""trades domain: assets, checks, jobs and schedules."""

@@ -1,0 +1,8 @@
+"""ASX historical equities, CSV files to Iceberg, one trading day at a time.
+
+- ``files``: the source CSV files, company symbols, the raw lines of a day, trading days;
+- ``sydney_time``: Sydney wall-clock time to UTC, a Sydney day's UTC bounds;
+- ``normalise``: checks, V2 rows and dead letters of a day, the model cross-check;
+- ``writes``: replacing a day's rows and dead letters in Iceberg, ``ingest_day``;
+- ``source``: ``AsxSourceResource``, where the files are.
+"""

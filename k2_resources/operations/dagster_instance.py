@@ -1,0 +1,143 @@
+"""The Dagster instance K2 runs on: created and migrated once, before any service opens it.
+
+Every Dagster process (webserver, daemon, code server, runs, the metrics exporter) creates
+the SQLite storage of a new instance if it finds none. Started together on a fresh
+``DAGSTER_HOME`` they race: two of them create the same tables and both stamp alembic's
+version table, which leaves it with two heads, and every later start fails with "more than
+one head present". So ``k2 run`` (and anything else that starts several processes on one
+instance) calls :func:`prepare_instance` first and starts the services only after it.
+
+An instance already broken that way is repaired when it holds no run history (its storage is
+recreated); otherwise :func:`prepare_instance` stops with a message naming the folder and the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sqlite3
+from contextlib import closing, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from k2_resources.errors import K2Error
+from k2_resources.settings import PROJECT_ROOT
+
+EMBEDDED_INSTANCE_CONFIG = PROJECT_ROOT / "dagster.yaml"
+POSTGRES_INSTANCE_CONFIG = PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml"
+
+# The SQLite databases of Dagster's default storage, relative to DAGSTER_HOME, and the folders
+# that hold them (with the per-run event-log shards beside the index).
+_SQLITE_DATABASES = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")
+_SQLITE_FOLDERS = ("history", "schedules", "storage")
+
+
+class BrokenInstanceError(K2Error):
+    """The Dagster instance's storage is inconsistent and holds history K2 will not delete."""
+
+
+@dataclass(frozen=True)
+class InstanceReport:
+    """What :func:`prepare_instance` found and did."""
+
+    home: Path
+    created: bool
+    repaired: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        state = "created" if self.created else "ready"
+        if self.repaired:
+            state = f"repaired ({'; '.join(self.repaired)}) and recreated"
+        return f"Dagster instance {state} in {self.home}"
+
+
+def broken_databases(home: Path) -> dict[str, list[str]]:
+    """The instance's SQLite databases whose alembic version table does not hold exactly one
+    revision, with the revisions it holds (several heads: created by two processes at once)."""
+    found: dict[str, list[str]] = {}
+    for relative in _SQLITE_DATABASES:
+        path = home / relative
+        if not path.exists():
+            continue
+        with _read_only(path) as connection:
+            if not _has_table(connection, "alembic_version"):
+                continue
+            revisions = [row[0] for row in connection.execute("select version_num from alembic_version")]
+        if len(revisions) > 1:
+            found[relative] = revisions
+    return found
+
+
+def recorded_runs(home: Path) -> int:
+    """How many runs the instance's SQLite run storage holds (0 when it has none yet)."""
+    path = home / "history" / "runs.db"
+    if not path.exists():
+        return 0
+    with _read_only(path) as connection:
+        if not _has_table(connection, "runs"):
+            return 0
+        return int(connection.execute("select count(*) from runs").fetchone()[0])
+
+
+def prepare_instance(home: Path, config: Path | None = EMBEDDED_INSTANCE_CONFIG, *, migrate: bool = True) -> InstanceReport:
+    """Make ``home`` a ready Dagster instance: its ``dagster.yaml`` from ``config`` (None: keep the
+    one there), a broken SQLite storage repaired when that loses no run history, then every
+    storage created (or migrated) by this one process. Call it before starting any service."""
+    home.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        shutil.copyfile(config, home / "dagster.yaml")
+    elif not (home / "dagster.yaml").exists():
+        raise K2Error(f"{home} has no dagster.yaml; copy {EMBEDDED_INSTANCE_CONFIG} there or pass a config")
+    repaired = _repair_if_broken(home)
+    created = not any((home / relative).exists() for relative in _SQLITE_DATABASES)
+    _open_every_storage(home, migrate=migrate)
+    return InstanceReport(home=home, created=created and not repaired, repaired=repaired)
+
+
+def _repair_if_broken(home: Path) -> tuple[str, ...]:
+    broken = broken_databases(home)
+    if not broken:
+        return ()
+    details = [f"{name} records {len(revs)} schema versions ({', '.join(revs)})" for name, revs in broken.items()]
+    runs = recorded_runs(home)
+    if runs:
+        raise BrokenInstanceError(
+            f"the Dagster instance in {home} is broken: {'; '.join(details)} (several processes created it at "
+            f"once). It holds {runs} run(s), so K2 will not recreate it. Fix: move it aside and start again, "
+            f"`mv {home} {home}.broken` (its run history stays in the moved folder), or delete it to start over."
+        )
+    for folder in _SQLITE_FOLDERS:
+        shutil.rmtree(home / folder, ignore_errors=True)
+    return tuple(details)
+
+
+def _open_every_storage(home: Path, *, migrate: bool) -> None:
+    # Imported here: dagster takes seconds to import and callers such as `k2 --help` must not pay it.
+    from dagster import DagsterInstance
+
+    try:
+        with DagsterInstance.from_config(str(home)) as instance:
+            # Touch each storage so each creates its tables now, in this process alone.
+            instance.get_runs_count()
+            instance.get_daemon_heartbeats()
+            list(instance.all_instigator_state())
+            instance.event_log_storage.get_asset_records()
+            if migrate:
+                with redirect_stdout(io.StringIO()):  # upgrade() prints per-storage progress lines
+                    instance.upgrade()
+    except Exception as exc:  # a storage that cannot open or migrate: say where and what to do
+        raise K2Error(
+            f"could not create or migrate the Dagster instance in {home}: {type(exc).__name__}: {exc}. "
+            f"Fix: check the storage settings in {home / 'dagster.yaml'}; for the embedded default, "
+            f"move {home} aside and start again"
+        ) from exc
+
+
+def _has_table(connection: sqlite3.Connection, name: str) -> bool:
+    row = connection.execute("select 1 from sqlite_master where type = 'table' and name = ?", (name,)).fetchone()
+    return row is not None
+
+
+def _read_only(path: Path) -> "closing[sqlite3.Connection]":
+    """A read-only connection closed on exit (sqlite3's own context manager only commits)."""
+    return closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30))
