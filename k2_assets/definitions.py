@@ -1,26 +1,18 @@
-"""The one Definitions object of K2: every domain's assets, checks, jobs, schedules and sensors."""
+"""The one Definitions object of K2: every domain's assets, checks, jobs, schedules and sensors,
+with the resources built once in ``k2_assets/resources.py``."""
 
 from __future__ import annotations
 
-import importlib
-
 from dagster import Definitions
 
+from k2_assets import analytics, asx, binance, operations
 from k2_assets.resources import build_resources
 
-# Each module exposes `defs`; listed in the order they appear in the UI's code location.
-DOMAIN_MODULES = (
-    "k2_assets.asx",
-    "k2_assets.binance",
-    "k2_assets.analytics",
-    "k2_assets.operations",
-    "k2_sensors.operations",
+# In the order the domains appear in the UI's code location.
+defs = Definitions.merge(
+    asx.defs,
+    binance.defs,
+    analytics.defs,
+    operations.defs,
+    Definitions(resources=build_resources()),
 )
-
-
-def _domain_definitions() -> list[Definitions]:
-    modules = [importlib.import_module(name) for name in DOMAIN_MODULES]
-    return [module.defs for module in modules if hasattr(module, "defs")]
-
-
-defs = Definitions.merge(*_domain_definitions(), Definitions(resources=build_resources()))

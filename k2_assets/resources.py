@@ -1,26 +1,36 @@
-"""The resources every K2 asset, sensor and job uses, picked per environment.
+"""Every resource K2's assets, checks, sensors and jobs use, built once, in one place.
 
-With no settings at all they point at the embedded default: the Kafka broker that
-`k2 kafka start` runs on 127.0.0.1 and the SQLite Iceberg catalog under K2_HOME. Set
-K2_KAFKA_BOOTSTRAP and K2_ICEBERG_CATALOG_URI (and friends) to point them elsewhere.
+With no settings at all they point at the embedded default: the Kafka broker that `k2 run`
+(or `k2 kafka start`) runs on 127.0.0.1, the SQLite Iceberg catalog under K2_HOME and the
+bundled ASX files. Each reads its settings from the environment (K2_KAFKA_BOOTSTRAP,
+K2_ICEBERG_CATALOG_URI and friends, K2_ALERT_WEBHOOKS), so a deployment changes variables,
+not code. The domains' Definitions declare no resources of their own.
 """
 
 from __future__ import annotations
 
+from k2_resources.asx.source import AsxSourceResource
 from k2_resources.degradation.resource import RESOURCE_KEY as DEGRADATION_KEY
+from k2_resources.degradation.resource import DegradationResource
 from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
+from k2_resources.operations.maintenance import TableMaintenanceResource
 from k2_resources.trades.sink_settings import TradeSinkResource
-from k2_sensors.operations import defs as operations_defs
+from k2_sensors.operations.alerts import RESOURCE_KEY as ALERTS_KEY
+from k2_sensors.operations.alerts import AlertWebhookResource
 
 
 def build_resources() -> dict[str, object]:
+    """The resources by key; the DuckDB resource shares the one Iceberg resource."""
     iceberg = IcebergResource()
     return {
         "kafka": KafkaResource(),
         "iceberg": iceberg,
         "duckdb": DuckDBQueryResource(iceberg=iceberg),
         "sink": TradeSinkResource(),
-        DEGRADATION_KEY: operations_defs.resources[DEGRADATION_KEY],  # the same object: Definitions.merge needs one
+        "asx_source": AsxSourceResource(),
+        "maintenance": TableMaintenanceResource(),
+        DEGRADATION_KEY: DegradationResource(),
+        ALERTS_KEY: AlertWebhookResource(),
     }

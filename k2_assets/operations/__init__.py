@@ -1,5 +1,6 @@
 """operations domain: maintenance of Iceberg market.trades (compaction, snapshot expiry,
-orphan-file clean-up), its file-layout checks, job and schedule; scheduled replays into Kafka."""
+orphan-file clean-up), its file-layout checks, job and schedule; scheduled replays into Kafka; the
+sensor that sends alerts on failing checks to webhooks."""
 
 from dagster import Definitions
 
@@ -12,14 +13,14 @@ from k2_assets.operations.assets import (
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
 from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
 from k2_assets.operations.replays import trades_replay, trades_replay_nightly
-from k2_resources.operations.maintenance import TableMaintenanceResource
+from k2_sensors.operations.alerts import build_alert_sensor
 
 defs = Definitions(
     assets=MAINTENANCE_ASSETS,
     asset_checks=MAINTENANCE_CHECKS,
     jobs=[trades_table_maintenance_job, trades_replay],
     schedules=[trades_table_maintenance_schedule, trades_replay_nightly],
-    resources={"maintenance": TableMaintenanceResource()},
+    sensors=[build_alert_sensor()],
 )
 
 __all__ = ["defs", "trades_file_layout", "trades_snapshot_history", "trades_storage"]

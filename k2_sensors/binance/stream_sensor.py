@@ -208,7 +208,7 @@ def evaluate_stream(
 
 @sensor(
     name="binance_stream_sensor",
-    job_name="binance_trades_microbatch",  # by name: k2_assets.binance imports this module
+    job_name="binance_trades_microbatch",  # by name: the job is defined with the assets, a layer above
     minimum_interval_seconds=int(os.environ.get("K2_STREAM_SENSOR_INTERVAL_S", "5")),
     default_status=DefaultSensorStatus.RUNNING,
     description="Requests a micro-batch run per Kafka partition as trades arrive, at the current degradation "

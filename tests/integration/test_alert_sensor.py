@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import dagster as dg
 import pytest
 
-from k2_sensors.operations import defs as operations_defs
+from k2_assets.definitions import defs
 from k2_sensors.operations.alerts import RESOURCE_KEY, AlertWebhookResource, build_alert_sensor, parse_cursor
 from tests.support.webhooks import WebhookReceiver
 
@@ -169,7 +169,7 @@ def test_unreachable_webhook_keeps_the_incident_for_retry(k2_home, webhook: Webh
         assert set(parse_cursor(result.cursor)) == {"demo_trades:degradation_level"}
 
 
-def test_operations_defs_load_with_the_sensor_and_resource() -> None:
-    repository = dg.Definitions.merge(operations_defs).get_repository_def()
+def test_the_definitions_hold_the_alert_sensor_and_its_resource() -> None:
+    repository = defs.get_repository_def()
     assert repository.get_sensor_def("k2_check_alerts").default_status == dg.DefaultSensorStatus.RUNNING
     assert {RESOURCE_KEY, "degradation"} <= set(repository.get_top_level_resources())
