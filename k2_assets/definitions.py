@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dagster import Definitions
 
-from k2_assets import analytics, asx, binance, operations
+from k2_assets import analytics, asx, binance, degradation, operations
 from k2_assets.resources import build_resources
 
 # In the order the domains appear in the UI's code location.
@@ -14,5 +14,6 @@ defs = Definitions.merge(
     binance.defs,
     analytics.defs,
     operations.defs,
+    degradation.defs,
     Definitions(resources=build_resources()),
 )

@@ -16,18 +16,21 @@ from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.operations.maintenance import TableMaintenanceResource
+from k2_resources.trades.hybrid import HybridQueryResource
 from k2_resources.trades.sink_settings import TradeSinkResource
 from k2_sensors.operations.alerts import RESOURCE_KEY as ALERTS_KEY
 from k2_sensors.operations.alerts import AlertWebhookResource
 
 
 def build_resources() -> dict[str, object]:
-    """The resources by key; the DuckDB resource shares the one Iceberg resource."""
+    """The resources by key; the DuckDB and hybrid resources share the one Iceberg (and Kafka) resource."""
     iceberg = IcebergResource()
+    kafka = KafkaResource()
     return {
-        "kafka": KafkaResource(),
+        "kafka": kafka,
         "iceberg": iceberg,
         "duckdb": DuckDBQueryResource(iceberg=iceberg),
+        "hybrid": HybridQueryResource(kafka=kafka, iceberg=iceberg),
         "sink": TradeSinkResource(),
         "asx_source": AsxSourceResource(),
         "maintenance": TableMaintenanceResource(),

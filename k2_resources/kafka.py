@@ -102,6 +102,22 @@ class KafkaResource(ConfigurableResource):
         finally:
             admin.close()
 
+    def offset_bounds(self, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+        """(log-start offsets, log-end offsets) of each partition of the topic, with one consumer.
+
+        The log start is the oldest offset Kafka still holds: retention (or delete-records) moves it up.
+        """
+        consumer = self.consumer()
+        try:
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or set()]
+            if not partitions:
+                return {}, {}
+            starts = consumer.beginning_offsets(partitions)
+            ends = consumer.end_offsets(partitions)
+            return ({tp.partition: o for tp, o in starts.items()}, {tp.partition: o for tp, o in ends.items()})
+        finally:
+            consumer.close()
+
     def end_offsets(self, topic: str) -> dict[int, int]:
         """The log-end offset (high watermark) of each partition of the topic."""
         consumer = self.consumer()

@@ -45,6 +45,22 @@ SPILLED_BATCHES = Gauge(
     "Raw batches spilled to local Parquet under K2_HOME/spill and not yet committed to Iceberg.",
     registry=REGISTRY,
 )
+DEFERRED_ROWS = Gauge(
+    "k2_deferred_rows",
+    "Rows of deferred offset ranges not yet written to Iceberg (the deferred backlog).",
+    registry=REGISTRY,
+)
+SPILLED_ROWS = Gauge(
+    "k2_spilled_rows",
+    "Rows of spilled batches not yet written to Iceberg (the spilled backlog).",
+    registry=REGISTRY,
+)
+DEGRADATION_TRANSITIONS = Counter(
+    "k2_degradation_transitions",
+    "Changes of the degradation level reported by the stream sensor, by from and to level.",
+    ["from_level", "to_level"],
+    registry=REGISTRY,
+)
 DEAD_LETTERS = Counter(
     "k2_dead_letters_total",
     "Records sent to the dead-letter topic (with their reason), by source topic.",
@@ -55,6 +71,13 @@ ICEBERG_COMMIT_SECONDS = Histogram(
     "k2_iceberg_commit_seconds",
     "Wall time of one Iceberg commit of a micro-batch.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+BINANCE_TRADE_ID_RESETS = Counter(
+    "k2_binance_trade_id_resets_total",
+    "Binance trade ids that fell far below the symbol's highest (an id reset or relisting at the source); "
+    "the trades are kept. Served by the streamer (`k2 stream binance`, port 9464).",
+    ["symbol"],
     registry=REGISTRY,
 )
 MICROBATCH_MESSAGES = Counter(

@@ -3,7 +3,9 @@
 ``market.trades`` and ``market.quotes`` carry the V2 columns, partitioned by
 day(timestamp) and exchange and sorted by symbol then timestamp, so a query for one symbol
 on one day opens one partition and skips most row groups. ``market.ohlcv`` holds the bars of
-every interval (k2_resources.analytics.ohlcv), partitioned by interval, exchange and month.
+every interval (k2_resources.analytics.ohlcv), partitioned by interval, exchange and month;
+``market.live_bars`` the 1-minute bars of the last hours including the Kafka tail
+(k2_resources.analytics.live_bars), replaced whole each time.
 """
 
 from __future__ import annotations
@@ -141,4 +143,12 @@ OHLCV = TableDefinition(
     ),
     SortOrder(SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())),
 )
-ALL_TABLES = (TRADES, QUOTES, DEAD_LETTERS, OHLCV)
+# The 1-minute bars of the last hours of Binance trades, Kafka tail included (binance_live_bars):
+# small, and replaced whole by each materialisation.
+LIVE_BARS = TableDefinition(
+    "live_bars",
+    OHLCV_SCHEMA,
+    PartitionSpec(),
+    SortOrder(SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())),
+)
+ALL_TABLES = (TRADES, QUOTES, DEAD_LETTERS, OHLCV, LIVE_BARS)

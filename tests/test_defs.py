@@ -9,8 +9,9 @@ from k2_assets.definitions import defs
 ASSETS = {
     "asx_raw_trades", "asx_trades", "asx_raw_quotes", "asx_quotes",
     "binance_trades",
-    "asx_ohlcv", "binance_ohlcv",
+    "asx_ohlcv", "binance_ohlcv", "binance_live_bars",
     "trades_storage", "trades_file_layout", "trades_snapshot_history",
+    "symbol_tiers",
 }
 ASSET_CHECKS = {
     ("asx_raw_trades", "company_ids_mapped"),
@@ -28,6 +29,7 @@ ASSET_CHECKS = {
     ("binance_trades", "deferred_backlog"),
     ("binance_trades", "degradation_level"),
     ("binance_trades", "offset_baseline"),
+    ("binance_trades", "retention_loss"),
     ("binance_trades", "sequence_gaps"),
     ("binance_trades", "spilled_backlog"),
     ("asx_ohlcv", "high_at_least_open_and_close"),
@@ -36,14 +38,20 @@ ASSET_CHECKS = {
     ("binance_ohlcv", "high_at_least_open_and_close"),
     ("binance_ohlcv", "low_at_most_open_and_close"),
     ("binance_ohlcv", "volumes_add_up_to_trades"),
+    ("binance_live_bars", "high_at_least_open_and_close"),
+    ("binance_live_bars", "low_at_most_open_and_close"),
+    ("binance_live_bars", "volumes_match_hybrid_trades"),
     ("trades_file_layout", "files_per_partition"),
     ("trades_file_layout", "small_files_per_partition"),
 }
-JOBS = {"__ASSET_JOB", "binance_trades_microbatch", "trades_replay", "trades_table_maintenance"}
-SCHEDULES = {"trades_replay_nightly", "trades_table_maintenance_nightly"}
+JOBS = {"__ASSET_JOB", "binance_trades_microbatch", "binance_live_bars_refresh", "symbol_tiers_refresh",
+        "trades_replay", "trades_table_maintenance"}
+SCHEDULES = {"binance_live_bars_every_minute", "symbol_tiers_hourly", "trades_replay_nightly",
+             "trades_table_maintenance_nightly"}
 # default_automation_condition_sensor is Dagster's, present because assets declare automation conditions.
 SENSORS = {"binance_stream_sensor", "k2_check_alerts", "default_automation_condition_sensor"}
-RESOURCES = {"alert_webhooks", "asx_source", "degradation", "duckdb", "iceberg", "kafka", "maintenance", "sink"}
+RESOURCES = {"alert_webhooks", "asx_source", "degradation", "duckdb", "hybrid", "iceberg", "kafka", "maintenance",
+             "sink"}
 
 
 def test_definitions_hold_exactly_the_expected_definitions() -> None:

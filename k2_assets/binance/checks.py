@@ -1,5 +1,5 @@
 """Checks on the Binance stream: consumer lag, the topic's offsets against the table's, the
-degradation level, deferred and spilled backlogs, sequence gaps and dead letters.
+degradation level, deferred and spilled backlogs, sequence gaps, dead letters and retention loss.
 
 The stream sensor reports these every tick as AssetCheckEvaluations; defining them here
 makes them visible (with history) in the UI and runnable on demand.
@@ -19,6 +19,7 @@ from k2_sensors.binance.stream_rules import (
     DEAD_LETTER_COUNT,
     DEFERRED_BACKLOG,
     DEGRADATION_LEVEL,
+    RETENTION_LOSS,
     SEQUENCE_GAPS,
     SPILLED_BACKLOG,
     StreamSnapshot,
@@ -27,6 +28,7 @@ from k2_sensors.binance.stream_rules import (
     deferred_backlog_evaluation,
     degradation_evaluation,
     lag_evaluation,
+    retention_loss_evaluation,
     sequence_gap_evaluation,
     spilled_backlog_evaluation,
 )
@@ -114,6 +116,16 @@ def binance_dead_letter_count(kafka: KafkaResource, sink: TradeSinkResource) -> 
     return _result(dead_letter_evaluation(topic, dead_letter_total(kafka, topic)))
 
 
+@asset_check(
+    asset=binance_trades,
+    name=RETENTION_LOSS,
+    description="Kafka retention deleted offsets market.trades had not committed: ERROR naming each partition, "
+    "lost range and count, until an operator accepts the loss with `k2 offsets accept-loss`.",
+)
+def binance_retention_loss(kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource) -> AssetCheckResult:
+    return _result(retention_loss_evaluation(_snapshot(kafka, iceberg, sink)))
+
+
 DEGRADATION_CHECKS = [
     binance_degradation_level,
     binance_deferred_backlog,
@@ -122,4 +134,5 @@ DEGRADATION_CHECKS = [
     binance_dead_letter_count,
 ]
 
-__all__ = ["AssetCheckSeverity", "DEGRADATION_CHECKS", "binance_consumer_lag", "binance_offset_baseline"]
+__all__ = ["AssetCheckSeverity", "DEGRADATION_CHECKS", "binance_consumer_lag", "binance_offset_baseline",
+           "binance_retention_loss"]

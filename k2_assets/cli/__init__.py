@@ -10,7 +10,7 @@ import sys
 from k2_resources.errors import K2Error
 
 # Modules under k2_assets.cli that add sub-commands, in the order `k2 --help` lists them.
-COMMAND_MODULES = ("run", "instance", "demo", "kafka", "query", "offsets", "stream", "binance_server", "metrics")
+COMMAND_MODULES = ("run", "instance", "demo", "kafka", "query", "offsets", "stream", "binance_server", "metrics", "api")
 
 
 def build_parser() -> argparse.ArgumentParser:

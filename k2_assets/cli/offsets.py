@@ -1,15 +1,18 @@
-"""`k2 offsets show|reset`: what market.trades holds of each Kafka topic, and a new baseline."""
+"""`k2 offsets show|reset|accept-loss`: what market.trades holds of each Kafka topic, a new
+baseline, and the operator's acceptance of offsets Kafka retention deleted before they were committed."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+from datetime import datetime, timezone
 
 from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.offsets import committed_offsets, reset_baseline
+from k2_resources.trades.offsets import acknowledge_losses, committed_offsets, reset_baseline, retention_losses
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="earliest: load everything now in the topic (default); latest: skip it")
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     reset.set_defaults(handler=_reset)
+    accept = actions.add_parser(
+        "accept-loss", help="accept the retention losses recorded for a topic (turns the retention_loss check green)",
+        description="Record in market.trades that an operator accepted every unacknowledged retention loss of the "
+        "topic (offsets Kafka deleted before the table committed them): who, when and why, in one commit. "
+        "The loss history itself stays in the table for audit.",
+    )
+    accept.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
+    accept.add_argument("--note", required=True, help="why the loss is accepted (e.g. reloaded from the source)")
+    accept.add_argument("--by", default=None, help="who accepts it (default: the current user)")
+    accept.set_defaults(handler=_accept_loss)
 
 
 def _topic_offsets(kafka: KafkaResource, topic: str) -> tuple[dict[int, int], dict[int, int]]:
@@ -48,11 +61,31 @@ def _topic_offsets(kafka: KafkaResource, topic: str) -> tuple[dict[int, int], di
 def _show(args: argparse.Namespace) -> int:
     kafka, iceberg = KafkaResource(), IcebergResource()
     earliest, latest = _topic_offsets(kafka, args.topic)
-    committed = committed_offsets(iceberg.trades(), args.topic)
-    rows = {str(p): {"earliest": earliest[p], "latest": latest[p], "committed": committed.get(p, 0),
-                     "lag": max(0, latest[p] - committed.get(p, 0)), "mismatch": latest[p] < committed.get(p, 0)}
-            for p in sorted(latest)}
-    print(json.dumps({"topic": args.topic, "partitions": rows}, indent=2))
+    table = iceberg.trades()
+    committed = committed_offsets(table, args.topic)
+    rows = {}
+    for p in sorted(latest):
+        done = committed.get(p, 0)
+        mismatch = latest[p] < done
+        rows[str(p)] = {"earliest": earliest[p], "latest": latest[p], "committed": done,
+                        "lag": max(0, latest[p] - done), "mismatch": mismatch,
+                        # offsets Kafka deleted that the next micro-batch will record as lost
+                        "retention_gap": 0 if mismatch else max(0, earliest[p] - done)}
+    losses = [{**loss.to_dict(), "acknowledged": loss.acknowledged} for loss in retention_losses(table, args.topic)]
+    print(json.dumps({"topic": args.topic, "partitions": rows, "retention_losses": losses}, indent=2))
+    return 0
+
+
+def _accept_loss(args: argparse.Namespace) -> int:
+    table = IcebergResource().trades()
+    by = args.by or getpass.getuser()
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    accepted = acknowledge_losses(table, args.topic, by, args.note, at)
+    if not accepted:
+        print(f"no unacknowledged retention loss is recorded for {args.topic}; nothing changed")
+        return 0
+    for loss in accepted:
+        print(f"accepted by {by}: {loss.describe()}")
     return 0
 
 

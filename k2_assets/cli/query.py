@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
+import warnings
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -34,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trades.add_argument("--exchange", help="e.g. BINANCE or ASX")
     trades.add_argument("--as-of", help="snapshot id or ISO time: Iceberg time travel, no Kafka tail")
     trades.add_argument("--topic", action="append", help="Kafka topic(s) of the tail (default market.trades.binance)")
+    trades.add_argument("--allow-partial", action="store_true",
+                        help="when Kafka is down, print the Iceberg part and warn (on stderr) which offsets are missing")
     trades.add_argument("--columns", default="timestamp,symbol,exchange,price,quantity,side,trade_id",
                         help="comma-separated columns to print, or 'all'")
     _output_arguments(trades)
@@ -73,20 +77,30 @@ def _limited(table: pa.Table, args: argparse.Namespace) -> pa.Table:
 
 
 def _trades(args: argparse.Namespace) -> int:
-    from k2_resources.trades.hybrid import HybridQueryResource
+    from k2_resources.trades.hybrid import HybridQueryResource, KafkaTailMissingWarning
 
     hybrid = HybridQueryResource(topics=args.topic) if args.topic else HybridQueryResource()
+    # The missing offsets are printed once, below, instead of as a Python warning and a bare log line.
+    logging.getLogger("k2_resources.trades.hybrid").addHandler(logging.NullHandler())
     try:
-        if args.minutes is not None:
-            end = args.end or datetime.now(timezone.utc)
-            frame = hybrid.trades(args.symbol, end - timedelta(minutes=args.minutes), end, exchange=args.exchange)
-        else:
-            as_of: int | datetime | None = None
-            if args.as_of:
-                as_of = int(args.as_of) if args.as_of.isdigit() else _moment(args.as_of)
-            frame = hybrid.trades(args.symbol, args.start, args.end, exchange=args.exchange, as_of=as_of)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KafkaTailMissingWarning)
+            if args.minutes is not None:
+                end = args.end or datetime.now(timezone.utc)
+                frame = hybrid.trades(args.symbol, end - timedelta(minutes=args.minutes), end,
+                                      exchange=args.exchange, allow_partial=args.allow_partial)
+            else:
+                as_of: int | datetime | None = None
+                if args.as_of:
+                    as_of = int(args.as_of) if args.as_of.isdigit() else _moment(args.as_of)
+                frame = hybrid.trades(args.symbol, args.start, args.end, exchange=args.exchange, as_of=as_of,
+                                      allow_partial=args.allow_partial)
+        stats = hybrid.last_stats
     finally:
         hybrid.close()
+    if stats is not None and stats.partial:
+        print(f"warning: Kafka is unreachable; printing the Iceberg part only, without the trades of "
+              f"{'; '.join(stats.missing.values())}", file=sys.stderr)
     table = frame.to_arrow()
     if args.columns != "all":
         wanted = [c.strip() for c in args.columns.split(",") if c.strip()]

@@ -43,6 +43,7 @@ class Service:
     argv: list[str]
     log: Path
     cwd: Path | None = None
+    may_finish: bool = False  # exit code 0 means its work is done (a once-only playback), not that it died
 
 
 def services(args: argparse.Namespace, logs: Path, home: Path) -> list[Service]:
@@ -52,13 +53,21 @@ def services(args: argparse.Namespace, logs: Path, home: Path) -> list[Service]:
     workspace = str(PROJECT_ROOT / "workspace.yaml")
     chosen = []
     if not args.no_stream:
-        chosen.append(("binance streamer", k2 + ["stream", "binance"], None))
+        chosen.append(("binance streamer", k2 + ["stream", "binance"], None))  # K2_STREAM_* env vars set its options
     chosen.append(("metrics exporter", k2 + ["metrics"], None))
+    chosen.append(("query api", k2 + ["api"], None))  # 127.0.0.1, port K2_API_PORT (8000)
     # Dagster runs from DAGSTER_HOME so the project's own dagster.yaml is not mistaken for the instance's.
     chosen.append(("dagster daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], home))
     chosen.append(("dagster webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace,
                                          "-h", "127.0.0.1", "-p", str(args.port)], home))
-    return [Service(name, argv, logs / f"{name.replace(' ', '-')}.log", cwd) for name, argv, cwd in chosen]
+    return [Service(name, argv, logs / f"{name.replace(' ', '-')}.log", cwd, may_finish=name == "binance streamer")
+            for name, argv, cwd in chosen]
+
+
+def dead_services(running: list[tuple[Service, subprocess.Popen]]) -> list[tuple[Service, subprocess.Popen]]:
+    """The services that exited and were not allowed to (a streamer that finished with exit code 0 is done)."""
+    return [(service, process) for service, process in running
+            if process.poll() is not None and not (service.may_finish and process.returncode == 0)]
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -118,12 +127,16 @@ def _run(args: argparse.Namespace) -> int:
             running.append((service, process))
             print(f"started {service.name} (log: {service.log})", flush=True)
         print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything)", flush=True)
-        while all(process.poll() is None for _, process in running):
+        finished: set[str] = set()
+        while not dead_services(running):
+            for service, process in running:
+                if service.may_finish and process.poll() == 0 and service.name not in finished:
+                    finished.add(service.name)
+                    print(f"{service.name} finished (exit code 0); the rest keeps running", flush=True)
             time.sleep(0.5)
-        for service, process in running:
-            if process.poll() is not None:
-                print(f"{service.name} exited with code {process.returncode}; the last lines of {service.log}:\n"
-                      f"{log_tail(service.log)}\nstopping the rest", file=sys.stderr, flush=True)
+        for service, process in dead_services(running):
+            print(f"{service.name} exited with code {process.returncode}; the last lines of {service.log}:\n"
+                  f"{log_tail(service.log)}\nstopping the rest", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)

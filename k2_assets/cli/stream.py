@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import threading
 
@@ -29,19 +30,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("stream", help="stream a live source into Kafka")
     sources = parser.add_subparsers(dest="stream_source", required=True)
     binance = sources.add_parser("binance", help="Binance spot trades -> Kafka (trade V2 Avro)")
-    binance.add_argument("--source", choices=["live", "recording"], default="live",
-                         help="live Binance (default; falls back to the recording when unreachable) or the bundled recording")
+    binance.add_argument("--source", choices=["live", "recording"], default=os.environ.get("K2_STREAM_SOURCE", "live"),
+                         help="live Binance (default; falls back to the recording when unreachable) or the bundled "
+                              "recording (env K2_STREAM_SOURCE)")
     binance.add_argument("--url", default=LIVE_BASE_URL, help=f"live endpoint (default {LIVE_BASE_URL})")
-    binance.add_argument("--symbols", nargs="+", default=list(DEFAULT_SYMBOLS), metavar="SYMBOL")
+    binance.add_argument("--symbols", nargs="+", metavar="SYMBOL",
+                         default=os.environ.get("K2_STREAM_SYMBOLS", " ".join(DEFAULT_SYMBOLS)).split(),
+                         help="symbols to stream (env K2_STREAM_SYMBOLS, space-separated)")
     binance.add_argument("--max-messages", type=int, default=None, help="stop after N frames received")
-    binance.add_argument("--speed", type=float, default=1.0,
-                         help="playback speed factor (default 1 = as recorded; 0 = as fast as possible)")
-    binance.add_argument("--once", action="store_true", help="play the recording once instead of looping")
+    binance.add_argument("--speed", type=float, default=float(os.environ.get("K2_STREAM_SPEED", "1")),
+                         help="playback speed factor (default 1 = as recorded; 0 = as fast as possible; "
+                              "env K2_STREAM_SPEED)")
+    binance.add_argument("--once", action="store_true", default=os.environ.get("K2_STREAM_ONCE", "") == "1",
+                         help="play the recording once instead of looping (env K2_STREAM_ONCE=1)")
     binance.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
     binance.add_argument("--dlq-topic", default=BINANCE_TRADES_DLQ_TOPIC)
     binance.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
-    binance.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                         help=f"/metrics port on 127.0.0.1 (default {DEFAULT_METRICS_PORT}; 0 = a free port)")
+    binance.add_argument("--metrics-port", type=int,
+                         default=int(os.environ.get("K2_STREAMER_METRICS_PORT", DEFAULT_METRICS_PORT)),
+                         help=f"/metrics port on 127.0.0.1 (default {DEFAULT_METRICS_PORT}; 0 = a free port; "
+                              "env K2_STREAMER_METRICS_PORT)")
     binance.set_defaults(handler=_run)
 
 

@@ -1,6 +1,7 @@
-"""The Binance combined-stream WebSocket client, and the per-symbol trade-id tracker.
+"""The Binance combined-stream WebSocket client.
 
-The client yields raw text frames and keeps the stream alive:
+The client yields raw frames (text as ``str``, binary as ``bytes``, exactly as received) and keeps
+the stream alive:
 
 - pings from the server are answered by websockets itself (Binance pings every 20 s and
   drops a connection that does not answer within a minute);
@@ -10,11 +11,11 @@ The client yields raw text frames and keeps the stream alive:
 - Binance closes every connection after 24 hours, so the client rotates proactively at
   ``max_connection_age_s`` (default 23.5 h): it opens the new connection first, keeps reading
   the old one until that has caught up with the new one's first trade, and only then closes
-  it, so nothing falls in between (the overlap comes through twice and the tracker drops it);
+  it, so nothing falls in between (the overlap comes through twice and the streamer's duplicate check
+  drops it, see k2_resources.binance.dedupe);
 - a close with code 1000 and reason ``end of recording`` (sent only by K2's recording server at the
   end of a once-only playback) ends the stream; so do ``stop_event`` and ``idle_timeout_s``.
 
-:class:`TradeIdTracker` drops trades already seen per symbol and counts gaps in the ids.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class BinanceStreamClient:
     on_event: Callable[[str], None] | None = None  # called with "reconnect", "rotation", "failed_attempt"
     stats: ClientStats = field(default_factory=ClientStats)
     _next: ClientConnection | None = field(default=None, init=False, repr=False)
-    _carry: str | None = field(default=None, init=False, repr=False)
+    _carry: str | bytes | None = field(default=None, init=False, repr=False)
 
     def _event(self, name: str) -> None:
         if self.on_event is not None:
@@ -112,8 +113,8 @@ class BinanceStreamClient:
     def _stopping(self) -> bool:
         return self.stop_event is not None and self.stop_event.is_set()
 
-    async def frames(self) -> AsyncIterator[str]:
-        """Every text frame of the stream, across reconnects, until the stream ends."""
+    async def frames(self) -> AsyncIterator[str | bytes]:
+        """Every frame of the stream as received (text or binary), across reconnects, until the stream ends."""
         attempt = 0
         last_frame_at = time.monotonic()
         while not self._stopping():
@@ -155,7 +156,7 @@ class BinanceStreamClient:
                     last_frame_at = time.monotonic()
                     got_frames = True
                     self.stats.frames += 1
-                    yield message if isinstance(message, str) else message.decode("utf-8", "replace")
+                    yield message
             except ConnectionClosed as closed:
                 received = closed.rcvd
                 self.stats.last_close = f"{received.code} {received.reason}" if received else "no close frame"
@@ -173,7 +174,7 @@ class BinanceStreamClient:
                 break
         self.stats.ended_by = self.stats.ended_by or "stop"
 
-    async def _handover(self, old: ClientConnection) -> AsyncIterator[str]:
+    async def _handover(self, old: ClientConnection) -> AsyncIterator[str | bytes]:
         """Open the next connection, then read the old one until it has caught up with the first
         trade of the new one (or goes quiet), then close it: nothing falls between the two.
 
@@ -197,7 +198,7 @@ class BinanceStreamClient:
         try:
             async with asyncio.timeout(settle_s):
                 first = await new.recv()
-            self._carry = first if isinstance(first, str) else first.decode("utf-8", "replace")
+            self._carry = first
             marker = _position(self._carry)
         except TimeoutError:
             pass  # a quiet market: drain the old connection until it is quiet too
@@ -213,10 +214,9 @@ class BinanceStreamClient:
                         message = await old.recv()
                 except TimeoutError:
                     break
-                text = message if isinstance(message, str) else message.decode("utf-8", "replace")
                 self.stats.frames += 1
-                yield text
-                if marker is not None and _caught_up(_position(text), marker):
+                yield message
+                if marker is not None and _caught_up(_position(message), marker):
                     break
         except ConnectionClosed:
             pass
@@ -233,12 +233,12 @@ class BinanceStreamClient:
         return not self._stopping()
 
 
-def _position(frame: str) -> tuple[str, int] | None:
+def _position(frame: str | bytes) -> tuple[str, int] | None:
     """(stream, trade id) of a trade frame, None for anything else."""
     try:
         message = json.loads(frame)
         return str(message["stream"]), int(message["data"]["t"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None
 
 
@@ -255,31 +255,3 @@ async def probe(url: str, timeout_s: float = 5.0) -> str | None:
         return None
     except (OSError, InvalidHandshake, InvalidURI, TimeoutError, asyncio.TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class TrackVerdict:
-    NEW = "new"
-    DUPLICATE = "duplicate"
-
-
-@dataclass
-class TradeIdTracker:
-    """Per-symbol highest trade id seen: drops repeats, counts gaps (Binance ids rise by one per trade)."""
-
-    last_ids: dict[str, int] = field(default_factory=dict)
-    duplicates: int = 0
-    gaps: int = 0  # times the id jumped by more than one
-    missing_ids: int = 0  # ids skipped in those jumps
-
-    def observe(self, symbol: str, trade_id: int) -> tuple[str, int]:
-        """(verdict, ids missing before this one); a duplicate must not be produced."""
-        last = self.last_ids.get(symbol)
-        if last is not None and trade_id <= last:
-            self.duplicates += 1
-            return TrackVerdict.DUPLICATE, 0
-        self.last_ids[symbol] = trade_id
-        missing = 0 if last is None else trade_id - last - 1
-        if missing:
-            self.gaps += 1
-            self.missing_ids += missing
-        return TrackVerdict.NEW, missing

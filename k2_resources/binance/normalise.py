@@ -67,6 +67,8 @@ def parse_frame(raw: str | bytes) -> dict[str, Any]:
         message = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedTradeMessage("invalid_json", f"frame is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise MalformedTradeMessage("invalid_json", "frame nests JSON too deeply to parse") from exc
     if not isinstance(message, dict):
         raise MalformedTradeMessage("not_an_object", f"frame is a JSON {type(message).__name__}, not an object")
     return message
@@ -125,7 +127,7 @@ def normalise_trade(message: str | bytes | dict[str, Any], ingestion_time: datet
     if event != "trade":
         raise MalformedTradeMessage("unexpected_event", f"event type {event!r} is not 'trade' (stream {stream!r})")
     symbol = _field(data, "s")
-    if not isinstance(symbol, str) or not symbol.isalnum():
+    if not isinstance(symbol, str) or not symbol.isascii() or not symbol.isalnum():
         raise MalformedTradeMessage("bad_symbol", f"field 's'={symbol!r} is not a Binance symbol")
     symbol = symbol.upper()
     if stream is not None and stream != f"{symbol.lower()}@trade":
@@ -139,7 +141,11 @@ def normalise_trade(message: str | bytes | dict[str, Any], ingestion_time: datet
         raise MalformedTradeMessage("missing_field" if buyer_is_maker is None else "bad_flag",
                                     f"field 'm' must be true or false, got {buyer_is_maker!r}")
 
-    vendor_data = {key: _text(value) for key, value in data.items() if key not in _MAPPED_FIELDS}
+    try:
+        vendor_data = {key: _text(value) for key, value in data.items() if key not in _MAPPED_FIELDS}
+    except (ValueError, RecursionError) as exc:
+        raise MalformedTradeMessage("invalid_value", f"an extra field of trade {symbol} {trade_number} "
+                                    f"cannot be kept in vendor_data ({type(exc).__name__})") from exc
     if stream is not None:
         vendor_data["stream"] = str(stream)
     try:

@@ -4,6 +4,15 @@ Trades go to ``market.trades.binance`` as framed Avro trade V2 records (k2_resou
 keyed by symbol (so each symbol stays in order in one partition), through the idempotent
 producer of KafkaResource (acks=all).
 
+Accept, then change state (FramePipeline): every frame ends as exactly one of produced,
+duplicate or dead letter, and nothing is remembered or counted as produced until the trade has
+been validated, encoded and handed to the producer. Repeats are recognised by (symbol, trade id,
+trade time) in a bounded window (k2_resources.binance.dedupe), which is seeded at start from the
+tail of each partition of the topic, so a crash and restart does not produce a trade twice when
+the source resends it. Ids that fall back far below a symbol's highest (a reset or relisting at
+the source) are kept, counted in ``k2_binance_trade_id_resets_total`` (alert
+K2BinanceTradeIdReset) and logged at WARNING with both ids.
+
 Dead letters: a frame that is not a valid trade goes to ``market.trades.binance.dlq`` and the
 stream goes on. Each dead letter's value is UTF-8 JSON::
 
@@ -12,29 +21,44 @@ stream goes on. Each dead letter's value is UTF-8 JSON::
 
 and its headers repeat ``k2.reason`` (the code) and ``k2.source`` (``binance``), so a consumer
 can filter without parsing. Reason codes are those of MalformedTradeMessage (invalid_json,
-missing_field, bad_number, unexpected_event, ...) plus schema_mismatch.
+missing_field, bad_number, unexpected_event, ...) plus schema_mismatch (does not encode),
+invalid_utf8 (a binary frame that is not text; kept as ``raw_base64``), too_large (the encoded
+trade exceeds what a Kafka record may hold) and produce_rejected (the producer refused the record). A frame above 64 KiB keeps its first 64 KiB with
+``raw_truncated``, ``raw_length`` and ``raw_sha256``.
 
 Metrics (prometheus_client, a registry of the streamer's own, served on 127.0.0.1):
 ``k2_binance_messages_received_total``, ``k2_binance_trades_produced_total{symbol}``,
 ``k2_binance_dead_letters_total{reason}``, ``k2_binance_duplicates_dropped_total{symbol}``,
 ``k2_binance_reconnects_total``, ``k2_binance_trade_id_gaps_total{symbol}``,
-``k2_binance_missing_trade_ids_total{symbol}``, ``k2_binance_produce_errors_total`` and the
+``k2_binance_missing_trade_ids_total{symbol}``, ``k2_binance_late_trades_total{symbol}``,
+``k2_binance_trade_id_resets_total{symbol}``, ``k2_binance_produce_errors_total`` and the
 histogram ``k2_binance_event_to_produce_seconds`` (event time ``E`` to the hand-over to the producer).
+
+Kafka away: the producer the pipeline hands records to is a SpoolingProducer
+(k2_resources/kafka_spool.py): at most ``max_buffered`` records per topic wait in memory for the
+broker's acknowledgement; past that every record is appended to the spool
+``K2_HOME/spool/<topic>/`` and replayed into Kafka in order when the broker is back; nothing is
+dropped. ``k2_binance_spooled_frames_total{topic}`` counts the records that went to the spool;
+``k2_binance_buffered_frames`` and ``k2_binance_spool_pending_frames`` show what waits in memory
+and on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from k2_resources.binance.client import (
     BINANCE_MAX_CONNECTION_AGE_S,
@@ -42,15 +66,27 @@ from k2_resources.binance.client import (
     DEFAULT_SYMBOLS,
     BinanceStreamClient,
     StopSignal,
-    TrackVerdict,
-    TradeIdTracker,
     combined_stream_url,
+)
+from k2_resources.binance.dedupe import (
+    DEFAULT_RESET_JUMP,
+    DEFAULT_SEED_PER_PARTITION,
+    DEFAULT_WINDOW,
+    Classification,
+    TradeIdTracker,
+    TradeIdVerdict,
+    seed_from_spool,
+    seed_from_topic,
+    trade_time_ms,
 )
 from k2_resources.binance.normalise import MalformedTradeMessage, normalise_trade
 from k2_resources.binance.recording_server import RecordingServer
 from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources.kafka import KafkaResource
+from k2_resources.kafka_spool import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SETTINGS, SpoolingProducer
+from k2_resources.metrics import BINANCE_TRADE_ID_RESETS
 from k2_resources.schemas import encode_trade
+from k2_resources.settings import state_dir
 from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
 
 log = logging.getLogger(__name__)
@@ -74,6 +110,12 @@ class StreamerConfig:
     backoff_max_s: float = 60.0
     backoff_jitter: float = 0.25
     max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800
+    spool_dir: str | None = None  # where records wait while Kafka is away; None: K2_HOME/spool
+    max_buffered: int = DEFAULT_MAX_BUFFERED  # records per topic in memory awaiting Kafka's ack before spooling
+    close_timeout_s: float = 10.0  # at the end, how long to wait for Kafka before leaving the rest spooled
+    dedupe_window: int = DEFAULT_WINDOW  # trades remembered to recognise repeats
+    reset_jump: int = DEFAULT_RESET_JUMP  # an id this far below the symbol's highest is a reset
+    seed_per_partition: int = DEFAULT_SEED_PER_PARTITION  # topic tail read back at start (0: none)
 
     @property
     def stream_url(self) -> str:
@@ -101,8 +143,19 @@ class StreamMetrics:
                                registry=r)
         self.produce_errors = Counter("k2_binance_produce_errors", "sends the Kafka producer reported failed",
                                       registry=r)
+        self.late = Counter("k2_binance_late_trades", "trades below the symbol's highest id, not seen before: kept",
+                            ["symbol"], registry=r)
+        # defined in k2_resources.metrics (the alert rules refer to it) and served here, by the streamer
+        r.register(BINANCE_TRADE_ID_RESETS)
+        self.resets = BINANCE_TRADE_ID_RESETS
         self.delay = Histogram("k2_binance_event_to_produce_seconds", "event time E to hand-over to Kafka",
                                buckets=DELAY_BUCKETS, registry=r)
+        self.spooled = Counter("k2_binance_spooled_frames", "records written to the spool while Kafka was away",
+                               ["topic"], registry=r)
+        self.buffered = Gauge("k2_binance_buffered_frames", "records in memory awaiting Kafka's acknowledgement",
+                              registry=r)
+        self.spool_pending = Gauge("k2_binance_spool_pending_frames", "records in the spool not yet in Kafka",
+                                   registry=r)
         self._server: Any = None
         self.port: int | None = None
 
@@ -140,6 +193,12 @@ class StreamStats:
     reconnects: int = 0
     rotations: int = 0
     produce_errors: int = 0
+    spooled: int = 0  # records that waited in the spool on disk (Kafka away or not keeping up)
+    replayed: int = 0  # spooled records sent to Kafka from the spool
+    undelivered: int = 0  # records left in the spool at the end (sent first by the next run)
+    late: int = 0  # trades below the symbol's highest id that were not seen before (kept)
+    resets: int = 0  # trade-id resets (large backward jumps; kept and reported)
+    seeded: int = 0  # trades read back from the topic's tail into the duplicate check at start
     ended_by: str | None = None
     seconds: float = 0.0
     produced_by_symbol: dict[str, int] = field(default_factory=dict)
@@ -149,20 +208,36 @@ class StreamStats:
         return asdict(self)
 
 
-class _Pipeline:
-    """normalise -> dedupe -> encode -> produce, with dead letters and metrics."""
+class FrameOutcome:
+    """What became of one frame: each frame ends as exactly one of these."""
 
-    def __init__(self, config: StreamerConfig, kafka: KafkaResource, metrics: StreamMetrics) -> None:
+    PRODUCED = "produced"
+    DUPLICATE = "duplicate"
+    DEAD_LETTER = "dead_letter"
+
+
+class FramePipeline:
+    """One frame at a time: normalise -> duplicate check -> encode -> hand to the producer.
+
+    Accept, then change state: the duplicate window, the gap and reset counts and the
+    produced-data metrics change only once the trade has been validated, encoded and handed to
+    the producer. A frame that fails any step goes to the dead-letter topic with its reason and
+    changes nothing else, so one bad frame can never make later good ones look like duplicates.
+    ``handle`` never raises for anything a WebSocket can deliver.
+    """
+
+    def __init__(self, config: StreamerConfig, producer: Any, metrics: StreamMetrics,
+                 tracker: TradeIdTracker | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.stats = StreamStats(url=config.stream_url, topic=config.topic, dlq_topic=config.dlq_topic)
-        self.tracker = TradeIdTracker()
-        kafka.ensure_topic(config.topic, partitions=config.partitions)
-        kafka.ensure_topic(config.dlq_topic, partitions=1)
-        self.producer = kafka.producer()
+        self.tracker = tracker or TradeIdTracker(window=config.dedupe_window, reset_jump=config.reset_jump)
+        self.producer = producer
         self._errors_lock = threading.Lock()
         self._produced: dict[str, Any] = {}  # symbol -> its child of the produced counter
         self._dupes: dict[str, Any] = {}
+        for symbol in config.symbols:  # series at 0 from the start, so the first reset shows as an increase
+            metrics.resets.labels(symbol.upper())
 
     def _on_send_error(self, exc: BaseException) -> None:
         with self._errors_lock:
@@ -170,55 +245,153 @@ class _Pipeline:
         self.metrics.produce_errors.inc()
         log.error("Kafka rejected a record: %s", exc)
 
-    def dead_letter(self, raw: str, code: str, detail: str) -> None:
-        value = {"source": "binance", "url": self.stats.url, "reason": code, "detail": detail, "raw": raw,
-                 "received_at": datetime.now(timezone.utc).isoformat()}
-        self.producer.send(self.config.dlq_topic, value=json.dumps(value).encode(),
+    def dead_letter(self, raw: str | bytes, code: str, detail: str) -> str:
+        self.producer.send(self.config.dlq_topic, value=dead_letter_value(self.stats.url, raw, code, detail),
                            headers=[("k2.reason", code.encode()), ("k2.source", b"binance")]
                            ).add_errback(self._on_send_error)
         self.stats.dead_lettered += 1
         self.stats.dead_letters_by_reason[code] = self.stats.dead_letters_by_reason.get(code, 0) + 1
         self.metrics.dead_lettered.labels(code).inc()
+        return FrameOutcome.DEAD_LETTER
 
-    def handle(self, raw: str) -> None:
+    def handle(self, raw: str | bytes) -> str:
+        """Produce, drop as a duplicate or dead-letter one frame; returns which (a FrameOutcome)."""
         self.stats.received += 1
         self.metrics.received.inc()
+        if isinstance(raw, bytes):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return self.dead_letter(raw, "invalid_utf8", f"binary frame is not UTF-8 text ({exc})")
+        else:
+            text = raw
         try:
-            record = normalise_trade(raw)
+            record = normalise_trade(text)
         except MalformedTradeMessage as exc:
-            self.dead_letter(raw, exc.code, exc.detail)
-            return
-        symbol = record["symbol"]
-        verdict, missing = self.tracker.observe(symbol, record["source_sequence"])
-        if verdict == TrackVerdict.DUPLICATE:
+            return self.dead_letter(raw, exc.code, exc.detail)
+        symbol, trade_id = record["symbol"], record["source_sequence"]
+        time_ms = trade_time_ms(record["timestamp"])
+        seen = self.tracker.classify(symbol, trade_id, time_ms)
+        if seen.verdict == TradeIdVerdict.DUPLICATE:
             self.stats.duplicates += 1
             if symbol not in self._dupes:
                 self._dupes[symbol] = self.metrics.duplicates.labels(symbol)
             self._dupes[symbol].inc()
-            return
-        if missing:
-            self.stats.gaps += 1
-            self.stats.missing_ids += missing
-            self.metrics.gaps.labels(symbol).inc()
-            self.metrics.missing.labels(symbol).inc(missing)
+            return FrameOutcome.DUPLICATE
         try:
             value = encode_trade(record)
         except SchemaMismatchError as exc:
-            self.dead_letter(raw, "schema_mismatch", str(exc))
-            return
-        self.producer.send(self.config.topic, key=symbol.encode(), value=value).add_errback(self._on_send_error)
+            return self.dead_letter(raw, "schema_mismatch", str(exc))
+        if len(value) > MAX_RECORD_BYTES:
+            return self.dead_letter(raw, "too_large", f"the encoded trade is {len(value)} bytes, above the "
+                                                      f"{MAX_RECORD_BYTES} bytes a Kafka record may take")
+        future = self.producer.send(self.config.topic, key=symbol.encode(), value=value)
+        if getattr(future, "is_done", False) and future.failed():  # refused before it was queued (too large)
+            return self.dead_letter(raw, "produce_rejected", f"the Kafka producer refused the record "
+                                                             f"({future.exception}); nothing else changed")
+        future.add_errback(self._on_send_error)
+        self._accepted(record, seen)
+        return FrameOutcome.PRODUCED
+
+    def _accepted(self, record: dict[str, Any], seen: Classification) -> None:
+        """The trade was handed to the producer: only now remember it and count it."""
+        symbol, trade_id = record["symbol"], record["source_sequence"]
+        self.tracker.accept(symbol, trade_id, trade_time_ms(record["timestamp"]))
+        if seen.missing:
+            self.stats.gaps += 1
+            self.stats.missing_ids += seen.missing
+            self.metrics.gaps.labels(symbol).inc()
+            self.metrics.missing.labels(symbol).inc(seen.missing)
+        elif seen.verdict == TradeIdVerdict.LATE:
+            self.stats.late += 1
+            self.metrics.late.labels(symbol).inc()
+        elif seen.verdict == TradeIdVerdict.RESET:
+            self.stats.resets += 1
+            self.metrics.resets.labels(symbol).inc()
+            log.warning("trade id reset on %s: trade id %d arrived after %d (more than %d below it); "
+                        "taken as an id reset or relisting at the source, trade kept", symbol, trade_id,
+                        seen.previous_high, self.tracker.reset_jump)
         self.stats.produced += 1
         self.stats.produced_by_symbol[symbol] = self.stats.produced_by_symbol.get(symbol, 0) + 1
         if symbol not in self._produced:
             self._produced[symbol] = self.metrics.produced.labels(symbol)
         self._produced[symbol].inc()
-        event_ms = record["vendor_data"].get("E")
-        event_s = int(event_ms) / 1000 if event_ms and event_ms.isdigit() else record["timestamp"].timestamp()
-        self.metrics.delay.observe(max(0.0, time.time() - event_s))
+        self.metrics.delay.observe(max(0.0, time.time() - _event_seconds(record)))
 
     def close(self) -> None:
         self.producer.flush()
         self.producer.close()
+
+
+MAX_DEAD_LETTER_RAW_CHARS = 64 * 1024  # escaped JSON stays well under Kafka's 1 MB record limit
+MAX_RECORD_BYTES = 1_000_000  # KafkaProducer's max_request_size (1 MiB) less room for key and headers
+
+
+def dead_letter_value(url: str, raw: str | bytes, code: str, detail: str) -> bytes:
+    """The JSON value of one dead letter (see the module docstring).
+
+    A binary frame that is not UTF-8 is kept as ``raw_base64``; a frame longer than
+    MAX_DEAD_LETTER_RAW_CHARS keeps its first part in ``raw`` with ``raw_truncated``, its length
+    and its SHA-256, so the dead letter itself always fits in Kafka.
+    """
+    value: dict[str, Any] = {"source": "binance", "url": url, "reason": code, "detail": detail[:4096]}
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            value["raw_base64"] = base64.b64encode(raw[:MAX_DEAD_LETTER_RAW_CHARS]).decode()
+            raw_bytes = raw
+            raw = ""
+            if len(raw_bytes) > MAX_DEAD_LETTER_RAW_CHARS:
+                value.update(raw_truncated=True, raw_length=len(raw_bytes),
+                             raw_sha256=hashlib.sha256(raw_bytes).hexdigest())
+    if len(raw) > MAX_DEAD_LETTER_RAW_CHARS:
+        value.update(raw_truncated=True, raw_length=len(raw),
+                     raw_sha256=hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest())
+        raw = raw[:MAX_DEAD_LETTER_RAW_CHARS]
+    value["raw"] = raw
+    value["received_at"] = datetime.now(timezone.utc).isoformat()
+    return json.dumps(value).encode()
+
+
+def _event_seconds(record: dict[str, Any]) -> float:
+    """Event time ``E`` in seconds when it is a plausible epoch-ms number, else the trade time."""
+    event_ms = record["vendor_data"].get("E", "")
+    if event_ms.isascii() and event_ms.isdigit() and len(event_ms) <= 15:
+        return int(event_ms) / 1000
+    return record["timestamp"].timestamp()
+
+
+def spool_root(config: StreamerConfig) -> Path:
+    """The folder holding one spool folder per topic."""
+    return Path(config.spool_dir) if config.spool_dir else state_dir("spool")
+
+
+def spooling_producer(config: StreamerConfig, kafka: KafkaResource, metrics: StreamMetrics) -> SpoolingProducer:
+    """The idempotent producer behind a bounded window and a spool per topic (nothing dropped while Kafka is away)."""
+    root = spool_root(config)
+    producer = SpoolingProducer(kafka.producer(**SPOOLING_PRODUCER_SETTINGS), root, max_buffered=config.max_buffered,
+                                close_timeout_s=config.close_timeout_s, topics=(config.topic, config.dlq_topic),
+                                on_spooled=lambda topic, count: metrics.spooled.labels(topic).inc(count))
+    metrics.buffered.set_function(producer.buffered)
+    metrics.spool_pending.set_function(producer.spool_pending)
+    return producer
+
+
+def _start_pipeline(config: StreamerConfig, kafka: KafkaResource, metrics: StreamMetrics) -> FramePipeline:
+    """Topics ensured, the duplicate check seeded from the topic's tail, the producer opened."""
+    kafka.ensure_topic(config.topic, partitions=config.partitions)
+    kafka.ensure_topic(config.dlq_topic, partitions=1)
+    tracker = TradeIdTracker(window=config.dedupe_window, reset_jump=config.reset_jump)
+    seeded = seed_from_topic(kafka, config.topic, tracker, per_partition=min(config.seed_per_partition,
+                                                                             config.dedupe_window))
+    spooled = seed_from_spool(spool_root(config) / config.topic, tracker, limit=config.dedupe_window)
+    if seeded.records or spooled:
+        log.info("duplicate check seeded with the last %d trades of %s (partition offsets %s) and %d spooled "
+                 "trades in %.2f s", seeded.records, config.topic, seeded.partitions, spooled, seeded.seconds)
+    pipeline = FramePipeline(config, spooling_producer(config, kafka, metrics), metrics, tracker)
+    pipeline.stats.seeded = seeded.records + spooled
+    return pipeline
 
 
 async def run_streamer(
@@ -231,7 +404,11 @@ async def run_streamer(
     metrics: StreamMetrics | None = None,
 ) -> StreamStats:
     """Stream until the source ends the stream (end of the recording), a stop, idle_timeout_s without
-    frames, or max_messages frames received; flushes the producer before it returns."""
+    frames, or max_messages frames received; flushes the producer before it returns.
+
+    Before the first frame, the duplicate check is seeded from the tail of each partition of the
+    topic (``config.seed_per_partition`` records), so trades a previous run produced are still
+    recognised when the source resends them after a crash and restart."""
     metrics = metrics or StreamMetrics()
     own_metrics_server = config.metrics_port is not None and metrics.port is None
     if own_metrics_server:
@@ -247,9 +424,9 @@ async def run_streamer(
         backoff_jitter=config.backoff_jitter, max_connection_age_s=config.max_connection_age_s,
         idle_timeout_s=idle_timeout_s, stop_event=stop_event, on_event=count_reconnects,
     )
-    pipeline: _Pipeline | None = None
+    pipeline: FramePipeline | None = None
     try:
-        pipeline = _Pipeline(config, kafka or KafkaResource(), metrics)
+        pipeline = _start_pipeline(config, kafka or KafkaResource(), metrics)
         async with contextlib.aclosing(client.frames()) as frames:
             async for raw in frames:
                 pipeline.handle(raw)
@@ -262,6 +439,9 @@ async def run_streamer(
         if own_metrics_server:
             metrics.close()
     stats = pipeline.stats
+    if isinstance(pipeline.producer, SpoolingProducer):
+        spool = pipeline.producer.totals()
+        stats.spooled, stats.replayed, stats.undelivered = spool.spooled, spool.replayed, pipeline.producer.undelivered
     stats.reconnects, stats.rotations = client.stats.reconnects, client.stats.rotations
     stats.ended_by = client.stats.ended_by
     stats.seconds = round(time.monotonic() - started, 3)

@@ -26,6 +26,7 @@ from enum import IntEnum
 from typing import Any
 
 from k2_resources.errors import K2Error
+from k2_resources.operations import thresholds as defaults
 
 logger = logging.getLogger("k2.degradation")
 
@@ -71,11 +72,11 @@ def describe_level(level: DegradationLevel | int) -> str:
 class DegradationThresholds:
     """Triggers for SOFT, GRACEFUL, AGGRESSIVE and CIRCUIT_BREAK (in that order) plus recovery rules."""
 
-    lag_messages: Sequence[int] = (100_000, 500_000, 1_000_000, 5_000_000)
-    memory_percent: Sequence[float] = (70.0, 80.0, 90.0, 95.0)
-    recovery_lag_fraction: float = 0.5
-    recovery_memory_fraction: float = 0.9
-    cooldown_seconds: float = 30.0
+    lag_messages: Sequence[int] = defaults.LAG_TRIGGERS
+    memory_percent: Sequence[float] = defaults.MEMORY_TRIGGERS_PERCENT
+    recovery_lag_fraction: float = defaults.RECOVERY_LAG_FRACTION
+    recovery_memory_fraction: float = defaults.RECOVERY_MEMORY_FRACTION
+    cooldown_seconds: float = defaults.COOLDOWN_SECONDS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lag_messages", tuple(int(v) for v in self.lag_messages))
@@ -303,8 +304,8 @@ def check_status(level: DegradationLevel | int) -> tuple[bool, str]:
     """(passed, severity) of the degradation-level asset check: passes below GRACEFUL, WARN from
     GRACEFUL, ERROR at CIRCUIT_BREAK (the severity name matches dagster.AssetCheckSeverity)."""
     level = DegradationLevel(level)
-    if level >= DegradationLevel.CIRCUIT_BREAK:
+    if level >= defaults.DEGRADATION_ERROR_LEVEL:
         return False, "ERROR"
-    if level >= DegradationLevel.GRACEFUL:
+    if level >= defaults.DEGRADATION_WARN_LEVEL:
         return False, "WARN"
     return True, "WARN"

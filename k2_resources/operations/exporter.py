@@ -2,14 +2,18 @@
 
 Every ``interval_s`` it reads what the platform's parts already record and turns it into
 metrics: Kafka end offsets against the table's committed offsets (lag, and committed
-messages whose rate is the sink's throughput), pending deferred/spilled ranges, the
-dead-letter topic's size, the latest degradation level the stream sensor reported (from the
-Dagster instance), each micro-batch's Iceberg commit time (from its materialisation), and
-table statistics. It holds no state the platform needs: restarting it loses nothing.
+messages whose rate is the sink's throughput), pending deferred/spilled ranges and their rows
+(the backlogs), the dead-letter topic's size, the latest degradation level the stream sensor
+reported and its level changes (from the ``degradation_level`` check history in the Dagster
+instance), each micro-batch's Iceberg commit time and the rows it deferred by load shedding (from
+its materialisation), and table statistics. Runs and sensor ticks happen in processes that serve
+no metrics, so counters of what they did are derived here, from what they recorded. It holds no
+state the platform needs: restarting it loses nothing (counters restart, which Prometheus handles).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -23,12 +27,17 @@ from k2_resources.metrics import (
     CONSUMER_LAG,
     DEAD_LETTERS,
     DEFERRED_RANGES,
+    DEFERRED_ROWS,
     DEGRADATION_LEVEL,
+    DEGRADATION_TRANSITIONS,
     ICEBERG_COMMIT_SECONDS,
     MICROBATCH_MESSAGES,
     REGISTRY,
+    SHED_MESSAGES,
     SPILLED_BATCHES,
+    SPILLED_ROWS,
 )
+from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.operations.table_metrics import update_table_metrics
 from k2_resources.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.trades.offsets import SPILLED, committed_offsets, pending_ranges
@@ -62,6 +71,9 @@ class MetricsPoller:
     instance: DagsterInstance | None = None
     _dead_letters_seen: int | None = None
     _materialization_cursor: str | None = None
+    _level_check_id: int | None = None  # newest degradation_level evaluation counted
+    _level_seen: int | None = None  # the level it reported
+    check_history_window: int = 500  # evaluations read per poll (the sensor reports one per tick)
 
     def poll(self) -> None:
         for source, step in (("kafka", self._stream), ("dagster", self._dagster), ("iceberg", self._tables)):
@@ -83,6 +95,8 @@ class MetricsPoller:
         pending = pending_ranges(table, self.topic)
         SPILLED_BATCHES.set(sum(1 for p in pending if p.kind == SPILLED))
         DEFERRED_RANGES.set(sum(1 for p in pending if p.kind != SPILLED))
+        SPILLED_ROWS.set(sum(p.rows for p in pending if p.kind == SPILLED))
+        DEFERRED_ROWS.set(sum(p.rows for p in pending if p.kind != SPILLED))
         dead = sum(self.kafka.end_offsets(dead_letter_topic(self.topic)).values())
         if self._dead_letters_seen is not None and dead > self._dead_letters_seen:
             DEAD_LETTERS.labels(topic=self.topic).inc(dead - self._dead_letters_seen)
@@ -99,6 +113,7 @@ class MetricsPoller:
         evaluation = latest.evaluation if latest is not None else None
         if evaluation is not None and "level_value" in evaluation.metadata:
             DEGRADATION_LEVEL.set(evaluation.metadata["level_value"].value)
+        self._count_transitions(storage, key)
         records = self.instance.fetch_materializations(BINANCE_TRADES, limit=500, cursor=self._materialization_cursor,
                                                       ascending=True)
         for record in records.records:
@@ -107,7 +122,31 @@ class MetricsPoller:
                 ICEBERG_COMMIT_SECONDS.observe(float(metadata["commit_seconds"].value))
             if "rows_written" in metadata:
                 MICROBATCH_MESSAGES.inc(int(metadata["rows_written"].value))
+            if "deferred_rows_by_symbol" in metadata:
+                for symbol, rows in json.loads(str(metadata["deferred_rows_by_symbol"].value)).items():
+                    SHED_MESSAGES.labels(symbol=symbol).inc(int(rows))
         self._materialization_cursor = records.cursor
+
+    def _count_transitions(self, storage, key: AssetCheckKey) -> None:
+        """k2_degradation_transitions_total from the sensor's degradation_level evaluations.
+
+        The sensor reports the level every tick and moves at most one transition per tick, so a
+        level that differs from the previous evaluation's is one transition. Only the sensor's
+        evaluations count (no run id): a check run on demand starts from a fresh manager.
+        """
+        records = storage.get_asset_check_execution_history(key, limit=self.check_history_window)
+        for record in sorted(records, key=lambda r: r.id):  # newest first from storage
+            if self._level_check_id is not None and record.id <= self._level_check_id:
+                continue
+            self._level_check_id = record.id
+            evaluation = record.event.asset_check_evaluation if record.event is not None else None
+            if record.run_id or evaluation is None or "level_value" not in evaluation.metadata:
+                continue
+            level = int(evaluation.metadata["level_value"].value)
+            if self._level_seen is not None and level != self._level_seen:
+                DEGRADATION_TRANSITIONS.labels(from_level=DegradationLevel(self._level_seen).name,
+                                               to_level=DegradationLevel(level).name).inc()
+            self._level_seen = level
 
     def _tables(self) -> None:
         update_table_metrics(self.iceberg)

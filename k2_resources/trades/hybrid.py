@@ -12,13 +12,36 @@ deduplicated by message_id and ordered by timestamp, then platform_sequence.
 
 ``as_of`` (a snapshot id or a time) reads Iceberg time travel only: what the table held then.
 
+What is answered without Kafka (so a query works while Kafka is down)
+    A topic's tail is not read when the query cannot match anything in it:
+
+    * the query asks for an exchange the topic does not carry (``topic_exchanges``: the Binance
+      topic carries BINANCE only; ASX has no topic at all), or
+    * the window ends at least ``max_trade_lateness_seconds`` (default 24 h) before the newest
+      trade of the topic's exchanges in the snapshot read, the topic has committed offsets and no
+      load-shed (pending) ranges.
+
+    The second rule rests on one stated contract of a topic's producer: a trade reaches the topic
+    no later than ``max_trade_lateness_seconds`` after the newest trade already committed from it
+    (Binance streams in trade-time order, so a live feed is seconds behind; re-playing an old
+    recording into a topic that already holds newer data breaks the contract: raise the setting,
+    or set it to 0 to turn the rule off). Topics not listed in ``topic_exchanges`` are always read.
+
+When Kafka is down
+    The tail is needed and the broker does not answer within ``kafka_timeout_seconds`` (3 s):
+    the query raises :class:`KafkaUnavailableError` naming the missing offsets and the fixes, or,
+    with ``allow_partial=True``, returns the Iceberg part alone and warns (a
+    :class:`KafkaTailMissingWarning` and a log line) naming the offset ranges left out.
+
 Works without Dagster: ``HybridQueryResource().recent_trades("BTCUSDT", minutes=15)`` reads
 K2_HOME and K2_KAFKA_BOOTSTRAP from the environment.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
@@ -27,9 +50,12 @@ import polars as pl
 import pyarrow as pa
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
+from pyiceberg.conversions import from_bytes
+from pyiceberg.expressions import EqualTo, In
 from pyiceberg.table import Table
+from pyiceberg.types import TimestamptzType
 
-from k2_resources.errors import K2Error
+from k2_resources.errors import K2Error, KafkaUnavailableError
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.tables import QUOTES, TRADES
@@ -37,6 +63,8 @@ from k2_resources.topics import BINANCE_TRADES_TOPIC
 from k2_resources.trades.iceberg_read import DEFAULT_READ_PATH, RowFilter, ScanStats, SnapshotReader
 from k2_resources.trades.kafka_tail import KafkaTail, TailStats
 from k2_resources.trades.offsets import PendingRange, committed_offsets, pending_ranges, snapshot_committed_offsets
+
+log = logging.getLogger(__name__)
 
 _ORDER = [("timestamp", "ascending"), ("platform_sequence", "ascending"), ("source_sequence", "ascending"),
           ("message_id", "ascending")]
@@ -54,6 +82,17 @@ class QueryStats:
     iceberg_rows: int = 0
     kafka_rows: int = 0
     duplicates_dropped: int = 0
+    kafka_skipped: dict[str, str] = field(default_factory=dict)  # topic -> why its tail was not read
+    missing: dict[str, str] = field(default_factory=dict)  # topic -> offsets left out (allow_partial)
+
+    @property
+    def partial(self) -> bool:
+        """True when Kafka was down and the result holds the Iceberg part only (allow_partial=True)."""
+        return bool(self.missing)
+
+
+class KafkaTailMissingWarning(UserWarning):
+    """A hybrid read returned the Iceberg part only: Kafka was unreachable and allow_partial=True."""
 
 
 def _utc(moment: datetime | None, name: str) -> datetime | None:
@@ -108,6 +147,21 @@ class HybridQueryResource(ConfigurableResource):
         description="how far a Kafka message timestamp may lag the trade's time; widens the offsets_for_times bound",
     )
     max_cached_tail_rows: int = Field(default=2_000_000, description="decoded tail rows kept per partition")
+    topic_exchanges: dict[str, list[str]] = Field(
+        default_factory=lambda: {BINANCE_TRADES_TOPIC: ["BINANCE"]},
+        description="the exchanges whose trades each topic carries; a query for another exchange skips that "
+                    "topic's tail. Topics not listed may carry any exchange and are always read",
+    )
+    max_trade_lateness_seconds: float = Field(
+        default=86_400.0, ge=0,
+        description="a trade reaches its topic at most this long after the newest trade committed from it; a "
+                    "window ending that long before the newest committed trade skips the tail (0: never skip)",
+    )
+    kafka_timeout_seconds: float = Field(
+        default=3.0, gt=0,
+        description="how long a query waits for Kafka to answer before failing (or, with allow_partial, "
+                    "returning the Iceberg part)",
+    )
 
     _reader: SnapshotReader | None = PrivateAttr(default=None)
     _tail: KafkaTail | None = PrivateAttr(default=None)
@@ -115,6 +169,7 @@ class HybridQueryResource(ConfigurableResource):
     # Called after the table metadata was read and before Kafka is: tests commit a batch here.
     _after_metadata_read: Callable[[], None] | None = PrivateAttr(default=None)
     _last_stats: QueryStats | None = PrivateAttr(default=None)
+    _newest_trades: dict[tuple, datetime | None] = PrivateAttr(default_factory=dict)
 
     @property
     def last_stats(self) -> QueryStats | None:
@@ -130,7 +185,8 @@ class HybridQueryResource(ConfigurableResource):
     def kafka_tail(self) -> KafkaTail:
         with self._lock:
             if self._tail is None:
-                self._tail = KafkaTail(self.kafka, max_cached_rows=self.max_cached_tail_rows)
+                self._tail = KafkaTail(self.kafka, max_cached_rows=self.max_cached_tail_rows,
+                                       connect_timeout_s=self.kafka_timeout_seconds)
             return self._tail
 
     # ---------------------------------------------------------------------------------------
@@ -145,11 +201,14 @@ class HybridQueryResource(ConfigurableResource):
         exchange: str | None = None,
         as_of: int | datetime | None = None,
         arrow: bool = False,
+        allow_partial: bool = False,
     ) -> pl.DataFrame | pa.Table:
         """Trades of ``symbols`` (None: all) with start <= timestamp < end, ordered by timestamp.
 
         ``as_of``: a snapshot id or an aware datetime; reads that Iceberg snapshot only.
         ``arrow=True`` returns a pyarrow Table in market.trades' schema instead of polars.
+        ``allow_partial=True``: when Kafka is down, return the Iceberg part and warn
+        (:class:`KafkaTailMissingWarning`) instead of raising :class:`KafkaUnavailableError`.
         """
         row_filter = RowFilter(_symbols(symbols), _utc(start, "start"), _utc(end, "end"), exchange)
         if row_filter.start and row_filter.end and row_filter.end <= row_filter.start:
@@ -173,20 +232,21 @@ class HybridQueryResource(ConfigurableResource):
                 self._after_metadata_read()
             iceberg_part = self._snapshot_reader().read_frame(table, stats.snapshot_id, row_filter,
                                                               stats=stats.iceberg)
-            kafka_part = self._kafka_part(row_filter, stats)
+            kafka_part = self._kafka_part(table, row_filter, stats, allow_partial)
             stats.iceberg_rows, stats.kafka_rows = iceberg_part.height, kafka_part.height
             merged = merge_trades([iceberg_part, kafka_part], stats)
         self._last_stats = stats
         return to_trades_arrow(merged) if arrow else merged
 
     def recent_trades(self, symbol: str, minutes: float = 15, now: datetime | None = None,
-                      arrow: bool = False) -> pl.DataFrame | pa.Table:
+                      arrow: bool = False, allow_partial: bool = False) -> pl.DataFrame | pa.Table:
         """The trades of ``symbol`` in the last ``minutes`` before ``now`` (default: the wall clock)."""
         if minutes <= 0:
             raise K2Error(f"minutes={minutes} must be positive")
         end = _utc(now, "now") or datetime.now(timezone.utc)
         # Inclusive of ``now``: the window ends one microsecond after it.
-        return self.trades(symbol, end - timedelta(minutes=minutes), end + timedelta(microseconds=1), arrow=arrow)
+        return self.trades(symbol, end - timedelta(minutes=minutes), end + timedelta(microseconds=1), arrow=arrow,
+                           allow_partial=allow_partial)
 
     def _snapshot_as_of(self, table: Table, as_of: int | datetime):
         if isinstance(as_of, datetime):
@@ -202,36 +262,108 @@ class HybridQueryResource(ConfigurableResource):
                           "list the snapshots with table.snapshots() or pass a time instead")
         return snapshot
 
-    def _kafka_part(self, row_filter: RowFilter, stats: QueryStats) -> pl.DataFrame:
-        tail = self.kafka_tail()
+    def tail_skip_reason(self, table: Table, snapshot_id: int | None, topic: str, row_filter: RowFilter,
+                         committed: dict[int, int], pending: list[PendingRange]) -> str | None:
+        """Why ``topic``'s tail cannot hold a row of the query (None: it may, read it). See the module doc."""
+        exchanges = self.topic_exchanges.get(topic)
+        if not exchanges:
+            return None
+        if row_filter.exchange is not None and row_filter.exchange not in exchanges:
+            return f"{topic} carries only {', '.join(exchanges)} trades; the query asks for {row_filter.exchange}"
+        lateness = timedelta(seconds=self.max_trade_lateness_seconds)
+        if (row_filter.end is None or not lateness or not committed or pending
+                # the newest committed trade is not in the future, so a later end can never qualify
+                or row_filter.end > datetime.now(timezone.utc) - lateness):
+            return None
+        newest = self.newest_committed_trade(table, snapshot_id, tuple(exchanges))
+        if newest is None or row_filter.end > newest - lateness:
+            return None
+        return (f"the window ends at {row_filter.end.isoformat()}, at least {self.max_trade_lateness_seconds:g}s "
+                f"before the newest committed {'/'.join(exchanges)} trade ({newest.isoformat()})")
+
+    def newest_committed_trade(self, table: Table, snapshot_id: int | None,
+                               exchanges: tuple[str, ...]) -> datetime | None:
+        """The newest trade time of ``exchanges`` in the snapshot, from the data files' column bounds
+        (None: no such rows, or a file without bounds or with delete files: unknown). Cached per snapshot."""
+        if snapshot_id is None:
+            return None
+        key = (table.metadata.table_uuid, snapshot_id, exchanges)
+        if key in self._newest_trades:
+            return self._newest_trades[key]
+        condition = EqualTo("exchange", exchanges[0]) if len(exchanges) == 1 else In("exchange", exchanges)
+        field_id = table.schema().find_field("timestamp").field_id
+        newest: datetime | None = None
+        for task in table.scan(row_filter=condition, snapshot_id=snapshot_id).plan_files():
+            bound = (task.file.upper_bounds or {}).get(field_id)
+            if bound is None or task.delete_files:
+                newest = None
+                break
+            moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(
+                microseconds=from_bytes(TimestamptzType(), bound))
+            newest = moment if newest is None else max(newest, moment)
+        with self._lock:
+            if len(self._newest_trades) > 64:
+                self._newest_trades.clear()
+            self._newest_trades[key] = newest
+        return newest
+
+    def _kafka_part(self, table: Table, row_filter: RowFilter, stats: QueryStats,
+                    allow_partial: bool) -> pl.DataFrame:
         frames: list[pl.DataFrame] = []
         for topic in self.topics:
             committed = stats.committed.get(topic, {})
-            partitions = sorted(set(tail.partitions(topic)) | set(committed))
-            if not partitions:
+            pending = stats.pending.get(topic, [])
+            reason = self.tail_skip_reason(table, stats.snapshot_id, topic, row_filter, committed, pending)
+            if reason is not None:
+                stats.kafka_skipped[topic] = reason
                 continue
-            ends = tail.end_offsets(topic, partitions)
-            for partition, done in committed.items():
-                if ends.get(partition, 0) < done:
-                    raise K2Error(
-                        f"{topic}[{partition}] ends at offset {ends.get(partition, 0)} but market.trades has "
-                        f"committed up to {done}: the topic was recreated; set a new baseline with "
-                        "`k2 offsets reset` before querying the tail"
-                    )
-            lower = {p: committed.get(p, 0) for p in partitions}
-            # The time bound only saves fetching: skip its broker round trip when the decoded tail
-            # already covers every offset from the committed ones to the end.
-            if row_filter.start is not None and not tail.covers(topic, {p: (lower[p], ends.get(p, 0)) for p in partitions}):
-                bound_ms = int((row_filter.start.timestamp() - self.producer_clock_slack_seconds) * 1000)
-                by_time = tail.offsets_for_time(topic, partitions, max(bound_ms, 0))
-                lower = {p: max(lower[p], ends[p] if by_time.get(p) is None else by_time[p]) for p in partitions}
-            ranges = {p: (lower[p], ends.get(p, 0)) for p in partitions}
-            tail.forget_below(topic, committed)
-            frames.append(tail.read(topic, ranges, stats.kafka, predicate=row_filter.polars()))
-            frames.append(_filter(_pending_rows(self.kafka, stats.pending.get(topic, []), row_filter), row_filter))
+            try:
+                frames += self._topic_tail(topic, row_filter, stats)
+            except KafkaUnavailableError as exc:
+                missing = missing_offsets(topic, committed, pending)
+                if not allow_partial:
+                    raise KafkaUnavailableError(
+                        f"{exc}. The trades of {missing} are only in Kafka. Fix: start Kafka, or pass "
+                        "allow_partial=True (CLI: --allow-partial) for the Iceberg part alone; a query for an "
+                        "exchange without a topic (exchange='ASX') never reads Kafka"
+                    ) from exc
+                stats.missing[topic] = missing
+                message = (f"Kafka is unreachable ({exc}); the result holds the Iceberg part only and lacks the "
+                           f"trades of {missing}")
+                log.warning(message)
+                warnings.warn(message, KafkaTailMissingWarning, stacklevel=3)
         if not frames:
             return pl.from_arrow(TRADES.arrow_schema().empty_table())
         return pl.concat(frames)
+
+    def _topic_tail(self, topic: str, row_filter: RowFilter, stats: QueryStats) -> list[pl.DataFrame]:
+        """The rows of ``topic`` above its committed offsets, and of its pending ranges, matching the filter."""
+        tail = self.kafka_tail()
+        frames: list[pl.DataFrame] = []
+        committed = stats.committed.get(topic, {})
+        partitions = sorted(set(tail.partitions(topic)) | set(committed))
+        if not partitions:
+            return frames
+        ends = tail.end_offsets(topic, partitions)
+        for partition, done in committed.items():
+            if ends.get(partition, 0) < done:
+                raise K2Error(
+                    f"{topic}[{partition}] ends at offset {ends.get(partition, 0)} but market.trades has "
+                    f"committed up to {done}: the topic was recreated; set a new baseline with "
+                    "`k2 offsets reset` before querying the tail"
+                )
+        lower = {p: committed.get(p, 0) for p in partitions}
+        # The time bound only saves fetching: skip its broker round trip when the decoded tail
+        # already covers every offset from the committed ones to the end.
+        if row_filter.start is not None and not tail.covers(topic, {p: (lower[p], ends.get(p, 0)) for p in partitions}):
+            bound_ms = int((row_filter.start.timestamp() - self.producer_clock_slack_seconds) * 1000)
+            by_time = tail.offsets_for_time(topic, partitions, max(bound_ms, 0))
+            lower = {p: max(lower[p], ends[p] if by_time.get(p) is None else by_time[p]) for p in partitions}
+        ranges = {p: (lower[p], ends.get(p, 0)) for p in partitions}
+        tail.forget_below(topic, committed)
+        frames.append(tail.read(topic, ranges, stats.kafka, predicate=row_filter.polars()))
+        frames.append(_filter(_pending_rows(self.kafka, stats.pending.get(topic, []), row_filter), row_filter))
+        return frames
 
     # ---------------------------------------------------------------------------------------
     # Quotes
@@ -256,12 +388,25 @@ class HybridQueryResource(ConfigurableResource):
             [("timestamp", "ascending"), ("source_sequence", "ascending"), ("message_id", "ascending")])
         return rows if arrow else pl.from_arrow(rows)
 
+    def teardown_after_execution(self, context) -> None:
+        self.close()
+
     def close(self) -> None:
         """Close the cached Kafka consumer and DuckDB connections."""
         if self._tail is not None:
             self._tail.close()
         if self._reader is not None:
             self._reader.close()
+
+
+def missing_offsets(topic: str, committed: dict[int, int], pending: list[PendingRange]) -> str:
+    """The offsets of ``topic`` a hybrid read needs from Kafka, in words (the log end is unknown here)."""
+    if committed:
+        parts = [f"{topic}[{p}] offsets {offset}.. (to the log end)" for p, offset in sorted(committed.items())]
+    else:
+        parts = [f"{topic}: every offset (market.trades has committed none of it yet)"]
+    parts += [f"{topic}[{r.partition}] offsets {r.start}..{r.end - 1} ({r.kind.lower()})" for r in pending]
+    return ", ".join(parts)
 
 
 def _filter(rows: pl.DataFrame, row_filter: RowFilter) -> pl.DataFrame:

@@ -6,6 +6,10 @@ decoded range per partition, extends it as the log grows, and drops what the tab
 committed (those rows are read from Iceberg from then on). A query therefore only fetches
 and decodes the offsets it has not seen yet, which keeps ``recent_trades`` well under half a
 second while the tail holds 100K messages.
+
+Kafka being down costs seconds, not half a minute: the consumer bootstraps within
+``connect_timeout_s`` and every offset look-up waits at most that long, then raises
+:class:`KafkaUnavailableError` (the consumer is dropped, the decoded rows are kept).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
-from k2_resources.errors import K2Error, SchemaMismatchError
+from k2_resources.errors import K2Error, KafkaUnavailableError, SchemaMismatchError
 from k2_resources.iceberg import to_arrow
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import decode_trade
@@ -53,38 +58,75 @@ class TailStats:
 class KafkaTail:
     """Reads decoded trades of exact offset ranges; one consumer, reused; thread-safe."""
 
-    def __init__(self, kafka: KafkaResource, max_cached_rows: int = 2_000_000, timeout_s: float = 60.0) -> None:
+    def __init__(self, kafka: KafkaResource, max_cached_rows: int = 2_000_000, timeout_s: float = 60.0,
+                 connect_timeout_s: float = 3.0) -> None:
         self.kafka = kafka
         self.max_cached_rows = max_cached_rows
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self._consumer: KafkaConsumer | None = None
         self._cache: dict[tuple[str, int], _Cached] = {}
         self._lock = threading.RLock()
 
     def consumer(self) -> KafkaConsumer:
         if self._consumer is None:
-            self._consumer = self.kafka.consumer(group_id=None, max_poll_records=20_000)
+            connect_ms = int(self.connect_timeout_s * 1000)
+            # A short bootstrap: an unreachable broker is reported in seconds. Requests get a little
+            # longer (they must outlast fetch_max_wait_ms), offset look-ups the connect timeout.
+            self._consumer = self.kafka.consumer(group_id=None, max_poll_records=20_000,
+                                                 bootstrap_timeout_ms=connect_ms,
+                                                 request_timeout_ms=max(10_000, connect_ms))
         return self._consumer
+
+    def _unavailable(self, exc: BaseException) -> KafkaUnavailableError:
+        """Drop the consumer (its connections are broken) and say what to do."""
+        self._drop_consumer()
+        if isinstance(exc, KafkaUnavailableError):
+            return exc
+        return KafkaUnavailableError(
+            f"Kafka at {self.kafka.servers} did not answer within {self.connect_timeout_s:g}s "
+            f"({type(exc).__name__}: {exc}); start the embedded broker with `k2 kafka start` or set "
+            "K2_KAFKA_BOOTSTRAP to a running cluster"
+        )
+
+    def _drop_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                consumer.close(timeout_ms=0)
+            except Exception:  # noqa: BLE001 - closing a consumer of a dead broker may fail; it is gone anyway
+                log.debug("closing the tail consumer failed", exc_info=True)
 
     def partitions(self, topic: str) -> list[int]:
         """The topic's partitions (empty when the topic does not exist yet)."""
         with self._lock:
-            consumer = self.consumer()
-            found = consumer.partitions_for_topic(topic)
-            if found is None:
-                consumer.topics()  # refresh metadata once: the topic may be new
+            try:
+                consumer = self.consumer()
                 found = consumer.partitions_for_topic(topic)
+                if found is None:
+                    consumer.topics()  # refresh metadata once: the topic may be new
+                    found = consumer.partitions_for_topic(topic)
+            except (KafkaError, OSError, KafkaUnavailableError) as exc:
+                raise self._unavailable(exc) from exc
             return sorted(found or ())
 
     def end_offsets(self, topic: str, partitions: list[int]) -> dict[int, int]:
         with self._lock:
-            ends = self.consumer().end_offsets([TopicPartition(topic, p) for p in partitions])
+            try:
+                ends = self.consumer().end_offsets([TopicPartition(topic, p) for p in partitions],
+                                                   timeout_ms=int(self.connect_timeout_s * 1000))
+            except (KafkaError, OSError, KafkaUnavailableError) as exc:
+                raise self._unavailable(exc) from exc
             return {tp.partition: offset for tp, offset in ends.items()}
 
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int) -> dict[int, int | None]:
         """Per partition, the first offset whose Kafka timestamp is >= timestamp_ms (None: none is)."""
         with self._lock:
-            found = self.consumer().offsets_for_times({TopicPartition(topic, p): timestamp_ms for p in partitions})
+            try:
+                found = self.consumer().offsets_for_times({TopicPartition(topic, p): timestamp_ms for p in partitions},
+                                                          timeout_ms=int(self.connect_timeout_s * 1000))
+            except (KafkaError, OSError, KafkaUnavailableError) as exc:
+                raise self._unavailable(exc) from exc
             return {tp.partition: (None if hit is None else hit.offset) for tp, hit in found.items()}
 
     def read(self, topic: str, ranges: dict[int, tuple[int, int]], stats: TailStats | None = None,
@@ -109,7 +151,10 @@ class KafkaTail:
                     if gaps:
                         missing[partition] = gaps
             if missing:
-                fetched = self._fetch(topic, missing, stats)
+                try:
+                    fetched = self._fetch(topic, missing, stats)
+                except (KafkaError, OSError, KafkaUnavailableError) as exc:
+                    raise self._unavailable(exc) from exc
                 for partition, pieces in fetched.items():
                     self._store(topic, partition, pieces)
             frames = []
@@ -179,7 +224,7 @@ class KafkaTail:
     def _fetch_ranges(self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]],
                       stats: TailStats) -> dict[int, list[dict]]:
         partitions = {p: TopicPartition(topic, p) for p in ranges}
-        beginnings = consumer.beginning_offsets(list(partitions.values()))
+        beginnings = consumer.beginning_offsets(list(partitions.values()), timeout_ms=int(self.connect_timeout_s * 1000))
         for tp, first in beginnings.items():
             if first > ranges[tp.partition][0]:
                 raise K2Error(
@@ -196,7 +241,7 @@ class KafkaTail:
         deadline = time.monotonic() + self.timeout_s
         while pending:
             if time.monotonic() > deadline:
-                raise K2Error(
+                raise KafkaUnavailableError(
                     f"read only part of the Kafka tail of {topic} (partitions {sorted(pending)}) within "
                     f"{self.timeout_s:.0f}s; is the broker at {self.kafka.servers} healthy?"
                 )
@@ -231,9 +276,7 @@ class KafkaTail:
 
     def close(self) -> None:
         with self._lock:
-            if self._consumer is not None:
-                self._consumer.close()
-            self._consumer = None
+            self._drop_consumer()
             self._cache.clear()
 
 

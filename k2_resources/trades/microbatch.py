@@ -12,6 +12,16 @@ the table's committed offsets decide:
 So a re-run of a committed range writes nothing, and a run killed at any point (before or
 after its Iceberg commit) is repaired by running the same range again.
 
+Bad records never stall the stream: a message that does not decode, or that decodes but cannot
+be stored in ``market.trades`` (a price beyond decimal(18,8), a value Arrow rejects), goes to
+``<topic>.dlq`` with the reason and its source offset, and the rest of its batch commits.
+
+Retention: when Kafka has deleted the start of a range before it was read (the partition's log
+start passed the table's committed offset), the lost offsets are not silently skipped: the
+commit that moves the committed offset past them records them as a retention loss in its
+snapshot summary and in the table property ``k2.kafka.losses.<topic>`` (see offsets.py), and the
+stream sensor's ``retention_loss`` check stays ERROR until an operator accepts the loss.
+
 Degradation (the level travels in the run's config; see k2_resources/degradation/levels.py):
 
 - NORMAL: rows are enriched (``enrich``: ``k2.notional`` = price x quantity as an exact decimal
@@ -52,22 +62,26 @@ from k2_resources import metrics
 from k2_resources.degradation.shedding import LoadShedder
 from k2_resources.degradation.spill import SpillStore
 from k2_resources.errors import K2Error, SchemaMismatchError
-from k2_resources.iceberg import IcebergResource, to_arrow
+from k2_resources.iceberg import IcebergResource, catalog_busy, to_arrow
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import decode_trade
 from k2_resources.tables import TRADES
 from k2_resources.topics import dead_letter_topic
 from k2_resources.trades.offsets import (
     DEFERRED,
+    LOSS_SUMMARY_KEY,
     PREFIX,
     SPILLED,
     OffsetRange,
     PendingRange,
+    RetentionLoss,
     commit_properties,
     committed_key,
     committed_offsets,
+    loss_properties,
     pending_properties,
     pending_ranges,
+    retention_losses,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +93,10 @@ class OffsetGapError(K2Error):
     """A micro-batch does not start where the table's committed offsets end."""
 
 
+class RetentionLossError(K2Error):
+    """Kafka deleted offsets of a range before they were read, and the caller cannot record the loss."""
+
+
 @dataclass
 class BatchRead:
     """What was read from one offset range."""
@@ -86,6 +104,8 @@ class BatchRead:
     records: list[dict] = field(default_factory=list)
     dead_letters: list[tuple[int, bytes, str]] = field(default_factory=list)  # (offset, raw, reason)
     last_offset_seen: int = -1
+    lost: list[tuple[int, int]] = field(default_factory=list)  # [start, end) deleted by retention before the read
+    raw_values: list[bytes] = field(default_factory=list, repr=False)  # the message of each record, same order
 
 
 @dataclass(frozen=True)
@@ -103,15 +123,17 @@ class BatchResult:
     enriched: bool = False
     level: int = 0
     sequence_gaps: dict[str, int] = field(default_factory=dict)  # symbol -> trade ids missing in the range
+    lost: int = 0  # offsets of the range Kafka had deleted before the read; recorded as a retention loss
+    deferred_by_symbol: dict[str, int] = field(default_factory=dict)  # the deferred rows per symbol (shed counter)
 
 
 def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0) -> BatchRead:
     """Every message of ``batch``, decoded; undecodable ones kept apart with the reason."""
     result = BatchRead()
-    for message in _messages(kafka, batch, timeout_s):
+    for message in _messages(kafka, batch, timeout_s, result.lost):
         result.last_offset_seen = message.offset
         _decode_into(result, message.offset, message.value)
-    return result
+    return _screen_storable(result)
 
 
 def _decode_into(result: BatchRead, offset: int, value: bytes | None) -> None:
@@ -119,9 +141,53 @@ def _decode_into(result: BatchRead, offset: int, value: bytes | None) -> None:
         record = decode_trade(value)
         # The Kafka offset is the platform's sequence: it orders the partition's log.
         record["platform_sequence"] = offset
-        result.records.append(record)
-    except (SchemaMismatchError, ValueError, EOFError, TypeError) as exc:
+    except SchemaMismatchError as exc:
         result.dead_letters.append((offset, value or b"", f"undecodable: {exc}"))
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure to decode untrusted bytes is this record's, not the batch's
+        result.dead_letters.append((offset, value or b"", f"undecodable: {type(exc).__name__}: {exc}"))
+        return
+    result.records.append(record)
+    result.raw_values.append(value or b"")
+
+
+def unstorable_reason(record: dict) -> str | None:
+    """Why ``record`` cannot be stored in market.trades (the Arrow conversion's error), or None."""
+    try:
+        to_arrow([record], TRADES)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+        return f"unstorable in market.trades: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _screen_storable(result: BatchRead) -> BatchRead:
+    """Move records that decode but cannot be stored (a poison record) to the dead letters.
+
+    The whole batch is converted once; only when that fails is each record tried alone, so the
+    common case costs one conversion and a poison record never fails its batch.
+    """
+    if not result.records or unstorable_reason_of_batch(result.records) is None:
+        return result
+    kept, raws = [], []
+    for record, raw in zip(result.records, result.raw_values):
+        reason = unstorable_reason(record)
+        if reason is None:
+            kept.append(record)
+            raws.append(raw)
+        else:
+            result.dead_letters.append((int(record["platform_sequence"]), raw, reason))
+    result.dead_letters.sort(key=lambda letter: letter[0])
+    result.records, result.raw_values = kept, raws
+    return result
+
+
+def unstorable_reason_of_batch(records: list[dict]) -> str | None:
+    """None when every record converts to the table's Arrow schema; else the first error."""
+    try:
+        to_arrow(records, TRADES)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 RAW_SCHEMA = pa.schema([
@@ -132,10 +198,15 @@ RAW_SCHEMA = pa.schema([
 ])
 
 
-def read_raw_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0) -> pa.Table:
-    """The messages of ``batch`` as they are in Kafka (offset, timestamp, key, value), not decoded."""
+def read_raw_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0,
+                   lost: list[tuple[int, int]] | None = None) -> pa.Table:
+    """The messages of ``batch`` as they are in Kafka (offset, timestamp, key, value), not decoded.
+
+    Offsets Kafka already deleted are appended to ``lost``; without a list to record them in,
+    such a loss raises RetentionLossError.
+    """
     offsets, stamps, keys, values = [], [], [], []
-    for message in _messages(kafka, batch, timeout_s):
+    for message in _messages(kafka, batch, timeout_s, lost):
         offsets.append(message.offset)
         stamps.append(message.timestamp)
         keys.append(message.key)
@@ -149,20 +220,44 @@ def decode_raw(raw: pa.Table) -> BatchRead:
     for offset, value in zip(raw.column("offset").to_pylist(), raw.column("value").to_pylist()):
         result.last_offset_seen = offset
         _decode_into(result, offset, value)
-    return result
+    return _screen_storable(result)
 
 
-def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float) -> Iterator[Any]:
-    """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group)."""
+def _note_loss(lost: list[tuple[int, int]] | None, batch: OffsetRange, start: int, end: int) -> None:
+    if lost is None:
+        raise RetentionLossError(
+            f"{batch.key}: offsets [{start}, {end}) of {batch.topic}[{batch.partition}] were deleted by Kafka "
+            "retention before they were read; run the micro-batch (it records the loss) and see "
+            "`k2 offsets show`")
+    if lost and lost[-1][1] == start:
+        lost[-1] = (lost[-1][0], end)
+    else:
+        lost.append((start, end))
+    log.warning("%s: offsets [%d, %d) were deleted by Kafka retention before they were read", batch.key, start, end)
+
+
+def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
+              lost: list[tuple[int, int]] | None = None) -> Iterator[Any]:
+    """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group).
+
+    Offsets below the partition's log start (deleted by retention) are never skipped silently:
+    they are appended to ``lost`` ([start, end) ranges), or raise RetentionLossError without it.
+    """
     if batch.size == 0:
         return
     consumer = kafka.consumer(group_id=None)
     partition = TopicPartition(batch.topic, batch.partition)
     try:
         consumer.assign([partition])
-        consumer.seek(partition, batch.start)
-        deadline = time.monotonic() + timeout_s
         expected = batch.start
+        log_start = consumer.beginning_offsets([partition])[partition]
+        if log_start > expected:
+            _note_loss(lost, batch, expected, min(log_start, batch.end))
+            expected = min(log_start, batch.end)
+            if expected >= batch.end:
+                return
+        consumer.seek(partition, expected)
+        deadline = time.monotonic() + timeout_s
         while expected < batch.end:
             if time.monotonic() > deadline:
                 raise K2Error(
@@ -172,9 +267,15 @@ def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float) -> Ite
             for message in consumer.poll(timeout_ms=500).get(partition, []):
                 if message.offset < expected:
                     continue  # a re-delivered offset
+                if message.offset > expected:
+                    # Offsets can skip (compacted topics, transaction markers), or retention deleted
+                    # them while we read (the consumer then resets to the log start): tell the two apart.
+                    log_start = consumer.beginning_offsets([partition])[partition]
+                    if log_start > expected:
+                        _note_loss(lost, batch, expected, min(log_start, message.offset, batch.end))
                 if message.offset >= batch.end:
                     break
-                # Offsets can skip (compacted topics, transaction markers): take what exists below end.
+                # Take what exists below end.
                 expected = message.offset + 1
                 yield message
             position = consumer.position(partition)
@@ -191,12 +292,20 @@ def commit_range(
     max_attempts: int = 8,
     before_commit: Callable[[], None] | None = None,
     pending: PendingRange | None = None,
+    lost: list[tuple[int, int]] | tuple[tuple[int, int], ...] = (),
 ) -> BatchResult:
     """Append ``records`` (all of ``batch``, except the rows ``pending`` says are missing) to
-    market.trades in one commit, exactly once; ``pending`` is recorded in the same commit."""
+    market.trades in one commit, exactly once; ``pending`` and the retention losses ``lost``
+    (offset ranges of the batch Kafka had deleted) are recorded in the same commit."""
     arrow = _sorted(to_arrow(records, TRADES)) if records else to_arrow([], TRADES)
     for attempt in range(1, max_attempts + 1):
-        table = iceberg.trades()
+        try:
+            table = iceberg.trades()
+        except Exception as exc:
+            if not catalog_busy(exc):
+                raise
+            _wait_for_catalog(batch.key, attempt, exc)
+            continue
         committed = committed_offsets(table, batch.topic)
         done = committed.get(batch.partition, 0)
         if done >= batch.end:
@@ -214,6 +323,8 @@ def commit_range(
             pending_after = pending_properties(batch.topic, [*pending_ranges(table, batch.topic), pending])
             summary.update(pending_after)
             properties.update(pending_after)
+        if lost:
+            _record_losses(table, batch, lost, summary, properties)
         seconds = _commit_once(table, arrow, summary, properties, before_commit, batch.key, attempt)
         if seconds is None:
             continue
@@ -221,6 +332,19 @@ def commit_range(
         return BatchResult(batch, len(records), 0, False, snapshot.snapshot_id if snapshot else None, seconds)
     raise K2Error(f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
                   "writes, run the batch again")
+
+
+def _record_losses(table: Table, batch: OffsetRange, lost: list[tuple[int, int]] | tuple[tuple[int, int], ...],
+                   summary: dict[str, str], properties: dict[str, str]) -> None:
+    """Add the retention losses of ``batch`` to a commit's summary (this commit's) and properties (all)."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    new = [RetentionLoss(batch.topic, batch.partition, start, end, now) for start, end in lost]
+    history = loss_properties(batch.topic, [*retention_losses(table, batch.topic), *new])
+    summary[LOSS_SUMMARY_KEY] = json.dumps([loss.to_dict() for loss in new])
+    summary.update(history)
+    properties.update(history)
+    for loss in new:
+        log.error("retention loss recorded in market.trades: %s", loss.describe())
 
 
 def _commit_once(table: Table, arrow: pa.Table, summary: dict[str, str], properties: dict[str, str],
@@ -242,11 +366,28 @@ def _commit_once(table: Table, arrow: pa.Table, summary: dict[str, str], propert
         log.info("commit of %s conflicted (attempt %d): %s", what, attempt, exc)
         time.sleep(min(0.05 * 2**attempt, 2.0))
         return None
+    except Exception as exc:
+        # The catalog database was locked (another process writing to a SQLite catalog): nothing was
+        # committed, so reload and retry; the committed-offset check makes the retry exactly once.
+        if not catalog_busy(exc):
+            raise
+        _wait_for_catalog(what, attempt, exc)
+        return None
     seconds = time.perf_counter() - started
     metrics.ICEBERG_COMMIT_SECONDS.observe(seconds)
     metrics.MICROBATCH_MESSAGES.inc(arrow.num_rows)
-    table.refresh()
+    try:
+        table.refresh()
+    except Exception as exc:  # committed already; a refresh that meets a locked catalog changes nothing
+        if not catalog_busy(exc):
+            raise
     return seconds
+
+
+def _wait_for_catalog(what: str, attempt: int, exc: BaseException) -> None:
+    log.warning("the Iceberg catalog is locked by another writer while committing %s (attempt %d): %s; "
+                "retrying", what, attempt, exc)
+    time.sleep(min(0.05 * 2**attempt, 2.0))
 
 
 def _sorted(table: pa.Table) -> pa.Table:
@@ -338,28 +479,31 @@ def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: Offset
     gaps = sequence_gaps(read.records)
     kept, deferred = shedder.split(read.records, level)
     pending = None
+    by_symbol: dict[str, int] = {}
     if deferred:
-        by_symbol: dict[str, int] = {}
+        # Counted by `k2 metrics` from the run's materialisation (k2_shed_messages_total), not here:
+        # a run's process serves no metrics.
         for record in deferred:
             by_symbol[record["symbol"]] = by_symbol.get(record["symbol"], 0) + 1
-        for symbol, count in by_symbol.items():
-            metrics.SHED_MESSAGES.labels(symbol).inc(count)
         pending = PendingRange(batch.topic, batch.partition, batch.start, batch.end, DEFERRED,
                                tuple(sorted(by_symbol)), len(deferred))
     enriched = not shedder.skip_enrichment(level)
     if enriched:
         enrich(kept, shedder)
-    result = commit_range(iceberg, batch, kept, before_commit=before_commit, pending=pending)
+    result = commit_range(iceberg, batch, kept, before_commit=before_commit, pending=pending, lost=read.lost)
     commit_consumer_group(kafka, batch)
     return BatchResult(result.batch, result.written, len(read.dead_letters), result.already_committed,
                        result.snapshot_id, result.commit_seconds, deferred=0 if result.already_committed else len(deferred),
-                       enriched=enriched, level=level, sequence_gaps=gaps)
+                       enriched=enriched, level=level, sequence_gaps=gaps,
+                       lost=0 if result.already_committed else sum(end - start for start, end in read.lost),
+                       deferred_by_symbol={} if result.already_committed else by_symbol)
 
 
 def _spill_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
                       before_commit: Callable[[], None] | None, level: int, spill_store: SpillStore) -> BatchResult:
     """AGGRESSIVE: spill the raw range to Parquet, then commit the offsets with a pending spilled entry."""
-    raw = read_raw_range(kafka, batch)
+    lost: list[tuple[int, int]] = []
+    raw = read_raw_range(kafka, batch, lost=lost)
     committed = committed_offsets(iceberg.trades(), batch.topic).get(batch.partition, 0)
     pending_here = {(p.start, p.end) for p in pending_ranges(iceberg.trades(), batch.topic)
                     if p.kind == SPILLED and p.partition == batch.partition}
@@ -370,12 +514,13 @@ def _spill_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: Off
             spill_store.delete(stale)
     spill_store.write(batch.topic, batch.partition, batch.start, batch.end, raw)
     pending = PendingRange(batch.topic, batch.partition, batch.start, batch.end, SPILLED, (), raw.num_rows)
-    result = commit_range(iceberg, batch, [], before_commit=before_commit, pending=pending)
+    result = commit_range(iceberg, batch, [], before_commit=before_commit, pending=pending, lost=lost)
     if result.already_committed and _find_pending(iceberg, batch) is None:
         _delete_spilled(spill_store, batch)  # another run committed this range meanwhile: the file is not needed
     commit_consumer_group(kafka, batch)
     return BatchResult(result.batch, 0, 0, result.already_committed, result.snapshot_id, result.commit_seconds,
-                       spilled=0 if result.already_committed else raw.num_rows, level=level)
+                       spilled=0 if result.already_committed else raw.num_rows, level=level,
+                       lost=0 if result.already_committed else sum(end - start for start, end in lost))
 
 
 def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange, *, level: int = 0,
@@ -394,13 +539,15 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
         _delete_spilled(spill_store, batch)
         return BatchResult(batch, 0, 0, True, None, 0.0, level=level)
     dead: list[tuple[int, bytes, str]] = []
+    lost: list[tuple[int, int]] = []
     if entry.kind == DEFERRED:
-        # The first pass already dead-lettered this range's undecodable messages.
-        records = [r for r in read_range(kafka, batch).records if entry.is_missing(r["symbol"])]
+        # The first pass already dead-lettered this range's undecodable and unstorable messages.
+        read = read_range(kafka, batch)
+        records, lost = [r for r in read.records if entry.is_missing(r["symbol"])], read.lost
     else:
         files = [f for f in spill_store.list(batch.topic, batch.partition) if (f.start, f.end) == (batch.start, batch.end)]
         read = decode_raw(spill_store.read(files[0])) if files else read_range(kafka, batch)
-        records, dead = read.records, read.dead_letters
+        records, dead, lost = read.records, read.dead_letters, read.lost
         send_dead_letters(kafka, batch, dead)
     gaps = sequence_gaps(records)
     enriched = not shedder.skip_enrichment(level)
@@ -422,13 +569,17 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
             committed_key(batch.topic): json.dumps({str(p): o for p, o in sorted(committed.items())}),
             **remaining,
         }
-        seconds = _commit_once(table, arrow, summary, remaining, before_commit, f"recovery of {entry.key}", attempt)
+        properties = dict(remaining)
+        if lost:  # the range outlived Kafka's retention: what is gone is recorded, in this commit
+            _record_losses(table, batch, lost, summary, properties)
+        seconds = _commit_once(table, arrow, summary, properties, before_commit, f"recovery of {entry.key}", attempt)
         if seconds is None:
             continue
         snapshot = table.current_snapshot()
         _delete_spilled(spill_store, batch)
         return BatchResult(batch, len(records), len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
-                           enriched=enriched, level=level, sequence_gaps=gaps)
+                           enriched=enriched, level=level, sequence_gaps=gaps,
+                           lost=sum(end - start for start, end in lost))
     raise K2Error(f"recovery of {entry.key}: {max_attempts} commit attempts conflicted; run it again")
 
 

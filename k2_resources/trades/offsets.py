@@ -220,3 +220,112 @@ def pending_ranges(table: Table, topic: str) -> list[PendingRange]:
 def pending_properties(topic: str, pending: list[PendingRange]) -> dict[str, str]:
     """The property (and summary entry) recording ``pending`` as the topic's pending ranges."""
     return {pending_key(topic): _pending_json(pending)}
+
+
+# -- retention losses: offsets Kafka deleted before the table committed them ---------------------
+#
+# When Kafka's retention (or an operator's delete-records) moves a partition's log start past the
+# table's committed offset, the messages in [committed, log start) are gone from Kafka without
+# ever reaching the table. The micro-batch that meets this commits the skip in the same snapshot
+# that moves the committed offset past it, and records the loss (audit trail, for ever) in the
+# snapshot summary and in a table property, so that snapshot expiry does not erase it::
+#
+#     k2.kafka.retention-loss            {"partition": 0, "start": 120, "end": 180, "count": 60,
+#                                          "recorded_at": "2026-11-30T03:12:00+00:00"}   (summary only)
+#     k2.kafka.losses.<topic>            [every loss of the topic, with its acknowledgement if any]
+#
+# A loss stays unacknowledged (and the ``retention_loss`` check ERROR) until an operator runs
+# `k2 offsets accept-loss`, which adds who, when and why to each entry in one more commit.
+
+LOSS_SUMMARY_KEY = f"{PREFIX}.retention-loss"
+LOSS_ACKNOWLEDGED_KEY = f"{PREFIX}.retention-loss-acknowledged"
+
+
+def losses_key(topic: str) -> str:
+    return f"{PREFIX}.losses.{topic}"
+
+
+@dataclass(frozen=True)
+class RetentionLoss:
+    """Offsets [start, end) of one partition that Kafka deleted before the table committed them."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+    recorded_at: str = ""  # ISO 8601 UTC: when the skip was committed
+    acknowledged_at: str | None = None
+    acknowledged_by: str | None = None
+    note: str | None = None  # the operator's reason, given with the acknowledgement
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.end <= self.start:
+            raise ValueError(f"bad lost range {self.start}..{self.end}")
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.acknowledged_at is not None
+
+    def describe(self) -> str:
+        return (f"partition {self.partition}: offsets [{self.start}, {self.end}) ({self.count} messages) "
+                f"deleted by Kafka retention before market.trades committed them")
+
+    def to_dict(self) -> dict:
+        data: dict = {"partition": self.partition, "start": self.start, "end": self.end, "count": self.count,
+                      "recorded_at": self.recorded_at}
+        if self.acknowledged_at is not None:
+            data.update(acknowledged_at=self.acknowledged_at, acknowledged_by=self.acknowledged_by, note=self.note)
+        return data
+
+    @classmethod
+    def from_dict(cls, topic: str, data: dict) -> "RetentionLoss":
+        return cls(topic, int(data["partition"]), int(data["start"]), int(data["end"]),
+                   str(data.get("recorded_at", "")), data.get("acknowledged_at"), data.get("acknowledged_by"),
+                   data.get("note"))
+
+
+def retention_losses(table: Table, topic: str) -> list[RetentionLoss]:
+    """Every retention loss recorded for ``topic`` (acknowledged or not), oldest first."""
+    raw = table.properties.get(losses_key(topic))
+    if not raw:
+        return []
+    return [RetentionLoss.from_dict(topic, item) for item in json.loads(raw)]
+
+
+def loss_properties(topic: str, losses: list[RetentionLoss]) -> dict[str, str]:
+    """The table property recording ``losses`` as the topic's loss history."""
+    ordered = sorted(losses, key=lambda loss: (loss.recorded_at, loss.partition, loss.start))
+    return {losses_key(topic): json.dumps([loss.to_dict() for loss in ordered])}
+
+
+def acknowledge_losses(table: Table, topic: str, by: str, note: str, at: str) -> list[RetentionLoss]:
+    """Mark every unacknowledged loss of ``topic`` as accepted by ``by`` (with ``note``) in one commit.
+
+    The commit is an empty append whose summary names the acknowledged ranges, so the history of
+    snapshots shows who accepted which loss and when; returns the losses acknowledged now.
+    """
+    losses = retention_losses(table, topic)
+    open_losses = [loss for loss in losses if not loss.acknowledged]
+    if not open_losses:
+        return []
+    updated = [loss if loss.acknowledged else RetentionLoss(
+        loss.topic, loss.partition, loss.start, loss.end, loss.recorded_at, at, by, note) for loss in losses]
+    properties = loss_properties(topic, updated)
+    committed = committed_offsets(table, topic)
+    summary = {
+        f"{PREFIX}.topic": topic,
+        committed_key(topic): json.dumps({str(p): o for p, o in sorted(committed.items())}),
+        LOSS_ACKNOWLEDGED_KEY: json.dumps({"by": by, "note": note, "at": at,
+                                           "ranges": [loss.to_dict() for loss in open_losses]}),
+        **properties,
+    }
+    with table.transaction() as transaction:
+        transaction.append(table.schema().as_arrow().empty_table(), snapshot_properties=summary)
+        transaction.set_properties(properties)
+    table.refresh()
+    return [loss for loss in updated if loss.acknowledged_at == at and loss.acknowledged_by == by
+            and any((o.partition, o.start) == (loss.partition, loss.start) for o in open_losses)]

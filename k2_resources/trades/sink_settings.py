@@ -5,6 +5,7 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from k2_resources.operations import thresholds
 from k2_resources.topics import BINANCE_TRADES_TOPIC
 
 
@@ -13,8 +14,12 @@ class TradeSinkResource(ConfigurableResource):
 
     topic: str = Field(default=BINANCE_TRADES_TOPIC, description="Kafka topic of trade V2 records")
     max_batch_messages: int = Field(default=50_000, description="largest offset range one run reads")
-    lag_warn_messages: int = Field(default=10_000, description="consumer lag at which the check turns WARN")
-    lag_error_messages: int = Field(default=100_000, description="consumer lag at which the check turns ERROR")
+    lag_warn_messages: int = Field(
+        default=thresholds.LAG_WARN_MESSAGES,
+        description="consumer lag at which the check turns WARN (default: the SOFT degradation trigger)")
+    lag_error_messages: int = Field(
+        default=thresholds.LAG_ERROR_MESSAGES,
+        description="consumer lag at which the check turns ERROR (default: the AGGRESSIVE degradation trigger)")
     run_retry_after_seconds: int = Field(
         default=300, description="re-request a batch whose run has not appeared or finished after this long"
     )

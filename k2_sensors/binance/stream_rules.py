@@ -27,25 +27,38 @@ from k2_resources.degradation.levels import (
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
-from k2_resources.trades.offsets import DEFERRED, SPILLED, OffsetRange, PendingRange, committed_offsets, pending_ranges
+from k2_resources.trades.offsets import (
+    DEFERRED,
+    SPILLED,
+    OffsetRange,
+    PendingRange,
+    RetentionLoss,
+    committed_offsets,
+    pending_ranges,
+    retention_losses,
+)
 from k2_resources.trades.sink_settings import TradeSinkResource
 
 
 @dataclass(frozen=True)
 class StreamSnapshot:
-    """Where the topic ends, where the table's committed offsets are (per partition), and which
-    ranges below them are pending (deferred or spilled by load shedding)."""
+    """Where the topic ends, where the table's committed offsets are (per partition), which
+    ranges below them are pending (deferred or spilled by load shedding), where the topic's log
+    starts (the oldest offset Kafka still holds) and the retention losses the table recorded."""
 
     topic: str
     end_offsets: dict[int, int]
     committed: dict[int, int]
     pending: tuple[PendingRange, ...] = ()
+    start_offsets: dict[int, int] = field(default_factory=dict)
+    losses: tuple[RetentionLoss, ...] = ()
 
     @classmethod
     def read(cls, kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> "StreamSnapshot":
-        ends = kafka.end_offsets(topic)
+        starts, ends = kafka.offset_bounds(topic)
         table = iceberg.trades()
-        return cls(topic, ends, committed_offsets(table, topic), tuple(pending_ranges(table, topic)))
+        return cls(topic, ends, committed_offsets(table, topic), tuple(pending_ranges(table, topic)),
+                   starts, tuple(retention_losses(table, topic)))
 
     def pending_of(self, kind: str) -> list[PendingRange]:
         return [p for p in self.pending if p.kind == kind]
@@ -62,6 +75,23 @@ class StreamSnapshot:
         """Partitions whose end offset is below the table's committed offset: (end, committed)."""
         found = {p: (self.end_offsets.get(p, 0), c) for p, c in self.committed.items() if self.end_offsets.get(p, 0) < c}
         return dict(sorted(found.items()))
+
+    @property
+    def retention_gaps(self) -> dict[int, tuple[int, int]]:
+        """Partitions whose log start passed the table's committed offset: the lost range (committed, log start).
+
+        Told apart from a recreated topic (``mismatched``: the end is below the committed offset):
+        here the topic is the same, Kafka deleted offsets the table had not committed yet.
+        """
+        if self.mismatched:
+            return {}
+        found = {p: (self.committed.get(p, 0), start) for p, start in self.start_offsets.items()
+                 if start > self.committed.get(p, 0)}
+        return dict(sorted(found.items()))
+
+    @property
+    def unacknowledged_losses(self) -> list[RetentionLoss]:
+        return [loss for loss in self.losses if not loss.acknowledged]
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,39 @@ def baseline_evaluation(snapshot: StreamSnapshot) -> CheckOutcome:
         metadata["fix"] = (f"the topic or the Kafka cluster was recreated; check the data, then set a new "
                            f"baseline with `k2 offsets reset --topic {snapshot.topic}`")
     return CheckOutcome("offset_baseline", passed=not mismatched, severity=AssetCheckSeverity.ERROR, metadata=metadata)
+
+
+RETENTION_LOSS = "retention_loss"
+
+
+def retention_loss_evaluation(snapshot: StreamSnapshot) -> CheckOutcome:
+    """ERROR while Kafka retention has deleted offsets the table never committed.
+
+    Two sources: a partition whose log start is above the committed offset now (the next
+    micro-batch records the loss and carries on from the log start), and losses recorded in
+    the table that no operator has accepted yet (`k2 offsets accept-loss`).
+    """
+    gaps = snapshot.retention_gaps
+    recorded = snapshot.unacknowledged_losses
+    lost = [f"partition {p}: offsets [{committed}, {start}) ({start - committed} messages) are no longer in Kafka; "
+            "the next micro-batch records the loss and goes on from the log start"
+            for p, (committed, start) in gaps.items()]
+    lost += [f"{loss.describe()}; recorded {loss.recorded_at}" for loss in recorded]
+    metadata: dict[str, Any] = {
+        "topic": snapshot.topic,
+        "lost_messages": sum(start - committed for committed, start in gaps.values()) + sum(r.count for r in recorded),
+        "lost_ranges": json.dumps(
+            [{"partition": p, "start": c, "end": s, "count": s - c, "recorded": False} for p, (c, s) in gaps.items()]
+            + [{"partition": r.partition, "start": r.start, "end": r.end, "count": r.count, "recorded": True}
+               for r in recorded]),
+        "acknowledged_losses": sum(1 for loss in snapshot.losses if loss.acknowledged),
+    }
+    if lost:
+        metadata["loss"] = "; ".join(lost)
+        metadata["fix"] = (f"the data is gone from Kafka: reload it from the source if you can, raise the topic's "
+                           f"retention.ms, then accept the loss with `k2 offsets accept-loss --topic {snapshot.topic} "
+                           "--note '<why>'` (recorded in market.trades for audit)")
+    return CheckOutcome(RETENTION_LOSS, passed=not lost, severity=AssetCheckSeverity.ERROR, metadata=metadata)
 
 
 @dataclass
@@ -242,7 +305,10 @@ def plan_batches(
                 cursor.in_flight[partition] = flight
                 continue
             attempt = retry  # requested again from where the table is
-        end = min(snapshot.end_offsets[partition], committed + max_batch_messages)
+        # Past a retention gap the range starts at the committed offset (its run records the lost
+        # offsets) and reads up to a full batch from the log start.
+        floor = max(committed, snapshot.start_offsets.get(partition, 0))
+        end = min(snapshot.end_offsets[partition], floor + max_batch_messages)
         if end <= committed:
             continue
         batch = OffsetRange(snapshot.topic, partition, committed, end)
@@ -514,7 +580,7 @@ def decide(observation: Observation, cursor: StreamCursor, settings: StreamSetti
 
 @dataclass(frozen=True)
 class LogLine:
-    level: str  # "info" or "warning": the logger method
+    level: str  # "info", "warning" or "error": the logger method
     message: str
 
 
@@ -547,5 +613,10 @@ def report(observation: Observation, decision: Decision, settings: StreamSetting
         spilled_backlog_evaluation(snapshot, dict(observation.spill_files)),
         sequence_gap_evaluation(dict(observation.batch_gaps)),
         dead_letter_evaluation(observation.dead_letter_topic, observation.dead_letters),
+        retention_loss_evaluation(snapshot),
     )
+    for partition, (committed, start) in snapshot.retention_gaps.items():
+        lines.append(LogLine("error", f"retention loss on {snapshot.topic}[{partition}]: offsets [{committed}, "
+                                        f"{start}) ({start - committed} messages) were deleted by Kafka before "
+                                        "market.trades committed them"))
     return Report(outcomes, tuple(lines))

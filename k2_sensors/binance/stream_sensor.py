@@ -213,7 +213,7 @@ def evaluate_stream(
     default_status=DefaultSensorStatus.RUNNING,
     description="Requests a micro-batch run per Kafka partition as trades arrive, at the current degradation "
     "level, and recovery runs for deferred and spilled ranges; reports consumer lag, offset-baseline, "
-    "degradation level, backlog, sequence-gap and dead-letter checks on binance_trades every tick.",
+    "degradation level, backlog, sequence-gap, dead-letter and retention-loss checks on binance_trades every tick.",
 )
 def binance_stream_sensor(
     context: SensorEvaluationContext,

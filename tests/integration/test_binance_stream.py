@@ -159,6 +159,24 @@ def test_malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on(kaf
         assert dict(record.headers)["k2.reason"] == value["reason"].encode()
 
 
+def test_a_restarted_streamer_recognises_what_its_previous_run_produced(kafka_broker, topic_name):
+    """Dedupe survives a restart: the second run reads the topic's tail back into its duplicate check,
+    so a source that starts again from the beginning adds nothing, and new trades still go through."""
+    kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
+    dlq = dead_letter_topic(topic_name)
+    with RecordingServerThread(speed=None, limit=3_000) as server:
+        server.set_faults(drop_after=2_000, max_drops=1)  # the first run stops after 2,000 trades
+        first = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dlq, max_messages=2_000)
+        server.reset()  # the source forgets where the client stopped: it sends everything again
+        second = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dlq,
+                                 backoff_initial_s=0.01, backoff_max_s=0.1)
+        sent = server.stats()
+    assert first.produced == 2_000 and first.seeded == 0
+    assert second.seeded == 2_000
+    assert second.received == 3_000 and second.duplicates == 2_000 and second.produced == 1_000
+    _assert_exactly_once(kafka, topic_name, sent)
+
+
 def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     samples: dict[str, float] = {}

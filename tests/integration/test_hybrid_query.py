@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import encode_trade
@@ -163,7 +164,7 @@ def test_as_of_reads_time_travel_only(split):
     everything_committed = hybrid.trades(["ETHUSDT"], as_of=at_time)
     assert _ids(everything_committed) == source.expected(["ETHUSDT"], None, None, below=boundary)
 
-    with pytest.raises(Exception, match="no snapshot"):
+    with pytest.raises(K2Error, match="no snapshot"):
         hybrid.trades(None, as_of=123456789)
 
 

@@ -1,4 +1,4 @@
-"""notebooks/k2-tour.ipynb runs end to end against a real broker and a real Iceberg catalog."""
+"""notebooks/k2-tour.ipynb tells its six parts end to end against a real broker and a real Iceberg catalog."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from k2_resources.asx.files import default_data_dir
+from k2_resources.asx.writes import ingest_day
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.settings import PROJECT_ROOT
@@ -17,13 +19,12 @@ from k2_resources.trades.offsets import OffsetRange
 from tests.support.producing import PARTITIONS, produce
 from tests.support.recorded import recorded_trades_in_time_order
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "k2-tour.ipynb"
 
 
-def test_the_tour_notebook_runs_and_shows_hybrid_time_travel_and_a_chart(k2_home, kafka_broker, topic_name,
-                                                                         monkeypatch, tmp_path):
+def test_the_tour_notebook_tells_its_six_parts(k2_home, kafka_broker, topic_name, monkeypatch, tmp_path):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=PARTITIONS, config={"retention.ms": "-1"})
     source = produce(kafka, topic_name, recorded_trades_in_time_order(), record_timestamps=True)
@@ -31,6 +32,7 @@ def test_the_tour_notebook_runs_and_shows_hybrid_time_travel_and_a_chart(k2_home
     for partition, end in ends.items():  # the first half in Iceberg, in two commits; the rest stays in Kafka
         run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, 0, end // 4))
         run_microbatch(kafka, iceberg, OffsetRange(topic_name, partition, end // 4, end // 2))
+    asx_day = ingest_day(default_data_dir(), iceberg, "trades", "2014-03-14")  # one real ASX day, as the asset loads it
     monkeypatch.setenv("K2_TRADES_TOPIC", topic_name)
     assert os.environ["K2_KAFKA_BOOTSTRAP"] == kafka_broker.bootstrap_servers
 
@@ -49,4 +51,24 @@ def test_the_tour_notebook_runs_and_shows_hybrid_time_travel_and_a_chart(k2_home
     assert 0 < summary["time_travel_rows"] < len(source.rows) // 4
     assert summary["bar_trade_count"] == summary["recent_rows"]
     charts = [o["data"]["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(charts) == 1 and len(charts[0]) > 1000  # base64 PNG of the price and volume chart
+    assert len(charts) == 2 and all(len(chart) > 1000 for chart in charts)  # base64 PNGs: the burst, price and volume
+
+    # 1. positioning: the hybrid read measured against the L3 budget.
+    assert 0 < summary["positioning"]["p50_ms"] <= summary["positioning"]["worst_ms"] < 500
+    # 2. ingestion: both exchanges counted; Kafka holds the half not yet committed.
+    ingestion = summary["ingestion"]
+    assert ingestion["asx_rows"] == asx_day.valid > 0
+    assert ingestion["binance_rows"] + ingestion["kafka_only"] == len(source.rows) == ingestion["kafka_messages"]
+    assert ingestion["kafka_only"] == sum(end - end // 2 for end in ends.values())
+    # 3. storage: the micro-batch snapshots plus the ASX day, partitions by day and exchange.
+    storage = summary["storage"]
+    assert storage["snapshots"] == 2 * len(ends) + 1
+    assert storage["partitions"] >= 2 and storage["files"] >= storage["partitions"] and storage["bytes_per_row"] > 0
+    # 4. resilience: the burst went past GRACEFUL and came back to NORMAL, step by step.
+    resilience = summary["resilience"]
+    assert resilience["max_level"] >= 3 and resilience["final_level"] == 0
+    assert resilience["transitions"] >= 2 * resilience["max_level"] - 1
+    # 6. cost: the seeds' three scales, sink processes growing with them.
+    cost = summary["cost"]
+    assert cost["scales"] == [10_000, 1_000_000, 10_000_000]
+    assert cost["sink_processes"] == sorted(cost["sink_processes"]) and cost["sink_processes"][0] >= 1

@@ -38,6 +38,23 @@ def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
     assert "SUCCESS" in result.stdout
 
 
+def rules_without_a_firing_case(rules: list[dict], tests: list[dict]) -> set[tuple[str, str]]:
+    """(alert, severity) of every rule no promtool case expects to fire."""
+    wanted = {(rule["alert"], rule["labels"]["severity"]) for rule in rules}
+    fired = {(case["alertname"], alert["exp_labels"]["severity"])
+             for test in tests for case in test.get("alert_rule_test") or [] for alert in case.get("exp_alerts") or []}
+    return wanted - fired
+
+
+def test_every_rule_has_a_promtool_case_that_fires_it() -> None:
+    rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    assert rules_without_a_firing_case(rules, tests) == set()
+    # and the check can fail: a rule nobody tests is found
+    untested = [*rules, {"alert": "K2Untested", "labels": {"severity": "critical"}, "expr": "vector(1)"}]
+    assert rules_without_a_firing_case(untested, tests) == {("K2Untested", "critical")}
+
+
 def test_promtool_fails_a_rule_test_that_expects_the_wrong_thing(tmp_path: Path) -> None:
     """The rule tests can fail: a copy expecting no lag alert at 90s is rejected."""
     tests = yaml.safe_load(RULE_TESTS.read_text())
@@ -53,7 +70,7 @@ def test_promtool_fails_a_rule_test_that_expects_the_wrong_thing(tmp_path: Path)
 def test_prometheus_config_and_rules_are_valid() -> None:
     result = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 rules found" in result.stdout
+    assert "6 rules found" in result.stdout
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
     assert targets == {"k2": ["127.0.0.1:9465"], "k2-streamer": ["127.0.0.1:9464"]}
@@ -63,7 +80,8 @@ def test_the_rules_alert_on_the_metrics_k2_exports() -> None:
     exported = {m.name for m in metrics.REGISTRY.collect()}
     exported |= {f"{name}_total" for name in exported}
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} == {"K2ConsumerLagHigh", "K2DegradationLevel", "K2DeadLetters"}
+    assert {r["alert"] for r in rules} == {"K2ConsumerLagHigh", "K2DegradationLevel", "K2DeadLetters",
+                                           "K2BinanceTradeIdReset"}
     for rule in rules:
         for name in re.findall(r"\bk2_[a-z_]+", rule["expr"]):
             assert name in exported, f"rule {rule['alert']} uses {name}, which k2_resources/metrics.py does not define"

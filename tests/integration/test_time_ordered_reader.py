@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import polars as pl
 import pytest
 
+from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
 from k2_resources.schemas import encode_trade, decode_trade
 from k2_resources.trades.time_ordered import TimeOrderedReader
@@ -79,7 +80,7 @@ def test_as_fast_as_possible_never_sleeps_and_bad_windows_are_refused(asx_table)
     count = sum(1 for _ in reader.records(["MWR"], start, start + timedelta(days=6)))
     assert count == asx_table.filter(pl.col("symbol") == "MWR").height == 11
     assert clock.sleeps == []
-    with pytest.raises(Exception, match="not after start"):
+    with pytest.raises(K2Error, match="not after start"):
         list(reader.records("BHP", start, start))
-    with pytest.raises(Exception, match="speed"):
+    with pytest.raises(K2Error, match="speed"):
         list(reader.records("BHP", start, start + timedelta(hours=1), speed=0))

@@ -80,12 +80,17 @@ class K2Run:
 
 
 def start_k2_run(home: Path, log_path: Path, *, kafka_bootstrap: str | None = None, extra_args: tuple[str, ...] = (),
-                 kafka_ports: tuple[int, int] | None = None) -> K2Run:
-    """`python -m k2_assets.cli run --no-stream` on ``home``: with ``kafka_bootstrap`` it uses that
-    broker, else it starts its own embedded one on ``kafka_ports`` (or free ports)."""
+                 kafka_ports: tuple[int, int] | None = None, stream: dict[str, str] | None = None) -> K2Run:
+    """`python -m k2_assets.cli run` on ``home``: with ``kafka_bootstrap`` it uses that broker, else it
+    starts its own embedded one on ``kafka_ports`` (or free ports).
+
+    Without ``stream`` it runs with ``--no-stream``; with it, the Binance streamer runs too and
+    ``stream`` holds its settings as K2_STREAM_* environment variables (e.g. ``{"K2_STREAM_ONCE": "1"}``).
+    """
     ui_port, exporter_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("K2_KAFKA_BOOTSTRAP", "DAGSTER_HOME")}
-    env.update(K2_HOME=str(home), K2_EXPORTER_PORT=str(exporter_port))
+    # The query API gets a free port too: a fixed 8000 would clash with another k2 run on the machine.
+    env.update(K2_HOME=str(home), K2_EXPORTER_PORT=str(exporter_port), K2_API_PORT=str(free_port()), **(stream or {}))
     if kafka_bootstrap:
         env["K2_KAFKA_BOOTSTRAP"] = kafka_bootstrap
     else:
@@ -93,7 +98,8 @@ def start_k2_run(home: Path, log_path: Path, *, kafka_bootstrap: str | None = No
         env.update(K2_KAFKA_PORT=str(kafka_port), K2_KAFKA_CONTROLLER_PORT=str(controller_port))
     log = log_path.open("w")  # a file, not a pipe: nobody reads a pipe while the UI starts
     process = subprocess.Popen(
-        [sys.executable, "-m", "k2_assets.cli", "run", "--port", str(ui_port), "--no-stream", *extra_args],
+        [sys.executable, "-m", "k2_assets.cli", "run", "--port", str(ui_port),
+         *(() if stream is not None else ("--no-stream",)), *extra_args],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     return K2Run(home=home, process=process, log_path=log_path, ui_port=ui_port, exporter_port=exporter_port, _log=log)

@@ -1,4 +1,4 @@
-"""The client's pure parts: trade-id tracking, backoff delays, stream URLs, the recording server's loop shifts, CLI settings."""
+"""The client's pure parts: backoff delays, stream URLs, the recording server's loop shifts, CLI settings."""
 
 from __future__ import annotations
 
@@ -6,29 +6,9 @@ import random
 
 from k2_assets.cli import build_parser
 from k2_assets.cli.stream import streamer_config
-from k2_resources.binance.client import (
-    DEFAULT_LIVE_URL,
-    TrackVerdict,
-    TradeIdTracker,
-    backoff_delay,
-    combined_stream_url,
-)
+from k2_resources.binance.client import DEFAULT_LIVE_URL, backoff_delay, combined_stream_url
 from k2_resources.binance.recording_server import RecordedTrade, RecordingServer, requested_symbols
 from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
-
-
-def test_tracker_drops_repeats_and_counts_gaps_per_symbol():
-    tracker = TradeIdTracker()
-    seen = [tracker.observe(symbol, trade_id) for symbol, trade_id in [
-        ("BTCUSDT", 10), ("BTCUSDT", 11), ("ETHUSDT", 5), ("BTCUSDT", 11), ("BTCUSDT", 9),
-        ("BTCUSDT", 15), ("ETHUSDT", 6), ("ETHUSDT", 6),
-    ]]
-    assert [verdict for verdict, _ in seen] == [TrackVerdict.NEW, TrackVerdict.NEW, TrackVerdict.NEW,
-                                               TrackVerdict.DUPLICATE, TrackVerdict.DUPLICATE,
-                                               TrackVerdict.NEW, TrackVerdict.NEW, TrackVerdict.DUPLICATE]
-    assert seen[5] == (TrackVerdict.NEW, 3)  # 12, 13 and 14 never came
-    assert tracker.duplicates == 3 and tracker.gaps == 1 and tracker.missing_ids == 3
-    assert tracker.last_ids == {"BTCUSDT": 15, "ETHUSDT": 6}
 
 
 def test_backoff_doubles_from_the_initial_delay_to_the_cap_within_the_jitter():

@@ -317,8 +317,9 @@ def test_degradation_resource_defaults_and_overrides(k2_home, clock: FakeClock) 
 
     default = DegradationResource()
     assert default.thresholds() == DegradationThresholds()
-    assert default.load_shedder().tier("BHP") == 1
-    assert default.load_shedder({"ZZZ": 1e9}).tier("ZZZ") == 3  # volumes ignored unless tiers_from_volume
+    assert default.load_shedder().tier("BHP") == 1  # no ranking in this K2_HOME: the static lists
+    assert default.load_shedder({"ZZZ": 1e9}).tier("ZZZ") == 1  # volumes passed in rank by default
+    assert DegradationResource(tiers_from_volume=False).load_shedder({"ZZZ": 1e9}).tier("ZZZ") == 3
     assert default.spill_store().root == k2_home / "spill"
     manager = default.manager(clock=clock)
     manager.evaluate(600_000, 0.0)

@@ -29,7 +29,7 @@ SETTINGS = StreamSettings(
     thresholds=DegradationThresholds(lag_messages=(1000, 2000, 3000, 4000), cooldown_seconds=30),
 )
 CHECKS = ["consumer_lag", "offset_baseline", "degradation_level", "deferred_backlog", "spilled_backlog",
-          "sequence_gaps", "dead_letter_count"]
+          "sequence_gaps", "dead_letter_count", "retention_loss"]
 
 
 def observed(ends: dict[int, int], committed: dict[int, int], pending: tuple[PendingRange, ...] = (),

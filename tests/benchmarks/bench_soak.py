@@ -1,0 +1,284 @@
+"""Benchmark: run storage under a long life. The stream sensor's tick and the asset page with
+20,000 micro-batch runs in the SQLite Dagster instance.
+
+Writes bench-results/soak.json. The instance is prepared with ``prepare_instance`` and filled by
+``tests.support.run_history`` (runs of the real ``binance_trades_microbatch`` job with the tags the
+daemon gives sensor runs, SUCCESS, their status events and materialisations with the asset's
+metadata, and each tick's seven check evaluations), in batches; how long that takes is reported.
+At each checkpoint (one round of runs = the baseline, then more history, up to ``K2_SOAK_RUNS``,
+default 20,000):
+
+- ``tick``: the real stream sensor against the session's Kafka broker and a real Iceberg table
+  whose committed offsets are where the history ends, its in-flight runs the newest of each
+  partition; each tick is evaluated and its check evaluations stored, as the daemon does
+  (``driver.tick``), from the same cursor, ``TICKS`` times: p50/p99/max, plus the parts of a tick
+  that read the instance (run statuses by run key, the latest batches' sequence gaps) and the
+  daemon's run-key look-up of the requested runs.
+- ``asset_page``: the Dagster webserver on this instance (started once, as `k2 run` starts it);
+  headless Chromium opens ``/assets/binance_trades`` and its Checks tab, the time until the
+  network is idle is the page time, and every GraphQL operation the page sent is replayed
+  ``REPLAYS`` times for its server time (p50 per operation).
+
+Each figure at 20K runs is reported with its ratio to the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, RunsFilter
+from dagster._core.storage.tags import RUN_KEY_TAG
+
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.kafka_broker import free_port
+from k2_resources.operations.dagster_instance import prepare_instance
+from k2_resources.settings import PROJECT_ROOT, dagster_home
+from k2_resources.trades.offsets import committed_key
+from k2_sensors.binance.driver import tick
+from k2_sensors.binance.stream_sensor import latest_batch_gaps, run_statuses
+from tests.support.run_history import RunHistory, RunHistoryWriter
+from tests.support.stream import stream_defs
+from tests.support.waiting import wait_for
+
+RUNS = int(os.environ.get("K2_SOAK_RUNS", "20000"))
+PARTITIONS = 3
+OFFSETS_PER_RUN = 5
+LAG = 50  # offsets beyond the history in each partition: every tick requests the next batch
+TICKS = 40
+REPLAYS = 5
+TICK_BUDGET_S = 2.0
+CHROMIUM = Path("/usr/bin/chromium")
+ASSET_PAGES = ("/assets/binance_trades", "/assets/binance_trades?view=checks")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _fill_topic(kafka: KafkaResource, topic: str, per_partition: int) -> None:
+    """``per_partition`` small messages in each partition (the sensor reads offsets, not payloads)."""
+    producer = kafka.producer()
+    for index in range(per_partition):
+        for partition in range(PARTITIONS):
+            producer.send(topic, value=b"k2-soak", partition=partition)
+    producer.flush()
+    producer.close()
+
+
+def _commit_offsets(iceberg: IcebergResource, topic: str, ends: dict[int, int]) -> None:
+    """The table's committed offsets where the history ends (what the runs' commits left)."""
+    table = iceberg.trades()
+    with table.transaction() as transaction:
+        transaction.set_properties({committed_key(topic): json.dumps({str(p): o for p, o in sorted(ends.items())})})
+
+
+def _measure_ticks(instance: DagsterInstance, defs, history: RunHistory) -> dict:
+    cursor = history.cursor().to_json()
+    durations, requested = [], []
+    tick(instance, defs, cursor)  # warm-up: imports, connections, the table's metadata
+    for _ in range(TICKS):
+        started = time.perf_counter()
+        result = tick(instance, defs, cursor)
+        durations.append(time.perf_counter() - started)
+        requested = [request.run_key for request in result.run_requests]
+    assert len(requested) == PARTITIONS, requested  # the in-flight runs succeeded: one next batch each
+    keys = list(history.newest_run_keys.values())
+    parts = {"run_statuses": [], "latest_batch_gaps": [], "daemon_run_key_lookup": []}
+    for _ in range(10):
+        started = time.perf_counter()
+        statuses = run_statuses(instance, keys)
+        parts["run_statuses"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        latest_batch_gaps(instance, history.topic)
+        parts["latest_batch_gaps"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for key in requested:  # what the daemon asks before creating each requested run
+            instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: key}))
+        parts["daemon_run_key_lookup"].append(time.perf_counter() - started)
+    assert set(statuses.values()) == {"succeeded"} and len(statuses) == PARTITIONS
+    return {
+        "ticks": TICKS,
+        "p50_ms": _ms(_percentile(durations, 0.5)),
+        "p99_ms": _ms(_percentile(durations, 0.99)),
+        "max_ms": _ms(max(durations)),
+        "mean_ms": _ms(statistics.fmean(durations)),
+        "parts_p50_ms": {name: _ms(_percentile(values, 0.5)) for name, values in parts.items()},
+    }
+
+
+class _Webserver:
+    """dagster-webserver on this instance, as `k2 run` starts it (cwd DAGSTER_HOME, 127.0.0.1, a free port)."""
+
+    def __init__(self, home: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(PROJECT_ROOT / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(self.port)],
+            env=dict(os.environ, DAGSTER_HOME=str(home)), cwd=home, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.log_path = log_path
+
+    def graphql(self, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.url}/graphql", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)
+
+    def wait_until_loaded(self) -> None:
+        def loaded() -> bool:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")[-4000:]
+            try:
+                data = self.graphql({"query": "{ workspaceOrError { ... on Workspace { locationEntries {"
+                                              " name loadStatus } } } }"})["data"]
+            except OSError:
+                return False
+            return any(e["name"] == "k2" and e["loadStatus"] == "LOADED"
+                       for e in data["workspaceOrError"]["locationEntries"])
+
+        wait_for(loaded, 300, "the webserver to load the k2 code location", interval_s=1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+def _measure_asset_page(server: _Webserver) -> dict:
+    """Open the asset page (and its Checks tab) in headless Chromium; replay each GraphQL operation it sent."""
+    from playwright.sync_api import sync_playwright
+
+    operations: dict[str, dict] = {}
+    page_seconds: dict[str, float] = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        context.add_init_script("window.localStorage.setItem('communityNux', '1')")
+        page = context.new_page()
+
+        def keep(request) -> None:
+            if request.url.split("?")[0].endswith("/graphql") and request.method == "POST":
+                body = request.post_data_json
+                if isinstance(body, dict) and body.get("operationName"):
+                    operations.setdefault(body["operationName"], body)
+
+        page.on("request", keep)
+        try:
+            for path in ASSET_PAGES:
+                started = time.perf_counter()
+                page.goto(f"{server.url}{path}", timeout=180_000)
+                page.wait_for_load_state("networkidle", timeout=180_000)
+                page_seconds[path] = time.perf_counter() - started
+        finally:
+            browser.close()
+    replayed = {}
+    for name, body in sorted(operations.items()):
+        times = []
+        for _ in range(REPLAYS):
+            started = time.perf_counter()
+            answer = server.graphql(body)
+            times.append(time.perf_counter() - started)
+        assert "errors" not in answer, (name, answer.get("errors"))
+        replayed[name] = _ms(_percentile(times, 0.5))
+    return {
+        "page_load_ms": {path: _ms(seconds) for path, seconds in page_seconds.items()},
+        "graphql_p50_ms": replayed,
+        "graphql_total_p50_ms": _ms(sum(replayed.values()) / 1000),
+        "slowest_operation": max(replayed, key=replayed.get) if replayed else None,
+    }
+
+
+def _ratio(soak: float, base: float) -> float:
+    return round(soak / base, 2) if base else float("inf")
+
+
+@pytest.mark.timeout(3600)
+def test_soak_benchmark(k2_home, kafka_broker, topic_name, tmp_path):
+    assert CHROMIUM.exists(), "Debian's chromium is missing: run `bash infra/scripts/system-deps.sh --test`"
+    home = dagster_home()
+    prepare_instance(home)
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka.ensure_topic(topic_name, partitions=PARTITIONS)
+    _fill_topic(kafka, topic_name, (RUNS + PARTITIONS - 1) // PARTITIONS * OFFSETS_PER_RUN + LAG)
+    defs = stream_defs(topic_name, max_batch=OFFSETS_PER_RUN)
+    checkpoints = sorted({PARTITIONS, RUNS // 4, RUNS})
+    server = _Webserver(home, tmp_path / "webserver.log")
+    results: list[dict] = []
+    generation_s = 0.0
+    try:
+        with DagsterInstance.from_config(str(home)) as instance:
+            writer = RunHistoryWriter(instance, defs, topic_name, PARTITIONS, offsets_per_run=OFFSETS_PER_RUN)
+            server.wait_until_loaded()
+            written = 0
+            for checkpoint in checkpoints:
+                history = writer.append(checkpoint - written)
+                generation_s += history.seconds
+                written = history.runs
+                _commit_offsets(iceberg, topic_name, history.ends)
+                results.append({
+                    "runs": history.runs,
+                    "check_evaluations": history.check_evaluations,
+                    "runs_in_instance": instance.get_runs_count(),
+                    "tick": _measure_ticks(instance, defs, history),
+                    "asset_page": _measure_asset_page(server),
+                })
+                print(json.dumps(results[-1], indent=2))
+    finally:
+        server.stop()
+
+    base, soak = results[0], results[-1]
+    assert soak["runs_in_instance"] == RUNS
+    result = {
+        "benchmark": "soak",
+        "measured_at": datetime.now(timezone.utc).isoformat(),
+        "storage": "sqlite (dagster.yaml of the project, prepared with prepare_instance)",
+        "runs": RUNS,
+        "partitions": PARTITIONS,
+        "generation": {
+            "seconds": round(generation_s, 1),
+            "runs_per_s": round(RUNS / generation_s),
+            "what": "runs (SUCCESS, sensor tags), 5 status events + planned + materialisation per run, "
+                    "7 runless check evaluations per tick (one tick per round of partitions)",
+        },
+        "tick_budget_ms": TICK_BUDGET_S * 1000,
+        "tick_p50_ms": soak["tick"]["p50_ms"],
+        "tick_p99_ms": soak["tick"]["p99_ms"],
+        "tick_p99_ratio_to_baseline": _ratio(soak["tick"]["p99_ms"], base["tick"]["p99_ms"]),
+        "tick_p50_ratio_to_baseline": _ratio(soak["tick"]["p50_ms"], base["tick"]["p50_ms"]),
+        "asset_page_ms": soak["asset_page"]["page_load_ms"],
+        "asset_page_ratio_to_baseline": {
+            path: _ratio(ms, base["asset_page"]["page_load_ms"][path])
+            for path, ms in soak["asset_page"]["page_load_ms"].items()
+        },
+        "asset_page_graphql_total_ratio_to_baseline": _ratio(soak["asset_page"]["graphql_total_p50_ms"],
+                                                             base["asset_page"]["graphql_total_p50_ms"]),
+        "baseline": "the same measurements after the first round of runs (one per partition), same run",
+        "checkpoints": results,
+    }
+    out = PROJECT_ROOT / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "checkpoints"}, indent=2))

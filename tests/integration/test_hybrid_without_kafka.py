@@ -1,0 +1,194 @@
+"""The hybrid resource answers what it can without Kafka, and fails fast (or partially, when asked) otherwise.
+
+Real trades go through a real broker into a real Iceberg table (half of each partition committed);
+then the reads point at a closed port, or the broker is stopped under a resource that already has a
+consumer: what a notebook user meets when Kafka goes down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import polars as pl
+import pytest
+
+from k2_assets.cli import main
+from k2_resources.errors import KafkaUnavailableError
+from k2_resources.iceberg import IcebergResource, to_arrow
+from k2_resources.kafka import KafkaResource
+from k2_resources.kafka_broker import KafkaBroker, free_port
+from k2_resources.settings import DATA_DIR
+from k2_resources.tables import TRADES
+from k2_resources.trades.hybrid import HybridQueryResource, KafkaTailMissingWarning
+from k2_resources.trades.microbatch import run_microbatch
+from k2_resources.trades.offsets import OffsetRange
+from tests.support.producing import Produced, produce
+from tests.support.recorded import recorded_trades_in_time_order
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ASX_START = datetime(2014, 3, 9, tzinfo=timezone.utc)  # 10 March in Sydney starts on the 9th in UTC
+ASX_END = datetime(2014, 3, 15, tzinfo=timezone.utc)
+# "Within a few seconds": the resource waits kafka_timeout_seconds (3 s); the rest is slack for a busy machine.
+FAST_FAILURE_S = 8.0
+
+
+def _commit_half(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> tuple[Produced, dict[int, int]]:
+    """Real recorded Binance trades in ``topic``; the first half of each partition committed to Iceberg."""
+    kafka.ensure_topic(topic, partitions=3, config={"retention.ms": "-1"})
+    source = produce(kafka, topic, recorded_trades_in_time_order(per_symbol=600))
+    boundary = {p: end // 2 for p, end in kafka.end_offsets(topic).items()}
+    for partition, offset in boundary.items():
+        run_microbatch(kafka, iceberg, OffsetRange(topic, partition, 0, offset))
+    return source, boundary
+
+
+def _load_bhp(iceberg: IcebergResource) -> int:
+    """The first 2000 real ASX trades of BHP (company 7078, 10 March 2014) appended to market.trades; returns their count."""
+    raw = pl.read_csv(DATA_DIR / "asx" / "trades" / "7078.csv", has_header=False,
+                      new_columns=["date", "time", "price", "volume", "code", "venue", "buyer"],
+                      schema_overrides={"date": pl.String, "time": pl.String, "price": pl.String, "volume": pl.String})
+    sydney = ZoneInfo("Australia/Sydney")
+    ingested = datetime.now(timezone.utc)
+    records = [{
+        "message_id": f"ASX-7078-{n}", "trade_id": f"ASX-7078-{n}", "symbol": "BHP", "exchange": "ASX",
+        "asset_class": "equities", "price": Decimal(row["price"]), "quantity": Decimal(row["volume"]),
+        "timestamp": datetime.strptime(f"{row['date']} {row['time']}", "%m/%d/%Y %H:%M:%S.%f").replace(tzinfo=sydney)
+        .astimezone(timezone.utc),
+        "currency": "AUD", "side": "UNKNOWN", "trade_conditions": None, "source_sequence": n,
+        "ingestion_timestamp": ingested, "platform_sequence": None, "vendor_data": None,
+    } for n, row in enumerate(raw.head(2000).iter_rows(named=True))]
+    iceberg.trades().append(to_arrow(records, TRADES))
+    return len(records)
+
+
+@pytest.fixture
+def committed(k2_home, kafka_broker, topic_name):
+    iceberg = IcebergResource()
+    source, boundary = _commit_half(KafkaResource(), iceberg, topic_name)
+    bhp_rows = _load_bhp(iceberg)
+    return topic_name, source, boundary, bhp_rows
+
+
+def _down(topic: str, **settings) -> HybridQueryResource:
+    """A hybrid resource whose Kafka is a closed port, with ``topic`` declared as carrying BINANCE."""
+    return HybridQueryResource(kafka=KafkaResource(bootstrap_servers=f"127.0.0.1:{free_port()}"), topics=[topic],
+                               topic_exchanges={topic: ["BINANCE"]}, **settings)
+
+
+def _timed(call):
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def test_windows_kafka_cannot_hold_are_answered_without_kafka(committed):
+    topic, source, boundary, bhp_rows = committed
+    hybrid = _down(topic, max_trade_lateness_seconds=5)
+    try:
+        # ASX has no topic: the tail is never read, with or without the exchange named.
+        for exchange in ("ASX", None):
+            frame, seconds = _timed(lambda: hybrid.trades(["BHP"], ASX_START, ASX_END, exchange=exchange))
+            assert frame.height == bhp_rows > 0
+            assert seconds < 2.0, f"exchange={exchange}: {seconds:.1f}s without Kafka"
+            stats = hybrid.last_stats
+            assert topic in stats.kafka_skipped and stats.kafka_rows == 0 and not stats.partial
+            assert ("carries only BINANCE" if exchange else "before the newest committed") in stats.kafka_skipped[topic]
+
+        # A Binance window ending more than the lateness before the newest committed trade: exact from Iceberg.
+        newest_committed = max(r["timestamp"] for r in source.rows if r["offset"] < boundary[r["partition"]])
+        start, end = source.rows[0]["timestamp"], newest_committed - timedelta(seconds=6)
+        frame, seconds = _timed(lambda: hybrid.trades(["BTCUSDT", "ETHUSDT"], start, end))
+        expected = source.expected(["BTCUSDT", "ETHUSDT"], start, end)  # every produced trade, committed or not
+        assert expected and frame["message_id"].to_list() == expected
+        assert seconds < 2.0 and topic in hybrid.last_stats.kafka_skipped
+    finally:
+        hybrid.close()
+
+
+def test_a_needed_tail_fails_fast_naming_the_fix_or_gives_the_iceberg_part_when_asked(committed, caplog):
+    topic, source, boundary, _ = committed
+    hybrid = _down(topic)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KafkaUnavailableError) as failure:
+            hybrid.trades(["BTCUSDT"])
+        error_seconds = time.monotonic() - started
+        assert error_seconds < FAST_FAILURE_S, f"the error took {error_seconds:.1f}s"
+        message = str(failure.value)
+        assert "k2 kafka start" in message and "allow_partial=True" in message
+        for partition, offset in boundary.items():
+            assert f"{topic}[{partition}] offsets {offset}.." in message
+
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="k2_resources.trades.hybrid"):
+            with pytest.warns(KafkaTailMissingWarning, match=rf"{topic}\[0\] offsets {boundary[0]}\.\."):
+                frame = hybrid.trades(["BTCUSDT"], allow_partial=True)
+        partial_seconds = time.monotonic() - started
+        assert frame["message_id"].to_list() == source.expected(["BTCUSDT"], None, None, below=boundary)
+        assert hybrid.last_stats.partial and hybrid.last_stats.kafka_rows == 0
+        assert any(f"{topic}[1] offsets {boundary[1]}.." in r.getMessage() for r in caplog.records)
+        assert partial_seconds < FAST_FAILURE_S
+    finally:
+        hybrid.close()
+    print(f"kafka down: error after {error_seconds:.2f}s, partial result after {partial_seconds:.2f}s")
+
+
+def test_k2_query_trades_allow_partial_and_fast_errors(committed, monkeypatch, capsys):
+    topic, source, boundary, bhp_rows = committed
+    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+
+    # ASX never reads Kafka (the default topic carries BINANCE only).
+    started = time.monotonic()
+    assert main(["query", "trades", "--symbol", "BHP", "--exchange", "ASX", "--start", ASX_START.isoformat(),
+                 "--end", ASX_END.isoformat(), "--format", "csv", "--limit", "0"]) == 0
+    assert time.monotonic() - started < 5.0
+    out = capsys.readouterr()
+    assert len(out.out.strip().splitlines()) == bhp_rows + 1 and "warning" not in out.err
+
+    started = time.monotonic()
+    assert main(["query", "trades", "--symbol", "BTCUSDT", "--topic", topic]) == 2
+    assert time.monotonic() - started < FAST_FAILURE_S
+    err = capsys.readouterr().err
+    assert err.startswith("k2: ") and "--allow-partial" in err and f"{topic}[0] offsets {boundary[0]}.." in err
+
+    assert main(["query", "trades", "--symbol", "BTCUSDT", "--topic", topic, "--allow-partial",
+                 "--format", "csv", "--limit", "0", "--columns", "trade_id"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip().splitlines()) - 1 == len(source.expected(["BTCUSDT"], None, None, below=boundary))
+    assert out.err.count("warning: Kafka is unreachable") == 1 and f"{topic}[2] offsets {boundary[2]}.." in out.err
+
+
+@pytest.mark.timeout(240)
+def test_a_resource_whose_broker_stops_fails_fast_then_answers_again(k2_home, tmp_path, topic_name):
+    """The notebook case: a resource with a live consumer, then the broker stops, then it starts again."""
+    broker = KafkaBroker(home=tmp_path / "kafka", port=free_port(), controller_port=free_port())
+    broker.start()
+    try:
+        kafka, iceberg = KafkaResource(bootstrap_servers=broker.bootstrap_servers), IcebergResource()
+        source, boundary = _commit_half(kafka, iceberg, topic_name)
+        hybrid = HybridQueryResource(kafka=kafka, topics=[topic_name])
+        everything = source.expected(["BTCUSDT"], None, None)
+        assert hybrid.trades(["BTCUSDT"])["message_id"].to_list() == everything
+        assert hybrid.last_stats.kafka_rows > 0
+        broker.stop()
+
+        started = time.monotonic()
+        with pytest.raises(KafkaUnavailableError, match="k2 kafka start"):
+            hybrid.trades(["BTCUSDT"])
+        seconds = time.monotonic() - started
+        assert seconds < FAST_FAILURE_S, f"a stopped broker took {seconds:.1f}s to report"
+        with pytest.warns(KafkaTailMissingWarning):
+            partial = hybrid.trades(["BTCUSDT"], allow_partial=True)
+        assert partial["message_id"].to_list() == source.expected(["BTCUSDT"], None, None, below=boundary)
+
+        broker.start()
+        assert hybrid.trades(["BTCUSDT"])["message_id"].to_list() == everything
+        hybrid.close()
+        print(f"stopped broker under a live consumer: error after {seconds:.2f}s")
+    finally:
+        broker.stop()

@@ -1,0 +1,151 @@
+"""The stream sensor over a long run history: 2,000 micro-batch runs in the SQLite Dagster instance.
+
+Timing says little on a shared machine, so this counts work instead: SQLite's virtual-machine
+steps (a progress handler on every SQLite connection the tick opens: Dagster's run and event
+storages and the Iceberg catalog) for the same tick with one round of runs in the instance and
+with 2,000. A tick whose queries scan runs, materialisations or check evaluations does about 700
+times more steps at 2,000 runs; a tick of indexed, limited look-ups does about the same. The
+sensor must also still decide right among thousands of runs with look-alike run keys.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from dagster import DagsterInstance, RunsFilter
+from dagster._core.storage.tags import RUN_KEY_TAG
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
+
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.operations.dagster_instance import prepare_instance
+from k2_resources.settings import dagster_home
+from k2_resources.trades.offsets import committed_key
+from k2_sensors.binance.driver import checks_of, tick
+from k2_sensors.binance.stream_sensor import BINANCE_TRADES
+from tests.support.run_history import RunHistoryWriter
+from tests.support.stream import stream_defs
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+OFFSETS_PER_RUN = 5
+RUNS = 2_000
+LAG = 20
+STEP_GRANULARITY = 100  # the progress handler is called every this many SQLite VM steps
+
+
+class SqliteSteps:
+    """Counts SQLite VM steps on every SQLAlchemy-pooled sqlite3 connection opened while active."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.active = False
+
+    def _progress(self) -> int:
+        if self.active:
+            self.calls += 1
+        return 0  # 0: let the statement go on
+
+    def on_connect(self, dbapi_connection, _record) -> None:
+        if hasattr(dbapi_connection, "set_progress_handler"):
+            dbapi_connection.set_progress_handler(self._progress, STEP_GRANULARITY)
+
+    def measure(self, action) -> tuple[int, object]:
+        self.calls, self.active = 0, True
+        try:
+            result = action()
+        finally:
+            self.active = False
+        return self.calls * STEP_GRANULARITY, result
+
+
+@pytest.fixture
+def sqlite_steps():
+    steps = SqliteSteps()
+    event.listen(Pool, "connect", steps.on_connect)
+    yield steps
+    event.remove(Pool, "connect", steps.on_connect)
+
+
+def _fill_topic(kafka: KafkaResource, topic: str, per_partition: int) -> None:
+    producer = kafka.producer()
+    for _ in range(per_partition):
+        for partition in range(PARTITIONS):
+            producer.send(topic, value=b"k2-scale", partition=partition)
+    producer.flush()
+    producer.close()
+
+
+def _commit(iceberg: IcebergResource, topic: str, ends: dict[int, int]) -> None:
+    with iceberg.trades().transaction() as transaction:
+        transaction.set_properties({committed_key(topic): json.dumps({str(p): o for p, o in sorted(ends.items())})})
+
+
+def _ranges(result) -> dict[int, tuple[int, int, str]]:
+    ranges = {}
+    for request in result.run_requests:
+        config = request.run_config["ops"]["binance_trades"]["config"]
+        ranges[config["partition"]] = (config["start_offset"], config["end_offset"], request.run_key)
+    return ranges
+
+
+@pytest.mark.timeout(300)
+def test_a_tick_does_the_same_work_with_2000_runs_and_still_decides_right(k2_home, kafka_broker, topic_name,
+                                                                          sqlite_steps):
+    home = dagster_home()
+    prepare_instance(home)
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka.ensure_topic(topic_name, partitions=PARTITIONS)
+    _fill_topic(kafka, topic_name, (RUNS + PARTITIONS - 1) // PARTITIONS * OFFSETS_PER_RUN + LAG)
+    defs = stream_defs(topic_name, max_batch=OFFSETS_PER_RUN)
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        writer = RunHistoryWriter(instance, defs, topic_name, PARTITIONS, offsets_per_run=OFFSETS_PER_RUN)
+
+        def steps_of_a_tick(history) -> tuple[int, object]:
+            _commit(iceberg, topic_name, history.ends)
+            cursor = history.cursor().to_json()
+            tick(instance, defs, cursor)  # warm-up: the table's metadata, the first connections
+            return sqlite_steps.measure(lambda: tick(instance, defs, cursor))
+
+        first = writer.append(PARTITIONS)
+        base_steps, base_result = steps_of_a_tick(first)
+        history = writer.append(RUNS - PARTITIONS)
+        soak_steps, soak_result = steps_of_a_tick(history)
+
+        # The history is there, as the public API reads it.
+        assert instance.get_runs_count() == RUNS
+        newest = instance.fetch_materializations(BINANCE_TRADES, limit=1).records[0].asset_materialization
+        assert newest.metadata["end_offset"].value == max(history.ends.values())
+        assert history.check_evaluations == 7 * (RUNS // PARTITIONS + (RUNS % PARTITIONS > 0))
+
+        # Same decision shape at both sizes: every in-flight run succeeded, so the next range of each partition.
+        for history_now, result in ((first, base_result), (history, soak_result)):
+            assert {p: r[:2] for p, r in _ranges(result).items()} == {
+                p: (end, end + OFFSETS_PER_RUN) for p, end in history_now.ends.items()}
+            assert all(key.endswith("#1") for _, _, key in _ranges(result).values())
+
+        # Bounded: 2,000 runs cost at most a little more than 3 (a scan would be ~700x).
+        assert base_steps > 0
+        assert soak_steps <= 1.5 * base_steps + 20_000, (base_steps, soak_steps)
+
+        # Among 2,000 runs, the sensor still finds the newest run of partition 1 failed and asks again.
+        failed_key = history.newest_run_keys[1]
+        failed_run = instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: failed_key}))[0]
+        instance.report_run_failed(failed_run)
+        start, end = history.newest_ranges[1]
+        committed = {**history.ends, 1: start}
+        _commit(iceberg, topic_name, committed)  # the failed run committed nothing
+        result = tick(instance, defs, history.cursor().to_json())
+        ranges = _ranges(result)
+        assert ranges[1] == (start, end, f"{topic_name}-1-{start}-{end}#2")
+        assert ranges[0][:2] == (history.ends[0], history.ends[0] + OFFSETS_PER_RUN)
+        assert ranges[2][:2] == (history.ends[2], history.ends[2] + OFFSETS_PER_RUN)
+        assert not instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: ranges[1][2]}))  # a fresh key
+        checks = checks_of(result)
+        topic_ends = kafka.end_offsets(topic_name)
+        assert checks["consumer_lag"]["metadata"]["lag_messages"] == sum(topic_ends[p] - committed[p] for p in topic_ends)
+        print(json.dumps({"runs": RUNS, "tick_sqlite_steps_base": base_steps, "tick_sqlite_steps_2000": soak_steps}))
