@@ -115,7 +115,9 @@ def replace_live_bars(table: Table, bars: pl.DataFrame,
     if _comparable(stored).equals(_comparable(bars)):
         snapshot = table.current_snapshot()
         return (snapshot.snapshot_id if snapshot else None), False
-    if bars.height:
+    if bars.height and table.current_snapshot() is None:
+        table.append(to_ohlcv_arrow(bars.sort(_BAR_KEY)), snapshot_properties=snapshot_properties or {})
+    elif bars.height:
         table.overwrite(to_ohlcv_arrow(bars.sort(_BAR_KEY)), overwrite_filter=AlwaysTrue(),
                         snapshot_properties=snapshot_properties or {})
     else:

@@ -224,7 +224,8 @@ class KafkaTail:
     def _fetch_ranges(self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]],
                       stats: TailStats) -> dict[int, list[dict]]:
         partitions = {p: TopicPartition(topic, p) for p in ranges}
-        beginnings = consumer.beginning_offsets(list(partitions.values()), timeout_ms=int(self.connect_timeout_s * 1000))
+        beginnings = consumer.beginning_offsets(list(partitions.values()),
+                                                timeout_ms=int(self.connect_timeout_s * 1000))
         for tp, first in beginnings.items():
             if first > ranges[tp.partition][0]:
                 raise K2Error(
