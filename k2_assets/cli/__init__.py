@@ -9,20 +9,46 @@ import sys
 
 from k2_resources.errors import K2Error
 
-# Modules under k2_assets.cli that add sub-commands, in the order `k2 --help` lists them.
-COMMAND_MODULES = ("run", "instance", "demo", "kafka", "query", "offsets", "stream", "binance_server", "metrics", "api")
+# Each sub-command: (its module under k2_assets.cli, its one-line help), in the order `k2 --help`
+# lists them. The help lives here so `k2 --help` imports no command module (several import
+# dagster or pyarrow, seconds each); tests/unit/test_cli_help.py checks it matches each module's.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "start Kafka and the Dagster UI on 127.0.0.1 (Ctrl-C stops all)"),
+    "instance": ("instance", "create or migrate the Dagster instance (before starting services)"),
+    "demo": ("demo", "run the whole platform headless on the embedded default, then stop"),
+    "kafka": ("kafka", "start, stop or inspect the embedded Kafka broker"),
+    "query": ("query", "query the Iceberg tables"),
+    "offsets": ("offsets", "show or reset the Kafka offsets market.trades has committed"),
+    "stream": ("stream", "stream a live source into Kafka"),
+    "binance-server": ("binance_server", "serve the bundled Binance recording as a combined stream on 127.0.0.1"),
+    "metrics": ("metrics", "serve Prometheus metrics of the whole flow on 127.0.0.1"),
+    "api": ("api", "serve the HTTP query API on 127.0.0.1 (and manage its API keys)"),
+}
+COMMAND_MODULES = tuple(module for module, _ in COMMANDS.values())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every sub-command fully defined, or, given ``command``, only that one
+    (the others listed by name and help), so a command imports just what it needs."""
     parser = argparse.ArgumentParser(prog="k2", description="K2 market-data lakehouse")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"k2_assets.cli.{name}").register(subparsers)
+    for name, (module, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(f"k2_assets.cli.{module}").register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
+def _command_of(argv: list[str]) -> str:
+    """The sub-command named in ``argv`` ("" when none is, as for `k2 --help`)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), "")
+    return first if first in COMMANDS else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_of(argv)).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except K2Error as exc:
