@@ -4,8 +4,9 @@ Order matters: the Dagster instance is created and migrated once, by this proces
 anything else opens it (processes that create a new SQLite instance together corrupt it);
 then Kafka starts (or, with K2_KAFKA_BOOTSTRAP set, the named cluster is checked), then the
 streamer, the metrics exporter, the Dagster daemon and the webserver. Each service logs to
-K2_HOME/logs; one that dies is reported with the last lines of its log. Ctrl-C stops all of
-it, Kafka last.
+K2_HOME/logs; one that dies is reported with the last lines of its log and restarted with
+backoff, and a stopped embedded broker is started again (k2_assets/cli/supervise.py has the
+policy); process ids are in K2_HOME/run/*.pid. Ctrl-C stops all of it, Kafka last.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from k2_assets.cli.supervise import Supervisor
 from k2_resources.errors import K2Error
 from k2_resources.kafka_broker import KafkaBroker
 from k2_resources.operations.dagster_instance import prepare_instance
@@ -64,12 +65,6 @@ def services(args: argparse.Namespace, logs: Path, home: Path) -> list[Service]:
             for name, argv, cwd in chosen]
 
 
-def dead_services(running: list[tuple[Service, subprocess.Popen]]) -> list[tuple[Service, subprocess.Popen]]:
-    """The services that exited and were not allowed to (a streamer that finished with exit code 0 is done)."""
-    return [(service, process) for service, process in running
-            if process.poll() is not None and not (service.may_finish and process.returncode == 0)]
-
-
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last ``lines`` lines of a log file ('' when there is none)."""
     try:
@@ -111,47 +106,29 @@ def _run(args: argparse.Namespace) -> int:
     # A busy two-core machine can take over Dagster's default 60 s to load the code in a new run.
     env.setdefault("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")
     broker = _kafka(env)
-    running: list[tuple[Service, subprocess.Popen]] = []
+    logs = k2_home() / "logs"
+    logs.mkdir(exist_ok=True)
+    supervisor = Supervisor(env, k2_home() / "run", log_tail, broker=broker)
     try:
         if broker is not None:
             print("starting Kafka ...", flush=True)
             broker.start()
             env.setdefault("K2_KAFKA_BOOTSTRAP", broker.bootstrap_servers)
         print(f"Kafka ready on {env['K2_KAFKA_BOOTSTRAP']}", flush=True)
-        logs = k2_home() / "logs"
-        logs.mkdir(exist_ok=True)
         for service in services(args, logs, home):
-            with service.log.open("ab") as log:  # the child keeps its own copy of the descriptor
-                process = subprocess.Popen(service.argv, env=env, cwd=service.cwd, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
-            running.append((service, process))
-            print(f"started {service.name} (log: {service.log})", flush=True)
-        print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything)", flush=True)
-        finished: set[str] = set()
-        while not dead_services(running):
-            for service, process in running:
-                if service.may_finish and process.poll() == 0 and service.name not in finished:
-                    finished.add(service.name)
-                    print(f"{service.name} finished (exit code 0); the rest keeps running", flush=True)
+            supervisor.start(service)
+        print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything; a service that dies "
+              "is restarted with backoff)", flush=True)
+        while True:
+            supervisor.check()
             time.sleep(0.5)
-        for service, process in dead_services(running):
-            print(f"{service.name} exited with code {process.returncode}; the last lines of {service.log}:\n"
-                  f"{log_tail(service.log)}\nstopping the rest", file=sys.stderr, flush=True)
-        return 1
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave Kafka running
-        for _, process in reversed(running):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for _, process in reversed(running):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        supervisor.stop_all()
         if broker is not None:
             broker.stop()
         print("stopped", flush=True)
