@@ -45,9 +45,9 @@ ASSET_CHECKS = {
     ("trades_file_layout", "small_files_per_partition"),
 }
 JOBS = {"__ASSET_JOB", "binance_trades_microbatch", "binance_live_bars_refresh", "symbol_tiers_refresh",
-        "trades_replay", "trades_table_maintenance"}
+        "trades_replay", "trades_table_maintenance", "dagster_history_retention"}
 SCHEDULES = {"binance_live_bars_every_minute", "symbol_tiers_hourly", "trades_replay_nightly",
-             "trades_table_maintenance_nightly"}
+             "trades_table_maintenance_nightly", "dagster_history_retention_nightly"}
 # default_automation_condition_sensor is Dagster's, present because assets declare automation conditions.
 SENSORS = {"binance_stream_sensor", "k2_check_alerts", "default_automation_condition_sensor"}
 RESOURCES = {"alert_webhooks", "asx_source", "degradation", "duckdb", "hybrid", "iceberg", "kafka", "maintenance",

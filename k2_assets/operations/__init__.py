@@ -1,6 +1,7 @@
 """operations domain: maintenance of Iceberg market.trades (compaction, snapshot expiry,
-orphan-file clean-up), its file-layout checks, job and schedule; scheduled replays into Kafka; the
-sensor that sends alerts on failing checks to webhooks."""
+orphan-file clean-up), its file-layout checks, job and schedule; scheduled replays into Kafka;
+retention of the stream's Dagster history (job and nightly schedule); the sensor that sends
+alerts on failing checks to webhooks."""
 
 from dagster import Definitions
 
@@ -11,6 +12,7 @@ from k2_assets.operations.assets import (
     trades_storage,
 )
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
+from k2_assets.operations.history import dagster_history_retention, dagster_history_retention_nightly
 from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
 from k2_assets.operations.replays import trades_replay, trades_replay_nightly
 from k2_sensors.operations.alerts import build_alert_sensor
@@ -18,8 +20,8 @@ from k2_sensors.operations.alerts import build_alert_sensor
 defs = Definitions(
     assets=MAINTENANCE_ASSETS,
     asset_checks=MAINTENANCE_CHECKS,
-    jobs=[trades_table_maintenance_job, trades_replay],
-    schedules=[trades_table_maintenance_schedule, trades_replay_nightly],
+    jobs=[trades_table_maintenance_job, trades_replay, dagster_history_retention],
+    schedules=[trades_table_maintenance_schedule, trades_replay_nightly, dagster_history_retention_nightly],
     sensors=[build_alert_sensor()],
 )
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import polars as pl
 from fastapi import Depends, FastAPI, Query, Request, Security
@@ -65,6 +65,7 @@ _EXCHANGE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 _WINDOW = re.compile(r"^(\d{1,6})(s|m|h|d)$")
 _WINDOW_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 MAX_SYMBOLS = 100
+_EXAMPLES = {"symbol": "symbol=BTCUSDT (repeat it, or separate symbols with commas, for several)"}
 
 
 def _env_float(name: str, default: float) -> float:
@@ -91,8 +92,10 @@ class ApiSettings(BaseModel):
     default_page_rows: int = Field(default=1000, ge=1)
     max_page_rows: int = Field(default=50_000, ge=1)
     max_recent_minutes: float = Field(default=1440.0, gt=0)
-    topics: list[str] = Field(default_factory=lambda: [BINANCE_TRADES_TOPIC],
-                              description="Kafka topics whose tails the hybrid reads and whose lag health reports")
+    topics: list[str] = Field(default_factory=lambda: [t.strip() for t in os.environ.get(
+                                  "K2_API_TOPICS", BINANCE_TRADES_TOPIC).split(",") if t.strip()],
+                              description="Kafka topics whose tails the hybrid reads and whose lag health reports "
+                              "($K2_API_TOPICS, comma-separated; default market.trades.binance)")
 
 
 class ParameterError(ValueError):
@@ -114,6 +117,10 @@ class _Services:
         self.keys = keys
         self.limiter = TokenBucketLimiter(settings.rate_per_second, settings.burst)
         self.health = HealthProbe(hybrid.kafka, hybrid.iceberg, hybrid.topics)
+        # allow_partial requests go to a resource of their own, one at a time, so that its last_stats
+        # belong to that request and the response can name exactly the offsets it left out.
+        self.partial_hybrid = type(hybrid)(**{name: getattr(hybrid, name) for name in type(hybrid).model_fields})
+        self.partial_lock = threading.Lock()
         self._duckdb = None
         self._duckdb_lock = threading.Lock()
         self._symbols_cache: dict[tuple, Any] = {}
@@ -128,9 +135,20 @@ class _Services:
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
+    def read_trades(self, allow_partial: bool, read: Callable[[HybridQueryResource], pl.DataFrame]
+                    ) -> tuple[pl.DataFrame, dict[str, str]]:
+        """Rows of ``read(hybrid)`` and, with ``allow_partial``, the Kafka offsets left out (topic -> ranges)."""
+        if not allow_partial:
+            return read(self.hybrid), {}
+        with self.partial_lock:
+            frame = read(self.partial_hybrid)
+            stats = self.partial_hybrid.last_stats
+            return frame, dict(stats.missing) if stats is not None else {}
+
     def close(self) -> None:
         self.health.close()
         self.hybrid.close()
+        self.partial_hybrid.close()
         if self._duckdb is not None:
             self._duckdb.close()
 
@@ -265,9 +283,14 @@ def _rate_headers(decision) -> dict[str, str]:
 
 
 def _respond(request: Request, rows, route: str, next_cursor: str | None = None,
-             envelope: dict[str, Any] | None = None) -> Response:
+             envelope: dict[str, Any] | None = None, missing: dict[str, str] | None = None) -> Response:
+    """Rows in the negotiated format with rate, cursor and (for a partial answer) missing-offsets headers."""
     media_type = choose_media_type(request.headers.get("accept"))
     headers: dict[str, str] = {}
+    if missing:
+        # Kafka was down and the client asked for allow_partial: say which offsets are not in the rows.
+        headers["X-K2-Partial"] = "; ".join(ranges for _, ranges in sorted(missing.items()))
+        envelope = {**(envelope or {}), "partial": True, "missing_kafka_offsets": missing}
     decision = getattr(request.state, "rate", None)
     if decision is not None:
         headers.update(_rate_headers(decision))
@@ -362,7 +385,9 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
             location = [str(part) for part in error.get("loc", ()) if part not in ("query", "header", "path")]
             parameter = ".".join(location) or "request"
             message = error.get("msg", "invalid")
-            if "input" in error and error.get("type") != "missing":
+            if error.get("type") == "missing":
+                message = f"is required, e.g. {_EXAMPLES.get(parameter, parameter + '=...')}"
+            elif "input" in error:
                 message += f" (got {error['input']!r})"
             errors.append({"parameter": parameter, "message": message})
         detail = "; ".join(f"{e['parameter']}: {e['message']}" for e in errors)
@@ -374,7 +399,9 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
 
     @app.exception_handler(KafkaUnavailableError)
     async def _kafka_down(request: Request, exc: KafkaUnavailableError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        detail = str(exc) if "allow_partial" in str(exc) else \
+            f"{exc}; or add allow_partial=true to get the Iceberg part alone, with the missing offsets named"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(K2Error)
     async def _k2_error(request: Request, exc: K2Error) -> JSONResponse:
@@ -384,8 +411,7 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    limit_query = Query(default=settings.default_page_rows, ge=1, le=settings.max_page_rows,
-                        description=f"rows per page (at most {settings.max_page_rows})")
+    limit_query = Query(ge=1, le=settings.max_page_rows, description=f"rows per page (at most {settings.max_page_rows})")
 
     def _page(frame: pl.DataFrame, limit: int, query: str, after: Cursor | None,
               pinned: dict[str, Any]) -> tuple[pl.DataFrame, str | None]:
@@ -429,6 +455,8 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
                                                        "then (time travel; no Kafka tail)")] = None,
         limit: Annotated[int, limit_query] = settings.default_page_rows,
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        allow_partial: Annotated[bool, Query(description="when Kafka is down, answer from Iceberg alone and name "
+                                                         "the offsets left out (instead of 503)")] = False,
     ) -> Response:
         symbols = parse_symbols(symbol)
         window_start, window_end = parse_time("start", start), parse_time("end", end)
@@ -442,9 +470,10 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         if after is not None:
             resume = _from_micros(after.position[0])
             read_start = resume if read_start is None else max(read_start, resume)
-        frame = services.hybrid.trades(symbols, read_start, window_end, exchange=chosen_exchange, as_of=pinned_as_of)
+        frame, missing = services.read_trades(allow_partial, lambda hybrid: hybrid.trades(
+            symbols, read_start, window_end, exchange=chosen_exchange, as_of=pinned_as_of, allow_partial=allow_partial))
         page, next_cursor = _page(frame, limit, query, after, {})
-        return _respond(request, page, "/v1/trades", next_cursor)
+        return _respond(request, page, "/v1/trades", next_cursor, missing=missing)
 
     @app.get("/v1/trades/recent", tags=["trades"], dependencies=[Depends(require(READ_TRADES))],
              responses=_PAGED,
@@ -458,6 +487,8 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
                                                      "server's clock")] = None,
         limit: Annotated[int, limit_query] = settings.default_page_rows,
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        allow_partial: Annotated[bool, Query(description="when Kafka is down, answer from Iceberg alone and name "
+                                                         "the offsets left out (instead of 503)")] = False,
     ) -> Response:
         if "," in symbol:
             raise ParameterError("symbol", "one symbol only here; use /v1/trades for several")
@@ -468,14 +499,16 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         # The window's end is fixed by the first page, so later pages page through the same window.
         end = _from_micros(after.pinned["now"]) if after is not None else (given_now or datetime.now(timezone.utc))
         if after is None:
-            frame = services.hybrid.recent_trades(chosen, minutes, now=end)
+            frame, missing = services.read_trades(allow_partial, lambda hybrid: hybrid.recent_trades(
+                chosen, minutes, now=end, allow_partial=allow_partial))
         else:
-            window_start = end - timedelta(minutes=minutes)
-            frame = services.hybrid.trades(chosen, max(window_start, _from_micros(after.position[0])),
-                                           end + timedelta(microseconds=1))
+            resume = max(end - timedelta(minutes=minutes), _from_micros(after.position[0]))
+            frame, missing = services.read_trades(allow_partial, lambda hybrid: hybrid.trades(
+                chosen, resume, end + timedelta(microseconds=1), allow_partial=allow_partial))
         page, next_cursor = _page(frame, limit, query, after, {"now": _micros(end)})
         return _respond(request, page, "/v1/trades/recent", next_cursor,
-                        {"window": {"start": (end - timedelta(minutes=minutes)).isoformat(), "end": end.isoformat()}})
+                        {"window": {"start": (end - timedelta(minutes=minutes)).isoformat(), "end": end.isoformat()}},
+                        missing=missing)
 
     @app.get("/v1/ohlcv", tags=["bars"], dependencies=[Depends(require(READ_OHLCV))],
              responses=_PAGED, summary="OHLCV bars from market.ohlcv")

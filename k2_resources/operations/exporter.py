@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from prometheus_client import Gauge
 
+from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.metrics import (
@@ -37,7 +38,6 @@ from k2_resources.metrics import (
     SPILLED_BATCHES,
     SPILLED_ROWS,
 )
-from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.operations.table_metrics import update_table_metrics
 from k2_resources.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.trades.offsets import SPILLED, committed_offsets, pending_ranges

@@ -47,7 +47,7 @@ def test_k2_run_streams_the_recording_through_the_daemon_into_iceberg_exactly_on
     iceberg = IcebergResource()
     started = time.monotonic()
     try:
-        run.wait_until_up()
+        run.wait_until_up(timeout_s=600)  # a busy 2-core machine can take minutes to load the code location
 
         def all_recorded_trades_in_iceberg() -> bool:
             assert run.process.poll() is None, f"k2 run exited:\n{run.output()[-4000:]}"

@@ -243,17 +243,18 @@ def test_metrics_endpoint_serves_the_counters(kafka_broker, topic_name):
 
 
 def test_quiet_stream_keeps_its_connection_by_answering_pings_and_ends_on_idle_timeout(kafka_broker, topic_name):
-    """No BNBUSDT in the recording: the stream stays quiet. The server pings every 0.1 s and drops
-    a connection whose pong is 0.3 s late, so one connection for 1.5 s means the client answered."""
+    """No BNBUSDT in the recording: the stream stays quiet. The server pings every 0.5 s and drops
+    a connection whose pong is 2 s late (room for a busy machine), so a client that did not answer
+    would lose its connection by 2.5 s: one connection for 4 s means the client answered."""
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
-    with RecordingServerThread(speed=None, ping_interval=0.1, ping_timeout=0.3) as server:
+    with RecordingServerThread(speed=None, ping_interval=0.5, ping_timeout=2.0) as server:
         started = time.monotonic()
         stats = stream_to_kafka(server.stream_url(["BNBUSDT"]), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
-                                idle_timeout_s=1.5, backoff_initial_s=0.01)
+                                idle_timeout_s=4.0, backoff_initial_s=0.01)
         elapsed = time.monotonic() - started
         sent = server.stats()
     assert stats.ended_by == "idle" and stats.received == 0 and stats.produced == 0
-    assert elapsed >= 1.5
+    assert elapsed >= 4.0
     assert sent.connections == 1 and stats.reconnects == 0
 
 

@@ -263,7 +263,7 @@ def test_ohlcv_equals_duckdb_over_market_ohlcv(platform):
                  Decimal(r["low"]), Decimal(r["close"]), Decimal(r["volume"]), Decimal(r["vwap"]), r["trade_count"])
                 for r in rows] == [tuple(e.values()) for e in expected], interval
     # window: the last 2 hours before `end`, the same as start = end - 2h.
-    end = day_start + timedelta(hours=4)
+    end = day_start + timedelta(hours=12)  # noon in Sydney: the two hours before it are trading hours
     by_window = platform.get("/v1/ohlcv", params={"symbol": "BHP", "interval": "5m", "window": "2h", "end": _iso(end)})
     by_start = platform.get("/v1/ohlcv", params={"symbol": "BHP", "interval": "5m",
                                                  "start": _iso(end - timedelta(hours=2)), "end": _iso(end)})
@@ -290,6 +290,33 @@ def test_symbols_equal_duckdb_and_health_reports_the_lag(platform):
     lag = health["lag"][platform.topic]
     assert lag["total"] == sum(ends[p] - platform.boundary[p] for p in ends) > 0
     assert {int(p): v["committed_offset"] for p, v in lag["partitions"].items()} == platform.boundary
+
+
+def test_with_kafka_down_iceberg_windows_answer_the_tail_is_a_503_or_a_named_partial_answer(platform):
+    """An API whose Kafka does not answer: what Iceberg holds is served, the tail fails fast or is named."""
+    unreachable = KafkaResource(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    hybrid = HybridQueryResource(kafka=unreachable, topics=[platform.topic], producer_clock_slack_seconds=1,
+                                 topic_exchanges={platform.topic: ["BINANCE"]})
+    settings = ApiSettings(keys_file=str(platform.keys.path), topics=[platform.topic])
+    with serving(create_app(settings, hybrid=hybrid, keys=KeyStore(platform.keys.path))) as base_url:
+        client = httpx.Client(base_url=base_url, timeout=120, headers={"X-API-Key": platform.reader_key})
+        day_start, day_end = exchange_day_bounds("ASX", ASX_DAY)
+        asx = client.get("/v1/trades", params={"symbol": "BHP", "start": _iso(day_start), "end": _iso(day_end),
+                                               "exchange": "ASX", "limit": 50_000})
+        assert _ids(asx) == _api_order(platform.hybrid.trades(["BHP"], day_start, day_end, exchange="ASX"))
+
+        started = datetime.now(timezone.utc)
+        down = client.get("/v1/trades", params={"symbol": "BTCUSDT"})
+        assert down.status_code == 503 and "allow_partial" in down.json()["detail"]
+        assert (datetime.now(timezone.utc) - started).total_seconds() < 60
+        partial = client.get("/v1/trades", params={"symbol": "BTCUSDT", "allow_partial": "true", "limit": 50_000})
+        assert _ids(partial) == _api_order(platform.hybrid.trades(["BTCUSDT"]).filter(
+            pl.col("message_id").is_in([r["message_id"] for r in platform.source.rows
+                                        if r["offset"] < platform.boundary[r["partition"]]])))
+        assert partial.json()["partial"] is True and platform.topic in partial.headers["X-K2-Partial"]
+        health = client.get("/v1/health").json()
+        assert health["status"] == "degraded" and not health["kafka"]["ok"] and health["catalog"]["ok"]
+        client.close()
 
 
 # ---------------------------------------------------------------------------------------------

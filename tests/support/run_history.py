@@ -12,7 +12,7 @@ ticks leave in the instance's storage, in the same shape, in batches:
   ASSET_MATERIALIZATION_PLANNED and its ASSET_MATERIALIZATION with the metadata the
   ``binance_trades`` asset emits (the offset range, rows written, sequence gaps, ...), mirrored
   into the index shard as Dagster's SQLite event log does, and the asset's latest materialisation;
-- per round of micro-batches (one per partition, as one tick requests them) that tick's seven
+- per round of micro-batches (one per partition, as one tick requests them) that tick's
   runless check evaluations (``consumer_lag`` etc.), made by the sensor's own ``report`` rules,
   in the runless shard, the index shard and the asset-check executions table.
 
@@ -176,7 +176,7 @@ class RunHistoryWriter:
         return events
 
     def _tick_checks(self, ts: float, lag: int) -> list[EventLogEntry]:
-        """The seven check evaluations one sensor tick reports, made by the sensor's own rules."""
+        """The check evaluations one sensor tick reports, made by the sensor's own rules."""
         ends = {p: self._ends[p] + lag for p in range(self.partitions)}
         snapshot = StreamSnapshot(self.topic, ends, dict(self._ends))
         observation = Observation(snapshot=snapshot, memory_percent=40.0, dead_letter_topic=f"{self.topic}.dlq")

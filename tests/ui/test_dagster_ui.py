@@ -26,14 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance, RunsFilter
 from playwright.sync_api import Page, expect, sync_playwright
 
 from k2_assets.asx import asx_trading_days
 from k2_assets.definitions import defs
 from k2_resources.duckdb_query import DuckDBQueryResource
+from k2_resources.kafka import KafkaResource
 from k2_resources.kafka_broker import KafkaBroker, free_port
 from k2_resources.operations.dagster_instance import prepare_instance
 from k2_resources.settings import PROJECT_ROOT, dagster_home
+from k2_resources.topics import BINANCE_TRADES_TOPIC
+from tests.support.producing import produce
+from tests.support.recorded import recorded_trades
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -240,6 +245,19 @@ def _show_backfill(page: Page, ui: DagsterUI, backfill_id: str, assets: list[str
     _shot(page, "03-backfill-succeeded")
 
 
+def _send_trades_for_the_stream_sensor() -> None:
+    """A few recorded trades into the Binance topic, and wait until the daemon's sensor requested a run for them."""
+    kafka = KafkaResource()
+    kafka.ensure_topic(BINANCE_TRADES_TOPIC, partitions=3)
+    produce(kafka, BINANCE_TRADES_TOPIC, recorded_trades(60))
+    instance = DagsterInstance.from_config(str(dagster_home()))
+    try:
+        wait_for(lambda: instance.get_runs(filters=RunsFilter(tags={"dagster/sensor_name": STREAM_SENSOR}), limit=1),
+                 180, "the stream sensor to request a micro-batch run", interval_s=1)
+    finally:
+        instance.dispose()
+
+
 def _open_stream_sensor(page: Page, ui: DagsterUI) -> None:
     page.goto(f"{ui.url}/automation")
     page.get_by_role("link", name=STREAM_SENSOR).first.click()
@@ -250,7 +268,8 @@ def _open_stream_sensor(page: Page, ui: DagsterUI) -> None:
     expect(page.get_by_text("Latest tick", exact=True)).to_be_visible()
     # The sensor is on (its switch) and the daemon has evaluated it against the test's Kafka broker.
     expect(page.get_by_role("checkbox")).to_be_checked()
-    expect(page.get_by_text(re.compile(r"^\d+ runs? requested$")).first).to_be_visible()
+    # A tick that requested at least one run (for the trades the test sent), not only "0 runs requested".
+    expect(page.get_by_text(re.compile(r"^[1-9]\d* runs? requested$")).first).to_be_visible()
     expect(page.get_by_text("binance_trades_microbatch", exact=True).first).to_be_visible()
     _shot(page, "04-stream-sensor")
 
@@ -298,6 +317,7 @@ def test_a_data_engineer_backfills_asx_and_watches_the_stream_from_the_ui(dagste
             backfill = _wait_for_backfill_success(dagster_ui, backfill_id, timeout_s=600)
             assert len(backfill["runs"]) >= len(asx_trading_days.get_partition_keys())
             _show_backfill(page, dagster_ui, backfill_id, sorted("/".join(a["path"]) for a in backfill["assetSelection"]))
+            _send_trades_for_the_stream_sensor()
             _open_stream_sensor(page, dagster_ui)
             _open_asset_checks(page, dagster_ui, "asx_trades", all_passed=True, shot="05-asx-trades-checks")
             # The stream sensor evaluates binance_trades' checks on every tick, before any trade arrives.

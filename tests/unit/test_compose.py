@@ -176,7 +176,7 @@ def test_postgres_variables_match_the_dagster_postgres_settings(services):
 def test_postgres_instance_keeps_the_embedded_run_limits():
     embedded = load_yaml(PROJECT_ROOT / "dagster.yaml")
     postgres = load_yaml(PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml")
-    for key in ("run_coordinator", "run_monitoring", "telemetry", "sensors", "schedules"):
+    for key in ("run_coordinator", "run_monitoring", "telemetry", "sensors", "schedules", "retention"):
         assert postgres[key] == embedded[key], f"{key} differs from dagster.yaml"
     limits = {limit["key"]: limit for limit in embedded["run_coordinator"]["config"]["tag_concurrency_limits"]}
     from k2_assets.operations.jobs import MAINTENANCE_TAGS
