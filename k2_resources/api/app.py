@@ -595,7 +595,7 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
                         "GROUP BY symbol, exchange ORDER BY exchange, symbol", parameters).fetch_arrow_table())
                 finally:
                     connection.close()
-            services._symbols_cache = {cache_key: rows, **dict(list(services._symbols_cache.items())[-15:])}
+            services._symbols_cache = {cache_key: rows, **dict(list(services._symbols_cache.items())[:15])}  # newest 16
         return _respond(request, rows, "/v1/symbols", None,
                         {"snapshot_id": cache_key[0],
                          "note": "what market.trades holds (committed); trades still in Kafka are in /v1/trades"})

@@ -5,6 +5,14 @@ models would take far too long on 200K rows; the models still validate a sample 
 batch at the edge (:func:`check_against_model`), so the two can never drift apart. A row
 that fails a check is never dropped: it becomes a dead letter carrying the file, its 1-based
 line number, the line as read and the reason.
+
+Trades take two paths, so a 10M-row day costs seconds: a line of the canonical shape (one
+regular expression over the whole line) is split once and checked for its values only
+(a real date and time, an existing Sydney time, price and volume > 0); every other line, and
+every canonical line that fails a value check, goes through the general path, which checks
+field by field and writes the reason. Both paths give a row the same values (the property
+test in tests/unit/test_asx_row_properties.py holds them to one oracle), and reasons are built
+only for rejected rows.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from datetime import datetime, timezone
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from k2_resources.asx.files import QUOTE_FIELDS, RAW_SCHEMA, TRADE_FIELDS, Kind
@@ -197,31 +206,125 @@ def _prepare(raw: pa.Table, names: tuple[str, ...]) -> pl.DataFrame:
     return _with_local_time(_split_fields(frame, names))
 
 
-def normalise_trades(raw: pa.Table, partition_key: str, ingested_at: datetime | None = None) -> NormalisedDay:
-    """ASX trade lines (as from :func:`read_raw_day`) -> trade V2 rows and dead letters.
+# A trade line of the canonical shape: the field checks of the general path, as one pattern
+# (date, time, price, volume, qualifier, then venue and the 7th field, which may hold anything
+# but a comma). A line that matches has exactly 7 fields, each of the right form.
+_TRADE_LINE = (
+    r"^[0-9]{2}/[0-9]{2}/[0-9]{4},[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?,"
+    r"[0-9]{1,10}(\.[0-9]{1,8})?,[0-9]{1,10},[0-9]{1,4},[^,]*,[^,]*$"
+)
+# What a valid trade row carries into the V2 columns, whichever path checked it.
+_TRADE_COLUMNS = ("file", "line_number", "company_id", "symbol", *TRADE_FIELDS, "_local_date", "_utc")
 
-    side is UNKNOWN (the data has no aggressor side); the qualifier code is the trade
-    condition; company id, qualifier, venue and the 7th field go to vendor_data.
-    """
-    ingested_at = ingested_at or datetime.now(timezone.utc)
-    frame = _prepare(raw, TRADE_FIELDS)
-    checks = (
+
+def _trade_checks() -> list[tuple[pl.Expr, pl.Expr]]:
+    return (
         _common_checks(TRADE_FIELDS)
         + _decimal_checks("price", "price", positive=True)
         + _decimal_checks("volume", "volume", positive=True, whole=True)
         + [(~pl.col("qualifier").str.contains(r"^[0-9]{1,4}$"), pl.format("qualifier code '{}' is not a number", pl.col("qualifier")))]
     )
-    frame = frame.with_columns(_reason(checks).alias("_reason"))
-    valid = frame.filter(pl.col("_reason").is_null()).rename({"qualifier": "qualifier_code"})
-    columns = _envelope("trade", ingested_at) + [
+
+
+def _canonical_trades(frame: pl.DataFrame) -> pl.DataFrame:
+    """Lines of the canonical shape split into their fields, with local date and UTC time; the
+    value checks as ``_ok`` (a real date and time of day, an existing Sydney time, price and
+    volume > 0, a known company). The shape guarantees the slicing below is exact."""
+    fields = pl.col("raw").str.split_exact(",", len(TRADE_FIELDS) - 1).struct.rename_fields(list(TRADE_FIELDS))
+    frame = frame.with_columns(fields.alias("_fields")).unnest("_fields")
+    clock = pl.col("time")
+    hour, minute, second = (clock.str.slice(i, 2).cast(pl.Int64) for i in (0, 3, 6))
+    micros = clock.str.slice(9).str.pad_end(6, "0").cast(pl.Int64).fill_null(0)  # "" (no fraction) -> 0
+    frame = frame.with_columns(
+        pl.col("date").str.strptime(pl.Date, "%m/%d/%Y", strict=False).alias("_local_date"),
+        ((hour <= 23) & (minute <= 59) & (second <= 59)).alias("_time_ok"),
+        (((hour * 60 + minute) * 60 + second) * 1_000_000 + micros).alias("_micros"),
+    )
+    local = pl.col("_local_date").cast(pl.Datetime("us")) + pl.duration(microseconds=pl.col("_micros"))
+    frame = frame.with_columns(pl.when(pl.col("_time_ok")).then(local).alias("_local"))
+    frame = frame.with_columns(local_to_utc(frame["_local"]).alias("_utc"))
+    ok = (
+        pl.col("symbol").is_not_null()
+        & pl.col("_utc").is_not_null()
+        & pl.col("price").str.contains("[1-9]")
+        & pl.col("volume").str.contains("[1-9]")
+    )
+    return frame.with_columns(ok.fill_null(False).alias("_ok"))
+
+
+def _general_trades(frame: pl.DataFrame) -> pl.DataFrame:
+    """Any lines, checked field by field (:func:`_trade_checks`); ``_reason`` null when valid."""
+    frame = _with_local_time(_split_fields(frame, TRADE_FIELDS))
+    return frame.with_columns(_reason(_trade_checks()).alias("_reason"))
+
+
+def _vendor_map_fast(frame: pl.DataFrame, keys: tuple[str, ...], definition: TableDefinition) -> pa.Array:
+    """vendor_data: the non-empty values of ``keys`` per row, in key order, as one Arrow map column."""
+    entries = [
+        pl.when(pl.col(key).fill_null("") != "").then(pl.struct(pl.lit(key).alias("key"), pl.col(key).alias("value")))
+        for key in keys
+    ]
+    lists = frame.select(pl.concat_list(entries).list.drop_nulls().alias("vendor_data"))["vendor_data"].to_arrow()
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    flat = lists.flatten()
+    target = definition.arrow_schema().field("vendor_data").type
+    return pa.MapArray.from_arrays(
+        pc.subtract(lists.offsets, lists.offsets[0]).cast(pa.int32()),
+        flat.field("key").cast(pa.large_string()),
+        flat.field("value").cast(pa.large_string()),
+        type=target,
+    )
+
+
+def normalise_trades(raw: pa.Table, partition_key: str, ingested_at: datetime | None = None) -> NormalisedDay:
+    """ASX trade lines (as from :func:`read_raw_day`) -> trade V2 rows and dead letters.
+
+    side is UNKNOWN (the data has no aggressor side); the qualifier code is the trade
+    condition; company id, qualifier, venue and the 7th field go to vendor_data. Rows are
+    ordered by symbol, then time, then line number.
+    """
+    ingested_at = ingested_at or datetime.now(timezone.utc)
+    frame = pl.from_arrow(raw.cast(RAW_SCHEMA)) if raw.num_rows else pl.from_arrow(RAW_SCHEMA.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.with_columns(pl.col("raw").str.contains(_TRADE_LINE).fill_null(False).alias("_canonical"))
+    canonical = _canonical_trades(frame.filter(pl.col("_canonical")))
+    # Everything the canonical path did not accept is checked field by field, with reasons.
+    raw_columns = list(RAW_SCHEMA.names)
+    general = _general_trades(
+        pl.concat([frame.filter(~pl.col("_canonical")).select(raw_columns), canonical.filter(~pl.col("_ok")).select(raw_columns)])
+    )
+    valid = pl.concat(
+        [
+            canonical.filter(pl.col("_ok")).select(_TRADE_COLUMNS),
+            general.filter(pl.col("_reason").is_null()).select(_TRADE_COLUMNS),
+        ]
+    ).sort(["symbol", "_utc", "line_number"])
+    # The valid date field is MM/DD/YYYY, so the compact day is three slices of it (no strftime per row).
+    day_compact = pl.concat_str([pl.col("date").str.slice(6, 4), pl.col("date").str.slice(0, 2), pl.col("date").str.slice(3, 2)])
+    ingested = pl.lit(ingested_at).dt.convert_time_zone("UTC")
+    columns = [
+        pl.format("asx:trade:{}:{}:{}", pl.col("symbol"), day_compact, pl.col("line_number")).alias("message_id"),
+        pl.format(f"{EXCHANGE}-{{}}-{{}}-{{}}", pl.col("symbol"), day_compact, pl.col("line_number")).alias("trade_id"),
+        pl.col("symbol"),
+        pl.lit(EXCHANGE).alias("exchange"),
+        pl.lit(ASSET_CLASS).alias("asset_class"),
+        pl.col("_utc").alias("timestamp"),
         pl.col("price").cast(pl.Decimal(18, 8)),
         pl.col("volume").cast(pl.Decimal(18, 8)).alias("quantity"),
+        pl.lit(CURRENCY).alias("currency"),
         pl.lit("UNKNOWN").alias("side"),
-        pl.concat_list([pl.col("qualifier_code")]).alias("trade_conditions"),
+        pl.concat_list([pl.col("qualifier")]).alias("trade_conditions"),
+        pl.col("line_number").alias("source_sequence"),
+        ingested.alias("ingestion_timestamp"),
+        pl.lit(None, dtype=pl.Int64).alias("platform_sequence"),
     ]
-    rows = _finish(valid, columns, ("company_id", "qualifier_code", "venue", "field_7"), TRADES)
-    rejected = frame.filter(pl.col("_reason").is_not_null())
-    return NormalisedDay(rows, _dead_letters(rejected, DEAD_LETTER_SOURCE["trades"], partition_key, ingested_at))
+    schema = TRADES.arrow_schema()
+    table = valid.select(columns).to_arrow()
+    vendor = _vendor_map_fast(valid.rename({"qualifier": "qualifier_code"}), ("company_id", "qualifier_code", "venue", "field_7"), TRADES)
+    table = table.append_column("vendor_data", vendor).select(schema.names).cast(schema)
+    rejected = general.filter(pl.col("_reason").is_not_null()).sort(["file", "line_number"])
+    return NormalisedDay(table, _dead_letters(rejected, DEAD_LETTER_SOURCE["trades"], partition_key, ingested_at))
 
 
 def normalise_quotes(raw: pa.Table, partition_key: str, ingested_at: datetime | None = None) -> NormalisedDay:
