@@ -368,13 +368,15 @@ def decode_columnar(values: Sequence[bytes | None], parsed_schema: dict, schema_
     """
     n = len(values)
     fields = parsed_schema["fields"]
-    header = _HEADER.pack(MAGIC_BYTE, schema_id)
-    bodies = [v[_HEADER.size:] if v is not None and v[:_HEADER.size] == header else b"" for v in values]
-    framed = np.fromiter((v is not None and v[:_HEADER.size] == header for v in values), bool, n)
-    lengths = np.fromiter((len(b) for b in bodies), np.int64, n)
-    ends = np.cumsum(lengths)
-    data = np.frombuffer(b"".join(bodies), np.uint8)
-    walk = _Walk(data, ends - lengths, ends, framed)
+    framed_values = pa.array(values, pa.large_binary())
+    offsets = np.frombuffer(framed_values.buffers()[1], np.int64, n + 1, framed_values.offset * 8) if n else np.zeros(1, np.int64)
+    data = np.frombuffer(framed_values.buffers()[2], np.uint8) if n and framed_values.buffers()[2] else np.zeros(0, np.uint8)
+    starts, ends = offsets[:-1] + _HEADER.size, offsets[1:]
+    # The K2 framing (magic byte, schema id) in front of every message, checked for all at once.
+    ok = (ends >= starts) & ~np.asarray(framed_values.is_null(), bool)
+    for index, expected in enumerate(_HEADER.pack(MAGIC_BYTE, schema_id)):
+        ok[ok] = data[starts[ok] - _HEADER.size + index] == expected
+    walk = _Walk(data, np.where(ok, starts, ends), ends, ok)
     columns = {field["name"]: _column_for(field["type"], n, data) for field in fields}
     for field in fields:
         rows = np.flatnonzero(walk.ok)

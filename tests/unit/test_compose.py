@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from k2_resources import metrics
+from k2_resources.api.app import DEFAULT_API_PORT
 from k2_resources.binance import streamer
 from k2_assets.cli import build_parser
 from k2_resources.kafka_broker import DEFAULT_PORT as KAFKA_PORT
@@ -23,7 +24,7 @@ PACKAGES = ("k2_resources", "k2_assets", "k2_sensors")
 # What the brief says the code reads; the compose stack must set each for the K2 services.
 REQUIRED_K2_VARIABLES = {"K2_HOME", "K2_KAFKA_BOOTSTRAP", "K2_ICEBERG_CATALOG_URI", "K2_ICEBERG_CATALOG_TYPE",
                          "K2_ICEBERG_WAREHOUSE", "DAGSTER_HOME", "K2_ALERT_WEBHOOKS"}
-K2_IMAGE_SERVICES = {"dagster-migrate", "dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics"}
+K2_IMAGE_SERVICES = {"query-api", "dagster-migrate", "dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics"}
 
 
 def load_yaml(path: Path) -> dict:
@@ -202,7 +203,7 @@ def test_workspace_points_at_the_code_location(services):
 
 def test_k2_commands_exist_in_the_cli(services):
     parser = build_parser()
-    for name in ("streamer", "metrics", "dagster-migrate"):
+    for name in ("streamer", "metrics", "dagster-migrate", "query-api"):
         command = command_of(services[name])
         assert command[0] == "k2"
         parser.parse_args(command[1:])  # exits (fails the test) for an unknown sub-command or flag
@@ -215,6 +216,8 @@ def listening_ports(services: dict, name: str) -> set[int]:
         return {streamer.DEFAULT_METRICS_PORT}
     if command[:2] == ["k2", "metrics"]:
         return {metrics.K2_EXPORTER_PORT}
+    if command[:2] == ["k2", "api"]:
+        return {DEFAULT_API_PORT}
     joined = " ".join(command)
     return {int(port) for port in re.findall(r"--web\.listen-address=[^:\s]*:(\d+)", joined)}
 
@@ -241,7 +244,7 @@ def test_prometheus_scrapes_and_alerts_the_services_of_its_network_namespace(ser
             assert int(port) in local_ports, f"nothing in Prometheus's network namespace listens on {target}"
         else:
             assert host in services, f"scrape target {target} is no compose service"
-    assert {"streamer", "metrics"} <= {local_ports.get(int(t.rsplit(":", 1)[1])) for t in targets}
+    assert {"streamer", "metrics", "query-api"} <= {local_ports.get(int(t.rsplit(":", 1)[1])) for t in targets}
 
 
 def test_grafana_provisions_prometheus_and_a_dashboard_of_real_metrics(services, package_sources):
