@@ -17,9 +17,12 @@ pytestmark = pytest.mark.integration
 
 STARTS = 10
 BUSY_STARTS = range(3, 7)  # these four start while a load generator keeps every CPU busy
+# How long one start may take. Idle, a start is up in 20-40 s; with the CPUs kept busy (and on a
+# shared CI machine) importing Dagster in four processes at once can take minutes.
+START_TIMEOUT_S = 600
 
 
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3000)
 def test_ten_fresh_starts_all_come_up_and_stop_cleanly(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     outcomes = []
     for attempt in range(STARTS):
@@ -28,9 +31,9 @@ def test_ten_fresh_starts_all_come_up_and_stop_cleanly(kafka_broker: KafkaBroker
         try:
             if attempt in BUSY_STARTS:
                 with BusyCpus(seconds=60):
-                    run.wait_until_up()
+                    run.wait_until_up(timeout_s=START_TIMEOUT_S)
             else:
-                run.wait_until_up()
+                run.wait_until_up(timeout_s=START_TIMEOUT_S)
         finally:
             code = run.stop()
         output = run.output()
