@@ -52,9 +52,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 from pyiceberg.exceptions import CommitFailedException
@@ -66,9 +64,7 @@ from k2_resources.degradation.spill import SpillStore
 from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources.iceberg import IcebergResource, catalog_busy, to_arrow
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import TRADE_V2, decode_trade
-from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
-from k2_resources.schemas.columnar import UnsupportedSchema, decode_columnar
+from k2_resources.schemas import decode_trade
 from k2_resources.tables import TRADES
 from k2_resources.topics import dead_letter_topic
 from k2_resources.trades.offsets import (
@@ -101,34 +97,15 @@ class RetentionLossError(K2Error):
     """Kafka deleted offsets of a range before they were read, and the caller cannot record the loss."""
 
 
-def _no_rows() -> pa.Table:
-    return TRADES.arrow_schema().empty_table()
-
-
 @dataclass
 class BatchRead:
-    """What was read from one offset range: the storable rows as one Arrow table in offset order."""
+    """What was read from one offset range."""
 
-    rows: pa.Table = field(default_factory=_no_rows, repr=False)  # market.trades' schema; platform_sequence = offset
+    records: list[dict] = field(default_factory=list)
     dead_letters: list[tuple[int, bytes, str]] = field(default_factory=list)  # (offset, raw, reason)
     last_offset_seen: int = -1
     lost: list[tuple[int, int]] = field(default_factory=list)  # [start, end) deleted by retention before the read
-    raw_values: list[bytes] = field(default_factory=list, repr=False)  # the message of each row, same order
-
-    @property
-    def records(self) -> list[dict]:
-        """The rows as dicts of Python values, as ``decode_trade`` gives them (Decimal, aware
-        datetime, dict vendor_data); costs a Python object per value, so prefer ``rows``."""
-        return rows_to_records(self.rows)
-
-
-def rows_to_records(rows: pa.Table) -> list[dict]:
-    """Rows of market.trades' Arrow schema as record dicts (maps as dicts, as fastavro decodes them)."""
-    records = rows.to_pylist()
-    for record in records:
-        if record.get("vendor_data") is not None:
-            record["vendor_data"] = dict(record["vendor_data"])
-    return records
+    raw_values: list[bytes] = field(default_factory=list, repr=False)  # the message of each record, same order
 
 
 @dataclass(frozen=True)
@@ -150,74 +127,16 @@ class BatchResult:
     deferred_by_symbol: dict[str, int] = field(default_factory=dict)  # the deferred rows per symbol (shed counter)
 
 
-def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0, *, consumer: Any = None) -> BatchRead:
-    """Every message of ``batch``, decoded; undecodable and unstorable ones kept apart with the reason.
-
-    ``consumer``: an open consumer to read with (a long-lived caller's); by default one is made
-    for this range and closed.
-    """
-    offsets: list[int] = []
-    values: list[bytes | None] = []
-    lost: list[tuple[int, int]] = []
-    for messages in _message_batches(kafka, batch, timeout_s, lost, consumer):
-        offsets += [message.offset for message in messages]
-        values += [message.value for message in messages]
-    result = decode_batch(offsets, values)
-    result.lost = lost
-    return result
-
-
-def decode_batch(offsets: list[int] | pa.Array, values: list[bytes | None] | pa.Array) -> BatchRead:
-    """Decode the messages (Kafka offsets and framed TradeV2 values) of one range into rows.
-
-    All messages are decoded at once into Arrow columns (``decode_columnar``); only the ones that
-    path does not take (malformed, unstorable, unusual) are decoded one by one with fastavro, which
-    gives the reason a dead letter carries. The Kafka offset becomes ``platform_sequence``.
-    """
+def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0) -> BatchRead:
+    """Every message of ``batch``, decoded; undecodable ones kept apart with the reason."""
     result = BatchRead()
-    offset_array = offsets if isinstance(offsets, pa.Array) else pa.array(offsets, pa.int64())
-    if len(offset_array) == 0:
-        return result
-    result.last_offset_seen = int(offset_array[-1].as_py())
-    try:
-        decoded = decode_columnar(values, TRADE_V2, TRADE_V2_SCHEMA_ID, TRADES.arrow_schema(),
-                                  {"platform_sequence": offset_array})
-        rows, kept, irregular = decoded.table, decoded.rows.tolist(), decoded.irregular.tolist()
-    except UnsupportedSchema as exc:  # a schema change this decoder does not cover yet: the slow, exact path
-        log.warning("decoding %d messages one by one: %s", len(offset_array), exc)
-        rows, kept, irregular = _no_rows(), [], list(range(len(offset_array)))
-    value_at = values.__getitem__ if not isinstance(values, pa.Array) else (lambda i: values[i].as_py())
-    result.raw_values = [value_at(i) for i in kept]
-    if not irregular:
-        result.rows = rows
-        return result
-    # The few that need a closer look: decoded with fastavro, then screened for storability.
-    slow = _RecordsRead()
-    for position in irregular:
-        _decode_into(slow, int(offset_array[position].as_py()), value_at(position))
-    slow = _screen_storable(slow)
-    result.dead_letters = sorted(slow.dead_letters, key=lambda letter: letter[0])
-    if slow.records_:
-        both = pa.concat_tables([rows, to_arrow(slow.records_, TRADES)])
-        order = pc.sort_indices(both["platform_sequence"]).to_numpy()
-        raws = result.raw_values + slow.raw_values
-        result.rows = both.take(order)
-        result.raw_values = [raws[i] for i in order.tolist()]
-    else:
-        result.rows = rows
-    return result
+    for message in _messages(kafka, batch, timeout_s, result.lost):
+        result.last_offset_seen = message.offset
+        _decode_into(result, message.offset, message.value)
+    return _screen_storable(result)
 
 
-@dataclass
-class _RecordsRead:
-    """Messages decoded one by one into dicts (the fallback of ``decode_batch``)."""
-
-    records_: list[dict] = field(default_factory=list)
-    dead_letters: list[tuple[int, bytes, str]] = field(default_factory=list)
-    raw_values: list[bytes] = field(default_factory=list)
-
-
-def _decode_into(result: Any, offset: int, value: bytes | None) -> None:
+def _decode_into(result: BatchRead, offset: int, value: bytes | None) -> None:
     try:
         record = decode_trade(value)
         # The Kafka offset is the platform's sequence: it orders the partition's log.
@@ -228,7 +147,7 @@ def _decode_into(result: Any, offset: int, value: bytes | None) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure to decode untrusted bytes is this record's, not the batch's
         result.dead_letters.append((offset, value or b"", f"undecodable: {type(exc).__name__}: {exc}"))
         return
-    result.records_.append(record)
+    result.records.append(record)
     result.raw_values.append(value or b"")
 
 
@@ -241,16 +160,16 @@ def unstorable_reason(record: dict) -> str | None:
     return None
 
 
-def _screen_storable(result: _RecordsRead) -> _RecordsRead:
+def _screen_storable(result: BatchRead) -> BatchRead:
     """Move records that decode but cannot be stored (a poison record) to the dead letters.
 
     The whole batch is converted once; only when that fails is each record tried alone, so the
     common case costs one conversion and a poison record never fails its batch.
     """
-    if not result.records_ or unstorable_reason_of_batch(result.records_) is None:
+    if not result.records or unstorable_reason_of_batch(result.records) is None:
         return result
     kept, raws = [], []
-    for record, raw in zip(result.records_, result.raw_values):
+    for record, raw in zip(result.records, result.raw_values):
         reason = unstorable_reason(record)
         if reason is None:
             kept.append(record)
@@ -258,7 +177,7 @@ def _screen_storable(result: _RecordsRead) -> _RecordsRead:
         else:
             result.dead_letters.append((int(record["platform_sequence"]), raw, reason))
     result.dead_letters.sort(key=lambda letter: letter[0])
-    result.records_, result.raw_values = kept, raws
+    result.records, result.raw_values = kept, raws
     return result
 
 
@@ -287,17 +206,21 @@ def read_raw_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 
     such a loss raises RetentionLossError.
     """
     offsets, stamps, keys, values = [], [], [], []
-    for messages in _message_batches(kafka, batch, timeout_s, lost):
-        offsets += [message.offset for message in messages]
-        stamps += [message.timestamp for message in messages]
-        keys += [message.key for message in messages]
-        values += [message.value for message in messages]
+    for message in _messages(kafka, batch, timeout_s, lost):
+        offsets.append(message.offset)
+        stamps.append(message.timestamp)
+        keys.append(message.key)
+        values.append(message.value)
     return pa.table({"offset": offsets, "timestamp_ms": stamps, "key": keys, "value": values}, schema=RAW_SCHEMA)
 
 
 def decode_raw(raw: pa.Table) -> BatchRead:
     """Decode a raw batch (``read_raw_range`` / a spill file) like ``read_range`` would."""
-    return decode_batch(raw.column("offset").combine_chunks(), raw.column("value").combine_chunks())
+    result = BatchRead()
+    for offset, value in zip(raw.column("offset").to_pylist(), raw.column("value").to_pylist()):
+        result.last_offset_seen = offset
+        _decode_into(result, offset, value)
+    return _screen_storable(result)
 
 
 def _note_loss(lost: list[tuple[int, int]] | None, batch: OffsetRange, start: int, end: int) -> None:
@@ -313,19 +236,16 @@ def _note_loss(lost: list[tuple[int, int]] | None, batch: OffsetRange, start: in
     log.warning("%s: offsets [%d, %d) were deleted by Kafka retention before they were read", batch.key, start, end)
 
 
-def _message_batches(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
-                     lost: list[tuple[int, int]] | None = None, consumer: Any = None) -> Iterator[list[Any]]:
-    """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group), a list per poll.
+def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
+              lost: list[tuple[int, int]] | None = None) -> Iterator[Any]:
+    """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group).
 
     Offsets below the partition's log start (deleted by retention) are never skipped silently:
     they are appended to ``lost`` ([start, end) ranges), or raise RetentionLossError without it.
-    ``consumer``: an open consumer to use (left open); by default one is made and closed.
     """
     if batch.size == 0:
         return
-    owned = consumer is None
-    if owned:
-        consumer = kafka.consumer(group_id=None)
+    consumer = kafka.consumer(group_id=None)
     partition = TopicPartition(batch.topic, batch.partition)
     try:
         consumer.assign([partition])
@@ -344,16 +264,7 @@ def _message_batches(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
                     f"read only {expected - batch.start} of {batch.size} messages of {batch.key} within "
                     f"{timeout_s:.0f}s; is the broker at {kafka.servers} healthy and the range still retained?"
                 )
-            polled = consumer.poll(timeout_ms=500).get(partition, [])
-            # The usual case: the poll continues exactly where the last one ended, with no gap
-            # (offsets only grow within a partition, so the two ends tell).
-            wanted = min(len(polled), batch.end - expected)
-            if wanted and polled[0].offset == expected and polled[wanted - 1].offset == expected + wanted - 1:
-                expected += wanted
-                yield polled if wanted == len(polled) else polled[:wanted]
-                polled = polled[wanted:]
-            taken = []
-            for message in polled:
+            for message in consumer.poll(timeout_ms=500).get(partition, []):
                 if message.offset < expected:
                     continue  # a re-delivered offset
                 if message.offset > expected:
@@ -366,31 +277,27 @@ def _message_batches(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
                     break
                 # Take what exists below end.
                 expected = message.offset + 1
-                taken.append(message)
-            if taken:
-                yield taken
+                yield message
             position = consumer.position(partition)
             if position is not None and position >= batch.end:
                 break
     finally:
-        if owned:
-            consumer.close()
+        consumer.close()
 
 
 def commit_range(
     iceberg: IcebergResource,
     batch: OffsetRange,
-    records: list[dict] | pa.Table,
+    records: list[dict],
     max_attempts: int = 8,
     before_commit: Callable[[], None] | None = None,
     pending: PendingRange | None = None,
     lost: list[tuple[int, int]] | tuple[tuple[int, int], ...] = (),
 ) -> BatchResult:
-    """Append ``records`` (rows of market.trades' Arrow schema, or record dicts; all of ``batch``
-    except the rows ``pending`` says are missing) to market.trades in one commit, exactly once;
-    ``pending`` and the retention losses ``lost`` (offset ranges of the batch Kafka had deleted)
-    are recorded in the same commit."""
-    arrow = _as_rows(records)
+    """Append ``records`` (all of ``batch``, except the rows ``pending`` says are missing) to
+    market.trades in one commit, exactly once; ``pending`` and the retention losses ``lost``
+    (offset ranges of the batch Kafka had deleted) are recorded in the same commit."""
+    arrow = _sorted(to_arrow(records, TRADES)) if records else to_arrow([], TRADES)
     for attempt in range(1, max_attempts + 1):
         try:
             table = iceberg.trades()
@@ -422,7 +329,7 @@ def commit_range(
         if seconds is None:
             continue
         snapshot = table.current_snapshot()
-        return BatchResult(batch, arrow.num_rows, 0, False, snapshot.snapshot_id if snapshot else None, seconds)
+        return BatchResult(batch, len(records), 0, False, snapshot.snapshot_id if snapshot else None, seconds)
     raise K2Error(f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
                   "writes, run the batch again")
 
@@ -485,13 +392,6 @@ def _wait_for_catalog(what: str, attempt: int, exc: BaseException) -> None:
 
 def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by([("symbol", "ascending"), ("timestamp", "ascending")])
-
-
-def _as_rows(records: list[dict] | pa.Table) -> pa.Table:
-    """Rows to append, in the table's sort order (symbol, then time)."""
-    if isinstance(records, pa.Table):
-        return _sorted(records.cast(TRADES.arrow_schema())) if records.num_rows else _no_rows()
-    return _sorted(to_arrow(records, TRADES)) if records else _no_rows()
 
 
 def send_dead_letters(kafka: KafkaResource, batch: OffsetRange, dead: list[tuple[int, bytes, str]]) -> None:
