@@ -195,15 +195,17 @@ class KeyStore:
         self._refresh()
         return bool(self._bootstrap_digest) or any(not k.revoked for k in self._keys.values())
 
-    def _refresh(self, force: bool = False) -> None:
+    def _refresh(self, force: bool = False, recheck: bool = False) -> None:
+        """Re-read the keys file when it changed; its stat is looked at once per reload interval,
+        or at once with ``recheck`` (a key id not known yet: just created with `k2 api keys create`)."""
         now = time.monotonic()
-        if not force and now - self._checked_at < self.reload_interval_s:
+        if not force and not recheck and now - self._checked_at < self.reload_interval_s:
             return
         with self._lock:
             self._checked_at = now
             try:
                 info = self.file.path.stat()
-                stamp = (info.st_mtime_ns, info.st_size)
+                stamp = (info.st_mtime_ns, info.st_size, info.st_ino)  # a rewrite replaces the inode
             except FileNotFoundError:
                 stamp = None
             if stamp == self._stamp and not force:
@@ -223,6 +225,9 @@ class KeyStore:
             return None
         key_id, secret = parsed
         entry = self._keys.get(key_id)
+        if entry is None:
+            self._refresh(recheck=True)
+            entry = self._keys.get(key_id)
         if entry is None or entry.revoked:
             return None
         if self._verified.get(digest) == key_id:

@@ -73,7 +73,7 @@ def test_prometheus_config_and_rules_are_valid() -> None:
     assert "6 rules found" in result.stdout
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
-    assert targets == {"k2": ["127.0.0.1:9465"], "k2-streamer": ["127.0.0.1:9464"]}
+    assert targets == {"k2": ["127.0.0.1:9465"], "k2-streamer": ["127.0.0.1:9464"], "k2-api": ["127.0.0.1:8000"]}
 
 
 def test_the_rules_alert_on_the_metrics_k2_exports() -> None:
