@@ -1,4 +1,4 @@
 """Operations sensors: alerting on failed asset checks through webhooks (``alerts``).
 
-The sensor and its webhook resource are registered with the other definitions in k2_assets.
+The sensor and its webhook resource are registered with the other definitions, one layer up.
 """
