@@ -2,14 +2,12 @@
 
 Each K2 table appears as a view ``market.<name>`` over DuckDB's ``iceberg_scan`` of the
 table's current metadata file, so filters on symbol, exchange and time are pushed into the
-scan (partition pruning and Parquet statistics). The DuckDB extensions come from their PyPI
-packages, because DuckDB cannot download extensions on machines without internet access.
+scan (partition pruning and Parquet statistics). The connection and its extensions come from
+:mod:`k2_resources.sql_query`, which `k2 query sql` uses without Dagster or pyiceberg.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any, Sequence
 
 import duckdb
@@ -18,42 +16,8 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from k2_resources.iceberg import IcebergResource
-from k2_resources.settings import state_dir
+from k2_resources.sql_query import connect_with_iceberg  # noqa: F401 (re-exported: its long-standing home)
 from k2_resources.tables import ALL_TABLES, NAMESPACE
-
-_EXTENSION_PACKAGES = ("duckdb_extension_avro", "duckdb_extension_iceberg")
-
-
-def _packaged_extension(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the Python package {package} is missing; run `make install` (or `uv sync`) to install it")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    version = f"v{duckdb.__version__}"
-    candidates = sorted(root.glob(f"extensions/{version}/*.duckdb_extension")) or sorted(
-        root.glob("extensions/*/*.duckdb_extension")
-    )
-    if not candidates:
-        raise RuntimeError(f"{package} carries no DuckDB extension for duckdb {duckdb.__version__}; "
-                           "install the duckdb-extension-* version that matches duckdb")
-    return candidates[0]
-
-
-def connect_with_iceberg(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the avro and iceberg extensions loaded from their PyPI packages."""
-    connection = duckdb.connect(database)
-    connection.execute("SET extension_directory = ?", [str(state_dir("duckdb", "extensions"))])
-    connection.execute("SET TimeZone = 'UTC'")
-    for package in _EXTENSION_PACKAGES:
-        name = package.removeprefix("duckdb_extension_")
-        try:
-            connection.execute(f"LOAD {name}")  # name is one of two constants above
-        except duckdb.Error:
-            # INSTALL takes no bound parameters; the path is the installed package's own file.
-            path = str(_packaged_extension(package)).replace("'", "''")
-            connection.execute(f"FORCE INSTALL '{path}'")
-            connection.execute(f"LOAD {name}")
-    return connection
 
 
 class DuckDBQueryResource(ConfigurableResource):

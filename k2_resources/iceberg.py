@@ -6,7 +6,6 @@ both under K2_HOME; any pyiceberg catalog (REST + S3, Glue, ...) by configuratio
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pyarrow as pa
@@ -17,18 +16,8 @@ from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, 
 from pyiceberg.table import Table
 from sqlalchemy.exc import OperationalError
 
-from k2_resources.settings import state_dir
+from k2_resources.catalog_settings import catalog_properties, default_catalog_properties  # noqa: F401 (re-exported)
 from k2_resources.tables import ALL_TABLES, DEAD_LETTERS, NAMESPACE, QUOTES, TRADES, TableDefinition
-
-
-def default_catalog_properties() -> dict[str, str]:
-    """SQLite catalog and file-system warehouse under K2_HOME."""
-    root = state_dir("iceberg")
-    return {
-        "type": "sql",
-        "uri": f"sqlite:///{root / 'catalog.db'}",
-        "warehouse": f"file://{state_dir('iceberg', 'warehouse')}",
-    }
 
 
 class IcebergResource(ConfigurableResource):
@@ -45,7 +34,7 @@ class IcebergResource(ConfigurableResource):
     def catalog(self) -> Catalog:
         """The catalog, with the K2 namespace and tables created on first use."""
         if self._catalog is None:
-            properties = dict(self.catalog_properties or _env_catalog_properties() or default_catalog_properties())
+            properties = catalog_properties(self.catalog_properties)
             self._catalog = load_catalog(self.catalog_name, **properties)
             ensure_tables(self._catalog)
         return self._catalog
@@ -62,17 +51,6 @@ class IcebergResource(ConfigurableResource):
 
     def dead_letters(self) -> Table:
         return self.table(DEAD_LETTERS)
-
-
-def _env_catalog_properties() -> dict[str, str] | None:
-    """Catalog properties from ``K2_ICEBERG_CATALOG_URI`` / ``K2_ICEBERG_WAREHOUSE`` when set."""
-    uri = os.environ.get("K2_ICEBERG_CATALOG_URI")
-    if not uri:
-        return None
-    props = {"uri": uri, "type": os.environ.get("K2_ICEBERG_CATALOG_TYPE", "sql")}
-    if os.environ.get("K2_ICEBERG_WAREHOUSE"):
-        props["warehouse"] = os.environ["K2_ICEBERG_WAREHOUSE"]
-    return props
 
 
 def ensure_tables(catalog: Catalog) -> None:

@@ -7,6 +7,9 @@ its dead-letter topic ``<topic>.dlq``; replays of market.trades go to ``replay.t
 from __future__ import annotations
 
 BINANCE_TRADES_TOPIC = "market.trades.binance"
+# Partitions the Binance trades topic is created with: enough for the daemon to run several
+# micro-batches in parallel; symbols are spread over them by k2_resources.symbol_partitions.
+BINANCE_TRADES_PARTITIONS = 6
 DEAD_LETTER_SUFFIX = ".dlq"
 REPLAY_TRADES_PREFIX = "replay.trades."
 

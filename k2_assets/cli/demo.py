@@ -79,7 +79,7 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
         from k2_resources.duckdb_query import DuckDBQueryResource
         from k2_resources.iceberg import IcebergResource
         from k2_resources.kafka import KafkaResource
-        from k2_resources.topics import BINANCE_TRADES_TOPIC
+        from k2_resources.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
         from k2_sensors.binance.driver import drive
 
         (dagster_home() / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -99,7 +99,7 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
                 _say(f"ASX {day} loaded")
 
             kafka = KafkaResource()
-            kafka.ensure_topic(BINANCE_TRADES_TOPIC, partitions=3)
+            kafka.ensure_topic(BINANCE_TRADES_TOPIC, partitions=BINANCE_TRADES_PARTITIONS)
             stats: dict[str, Any] = {}
             with RecordingServerThread(speed=None, loop=False) as server:
                 def stream() -> None:

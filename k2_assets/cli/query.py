@@ -12,11 +12,15 @@ import warnings
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
-import duckdb
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Sequence
 
-from k2_resources.duckdb_query import DuckDBQueryResource
+import duckdb
+
 from k2_resources.errors import K2Error
+from k2_resources.sql_query import run_sql
+
+if TYPE_CHECKING:  # type hints only: `k2 query sql` never imports pyarrow (a new process pays for every import)
+    import pyarrow as pa
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -138,10 +142,10 @@ def _ohlcv(args: argparse.Namespace) -> int:
 def _sql(args: argparse.Namespace) -> int:
     try:
         # The user's SQL is run as given: it is theirs, on their own data, read-only views.
-        result = DuckDBQueryResource().query(args.sql)
+        columns, rows = run_sql(args.sql)
     except duckdb.Error as exc:
         raise K2Error(f"the query failed: {exc}") from exc
-    print_table(result, args.format)
+    print_rows(columns, rows, args.format)
     return 0
 
 
@@ -155,18 +159,22 @@ def _plain(value: object) -> object:
 
 def print_table(table: pa.Table, fmt: str, out=None) -> None:
     """Print Arrow rows as an aligned table, CSV with a header row, or JSON lines."""
-    out = out or sys.stdout  # looked up per call: tests and notebooks swap sys.stdout
-    rows = table.to_pylist()
     columns = table.column_names
+    print_rows(columns, [tuple(row[c] for c in columns) for row in table.to_pylist()], fmt, out)
+
+
+def print_rows(columns: list[str], rows: Sequence[Sequence[Any]], fmt: str, out=None) -> None:
+    """Print rows (tuples in column order) as an aligned table, CSV with a header row, or JSON lines."""
+    out = out or sys.stdout  # looked up per call: tests and notebooks swap sys.stdout
     if fmt == "csv":
         writer = csv.writer(out)
         writer.writerow(columns)
-        writer.writerows([[_plain(row[c]) for c in columns] for row in rows])
+        writer.writerows([[_plain(value) for value in row] for row in rows])
     elif fmt == "json":
         for row in rows:
-            out.write(json.dumps({c: _plain(row[c]) for c in columns}, default=str) + "\n")
+            out.write(json.dumps({c: _plain(v) for c, v in zip(columns, row)}, default=str) + "\n")
     else:
-        cells = [[str(_plain(row[c])) for c in columns] for row in rows]
+        cells = [[str(_plain(value)) for value in row] for row in rows]
         widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
         out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "\n")
         out.write("  ".join("-" * w for w in widths) + "\n")

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from k2_resources.asx.files import QUOTE_FIELDS, RAW_SCHEMA, TRADE_FIELDS, Kind
@@ -259,50 +259,31 @@ def _general_trades(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _vendor_map_fast(frame: pl.DataFrame, keys: tuple[str, ...], definition: TableDefinition) -> pa.Array:
-    """vendor_data: the non-empty values of ``keys`` per row, in key order, as one Arrow map column."""
-    entries = [
-        pl.when(pl.col(key).fill_null("") != "").then(pl.struct(pl.lit(key).alias("key"), pl.col(key).alias("value")))
-        for key in keys
-    ]
-    lists = frame.select(pl.concat_list(entries).list.drop_nulls().alias("vendor_data"))["vendor_data"].to_arrow()
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks()
-    flat = lists.flatten()
+    """vendor_data: the non-empty values of ``keys`` per row, in key order, as one Arrow map column.
+
+    Built with array indexing (numpy ``nonzero`` of the row x key presence matrix gives the
+    entries in row-then-key order), with no per-row work and no sort.
+    """
+    present = np.column_stack([(frame[key].fill_null("") != "").to_numpy() for key in keys])
+    rows, key_index = np.nonzero(present)
+    offsets = np.zeros(frame.height + 1, dtype=np.int32)
+    np.cumsum(present.sum(axis=1, dtype=np.int32), out=offsets[1:])
+    values = pl.concat([frame[key].fill_null("").alias("value") for key in keys]).rechunk()
+    flat_values = values.gather(pl.Series(key_index * frame.height + rows, dtype=pl.Int64))
+    flat_keys = pl.Series("key", list(keys), dtype=pl.String).gather(pl.Series(key_index, dtype=pl.Int64))
     target = definition.arrow_schema().field("vendor_data").type
     return pa.MapArray.from_arrays(
-        pc.subtract(lists.offsets, lists.offsets[0]).cast(pa.int32()),
-        flat.field("key").cast(pa.large_string()),
-        flat.field("value").cast(pa.large_string()),
+        pa.array(offsets, type=pa.int32()),
+        flat_keys.to_arrow().cast(pa.large_string()),
+        flat_values.to_arrow().cast(pa.large_string()),
         type=target,
     )
 
 
-def normalise_trades(raw: pa.Table, partition_key: str, ingested_at: datetime | None = None) -> NormalisedDay:
-    """ASX trade lines (as from :func:`read_raw_day`) -> trade V2 rows and dead letters.
-
-    side is UNKNOWN (the data has no aggressor side); the qualifier code is the trade
-    condition; company id, qualifier, venue and the 7th field go to vendor_data. Rows are
-    ordered by symbol, then time, then line number.
-    """
-    ingested_at = ingested_at or datetime.now(timezone.utc)
-    frame = pl.from_arrow(raw.cast(RAW_SCHEMA)) if raw.num_rows else pl.from_arrow(RAW_SCHEMA.empty_table())
-    assert isinstance(frame, pl.DataFrame)
-    frame = frame.with_columns(pl.col("raw").str.contains(_TRADE_LINE).fill_null(False).alias("_canonical"))
-    canonical = _canonical_trades(frame.filter(pl.col("_canonical")))
-    # Everything the canonical path did not accept is checked field by field, with reasons.
-    raw_columns = list(RAW_SCHEMA.names)
-    general = _general_trades(
-        pl.concat([frame.filter(~pl.col("_canonical")).select(raw_columns), canonical.filter(~pl.col("_ok")).select(raw_columns)])
-    )
-    valid = pl.concat(
-        [
-            canonical.filter(pl.col("_ok")).select(_TRADE_COLUMNS),
-            general.filter(pl.col("_reason").is_null()).select(_TRADE_COLUMNS),
-        ]
-    ).sort(["symbol", "_utc", "line_number"])
+def _trade_rows(valid: pl.DataFrame, ingested_at: datetime) -> pa.Table:
+    """Valid trade rows (:data:`_TRADE_COLUMNS`) -> V2 rows in market.trades' Arrow schema, same order."""
     # The valid date field is MM/DD/YYYY, so the compact day is three slices of it (no strftime per row).
     day_compact = pl.concat_str([pl.col("date").str.slice(6, 4), pl.col("date").str.slice(0, 2), pl.col("date").str.slice(3, 2)])
-    ingested = pl.lit(ingested_at).dt.convert_time_zone("UTC")
     columns = [
         pl.format("asx:trade:{}:{}:{}", pl.col("symbol"), day_compact, pl.col("line_number")).alias("message_id"),
         pl.format(f"{EXCHANGE}-{{}}-{{}}-{{}}", pl.col("symbol"), day_compact, pl.col("line_number")).alias("trade_id"),
@@ -316,15 +297,76 @@ def normalise_trades(raw: pa.Table, partition_key: str, ingested_at: datetime | 
         pl.lit("UNKNOWN").alias("side"),
         pl.concat_list([pl.col("qualifier")]).alias("trade_conditions"),
         pl.col("line_number").alias("source_sequence"),
-        ingested.alias("ingestion_timestamp"),
+        pl.lit(ingested_at).dt.convert_time_zone("UTC").alias("ingestion_timestamp"),
         pl.lit(None, dtype=pl.Int64).alias("platform_sequence"),
     ]
     schema = TRADES.arrow_schema()
     table = valid.select(columns).to_arrow()
     vendor = _vendor_map_fast(valid.rename({"qualifier": "qualifier_code"}), ("company_id", "qualifier_code", "venue", "field_7"), TRADES)
-    table = table.append_column("vendor_data", vendor).select(schema.names).cast(schema)
-    rejected = general.filter(pl.col("_reason").is_not_null()).sort(["file", "line_number"])
-    return NormalisedDay(table, _dead_letters(rejected, DEAD_LETTER_SOURCE["trades"], partition_key, ingested_at))
+    return table.append_column("vendor_data", vendor).select(schema.names).cast(schema)
+
+
+def _in_time_order(valid: pl.DataFrame) -> bool:
+    """True when rows are ordered by (_utc, line_number) already (files are in time order)."""
+    if valid.height < 2:
+        return True
+    utc, line = pl.col("_utc"), pl.col("line_number")
+    later = (utc > utc.shift(1)) | ((utc == utc.shift(1)) & (line > line.shift(1)))
+    return bool(valid.select(later.slice(1).all()).item())
+
+
+def _trade_block(block: pl.DataFrame, ingested_at: datetime) -> tuple[pa.Table, pl.DataFrame]:
+    """The lines of one file (one company, so one symbol): V2 rows in time order, and the rejected
+    lines with ``_reason``."""
+    block = block.with_columns(pl.col("raw").str.contains(_TRADE_LINE).fill_null(False).alias("_canonical"))
+    canonical = _canonical_trades(block.filter(pl.col("_canonical")))
+    # Everything the canonical path did not accept is checked field by field, with reasons.
+    raw_columns = list(RAW_SCHEMA.names)
+    general = _general_trades(
+        pl.concat([block.filter(~pl.col("_canonical")).select(raw_columns), canonical.filter(~pl.col("_ok")).select(raw_columns)])
+    )
+    del block
+    valid = canonical.filter(pl.col("_ok")).select(_TRADE_COLUMNS)
+    del canonical
+    accepted = general.filter(pl.col("_reason").is_null())
+    if accepted.height:
+        valid = pl.concat([valid, accepted.select(_TRADE_COLUMNS)])
+    if not _in_time_order(valid):
+        valid = valid.sort(["_utc", "line_number"])
+    return _trade_rows(valid, ingested_at), general.filter(pl.col("_reason").is_not_null())
+
+
+def normalise_trades(raw: pa.Table, partition_key: str, ingested_at: datetime | None = None) -> NormalisedDay:
+    """ASX trade lines (as from :func:`read_raw_day`) -> trade V2 rows and dead letters.
+
+    side is UNKNOWN (the data has no aggressor side); the qualifier code is the trade
+    condition; company id, qualifier, venue and the 7th field go to vendor_data. Rows are
+    ordered by symbol, then time, then line number. Each file is normalised on its own (its
+    rows share one symbol), which bounds the memory a 10M-row day needs.
+    """
+    ingested_at = ingested_at or datetime.now(timezone.utc)
+    frame = pl.from_arrow(raw.cast(RAW_SCHEMA)) if raw.num_rows else pl.from_arrow(RAW_SCHEMA.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    blocks = frame.partition_by("file", maintain_order=True) if frame.height else [frame]
+    del frame
+    by_symbol: dict[str, list[pa.Table]] = {}
+    rejected: list[pl.DataFrame] = []
+    while blocks:
+        rows, bad = _trade_block(blocks.pop(0), ingested_at)
+        rejected.append(bad)
+        if rows.num_rows:
+            by_symbol.setdefault(rows.column("symbol")[0].as_py(), []).append(rows)
+    ordered: list[pa.Table] = []
+    for symbol in sorted(by_symbol):
+        tables = by_symbol[symbol]
+        if len(tables) == 1:
+            ordered.append(tables[0])
+        else:  # two files of one symbol: merge them in time order
+            ordered.append(pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")]))
+    schema = TRADES.arrow_schema()
+    table = pa.concat_tables(ordered) if ordered else schema.empty_table()
+    dead = pl.concat(rejected).sort(["file", "line_number"])
+    return NormalisedDay(table, _dead_letters(dead, DEAD_LETTER_SOURCE["trades"], partition_key, ingested_at))
 
 
 def normalise_quotes(raw: pa.Table, partition_key: str, ingested_at: datetime | None = None) -> NormalisedDay:

@@ -87,12 +87,13 @@ from k2_resources.kafka_spool import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SET
 from k2_resources.metrics import BINANCE_TRADE_ID_RESETS
 from k2_resources.schemas import encode_trade
 from k2_resources.settings import state_dir
-from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
+from k2_resources.symbol_partitions import SymbolPartitioner
+from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_PORT = 9464
-DEFAULT_PARTITIONS = 3
+DEFAULT_PARTITIONS = BINANCE_TRADES_PARTITIONS
 DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
 
 
@@ -370,7 +371,9 @@ def spool_root(config: StreamerConfig) -> Path:
 def spooling_producer(config: StreamerConfig, kafka: KafkaResource, metrics: StreamMetrics) -> SpoolingProducer:
     """The idempotent producer behind a bounded window and a spool per topic (nothing dropped while Kafka is away)."""
     root = spool_root(config)
-    producer = SpoolingProducer(kafka.producer(**SPOOLING_PRODUCER_SETTINGS), root, max_buffered=config.max_buffered,
+    # Keyed by symbol; the partitioner spreads the well-known symbols over the partitions.
+    producer = SpoolingProducer(kafka.producer(partitioner=SymbolPartitioner(), **SPOOLING_PRODUCER_SETTINGS), root,
+                                max_buffered=config.max_buffered,
                                 close_timeout_s=config.close_timeout_s, topics=(config.topic, config.dlq_topic),
                                 on_spooled=lambda topic, count: metrics.spooled.labels(topic).inc(count))
     metrics.buffered.set_function(producer.buffered)

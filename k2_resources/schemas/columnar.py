@@ -63,6 +63,16 @@ class _Walk:
 
     def varint(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A zig-zag varint (Avro int/long) at each of ``rows``: (rows still regular, their values)."""
+        at = self.pos[rows]
+        inside = at < self.end[rows]
+        if not inside.all():
+            self.fail(rows[~inside])
+            rows, at = rows[inside], at[inside]
+        first = self.data[at]
+        if (first < 0x80).all():  # one byte each: string lengths, enum and union indexes, small counts
+            self.pos[rows] = at + 1
+            small = first.astype(np.int64)
+            return rows, (small >> 1) ^ -(small & 1)
         result = np.zeros(rows.size, np.uint64)
         pending = np.arange(rows.size)
         done = np.zeros(rows.size, bool)
@@ -100,35 +110,37 @@ class _Walk:
         return rows, starts, lengths
 
 
-def _gather(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The bytes of the spans (starts, lengths) laid end to end, and their int64 offsets."""
-    offsets = np.zeros(lengths.size + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    if total == 0:
-        return np.zeros(0, np.uint8), offsets
-    index = np.repeat(starts - offsets[:-1], lengths) + np.arange(total, dtype=np.int64)
-    return data[index], offsets
-
-
 def _large_strings(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.large_string(), offsets.size - 1,
                                  [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def _valid_utf8_rows(walk: _Walk, rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
-    """Fail the rows whose string is not UTF-8 (checked for all at once; row by row only on failure)."""
-    data, offsets = _gather(walk.data, starts, lengths)
-    try:
-        _large_strings(data, offsets).validate(full=True)
-        return
-    except pa.ArrowInvalid:
-        pass
+def _spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    """The spans (ascending ``starts``, ``lengths``) of ``data`` as a large_string array, not validated.
+
+    The spans and the gaps between them are laid over ``data`` as one array of 2n strings (its
+    offsets are ascending because the spans are), and Arrow copies the even ones out.
+    """
+    if starts.size == 0:
+        return pa.array([], pa.large_string())
+    bounds = np.empty(2 * starts.size + 1, np.int64)
+    bounds[0:-1:2] = starts
+    bounds[1::2] = starts + lengths
+    bounds[-1] = bounds[-2]
+    overlay = pa.Array.from_buffers(pa.large_string(), 2 * starts.size,
+                                    [None, pa.py_buffer(bounds), pa.py_buffer(data)])
+    return overlay.take(pa.array(np.arange(0, 2 * starts.size, 2)))
+
+
+def _invalid_utf8(data: np.ndarray, rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The rows whose span is not UTF-8 (checked one by one: only after a column failed validation)."""
+    bad = []
     for row, start, length in zip(rows.tolist(), starts.tolist(), lengths.tolist()):
         try:
-            walk.data[start:start + length].tobytes().decode("utf-8")
+            data[start:start + length].tobytes().decode("utf-8")
         except UnicodeDecodeError:
-            walk.fail(np.array([row]))
+            bad.append(row)
+    return np.array(bad, np.int64)
 
 
 class _Column:
@@ -139,6 +151,10 @@ class _Column:
 
     def build(self, keep: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
         raise NotImplementedError
+
+    def invalid_utf8_rows(self) -> np.ndarray:
+        """Rows holding text that is not UTF-8 (asked only when a built column failed validation)."""
+        return np.zeros(0, np.int64)
 
 
 class _Long(_Column):
@@ -167,12 +183,16 @@ class _String(_Column):
 
     def read(self, walk: _Walk, rows: np.ndarray) -> None:
         rows, starts, lengths = walk.span(rows)
-        _valid_utf8_rows(walk, rows, starts, lengths)
         self.starts[rows], self.lengths[rows] = starts, lengths
+        self.read_rows = rows
 
     def build(self, keep: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-        array = _large_strings(*_gather(self.data, self.starts[keep], self.lengths[keep]))
+        array = _spans(self.data, self.starts[keep], self.lengths[keep])
         return array if arrow_type == pa.large_string() else array.cast(arrow_type)
+
+    def invalid_utf8_rows(self) -> np.ndarray:
+        rows = getattr(self, "read_rows", np.zeros(0, np.int64))
+        return _invalid_utf8(self.data, rows, self.starts[rows], self.lengths[rows])
 
 
 class _Enum(_Column):
@@ -243,6 +263,9 @@ class _Nullable(_Column):
         self.present[present] = True
         self.inner.read(walk, present)
 
+    def invalid_utf8_rows(self) -> np.ndarray:
+        return self.inner.invalid_utf8_rows()
+
     def build(self, keep: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
         array = self.inner.build(keep, arrow_type)
         missing = ~self.present[keep]
@@ -271,9 +294,15 @@ class _Items(_Column):
         self.pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def _string(self, walk: _Walk, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rows, starts, lengths = walk.span(rows)
-        _valid_utf8_rows(walk, rows, starts, lengths)
-        return rows, starts, lengths
+        return walk.span(rows)
+
+    def invalid_utf8_rows(self) -> np.ndarray:
+        bad = []
+        for row, _, key_starts, key_lengths, value_starts, value_lengths in self.pieces:
+            bad.append(_invalid_utf8(self.data, row, key_starts, key_lengths))
+            if self.pairs:
+                bad.append(_invalid_utf8(self.data, row, value_starts, value_lengths))
+        return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
     def read(self, walk: _Walk, rows: np.ndarray) -> None:
         while rows.size:
@@ -320,11 +349,11 @@ class _Items(_Column):
         row, order = position[row[mine]], order[mine]
         sort = np.lexsort((order, row))
         if isinstance(arrow_type, pa.MapType):
-            keys = _large_strings(*_gather(self.data, key_starts[mine][sort], key_lengths[mine][sort]))
-            items = _large_strings(*_gather(self.data, value_starts[mine][sort], value_lengths[mine][sort]))
+            keys = _spans(self.data, key_starts[mine][sort], key_lengths[mine][sort])
+            items = _spans(self.data, value_starts[mine][sort], value_lengths[mine][sort])
             return pa.MapArray.from_arrays(pa.array(offsets.astype(np.int32)), keys.cast(arrow_type.key_type),
                                            items.cast(arrow_type.item_type), type=arrow_type)
-        values = _large_strings(*_gather(self.data, key_starts[mine][sort], key_lengths[mine][sort]))
+        values = _spans(self.data, key_starts[mine][sort], key_lengths[mine][sort])
         list_type = pa.LargeListArray if pa.types.is_large_list(arrow_type) else pa.ListArray
         offset_type = np.int64 if list_type is pa.LargeListArray else np.int32
         return list_type.from_arrays(pa.array(offsets.astype(offset_type)), values.cast(arrow_type.value_type),
@@ -384,15 +413,25 @@ def decode_columnar(values: Sequence[bytes | None], parsed_schema: dict, schema_
             break
         columns[field["name"]].read(walk, rows)
     walk.ok &= walk.pos == walk.end  # bytes left over: not what the encoder writes
-    keep = np.flatnonzero(walk.ok)
     extra = extra or {}
-    arrays = []
-    for target in arrow_schema:
-        if target.name in extra:
-            arrays.append(extra[target.name].take(pa.array(keep)).cast(target.type))
-        elif target.name in columns:
-            arrays.append(columns[target.name].build(keep, target.type))
-        else:
-            arrays.append(pa.nulls(keep.size, target.type))
-    table = pa.Table.from_arrays(arrays, schema=arrow_schema)
+    for _ in range(2):
+        keep = np.flatnonzero(walk.ok)
+        arrays = []
+        for target in arrow_schema:
+            if target.name in extra:
+                arrays.append(extra[target.name].take(pa.array(keep)).cast(target.type))
+            elif target.name in columns:
+                arrays.append(columns[target.name].build(keep, target.type))
+            else:
+                arrays.append(pa.nulls(keep.size, target.type))
+        table = pa.Table.from_arrays(arrays, schema=arrow_schema)
+        try:
+            table.validate(full=True)  # UTF-8 of every string, checked once per column
+            break
+        except pa.ArrowInvalid:
+            # Some text is not UTF-8: those rows are irregular (fastavro names the error), build again.
+            for column in columns.values():
+                walk.fail(column.invalid_utf8_rows())
+    else:
+        raise AssertionError("a column stayed invalid after its non-UTF-8 rows were taken out")
     return ColumnarBatch(table, keep, np.flatnonzero(~walk.ok))

@@ -52,7 +52,9 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 from pyiceberg.exceptions import CommitFailedException
@@ -64,7 +66,9 @@ from k2_resources.degradation.spill import SpillStore
 from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources.iceberg import IcebergResource, catalog_busy, to_arrow
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import decode_trade
+from k2_resources.schemas import TRADE_V2, decode_trade
+from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
+from k2_resources.schemas.columnar import UnsupportedSchema, decode_columnar
 from k2_resources.tables import TRADES
 from k2_resources.topics import dead_letter_topic
 from k2_resources.trades.offsets import (
@@ -97,15 +101,34 @@ class RetentionLossError(K2Error):
     """Kafka deleted offsets of a range before they were read, and the caller cannot record the loss."""
 
 
+def _no_rows() -> pa.Table:
+    return TRADES.arrow_schema().empty_table()
+
+
 @dataclass
 class BatchRead:
-    """What was read from one offset range."""
+    """What was read from one offset range: the storable rows as one Arrow table in offset order."""
 
-    records: list[dict] = field(default_factory=list)
+    rows: pa.Table = field(default_factory=_no_rows, repr=False)  # market.trades' schema; platform_sequence = offset
     dead_letters: list[tuple[int, bytes, str]] = field(default_factory=list)  # (offset, raw, reason)
     last_offset_seen: int = -1
     lost: list[tuple[int, int]] = field(default_factory=list)  # [start, end) deleted by retention before the read
-    raw_values: list[bytes] = field(default_factory=list, repr=False)  # the message of each record, same order
+    raw_values: list[bytes] = field(default_factory=list, repr=False)  # the message of each row, same order
+
+    @property
+    def records(self) -> list[dict]:
+        """The rows as dicts of Python values, as ``decode_trade`` gives them (Decimal, aware
+        datetime, dict vendor_data); costs a Python object per value, so prefer ``rows``."""
+        return rows_to_records(self.rows)
+
+
+def rows_to_records(rows: pa.Table) -> list[dict]:
+    """Rows of market.trades' Arrow schema as record dicts (maps as dicts, as fastavro decodes them)."""
+    records = rows.to_pylist()
+    for record in records:
+        if record.get("vendor_data") is not None:
+            record["vendor_data"] = dict(record["vendor_data"])
+    return records
 
 
 @dataclass(frozen=True)
@@ -127,16 +150,74 @@ class BatchResult:
     deferred_by_symbol: dict[str, int] = field(default_factory=dict)  # the deferred rows per symbol (shed counter)
 
 
-def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0) -> BatchRead:
-    """Every message of ``batch``, decoded; undecodable ones kept apart with the reason."""
+def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0, *, consumer: Any = None) -> BatchRead:
+    """Every message of ``batch``, decoded; undecodable and unstorable ones kept apart with the reason.
+
+    ``consumer``: an open consumer to read with (a long-lived caller's); by default one is made
+    for this range and closed.
+    """
+    offsets: list[int] = []
+    values: list[bytes | None] = []
+    lost: list[tuple[int, int]] = []
+    for messages in _message_batches(kafka, batch, timeout_s, lost, consumer):
+        offsets += [message.offset for message in messages]
+        values += [message.value for message in messages]
+    result = decode_batch(offsets, values)
+    result.lost = lost
+    return result
+
+
+def decode_batch(offsets: list[int] | pa.Array, values: list[bytes | None] | pa.Array) -> BatchRead:
+    """Decode the messages (Kafka offsets and framed TradeV2 values) of one range into rows.
+
+    All messages are decoded at once into Arrow columns (``decode_columnar``); only the ones that
+    path does not take (malformed, unstorable, unusual) are decoded one by one with fastavro, which
+    gives the reason a dead letter carries. The Kafka offset becomes ``platform_sequence``.
+    """
     result = BatchRead()
-    for message in _messages(kafka, batch, timeout_s, result.lost):
-        result.last_offset_seen = message.offset
-        _decode_into(result, message.offset, message.value)
-    return _screen_storable(result)
+    offset_array = offsets if isinstance(offsets, pa.Array) else pa.array(offsets, pa.int64())
+    if len(offset_array) == 0:
+        return result
+    result.last_offset_seen = int(offset_array[-1].as_py())
+    try:
+        decoded = decode_columnar(values, TRADE_V2, TRADE_V2_SCHEMA_ID, TRADES.arrow_schema(),
+                                  {"platform_sequence": offset_array})
+        rows, kept, irregular = decoded.table, decoded.rows.tolist(), decoded.irregular.tolist()
+    except UnsupportedSchema as exc:  # a schema change this decoder does not cover yet: the slow, exact path
+        log.warning("decoding %d messages one by one: %s", len(offset_array), exc)
+        rows, kept, irregular = _no_rows(), [], list(range(len(offset_array)))
+    value_at = values.__getitem__ if not isinstance(values, pa.Array) else (lambda i: values[i].as_py())
+    result.raw_values = [value_at(i) for i in kept]
+    if not irregular:
+        result.rows = rows
+        return result
+    # The few that need a closer look: decoded with fastavro, then screened for storability.
+    slow = _RecordsRead()
+    for position in irregular:
+        _decode_into(slow, int(offset_array[position].as_py()), value_at(position))
+    slow = _screen_storable(slow)
+    result.dead_letters = sorted(slow.dead_letters, key=lambda letter: letter[0])
+    if slow.records_:
+        both = pa.concat_tables([rows, to_arrow(slow.records_, TRADES)])
+        order = pc.sort_indices(both["platform_sequence"]).to_numpy()
+        raws = result.raw_values + slow.raw_values
+        result.rows = both.take(order)
+        result.raw_values = [raws[i] for i in order.tolist()]
+    else:
+        result.rows = rows
+    return result
 
 
-def _decode_into(result: BatchRead, offset: int, value: bytes | None) -> None:
+@dataclass
+class _RecordsRead:
+    """Messages decoded one by one into dicts (the fallback of ``decode_batch``)."""
+
+    records_: list[dict] = field(default_factory=list)
+    dead_letters: list[tuple[int, bytes, str]] = field(default_factory=list)
+    raw_values: list[bytes] = field(default_factory=list)
+
+
+def _decode_into(result: Any, offset: int, value: bytes | None) -> None:
     try:
         record = decode_trade(value)
         # The Kafka offset is the platform's sequence: it orders the partition's log.
@@ -147,7 +228,7 @@ def _decode_into(result: BatchRead, offset: int, value: bytes | None) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure to decode untrusted bytes is this record's, not the batch's
         result.dead_letters.append((offset, value or b"", f"undecodable: {type(exc).__name__}: {exc}"))
         return
-    result.records.append(record)
+    result.records_.append(record)
     result.raw_values.append(value or b"")
 
 
@@ -160,16 +241,16 @@ def unstorable_reason(record: dict) -> str | None:
     return None
 
 
-def _screen_storable(result: BatchRead) -> BatchRead:
+def _screen_storable(result: _RecordsRead) -> _RecordsRead:
     """Move records that decode but cannot be stored (a poison record) to the dead letters.
 
     The whole batch is converted once; only when that fails is each record tried alone, so the
     common case costs one conversion and a poison record never fails its batch.
     """
-    if not result.records or unstorable_reason_of_batch(result.records) is None:
+    if not result.records_ or unstorable_reason_of_batch(result.records_) is None:
         return result
     kept, raws = [], []
-    for record, raw in zip(result.records, result.raw_values):
+    for record, raw in zip(result.records_, result.raw_values):
         reason = unstorable_reason(record)
         if reason is None:
             kept.append(record)
@@ -177,7 +258,7 @@ def _screen_storable(result: BatchRead) -> BatchRead:
         else:
             result.dead_letters.append((int(record["platform_sequence"]), raw, reason))
     result.dead_letters.sort(key=lambda letter: letter[0])
-    result.records, result.raw_values = kept, raws
+    result.records_, result.raw_values = kept, raws
     return result
 
 
@@ -206,21 +287,17 @@ def read_raw_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 
     such a loss raises RetentionLossError.
     """
     offsets, stamps, keys, values = [], [], [], []
-    for message in _messages(kafka, batch, timeout_s, lost):
-        offsets.append(message.offset)
-        stamps.append(message.timestamp)
-        keys.append(message.key)
-        values.append(message.value)
+    for messages in _message_batches(kafka, batch, timeout_s, lost):
+        offsets += [message.offset for message in messages]
+        stamps += [message.timestamp for message in messages]
+        keys += [message.key for message in messages]
+        values += [message.value for message in messages]
     return pa.table({"offset": offsets, "timestamp_ms": stamps, "key": keys, "value": values}, schema=RAW_SCHEMA)
 
 
 def decode_raw(raw: pa.Table) -> BatchRead:
     """Decode a raw batch (``read_raw_range`` / a spill file) like ``read_range`` would."""
-    result = BatchRead()
-    for offset, value in zip(raw.column("offset").to_pylist(), raw.column("value").to_pylist()):
-        result.last_offset_seen = offset
-        _decode_into(result, offset, value)
-    return _screen_storable(result)
+    return decode_batch(raw.column("offset").combine_chunks(), raw.column("value").combine_chunks())
 
 
 def _note_loss(lost: list[tuple[int, int]] | None, batch: OffsetRange, start: int, end: int) -> None:
@@ -236,16 +313,19 @@ def _note_loss(lost: list[tuple[int, int]] | None, batch: OffsetRange, start: in
     log.warning("%s: offsets [%d, %d) were deleted by Kafka retention before they were read", batch.key, start, end)
 
 
-def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
-              lost: list[tuple[int, int]] | None = None) -> Iterator[Any]:
-    """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group).
+def _message_batches(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
+                     lost: list[tuple[int, int]] | None = None, consumer: Any = None) -> Iterator[list[Any]]:
+    """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group), a list per poll.
 
     Offsets below the partition's log start (deleted by retention) are never skipped silently:
     they are appended to ``lost`` ([start, end) ranges), or raise RetentionLossError without it.
+    ``consumer``: an open consumer to use (left open); by default one is made and closed.
     """
     if batch.size == 0:
         return
-    consumer = kafka.consumer(group_id=None)
+    owned = consumer is None
+    if owned:
+        consumer = kafka.consumer(group_id=None)
     partition = TopicPartition(batch.topic, batch.partition)
     try:
         consumer.assign([partition])
@@ -264,7 +344,16 @@ def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
                     f"read only {expected - batch.start} of {batch.size} messages of {batch.key} within "
                     f"{timeout_s:.0f}s; is the broker at {kafka.servers} healthy and the range still retained?"
                 )
-            for message in consumer.poll(timeout_ms=500).get(partition, []):
+            polled = consumer.poll(timeout_ms=500).get(partition, [])
+            # The usual case: the poll continues exactly where the last one ended, with no gap
+            # (offsets only grow within a partition, so the two ends tell).
+            wanted = min(len(polled), batch.end - expected)
+            if wanted and polled[0].offset == expected and polled[wanted - 1].offset == expected + wanted - 1:
+                expected += wanted
+                yield polled if wanted == len(polled) else polled[:wanted]
+                polled = polled[wanted:]
+            taken = []
+            for message in polled:
                 if message.offset < expected:
                     continue  # a re-delivered offset
                 if message.offset > expected:
@@ -277,27 +366,31 @@ def _messages(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
                     break
                 # Take what exists below end.
                 expected = message.offset + 1
-                yield message
+                taken.append(message)
+            if taken:
+                yield taken
             position = consumer.position(partition)
             if position is not None and position >= batch.end:
                 break
     finally:
-        consumer.close()
+        if owned:
+            consumer.close()
 
 
 def commit_range(
     iceberg: IcebergResource,
     batch: OffsetRange,
-    records: list[dict],
+    records: list[dict] | pa.Table,
     max_attempts: int = 8,
     before_commit: Callable[[], None] | None = None,
     pending: PendingRange | None = None,
     lost: list[tuple[int, int]] | tuple[tuple[int, int], ...] = (),
 ) -> BatchResult:
-    """Append ``records`` (all of ``batch``, except the rows ``pending`` says are missing) to
-    market.trades in one commit, exactly once; ``pending`` and the retention losses ``lost``
-    (offset ranges of the batch Kafka had deleted) are recorded in the same commit."""
-    arrow = _sorted(to_arrow(records, TRADES)) if records else to_arrow([], TRADES)
+    """Append ``records`` (rows of market.trades' Arrow schema, or record dicts; all of ``batch``
+    except the rows ``pending`` says are missing) to market.trades in one commit, exactly once;
+    ``pending`` and the retention losses ``lost`` (offset ranges of the batch Kafka had deleted)
+    are recorded in the same commit."""
+    arrow = _as_rows(records)
     for attempt in range(1, max_attempts + 1):
         try:
             table = iceberg.trades()
@@ -305,6 +398,9 @@ def commit_range(
             if not catalog_busy(exc):
                 raise
             _wait_for_catalog(batch.key, attempt, exc)
+            continue
+        if _blind_retries_on(table):
+            _turn_off_blind_retries(table)
             continue
         committed = committed_offsets(table, batch.topic)
         done = committed.get(batch.partition, 0)
@@ -329,9 +425,36 @@ def commit_range(
         if seconds is None:
             continue
         snapshot = table.current_snapshot()
-        return BatchResult(batch, len(records), 0, False, snapshot.snapshot_id if snapshot else None, seconds)
+        return BatchResult(batch, arrow.num_rows, 0, False, snapshot.snapshot_id if snapshot else None, seconds)
     raise K2Error(f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
                   "writes, run the batch again")
+
+
+# pyiceberg (0.12) retries a conflicting commit by itself: it re-bases the appended files on the
+# new snapshot but keeps this commit's table properties and summary as they were computed. For
+# K2 those carry the committed offsets of *every* partition, so a commit of partition 0 that raced
+# one of partition 1 would silently erase partition 1's offset (found by the parallel-partition
+# benchmark: the next range of partition 1 was refused as a gap, and a sensor would re-request the
+# range and append it twice). K2 retries itself, from a freshly loaded table; pyiceberg must not.
+COMMIT_RETRIES_PROPERTY = "commit.retry.num-retries"
+
+
+def _blind_retries_on(table: Table) -> bool:
+    return table.properties.get(COMMIT_RETRIES_PROPERTY) != "0"
+
+
+def _turn_off_blind_retries(table: Table) -> None:
+    """Set ``commit.retry.num-retries`` = 0 on the table (once per table; a properties-only commit,
+    which pyiceberg does not retry and which is harmless to repeat)."""
+    try:
+        with table.transaction() as transaction:
+            transaction.set_properties({COMMIT_RETRIES_PROPERTY: "0"})
+        log.info("set %s=0 on %s: K2 retries conflicting commits itself", COMMIT_RETRIES_PROPERTY, table.name())
+    except CommitFailedException:
+        pass  # another writer committed meanwhile (maybe this very property): the caller reloads and looks again
+    except Exception as exc:
+        if not catalog_busy(exc):
+            raise
 
 
 def _record_losses(table: Table, batch: OffsetRange, lost: list[tuple[int, int]] | tuple[tuple[int, int], ...],
@@ -394,6 +517,13 @@ def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by([("symbol", "ascending"), ("timestamp", "ascending")])
 
 
+def _as_rows(records: list[dict] | pa.Table) -> pa.Table:
+    """Rows to append, in the table's sort order (symbol, then time)."""
+    if isinstance(records, pa.Table):
+        return _sorted(records.cast(TRADES.arrow_schema())) if records.num_rows else _no_rows()
+    return _sorted(to_arrow(records, TRADES)) if records else _no_rows()
+
+
 def send_dead_letters(kafka: KafkaResource, batch: OffsetRange, dead: list[tuple[int, bytes, str]]) -> None:
     """Undecodable messages to ``<topic>.dlq``: raw bytes as value, reason and origin in headers."""
     if not dead:
@@ -425,20 +555,119 @@ def commit_consumer_group(kafka: KafkaResource, batch: OffsetRange, group_id: st
         consumer.close()
 
 
-def enrich(records: list[dict], shedder: LoadShedder) -> None:
-    """Add the derived fields of NORMAL operation to each record's vendor_data (in place).
+NOTIONAL_KEY = "k2.notional"
+TIER_KEY = "k2.tier"
+
+
+def enrich_rows(rows: pa.Table, shedder: LoadShedder) -> pa.Table:
+    """``rows`` with the derived fields of NORMAL operation added to each row's vendor_data.
 
     ``k2.notional``: price x quantity, an exact decimal string (the traded value in the quote
     currency); ``k2.tier``: the symbol's load-shedding tier when it was ingested. Both can be
-    recomputed from the row, which is why SOFT and above may skip them.
+    recomputed from the row, which is why SOFT and above may skip them. Column-wise; ``enrich``
+    is the same definition record by record.
     """
+    if rows.num_rows == 0:
+        return rows
+    notional = notional_strings(rows.column("price").combine_chunks(), rows.column("quantity").combine_chunks())
+    tiers = _per_symbol(rows.column("symbol"), lambda symbol: str(shedder.tier(symbol)))
+    index = rows.schema.get_field_index("vendor_data")
+    vendor = _with_entries(rows.column(index).combine_chunks(), [(NOTIONAL_KEY, notional), (TIER_KEY, tiers)])
+    return rows.set_column(index, rows.schema.field(index), vendor)
+
+
+def notional_strings(price: pa.Array, quantity: pa.Array) -> pa.Array:
+    """price x quantity of each row as the exact decimal in plain notation, trailing zeros dropped
+    (what ``format(Decimal(p) * Decimal(q)).normalize(), "f")`` gives)."""
+    product = pc.multiply(price, quantity)  # decimal128(18, 8) x decimal128(18, 8) -> decimal128(37, 16): exact
+    text = pc.utf8_rtrim(pc.utf8_rtrim(pc.cast(product, pa.large_string()), characters="0"), characters=".")
+    scientific = np.asarray(pc.match_substring(text, "E"), bool)
+    if not scientific.any():
+        return text
+    # Arrow writes very small values in scientific notation: those few are formatted by Python.
+    plain = text.to_pylist()
+    for row in np.flatnonzero(scientific).tolist():
+        plain[row] = _plain(Decimal(price[row].as_py()) * Decimal(quantity[row].as_py()))
+    return pa.array(plain, pa.large_string())
+
+
+def _plain(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+def _per_symbol(symbols: pa.ChunkedArray | pa.Array, value_of: Callable[[str], str]) -> pa.Array:
+    """``value_of(symbol)`` for each row, computed once per distinct symbol."""
+    encoded = pc.dictionary_encode(symbols.combine_chunks() if isinstance(symbols, pa.ChunkedArray) else symbols)
+    values = pa.array([value_of(symbol) for symbol in encoded.dictionary.to_pylist()], pa.large_string())
+    return values.take(encoded.indices)
+
+
+def _symbol_mask(symbols: pa.ChunkedArray, wanted: Callable[[str], bool]) -> pa.Array:
+    """A boolean per row: ``wanted(symbol)``, decided once per distinct symbol."""
+    encoded = pc.dictionary_encode(symbols.combine_chunks())
+    chosen = [i for i, symbol in enumerate(encoded.dictionary.to_pylist()) if wanted(symbol)]
+    return pa.array(np.isin(np.asarray(encoded.indices, np.int64), chosen), pa.bool_())
+
+
+def _with_entries(maps: pa.MapArray, entries: list[tuple[str, pa.Array]]) -> pa.MapArray:
+    """Each row's map with ``entries`` (key, one value per row) set, after its own entries (a
+    null map counts as empty), like ``dict.update`` on each row."""
+    n = len(maps)
+    offsets = np.asarray(maps.offsets, np.int64)  # positions in the (whole, unsliced) key/item children
+    counts = np.diff(offsets)
+    counts[np.asarray(maps.is_null(), bool)] = 0  # a null row holds no entries, whatever its offsets say
+    ends = np.cumsum(counts)
+    positions = pa.array(np.repeat(offsets[:-1] - (ends - counts), counts) + np.arange(int(ends[-1]) if n else 0))
+    keys, items = maps.keys.take(positions), maps.items.take(positions)
+    rows = np.repeat(np.arange(n), counts)
+    keep = ~np.asarray(pc.is_in(keys, pa.array([key for key, _ in entries], keys.type)), bool)
+    if not keep.all():  # an entry of the same key is replaced
+        keys, items, rows = keys.filter(pa.array(keep)), items.filter(pa.array(keep)), rows[keep]
+        counts = np.bincount(rows, minlength=n).astype(np.int64)
+    all_keys = pa.concat_arrays([keys.cast(pa.large_string()),
+                                 *[pa.array(np.full(n, key, object), pa.large_string()) for key, _ in entries]])
+    all_items = pa.concat_arrays([items.cast(pa.large_string()), *[values.cast(pa.large_string()) for _, values in entries]])
+    all_rows = np.concatenate([rows, *[np.arange(n)] * len(entries)])
+    order = pa.array(np.argsort(all_rows, kind="stable"))
+    new_offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(counts + len(entries), out=new_offsets[1:])
+    return pa.MapArray.from_arrays(pa.array(new_offsets), all_keys.take(order).cast(maps.type.key_type),
+                                   all_items.take(order).cast(maps.type.item_type), type=maps.type)
+
+
+def enrich(records: list[dict], shedder: LoadShedder) -> None:
+    """``enrich_rows`` for record dicts (in place): the per-record definition of the enrichment."""
     for record in records:
         vendor = dict(record.get("vendor_data") or {})
         price, quantity = record["price"], record["quantity"]
         notional = Decimal(price) * Decimal(quantity)
-        vendor["k2.notional"] = format(notional.normalize(), "f")
-        vendor["k2.tier"] = str(shedder.tier(record["symbol"]))
+        vendor[NOTIONAL_KEY] = _plain(notional)
+        vendor[TIER_KEY] = str(shedder.tier(record["symbol"]))
         record["vendor_data"] = vendor
+
+
+def sequence_gaps_of(rows: pa.Table) -> dict[str, int]:
+    """Trade ids missing inside this batch, per symbol (Binance ids are contiguous per symbol).
+
+    Column-wise over ``rows`` (symbol, source_sequence); the same as ``sequence_gaps``.
+    """
+    sequence = rows.column("source_sequence").combine_chunks()
+    present = pc.is_valid(sequence)
+    values = np.asarray(sequence.filter(present), np.int64)
+    if values.size < 2:
+        return {}
+    if values.min() < -(2**62) or values.max() > 2**62:  # differences could overflow int64: count in Python
+        return sequence_gaps(rows_to_records(rows.select(["symbol", "source_sequence"])))
+    encoded = pc.dictionary_encode(rows.column("symbol").combine_chunks().filter(present))
+    symbol = np.asarray(encoded.indices, np.int64)
+    order = np.lexsort((values, symbol))
+    symbol, values = symbol[order], values[order]
+    step = np.diff(values)
+    missing = np.where((symbol[1:] == symbol[:-1]) & (step > 1), step - 1, 0)
+    per_symbol = np.zeros(len(encoded.dictionary), np.int64)
+    np.add.at(per_symbol, symbol[1:], missing)
+    names = encoded.dictionary.to_pylist()
+    return {names[i]: int(count) for i, count in enumerate(per_symbol.tolist()) if count}
 
 
 def sequence_gaps(records: list[dict]) -> dict[str, int]:
@@ -457,13 +686,31 @@ def sequence_gaps(records: list[dict]) -> dict[str, int]:
     return gaps
 
 
+def split_rows(rows: pa.Table, shedder: LoadShedder, level: int) -> tuple[pa.Table, dict[str, int]]:
+    """(rows kept now, deferred row count per symbol) at degradation ``level`` (``LoadShedder.split``
+    for a table: the decision is taken once per distinct symbol)."""
+    if rows.num_rows == 0:
+        return rows, {}
+    encoded = pc.dictionary_encode(rows.column("symbol").combine_chunks())
+    names = encoded.dictionary.to_pylist()
+    deferred_symbols = [i for i, symbol in enumerate(names) if shedder.should_defer(symbol, level)]
+    if not deferred_symbols:
+        return rows, {}
+    symbol = np.asarray(encoded.indices, np.int64)
+    deferred = np.isin(symbol, deferred_symbols)
+    counts = np.bincount(symbol[deferred], minlength=len(names))
+    return rows.filter(pa.array(~deferred)), {names[i]: int(counts[i]) for i in deferred_symbols if counts[i]}
+
+
 def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
                    before_commit: Callable[[], None] | None = None, *, level: int = 0,
-                   shedder: LoadShedder | None = None, spill_store: SpillStore | None = None) -> BatchResult:
+                   shedder: LoadShedder | None = None, spill_store: SpillStore | None = None,
+                   consumer: Any = None) -> BatchResult:
     """Read, dead-letter, commit to Iceberg, then move the consumer group: one whole micro-batch.
 
     ``level`` is the degradation level (0 NORMAL .. 3 AGGRESSIVE) the run works at; see the
-    module docstring for what each level writes.
+    module docstring for what each level writes. ``consumer``: an open consumer to read with
+    (a caller that runs many ranges keeps one); by default one is made for the range.
     """
     shedder = shedder or LoadShedder()
     table = iceberg.trades()
@@ -472,28 +719,26 @@ def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: Offset
         return BatchResult(batch, 0, 0, True, None, 0.0, level=level)
     if shedder.spill(level):
         return _spill_microbatch(kafka, iceberg, batch, before_commit, level, spill_store or SpillStore())
-    read = read_range(kafka, batch)
+    read = read_range(kafka, batch, consumer=consumer)
     # Dead letters first: if the run dies after this, the re-run sends them again (at-least-once
     # for the DLQ, which carries the source offset to dedupe on), while the table stays exact.
     send_dead_letters(kafka, batch, read.dead_letters)
-    gaps = sequence_gaps(read.records)
-    kept, deferred = shedder.split(read.records, level)
+    gaps = sequence_gaps_of(read.rows)
+    kept, by_symbol = split_rows(read.rows, shedder, level)
+    deferred = sum(by_symbol.values())
     pending = None
-    by_symbol: dict[str, int] = {}
     if deferred:
         # Counted by `k2 metrics` from the run's materialisation (k2_shed_messages_total), not here:
         # a run's process serves no metrics.
-        for record in deferred:
-            by_symbol[record["symbol"]] = by_symbol.get(record["symbol"], 0) + 1
         pending = PendingRange(batch.topic, batch.partition, batch.start, batch.end, DEFERRED,
-                               tuple(sorted(by_symbol)), len(deferred))
+                               tuple(sorted(by_symbol)), deferred)
     enriched = not shedder.skip_enrichment(level)
     if enriched:
-        enrich(kept, shedder)
+        kept = enrich_rows(kept, shedder)
     result = commit_range(iceberg, batch, kept, before_commit=before_commit, pending=pending, lost=read.lost)
     commit_consumer_group(kafka, batch)
     return BatchResult(result.batch, result.written, len(read.dead_letters), result.already_committed,
-                       result.snapshot_id, result.commit_seconds, deferred=0 if result.already_committed else len(deferred),
+                       result.snapshot_id, result.commit_seconds, deferred=0 if result.already_committed else deferred,
                        enriched=enriched, level=level, sequence_gaps=gaps,
                        lost=0 if result.already_committed else sum(end - start for start, end in read.lost),
                        deferred_by_symbol={} if result.already_committed else by_symbol)
@@ -543,19 +788,22 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
     if entry.kind == DEFERRED:
         # The first pass already dead-lettered this range's undecodable and unstorable messages.
         read = read_range(kafka, batch)
-        records, lost = [r for r in read.records if entry.is_missing(r["symbol"])], read.lost
+        rows, lost = read.rows.filter(_symbol_mask(read.rows.column("symbol"), entry.is_missing)), read.lost
     else:
         files = [f for f in spill_store.list(batch.topic, batch.partition) if (f.start, f.end) == (batch.start, batch.end)]
         read = decode_raw(spill_store.read(files[0])) if files else read_range(kafka, batch)
-        records, dead, lost = read.records, read.dead_letters, read.lost
+        rows, dead, lost = read.rows, read.dead_letters, read.lost
         send_dead_letters(kafka, batch, dead)
-    gaps = sequence_gaps(records)
+    gaps = sequence_gaps_of(rows)
     enriched = not shedder.skip_enrichment(level)
     if enriched:
-        enrich(records, shedder)
-    arrow = _sorted(to_arrow(records, TRADES)) if records else to_arrow([], TRADES)
+        rows = enrich_rows(rows, shedder)
+    arrow = _as_rows(rows)
     for attempt in range(1, max_attempts + 1):
         table = iceberg.trades()
+        if _blind_retries_on(table):
+            _turn_off_blind_retries(table)
+            continue
         pending = pending_ranges(table, batch.topic)
         if not any(p.same_range(entry) for p in pending):
             _delete_spilled(spill_store, batch)
@@ -577,7 +825,7 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
             continue
         snapshot = table.current_snapshot()
         _delete_spilled(spill_store, batch)
-        return BatchResult(batch, len(records), len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
+        return BatchResult(batch, arrow.num_rows, len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
                            enriched=enriched, level=level, sequence_gaps=gaps,
                            lost=sum(end - start for start, end in lost))
     raise K2Error(f"recovery of {entry.key}: {max_attempts} commit attempts conflicted; run it again")

@@ -6,12 +6,19 @@ trades and quotes, next to a baseline measured in the same run on the same files
 reading the CSVs and writing one zstd Parquet file per file (no validation, no catalog). The
 ratio is K2 rows/s over baseline rows/s. Also reported: normalisation alone (no Iceberg), and
 a second load of the same days (the replace path that a backfill takes).
+
+A second entry, ``trades_generated_day``, does the same at scale: one ASX trading day of 10M
+generated trade rows (tests/support/asx_generator.py, written to a temp dir, with one malformed
+line of each kind, so the dead-letter count is checked exactly), K2 next to pyarrow CSV ->
+Parquet of the same files. ``K2_BENCH_ASX_ROWS`` changes the size.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import resource
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,12 +26,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import pytest
 
 from k2_resources.asx.files import FIELDS, KINDS, default_data_dir, read_raw_day, source_files, trading_days
 from k2_resources.asx.normalise import NORMALISERS
-from k2_resources.asx.writes import ingest_day
+from k2_resources.asx.writes import day_filter, dead_letter_filter, ingest_day
 from k2_resources.iceberg import IcebergResource
 from k2_resources.settings import PROJECT_ROOT
+from tests.support.asx_generator import write_asx_trades_day
 
 EXPECTED_ROWS = {"trades": 200_545, "quotes": 169_629}
 
@@ -106,7 +115,83 @@ def test_asx_ingest_rows_per_second(k2_home: Path, tmp_path: Path) -> None:
         "machine": {"python": platform.python_version(), "pyarrow": pa.__version__, "cpus": __import__("os").cpu_count()},
         **results,
     }
+    _write_report(report)
+    print(json.dumps(report, indent=2))
+
+
+def _write_report(entries: dict) -> None:
+    """Merge ``entries`` into bench-results/asx_ingest.json (both tests of this module write to it)."""
     out = PROJECT_ROOT / "bench-results"
     out.mkdir(exist_ok=True)
-    (out / "asx_ingest.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    path = out / "asx_ingest.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report.update(entries)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _baseline_skipping_bad_rows(data_dir: Path, out_dir: Path) -> tuple[int, float]:
+    """pyarrow CSV -> zstd Parquet for every trades file; rows of the wrong width are skipped (no
+    validation, no dead letters: what a plain converter does). (rows, seconds)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options = pacsv.ParseOptions(invalid_row_handler=lambda row: "skip")
+    start = time.perf_counter()
+    rows = 0
+    for path in source_files(data_dir, "trades"):
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(FIELDS["trades"])),
+                               parse_options=options)
+        pq.write_table(table, out_dir / f"{path.stem}.parquet", compression="zstd")
+        rows += table.num_rows
+    return rows, time.perf_counter() - start
+
+
+@pytest.mark.timeout(900)
+def test_asx_ingest_of_a_10m_row_day(k2_home: Path, tmp_path: Path) -> None:
+    """One generated ASX trading day (K2_BENCH_ASX_ROWS rows, default 10M, with one malformed line of
+    each kind) through ingest_day, next to pyarrow CSV -> Parquet of the same files in the same run."""
+    rows = int(os.environ.get("K2_BENCH_ASX_ROWS", "10000000"))
+    generating = time.perf_counter()
+    generated = write_asx_trades_day(tmp_path / "asx", rows=rows)
+    generate_seconds = time.perf_counter() - generating
+    day = generated.day.isoformat()
+    iceberg = IcebergResource()
+    iceberg.catalog()  # create the tables outside the timed part
+
+    baseline_rows, baseline_seconds = _baseline_skipping_bad_rows(generated.data_dir, tmp_path / "parquet")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    result = ingest_day(generated.data_dir, iceberg, "trades", day)
+    k2_seconds = time.perf_counter() - start
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+    # Validation and dead letters stay exact: every malformed line, and only those, is a dead letter.
+    assert result.raw_rows == rows
+    assert result.rejected == generated.malformed
+    assert result.valid == rows - generated.malformed
+    assert result.rows_per_symbol["BHP"] == generated.rows_per_symbol["BHP"] - generated.malformed
+    letters = iceberg.dead_letters().scan(row_filter=dead_letter_filter("asx_trades", day)).to_arrow()
+    assert letters.num_rows == generated.malformed
+    stored = iceberg.trades().scan(row_filter=day_filter(day), selected_fields=("source_sequence",)).to_arrow()
+    assert stored.num_rows == result.valid
+
+    k2_rate = _rate(rows, k2_seconds)
+    baseline_rate = _rate(rows, baseline_seconds)
+    _write_report({
+        "trades_generated_day": {
+            "what": "one generated ASX trading day (tests/support/asx_generator.py: real price levels, skew, "
+            "qualifiers, venues; fixed seed) through ingest_day; baseline pyarrow CSV -> zstd Parquet of the same "
+            "files, rows of the wrong width skipped",
+            "rows": rows,
+            "valid_rows": result.valid,
+            "dead_letters": result.rejected,
+            "malformed_lines_generated": generated.malformed,
+            "csv_bytes": generated.bytes,
+            "generate_seconds": round(generate_seconds, 1),
+            "k2_csv_to_iceberg": {"seconds": round(k2_seconds, 3), "rows_per_s": k2_rate},
+            "baseline_pyarrow_csv_to_parquet": {"seconds": round(baseline_seconds, 3), "rows_per_s": baseline_rate,
+                                                "rows": baseline_rows},
+            "ratio_k2_to_baseline": round(k2_rate / baseline_rate, 4),
+            "peak_rss_gib": round(peak_gib, 2),
+            "peak_rss_gib_before_ingest": round(peak_before / 2**20, 2),
+            "measured_at": datetime.now(timezone.utc).isoformat(),
+        }
+    })

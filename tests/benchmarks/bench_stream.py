@@ -2,10 +2,16 @@
 
 Writes bench-results/stream.json:
 
-- ``throughput``: 200K trade V2 messages already in a 3-partition topic are committed to
-  market.trades by ``run_microbatch`` (read the exact range, decode, one Iceberg commit per
-  range of at most 50K) in msg/s, next to the raw kafka-python consume rate of the same topic
-  measured in the same run (poll every message, no decoding), and their ratio.
+- ``throughput``: 200K trade V2 messages (with the vendor fields a real Binance trade carries)
+  already in a 3-partition topic are committed to market.trades by ``run_microbatch`` (read the
+  exact range, decode, enrich, one Iceberg commit per range of at most 50K) in msg/s, next to
+  the raw kafka-python consume rate of the same topic measured in the same run (poll every
+  message, no decoding), and their ratio. Two rounds (raw consume, then the sink into a fresh
+  table), best of each: the machine is shared, and a best-of-two on both sides is fair to both.
+- ``parallel_partitions``: 200K messages keyed by symbol (BTCUSDT, ETHUSDT) in a 2-partition
+  topic, placed by K2's SymbolPartitioner (one symbol per partition). The sink rate of one
+  partition in one process, then of both partitions in two processes at once (as the daemon runs
+  two micro-batch runs in parallel), each into a fresh table; the speed-up is their ratio.
 - ``freshness``: a producer sends at a steady 1,000 msg/s for 30 s, each record stamped with
   its event time; the real stream sensor (``evaluate_stream``) ticks every 5 s as the daemon
   would and its micro-batch ranges are run as they are requested. Each row's freshness is the
@@ -17,11 +23,15 @@ Writes bench-results/stream.json:
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance
@@ -31,6 +41,7 @@ from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.schemas import TradeV2, encode_trade
 from k2_resources.settings import PROJECT_ROOT
+from k2_resources.symbol_partitions import SymbolPartitioner, symbol_partition
 from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange
 from k2_resources.trades.sink_settings import TradeSinkResource
@@ -38,18 +49,26 @@ from k2_sensors.binance.stream_sensor import evaluate_stream
 
 THROUGHPUT_MESSAGES = 200_000
 PARTITIONS = 3
+ROUNDS = 2
+PARALLEL_MESSAGES = 200_000
+PARALLEL_SYMBOLS = ("BTCUSDT", "ETHUSDT")
+MICROBATCH = 50_000
 STEADY_RATE = 1_000
 STEADY_SECONDS = 30
 SENSOR_INTERVAL_S = 5.0
 
 
-def _payload(index: int, event_time: datetime) -> bytes:
-    symbol = ("BTCUSDT", "ETHUSDT", "BNBUSDT")[index % 3]
+def _payload(index: int, event_time: datetime, symbol: str | None = None) -> bytes:
+    symbol = symbol or ("BTCUSDT", "ETHUSDT", "BNBUSDT")[index % 3]
+    event_ms = int(event_time.timestamp() * 1000)
     return encode_trade(TradeV2(
         message_id=f"BINANCE-{symbol}-{index}", trade_id=f"BINANCE-{index}", symbol=symbol, exchange="BINANCE",
         asset_class="crypto", timestamp=event_time, price=Decimal("61837.63") + Decimal(index % 1000) / 100,
         quantity=Decimal("0.00120000"), currency="USDT", side=("BUY", "SELL")[index % 2], source_sequence=index,
         ingestion_timestamp=event_time,
+        # What normalise_trade keeps of a live Binance trade message.
+        vendor_data={"E": str(event_ms), "b": str(20720542158 + index), "a": str(20720542592 + index),
+                     "m": "true" if index % 2 else "false", "M": "true", "stream": f"{symbol.lower()}@trade"},
     ).to_record())
 
 
@@ -80,13 +99,74 @@ def _raw_consume_rate(kafka: KafkaResource, topic: str, count: int) -> float:
 def _sink_rate(kafka: KafkaResource, iceberg: IcebergResource, topic: str, count: int) -> tuple[float, int]:
     ends = kafka.end_offsets(topic)
     assert sum(ends.values()) == count
+    iceberg.trades()  # the table exists in steady state: creating it is not the sink's work
     start = time.perf_counter()
     commits = 0
     for partition, end in sorted(ends.items()):
-        for begin in range(0, end, 50_000):
-            run_microbatch(kafka, iceberg, OffsetRange(topic, partition, begin, min(begin + 50_000, end)))
+        for begin in range(0, end, MICROBATCH):
+            run_microbatch(kafka, iceberg, OffsetRange(topic, partition, begin, min(begin + MICROBATCH, end)))
             commits += 1
     return count / (time.perf_counter() - start), commits
+
+
+def _fill_keyed(kafka: KafkaResource, topic: str, count: int) -> None:
+    """Messages keyed by symbol, placed by K2's partitioner (no explicit partition)."""
+    producer = kafka.producer(partitioner=SymbolPartitioner())
+    base = datetime(2024, 8, 9, tzinfo=timezone.utc)
+    for index in range(count):
+        symbol = PARALLEL_SYMBOLS[index % len(PARALLEL_SYMBOLS)]
+        producer.send(topic, key=symbol.encode(), value=_payload(index, base + timedelta(milliseconds=index), symbol))
+    producer.flush()
+    producer.close()
+
+
+def _parallel_sink_rate(kafka: KafkaResource, topic: str, partitions: list[int], home: Path) -> float:
+    """msg/s of sinking ``partitions`` of ``topic``, one process each, all released at once."""
+    home.mkdir(parents=True)
+    env = {**os.environ, "K2_HOME": str(home)}
+    with pytest.MonkeyPatch.context() as patch:  # create the table once, before the sinks start
+        patch.setenv("K2_HOME", str(home))
+        IcebergResource().trades()
+    ends = kafka.end_offsets(topic)
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.support.sink_worker", topic, str(p), str(ends[p]),
+                                 str(MICROBATCH)], env=env, cwd=PROJECT_ROOT, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE) for p in partitions]
+    try:
+        for worker in workers:
+            assert worker.stdout.readline().strip() == "ready"
+        for worker in workers:
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        reports = [json.loads(worker.stdout.readline()) for worker in workers]
+        for worker in workers:
+            assert worker.wait(timeout=120) == 0
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    assert {r["partition"]: r["written"] for r in reports} == {p: ends[p] for p in partitions}
+    seconds = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+    return sum(ends[p] for p in partitions) / seconds
+
+
+def _parallel_partitions(kafka: KafkaResource, topic: str, home: Path) -> dict:
+    kafka.ensure_topic(topic, partitions=len(PARALLEL_SYMBOLS))
+    _fill_keyed(kafka, topic, PARALLEL_MESSAGES)
+    ends = kafka.end_offsets(topic)
+    # The key scheme put each symbol in a partition of its own, evenly.
+    assert {symbol_partition(s, len(PARALLEL_SYMBOLS)) for s in PARALLEL_SYMBOLS} == set(ends)
+    assert sorted(ends.values()) == [PARALLEL_MESSAGES // len(PARALLEL_SYMBOLS)] * len(PARALLEL_SYMBOLS)
+    one = _parallel_sink_rate(kafka, topic, [0], home / "one")
+    both = _parallel_sink_rate(kafka, topic, sorted(ends), home / "two")
+    return {
+        "messages": PARALLEL_MESSAGES,
+        "partitions": len(ends),
+        "symbol_partitions": {s: symbol_partition(s, len(ends)) for s in PARALLEL_SYMBOLS},
+        "one_partition_one_process_msg_s": round(one),
+        "two_partitions_two_processes_msg_s": round(both),
+        "speed_up": round(both / one, 3),
+        "cpu_cores": os.cpu_count(),
+    }
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -166,9 +246,17 @@ def test_stream_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=PARTITIONS)
     _fill(kafka, topic_name, THROUGHPUT_MESSAGES)
-    raw_rate = _raw_consume_rate(kafka, topic_name, THROUGHPUT_MESSAGES)
-    sink_rate, commits = _sink_rate(kafka, iceberg, topic_name, THROUGHPUT_MESSAGES)
-    assert iceberg.trades().scan().count() == THROUGHPUT_MESSAGES
+    raw_rates, sink_rates = [], []
+    for attempt in range(ROUNDS):
+        monkeypatch.setenv("K2_HOME", str(k2_home / f"throughput-{attempt}"))
+        iceberg = IcebergResource()
+        raw_rates.append(_raw_consume_rate(kafka, topic_name, THROUGHPUT_MESSAGES))
+        sink_rate, commits = _sink_rate(kafka, iceberg, topic_name, THROUGHPUT_MESSAGES)
+        sink_rates.append(sink_rate)
+        assert iceberg.trades().scan().count() == THROUGHPUT_MESSAGES
+    raw_rate, sink_rate = max(raw_rates), max(sink_rates)
+
+    parallel = _parallel_partitions(kafka, f"{topic_name}-keyed", k2_home / "parallel")
 
     # A table of its own for the freshness run, so only its rows are measured.
     monkeypatch.setenv("K2_HOME", str(k2_home / "steady"))
@@ -187,7 +275,9 @@ def test_stream_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
             "k2_kafka_to_iceberg_msg_s": round(sink_rate),
             "baseline_raw_kafka_python_consume_msg_s": round(raw_rate),
             "ratio_to_baseline": round(sink_rate / raw_rate, 3),
+            "rounds": {"k2_msg_s": [round(r) for r in sink_rates], "raw_msg_s": [round(r) for r in raw_rates]},
         },
+        "parallel_partitions": parallel,
         "freshness": freshness,
     }
     out = PROJECT_ROOT / "bench-results"

@@ -8,7 +8,7 @@ from k2_assets.cli import build_parser
 from k2_assets.cli.stream import streamer_config
 from k2_resources.binance.client import DEFAULT_LIVE_URL, backoff_delay, combined_stream_url
 from k2_resources.binance.recording_server import RecordedTrade, RecordingServer, requested_symbols
-from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
+from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 
 
 def test_backoff_doubles_from_the_initial_delay_to_the_cap_within_the_jitter():
@@ -45,7 +45,8 @@ def test_k2_stream_binance_needs_no_settings_and_takes_a_local_url_and_symbols()
     args = build_parser().parse_args(["stream", "binance"])
     config = streamer_config(args)
     assert config.stream_url == DEFAULT_LIVE_URL
-    assert (config.topic, config.dlq_topic, config.partitions) == (BINANCE_TRADES_TOPIC, BINANCE_TRADES_DLQ_TOPIC, 3)
+    assert (config.topic, config.dlq_topic, config.partitions) == (BINANCE_TRADES_TOPIC, BINANCE_TRADES_DLQ_TOPIC,
+                                                                    BINANCE_TRADES_PARTITIONS)
     assert args.metrics_port == 9464 and args.source == "live"
     chosen = streamer_config(build_parser().parse_args(
         ["stream", "binance", "--symbols", "xrpusdt", "--url", "ws://127.0.0.1:9443"]))

@@ -1,0 +1,186 @@
+"""SQL over the K2 Iceberg tables with DuckDB, importing neither Dagster nor pyiceberg on the way.
+
+`k2 query sql` starts a new process each time, so what it imports is most of what it costs
+(Dagster takes seconds, pyiceberg's SQL catalog about one more). Each table appears as a view
+``market.<name>`` over DuckDB's ``iceberg_scan`` of the table's current metadata file, so
+filters on symbol, exchange and time are pushed into the scan.
+
+Where the metadata files are: with the default catalog (pyiceberg's SqlCatalog on SQLite,
+warehouse on local files) each table's current metadata location is one row of the catalog's
+``iceberg_tables`` table, read here with sqlite3; a table without a snapshot is an empty view
+of its schema, taken from its metadata file. Any other catalog (REST, Glue, S3 warehouses) goes
+through :class:`k2_resources.duckdb_query.DuckDBQueryResource`, which asks pyiceberg.
+
+The DuckDB extensions come from their PyPI packages, because DuckDB cannot download extensions
+on machines without internet access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import unquote, urlparse
+
+import duckdb
+
+from k2_resources.catalog_settings import catalog_properties as resolve_catalog_properties
+from k2_resources.settings import state_dir
+
+NAMESPACE = "market"
+CATALOG_NAME = "k2"
+_EXTENSION_PACKAGES = ("duckdb_extension_avro", "duckdb_extension_iceberg")
+
+
+def _packaged_extension(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the Python package {package} is missing; run `make install` (or `uv sync`) to install it")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    version = f"v{duckdb.__version__}"
+    candidates = sorted(root.glob(f"extensions/{version}/*.duckdb_extension")) or sorted(
+        root.glob("extensions/*/*.duckdb_extension")
+    )
+    if not candidates:
+        raise RuntimeError(f"{package} carries no DuckDB extension for duckdb {duckdb.__version__}; "
+                           "install the duckdb-extension-* version that matches duckdb")
+    return candidates[0]
+
+
+def connect_with_iceberg(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the avro and iceberg extensions loaded from their PyPI packages."""
+    connection = duckdb.connect(database)
+    connection.execute("SET extension_directory = ?", [str(state_dir("duckdb", "extensions"))])
+    connection.execute("SET TimeZone = 'UTC'")
+    for package in _EXTENSION_PACKAGES:
+        name = package.removeprefix("duckdb_extension_")
+        try:
+            connection.execute(f"LOAD {name}")  # name is one of two constants above
+        except duckdb.Error:
+            # INSTALL takes no bound parameters; the path is the installed package's own file.
+            path = str(_packaged_extension(package)).replace("'", "''")
+            connection.execute(f"FORCE INSTALL '{path}'")
+            connection.execute(f"LOAD {name}")
+    return connection
+
+
+def _local_path(location: str) -> Path | None:
+    """A local file path from a ``file://`` URI or a plain path; None for object stores."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and location.startswith("/"):
+        return Path(location)
+    return None
+
+
+def sqlite_table_locations(properties: dict[str, str], catalog_name: str = CATALOG_NAME,
+                           namespace: str = NAMESPACE) -> dict[str, str] | None:
+    """``{"market.trades": <metadata location>, ...}`` read from a SQLite SqlCatalog with sqlite3;
+    None when the catalog is not a SQLite SqlCatalog on local files, or holds no K2 table yet
+    (the caller then goes through pyiceberg, which also creates the tables)."""
+    uri = properties.get("uri", "")
+    if properties.get("type", "sql") != "sql" or not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True) as connection:
+            rows = connection.execute(
+                "SELECT table_name, metadata_location FROM iceberg_tables "
+                "WHERE catalog_name = ? AND table_namespace = ?",
+                [catalog_name, namespace],
+            ).fetchall()
+    except sqlite3.Error:
+        return None
+    locations = {f"{namespace}.{name}": location for name, location in rows if location}
+    if not locations or any(_local_path(location) is None for location in locations.values()):
+        return None
+    return locations
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def duckdb_type(iceberg_type: Any) -> str:
+    """The DuckDB type of an Iceberg type as written in table metadata JSON."""
+    if isinstance(iceberg_type, dict):
+        kind = iceberg_type["type"]
+        if kind == "list":
+            return f"{duckdb_type(iceberg_type['element'])}[]"
+        if kind == "map":
+            return f"MAP({duckdb_type(iceberg_type['key'])}, {duckdb_type(iceberg_type['value'])})"
+        if kind == "struct":
+            return "STRUCT(" + ", ".join(f"{_quote(f['name'])} {duckdb_type(f['type'])}" for f in iceberg_type["fields"]) + ")"
+        raise ValueError(f"unknown Iceberg type {iceberg_type!r}")
+    name = str(iceberg_type)
+    if name.startswith("decimal("):
+        return name.upper()
+    if name.startswith("fixed["):
+        return "BLOB"
+    simple = {"boolean": "BOOLEAN", "int": "INTEGER", "long": "BIGINT", "float": "FLOAT", "double": "DOUBLE",
+              "date": "DATE", "time": "TIME", "timestamp": "TIMESTAMP", "timestamptz": "TIMESTAMPTZ",
+              "timestamp_ns": "TIMESTAMP_NS", "timestamptz_ns": "TIMESTAMPTZ", "string": "VARCHAR",
+              "uuid": "UUID", "binary": "BLOB"}
+    if name not in simple:
+        raise ValueError(f"unknown Iceberg type {name!r}")
+    return simple[name]
+
+
+def create_views(connection: duckdb.DuckDBPyConnection, locations: dict[str, str]) -> None:
+    """One view per table over ``iceberg_scan`` of its metadata file (bound, never pasted); a table
+    without a snapshot becomes an empty view of its current schema."""
+    schemas = {identifier.split(".", 1)[0] for identifier in locations}
+    for schema in sorted(schemas):
+        connection.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
+    for identifier, location in sorted(locations.items()):
+        schema, name = identifier.split(".", 1)
+        view = f"{_quote(schema)}.{_quote(name)}"
+        path = _local_path(location)
+        metadata = json.loads(path.read_text()) if path is not None else None
+        snapshot = None if metadata is None else metadata.get("current-snapshot-id")
+        if metadata is not None and snapshot in (None, -1):
+            current = next(s for s in metadata["schemas"] if s["schema-id"] == metadata.get("current-schema-id", 0))
+            columns = ", ".join(f"CAST(NULL AS {duckdb_type(f['type'])}) AS {_quote(f['name'])}" for f in current["fields"])
+            connection.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} WHERE false")
+            continue
+        variable = "k2_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{schema}_{name}") + "_metadata"
+        # The metadata location goes in as a bound parameter, never pasted into the SQL.
+        connection.execute(f"SET VARIABLE {variable} = ?", [location])
+        connection.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM iceberg_scan(getvariable('{variable}'))")
+
+
+def connect_tables(threads: int = 2, catalog_properties: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection whose ``market.*`` views read each table's current snapshot.
+
+    The SQLite catalog is read directly; any other catalog through DuckDBQueryResource (pyiceberg).
+    """
+    locations = sqlite_table_locations(resolve_catalog_properties(catalog_properties))
+    if locations is None:
+        # Not the SQLite catalog on local files, or no tables yet: pyiceberg reads (and creates) them.
+        from k2_resources.duckdb_query import DuckDBQueryResource
+        from k2_resources.iceberg import IcebergResource
+
+        return DuckDBQueryResource(iceberg=IcebergResource(catalog_properties=catalog_properties),
+                                   threads=threads).connect()
+    connection = connect_with_iceberg()
+    connection.execute("SET threads = ?", [threads])
+    create_views(connection, locations)
+    return connection
+
+
+def run_sql(sql: str, parameters: Sequence[Any] | None = None, threads: int = 2,
+            catalog_properties: dict[str, str] | None = None) -> tuple[list[str], list[tuple]]:
+    """Run SQL (``?`` parameters for values) over the K2 tables: (column names, rows as tuples)."""
+    connection = connect_tables(threads, catalog_properties)
+    try:
+        cursor = connection.execute(sql, list(parameters or []))
+        columns = [d[0] for d in cursor.description or []]
+        return columns, cursor.fetchall()
+    finally:
+        connection.close()
