@@ -13,6 +13,13 @@ from pydantic import Field
 
 from k2_resources.errors import KafkaUnavailableError
 from k2_resources.kafka_broker import DEFAULT_PORT
+from k2_resources.kafka_cluster import replication_for
+
+
+def _registered_broker_count(admin: KafkaAdminClient) -> int:
+    """The cluster's size: every registered broker, fenced (down for now) ones included, so a topic
+    created while one broker is away still gets full replication (or Kafka's own clear refusal)."""
+    return len(admin.describe_cluster()["brokers"])
 
 
 def default_bootstrap_servers() -> str:
@@ -90,13 +97,18 @@ class KafkaResource(ConfigurableResource):
             raise self._unreachable(exc) from exc
 
     def ensure_topic(self, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> None:
-        """Create the topic unless it exists (a no-op then, whatever its settings)."""
+        """Create the topic unless it exists (a no-op then, whatever its settings).
+
+        Its replication follows the cluster's size (replication_for), so the same call makes a
+        single-replica topic on the embedded broker and a 3-replica one on a cluster.
+        """
         admin = self.admin()
         try:
             if name in admin.list_topics():
                 return
-            admin.create_topics([NewTopic(name=name, num_partitions=partitions, replication_factor=1,
-                                          topic_configs=config or {})])
+            replication, settings = replication_for(_registered_broker_count(admin))
+            admin.create_topics([NewTopic(name=name, num_partitions=partitions, replication_factor=replication,
+                                          topic_configs={**settings, **(config or {})})])
         except TopicAlreadyExistsError:
             pass
         finally:

@@ -4,6 +4,8 @@
 ``infra/kafka/pom.xml`` (cached under K2_HOME), formats the KRaft storage once, and runs
 ``kafka.Kafka`` listening on 127.0.0.1 only. Its log directories and logs stay under
 ``K2_HOME/kafka`` (or the folder given), so several brokers (one per test run) can coexist.
+The same class runs each node of the local 3-broker cluster (k2_resources/kafka_cluster.py): a
+node id, the quorum's voters, a shared cluster id and the replication settings are fields.
 """
 
 from __future__ import annotations
@@ -42,6 +44,34 @@ def _require(tool: str, fix: str) -> str:
     return path
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (base64 of a UUID, never starting with '-', which the storage tool reads as an option)."""
+    cluster_id = "-"
+    while cluster_id.startswith("-"):
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    return cluster_id
+
+
+def resolve_classpath(cached: Path) -> str:
+    """The broker's runtime classpath, resolved by Maven from infra/kafka/pom.xml once and cached in ``cached``."""
+    if cached.exists() and cached.stat().st_mtime >= POM.stat().st_mtime and cached.read_text().strip():
+        return cached.read_text().strip()
+    mvn = _require("mvn", "install Maven (Debian: `apt-get install maven`) so K2 can fetch the Kafka jars")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
+         f"-Dmdep.outputFile={cached}", "-Dmdep.includeScope=runtime"],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0 or not cached.exists():
+        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+        raise KafkaUnavailableError(
+            "Maven could not resolve the Kafka jars from Maven Central; check network access "
+            "to Maven Central (or a mirror in ~/.m2/settings.xml):\n" + "\n".join(tail)
+        )
+    return cached.read_text().strip()
+
+
 def _java_major(java: str) -> int:
     out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
     # e.g. openjdk version "17.0.15" 2025-04-15
@@ -55,12 +85,24 @@ def _java_major(java: str) -> int:
 
 @dataclass
 class KafkaBroker:
-    """One single-node KRaft broker whose state lives in ``home``."""
+    """One KRaft node (broker and controller in one process) whose state lives in ``home``.
+
+    The defaults make the embedded single-node broker; a cluster node sets ``node_id``,
+    ``quorum_voters`` (``id@host:port,...`` of every controller), one ``cluster_id`` shared by all
+    nodes, ``replication_factor`` and ``min_insync_replicas``.
+    """
 
     home: Path
     port: int = DEFAULT_PORT
     controller_port: int = DEFAULT_CONTROLLER_PORT
     heap: str = "512m"
+    node_id: int = 1
+    quorum_voters: str | None = None  # None: this node alone
+    cluster_id: str | None = None  # None: a new random id when the storage is formatted
+    replication_factor: int = 1  # default for new topics and for Kafka's internal topics
+    min_insync_replicas: int = 1
+    classpath_cache: Path | None = None  # None: classpath.txt in ``home``
+    port_fix: str = "set K2_KAFKA_PORT"  # how a user picks other ports, named when a port is taken
 
     @classmethod
     def default(cls) -> "KafkaBroker":
@@ -91,29 +133,13 @@ class KafkaBroker:
 
     def classpath(self) -> str:
         """The broker's runtime classpath, resolved by Maven once and cached beside the state."""
-        cached = self.home / "classpath.txt"
-        if cached.exists() and cached.stat().st_mtime >= POM.stat().st_mtime and cached.read_text().strip():
-            return cached.read_text().strip()
-        mvn = _require("mvn", "install Maven (Debian: `apt-get install maven`) so K2 can fetch the Kafka jars")
-        self.home.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
-             f"-Dmdep.outputFile={cached}", "-Dmdep.includeScope=runtime"],
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0 or not cached.exists():
-            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-            raise KafkaUnavailableError(
-                "Maven could not resolve the Kafka jars from Maven Central; check network access "
-                "to Maven Central (or a mirror in ~/.m2/settings.xml):\n" + "\n".join(tail)
-            )
-        return cached.read_text().strip()
+        return resolve_classpath(self.classpath_cache or self.home / "classpath.txt")
 
     def _properties(self) -> Path:
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.quorum_voters or f"{self.node_id}@127.0.0.1:{self.controller_port}",
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
@@ -122,12 +148,14 @@ class KafkaBroker:
             "log.dirs": str(self.log_dirs),
             "num.partitions": "1",
             "auto.create.topics.enable": "true",
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": str(self.replication_factor),
+            "min.insync.replicas": str(self.min_insync_replicas),
+            "offsets.topic.replication.factor": str(self.replication_factor),
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "transaction.state.log.replication.factor": str(self.replication_factor),
+            "transaction.state.log.min.isr": str(self.min_insync_replicas),
+            "share.coordinator.state.topic.replication.factor": str(self.replication_factor),
+            "share.coordinator.state.topic.min.isr": str(self.min_insync_replicas),
             # Consumers join at once; a single-node broker has nobody else to wait for.
             "group.initial.rebalance.delay.ms": "0",
             "log.retention.hours": "168",
@@ -147,9 +175,7 @@ class KafkaBroker:
     def _format_storage(self, classpath: str, properties: Path) -> None:
         if (self.log_dirs / "meta.properties").exists():
             return
-        cluster_id = "-"
-        while cluster_id.startswith("-"):  # the storage tool would read a leading '-' as an option
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = self.cluster_id or new_cluster_id()
         result = subprocess.run(
             self._java_command(classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
                                "-c", str(properties), "--ignore-formatted"),
@@ -208,7 +234,7 @@ class KafkaBroker:
                 tail = self.log_file.read_text(errors="replace").splitlines()[-20:]
                 raise KafkaUnavailableError(
                     f"the Kafka broker exited with code {process.returncode}; is port {self.port} or "
-                    f"{self.controller_port} in use (set K2_KAFKA_PORT)? Last log lines:\n" + "\n".join(tail)
+                    f"{self.controller_port} in use ({self.port_fix})? Last log lines:\n" + "\n".join(tail)
                 )
             if self.is_ready(timeout_s=1.0):
                 return
@@ -237,6 +263,25 @@ class KafkaBroker:
             time.sleep(0.2)
         else:
             os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """SIGKILL the broker, as a crash would (no clean shutdown), and wait until it is gone."""
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child: reap it, or it stays a zombie
+                    break
+            except ChildProcessError:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.1)
         self.pid_file.unlink(missing_ok=True)
 
     def status(self) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from k2_resources.kafka_broker import KafkaBroker, free_port
+from tests.support.kafka_cluster import running_kafka_cluster
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +24,15 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
     else:
         os.environ["K2_KAFKA_BOOTSTRAP"] = previous
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real 3-broker KRaft cluster (replication 3, min ISR 2) on free ports, for the whole test session.
+
+    It does not set K2_KAFKA_BOOTSTRAP (other tests use `kafka_broker`): point K2 at
+    ``kafka_cluster.bootstrap_servers`` yourself."""
+    yield from running_kafka_cluster(tmp_path_factory.mktemp("kafka-cluster"))
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "instance": ("instance", "create or migrate the Dagster instance (before starting services)"),
     "demo": ("demo", "run the whole platform headless on the embedded default, then stop"),
     "kafka": ("kafka", "start, stop or inspect the embedded Kafka broker"),
+    "cluster": ("cluster", "start, stop or inspect the local scale-out topology (3 Kafka brokers ...)"),
     "query": ("query", "query the Iceberg tables"),
     "offsets": ("offsets", "show or reset the Kafka offsets market.trades has committed"),
     "stream": ("stream", "stream a live source into Kafka"),

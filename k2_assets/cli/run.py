@@ -7,6 +7,8 @@ streamer, the metrics exporter, the Dagster daemon and the webserver. Each servi
 K2_HOME/logs; one that dies is reported with the last lines of its log and restarted with
 backoff, and a stopped embedded broker is started again (k2_assets/cli/supervise.py has the
 policy); process ids are in K2_HOME/run/*.pid. Ctrl-C stops all of it, Kafka last.
+With ``--cluster`` the variables `k2 cluster start` wrote to K2_HOME/cluster/env.sh are set first
+(K2_KAFKA_BOOTSTRAP and the others), so the platform runs on the local cluster instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k2_assets.cli.supervise import Supervisor
+from k2_resources.cluster_env import read_env_file
 from k2_resources.errors import K2Error
 from k2_resources.kafka_broker import KafkaBroker
 from k2_resources.operations.dagster_instance import prepare_instance
@@ -33,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="start Kafka and the Dagster UI on 127.0.0.1 (Ctrl-C stops all)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("K2_DAGSTER_PORT", 3000)))
     parser.add_argument("--no-stream", action="store_true", help="do not start the Binance streamer")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run on the local cluster of `k2 cluster start` (the variables in K2_HOME/cluster/env.sh)")
     parser.set_defaults(handler=_run)
 
 
@@ -99,6 +104,9 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
+    if args.cluster:
+        # The cluster's settings win over the shell's: --cluster asks for that cluster.
+        os.environ.update(read_env_file())
     home = dagster_home()
     print(f"K2_HOME={k2_home()}", flush=True)
     print(prepare_instance(home).describe(), flush=True)

@@ -1,0 +1,108 @@
+"""K2 on a replicated Kafka cluster: a broker killed with SIGKILL mid-stream loses nothing.
+
+The bundled recording (tests/support/recorded.py) is played by the local recording server and
+streamed by K2's streamer (idempotent acks=all producer) into a topic of the local 3-broker
+cluster; half-way the leader of partition 0 is killed with SIGKILL, the stream goes on with two
+brokers (min.insync.replicas=2), and the broker is started again later. The real stream sensor
+then drives micro-batches into Iceberg until the lag is zero: every trade is there exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from dagster import DagsterInstance
+
+from k2_resources.binance.recording_server import RecordedTrade, RecordingServerThread, Tape
+from k2_resources.binance.streamer import stream_to_kafka
+from k2_resources.iceberg import IcebergResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.topics import dead_letter_topic
+from k2_resources.trades.offsets import committed_offsets
+from k2_sensors.binance.driver import drive
+from tests.support.kafka_cluster import partition_replicas, topic_settings
+from tests.support.recorded import recorded_trades_in_time_order
+from tests.support.stream import stream_defs
+from tests.support.waiting import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+PER_SYMBOL = 1_500  # BTCUSDT and ETHUSDT: 3,000 trades
+PLAYBACK_S = 20.0  # how long the server takes to play them, so the kill lands mid-stream
+SYMBOLS = ["BTCUSDT", "ETHUSDT"]
+
+
+def recorded_tape() -> list[RecordedTrade]:
+    """The recorded trades as the recording server's tape, in time order."""
+    return [RecordedTrade(r["symbol"], r["source_sequence"], str(r["price"]), str(r["quantity"]),
+                          int(r["timestamp"].timestamp() * 1000), r["side"] == "SELL")
+            for r in recorded_trades_in_time_order(PER_SYMBOL)]
+
+
+def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
+        k2_home, kafka_cluster, topic_name, monkeypatch):
+    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP", kafka_cluster.bootstrap_servers)
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    servers = kafka_cluster.bootstrap_servers
+    tape = recorded_tape()
+
+    # Topics take their replication from the cluster: 3 replicas, two of them needed for a write.
+    kafka.ensure_topic(topic_name, partitions=3)
+    replicas = partition_replicas(servers, topic_name)
+    assert [r["replicas"] for r in replicas.values()] == [[1, 2, 3]] * 3
+    assert topic_settings(servers, topic_name)["min.insync.replicas"] == "2"
+
+    def produced() -> int:
+        return sum(kafka.end_offsets(topic_name).values())
+
+    speed = Tape(tape).compressed_span_ms / 1000 / PLAYBACK_S  # the server's timeline, pauses capped at 1 s
+    stats: dict = {}
+    with RecordingServerThread(trades=tape, speed=speed) as server:
+        def stream() -> None:
+            stats["result"] = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, symbols=SYMBOLS,
+                                              dlq_topic=dead_letter_topic(topic_name), partitions=3,
+                                              backoff_initial_s=0.05, backoff_max_s=0.5)
+
+        streamer = threading.Thread(target=stream, name="k2-streamer")
+        streamer.start()
+        wait_for(lambda: produced() >= len(tape) // 2 or not streamer.is_alive(), timeout_s=120,
+                 what="the streamer to put half of the trades in Kafka", interval_s=0.05)
+        assert streamer.is_alive(), "the stream ended before the kill; raise PLAYBACK_S"
+        victim = replicas[0]["leader"]
+        killed_at = produced()
+        kafka_cluster.kill(victim)
+        assert victim not in kafka_cluster.running()
+
+        # Two brokers left: a new leader takes over and the stream goes on.
+        wait_for(lambda: produced() >= killed_at + len(tape) // 8, timeout_s=120,
+                 what=f"the stream to go on with broker {victim} dead", interval_s=0.2)
+        assert victim not in kafka_cluster.running()
+        assert partition_replicas(servers, topic_name)[0]["leader"] not in (victim, -1)  # failed over
+        restart_began = time.monotonic()
+        kafka_cluster.restart(victim)
+        restart_s = time.monotonic() - restart_began
+        streamer.join(timeout=180)
+        assert not streamer.is_alive(), "the streamer did not finish the recording"
+        sent = server.stats()
+
+    print(f"\nkilled broker {victim} at {killed_at} of {len(tape)} trades; restarted in {restart_s:.1f}s")
+    assert sent.finished and sent.unique_trades == len(tape)
+    assert stats["result"].ended_by == "end_of_recording"
+    assert produced() == len(tape)  # idempotent acks=all: no record written twice by retries
+    wait_for(lambda: all(r["isr"] == [1, 2, 3] for r in partition_replicas(servers, topic_name).values()),
+             timeout_s=120, what=f"broker {victim} back in every partition's in-sync replicas")
+
+    with DagsterInstance.ephemeral() as instance:
+        report = drive(instance, stream_defs(topic_name, max_batch=1_000), until=lambda r: r.lag == 0, timeout_s=300)
+    assert report.failed_runs == 0
+    assert report.lag == 0 and report.last_checks["consumer_lag"]["passed"] is True
+
+    rows = iceberg.trades().scan(selected_fields=("trade_id", "symbol", "source_sequence")).to_arrow().to_pylist()
+    trade_ids = [row["trade_id"] for row in rows]
+    assert len(trade_ids) == len(set(trade_ids)) == len(tape)
+    assert {(row["symbol"], row["source_sequence"]) for row in rows} == {(t.symbol, t.trade_id) for t in tape}
+    # Keyed by symbol: BTCUSDT and ETHUSDT fill two partitions, the third stays empty (nothing to commit).
+    written = {partition: end for partition, end in kafka.end_offsets(topic_name).items() if end}
+    assert committed_offsets(iceberg.trades(), topic_name) == written
