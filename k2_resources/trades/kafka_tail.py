@@ -24,11 +24,10 @@ import pyarrow as pa
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from k2_resources.errors import K2Error, KafkaUnavailableError, SchemaMismatchError
-from k2_resources.iceberg import to_arrow
+from k2_resources.errors import K2Error, KafkaUnavailableError
 from k2_resources.kafka import KafkaResource
-from k2_resources.schemas import decode_trade
 from k2_resources.tables import TRADES
+from k2_resources.trades.microbatch import decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -212,17 +211,24 @@ class KafkaTail:
         queue = {p: list(ranges) for p, ranges in wanted.items()}
         while any(queue.values()):
             batch = {p: ranges.pop(0) for p, ranges in queue.items() if ranges}
-            records = self._fetch_ranges(consumer, topic, batch, stats)
+            messages = self._fetch_ranges(consumer, topic, batch, stats)
             for partition, (start, end) in batch.items():
-                rows = records[partition]
-                building = time.perf_counter()
-                frame = pl.from_arrow(to_arrow(rows, TRADES)) if rows else _EMPTY.clear()
-                stats.decode_seconds += time.perf_counter() - building
+                offsets, values = messages[partition]
+                decoding = time.perf_counter()
+                # The sink's whole-batch decoder: the same rows, and the same messages set aside,
+                # that a micro-batch of this range would have (it dead-letters them; a query skips them).
+                decoded = decode_batch(offsets, values)
+                stats.undecodable += len(decoded.dead_letters)
+                stats.fetched_messages += decoded.rows.num_rows
+                frame = pl.from_arrow(decoded.rows) if decoded.rows.num_rows else _EMPTY.clear()
+                assert isinstance(frame, pl.DataFrame)
+                stats.decode_seconds += time.perf_counter() - decoding
                 result.setdefault(partition, []).append((start, end, frame))
         return result
 
     def _fetch_ranges(self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]],
-                      stats: TailStats) -> dict[int, list[dict]]:
+                      stats: TailStats) -> dict[int, tuple[list[int], list[bytes | None]]]:
+        """The raw messages of each range: (offsets, values) per partition."""
         partitions = {p: TopicPartition(topic, p) for p in ranges}
         beginnings = consumer.beginning_offsets(list(partitions.values()),
                                                 timeout_ms=int(self.connect_timeout_s * 1000))
@@ -237,7 +243,7 @@ class KafkaTail:
         consumer.assign(list(partitions.values()))
         for partition, (start, _) in ranges.items():
             consumer.seek(partitions[partition], start)
-        records: dict[int, list[dict]] = {p: [] for p in ranges}
+        messages_read: dict[int, tuple[list[int], list[bytes | None]]] = {p: ([], []) for p in ranges}
         pending = set(ranges)
         deadline = time.monotonic() + self.timeout_s
         while pending:
@@ -248,32 +254,21 @@ class KafkaTail:
                 )
             polling = time.perf_counter()
             polled = consumer.poll(timeout_ms=200, max_records=20_000)
-            decoding = time.perf_counter()
-            stats.poll_seconds += decoding - polling
+            stats.poll_seconds += time.perf_counter() - polling
             for tp, messages in polled.items():
                 start, end = ranges[tp.partition]
-                out = records[tp.partition]
+                offsets, values = messages_read[tp.partition]
                 for message in messages:
-                    if message.offset < start or message.offset >= end:
-                        continue
-                    try:
-                        record = decode_trade(message.value)
-                    except (SchemaMismatchError, ValueError, EOFError, TypeError) as exc:
-                        # The sink dead-letters it with the reason; a query skips it.
-                        stats.undecodable += 1
-                        log.debug("skipping undecodable %s[%d]@%d: %s", topic, tp.partition, message.offset, exc)
-                        continue
-                    record["platform_sequence"] = message.offset
-                    out.append(record)
-                    stats.fetched_messages += 1
-            stats.decode_seconds += time.perf_counter() - decoding
+                    if start <= message.offset < end:
+                        offsets.append(message.offset)
+                        values.append(message.value)
             for partition in list(pending):
                 position = consumer.position(partitions[partition])
                 if position is not None and position >= ranges[partition][1]:
                     pending.discard(partition)
                     consumer.pause(partitions[partition])
         consumer.resume(*partitions.values())
-        return records
+        return messages_read
 
     def close(self) -> None:
         with self._lock:

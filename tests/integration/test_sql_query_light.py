@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from pyiceberg.io.pyarrow import _determine_partitions
@@ -22,7 +24,7 @@ from k2_resources.asx.writes import ingest_day, partition_slices
 from k2_resources.catalog_settings import catalog_properties
 from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.iceberg import IcebergResource
-from k2_resources.sql_query import run_sql, sqlite_table_locations
+from k2_resources.sql_query import live_data_files, run_sql, sqlite_table_locations
 from tests.support.asx_generator import MALFORMED_LINES, write_asx_trades_day
 
 
@@ -34,8 +36,15 @@ def generated_day(tmp_path: Path):
 def test_light_sql_answers_what_the_resource_answers(k2_home: Path, generated_day) -> None:
     iceberg = IcebergResource()
     ingest_day(generated_day.data_dir, iceberg, "trades", generated_day.day.isoformat())
+    # Loaded again: the replace deletes the first load's files, which the manifests then list as deleted.
+    ingest_day(generated_day.data_dir, iceberg, "trades", generated_day.day.isoformat())
     locations = sqlite_table_locations(catalog_properties())
     assert locations is not None and {"market.trades", "market.quotes", "market.dead_letters"} <= set(locations)
+    trades_metadata = json.loads(Path(urlparse(locations["market.trades"]).path).read_text())
+    live_files = live_data_files(trades_metadata)
+    assert live_files, "the trades table should be read as plain Parquet files, without the iceberg extension"
+    planned = {Path(urlparse(task.file.file_path).path).name for task in iceberg.trades().scan().plan_files()}
+    assert planned == {Path(file).name for file in live_files}
     resource = DuckDBQueryResource(iceberg=iceberg)
     for sql in ("select count(*), sum(price), min(timestamp), max(source_sequence) from market.trades",
                 "select symbol, count(*) from market.trades group by 1 order by 1",
