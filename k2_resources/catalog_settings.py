@@ -21,14 +21,32 @@ def default_catalog_properties() -> dict[str, str]:
     }
 
 
+# Environment variable -> pyiceberg catalog property, beyond the URI and type: a REST catalog's
+# credential (``key:secret``, OAuth2 client credentials) and the S3 object store the table files live in.
+ENV_CATALOG_PROPERTIES = {
+    "K2_ICEBERG_WAREHOUSE": "warehouse",
+    "K2_ICEBERG_CATALOG_CREDENTIAL": "credential",
+    "K2_S3_ENDPOINT": "s3.endpoint",
+    "K2_S3_ACCESS_KEY_ID": "s3.access-key-id",
+    "K2_S3_SECRET_ACCESS_KEY": "s3.secret-access-key",
+    "K2_S3_REGION": "s3.region",
+    "K2_S3_PATH_STYLE_ACCESS": "s3.path-style-access",
+}
+
+
 def env_catalog_properties() -> dict[str, str] | None:
-    """Catalog properties from ``K2_ICEBERG_CATALOG_URI`` / ``K2_ICEBERG_WAREHOUSE`` when set."""
+    """Catalog properties from ``K2_ICEBERG_CATALOG_URI`` / ``K2_ICEBERG_CATALOG_TYPE`` and the
+    variables of :data:`ENV_CATALOG_PROPERTIES` when the URI is set (an S3 endpoint implies
+    path-style access, which local object stores such as SeaweedFS and MinIO need)."""
     uri = os.environ.get("K2_ICEBERG_CATALOG_URI")
     if not uri:
         return None
     props = {"uri": uri, "type": os.environ.get("K2_ICEBERG_CATALOG_TYPE", "sql")}
-    if os.environ.get("K2_ICEBERG_WAREHOUSE"):
-        props["warehouse"] = os.environ["K2_ICEBERG_WAREHOUSE"]
+    for variable, prop in ENV_CATALOG_PROPERTIES.items():
+        if os.environ.get(variable):
+            props[prop] = os.environ[variable]
+    if "s3.endpoint" in props:
+        props.setdefault("s3.path-style-access", "true")
     return props
 
 

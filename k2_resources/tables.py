@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+from pyiceberg.io.pyarrow import schema_to_pyarrow
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table.sorting import SortField, SortOrder
@@ -121,7 +122,11 @@ class TableDefinition:
         return f"{NAMESPACE}.{self.name}"
 
     def arrow_schema(self) -> pa.Schema:
-        return self.schema.as_arrow()
+        """The Arrow schema of the table's rows, without Iceberg field ids: pyiceberg then matches
+        columns to the table by name. A REST catalog may number nested fields its own way when it
+        creates a table (SeaweedFS numbers depth-first: trades' list element becomes 12, not 16), and
+        ids taken from this definition would then not match the table's."""
+        return schema_to_pyarrow(self.schema, include_field_ids=False)
 
 
 TRADES = TableDefinition("trades", TRADES_SCHEMA, _MARKET_SPEC, _MARKET_SORT)

@@ -9,6 +9,7 @@ import pytest
 
 from k2_resources.kafka_broker import KafkaBroker, free_port
 from tests.support.kafka_cluster import running_kafka_cluster
+from tests.support.cluster_services import running_object_store, running_postgres
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,20 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory):
     It does not set K2_KAFKA_BOOTSTRAP (other tests use `kafka_broker`): point K2 at
     ``kafka_cluster.bootstrap_servers`` yourself."""
     yield from running_kafka_cluster(tmp_path_factory.mktemp("kafka-cluster"))
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory):
+    """SeaweedFS (S3 + Iceberg REST catalog, `k2 cluster`'s object store) on free ports, for the whole
+    test session. Tests point K2 at it with ``object_store.env()``."""
+    yield from running_object_store(tmp_path_factory.mktemp("object-store"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Postgres (`k2 cluster`'s Dagster storage) on a free port, database `dagster`, for the whole test
+    session. Tests point Dagster at it with ``postgres_server.env()``."""
+    yield from running_postgres()
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
   command -v chromium >/dev/null 2>&1 || need+=(chromium)  # tests/ui: headless browser driven by Playwright
+  # `k2 cluster` and tests/integration/test_cluster_services.py: Postgres for the Dagster instance
+  # (Debian keeps the server binaries in /usr/lib/postgresql/<version>/bin, off PATH)
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 fi
 
 if [[ ${#need[@]} -eq 0 ]]; then

@@ -7,6 +7,7 @@ from typing import Literal
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from k2_resources.catalog_errors import explaining_catalog_errors
 from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.iceberg import IcebergResource
@@ -59,14 +60,16 @@ def binance_trades(
     batch = OffsetRange(config.topic, config.partition, config.start_offset, config.end_offset)
     level = DegradationLevel(config.degradation_level)
     shedder, spill_store = degradation.load_shedder(), degradation.spill_store()
-    if config.mode == RECOVER:
-        result = recover_range(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
-        done = "is not pending (already recovered)" if result.already_committed else f"recovered: {result.written} rows"
-        context.log.info(f"{batch.key} {done}")
-    else:
-        result = run_microbatch(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
-        if result.already_committed:
-            context.log.info(f"{batch.key} is already in market.trades: nothing written")
+    # A catalog or object store that is down fails the run with one error naming it and the fix.
+    with explaining_catalog_errors(iceberg.catalog_properties):
+        if config.mode == RECOVER:
+            result = recover_range(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
+            done = "is not pending (already recovered)" if result.already_committed else f"recovered: {result.written} rows"
+            context.log.info(f"{batch.key} {done}")
+        else:
+            result = run_microbatch(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
+            if result.already_committed:
+                context.log.info(f"{batch.key} is already in market.trades: nothing written")
     return MaterializeResult(
         metadata={
             "mode": config.mode,

@@ -14,11 +14,15 @@ recreated); otherwise :func:`prepare_instance` stops with a message naming the f
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sqlite3
 from contextlib import closing, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psycopg2
+import yaml
 
 from k2_resources.errors import K2Error
 from k2_resources.settings import PROJECT_ROOT
@@ -88,10 +92,56 @@ def prepare_instance(home: Path, config: Path | None = EMBEDDED_INSTANCE_CONFIG,
         shutil.copyfile(config, home / "dagster.yaml")
     elif not (home / "dagster.yaml").exists():
         raise K2Error(f"{home} has no dagster.yaml; copy {EMBEDDED_INSTANCE_CONFIG} there or pass a config")
+    postgres = postgres_settings(home)
+    if postgres is not None:
+        _check_postgres_answers(home, postgres)
+        _open_every_storage(home, migrate=migrate)
+        return InstanceReport(home=home, created=False)
     repaired = _repair_if_broken(home)
     created = not any((home / relative).exists() for relative in _SQLITE_DATABASES)
     _open_every_storage(home, migrate=migrate)
     return InstanceReport(home=home, created=created and not repaired, repaired=repaired)
+
+
+def postgres_settings(home: Path) -> dict[str, str] | None:
+    """The Postgres connection of the instance in ``home`` (its dagster.yaml's ``storage.postgres.postgres_db``,
+    ``env:`` entries resolved, with the variable each came from under ``<key>_from``); None for other storage."""
+    try:
+        config = yaml.safe_load((home / "dagster.yaml").read_text()) or {}
+    except FileNotFoundError:
+        return None
+    database = ((config.get("storage") or {}).get("postgres") or {}).get("postgres_db")
+    if not isinstance(database, dict):
+        return None
+    settings: dict[str, str] = {}
+    for key in ("hostname", "port", "username", "password", "db_name"):
+        value = database.get(key, "5432" if key == "port" else "")
+        if isinstance(value, dict) and "env" in value:
+            settings[f"{key}_from"] = value["env"]
+            value = os.environ.get(value["env"], "")
+        settings[key] = str(value)
+    return settings
+
+
+def _check_postgres_answers(home: Path, settings: dict[str, str]) -> None:
+    """One quick connection to the instance's Postgres, so that a server that is down (or a variable
+    that is not set) is one clear error instead of dagster-postgres' retries ending in "too many retries"."""
+    where = f"{settings['hostname'] or '?'}:{settings['port'] or '?'}, database {settings['db_name'] or '?'}"
+    variables = ", ".join(settings[k] for k in ("hostname_from", "port_from", "username_from", "password_from",
+                                                 "db_name_from") if k in settings)
+    missing = [settings[f"{k}_from"] for k in ("hostname", "username", "db_name")
+               if f"{k}_from" in settings and not settings[k]]
+    fix = (f"Fix: start it (`k2 cluster start` runs one under K2_HOME/cluster) or point {variables or home / 'dagster.yaml'} "
+           "at a running server")
+    if missing:
+        raise K2Error(f"the Dagster instance in {home} keeps its storage in Postgres, but {', '.join(missing)} "
+                      f"{'is' if len(missing) == 1 else 'are'} not set. {fix}")
+    try:
+        psycopg2.connect(host=settings["hostname"], port=settings["port"], user=settings["username"],
+                         password=settings["password"], dbname=settings["db_name"], connect_timeout=3).close()
+    except psycopg2.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        raise K2Error(f"the Dagster instance's Postgres at {where} does not answer ({reason}). {fix}") from exc
 
 
 def _repair_if_broken(home: Path) -> tuple[str, ...]:

@@ -127,6 +127,22 @@ def _local_path(location: str) -> str:
     return location  # s3://, gs://: DuckDB's httpfs reads them when configured
 
 
+def object_store_options(table: Table, files: Sequence[str]) -> dict[str, str] | None:
+    """polars' storage options for S3 files: the endpoint and credentials of the table's FileIO
+    (pyiceberg's ``s3.*`` catalog properties); None for local files."""
+    if not any(str(path).startswith(("s3://", "s3a://")) for path in files):
+        return None
+    properties = table.io.properties
+    options = {"aws_access_key_id": properties.get("s3.access-key-id"),
+               "aws_secret_access_key": properties.get("s3.secret-access-key"),
+               "aws_session_token": properties.get("s3.session-token"),
+               "aws_region": properties.get("s3.region") or properties.get("client.region") or "us-east-1",
+               "aws_endpoint_url": properties.get("s3.endpoint")}
+    if str(options["aws_endpoint_url"] or "").startswith("http://"):
+        options["aws_allow_http"] = "true"
+    return {key: value for key, value in options.items() if value}
+
+
 @dataclass
 class SnapshotReader:
     """Reads rows of one pinned snapshot of one table; reuses one DuckDB connection."""
@@ -209,7 +225,7 @@ class SnapshotReader:
         elif not files:
             frame = pl.from_arrow(empty.empty_table())
         else:
-            scan = pl.scan_parquet(files, hive_partitioning=False)
+            scan = pl.scan_parquet(files, hive_partitioning=False, storage_options=object_store_options(table, files))
             predicate = row_filter.polars()
             if predicate is not None:
                 scan = scan.filter(predicate)
