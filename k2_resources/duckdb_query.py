@@ -16,7 +16,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from k2_resources.iceberg import IcebergResource
-from k2_resources.sql_query import connect_with_iceberg  # noqa: F401 (re-exported: its long-standing home)
+from k2_resources.sql_query import connect_with_iceberg, use_object_store
 from k2_resources.tables import ALL_TABLES, NAMESPACE
 
 
@@ -32,6 +32,7 @@ class DuckDBQueryResource(ConfigurableResource):
         connection.execute("SET threads = ?", [self.threads])
         connection.execute(f"CREATE SCHEMA IF NOT EXISTS {NAMESPACE}")
         catalog = self.iceberg.catalog()
+        use_object_store(connection, dict(catalog.properties))
         for definition in ALL_TABLES:
             table = catalog.load_table(definition.identifier)
             variable = f"k2_{definition.name}_metadata"

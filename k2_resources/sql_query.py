@@ -36,6 +36,7 @@ from k2_resources.settings import state_dir
 NAMESPACE = "market"
 CATALOG_NAME = "k2"
 _EXTENSION_PACKAGES = ("duckdb_extension_avro", "duckdb_extension_iceberg")
+_EXTENSION_NAMES = ("avro", "iceberg", "httpfs")
 _DELETED_ENTRY = 2  # a manifest entry's status: 0 existing, 1 added, 2 deleted
 
 
@@ -69,17 +70,40 @@ def _connect(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
 
 
 def _load_iceberg_extension(connection: duckdb.DuckDBPyConnection) -> None:
-    """Load the avro and iceberg extensions (a no-op when loaded), installing them from their
-    PyPI packages the first time."""
+    """Load the avro and iceberg extensions (a no-op when loaded)."""
     for package in _EXTENSION_PACKAGES:
-        name = package.removeprefix("duckdb_extension_")
-        try:
-            connection.execute(f"LOAD {name}")  # name is one of two constants above
-        except duckdb.Error:
-            # INSTALL takes no bound parameters; the path is the installed package's own file.
-            path = str(_packaged_extension(package)).replace("'", "''")
-            connection.execute(f"FORCE INSTALL '{path}'")
-            connection.execute(f"LOAD {name}")
+        _load_packaged_extension(connection, package)
+
+
+def _load_packaged_extension(connection: duckdb.DuckDBPyConnection, package: str) -> None:
+    """Load the DuckDB extension of a ``duckdb_extension_*`` PyPI package, installing it the first time."""
+    name = package.removeprefix("duckdb_extension_")
+    if name not in _EXTENSION_NAMES:
+        raise ValueError(f"unknown DuckDB extension package {package!r}")
+    try:
+        connection.execute(f"LOAD {name}")  # name is one of the constants of _EXTENSION_NAMES
+    except duckdb.Error:
+        # INSTALL takes no bound parameters; the path is the installed package's own file.
+        path = str(_packaged_extension(package)).replace("'", "''")
+        connection.execute(f"FORCE INSTALL '{path}'")
+        connection.execute(f"LOAD {name}")
+
+
+def use_object_store(connection: duckdb.DuckDBPyConnection, properties: dict[str, str]) -> None:
+    """Let ``connection`` read the S3 store named by pyiceberg's ``s3.*`` catalog properties (a no-op
+    without ``s3.endpoint``): the httpfs extension and a session secret holding the store's keys."""
+    endpoint = properties.get("s3.endpoint")
+    if not endpoint:
+        return
+    _load_packaged_extension(connection, "duckdb_extension_httpfs")
+    parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+    path_style = properties.get("s3.path-style-access", "true").lower() == "true"
+    connection.execute(
+        "CREATE OR REPLACE SECRET k2_s3 (TYPE s3, KEY_ID ?, SECRET ?, REGION ?, ENDPOINT ?, URL_STYLE ?, USE_SSL ?)",
+        [properties.get("s3.access-key-id", ""), properties.get("s3.secret-access-key", ""),
+         properties.get("s3.region", "us-east-1"), parsed.netloc, "path" if path_style else "vhost",
+         parsed.scheme == "https"],
+    )
 
 
 def _local_path(location: str) -> Path | None:

@@ -48,6 +48,8 @@ from pyiceberg.expressions import (
 )
 from pyiceberg.table import Table
 
+from k2_resources.sql_query import connect_with_iceberg, use_object_store
+
 ReadPath = Literal["polars", "planned", "duckdb", "pyiceberg"]
 DEFAULT_READ_PATH: ReadPath = "polars"
 
@@ -154,12 +156,11 @@ class SnapshotReader:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _plain: duckdb.DuckDBPyConnection | None = field(default=None, repr=False)
     _iceberg: duckdb.DuckDBPyConnection | None = field(default=None, repr=False)
+    _object_stores: set = field(default_factory=set, repr=False)
 
     def _connection(self, with_iceberg: bool) -> duckdb.DuckDBPyConnection:
         if with_iceberg:
             if self._iceberg is None:
-                from k2_resources.duckdb_query import connect_with_iceberg
-
                 self._iceberg = connect_with_iceberg()
                 self._iceberg.execute("SET threads = ?", [self.threads])
             return self._iceberg
@@ -250,6 +251,7 @@ class SnapshotReader:
         where, parameters = row_filter.sql()
         with self._lock:
             connection = self._connection(with_iceberg=True)
+            self._reach_object_store(connection, table)
             connection.execute("SET VARIABLE k2_metadata = ?", [table.metadata_location])
             connection.execute("SET VARIABLE k2_snapshot = ?", [snapshot_id])
             sql = (f"SELECT {self._select(columns)} FROM iceberg_scan(getvariable('k2_metadata'), "
@@ -296,9 +298,18 @@ class SnapshotReader:
         where, parameters = row_filter.sql()
         with self._lock:
             connection = self._connection(with_iceberg=False)
+            self._reach_object_store(connection, table)
             connection.execute("SET VARIABLE k2_files = ?", [files])
             sql = f"SELECT {self._select(columns)} FROM read_parquet(getvariable('k2_files'), hive_partitioning = false){where}"
             return connection.execute(sql, parameters).fetch_arrow_table()
+
+    def _reach_object_store(self, connection: duckdb.DuckDBPyConnection, table: Table) -> None:
+        """Give ``connection`` the S3 store of the table's FileIO, once per connection and store."""
+        properties = dict(table.io.properties)
+        store = (id(connection), properties.get("s3.endpoint"), properties.get("s3.access-key-id"))
+        if store[1] and store not in self._object_stores:
+            use_object_store(connection, properties)
+            self._object_stores.add(store)
 
     def close(self) -> None:
         for connection in (self._plain, self._iceberg):

@@ -23,6 +23,7 @@ from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.catalog_errors import CatalogUnavailableError, explaining_catalog_errors
 from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
+from k2_resources.sql_query import run_sql
 from k2_resources.operations.dagster_instance import POSTGRES_INSTANCE_CONFIG, prepare_instance
 from k2_resources.trades.hybrid import HybridQueryResource
 from k2_resources.trades.microbatch import commit_range
@@ -75,10 +76,14 @@ def test_asx_trades_written_through_the_rest_catalog_land_in_s3_and_read_back_eq
                         pc.less(rows["timestamp"], pa.scalar(end)))
     expected = _sorted(rows.filter(in_window))
     assert expected.num_rows > 0
-    for read_path in ("polars", "pyiceberg"):
+    for read_path in ("polars", "pyiceberg", "planned", "duckdb"):
         bhp = HybridQueryResource(iceberg=iceberg, read_path=read_path).trades(["BHP"], start, end, exchange="ASX",
                                                                                arrow=True)
         assert _sorted(bhp).equals(expected), read_path
+    # SQL (`k2 query sql`) reads the S3 files through DuckDB's httpfs with the store's keys.
+    columns, answer = run_sql("select count(*), count(distinct message_id) from market.trades where symbol = ?", ["BHP"])
+    bhp_rows = pc.sum(pc.equal(rows["symbol"], "BHP")).as_py()
+    assert answer == [(bhp_rows, bhp_rows)]
 
 
 def _stop_at_the_catalog_commit(monkeypatch: pytest.MonkeyPatch, iceberg: IcebergResource, store) -> None:
