@@ -9,6 +9,7 @@ not code. The domains' Definitions declare no resources of their own.
 
 from __future__ import annotations
 
+from k2_resources.analytics.engine import AnalyticsEngineResource
 from k2_resources.asx.source import AsxSourceResource
 from k2_resources.degradation.resource import RESOURCE_KEY as DEGRADATION_KEY
 from k2_resources.degradation.resource import DegradationResource
@@ -34,6 +35,7 @@ def build_resources() -> dict[str, object]:
         "sink": TradeSinkResource(),
         "asx_source": AsxSourceResource(),
         "maintenance": TableMaintenanceResource(),
+        "analytics": AnalyticsEngineResource(),
         DEGRADATION_KEY: DegradationResource(),
         ALERTS_KEY: AlertWebhookResource(),
     }

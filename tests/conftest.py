@@ -10,6 +10,7 @@ import pytest
 from k2_resources.kafka_broker import KafkaBroker, free_port
 from tests.support.kafka_cluster import running_kafka_cluster
 from tests.support.cluster_services import running_object_store, running_postgres
+from tests.support.spark import running_spark_lake
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +49,13 @@ def postgres_server():
     """Postgres (`k2 cluster`'s Dagster storage) on a free port, database `dagster`, for the whole test
     session. Tests point Dagster at it with ``postgres_server.env()``."""
     yield from running_postgres()
+
+
+@pytest.fixture(scope="session")
+def spark_lake(tmp_path_factory: pytest.TempPathFactory):
+    """One local[2] Spark session per pytest run, over a K2 lake of its own (``spark_lake.catalog_properties()``):
+    Spark keeps a catalog for the session's life, so the Spark tests share that lake."""
+    yield from running_spark_lake(tmp_path_factory.mktemp("spark-lake"))
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ SCHEDULES = {"binance_live_bars_every_minute", "symbol_tiers_hourly", "trades_re
              "trades_table_maintenance_nightly", "dagster_history_retention_nightly"}
 # default_automation_condition_sensor is Dagster's, present because assets declare automation conditions.
 SENSORS = {"binance_stream_sensor", "k2_check_alerts", "default_automation_condition_sensor"}
-RESOURCES = {"alert_webhooks", "asx_source", "degradation", "duckdb", "hybrid", "iceberg", "kafka", "maintenance",
+RESOURCES = {"alert_webhooks", "analytics", "asx_source", "degradation", "duckdb", "hybrid", "iceberg", "kafka", "maintenance",
              "sink"}
 
 

@@ -14,12 +14,12 @@ from dagster import (
 )
 
 from k2_assets.asx.partitions import asx_trading_days
+from k2_resources.analytics.engine import AnalyticsEngineResource
 from k2_resources.analytics.incremental import update_binance_bars
 from k2_resources.analytics.ohlcv import (
     INTERVALS,
     bar_violations,
     exchange_day_bounds,
-    ohlcv_bars,
     ohlcv_table,
     read_trades,
     replace_bars,
@@ -82,23 +82,27 @@ def _checks(asset_name: str, stored: pl.DataFrame, trades: pl.DataFrame) -> list
     kinds={"iceberg", "polars"},
     metadata={"table": "market.ohlcv", "exchange": "ASX"},
 )
-def asx_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource) -> MaterializeResult:
+def asx_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource,
+              analytics: AnalyticsEngineResource) -> MaterializeResult:
     """ASX OHLCV bars (1m, 5m, 1h and the Sydney trading day; VWAP and trade counts) of one trading day
-    in ``market.ohlcv``. Re-materialising a day replaces that day's bars in one commit."""
+    in ``market.ohlcv``. Re-materialising a day replaces that day's bars in one commit. The bars are
+    computed by the ``analytics`` engine (K2_ANALYTICS_ENGINE: polars in process, or spark)."""
     day = context.partition_key
     start, end = exchange_day_bounds("ASX", day)
     table = iceberg.trades()
     snapshot = table.current_snapshot()
     snapshot_id = snapshot.snapshot_id if snapshot else None
-    trades = read_trades(table, snapshot_id, RowFilter(None, start, end, "ASX"))
-    bars = ohlcv_bars(trades)
+    row_filter = RowFilter(None, start, end, "ASX")
+    trades = read_trades(table, snapshot_id, row_filter)  # for the checks, and the in-process engine
+    bars = analytics.ohlcv_bars(iceberg, table, snapshot_id, row_filter, trades=trades)
     ohlcv = ohlcv_table(iceberg.catalog())
     written = replace_bars(ohlcv, bars, "ASX", start, end, snapshot_properties={
         "k2.ohlcv.source-snapshot": str(snapshot_id), "k2.ohlcv.asx-day": day})
     stored = stored_bars(ohlcv, "ASX", start, end)
-    context.log.info(f"ASX {day}: {trades.height} trades -> {bars.height} bars")
+    context.log.info(f"ASX {day}: {trades.height} trades -> {bars.height} bars ({analytics.name})")
     return MaterializeResult(
         metadata={
+            "engine": analytics.name,
             "trades": trades.height,
             "bars": bars.height,
             "bars_per_interval": MetadataValue.json(
@@ -128,7 +132,8 @@ def _last_source_snapshot(context: AssetExecutionContext) -> int | None:
     automation_condition=AutomationCondition.eager(),
     metadata={"table": "market.ohlcv", "exchange": "BINANCE"},
 )
-def binance_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource) -> MaterializeResult:
+def binance_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource,
+                  analytics: AnalyticsEngineResource) -> MaterializeResult:
     """Binance OHLCV bars (1m, 5m, 1h, 1d UTC; VWAP and trade counts) in ``market.ohlcv``, kept up to date
     as micro-batches land.
 
@@ -136,8 +141,9 @@ def binance_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource) -> M
     the materialization metadata), recomputes the 1m bars of the touched minutes from the trades,
     rolls the 5m, 1h and 1d bars of the touched days up from the day's 1m bars, and replaces those
     days' bars in one commit: whole buckets, so the bars stay exact however batches are cut.
+    The 1m bars are computed by the ``analytics`` engine (K2_ANALYTICS_ENGINE: polars, or spark).
     """
-    report = update_binance_bars(iceberg, _last_source_snapshot(context))
+    report = update_binance_bars(iceberg, _last_source_snapshot(context), engine=analytics)
     checks = _checks("binance_ohlcv", report.stored, report.trades)
     if report.nothing_new:
         return MaterializeResult(metadata={"source_snapshot_id": MetadataValue.text(str(report.source_snapshot_id)),
@@ -150,6 +156,7 @@ def binance_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource) -> M
             "previous_source_snapshot_id": MetadataValue.text(str(report.previous_snapshot_id)),
             "days": len(report.days),
             "days_recomputed": ", ".join(d.date().isoformat() for d in report.days),
+            "engine": analytics.name,
             "bars_written": report.bars_written,
             "how": report.how,
         },

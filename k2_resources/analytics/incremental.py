@@ -16,11 +16,11 @@ import polars as pl
 from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.table import Table
 
+from k2_resources.analytics.engine import AnalyticsEngineResource
 from k2_resources.analytics.ohlcv import (
     INTERVALS,
     empty_bars,
     empty_trades,
-    ohlcv_bars,
     ohlcv_table,
     read_trades,
     replace_bars,
@@ -68,11 +68,14 @@ def touched_days(table: Table, last: int | None, current: int) -> tuple[list[dat
     return days.to_list(), how
 
 
-def update_binance_bars(iceberg: IcebergResource, last_snapshot_id: int | None) -> BinanceBarsReport:
+def update_binance_bars(iceberg: IcebergResource, last_snapshot_id: int | None,
+                        engine: AnalyticsEngineResource | None = None) -> BinanceBarsReport:
     """Bring the Binance bars in market.ohlcv up to market.trades' current snapshot.
 
-    ``last_snapshot_id`` is the source snapshot of the previous update (None: recompute all).
+    ``last_snapshot_id`` is the source snapshot of the previous update (None: recompute all);
+    ``engine`` computes the 1m bars from the trades (default: in process).
     """
+    engine = engine or AnalyticsEngineResource(engine="polars")
     last = last_snapshot_id
     table = iceberg.trades()
     snapshot = table.current_snapshot()
@@ -96,8 +99,8 @@ def update_binance_bars(iceberg: IcebergResource, last_snapshot_id: int | None) 
             end_minute = stamps.max().replace(second=0, microsecond=0) + timedelta(minutes=1)
         else:
             first_minute, end_minute = day_start, day_end
-        trades = read_trades(table, current, RowFilter(None, first_minute, end_minute, EXCHANGE))
-        fresh = ohlcv_bars(trades, intervals=["1m"])
+        fresh = engine.ohlcv_bars(iceberg, table, current, RowFilter(None, first_minute, end_minute, EXCHANGE),
+                                  intervals=["1m"])
         kept = stored_bars(ohlcv, EXCHANGE, day_start, day_end).filter(
             (pl.col("interval") == "1m") & ((pl.col("bucket_start") < first_minute) | (pl.col("bucket_start") >= end_minute)))
         minutes = pl.concat([kept, fresh]).sort("symbol", "bucket_start")

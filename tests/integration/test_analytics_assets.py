@@ -11,6 +11,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from k2_assets.analytics import asx_ohlcv, binance_ohlcv
+from k2_resources.analytics.engine import AnalyticsEngineResource
 from k2_resources.analytics.ohlcv import exchange_day_bounds, ohlcv_table
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
@@ -26,6 +27,7 @@ COMPARED = ["interval", "symbol", "exchange", "bucket_start", "bucket_end", "ope
             "volume", "notional", "vwap", "trade_count", "first_trade_at", "last_trade_at"]
 
 
+IN_PROCESS = AnalyticsEngineResource(engine="polars")  # the bars' default engine (Spark's: tests/integration/test_spark.py)
 STEP_SECONDS = {"1m": 60, "5m": 300, "1h": 3600}
 DAY_ZONES = {"ASX": ZoneInfo("Australia/Sydney")}  # other exchanges: the UTC day
 
@@ -91,7 +93,7 @@ def test_asx_bars_of_a_trading_day_replace_and_pass_their_checks(k2_home):
     iceberg = IcebergResource()
     real = asx_trades(scale=1)  # the real ASX trades (copy 0 is unjittered) as V2 rows
     iceberg.trades().append(real)
-    resources = {"iceberg": iceberg}
+    resources = {"iceberg": iceberg, "analytics": IN_PROCESS}
 
     for _ in range(2):  # the second run must replace, not add
         result = materialize([asx_ohlcv], partition_key="2014-03-11", resources=resources)
@@ -119,7 +121,7 @@ def test_binance_bars_follow_micro_batches_incrementally_and_exactly(k2_home, ka
     ends = kafka.end_offsets(topic_name)
     # Uneven cuts, so that batches end inside minutes and buckets are split between runs.
     cuts = {p: [0, end // 3, 2 * end // 3 + 7, end] for p, end in ends.items()}
-    resources = {"iceberg": iceberg}
+    resources = {"iceberg": iceberg, "analytics": IN_PROCESS}
 
     with DagsterInstance.ephemeral() as instance:
         for index in range(3):
@@ -149,7 +151,7 @@ def test_k2_query_ohlcv_prints_the_stored_bars(k2_home, capsys):
 
     iceberg = IcebergResource()
     iceberg.trades().append(asx_trades(scale=1))
-    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg}).success
+    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg, "analytics": IN_PROCESS}).success
     start, end = exchange_day_bounds("ASX", "2014-03-12")
     assert main(["query", "ohlcv", "--symbol", "RIO", "--interval", "1h", "--start", start.isoformat(),
                  "--end", end.isoformat(), "--format", "json"]) == 0
@@ -173,7 +175,7 @@ def test_k2_query_sql_reads_market_ohlcv(k2_home, capsys):
 
     iceberg = IcebergResource()
     iceberg.trades().append(asx_trades(scale=1))
-    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg}).success
+    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg, "analytics": IN_PROCESS}).success
     assert main(["query", "sql", sql, "--format", "json"]) == 0
     daily = stored_bars(iceberg, "ASX").filter(pl.col("interval") == "1d")
     assert daily.height > 1
