@@ -26,7 +26,7 @@ from k2_assets.cli.supervise import Supervisor
 from k2_resources.cluster_env import read_env_file
 from k2_resources.errors import K2Error
 from k2_resources.kafka_broker import KafkaBroker
-from k2_resources.operations.dagster_instance import prepare_instance
+from k2_resources.operations.dagster_instance import instance_config_for_environment, prepare_instance
 from k2_resources.settings import PROJECT_ROOT, dagster_home, k2_home
 
 LOG_TAIL_LINES = 25
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.update(read_env_file())
     home = dagster_home()
     print(f"K2_HOME={k2_home()}", flush=True)
-    print(prepare_instance(home).describe(), flush=True)
+    print(prepare_instance(home, instance_config_for_environment()).describe(), flush=True)
     env = dict(os.environ, K2_HOME=str(k2_home()), DAGSTER_HOME=str(home))
     # A busy two-core machine can take over Dagster's default 60 s to load the code in a new run.
     env.setdefault("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")

@@ -30,6 +30,12 @@ from k2_resources.settings import PROJECT_ROOT
 EMBEDDED_INSTANCE_CONFIG = PROJECT_ROOT / "dagster.yaml"
 POSTGRES_INSTANCE_CONFIG = PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml"
 
+
+def instance_config_for_environment() -> Path:
+    """The instance file the environment asks for: Postgres storage when ``DAGSTER_POSTGRES_HOST``
+    is set (as `k2 cluster start` writes it to env.sh), else the embedded SQLite one."""
+    return POSTGRES_INSTANCE_CONFIG if os.environ.get("DAGSTER_POSTGRES_HOST") else EMBEDDED_INSTANCE_CONFIG
+
 # The SQLite databases of Dagster's default storage, relative to DAGSTER_HOME, and the folders
 # that hold them (with the per-run event-log shards beside the index).
 _SQLITE_DATABASES = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")

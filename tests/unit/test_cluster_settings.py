@@ -9,6 +9,8 @@ from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from k2_resources.catalog_errors import CatalogUnavailableError, catalog_unavailable, explaining_catalog_errors
 from k2_resources.catalog_settings import env_catalog_properties
+from k2_resources.operations.dagster_instance import (EMBEDDED_INSTANCE_CONFIG, POSTGRES_INSTANCE_CONFIG,
+                                                      instance_config_for_environment)
 from k2_resources.trades.iceberg_read import object_store_options
 
 CLUSTER_ENV = {
@@ -76,3 +78,10 @@ def test_polars_reads_s3_files_with_the_tables_endpoint_and_keys():
         "aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_region": "eu-west-1",
         "aws_endpoint_url": "http://127.0.0.1:18333", "aws_allow_http": "true"}
     assert object_store_options(table, ["/k2/iceberg/warehouse/a.parquet"]) is None
+
+
+def test_k2_run_installs_the_postgres_instance_file_when_the_cluster_names_postgres(monkeypatch):
+    monkeypatch.delenv("DAGSTER_POSTGRES_HOST", raising=False)
+    assert instance_config_for_environment() == EMBEDDED_INSTANCE_CONFIG
+    monkeypatch.setenv("DAGSTER_POSTGRES_HOST", "127.0.0.1")
+    assert instance_config_for_environment() == POSTGRES_INSTANCE_CONFIG
