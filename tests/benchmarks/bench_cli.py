@@ -92,8 +92,11 @@ def test_cli_latency_in_new_processes(k2_home: Path, kafka_broker, topic_name: s
     now = datetime.now(timezone.utc)
     binance = synthetic.binance_trades(KAFKA_TAIL_ROWS + 20_000, now)
     iceberg.trades().append(synthetic.to_trades_arrow(binance.head(20_000)).cast(iceberg.trades().schema().as_arrow()))
-    kafka.ensure_topic(topic_name, partitions=3)
-    produce(kafka, topic_name, synthetic.to_records(binance.tail(KAFKA_TAIL_ROWS)))
+    # As a live stream leaves them: each trade reached Kafka at its own time, so the message
+    # timestamps follow trade time and offsets_for_times can bound a window (old timestamps: no
+    # time-based retention on this topic).
+    kafka.ensure_topic(topic_name, partitions=3, config={"retention.ms": "-1"})
+    produce(kafka, topic_name, synthetic.to_records(binance.tail(KAFKA_TAIL_ROWS)), record_timestamps=True)
     total_rows = asx.valid + 20_000
     data_files = [task.file.file_path.removeprefix("file://") for task in iceberg.trades().scan().plan_files()]
 
