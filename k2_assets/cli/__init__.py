@@ -15,7 +15,7 @@ from k2_resources.errors import K2Error
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "start Kafka and the Dagster UI on 127.0.0.1 (Ctrl-C stops all)"),
     "instance": ("instance", "create or migrate the Dagster instance (before starting services)"),
-    "demo": ("demo", "run the whole platform headless on the embedded default, then stop"),
+    "demo": ("demo", "run the whole platform headless (embedded, or `cluster`: the scale-out topology), then stop"),
     "kafka": ("kafka", "start, stop or inspect the embedded Kafka broker"),
     "cluster": ("cluster", "start, stop or inspect the local scale-out topology (3 Kafka brokers ...)"),
     "query": ("query", "query the Iceberg tables"),

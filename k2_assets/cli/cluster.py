@@ -12,6 +12,7 @@ import argparse
 import time
 
 from k2_resources.cluster_env import ClusterService, env_file, write_env_file
+from k2_resources.cluster_services import object_store_service, postgres_service
 from k2_resources.kafka_cluster import kafka_service
 
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def services() -> list[ClusterService]:
     """The topology's services, in start order."""
-    return [kafka_service()]
+    return [kafka_service(), object_store_service(), postgres_service()]
 
 
 def start(chosen: list[ClusterService]) -> dict[str, str]:

