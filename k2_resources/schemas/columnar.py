@@ -397,7 +397,7 @@ def decode_columnar(values: Sequence[bytes | None], parsed_schema: dict, schema_
     """
     n = len(values)
     fields = parsed_schema["fields"]
-    framed_values = pa.array(values, pa.large_binary())
+    framed_values = values.cast(pa.large_binary()) if isinstance(values, pa.Array) else pa.array(values, pa.large_binary())
     offsets = np.frombuffer(framed_values.buffers()[1], np.int64, n + 1, framed_values.offset * 8) if n else np.zeros(1, np.int64)
     data = np.frombuffer(framed_values.buffers()[2], np.uint8) if n and framed_values.buffers()[2] else np.zeros(0, np.uint8)
     starts, ends = offsets[:-1] + _HEADER.size, offsets[1:]

@@ -39,7 +39,12 @@ Degradation (the level travels in the run's config; see k2_resources/degradation
 Every commit here is an Iceberg append (an empty one when there are no rows), so it makes a
 snapshot whose summary records the range, and pyiceberg's snapshot-id requirement makes
 concurrent commits (another partition, a recovery) conflict and retry instead of overwriting
-each other's offset and pending properties.
+each other's offset and pending properties. A retry re-checks the offsets and re-commits the
+metadata with the Parquet files the first attempt wrote (``_WrittenRows``), so partitions that
+commit at the same time do not rewrite their data.
+
+Reading: a range is fetched and its record batches parsed column-wise (``columnar_fetch``), and
+read with kafka-python's consumer whenever that path does not cover it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -58,6 +64,8 @@ import pyarrow.compute as pc
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible, _dataframe_to_data_files
+from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
 from k2_resources import metrics
@@ -71,6 +79,7 @@ from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
 from k2_resources.schemas.columnar import UnsupportedSchema, decode_columnar
 from k2_resources.tables import TRADES
 from k2_resources.topics import dead_letter_topic
+from k2_resources.trades.columnar_fetch import FastFetchUnavailable, fetch_range
 from k2_resources.trades.offsets import (
     DEFERRED,
     LOSS_SUMMARY_KEY,
@@ -153,9 +162,20 @@ class BatchResult:
 def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0, *, consumer: Any = None) -> BatchRead:
     """Every message of ``batch``, decoded; undecodable and unstorable ones kept apart with the reason.
 
-    ``consumer``: an open consumer to read with (a long-lived caller's); by default one is made
+    The range is fetched and parsed column-wise (``columnar_fetch``: no Python object per
+    message, which is most of what kafka-python's own poll loop costs); whatever that path does
+    not cover (another broker leads the partition, retention deleted offsets, compressed or
+    transactional batches, ...) is read with kafka-python, exactly as before.
+    ``consumer``: an open consumer for that path (a long-lived caller's); by default one is made
     for this range and closed.
     """
+    if isinstance(kafka, KafkaResource) and batch.size:
+        try:
+            fetched_offsets, fetched_values = fetch_range(kafka.servers, f"{kafka.client_id}-sink", batch.topic,
+                                                          batch.partition, batch.start, batch.end, timeout_s)
+            return decode_batch(fetched_offsets, fetched_values)
+        except FastFetchUnavailable as exc:  # kafka-python's general path reads it exactly
+            log.info("%s: reading with kafka-python (%s)", batch.key, exc)
     offsets: list[int] = []
     values: list[bytes | None] = []
     lost: list[tuple[int, int]] = []
@@ -186,8 +206,12 @@ def decode_batch(offsets: list[int] | pa.Array, values: list[bytes | None] | pa.
     except UnsupportedSchema as exc:  # a schema change this decoder does not cover yet: the slow, exact path
         log.warning("decoding %d messages one by one: %s", len(offset_array), exc)
         rows, kept, irregular = _no_rows(), [], list(range(len(offset_array)))
-    value_at = values.__getitem__ if not isinstance(values, pa.Array) else (lambda i: values[i].as_py())
-    result.raw_values = [value_at(i) for i in kept]
+    if isinstance(values, pa.Array):
+        value_at = lambda i: values[i].as_py()  # noqa: E731 - the few irregular messages only
+        result.raw_values = values.take(pa.array(kept, pa.int64())).to_pylist()
+    else:
+        value_at = values.__getitem__
+        result.raw_values = [values[i] for i in kept]
     if not irregular:
         result.rows = rows
         return result
@@ -390,7 +414,7 @@ def commit_range(
     except the rows ``pending`` says are missing) to market.trades in one commit, exactly once;
     ``pending`` and the retention losses ``lost`` (offset ranges of the batch Kafka had deleted)
     are recorded in the same commit."""
-    arrow = _as_rows(records)
+    written = _WrittenRows(_as_rows(records))
     for attempt in range(1, max_attempts + 1):
         try:
             table = iceberg.trades()
@@ -421,11 +445,11 @@ def commit_range(
             properties.update(pending_after)
         if lost:
             _record_losses(table, batch, lost, summary, properties)
-        seconds = _commit_once(table, arrow, summary, properties, before_commit, batch.key, attempt)
+        seconds = _commit_once(table, written, summary, properties, before_commit, batch.key, attempt)
         if seconds is None:
             continue
         snapshot = table.current_snapshot()
-        return BatchResult(batch, arrow.num_rows, 0, False, snapshot.snapshot_id if snapshot else None, seconds)
+        return BatchResult(batch, written.num_rows, 0, False, snapshot.snapshot_id if snapshot else None, seconds)
     raise K2Error(f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
                   "writes, run the batch again")
 
@@ -470,7 +494,34 @@ def _record_losses(table: Table, batch: OffsetRange, lost: list[tuple[int, int]]
         log.error("retention loss recorded in market.trades: %s", loss.describe())
 
 
-def _commit_once(table: Table, arrow: pa.Table, summary: dict[str, str], properties: dict[str, str],
+@dataclass
+class _WrittenRows:
+    """The rows of one commit and their Parquet data files, written once and re-used by every
+    attempt of that commit: a conflict with another partition's commit then costs a metadata
+    commit, not the Parquet write again (the retries kept two partitions' sinks from running in
+    parallel). Written again only if the table's schema, spec or location changed meanwhile."""
+
+    rows: pa.Table
+    files: list[DataFile] | None = None
+    written_for: tuple | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.num_rows
+
+    def data_files(self, table: Table) -> list[DataFile]:
+        metadata = table.metadata
+        layout = (metadata.current_schema_id, metadata.default_spec_id, metadata.location)
+        if self.files is None or self.written_for != layout:
+            _check_pyarrow_schema_compatible(metadata.schema(), provided_schema=self.rows.schema,
+                                             format_version=metadata.format_version)
+            self.files = list(_dataframe_to_data_files(table_metadata=metadata, df=self.rows, io=table.io,
+                                                       write_uuid=uuid.uuid4())) if self.rows.num_rows else []
+            self.written_for = layout
+        return self.files
+
+
+def _commit_once(table: Table, written: _WrittenRows, summary: dict[str, str], properties: dict[str, str],
                  before_commit: Callable[[], None] | None, what: str, attempt: int) -> float | None:
     """One commit attempt: rows and offset properties in one transaction; seconds, or None on a conflict.
 
@@ -481,8 +532,12 @@ def _commit_once(table: Table, arrow: pa.Table, summary: dict[str, str], propert
     try:
         if before_commit is not None:
             before_commit()
+        data_files = written.data_files(table)
         with table.transaction() as transaction:
-            transaction.append(arrow, snapshot_properties=summary)
+            # What Transaction.append does, with the files written once for all attempts.
+            with transaction._append_snapshot_producer(summary) as append_files:
+                for data_file in data_files:
+                    append_files.append_data_file(data_file)
             transaction.set_properties(properties)
     except CommitFailedException as exc:
         # Another batch (another partition, or a maintenance rewrite) committed first: reload and retry.
@@ -498,7 +553,7 @@ def _commit_once(table: Table, arrow: pa.Table, summary: dict[str, str], propert
         return None
     seconds = time.perf_counter() - started
     metrics.ICEBERG_COMMIT_SECONDS.observe(seconds)
-    metrics.MICROBATCH_MESSAGES.inc(arrow.num_rows)
+    metrics.MICROBATCH_MESSAGES.inc(written.num_rows)
     try:
         table.refresh()
     except Exception as exc:  # committed already; a refresh that meets a locked catalog changes nothing
@@ -798,7 +853,7 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
     enriched = not shedder.skip_enrichment(level)
     if enriched:
         rows = enrich_rows(rows, shedder)
-    arrow = _as_rows(rows)
+    written = _WrittenRows(_as_rows(rows))
     for attempt in range(1, max_attempts + 1):
         table = iceberg.trades()
         if _blind_retries_on(table):
@@ -820,12 +875,12 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
         properties = dict(remaining)
         if lost:  # the range outlived Kafka's retention: what is gone is recorded, in this commit
             _record_losses(table, batch, lost, summary, properties)
-        seconds = _commit_once(table, arrow, summary, properties, before_commit, f"recovery of {entry.key}", attempt)
+        seconds = _commit_once(table, written, summary, properties, before_commit, f"recovery of {entry.key}", attempt)
         if seconds is None:
             continue
         snapshot = table.current_snapshot()
         _delete_spilled(spill_store, batch)
-        return BatchResult(batch, arrow.num_rows, len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
+        return BatchResult(batch, written.num_rows, len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
                            enriched=enriched, level=level, sequence_gaps=gaps,
                            lost=sum(end - start for start, end in lost))
     raise K2Error(f"recovery of {entry.key}: {max_attempts} commit attempts conflicted; run it again")

@@ -3,7 +3,8 @@
 ``python -m tests.support.sink_worker TOPIC PARTITION END BATCH`` imports everything and loads
 the table, prints ``ready``, waits for a line on stdin, then commits [0, END) of the partition in
 ranges of BATCH messages with ``run_microbatch`` (as the daemon's runs would, one after another)
-and prints one JSON line: the wall-clock start and end of that work and the rows written. The
+and prints one JSON line: the wall-clock start and end of that work, the CPU seconds this process
+spent on it, and the rows written. The
 parent starts one per partition and releases them together, so process start-up is not counted.
 K2_HOME and K2_KAFKA_BOOTSTRAP come from the environment.
 """
@@ -25,11 +26,12 @@ def main(topic: str, partition: int, end: int, batch: int) -> None:
     iceberg.trades()  # the table exists in steady state: opening the catalog is not the sink's work
     print("ready", flush=True)
     sys.stdin.readline()
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     written = 0
     for begin in range(0, end, batch):
         written += run_microbatch(kafka, iceberg, OffsetRange(topic, partition, begin, min(begin + batch, end))).written
-    print(json.dumps({"partition": partition, "started": started, "ended": time.time(), "written": written}), flush=True)
+    print(json.dumps({"partition": partition, "started": started, "ended": time.time(),
+                      "cpu_s": time.process_time() - cpu_started, "written": written}), flush=True)
 
 
 if __name__ == "__main__":
