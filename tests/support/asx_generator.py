@@ -67,6 +67,7 @@ class GeneratedDay:
     day: date
     rows: int  # lines in the trades files, malformed ones included
     malformed: int  # lines the loader must dead-letter
+    malformed_line_numbers: tuple[int, ...]  # their 1-based line numbers in trades/7078.csv (BHP)
     rows_per_symbol: dict[str, int]
     bytes: int
 
@@ -147,6 +148,7 @@ def write_asx_trades_day(
     counts = [max(1, int(rows * COMPANIES[c][1])) for c in ids]
     counts[ids.index("7458")] += rows - sum(counts)
     per_symbol: dict[str, int] = {}
+    bad_line_numbers: tuple[int, ...] = ()
     written = 0
     for index, company in enumerate(ids):
         symbol, _, level, tick = COMPANIES[company]
@@ -156,10 +158,11 @@ def write_asx_trades_day(
             positions = np.linspace(0, len(lines) - 1, malformed + 2, dtype=np.int64)[1:-1]
             bad = [text.format(date=day.strftime("%m/%d/%Y")) for text in MALFORMED_LINES[:malformed]]
             lines = lines.scatter(positions, pl.Series(bad, dtype=pl.String))
+            bad_line_numbers = tuple(int(p) + 1 for p in positions)
         path = trades / f"{company}.csv"
         pl.DataFrame({"raw": lines}).write_csv(
             path, include_header=False, quote_style="never", line_terminator="\r\n"
         )
         per_symbol[symbol] = counts[index]
         written += path.stat().st_size
-    return GeneratedDay(folder, day, rows, malformed, per_symbol, written)
+    return GeneratedDay(folder, day, rows, malformed, bad_line_numbers, per_symbol, written)

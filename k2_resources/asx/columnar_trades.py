@@ -1,0 +1,399 @@
+"""One ASX trading day of trade files, read column-wise: the fast path of a 10M-row day.
+
+pyarrow's multithreaded CSV reader parses the well-formed lines (exactly 7 comma-separated
+fields) into columns, dictionary-encoded where values repeat (date, price, volume, qualifier,
+venue, 7th field), so their checks and conversions run once per distinct value. A numpy
+pre-scan of the file's bytes counts the commas of every line, which gives the exact line
+number of every parsed row and finds every line of another width. Any line the vectorised
+checks do not accept, and every line of another width, goes through the general path of
+:mod:`k2_resources.asx.normalise` (field by field, with the reason), so the rows and dead
+letters are exactly those of :func:`~k2_resources.asx.normalise.normalise_trades` on
+:func:`~k2_resources.asx.files.read_raw_day` (tests/unit/test_asx_columnar_trades.py holds
+the two to each other). A file this path cannot read exactly (quotes, a bare CR, bytes that
+are not UTF-8, a company without a symbol) makes it return None, and the caller takes the
+general path for the day.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from k2_resources.asx.files import RAW_SCHEMA, TRADE_FIELDS, _require_dir, company_symbols, source_files
+from k2_resources.asx.normalise import (
+    _DATE,
+    _DECIMAL,
+    _TIME,
+    _TRADE_COLUMNS,
+    _WHOLE,
+    ASSET_CLASS,
+    CURRENCY,
+    DEAD_LETTER_SOURCE,
+    EXCHANGE,
+    NormalisedDay,
+    _dead_letters,
+    _general_trades,
+    _trade_rows,
+)
+from k2_resources.asx.sydney_time import _utc_offset
+from k2_resources.tables import TRADES
+
+_NO_DAY = np.iinfo(np.int32).min
+_EPOCH = date(1970, 1, 1)
+_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+_COLUMN_TYPES = {name: (pa.string() if name == "time" else _DICTIONARY) for name in TRADE_FIELDS}
+_VENDOR_KEYS = ("company_id", "qualifier_code", "venue", "field_7")
+
+
+@dataclass
+class _Scan:
+    """One file: its lines, which are well formed, their parsed fields, and each line's day."""
+
+    path: Path
+    well: np.ndarray  # 0-based indices of the 7-field lines, in order (the rows of ``fields``)
+    bad: np.ndarray  # 0-based indices of the other lines (other widths, empty)
+    bad_text: list[str]  # their texts
+    fields: pa.Table
+    line_day: np.ndarray  # days since 1970 per line (its own date, else its neighbours'), _NO_DAY if none
+
+
+def _dictionary_parts(column: pa.ChunkedArray) -> tuple[pl.Series, np.ndarray]:
+    """(distinct values, index of each row's value) of a dictionary column with unified dictionaries."""
+    chunks = [chunk for chunk in column.chunks if len(chunk)]
+    if not chunks:
+        return pl.Series([], dtype=pl.String), np.zeros(0, dtype=np.int32)
+    values = pl.Series(chunks[0].dictionary.cast(pa.large_string()))
+    indices = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in chunks])
+    return values, indices
+
+
+def _days(texts: pl.Series) -> np.ndarray:
+    """Days since 1970 of MM/DD/YYYY texts, _NO_DAY where the text is not such a date."""
+    parsed = pl.select(
+        pl.when(texts.str.contains(_DATE)).then(texts.str.strptime(pl.Date, "%m/%d/%Y", strict=False))
+    ).to_series()
+    return parsed.cast(pl.Int32).fill_null(_NO_DAY).to_numpy().astype(np.int32)
+
+
+# More lines of the wrong width than this in one file: finding each by its text costs too much,
+# and the day takes the general path.
+_MAX_SKIPPED_LINES = 10_000
+
+
+def _line_starts_of(data: bytes, text: bytes) -> list[int]:
+    """Byte offsets of every line whose content (without its LF or CRLF) is exactly ``text``."""
+    found = []
+    for end in (b"\n", b"\r\n"):
+        if data.startswith(text + end):
+            found.append(0)
+        needle, at = b"\n" + text + end, data.find(b"\n" + text + end)
+        while at >= 0:
+            found.append(at + 1)
+            at = data.find(needle, at + 1)
+    if data.endswith(b"\n" + text) and text:  # the last line, without a line end
+        found.append(len(data) - len(text))
+    elif data == text:
+        found.append(0)
+    return found
+
+
+def _skipped_lines(data: bytes, skipped: list[str], empty_lines: int) -> tuple[np.ndarray, list[str]] | None:
+    """(0-based line indices, texts) of the lines the CSV reader skipped: those it handed to the
+    invalid-row handler (``skipped``, other widths) and ``empty_lines`` empty ones. The reader gives
+    no line numbers when it reads in parallel, so each line is found by its text; None when the
+    lines found do not match the reader's counts exactly."""
+    wanted = Counter(text.encode("utf-8") for text in skipped)
+    if empty_lines:
+        wanted[b""] = empty_lines
+    located: list[tuple[int, str]] = []
+    for text, count in wanted.items():
+        starts = _line_starts_of(data, text)
+        if len(starts) != count:
+            return None
+        located += [(start, text.decode("utf-8")) for start in starts]
+    located.sort()
+    indices, line, previous = [], 0, 0
+    for start, _ in located:
+        line += data.count(b"\n", previous, start)
+        previous = start
+        indices.append(line)
+    return np.array(indices, dtype=np.int64), [text for _, text in located]
+
+
+def _scan(path: Path) -> _Scan | None:
+    data = path.read_bytes()
+    if b'"' in data or data.count(b"\r") != data.count(b"\r\n"):
+        return None  # quotes or a bare CR: the CSV reader would split differently from the lines
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    line_count = data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
+    if line_count == 0:
+        return _Scan(path, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), [], pa.table({}),
+                     np.zeros(0, dtype=np.int32))
+    skipped: list[str] = []
+
+    def skip(row: pacsv.InvalidRow) -> str:
+        if len(skipped) > _MAX_SKIPPED_LINES:
+            return "error"
+        skipped.append(row.text)
+        return "skip"
+
+    try:
+        fields = pacsv.read_csv(
+            pa.BufferReader(pa.py_buffer(data)),
+            read_options=pacsv.ReadOptions(column_names=list(TRADE_FIELDS), block_size=16 << 20),
+            parse_options=pacsv.ParseOptions(quote_char=False, invalid_row_handler=skip),
+            convert_options=pacsv.ConvertOptions(column_types=_COLUMN_TYPES, strings_can_be_null=False, check_utf8=False),
+        )
+    except pa.ArrowInvalid:
+        return None  # more lines of the wrong width than _MAX_SKIPPED_LINES
+    # The reader drops empty lines without a word: they are the lines not accounted for.
+    located = _skipped_lines(data, skipped, line_count - fields.num_rows - len(skipped))
+    del data
+    if located is None:
+        return None
+    bad, bad_text = located
+    well = np.arange(line_count, dtype=np.int64)
+    if len(bad):
+        well = np.delete(well, bad)
+    fields = fields.unify_dictionaries()
+    line_day = np.full(line_count, _NO_DAY, dtype=np.int32)
+    date_values, date_index = _dictionary_parts(fields.column("date"))
+    line_day[well] = _days(date_values)[date_index]
+    if len(bad):
+        raw = pl.Series(bad_text, dtype=pl.String)
+        dated = raw.str.contains(r"^[0-9]{2}/[0-9]{2}/[0-9]{4}(,|$)")
+        line_day[bad] = _days(pl.select(pl.when(dated).then(raw.str.slice(0, 10))).to_series())
+    known = line_day != _NO_DAY
+    if known.any() and not known.all():  # an undated line belongs to the day of the line before it (after it, at the top)
+        source = np.where(known, np.arange(len(line_day)), 0)
+        np.maximum.accumulate(source, out=source)
+        source[: int(np.argmax(known))] = int(np.argmax(known))
+        line_day = line_day[source]
+    return _Scan(path, well, bad, bad_text, fields, line_day)
+
+
+def _minute_offsets_us(day: date) -> tuple[np.ndarray, np.ndarray]:
+    """UTC offset (microseconds) of each Sydney minute of ``day``, and whether the minute has one."""
+    midnight = datetime(day.year, day.month, day.day)
+    offsets = [_utc_offset(midnight + timedelta(minutes=m)) for m in range(24 * 60)]
+    valid = np.array([o is not None for o in offsets])
+    micros = np.array([0 if o is None else o // timedelta(microseconds=1) for o in offsets], dtype=np.int64)
+    return micros, valid
+
+
+def _micros_of_day(clock: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(microseconds since midnight, valid) of HH:MM:SS[.ffffff] texts (the general path's time check)."""
+    hour, minute, second = (clock.str.slice(i, 2).cast(pl.Int64, strict=False) for i in (0, 3, 6))
+    fraction = clock.str.slice(9).str.pad_end(6, "0").cast(pl.Int64, strict=False).fill_null(0)
+    frame = pl.DataFrame({"shape": clock.str.contains(_TIME), "h": hour, "m": minute, "s": second, "f": fraction})
+    result = frame.select(
+        (pl.col("shape") & (pl.col("h") <= 23) & (pl.col("m") <= 59) & (pl.col("s") <= 59)).fill_null(False).alias("ok"),
+        (((pl.col("h") * 60 + pl.col("m")) * 60 + pl.col("s")) * 1_000_000 + pl.col("f")).fill_null(0).alias("us"),
+    )
+    return result["us"].to_numpy(), result["ok"].to_numpy()
+
+
+def _positive_decimals(values: pl.Series, pattern: str) -> tuple[np.ndarray, pa.Array]:
+    """(passes the general path's checks, decimal(18, 8) value) per distinct text."""
+    ok = (values.str.contains(pattern) & values.str.contains("[1-9]")).fill_null(False)
+    decimals = pl.select(pl.when(ok).then(values.cast(pl.Decimal(18, 8), strict=False))).to_series()
+    return ok.to_numpy(), decimals.to_arrow().cast(pa.decimal128(18, 8))
+
+
+def _non_empty(values: pl.Series) -> np.ndarray:
+    return (values.str.len_bytes() > 0).to_numpy()
+
+
+def _vendor_data(company_id: str, fields: dict[str, tuple[pl.Series, np.ndarray]]) -> pa.Array:
+    """vendor_data per row: company_id and qualifier_code always, venue and field_7 when not empty,
+    in that order; built from index arrays into the distinct values (no per-row work)."""
+    qualifiers, qualifier_index = fields["qualifier"]
+    venues, venue_index = fields["venue"]
+    sevenths, seventh_index = fields["field_7"]
+    rows = len(qualifier_index)
+    has_venue = _non_empty(venues)[venue_index]
+    has_seventh = _non_empty(sevenths)[seventh_index]
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(2 + has_venue.astype(np.int32) + has_seventh, out=offsets[1:])
+    value_index = np.empty(offsets[-1], dtype=np.int64)
+    key_index = np.empty(offsets[-1], dtype=np.int8)
+    first = offsets[:-1].astype(np.int64)
+    value_index[first], key_index[first] = 0, 0
+    value_index[first + 1], key_index[first + 1] = 1 + qualifier_index, 1
+    venue_base, seventh_base = 1 + len(qualifiers), 1 + len(qualifiers) + len(venues)
+    at = first + 2
+    value_index[at[has_venue]], key_index[at[has_venue]] = venue_base + venue_index[has_venue], 2
+    at = at + has_venue
+    value_index[at[has_seventh]], key_index[at[has_seventh]] = seventh_base + seventh_index[has_seventh], 3
+    distinct = pl.concat([pl.Series([company_id], dtype=pl.String), qualifiers, venues, sevenths]).to_arrow()
+    keys = pa.array(list(_VENDOR_KEYS), type=pa.large_string()).take(pa.array(key_index))
+    return pa.MapArray.from_arrays(
+        pa.array(offsets, type=pa.int32()),
+        keys,
+        distinct.cast(pa.large_string()).take(pa.array(value_index)),
+        type=TRADES.arrow_schema().field("vendor_data").type,
+    )
+
+
+def _large(text: str) -> pa.Scalar:
+    return pa.scalar(text, type=pa.large_string())
+
+
+def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, symbol: str,
+              ingested_at: datetime) -> tuple[pa.Table, pl.DataFrame]:
+    """The V2 rows (in time order) and the rejected lines (with ``_reason``) of one file's day."""
+    rows_selected = selected[scan.well]
+    take = None if rows_selected.all() else np.flatnonzero(rows_selected)
+    fields: dict[str, tuple[pl.Series, np.ndarray]] = {}
+    for name in ("date", "price", "volume", "qualifier", "venue", "field_7"):
+        values, index = _dictionary_parts(scan.fields.column(name))
+        fields[name] = (values, index if take is None else index[take])
+    clock = pl.Series(scan.fields.column("time").cast(pa.large_string()), dtype=pl.String)
+    line_index = scan.well if take is None else scan.well[take]
+    if take is not None:
+        clock = clock.gather(take)
+    micros, time_ok = _micros_of_day(clock)
+    offsets, offset_ok = _minute_offsets_us(day)
+    minute = np.where(time_ok, micros // 60_000_000, 0)
+    price_ok, prices = _positive_decimals(fields["price"][0], _DECIMAL)
+    volume_ok, volumes = _positive_decimals(fields["volume"][0], _WHOLE)
+    qualifier_ok = fields["qualifier"][0].str.contains(r"^[0-9]{1,4}$").fill_null(False).to_numpy()
+    date_ok = _days(fields["date"][0]) != _NO_DAY
+    ok = (
+        time_ok & offset_ok[minute]
+        & date_ok[fields["date"][1]] & price_ok[fields["price"][1]]
+        & volume_ok[fields["volume"][1]] & qualifier_ok[fields["qualifier"][1]]
+    )
+    # Everything not accepted above is checked field by field, with its reason. A 7-field line
+    # without quotes is its fields joined by commas, so its text is rebuilt from them.
+    failed = np.flatnonzero(~ok)
+    texts = {"time": clock.gather(failed)} | {
+        name: values.gather(index[failed]) for name, (values, index) in fields.items()
+    }
+    del clock
+    rebuilt = pl.select(pl.concat_str([pl.lit(texts[name]) for name in TRADE_FIELDS], separator=",")).to_series()
+    in_day = selected[scan.bad]
+    others = pl.DataFrame(
+        {
+            "line_number": np.concatenate([scan.bad[in_day], line_index[failed]]) + 1,
+            "raw": pl.concat([
+                pl.Series([text for text, keep in zip(scan.bad_text, in_day) if keep], dtype=pl.String),
+                rebuilt.cast(pl.String),
+            ]),
+        }
+    ).sort("line_number")
+    general = _general_trades(
+        others.select(
+            pl.lit(str(scan.path)).alias("file"),
+            pl.col("line_number").cast(pl.Int64),
+            pl.lit(company_id).alias("company_id"),
+            pl.lit(symbol, dtype=pl.String).alias("symbol"),
+            pl.col("raw"),
+        )
+    )
+    if not ok.all():
+        keep = np.flatnonzero(ok)
+        fields = {name: (values, index[keep]) for name, (values, index) in fields.items()}
+        line_index, micros, minute = line_index[keep], micros[keep], minute[keep]
+    day_us = (day - _EPOCH).days * 86_400_000_000
+    utc = day_us + micros - offsets[minute]
+    line_number = line_index.astype(np.int64) + 1
+    if len(utc) > 1 and not bool(np.all(np.diff(utc) >= 0)):
+        order = np.lexsort((line_number, utc))
+        fields = {name: (values, index[order]) for name, (values, index) in fields.items()}
+        utc, line_number = utc[order], line_number[order]
+    count = len(utc)
+    compact = day.strftime("%Y%m%d")
+    numbers = pc.cast(pa.array(line_number), pa.large_string())
+    schema = TRADES.arrow_schema()
+    qualifiers = fields["qualifier"][0].to_arrow().cast(pa.large_string()).take(pa.array(fields["qualifier"][1]))
+    when = pa.scalar(ingested_at.astimezone(timezone.utc), type=pa.timestamp("us", tz="UTC"))
+    columns = {
+        "message_id": pc.binary_join_element_wise(_large(f"asx:trade:{symbol}:{compact}:"), numbers, _large("")),
+        "trade_id": pc.binary_join_element_wise(_large(f"{EXCHANGE}-{symbol}-{compact}-"), numbers, _large("")),
+        "symbol": pa.repeat(pa.scalar(symbol, pa.large_string()), count),
+        "exchange": pa.repeat(pa.scalar(EXCHANGE, pa.large_string()), count),
+        "asset_class": pa.repeat(pa.scalar(ASSET_CLASS, pa.large_string()), count),
+        "timestamp": pa.array(utc, type=pa.timestamp("us", tz="UTC")),
+        "price": prices.take(pa.array(fields["price"][1])),
+        "quantity": volumes.take(pa.array(fields["volume"][1])),
+        "currency": pa.repeat(pa.scalar(CURRENCY, pa.large_string()), count),
+        "side": pa.repeat(pa.scalar("UNKNOWN", pa.large_string()), count),
+        "trade_conditions": pa.LargeListArray.from_arrays(
+            pa.array(np.arange(count + 1, dtype=np.int64)), qualifiers, type=schema.field("trade_conditions").type
+        ),
+        "source_sequence": pa.array(line_number),
+        "ingestion_timestamp": pa.repeat(when, count),
+        "platform_sequence": pa.nulls(count, pa.int64()),
+        "vendor_data": _vendor_data(company_id, fields),
+    }
+    table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+    accepted = general.filter(pl.col("_reason").is_null())
+    if accepted.height:
+        table = pa.concat_tables([table, _trade_rows(accepted.select(_TRADE_COLUMNS), ingested_at)])
+        table = table.sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")])
+    return table, general.filter(pl.col("_reason").is_not_null())
+
+
+def _empty_raw() -> pl.DataFrame:
+    frame = pl.from_arrow(RAW_SCHEMA.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def normalise_trade_files(
+    data_dir: Path, partition_key: str, ingested_at: datetime | None = None
+) -> tuple[int, NormalisedDay] | None:
+    """(lines of the day, its V2 rows and dead letters) straight from the trade files, as
+    ``normalise_trades(read_raw_day(data_dir, "trades", day), day)`` gives them; None when a file
+    needs the general path (see the module doc)."""
+    data_dir = _require_dir(data_dir)
+    ingested_at = ingested_at or datetime.now(timezone.utc)
+    day = date.fromisoformat(partition_key)
+    target = (day - _EPOCH).days
+    symbols = company_symbols(data_dir)
+
+    def one_file(path: Path) -> tuple[int, pa.Table, pl.DataFrame] | None:
+        scan = _scan(path)
+        if scan is None or not symbols.get(path.stem) or (len(scan.line_day) and (scan.line_day == _NO_DAY).all()):
+            return None  # needs the general path; a file without a single date: read_raw_day's fallback day decides
+        selected = scan.line_day == target
+        if not selected.any():
+            return 0, TRADES.arrow_schema().empty_table(), _general_trades(_empty_raw())
+        rows, bad = _file_day(scan, selected, day, path.stem, symbols[path.stem], ingested_at)
+        return int(selected.sum()), rows, bad
+
+    # Files are independent and numpy, pyarrow and polars release the GIL: two at a time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(one_file, source_files(data_dir, "trades")))
+    if any(result is None for result in results):
+        return None
+    by_symbol: dict[str, list[pa.Table]] = {}
+    for path, (_, rows, _) in zip(source_files(data_dir, "trades"), results):  # type: ignore[misc]
+        if rows.num_rows:
+            by_symbol.setdefault(symbols[path.stem], []).append(rows)
+    lines_of_day = sum(result[0] for result in results)  # type: ignore[index]
+    rejected = [result[2] for result in results]  # type: ignore[index]
+    ordered: list[pa.Table] = []
+    for symbol in sorted(by_symbol):
+        tables = by_symbol[symbol]
+        if len(tables) == 1:
+            ordered.append(tables[0])
+        else:  # two files of one symbol: merge them in time order
+            ordered.append(pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")]))
+    table = pa.concat_tables(ordered) if ordered else TRADES.arrow_schema().empty_table()
+    dead = pl.concat(rejected) if rejected else _general_trades(_empty_raw())
+    dead = dead.sort(["file", "line_number"])
+    return lines_of_day, NormalisedDay(table, _dead_letters(dead, DEAD_LETTER_SOURCE["trades"], partition_key, ingested_at))

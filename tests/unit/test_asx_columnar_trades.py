@@ -1,0 +1,95 @@
+"""The column-wise trade reader (k2_resources.asx.columnar_trades) gives exactly the rows and dead
+letters of the line-by-line path (normalise_trades on read_raw_day), or declines (None) and lets
+the line-by-line path run: on generated days with every kind of malformed line, and on files of
+hostile lines (wrong widths, duplicates, empty lines, undated lines between days, quotes, CRs)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from k2_resources.asx.columnar_trades import normalise_trade_files
+from k2_resources.asx.files import read_raw_day, trading_days
+from k2_resources.asx.normalise import NormalisedDay, normalise_trades
+from tests.support.asx_generator import write_asx_trades_day
+
+INGESTED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def _line_by_line(data_dir: Path, day: str) -> tuple[int, NormalisedDay]:
+    raw = read_raw_day(data_dir, "trades", day)
+    return raw.num_rows, normalise_trades(raw, day, INGESTED_AT)
+
+
+def _assert_same(data_dir: Path, day: str) -> NormalisedDay | None:
+    """The two paths agree on ``day``; the column-wise result, or None when it declined."""
+    columnar = normalise_trade_files(data_dir, day, INGESTED_AT)
+    if columnar is None:
+        return None
+    lines, expected = _line_by_line(data_dir, day)
+    assert columnar[0] == lines
+    assert columnar[1].rows.schema == expected.rows.schema
+    assert columnar[1].rows.equals(expected.rows)
+    assert columnar[1].dead_letters.to_pylist() == expected.dead_letters.to_pylist()
+    return columnar[1]
+
+
+def test_a_generated_day_with_every_kind_of_malformed_line(tmp_path: Path) -> None:
+    generated = write_asx_trades_day(tmp_path / "asx", rows=20_000)
+    result = _assert_same(generated.data_dir, generated.day.isoformat())
+    assert result is not None, "the column-wise path must take a well-formed day"
+    assert result.valid == generated.rows - generated.malformed
+    assert result.dead_letters.column("line_number").to_pylist() == list(generated.malformed_line_numbers)
+    assert all(result.dead_letters.column("reason").to_pylist())
+
+
+def test_it_declines_files_it_cannot_split_exactly(tmp_path: Path) -> None:
+    generated = write_asx_trades_day(tmp_path / "asx", rows=2_000, malformed=0)
+    path = generated.data_dir / "trades" / "7458.csv"
+    path.write_bytes(path.read_bytes() + b'03/11/2014,10:00:00.000,"61.5",100,0,,\r\n')
+    assert normalise_trade_files(generated.data_dir, generated.day.isoformat(), INGESTED_AT) is None
+
+
+# A field: well formed, near misses, or anything without a line end.
+FIELDS = [
+    st.sampled_from(["03/10/2014", "03/11/2014", "03/11/2014", "02/30/2014", "3/11/2014", ""]),
+    st.sampled_from(["10:00:00.000", "10:00:01.5", "23:59:59", "24:00:00.000", "10:00", "1:00:00.000", ""]),
+    st.sampled_from(["36.5", "0.0", "0", "-1", "1e5", "12345678901.5", ".5", "36.50000001", "abc"]),
+    st.sampled_from(["100", "0", "-100", "1.5", "12345678901", "7"]),
+    st.sampled_from(["0", "25", "Q", "12345", ""]),
+    st.sampled_from(["", "X"]),
+    st.sampled_from(["", "36.49", "x y"]),
+]
+LINE = st.one_of(
+    st.tuples(*FIELDS).map(",".join),
+    st.tuples(*FIELDS).map(lambda fields: ",".join(fields[:3])),  # too few fields
+    st.tuples(*FIELDS).map(lambda fields: ",".join(fields) + ",extra"),  # too many
+    st.just(""),
+    st.text(alphabet=st.characters(codec="utf-8", blacklist_characters="\n\r\""), max_size=30),
+)
+
+
+@settings(max_examples=30, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(bhp=st.lists(LINE, min_size=1, max_size=30), rio=st.lists(LINE, max_size=10),
+       crlf=st.booleans(), final_line_end=st.booleans(), duplicate=st.booleans())
+def test_any_lines_give_the_same_rows_and_dead_letters(tmp_path_factory: pytest.TempPathFactory, bhp: list[str],
+                                                       rio: list[str], crlf: bool, final_line_end: bool,
+                                                       duplicate: bool) -> None:
+    root = tmp_path_factory.mktemp("asx")
+    (root / "reference-data").mkdir()
+    (root / "reference-data" / "company_info.csv").write_text("company_id,symbol\n7078,BHP\n7458,RIO\n")
+    (root / "trades").mkdir()
+    end = "\r\n" if crlf else "\n"
+    if duplicate:  # the same malformed line more than once: each is found at its own line
+        bhp = bhp + bhp
+    for company, lines in (("7078", bhp), ("7458", rio)):
+        lines = ["03/11/2014,10:00:00.000,36.5,100,0,,", *lines]  # every real file has dated lines
+        text = end.join(lines) + (end if final_line_end else "")
+        (root / "trades" / f"{company}.csv").write_bytes(text.encode())
+    for day in trading_days(root):
+        assert _assert_same(root, day) is not None  # no quotes, no bare CR: the column-wise path applies
