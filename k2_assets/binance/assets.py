@@ -4,7 +4,7 @@
 import json
 from typing import Literal
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetMaterialization, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from k2_resources.catalog_errors import explaining_catalog_errors
@@ -13,11 +13,13 @@ from k2_resources.degradation.resource import DegradationResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.microbatch import recover_range, run_microbatch
+from k2_resources.trades.follow import FollowSettings, follow_topic
+from k2_resources.trades.microbatch import BatchResult, recover_range, run_microbatch
 from k2_resources.trades.offsets import OffsetRange
 
 INGEST = "ingest"
 RECOVER = "recover"
+FOLLOW = "follow"
 
 
 class MicroBatchConfig(Config):
@@ -25,7 +27,9 @@ class MicroBatchConfig(Config):
 
     ``mode``: ``ingest`` appends the next range at ``degradation_level`` (0 NORMAL .. 3
     AGGRESSIVE: enrich, skip enrichment, defer tier-3 symbols, spill); ``recover`` writes the
-    missing rows of the pending (deferred or spilled) range and removes it from the pending list.
+    missing rows of the pending (deferred or spilled) range and removes it from the pending list;
+    ``follow`` ignores the range and follows every partition of the topic, committing each one's new
+    offsets every ``follow_interval_seconds`` for ``follow_seconds`` (k2_resources/trades/follow.py).
     """
 
     topic: str = Field(default=BINANCE_TRADES_TOPIC)
@@ -33,7 +37,10 @@ class MicroBatchConfig(Config):
     start_offset: int = Field(default=0, ge=0)
     end_offset: int = Field(default=0, ge=0)
     degradation_level: int = Field(default=0, ge=0, le=4, description="0 NORMAL, 1 SOFT, 2 GRACEFUL, 3 AGGRESSIVE")
-    mode: Literal["ingest", "recover"] = Field(default=INGEST)
+    mode: Literal["ingest", "recover", "follow"] = Field(default=INGEST)
+    follow_seconds: float = Field(default=600.0, gt=0, description="follow: how long before handing back to the sensor")
+    follow_interval_seconds: float = Field(default=1.0, ge=0, description="follow: how often to commit")
+    max_batch_messages: int = Field(default=50_000, gt=0, description="follow: the largest range one commit takes")
 
 
 @asset(
@@ -62,6 +69,8 @@ def binance_trades(
     shedder, spill_store = degradation.load_shedder(), degradation.spill_store()
     # A catalog or object store that is down fails the run with one error naming it and the fix.
     with explaining_catalog_errors(iceberg.catalog_properties):
+        if config.mode == FOLLOW:
+            return _follow(context, config, kafka, iceberg, degradation)
         if config.mode == RECOVER:
             result = recover_range(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
             done = "is not pending (already recovered)" if result.already_committed else f"recovered: {result.written} rows"
@@ -70,25 +79,55 @@ def binance_trades(
             result = run_microbatch(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
             if result.already_committed:
                 context.log.info(f"{batch.key} is already in market.trades: nothing written")
-    return MaterializeResult(
-        metadata={
-            "mode": config.mode,
-            "degradation_level": level.name,
-            "enriched": result.enriched,
-            "deferred_rows": result.deferred,
-            "deferred_rows_by_symbol": json.dumps(result.deferred_by_symbol, sort_keys=True),
-            "spilled_rows": result.spilled,
-            "sequence_gaps": sum(result.sequence_gaps.values()),
-            "sequence_gaps_by_symbol": json.dumps(result.sequence_gaps, sort_keys=True),
-            "topic": batch.topic,
-            "partition": batch.partition,
-            "start_offset": batch.start,
-            "end_offset": batch.end,
-            "rows_written": result.written,
-            "dead_lettered": result.dead_lettered,
-            "retention_lost_offsets": result.lost,
-            "already_committed": result.already_committed,
-            "snapshot_id": MetadataValue.text(str(result.snapshot_id)),
-            "commit_seconds": round(result.commit_seconds, 3),
-        }
-    )
+    return MaterializeResult(metadata=batch_metadata(config.mode, level, batch, result))
+
+
+def batch_metadata(mode: str, level: DegradationLevel, batch: OffsetRange, result: BatchResult) -> dict:
+    """What a micro-batch materialisation records: its range, rows, gaps, dead letters and commit
+    (the stream sensor reads the sequence gaps, `k2 metrics` the rows and commit seconds)."""
+    return {
+        "mode": mode,
+        "degradation_level": level.name,
+        "enriched": result.enriched,
+        "deferred_rows": result.deferred,
+        "deferred_rows_by_symbol": json.dumps(result.deferred_by_symbol, sort_keys=True),
+        "spilled_rows": result.spilled,
+        "sequence_gaps": sum(result.sequence_gaps.values()),
+        "sequence_gaps_by_symbol": json.dumps(result.sequence_gaps, sort_keys=True),
+        "topic": batch.topic,
+        "partition": batch.partition,
+        "start_offset": batch.start,
+        "end_offset": batch.end,
+        "rows_written": result.written,
+        "dead_lettered": result.dead_lettered,
+        "retention_lost_offsets": result.lost,
+        "already_committed": result.already_committed,
+        "snapshot_id": MetadataValue.text(str(result.snapshot_id)),
+        "commit_seconds": round(result.commit_seconds, 3),
+    }
+
+
+def _follow(context: AssetExecutionContext, config: MicroBatchConfig, kafka: KafkaResource,
+            iceberg: IcebergResource, degradation: DegradationResource) -> MaterializeResult:
+    """The topic's follower: each commit is logged as a materialisation of its own, with its range,
+    so the UI lists every commit as it does a run per range; the run's own result sums them up."""
+    level = DegradationLevel(config.degradation_level)
+    thresholds = degradation.thresholds()
+    settings = FollowSettings(interval_s=config.follow_interval_seconds, run_for_s=config.follow_seconds,
+                              max_batch_messages=config.max_batch_messages,
+                              max_lag_messages=max(1, thresholds.lag_messages[0] // 2),
+                              memory_limit_percent=thresholds.memory_percent[0])
+
+    def report(result: BatchResult) -> None:
+        if not result.already_committed:
+            context.log_event(AssetMaterialization(asset_key=context.asset_key,
+                                                   metadata=batch_metadata(FOLLOW, level, result.batch, result)))
+
+    outcome = follow_topic(kafka, iceberg, config.topic, settings, report, level=level,
+                           shedder=degradation.load_shedder(), spill_store=degradation.spill_store())
+    context.log.info(f"following {config.topic} ended ({outcome.reason}) after {outcome.commits} commits, "
+                     f"{outcome.rows_written} rows")
+    # No rows_written / commit_seconds here: `k2 metrics` counts those from the per-commit events.
+    return MaterializeResult(metadata={"mode": FOLLOW, "topic": config.topic, "commits": outcome.commits,
+                                       "rows_committed": outcome.rows_written, "ended_because": outcome.reason,
+                                       "ranges": MetadataValue.text(", ".join(outcome.ranges[-50:]))})

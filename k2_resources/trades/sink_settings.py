@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dagster import ConfigurableResource
 from pydantic import Field
 
@@ -23,3 +25,11 @@ class TradeSinkResource(ConfigurableResource):
     run_retry_after_seconds: int = Field(
         default=300, description="re-request a batch whose run has not appeared or finished after this long"
     )
+    follow_seconds: float = Field(
+        default_factory=lambda: float(os.environ.get("K2_STREAM_FOLLOW_SECONDS", "0")),
+        description="at NORMAL, run one long-running follower (k2_resources/trades/follow.py) for this long "
+        "instead of a run per range, committing every follow_interval_seconds; 0: a run per range. "
+        "`k2 run` sets K2_STREAM_FOLLOW_SECONDS=600: a run launch costs seconds, a follower pays it once")
+    follow_interval_seconds: float = Field(
+        default_factory=lambda: float(os.environ.get("K2_STREAM_FOLLOW_INTERVAL_SECONDS", "1")),
+        description="how often a follower commits each partition's new offsets")

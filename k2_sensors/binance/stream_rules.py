@@ -195,13 +195,15 @@ class StreamCursor:
 
     ``in_flight`` and ``recovering``: partition -> the micro-batch / recovery run in flight;
     ``degradation``: the DegradationManager's ``to_state()`` (its format is the manager's);
-    ``probe_at``: when the circuit breaker's latest half-open probe round was requested.
+    ``probe_at``: when the circuit breaker's latest half-open probe round was requested;
+    ``follower``: the long-running follower run of the topic, while one is requested or running.
     """
 
     in_flight: dict[int, InFlight] = field(default_factory=dict)
     recovering: dict[int, Recovery] = field(default_factory=dict)
     degradation: dict[str, Any] = field(default_factory=dict)
     probe_at: float | None = None
+    follower: InFlight | None = None
 
     def to_json(self) -> str:
         return json.dumps({
@@ -210,6 +212,7 @@ class StreamCursor:
             "recovering": {str(p): asdict(f) for p, f in self.recovering.items()},
             "degradation": self.degradation,
             "probe_at": self.probe_at,
+            "follower": None if self.follower is None else asdict(self.follower),
         })
 
     @classmethod
@@ -235,6 +238,7 @@ class StreamCursor:
             recovering=_flights(data.get("recovering"), Recovery),
             degradation=dict(data.get("degradation") or {}),
             probe_at=None if probe_at is None else float(probe_at),
+            follower=_flights({"0": data["follower"]} if data.get("follower") else None, InFlight).get(0),
         )
 
 
@@ -473,10 +477,38 @@ def recovery_run_keys(cursor: StreamCursor) -> list[str]:
     return [flight.run_key for flight in cursor.recovering.values()]
 
 
+# -- the follower: one long-running run that commits every partition every second or so ------------
+
+def follower_run_keys(cursor: StreamCursor) -> list[str]:
+    return [] if cursor.follower is None else [cursor.follower.run_key]
+
+
+def follower_busy(cursor: StreamCursor, run_status: Mapping[str, str], retry_after_s: float, now: float) -> bool:
+    """Whether the cursor's follower is queued or running; one that finished, failed or never appeared
+    within ``retry_after_s`` is forgotten (the sensor is its supervisor: it plans anew this tick)."""
+    if cursor.follower is None:
+        return False
+    if retry_attempt(cursor.follower, run_status, retry_after_s, now) is None:
+        return True
+    cursor.follower = None
+    return False
+
+
+def wants_follower(snapshot: StreamSnapshot, cursor: StreamCursor, level: DegradationLevel,
+                   follow_seconds: float) -> bool:
+    """A follower instead of a run per range: when following is on, the level is NORMAL, there is new
+    data, no range or recovery run is in flight (ranges already committed are dropped first), nothing
+    is pending (deferred or spilled ranges go through recovery runs) and the topic's offsets are sane."""
+    cursor.in_flight = {p: f for p, f in cursor.in_flight.items() if snapshot.committed.get(p, 0) < f.end}
+    return (follow_seconds > 0 and level == DegradationLevel.NORMAL and snapshot.total_lag > 0
+            and not snapshot.pending and not snapshot.mismatched and not cursor.in_flight and not cursor.recovering)
+
+
 # -- one tick as three steps: observe (I/O, in stream_sensor) -> decide -> report ---------------
 
 INGEST = "ingest"
 RECOVER = "recover"
+FOLLOW = "follow"
 
 
 @dataclass(frozen=True)
@@ -489,6 +521,7 @@ class StreamSettings:
     lag_warn_messages: int
     lag_error_messages: int
     thresholds: DegradationThresholds = field(default_factory=DegradationThresholds)
+    follow_seconds: float = 0.0  # > 0: a follower at NORMAL instead of a run per range (TradeSinkResource)
 
     @classmethod
     def of(cls, sink: TradeSinkResource, degradation: DegradationResource) -> StreamSettings:
@@ -499,6 +532,7 @@ class StreamSettings:
             lag_warn_messages=sink.lag_warn_messages,
             lag_error_messages=sink.lag_error_messages,
             thresholds=degradation.thresholds(),
+            follow_seconds=sink.follow_seconds,
         )
 
 
@@ -517,7 +551,8 @@ class Observation:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """A run to request: one offset range, at a degradation level, to ingest or to recover."""
+    """A run to request: one offset range, at a degradation level, to ingest or to recover; or the
+    topic's follower (mode FOLLOW; its range is a placeholder: it follows every partition)."""
 
     range: OffsetRange
     run_key: str
@@ -566,7 +601,12 @@ def decide(observation: Observation, cursor: StreamCursor, settings: StreamSetti
     runs: list[PlannedRun] = []
     probe = False
     run_level = batch_level(level, cursor, manager.changed_at, settings.thresholds.cooldown_seconds, now)
-    if run_level is not None:
+    following = follower_busy(cursor, observation.run_status, settings.retry_after_s, now)
+    if run_level is not None and not following and wants_follower(snapshot, cursor, level, settings.follow_seconds):
+        run_key = f"follow:{snapshot.topic}@{now:.3f}"
+        cursor.follower = InFlight(0, 0, run_key, now)
+        runs.append(PlannedRun(OffsetRange(snapshot.topic, 0, 0, 0), run_key, 1, level, FOLLOW))
+    elif run_level is not None and not following:
         planned = plan_batches(snapshot, cursor, settings.max_batch_messages, observation.run_status,
                                settings.retry_after_s, now)
         runs += [PlannedRun(batch, key, attempt, run_level) for batch, key, attempt in planned]

@@ -13,6 +13,12 @@ Degradation, each tick: lag and memory -> DegradationManager (state in the curso
 backlogs are set as Prometheus metrics; the level travels to each requested run in its config.
 CIRCUIT_BREAK requests nothing but one probe round per cooldown; at SOFT or below, pending
 (deferred and spilled) ranges get ``mode: recover`` runs.
+
+Following (``TradeSinkResource.follow_seconds`` > 0, as `k2 run` sets it): at NORMAL with nothing
+in flight or pending, the sensor requests one long-running ``mode: follow`` run for the topic instead
+of a run per range, and supervises it: while it runs no range is requested; when it ends (its time
+is up, it fell behind, memory rose, or it died) the next tick plans again, with ranges at the
+current level or a new follower.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from k2_resources.topics import dead_letter_topic
 from k2_resources.trades.offsets import DEFERRED, SPILLED, OffsetRange
 from k2_resources.trades.sink_settings import TradeSinkResource
 from k2_sensors.binance.stream_rules import (
+    FOLLOW,
     INGEST,
     RUN_ACTIVE,
     RUN_FAILED,
@@ -59,6 +66,7 @@ from k2_sensors.binance.stream_rules import (
     StreamSettings,
     StreamSnapshot,
     decide,
+    follower_run_keys,
     recovery_run_keys,
     report,
 )
@@ -96,6 +104,27 @@ def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, 
             "k2/attempt": str(attempt),
             "k2/degradation-level": DegradationLevel(level).name,
             "k2/mode": mode,
+        },
+    )
+
+
+def follow_request(topic: str, run_key: str, sink: TradeSinkResource) -> RunRequest:
+    """The topic's follower (k2_resources/trades/follow.py): every partition, committed each
+    ``follow_interval_seconds`` for ``follow_seconds``; each commit is a materialisation with its range."""
+    return RunRequest(
+        run_key=run_key,
+        run_config={"ops": {"binance_trades": {"config": {
+            "topic": topic, "mode": FOLLOW, "degradation_level": 0,
+            "follow_seconds": float(sink.follow_seconds), "follow_interval_seconds": float(sink.follow_interval_seconds),
+            "max_batch_messages": int(sink.max_batch_messages),
+        }}}},
+        tags={
+            # One follower per topic at a time (dagster.yaml's limit per value); the sensor requests
+            # no range of the topic while it runs.
+            "k2/kafka-partition": f"{topic}-follow",
+            "k2/offset-range": "follow",
+            "k2/degradation-level": DegradationLevel.NORMAL.name,
+            "k2/mode": FOLLOW,
         },
     )
 
@@ -155,7 +184,7 @@ def observe(
     return Observation(
         snapshot=StreamSnapshot.read(kafka, iceberg, sink.topic),
         run_status=run_statuses(instance, [flight.run_key for flight in cursor.in_flight.values()]
-                                + recovery_run_keys(cursor)),
+                                + recovery_run_keys(cursor) + follower_run_keys(cursor)),
         memory_percent=memory_percent(),
         dead_letter_topic=dlq,
         dead_letters=dead_letter_total(kafka, dlq),
@@ -200,7 +229,8 @@ def evaluate_stream(
         getattr(log, line.level)(line.message)
     publish_metrics(observation, decision)
     return SensorResult(
-        run_requests=[run_request(run.range, run.run_key, run.attempt, run.level, run.mode) for run in decision.runs],
+        run_requests=[follow_request(run.range.topic, run.run_key, sink) if run.mode == FOLLOW
+                      else run_request(run.range, run.run_key, run.attempt, run.level, run.mode) for run in decision.runs],
         cursor=decision.cursor.to_json(),
         asset_events=[check_evaluation(outcome) for outcome in told.outcomes],
     )

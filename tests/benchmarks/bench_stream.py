@@ -53,6 +53,7 @@ from k2_resources.trades.microbatch import run_microbatch
 from k2_resources.trades.offsets import OffsetRange
 from k2_resources.trades.sink_settings import TradeSinkResource
 from k2_sensors.binance.stream_sensor import evaluate_stream
+from tests.support.bench_results import merge_bench_json
 
 THROUGHPUT_MESSAGES = 200_000
 PARTITIONS = 3
@@ -326,7 +327,5 @@ def test_stream_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
         "parallel_partitions": parallel,
         "freshness": freshness,
     }
-    out = PROJECT_ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "stream.json").write_text(json.dumps(result, indent=2) + "\n")
+    merge_bench_json("stream.json", result)  # keeps bench_freshness's freshness_deployed
     print(json.dumps(result, indent=2))

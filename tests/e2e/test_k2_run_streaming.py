@@ -78,7 +78,10 @@ def test_k2_run_streams_the_recording_through_the_daemon_into_iceberg_exactly_on
     assert not duplicates, f"{len(duplicates)} message ids twice in market.trades, e.g. {list(duplicates)[:5]}"
     assert set(in_iceberg) == set(recorded)
     assert in_kafka == len(recorded), "the streamer produced each recorded trade once"
-    # the runs were requested by the sensor and started by the daemon's run launcher, and all succeeded
+    # the runs were requested by the sensor and started by the daemon's run launcher, and none failed;
+    # under `k2 run` the sensor starts a long-running follower, which may still be running now
     assert launched_by_sensor and len(launched_by_sensor) == len(runs)
-    assert statuses[DagsterRunStatus.SUCCESS] >= 1, statuses  # one symbol: one partition (keyed by symbol)
+    assert statuses[DagsterRunStatus.SUCCESS] + statuses[DagsterRunStatus.STARTED] >= 1, statuses
+    assert not statuses[DagsterRunStatus.FAILURE], statuses
+    assert any(r.tags.get("k2/mode") == "follow" for r in runs), [r.tags for r in runs]
     print(f"\n{len(recorded)} trades through k2 run in {seconds:.0f}s with {len(runs)} runs: {dict(statuses)}")
