@@ -78,6 +78,8 @@ def _alive(pid: int | None) -> bool:
             return False
     except ChildProcessError:
         pass
+    if _is_zombie(pid):
+        return False  # ended; only its parent (another process, e.g. the one that restarted it) can reap it
     try:
         os.kill(pid, 0)
         return True
@@ -85,6 +87,16 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has ended but is not reaped yet: signal 0 still reaches it, yet it is gone.
+    A stop that waited for it to vanish would wait forever (its parent may never call wait)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _runs(pid: int | None, program: str) -> bool:

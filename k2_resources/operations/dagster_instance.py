@@ -129,6 +129,20 @@ def postgres_settings(home: Path) -> dict[str, str] | None:
     return settings
 
 
+def instance_storage_problem(home: Path) -> str | None:
+    """Why the instance in ``home`` cannot reach its storage, naming it and the fix; None when it
+    can, or when its storage is not a server (SQLite). `k2 run` watches this while it runs:
+    Dagster's own "Retrying failed database connection" names neither the variables nor the fix."""
+    settings = postgres_settings(home)
+    if settings is None:
+        return None
+    try:
+        _check_postgres_answers(home, settings)
+    except K2Error as exc:
+        return str(exc)
+    return None
+
+
 def _check_postgres_answers(home: Path, settings: dict[str, str]) -> None:
     """One quick connection to the instance's Postgres, so that a server that is down (or a variable
     that is not set) is one clear error instead of dagster-postgres' retries ending in "too many retries"."""

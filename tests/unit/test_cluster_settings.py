@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,8 +10,9 @@ from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from k2_resources.catalog_errors import CatalogUnavailableError, catalog_unavailable, explaining_catalog_errors
 from k2_resources.catalog_settings import env_catalog_properties
+from k2_resources.kafka_broker import free_port
 from k2_resources.operations.dagster_instance import (EMBEDDED_INSTANCE_CONFIG, POSTGRES_INSTANCE_CONFIG,
-                                                      instance_config_for_environment)
+                                                      instance_config_for_environment, instance_storage_problem)
 from k2_resources.trades.iceberg_read import object_store_options
 
 CLUSTER_ENV = {
@@ -85,3 +87,15 @@ def test_k2_run_installs_the_postgres_instance_file_when_the_cluster_names_postg
     assert instance_config_for_environment() == EMBEDDED_INSTANCE_CONFIG
     monkeypatch.setenv("DAGSTER_POSTGRES_HOST", "127.0.0.1")
     assert instance_config_for_environment() == POSTGRES_INSTANCE_CONFIG
+
+
+def test_an_instance_whose_postgres_does_not_answer_is_named_with_the_fix(tmp_path: Path, monkeypatch):
+    (tmp_path / "dagster.yaml").write_text(POSTGRES_INSTANCE_CONFIG.read_text())
+    for variable, value in {"DAGSTER_POSTGRES_HOST": "127.0.0.1", "DAGSTER_POSTGRES_PORT": str(free_port()),
+                            "DAGSTER_POSTGRES_USER": "k2", "DAGSTER_POSTGRES_PASSWORD": "x",
+                            "DAGSTER_POSTGRES_DB": "dagster"}.items():
+        monkeypatch.setenv(variable, value)
+    problem = instance_storage_problem(tmp_path)
+    assert problem is not None and "127.0.0.1" in problem and "k2 cluster start" in problem
+    (tmp_path / "dagster.yaml").write_text(EMBEDDED_INSTANCE_CONFIG.read_text())
+    assert instance_storage_problem(tmp_path) is None  # SQLite: no server to lose
