@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -27,6 +28,7 @@ from kafka.errors import KafkaError
 from k2_resources.errors import K2Error, KafkaUnavailableError
 from k2_resources.kafka import KafkaResource
 from k2_resources.tables import TRADES
+from k2_resources.trades.columnar_fetch import FastFetchUnavailable, fetch_range
 from k2_resources.trades.microbatch import decode_batch
 
 log = logging.getLogger(__name__)
@@ -206,12 +208,14 @@ class KafkaTail:
     def _fetch(self, topic: str, wanted: dict[int, list[tuple[int, int]]],
                stats: TailStats) -> dict[int, list[tuple[int, int, pl.DataFrame]]]:
         """Fetch and decode each wanted range; one range per partition at a time."""
-        consumer = self.consumer()
         result: dict[int, list[tuple[int, int, pl.DataFrame]]] = {}
         queue = {p: list(ranges) for p, ranges in wanted.items()}
         while any(queue.values()):
             batch = {p: ranges.pop(0) for p, ranges in queue.items() if ranges}
-            messages = self._fetch_ranges(consumer, topic, batch, stats)
+            messages = self._fetch_column_wise(topic, batch, stats)
+            rest = {p: batch[p] for p in batch if p not in messages}
+            if rest:
+                messages.update(self._fetch_ranges(self.consumer(), topic, rest, stats))
             for partition, (start, end) in batch.items():
                 offsets, values = messages[partition]
                 decoding = time.perf_counter()
@@ -225,6 +229,24 @@ class KafkaTail:
                 stats.decode_seconds += time.perf_counter() - decoding
                 result.setdefault(partition, []).append((start, end, frame))
         return result
+
+    def _fetch_column_wise(self, topic: str, ranges: dict[int, tuple[int, int]],
+                           stats: TailStats) -> dict[int, tuple[Any, Any]]:
+        """The ranges the sink's column-wise fetch can read (it parses no Python object per
+        message); a partition it declines (another broker leads it, retention deleted offsets,
+        compressed batches, ...) is left to kafka-python's path."""
+        fetched: dict[int, tuple[Any, Any]] = {}
+        if not isinstance(self.kafka, KafkaResource):
+            return fetched
+        for partition, (start, end) in ranges.items():
+            polling = time.perf_counter()
+            try:
+                fetched[partition] = fetch_range(self.kafka.servers, f"{self.kafka.client_id}-tail", topic, partition,
+                                                 start, end, self.timeout_s)
+            except FastFetchUnavailable as exc:
+                log.debug("%s[%d]: reading the tail with kafka-python (%s)", topic, partition, exc)
+            stats.poll_seconds += time.perf_counter() - polling
+        return fetched
 
     def _fetch_ranges(self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]],
                       stats: TailStats) -> dict[int, tuple[list[int], list[bytes | None]]]:
