@@ -128,7 +128,10 @@ def test_drop_on_request_and_proactive_rotation_lose_nothing(kafka_broker, topic
 
     stats = result["stats"]
     assert sent.finished and sent.drops >= 1
-    assert stats.rotations >= 2 and stats.reconnects >= stats.rotations + 1
+    # Every rotation is a reconnect. The requested drop is one more, unless it hit a connection the
+    # client was already closing to rotate (0.4 s age limit): then both are the same reconnect. That
+    # the stream went on after the drop is shown by the finished recording and the counts below.
+    assert stats.rotations >= 2 and stats.reconnects >= stats.rotations
     assert sent.unique_trades == 3_000 == stats.produced
     _assert_exactly_once(kafka, topic_name, sent)
 
