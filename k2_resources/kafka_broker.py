@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k2_resources.errors import KafkaUnavailableError
+from k2_resources.maven import maven_classpath
 from k2_resources.settings import PROJECT_ROOT, state_dir
 
 POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
@@ -54,8 +55,7 @@ def new_cluster_id() -> str:
 
 def resolve_classpath(cached: Path) -> str:
     """The broker's runtime classpath, resolved by Maven from infra/kafka/pom.xml once and cached in ``cached``."""
-    if cached.exists() and cached.stat().st_mtime >= POM.stat().st_mtime and cached.read_text().strip():
-        return cached.read_text().strip()
+    return maven_classpath(POM, cached, "the Kafka jars", KafkaUnavailableError)
     mvn = _require("mvn", "install Maven (Debian: `apt-get install maven`) so K2 can fetch the Kafka jars")
     cached.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(

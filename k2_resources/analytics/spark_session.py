@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from pyiceberg.catalog import load_catalog
 
 from k2_resources.catalog_settings import catalog_properties
 from k2_resources.errors import K2Error
+from k2_resources.maven import maven_classpath
 from k2_resources.settings import PROJECT_ROOT, state_dir
 
 POM = PROJECT_ROOT / "infra" / "spark" / "pom.xml"
@@ -109,22 +109,8 @@ def spark_jars(cache_dir: Path | None = None) -> list[str]:
     """The jar files of infra/spark/pom.xml, resolved by Maven once and cached (classpath.txt under K2_HOME/spark)."""
     cache_dir = cache_dir or state_dir("spark")
     cached = cache_dir / "classpath.txt"
-    if not (cached.exists() and cached.stat().st_mtime >= POM.stat().st_mtime and cached.read_text().strip()):
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise K2Error("`mvn` was not found on PATH; install Maven (Debian: `apt-get install maven`) "
-                          "so K2 can fetch the Iceberg jars for Spark")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
-             f"-Dmdep.outputFile={cached}", "-Dmdep.includeScope=runtime"],
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0 or not cached.exists():
-            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-            raise K2Error("Maven could not resolve the Iceberg jars for Spark from Maven Central; check access to "
-                          "Maven Central (or a mirror in ~/.m2/settings.xml):\n" + "\n".join(tail))
-    jars = [jar for jar in cached.read_text().strip().split(os.pathsep) if jar]
+    classpath = maven_classpath(POM, cached, "the Iceberg jars for Spark")
+    jars = [jar for jar in classpath.split(os.pathsep) if jar]
     missing = [jar for jar in jars if not Path(jar).exists()]
     if missing:
         cached.unlink()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k2_resources.kafka_broker import free_port
+from k2_resources.maven import maven_classpath
 from k2_resources.settings import PROJECT_ROOT
 
 POM = PROJECT_ROOT / "infra" / "kafka-connect" / "pom.xml"
@@ -43,8 +44,7 @@ def versions() -> dict[str, str]:
 def connect_classpath(cache_dir: Path) -> str:
     """The worker's runtime classpath, resolved by Maven once and cached in ``cache_dir``."""
     cached = cache_dir / "connect-classpath.txt"
-    if cached.exists() and cached.stat().st_mtime >= POM.stat().st_mtime and cached.read_text().strip():
-        return cached.read_text().strip()
+    return maven_classpath(POM, cached, "the Kafka Connect / Iceberg sink jars", PeerUnavailableError)
     mvn = shutil.which("mvn")
     if mvn is None:
         raise PeerUnavailableError("`mvn` was not found on PATH; install Maven (Debian: `apt-get install maven`)")
