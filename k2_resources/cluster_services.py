@@ -21,7 +21,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pyiceberg.catalog import load_catalog
 
 from k2_resources.cluster_env import ClusterService, cluster_home
 from k2_resources.errors import K2Error
+from k2_resources.kafka_broker import free_port
 
 TABLE_BUCKET = "k2lake"
 S3_REGION = "us-east-1"
@@ -45,13 +45,6 @@ DAGSTER_DATABASE = "dagster"
 
 class ClusterServiceError(K2Error):
     """A service of the local topology could not start, or does not answer."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _read_json(path: Path) -> dict:
@@ -152,10 +145,11 @@ def weed_binary() -> str:
 
 
 @dataclass
-class ObjectStore:
-    """SeaweedFS (`weed mini`): S3 and an Iceberg REST catalog, state and credentials in ``home``."""
+class _LocalServer:
+    """A server process of `k2 cluster` with its state (ports, pid) and credentials in ``home``."""
 
     home: Path
+    program = ""  # the executable's name, to tell our process from a reused pid
 
     @property
     def state_file(self) -> Path:
@@ -164,6 +158,26 @@ class ObjectStore:
     @property
     def credentials_file(self) -> Path:
         return self.home / "credentials.json"
+
+    def _state(self) -> dict:
+        return _read_json(self.state_file)
+
+    def _save(self, **values: object) -> None:
+        state = self._state()
+        state.update(values)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def pid(self) -> int | None:
+        pid = self._state().get("pid")
+        return pid if _runs(pid, self.program) else None
+
+
+@dataclass
+class ObjectStore(_LocalServer):
+    """SeaweedFS (`weed mini`): S3 and an Iceberg REST catalog, state and credentials in ``home``."""
+
+    program = "weed"
 
     @property
     def log_file(self) -> Path:
@@ -191,16 +205,6 @@ class ObjectStore:
                 ports[name] = int(os.environ[variable])
         self._save(ports=ports)
         return ports
-
-    def _save(self, **values: object) -> None:
-        state = _read_json(self.state_file)
-        state.update(values)
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(state, indent=2))
-
-    def pid(self) -> int | None:
-        pid = _read_json(self.state_file).get("pid")
-        return pid if _runs(pid, "weed") else None
 
     def env(self) -> dict[str, str]:
         """The variables K2 needs to use this catalog and store (k2_resources.catalog_settings)."""
@@ -326,35 +330,18 @@ def _service_user() -> str | None:
 
 
 @dataclass
-class Postgres:
+class Postgres(_LocalServer):
     """A PostgreSQL cluster in ``home``/data, on 127.0.0.1, holding the Dagster database."""
 
-    home: Path
+    program = "postgres"
 
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
 
     @property
-    def state_file(self) -> Path:
-        return self.home / "state.json"
-
-    @property
-    def credentials_file(self) -> Path:
-        return self.home / "credentials.json"
-
-    @property
     def log_file(self) -> Path:
         return self.home / "postgres.log"
-
-    def _state(self) -> dict:
-        return _read_json(self.state_file)
-
-    def _save(self, **values: object) -> None:
-        state = self._state()
-        state.update(values)
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(state, indent=2))
 
     def port(self) -> int:
         """The port: K2_CLUSTER_POSTGRES_PORT, else chosen free once and kept in the state file."""
@@ -380,10 +367,6 @@ class Postgres:
             "DAGSTER_POSTGRES_PASSWORD": self.password(),
             "DAGSTER_POSTGRES_DB": DAGSTER_DATABASE,
         }
-
-    def pid(self) -> int | None:
-        pid = self._state().get("pid")
-        return pid if _runs(pid, "postgres") else None
 
     def connect(self, database: str = "postgres", timeout_s: int = 2):
         return psycopg2.connect(host="127.0.0.1", port=self.port(), user=POSTGRES_USER, password=self.password(),
