@@ -5,16 +5,18 @@ hostile lines (wrong widths, duplicates, empty lines, undated lines between days
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2_resources.asx.columnar_trades import normalise_trade_files
+from k2_resources.asx.columnar_trades import _micros_of_day, normalise_trade_files
 from k2_resources.asx.files import read_raw_day, trading_days
-from k2_resources.asx.normalise import NormalisedDay, normalise_trades
+from k2_resources.asx.normalise import _TIME, NormalisedDay, normalise_trades
 from tests.support.asx_generator import write_asx_trades_day
 
 INGESTED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -57,7 +59,9 @@ def test_it_declines_files_it_cannot_split_exactly(tmp_path: Path) -> None:
 # A field: well formed, near misses, or anything without a line end.
 FIELDS = [
     st.sampled_from(["03/10/2014", "03/11/2014", "03/11/2014", "02/30/2014", "3/11/2014", ""]),
-    st.sampled_from(["10:00:00.000", "10:00:01.5", "23:59:59", "24:00:00.000", "10:00", "1:00:00.000", ""]),
+    st.sampled_from(["10:00:00.000", "10:00:01.5", "23:59:59", "24:00:00.000", "10:00", "1:00:00.000", "",
+                     "10:00:00.123456", "10:00:00.1234567", "10:00:00.", "10:60:00", "10:00:60.5", "10:0a:00.000",
+                     "10-00-00.000", "10:00:00.12a", "10:00:00,5", "١٠:00:00", "10:00:00.000 "]),
     st.sampled_from(["36.5", "0.0", "0", "-1", "1e5", "12345678901.5", ".5", "36.50000001", "abc"]),
     st.sampled_from(["100", "0", "-100", "1.5", "12345678901", "7"]),
     st.sampled_from(["0", "25", "Q", "12345", ""]),
@@ -93,3 +97,19 @@ def test_any_lines_give_the_same_rows_and_dead_letters(tmp_path_factory: pytest.
         (root / "trades" / f"{company}.csv").write_bytes(text.encode())
     for day in trading_days(root):
         assert _assert_same(root, day) is not None  # no quotes, no bare CR: the column-wise path applies
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(texts=st.lists(st.one_of(
+    st.from_regex(r"\A[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,7})?\Z"),
+    st.text(alphabet="0123456789:. a", max_size=16),
+), max_size=40))
+def test_the_byte_level_clock_reader_accepts_exactly_what_the_general_path_does(texts: list[str]) -> None:
+    micros, valid = _micros_of_day(pa.chunked_array([pa.array(texts, type=pa.string())], type=pa.string()))
+    for text, value, accepted in zip(texts, micros, valid):
+        shaped = re.fullmatch(_TIME, text) is not None
+        hour, minute, second = (int(text[at:at + 2]) if shaped else 0 for at in (0, 3, 6))
+        expected = shaped and hour <= 23 and minute <= 59 and second <= 59
+        assert accepted == expected, text
+        if expected:
+            assert value == ((hour * 60 + minute) * 60 + second) * 1_000_000 + int(text[9:].ljust(6, "0") or 0), text
