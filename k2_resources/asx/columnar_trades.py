@@ -131,7 +131,8 @@ def _skipped_lines(data: bytes, skipped: list[str], empty_lines: int) -> tuple[n
 
 def _scan(path: Path) -> _Scan | None:
     data = path.read_bytes()
-    if b'"' in data or data.count(b"\r") != data.count(b"\r\n"):
+    carriage_returns = data.count(b"\r")
+    if b'"' in data or (carriage_returns and carriage_returns != data.count(b"\r\n")):
         return None  # quotes or a bare CR: the CSV reader would split differently from the lines
     try:
         data.decode("utf-8")

@@ -263,9 +263,11 @@ def rows_per_symbol(rows: pa.Table) -> dict[str, int]:
 def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_key: str, raw: pa.Table | None = None) -> IngestResult:
     """CSV -> validated V2 rows -> Iceberg for one trading day (what the assets and the benchmark run).
 
-    Without ``raw``, trades are read column-wise from the files (:mod:`.columnar_trades`, same
-    rows and dead letters, several times faster on a large day)."""
-    columnar = normalise_trade_files(data_dir, partition_key) if raw is None and kind == "trades" else None
+    Trades are read column-wise from the files (:mod:`.columnar_trades`): the same rows and dead
+    letters as normalising the day's lines, several times faster on a large day. ``raw``, the
+    day's lines as :func:`read_raw_day` gives them (the raw asset's output), is what the general
+    path normalises: quotes, and trades in files the column-wise reader declines."""
+    columnar = normalise_trade_files(data_dir, partition_key) if kind == "trades" else None
     if columnar is not None:
         raw_rows, day = columnar
     else:
