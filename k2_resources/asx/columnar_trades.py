@@ -54,6 +54,37 @@ _COLUMN_TYPES = {name: (pa.string() if name == "time" else _DICTIONARY) for name
 _VENDOR_KEYS = ("company_id", "qualifier_code", "venue", "field_7")
 
 
+def _encoded(field: pa.Field) -> pa.Field:
+    """``field`` with its string values dictionary-encoded (lists and maps: their string children)."""
+    kind = field.type
+    if pa.types.is_large_string(kind):
+        return field.with_type(pa.dictionary(pa.int32(), kind))
+    if pa.types.is_map(kind):
+        return field.with_type(pa.map_(_encoded(kind.key_field), _encoded(kind.item_field)))
+    if pa.types.is_large_list(kind):
+        return field.with_type(pa.large_list(_encoded(kind.value_field)))
+    return field
+
+
+# Columns whose values repeat (one symbol per file, constants, qualifiers, vendor data) are built
+# dictionary-encoded: index arrays into the distinct values, no per-row string copies. The rows
+# are the V2 rows all the same (``table.cast(TRADES.arrow_schema())`` decodes them);
+# k2_resources.asx.writes writes them as they are.
+_ENCODED_COLUMNS = ("symbol", "exchange", "asset_class", "currency", "side", "trade_conditions", "vendor_data")
+ENCODED_SCHEMA = pa.schema(
+    [_encoded(field) if field.name in _ENCODED_COLUMNS else field for field in TRADES.arrow_schema()],
+    metadata=TRADES.arrow_schema().metadata,
+)
+
+
+def _dictionary(indices: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32, copy=False)), values.cast(pa.large_string()))
+
+
+def _repeated(text: str, count: int) -> pa.DictionaryArray:
+    return _dictionary(np.zeros(count, dtype=np.int32), pa.array([text], type=pa.large_string()))
+
+
 @dataclass
 class _Scan:
     """One file: its lines, which are well formed, their parsed fields, and each line's day."""
@@ -259,7 +290,7 @@ def _non_empty(values: pl.Series) -> np.ndarray:
 
 def _vendor_data(company_id: str, fields: dict[str, tuple[pl.Series, np.ndarray]]) -> pa.Array:
     """vendor_data per row: company_id and qualifier_code always, venue and field_7 when not empty,
-    in that order; built from index arrays into the distinct values (no per-row work)."""
+    in that order; keys and values are index arrays into the distinct texts."""
     qualifiers, qualifier_index = fields["qualifier"]
     venues, venue_index = fields["venue"]
     sevenths, seventh_index = fields["field_7"]
@@ -279,12 +310,11 @@ def _vendor_data(company_id: str, fields: dict[str, tuple[pl.Series, np.ndarray]
     at = at + has_venue
     value_index[at[has_seventh]], key_index[at[has_seventh]] = seventh_base + seventh_index[has_seventh], 3
     distinct = pl.concat([pl.Series([company_id], dtype=pl.String), qualifiers, venues, sevenths]).to_arrow()
-    keys = pa.array(list(_VENDOR_KEYS), type=pa.large_string()).take(pa.array(key_index))
     return pa.MapArray.from_arrays(
         pa.array(offsets, type=pa.int32()),
-        keys,
-        distinct.cast(pa.large_string()).take(pa.array(value_index)),
-        type=TRADES.arrow_schema().field("vendor_data").type,
+        _dictionary(key_index, pa.array(list(_VENDOR_KEYS))),
+        _dictionary(value_index, distinct),
+        type=ENCODED_SCHEMA.field("vendor_data").type,
     )
 
 
@@ -359,20 +389,20 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     count = len(utc)
     compact = day.strftime("%Y%m%d")
     numbers = pc.cast(pa.array(line_number), pa.large_string())
-    schema = TRADES.arrow_schema()
-    qualifiers = fields["qualifier"][0].to_arrow().cast(pa.large_string()).take(pa.array(fields["qualifier"][1]))
+    schema = ENCODED_SCHEMA
+    qualifiers = _dictionary(fields["qualifier"][1], fields["qualifier"][0].to_arrow())
     when = pa.scalar(ingested_at.astimezone(timezone.utc), type=pa.timestamp("us", tz="UTC"))
     columns = {
         "message_id": pc.binary_join_element_wise(_large(f"asx:trade:{symbol}:{compact}:"), numbers, _large("")),
         "trade_id": pc.binary_join_element_wise(_large(f"{EXCHANGE}-{symbol}-{compact}-"), numbers, _large("")),
-        "symbol": pa.repeat(pa.scalar(symbol, pa.large_string()), count),
-        "exchange": pa.repeat(pa.scalar(EXCHANGE, pa.large_string()), count),
-        "asset_class": pa.repeat(pa.scalar(ASSET_CLASS, pa.large_string()), count),
+        "symbol": _repeated(symbol, count),
+        "exchange": _repeated(EXCHANGE, count),
+        "asset_class": _repeated(ASSET_CLASS, count),
         "timestamp": pa.array(utc, type=pa.timestamp("us", tz="UTC")),
         "price": prices.take(pa.array(fields["price"][1])),
         "quantity": volumes.take(pa.array(fields["volume"][1])),
-        "currency": pa.repeat(pa.scalar(CURRENCY, pa.large_string()), count),
-        "side": pa.repeat(pa.scalar("UNKNOWN", pa.large_string()), count),
+        "currency": _repeated(CURRENCY, count),
+        "side": _repeated("UNKNOWN", count),
         "trade_conditions": pa.LargeListArray.from_arrays(
             pa.array(np.arange(count + 1, dtype=np.int64)), qualifiers, type=schema.field("trade_conditions").type
         ),
@@ -383,8 +413,8 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     }
     table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
     accepted = general.filter(pl.col("_reason").is_null())
-    if accepted.height:
-        table = pa.concat_tables([table, _trade_rows(accepted.select(_TRADE_COLUMNS), ingested_at)])
+    if accepted.height:  # lines only the general path accepts: rare, so these rows are decoded
+        table = pa.concat_tables([table.cast(TRADES.arrow_schema()), _trade_rows(accepted.select(_TRADE_COLUMNS), ingested_at)])
         table = table.sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")])
     return table, general.filter(pl.col("_reason").is_not_null())
 
@@ -413,7 +443,7 @@ def normalise_trade_files(
             return None  # needs the general path; a file without a single date: read_raw_day's fallback day decides
         selected = scan.line_day == target
         if not selected.any():
-            return 0, TRADES.arrow_schema().empty_table(), _general_trades(_empty_raw())
+            return 0, ENCODED_SCHEMA.empty_table(), _general_trades(_empty_raw())
         rows, bad = _file_day(scan, selected, day, path.stem, symbols[path.stem], ingested_at)
         return int(selected.sum()), rows, bad
 
@@ -422,10 +452,12 @@ def normalise_trade_files(
         results = list(pool.map(one_file, source_files(data_dir, "trades")))
     if any(result is None for result in results):
         return None
+    # Rows the general path accepted come decoded (see _file_day); then every file's rows are.
+    decode = len({result[1].schema for result in results if result[1].num_rows}) > 1  # type: ignore[index]
     by_symbol: dict[str, list[pa.Table]] = {}
     for path, (_, rows, _) in zip(source_files(data_dir, "trades"), results):  # type: ignore[misc]
         if rows.num_rows:
-            by_symbol.setdefault(symbols[path.stem], []).append(rows)
+            by_symbol.setdefault(symbols[path.stem], []).append(rows.cast(TRADES.arrow_schema()) if decode else rows)
     lines_of_day = sum(result[0] for result in results)  # type: ignore[index]
     rejected = [result[2] for result in results]  # type: ignore[index]
     ordered: list[pa.Table] = []
@@ -435,7 +467,7 @@ def normalise_trade_files(
             ordered.append(tables[0])
         else:  # two files of one symbol: merge them in time order
             ordered.append(pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")]))
-    table = pa.concat_tables(ordered) if ordered else TRADES.arrow_schema().empty_table()
+    table = pa.concat_tables(ordered) if ordered else ENCODED_SCHEMA.empty_table()
     dead = pl.concat(rejected) if rejected else _general_trades(_empty_raw())
     dead = dead.sort(["file", "line_number"])
     return lines_of_day, NormalisedDay(table, _dead_letters(dead, DEAD_LETTER_SOURCE["trades"], partition_key, ingested_at))

@@ -108,6 +108,53 @@ def partition_slices(metadata: TableMetadata, rows: pa.Table) -> list[tuple[Part
     ]
 
 
+def _decoded_field(field: pa.Field) -> pa.Field:
+    """``field`` with every dictionary (at any depth) replaced by its value type."""
+    kind = field.type
+    if pa.types.is_dictionary(kind):
+        return field.with_type(kind.value_type)
+    if pa.types.is_map(kind):
+        return field.with_type(pa.map_(_decoded_field(kind.key_field), _decoded_field(kind.item_field), kind.keys_sorted))
+    if pa.types.is_large_list(kind):
+        return field.with_type(pa.large_list(_decoded_field(kind.value_field)))
+    if pa.types.is_list(kind):
+        return field.with_type(pa.list_(_decoded_field(kind.value_field)))
+    if pa.types.is_struct(kind):
+        return field.with_type(pa.struct([_decoded_field(child) for child in kind]))
+    return field
+
+
+def decoded_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` as it reads once dictionary-encoded columns are decoded."""
+    return pa.schema([_decoded_field(field) for field in schema], metadata=schema.metadata)
+
+
+def _encoded_as(target: pa.Field, source: pa.Field) -> pa.Field:
+    """The table's ``target`` field (its type and field ids), dictionary-encoded wherever ``source`` is."""
+    have, want = source.type, target.type
+    if pa.types.is_dictionary(have):
+        return target.with_type(pa.dictionary(have.index_type, want))
+    if pa.types.is_map(have) and pa.types.is_map(want):
+        return target.with_type(pa.map_(_encoded_as(want.key_field, have.key_field),
+                                        _encoded_as(want.item_field, have.item_field), want.keys_sorted))
+    if pa.types.is_large_list(have) and pa.types.is_large_list(want):
+        return target.with_type(pa.large_list(_encoded_as(want.value_field, have.value_field)))
+    if pa.types.is_list(have) and pa.types.is_list(want):
+        return target.with_type(pa.list_(_encoded_as(want.value_field, have.value_field)))
+    if pa.types.is_struct(have) and pa.types.is_struct(want) and have.num_fields == want.num_fields:
+        return target.with_type(pa.struct([_encoded_as(w, h) for w, h in zip(want, have)]))
+    return target
+
+
+def in_table_schema(rows: pa.Table, table_schema: pa.Schema) -> pa.Table:
+    """``rows`` cast to the table's Arrow schema (the catalog assigns field ids when it creates a
+    table; files are written with the table's own); dictionary-encoded columns stay encoded."""
+    if rows.schema.names != table_schema.names:
+        return rows.cast(table_schema)  # the cast names the mismatch
+    return rows.cast(pa.schema([_encoded_as(want, have) for want, have in zip(table_schema, rows.schema)],
+                               metadata=table_schema.metadata))
+
+
 def _overwrite(table: Table, rows: pa.Table, row_filter: BooleanExpression, properties: dict[str, str]) -> None:
     """``table.overwrite`` (delete ``row_filter``, append ``rows``, one transaction), splitting
     the rows into partitions by :func:`partition_slices` instead of pyiceberg's filter per
@@ -123,7 +170,7 @@ def _overwrite(table: Table, rows: pa.Table, row_filter: BooleanExpression, prop
                            _isolation_operation=Operation.OVERWRITE)
         target = property_as_int(metadata.properties, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
                                  TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT)
-        task_schema = pyarrow_to_schema(rows.schema, name_mapping=metadata.schema().name_mapping,
+        task_schema = pyarrow_to_schema(decoded_schema(rows.schema), name_mapping=metadata.schema().name_mapping,
                                         format_version=metadata.format_version)
         with transaction.update_snapshot(snapshot_properties=properties).fast_append() as append:
             counter = itertools.count(0)
@@ -133,7 +180,13 @@ def _overwrite(table: Table, rows: pa.Table, row_filter: BooleanExpression, prop
                 for key, piece in pieces
                 for batches in bin_pack_arrow_table(piece, target)  # type: ignore[arg-type]
             ]
-            direct = metadata.schema().as_arrow() == rows.schema and metadata.spec().spec_id == metadata.default_spec_id
+            direct = metadata.schema().as_arrow() == decoded_schema(rows.schema) and metadata.spec().spec_id == metadata.default_spec_id
+            if not direct and rows.schema != decoded_schema(rows.schema):
+                # pyiceberg's writer projects each batch to the table's schema: give it plain columns.
+                tasks = [WriteTask(write_uuid=task.write_uuid, task_id=task.task_id, partition_key=task.partition_key,
+                                   schema=task.schema, record_batches=pa.Table.from_batches(task.record_batches)
+                                   .cast(decoded_schema(rows.schema)).to_batches())
+                         for task in tasks]
             written = _write_data_files(table.io, metadata, tasks) if direct else write_file(table.io, metadata, iter(tasks))
             for data_file in written:
                 append.append_data_file(data_file)
@@ -159,6 +212,9 @@ def _write_data_files(io: FileIO, metadata: TableMetadata, tasks: list[WriteTask
         "use_dictionary": sorted(names - set(encodings)),
         "column_encoding": encodings,
         "store_decimal_as_integer": True,
+        # No Arrow schema in the footer: columns written from dictionary arrays read back as the plain
+        # strings of the Parquet schema, as the files of any other Iceberg writer do.
+        "store_schema": False,
     }
     row_group_limit = property_as_int(metadata.properties, TableProperties.PARQUET_ROW_GROUP_LIMIT,
                                       TableProperties.PARQUET_ROW_GROUP_LIMIT_DEFAULT)
@@ -207,8 +263,7 @@ def replace_rows(
     """
     for attempt in range(attempts):
         table: Table = load_table()
-        # The catalog assigns field ids when it creates a table; write with the table's own.
-        rows = rows.cast(table.schema().as_arrow())
+        rows = in_table_schema(rows, table.schema().as_arrow())
         try:
             with warnings.catch_warnings():
                 # The first load of a day deletes nothing; pyiceberg warns about that, harmlessly.
