@@ -57,7 +57,7 @@ _VENDOR_KEYS = ("company_id", "qualifier_code", "venue", "field_7")
 def _encoded(field: pa.Field) -> pa.Field:
     """``field`` with its string values dictionary-encoded (lists and maps: their string children)."""
     kind = field.type
-    if pa.types.is_large_string(kind):
+    if pa.types.is_large_string(kind) or pa.types.is_decimal(kind):
         return field.with_type(pa.dictionary(pa.int32(), kind))
     if pa.types.is_map(kind):
         return field.with_type(pa.map_(_encoded(kind.key_field), _encoded(kind.item_field)))
@@ -66,11 +66,12 @@ def _encoded(field: pa.Field) -> pa.Field:
     return field
 
 
-# Columns whose values repeat (one symbol per file, constants, qualifiers, vendor data) are built
-# dictionary-encoded: index arrays into the distinct values, no per-row string copies. The rows
-# are the V2 rows all the same (``table.cast(TRADES.arrow_schema())`` decodes them);
+# Columns whose values repeat (one symbol per file, constants, prices, volumes, qualifiers, vendor
+# data) are built dictionary-encoded: index arrays into the distinct values, no per-row copies.
+# The rows are the V2 rows all the same (``table.cast(TRADES.arrow_schema())`` decodes them);
 # k2_resources.asx.writes writes them as they are.
-_ENCODED_COLUMNS = ("symbol", "exchange", "asset_class", "currency", "side", "trade_conditions", "vendor_data")
+_ENCODED_COLUMNS = ("symbol", "exchange", "asset_class", "price", "quantity", "currency", "side", "trade_conditions",
+                    "vendor_data")
 ENCODED_SCHEMA = pa.schema(
     [_encoded(field) if field.name in _ENCODED_COLUMNS else field for field in TRADES.arrow_schema()],
     metadata=TRADES.arrow_schema().metadata,
@@ -281,7 +282,9 @@ def _positive_decimals(values: pl.Series, pattern: str) -> tuple[np.ndarray, pa.
     """(passes the general path's checks, decimal(18, 8) value) per distinct text."""
     ok = (values.str.contains(pattern) & values.str.contains("[1-9]")).fill_null(False)
     decimals = pl.select(pl.when(ok).then(values.cast(pl.Decimal(18, 8), strict=False))).to_series()
-    return ok.to_numpy(), decimals.to_arrow().cast(pa.decimal128(18, 8))
+    # Texts that fail are 0 here, never null: no kept row points at them, and the values become the
+    # dictionary of a required column.
+    return ok.to_numpy(), decimals.fill_null(0).to_arrow().cast(pa.decimal128(18, 8))
 
 
 def _non_empty(values: pl.Series) -> np.ndarray:
@@ -297,18 +300,32 @@ def _vendor_data(company_id: str, fields: dict[str, tuple[pl.Series, np.ndarray]
     rows = len(qualifier_index)
     has_venue = _non_empty(venues)[venue_index]
     has_seventh = _non_empty(sevenths)[seventh_index]
-    offsets = np.zeros(rows + 1, dtype=np.int32)
-    np.cumsum(2 + has_venue.astype(np.int32) + has_seventh, out=offsets[1:])
-    value_index = np.empty(offsets[-1], dtype=np.int64)
-    key_index = np.empty(offsets[-1], dtype=np.int8)
-    first = offsets[:-1].astype(np.int64)
-    value_index[first], key_index[first] = 0, 0
-    value_index[first + 1], key_index[first + 1] = 1 + qualifier_index, 1
     venue_base, seventh_base = 1 + len(qualifiers), 1 + len(qualifiers) + len(venues)
-    at = first + 2
-    value_index[at[has_venue]], key_index[at[has_venue]] = venue_base + venue_index[has_venue], 2
-    at = at + has_venue
-    value_index[at[has_seventh]], key_index[at[has_seventh]] = seventh_base + seventh_index[has_seventh], 3
+    if (has_venue.all() or not has_venue.any()) and (has_seventh.all() or not has_seventh.any()):
+        # Every row has the same keys (the usual file): a row-major grid of value indices.
+        columns = [np.zeros(rows, dtype=np.int32), (1 + qualifier_index).astype(np.int32)]
+        keys = [0, 1]
+        if rows and has_venue[0]:
+            columns.append((venue_base + venue_index).astype(np.int32))
+            keys.append(2)
+        if rows and has_seventh[0]:
+            columns.append((seventh_base + seventh_index).astype(np.int32))
+            keys.append(3)
+        offsets = np.arange(0, rows * len(keys) + 1, len(keys), dtype=np.int32)
+        value_index = np.column_stack(columns).ravel() if rows else np.zeros(0, dtype=np.int32)
+        key_index = np.tile(np.array(keys, dtype=np.int32), rows)
+    else:
+        offsets = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(2 + has_venue.astype(np.int32) + has_seventh, out=offsets[1:])
+        value_index = np.empty(offsets[-1], dtype=np.int32)
+        key_index = np.empty(offsets[-1], dtype=np.int32)
+        first = offsets[:-1].astype(np.int64)
+        value_index[first], key_index[first] = 0, 0
+        value_index[first + 1], key_index[first + 1] = 1 + qualifier_index, 1
+        at = first + 2
+        value_index[at[has_venue]], key_index[at[has_venue]] = venue_base + venue_index[has_venue], 2
+        at = at + has_venue
+        value_index[at[has_seventh]], key_index[at[has_seventh]] = seventh_base + seventh_index[has_seventh], 3
     distinct = pl.concat([pl.Series([company_id], dtype=pl.String), qualifiers, venues, sevenths]).to_arrow()
     return pa.MapArray.from_arrays(
         pa.array(offsets, type=pa.int32()),
@@ -399,8 +416,8 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
         "exchange": _repeated(EXCHANGE, count),
         "asset_class": _repeated(ASSET_CLASS, count),
         "timestamp": pa.array(utc, type=pa.timestamp("us", tz="UTC")),
-        "price": prices.take(pa.array(fields["price"][1])),
-        "quantity": volumes.take(pa.array(fields["volume"][1])),
+        "price": pa.DictionaryArray.from_arrays(pa.array(fields["price"][1].astype(np.int32, copy=False)), prices),
+        "quantity": pa.DictionaryArray.from_arrays(pa.array(fields["volume"][1].astype(np.int32, copy=False)), volumes),
         "currency": _repeated(CURRENCY, count),
         "side": _repeated("UNKNOWN", count),
         "trade_conditions": pa.LargeListArray.from_arrays(
