@@ -166,6 +166,8 @@ def _store_day(
             "rows_per_symbol": MetadataValue.json(result.rows_per_symbol),
             "utc_range": f"[{start.isoformat()}, {end.isoformat()})",
             "snapshot_id": str(result.snapshot_id),
+            "seconds_reading_and_validating": result.seconds.get("read_and_validate", 0.0),
+            "seconds_writing": result.seconds.get("write", 0.0),
             "trading_day": date.fromisoformat(key).isoformat(),
         },
         check_results=checks,

@@ -14,7 +14,7 @@ import random
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from datetime import date
 from pathlib import Path
 from typing import Callable
@@ -288,6 +288,7 @@ class IngestResult:
     rejected: int
     rows_per_symbol: dict[str, int]
     snapshot_id: int | None
+    seconds: dict[str, float] = dataclass_field(default_factory=dict)  # wall time of "read_and_validate" and "write"
 
 
 def write_day(iceberg: IcebergResource, kind: Kind, partition_key: str, day: NormalisedDay) -> int | None:
@@ -322,6 +323,7 @@ def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_k
     letters as normalising the day's lines, several times faster on a large day. ``raw``, the
     day's lines as :func:`read_raw_day` gives them (the raw asset's output), is what the general
     path normalises: quotes, and trades in files the column-wise reader declines."""
+    started = time.perf_counter()
     columnar = normalise_trade_files(data_dir, partition_key) if kind == "trades" else None
     if columnar is not None:
         raw_rows, day = columnar
@@ -330,5 +332,8 @@ def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_k
             raw = read_raw_day(data_dir, kind, partition_key)
         raw_rows, day = raw.num_rows, NORMALISERS[kind](raw, partition_key)
     check_against_model(day.rows, kind)
+    validated = time.perf_counter()
     snapshot_id = write_day(iceberg, kind, partition_key, day)
-    return IngestResult(kind, partition_key, raw_rows, day.valid, day.rejected, rows_per_symbol(day.rows), snapshot_id)
+    seconds = {"read_and_validate": round(validated - started, 3), "write": round(time.perf_counter() - validated, 3)}
+    return IngestResult(kind, partition_key, raw_rows, day.valid, day.rejected, rows_per_symbol(day.rows), snapshot_id,
+                        seconds)
