@@ -123,18 +123,26 @@ _MAX_SKIPPED_LINES = 10_000
 
 def _line_starts_of(data: bytes, text: bytes) -> list[int]:
     """Byte offsets of every line whose content (without its LF or CRLF) is exactly ``text``."""
-    found = []
-    for end in (b"\n", b"\r\n"):
-        if data.startswith(text + end):
-            found.append(0)
-        needle, at = b"\n" + text + end, data.find(b"\n" + text + end)
-        while at >= 0:
+
+    def ends_a_line(at: int) -> bool:
+        return at == len(data) or data.startswith(b"\n", at) or data.startswith(b"\r\n", at)
+
+    if not text:  # empty lines: one search per line end
+        ends = (b"\n", b"\r\n") if b"\r" in data else (b"\n",)
+        found = [0] if any(data.startswith(end) for end in ends) else []
+        for end in ends:
+            at = data.find(b"\n" + end)
+            while at >= 0:
+                found.append(at + 1)
+                at = data.find(b"\n" + end, at + 1)
+        return sorted(found)
+    found = [0] if data.startswith(text) and ends_a_line(len(text)) else []
+    needle = b"\n" + text  # one pass over the file: where the text starts a line, then what follows it
+    at = data.find(needle)
+    while at >= 0:
+        if ends_a_line(at + len(needle)):
             found.append(at + 1)
-            at = data.find(needle, at + 1)
-    if data.endswith(b"\n" + text) and text:  # the last line, without a line end
-        found.append(len(data) - len(text))
-    elif data == text:
-        found.append(0)
+        at = data.find(needle, at + 1)
     return found
 
 
