@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,7 @@ def _host_port(servers: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class _Connection:
+class BrokerConnection:
     """One plain-text Kafka connection that sends a request and waits for its response."""
 
     def __init__(self, servers: str, client_id: str, timeout_s: float) -> None:
@@ -58,23 +59,27 @@ class _Connection:
         self.correlation = 0
 
     def fetch(self, topic: str, partition: int, offset: int, max_bytes: int, max_wait_ms: int) -> object:
-        self.correlation += 1
         request = FetchRequest(
             replica_id=-1, max_wait_ms=max_wait_ms, min_bytes=1, max_bytes=max_bytes, isolation_level=0,
             topics=[FetchRequest.FetchTopic(topic=topic, partitions=[FetchRequest.FetchTopic.FetchPartition(
                 partition=partition, fetch_offset=offset, partition_max_bytes=max_bytes)])],
         )
+        return self.send(request, FETCH_VERSION, FetchResponse)
+
+    def send(self, request: Any, version: int, response_type: Any) -> Any:
+        """Send ``request`` (a kafka-python protocol message) at ``version``; its decoded response."""
+        self.correlation += 1
         request.with_header(correlation_id=self.correlation, client_id=self.client_id)
         try:
-            self.sock.sendall(request.encode(version=FETCH_VERSION, header=True, framed=True))
+            self.sock.sendall(request.encode(version=version, header=True, framed=True))
             (size,) = struct.unpack(">i", self._exactly(4))
             payload = self._exactly(size)
         except OSError as exc:
-            raise FastFetchUnavailable(f"fetch failed: {exc}") from exc
+            raise FastFetchUnavailable(f"{type(request).__name__} failed: {exc}") from exc
         (correlation,) = struct.unpack_from(">i", payload)
         if correlation != self.correlation:
             raise FastFetchUnavailable(f"response to request {correlation}, expected {self.correlation}")
-        return FetchResponse.decode(memoryview(payload)[4:], version=FETCH_VERSION)
+        return response_type.decode(memoryview(payload)[4:], version=version)
 
     def _exactly(self, size: int) -> bytes:
         buffer = bytearray(size)
@@ -167,7 +172,7 @@ def parse_record_batches(records: bytes, expected: int, end: int) -> tuple[np.nd
 def fetch_range(servers: str, client_id: str, topic: str, partition: int, start: int, end: int,
                 timeout_s: float = 120.0, max_bytes: int = 64 * 1024 * 1024) -> tuple[pa.Int64Array, pa.LargeBinaryArray]:
     """Offsets [start, end) of ``topic[partition]``: (offsets, values) as Arrow arrays, in order."""
-    connection = _Connection(servers, client_id, min(timeout_s, 30.0))
+    connection = BrokerConnection(servers, client_id, min(timeout_s, 30.0))
     offset_parts, value_parts = [], []
     expected = start
     deadline = time.monotonic() + timeout_s

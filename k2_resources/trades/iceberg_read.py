@@ -20,9 +20,9 @@ exchange partitions, then file pruning on the column bounds of ``symbol`` and ``
 the point query plans 2 of 29 files, the last 15 minutes of BTCUSDT 0 when they are all in
 Kafka), and polars reads only the planned Parquet files with the filter pushed into its reader
 (row groups skipped on their statistics, predicate columns decoded first). Plans are cached
-per (snapshot, filter): a snapshot never changes. A planned file that carries delete files
-(pyiceberg itself writes copy-on-write, so only other writers produce them) sends the read to
-pyiceberg's own reader, which applies them.
+per (snapshot, filter): a snapshot never changes. A delete file among the planned manifest
+entries (pyiceberg itself writes copy-on-write, so only other writers produce them) sends the
+read to pyiceberg's own reader, which applies them.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from typing import Literal, Sequence
 from urllib.parse import unquote, urlparse
 
 import duckdb
 import polars as pl
 import pyarrow as pa
+from pyiceberg.catalog.noop import NoopCatalog
 from pyiceberg.expressions import (
     AlwaysTrue,
     And,
@@ -46,9 +48,16 @@ from pyiceberg.expressions import (
     In,
     LessThan,
 )
-from pyiceberg.table import Table
+from pyiceberg.io import load_file_io
+from pyiceberg.manifest import DataFile, DataFileContent
+from pyiceberg.serializers import FromInputFile
+from pyiceberg.table import ManifestGroupPlanner, StaticTable, Table
+from pyiceberg.table.snapshots import Snapshot
 
-from k2_resources.sql_query import connect_with_iceberg, use_object_store
+from k2_resources.catalog_settings import catalog_properties
+from k2_resources.iceberg import IcebergResource
+from k2_resources.sql_query import NAMESPACE, connect_with_iceberg, sqlite_table_locations, use_object_store
+from k2_resources.tables import TableDefinition
 
 ReadPath = Literal["polars", "planned", "duckdb", "pyiceberg"]
 DEFAULT_READ_PATH: ReadPath = "polars"
@@ -120,6 +129,43 @@ class ScanStats:
     files_total: int = 0
     rows: int = 0
     path: str = ""
+
+
+def load_for_read(iceberg: IcebergResource, definition: TableDefinition) -> Table:
+    """``definition``'s table as of now, for reading: one catalog row and one metadata file.
+
+    With the default catalog (SQLite on local files) the row is read with sqlite3 and the table
+    is opened read-only from its metadata file, which is what pyiceberg's SqlCatalog does too, minus
+    importing SQLAlchemy's ORM and opening every K2 table (about 0.5-0.8 s of a new process's first
+    query). Any other catalog, or a catalog without the table yet (it is then created), goes
+    through ``iceberg.table``."""
+    properties = catalog_properties(iceberg.catalog_properties)
+    location = (sqlite_table_locations(properties, iceberg.catalog_name, NAMESPACE) or {}).get(definition.identifier)
+    if location is None:
+        return iceberg.table(definition)
+    metadata = FromInputFile.table_metadata(load_file_io(properties, location).new_input(location))
+    return StaticTable(identifier=tuple(definition.identifier.split(".")), metadata=metadata,
+                       metadata_location=location, io=load_file_io({**properties, **metadata.properties}, location),
+                       catalog=NoopCatalog(iceberg.catalog_name))
+
+
+def _data_files_matching(table: Table, snapshot: Snapshot | None,
+                         expression: BooleanExpression) -> list[DataFile] | None:
+    """The live data files of ``snapshot`` that may hold rows matching ``expression`` (partition and column
+    bound pruning, as pyiceberg's plan_files); None when a matching manifest holds delete files.
+
+    pyiceberg's ``plan_files`` also works out a residual filter per file, which the readers here do not
+    use (polars and DuckDB apply the whole filter): with a data file per sink commit that was most of
+    the planning time of a new process's first query."""
+    if snapshot is None:
+        return []
+    planner = ManifestGroupPlanner(table.metadata, table.io, expression)
+    files: list[DataFile] = []
+    for entry in chain.from_iterable(planner.plan_manifest_entries(snapshot.manifests(table.io))):
+        if entry.data_file.content != DataFileContent.DATA:
+            return None  # merge-on-read deletes: pyiceberg's reader applies them
+        files.append(entry.data_file)
+    return files
 
 
 def _local_path(location: str) -> str:
@@ -271,13 +317,12 @@ class SnapshotReader:
             if cached is not None:
                 self._plans.move_to_end(key)
         if cached is None:
-            tasks = list(table.scan(row_filter=row_filter.iceberg(), snapshot_id=snapshot_id).plan_files())
-            files = None if any(task.delete_files for task in tasks) else \
-                tuple(_local_path(task.file.file_path) for task in tasks)
             snapshot = table.snapshot_by_id(snapshot_id)
+            data_files = _data_files_matching(table, snapshot, row_filter.iceberg())
+            files = None if data_files is None else tuple(_local_path(data.file_path) for data in data_files)
             total = int(snapshot.summary.additional_properties.get("total-data-files", 0)) \
                 if snapshot and snapshot.summary else 0
-            cached = (files, len(tasks), total)
+            cached = (files, 0 if data_files is None else len(data_files), total)
             with self._lock:
                 self._plans[key] = cached
                 while len(self._plans) > self.plan_cache_size:

@@ -7,6 +7,12 @@ committed (those rows are read from Iceberg from then on). A query therefore onl
 and decodes the offsets it has not seen yet, which keeps ``recent_trades`` well under half a
 second while the tail holds 100K messages.
 
+A new process's first query pays no kafka-python start-up when it can avoid it: partitions,
+log ends and offsets for a time are plain requests to the bootstrap broker
+(:mod:`k2_resources.trades.direct_offsets`), and the partitions' ranges are fetched at once,
+a connection each, column-wise (:mod:`k2_resources.trades.columnar_fetch`). Whatever those
+paths decline is asked of kafka-python's consumer, as before.
+
 Kafka being down costs seconds, not half a minute: the consumer bootstraps within
 ``connect_timeout_s`` and every offset look-up waits at most that long, then raises
 :class:`KafkaUnavailableError` (the consumer is dropped, the decoded rows are kept).
@@ -17,8 +23,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 import pyarrow as pa
@@ -29,11 +36,13 @@ from k2_resources.errors import K2Error, KafkaUnavailableError
 from k2_resources.kafka import KafkaResource
 from k2_resources.tables import TRADES
 from k2_resources.trades.columnar_fetch import FastFetchUnavailable, fetch_range
+from k2_resources.trades.direct_offsets import DirectOffsets
 from k2_resources.trades.microbatch import decode_batch
 
 log = logging.getLogger(__name__)
 
 _EMPTY = pl.from_arrow(TRADES.arrow_schema().empty_table())
+_MAX_PARALLEL_FETCHES = 8  # partitions fetched at once (a connection each)
 
 
 @dataclass
@@ -66,6 +75,7 @@ class KafkaTail:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._consumer: KafkaConsumer | None = None
+        self._direct: DirectOffsets | None = None
         self._cache: dict[tuple[str, int], _Cached] = {}
         self._lock = threading.RLock()
 
@@ -98,9 +108,32 @@ class KafkaTail:
             except Exception:  # noqa: BLE001 - closing a consumer of a dead broker may fail; it is gone anyway
                 log.debug("closing the tail consumer failed", exc_info=True)
 
+    def _ask_directly(self, question: Callable[[DirectOffsets], Any]) -> Any:
+        """``question`` answered by plain requests to the bootstrap broker (see
+        :mod:`k2_resources.trades.direct_offsets`); None when that path declines, and the caller
+        asks kafka-python's consumer instead."""
+        if not isinstance(self.kafka, KafkaResource):
+            return None
+        try:
+            if self._direct is None:
+                self._direct = DirectOffsets(self.kafka.servers, f"{self.kafka.client_id}-tail", self.connect_timeout_s)
+            return question(self._direct)
+        except FastFetchUnavailable as exc:
+            log.debug("asking kafka-python instead of the broker directly: %s", exc)
+            self._drop_direct()
+            return None
+
+    def _drop_direct(self) -> None:
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
+
     def partitions(self, topic: str) -> list[int]:
         """The topic's partitions (empty when the topic does not exist yet)."""
         with self._lock:
+            direct = self._ask_directly(lambda direct: direct.partitions(topic))
+            if direct is not None:
+                return direct
             try:
                 consumer = self.consumer()
                 found = consumer.partitions_for_topic(topic)
@@ -113,6 +146,9 @@ class KafkaTail:
 
     def end_offsets(self, topic: str, partitions: list[int]) -> dict[int, int]:
         with self._lock:
+            direct = self._ask_directly(lambda direct: direct.end_offsets(topic, partitions))
+            if direct is not None:
+                return direct
             try:
                 ends = self.consumer().end_offsets([TopicPartition(topic, p) for p in partitions],
                                                    timeout_ms=int(self.connect_timeout_s * 1000))
@@ -123,6 +159,9 @@ class KafkaTail:
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int) -> dict[int, int | None]:
         """Per partition, the first offset whose Kafka timestamp is >= timestamp_ms (None: none is)."""
         with self._lock:
+            direct = self._ask_directly(lambda direct: direct.offsets_for_time(topic, partitions, timestamp_ms))
+            if direct is not None:
+                return direct
             try:
                 found = self.consumer().offsets_for_times({TopicPartition(topic, p): timestamp_ms for p in partitions},
                                                           timeout_ms=int(self.connect_timeout_s * 1000))
@@ -233,19 +272,24 @@ class KafkaTail:
     def _fetch_column_wise(self, topic: str, ranges: dict[int, tuple[int, int]],
                            stats: TailStats) -> dict[int, tuple[Any, Any]]:
         """The ranges the sink's column-wise fetch can read (it parses no Python object per
-        message); a partition it declines (another broker leads it, retention deleted offsets,
-        compressed batches, ...) is left to kafka-python's path."""
+        message), all partitions at once (one connection each: the broker's answers overlap); a
+        partition it declines (another broker leads it, retention deleted offsets, compressed
+        batches, ...) is left to kafka-python's path."""
         fetched: dict[int, tuple[Any, Any]] = {}
-        if not isinstance(self.kafka, KafkaResource):
+        if not isinstance(self.kafka, KafkaResource) or not ranges:
             return fetched
-        for partition, (start, end) in ranges.items():
-            polling = time.perf_counter()
-            try:
-                fetched[partition] = fetch_range(self.kafka.servers, f"{self.kafka.client_id}-tail", topic, partition,
-                                                 start, end, self.timeout_s)
-            except FastFetchUnavailable as exc:
-                log.debug("%s[%d]: reading the tail with kafka-python (%s)", topic, partition, exc)
-            stats.poll_seconds += time.perf_counter() - polling
+        polling = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(len(ranges), _MAX_PARALLEL_FETCHES),
+                                thread_name_prefix="k2-tail-fetch") as pool:
+            pending = {partition: pool.submit(fetch_range, self.kafka.servers, f"{self.kafka.client_id}-tail", topic,
+                                              partition, start, end, self.timeout_s)
+                       for partition, (start, end) in ranges.items()}
+            for partition, future in pending.items():
+                try:
+                    fetched[partition] = future.result()
+                except FastFetchUnavailable as exc:
+                    log.debug("%s[%d]: reading the tail with kafka-python (%s)", topic, partition, exc)
+        stats.poll_seconds += time.perf_counter() - polling
         return fetched
 
     def _fetch_ranges(self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]],
@@ -294,6 +338,7 @@ class KafkaTail:
 
     def close(self) -> None:
         with self._lock:
+            self._drop_direct()
             self._drop_consumer()
             self._cache.clear()
 
