@@ -45,9 +45,17 @@ def start(chosen: list[ClusterService]) -> dict[str, str]:
     path = write_env_file(env)
     print(f"cluster ready in {time.monotonic() - began:.1f}s; its settings are in {path}:", flush=True)
     for name, value in sorted(env.items()):
-        print(f"  {name}={value}")
+        print(f"  {name}={_shown(name, value)}")
     print("run K2 on it with `k2 run --cluster`; stop it with `k2 cluster stop`", flush=True)
     return env
+
+
+# Generated credentials stay in the 0600 env file; a terminal or a CI log shows that they are set.
+_SECRET_WORDS = ("SECRET", "PASSWORD", "CREDENTIAL", "TOKEN")
+
+
+def _shown(name: str, value: str) -> str:
+    return "(set; see the env file)" if any(word in name.upper() for word in _SECRET_WORDS) else value
 
 
 def stop(chosen: list[ClusterService]) -> None:

@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
+from k2_assets.cli import cluster as cluster_cli
 from k2_resources.catalog_errors import CatalogUnavailableError, catalog_unavailable, explaining_catalog_errors
 from k2_resources.catalog_settings import env_catalog_properties
+from k2_resources.cluster_env import env_file
 from k2_resources.kafka_broker import free_port
 from k2_resources.operations.dagster_instance import (EMBEDDED_INSTANCE_CONFIG, POSTGRES_INSTANCE_CONFIG,
                                                       instance_config_for_environment, instance_storage_problem)
@@ -99,3 +101,20 @@ def test_an_instance_whose_postgres_does_not_answer_is_named_with_the_fix(tmp_pa
     assert problem is not None and "127.0.0.1" in problem and "k2 cluster start" in problem
     (tmp_path / "dagster.yaml").write_text(EMBEDDED_INSTANCE_CONFIG.read_text())
     assert instance_storage_problem(tmp_path) is None  # SQLite: no server to lose
+
+
+def test_cluster_start_prints_where_secrets_are_not_their_values(k2_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    class Service:
+        name = "object store"
+
+        def start(self) -> dict[str, str]:
+            return {"K2_S3_ENDPOINT": "http://127.0.0.1:9000", "K2_S3_SECRET_ACCESS_KEY": "s3cr3t-value",
+                    "DAGSTER_POSTGRES_PASSWORD": "pg-pass-value", "K2_ICEBERG_CATALOG_CREDENTIAL": "id:cred-value"}
+
+    cluster_cli.start([Service()])  # type: ignore[list-item]
+    printed = capsys.readouterr().out
+    assert "http://127.0.0.1:9000" in printed
+    assert "K2_S3_SECRET_ACCESS_KEY=(set; see the env file)" in printed
+    for value in ("s3cr3t-value", "pg-pass-value", "cred-value"):
+        assert value not in printed
+    assert "s3cr3t-value" in env_file(k2_home / "cluster").read_text()  # the file holds them
