@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from prometheus_client import Gauge
 
+from k2_resources.catalog_errors import catalog_unavailable
 from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
@@ -82,7 +83,9 @@ class MetricsPoller:
                 EXPORTER_ERRORS.labels(source=source).set(0)
             except Exception as exc:  # one unreachable part must not blank the others' metrics
                 EXPORTER_ERRORS.labels(source=source).set(1)
-                log.warning("metrics poll of %s failed: %s", source, exc)
+                # A catalog or object store that is down: the service, its address and the fix, not the HTTP error.
+                reason = catalog_unavailable(exc, self.iceberg.catalog_properties) or exc
+                log.warning("metrics poll of %s failed: %s", source, reason)
 
     def _stream(self) -> None:
         table = self.iceberg.trades()

@@ -106,3 +106,15 @@ def test_exporter_counts_shed_rows_level_changes_and_backlogs_the_runs_and_senso
     assert (_sample("k2_shed_messages_total", symbol="ETHUSDT") or 0) - shed_before == 600  # counted once
     assert sum(IcebergResource().trades().scan().to_arrow().column("symbol").to_pylist().count(s)
                for s in ("BTCUSDT", "ETHUSDT")) == 1200
+
+
+def test_a_catalog_that_is_down_is_logged_by_name_and_fix_and_marked(k2_home, kafka_broker, topic_name, caplog):
+    kafka = KafkaResource()
+    kafka.ensure_topic(topic_name, partitions=1)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    iceberg = IcebergResource(catalog_properties={"type": "rest", "uri": down})
+    with DagsterInstance.ephemeral() as instance, caplog.at_level("WARNING"):
+        MetricsPoller(topic=topic_name, instance=instance, kafka=kafka, iceberg=iceberg).poll()
+    assert _sample("k2_exporter_last_poll_failed", source="iceberg") == 1
+    warnings = [record.getMessage() for record in caplog.records if "metrics poll of" in record.getMessage()]
+    assert warnings and all(down in text and "K2_ICEBERG_CATALOG_URI" in text for text in warnings), warnings
