@@ -13,12 +13,17 @@ Writes bench-results/stream.json:
   range with one Fetch per ~16 MB and parses the record batches column-wise
   (``k2_resources/trades/columnar_fetch.py``), so it does not pay kafka-python's per-message
   cost that the raw baseline measures.
-- ``parallel_partitions``: 200K messages keyed by symbol (BTCUSDT, ETHUSDT) in a 2-partition
-  topic, placed by K2's SymbolPartitioner (one symbol per partition). The sink rate of one
-  partition in one process, and of both partitions in two processes at once (as the daemon runs
-  two micro-batch runs in parallel), each into a fresh table, alternated for several rounds;
-  the speed-up is the ratio of the medians. Each round also records the sink processes' CPU
-  seconds and the broker's CPU share (the broker runs on the same cores).
+- ``parallel_partitions``: 800K messages keyed by symbol (BTCUSDT, ETHUSDT) in a 2-partition
+  topic, placed by K2's SymbolPartitioner (one symbol per partition), so one partition's round
+  lasts over 5 s (at 200K a round lasted about 2 s and start-up noise decided the figure). The
+  sink rate of one partition in one process, and of both partitions in two processes at once (as
+  the daemon runs two micro-batch runs in parallel), each into a fresh table, alternated for
+  several rounds; only the consume-to-commit phase is timed (each worker has imported everything
+  and opened the table before a start barrier releases them). The speed-up is the ratio of the
+  medians. Each round records the sink processes' CPU seconds, the broker's CPU share, the load,
+  and what could serialise the two workers (``tests/support/sink_worker.py``): time spent waiting
+  for a core, time inside the SQLite catalog's commit, and commits retried on a conflict or a
+  locked catalog.
 - ``freshness``: a producer sends at a steady 1,000 msg/s for 30 s, each record stamped with
   its event time; the real stream sensor (``evaluate_stream``) ticks every 5 s as the daemon
   would and its micro-batch ranges are run as they are requested. Each row's freshness is the
@@ -36,8 +41,10 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
@@ -59,7 +66,7 @@ THROUGHPUT_MESSAGES = 200_000
 PARTITIONS = 3
 ROUNDS = 3
 PARALLEL_ROUNDS = 3
-PARALLEL_MESSAGES = 200_000
+PARALLEL_MESSAGES = 800_000  # 400K per partition: over 5 s per round at the one-process rate (~70K msg/s)
 PARALLEL_SYMBOLS = ("BTCUSDT", "ETHUSDT")
 MICROBATCH = 50_000
 STEADY_RATE = 1_000
@@ -142,15 +149,24 @@ def _sink_rate(kafka: KafkaResource, iceberg: IcebergResource, topic: str, count
     return count / (time.perf_counter() - start), commits
 
 
-def _fill_keyed(kafka: KafkaResource, topic: str, count: int) -> None:
-    """Messages keyed by symbol, placed by K2's partitioner (no explicit partition)."""
-    producer = kafka.producer(partitioner=SymbolPartitioner())
+def _fill_symbol(topic: str, count: int, which: int) -> None:
+    """Messages ``which``, ``which + n``, ... of ``count`` (those of symbol ``which``), keyed by
+    symbol and placed by K2's partitioner (no explicit partition)."""
+    producer = KafkaResource().producer(partitioner=SymbolPartitioner())
     base = datetime(2024, 8, 9, tzinfo=timezone.utc)
-    for index in range(count):
-        symbol = PARALLEL_SYMBOLS[index % len(PARALLEL_SYMBOLS)]
+    symbol = PARALLEL_SYMBOLS[which]
+    for index in range(which, count, len(PARALLEL_SYMBOLS)):
         producer.send(topic, key=symbol.encode(), value=_payload(index, base + timedelta(milliseconds=index), symbol))
     producer.flush()
     producer.close()
+
+
+def _fill_keyed(topic: str, count: int) -> None:
+    """``count`` messages, the symbols alternating, one producer process per symbol (encoding is
+    most of the cost; two processes fill the topic in half the time)."""
+    with ProcessPoolExecutor(len(PARALLEL_SYMBOLS), mp_context=get_context("spawn")) as pool:
+        for filled in [pool.submit(_fill_symbol, topic, count, which) for which in range(len(PARALLEL_SYMBOLS))]:
+            filled.result()
 
 
 def _parallel_sink_rate(kafka: KafkaResource, topic: str, partitions: list[int], home: Path,
@@ -182,14 +198,31 @@ def _parallel_sink_rate(kafka: KafkaResource, topic: str, partitions: list[int],
                 worker.kill()
     assert {r["partition"]: r["written"] for r in reports} == {p: ends[p] for p in partitions}
     seconds = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+
+    def total(field: str) -> float:
+        return round(sum(r[field] for r in reports), 3)
+
+    # Each worker's wall time without the time it waited for a core (other processes had it): what
+    # the round would take on cores of its own. What is left beyond its CPU time is time blocked
+    # (Kafka fetches, file writes, the catalog's lock, the retry back-off).
+    workers = [{"partition": r["partition"], "seconds": round(r["ended"] - r["started"], 3),
+                "cpu_s": round(r["cpu_s"], 3), "runqueue_wait_s": round(r["runqueue_wait_s"], 3),
+                "blocked_s": round(r["ended"] - r["started"] - r["cpu_s"] - r["runqueue_wait_s"], 3)} for r in reports]
+    own_seconds = max(w["seconds"] - w["runqueue_wait_s"] for w in workers)
     return {"msg_s": round(sum(ends[p] for p in partitions) / seconds), "seconds": round(seconds, 3),
-            "sink_cpu_s": round(sum(r["cpu_s"] for r in reports), 3), "broker_cpu_share": broker.share,
-            "load_average_1m": round(os.getloadavg()[0], 2)}
+            "msg_s_without_core_waits": round(sum(ends[p] for p in partitions) / own_seconds),
+            "sink_cpu_s": total("cpu_s"), "broker_cpu_share": broker.share,
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "runqueue_wait_s": total("runqueue_wait_s"), "commit_s": total("commit_s"),
+            "catalog_commit_s": total("catalog_commit_s"),
+            "catalog_commits": sum(r["catalog_commits"] for r in reports),
+            "commit_conflicts": sum(r["conflicts"] for r in reports),
+            "catalog_locked_retries": sum(r["catalog_locked"] for r in reports), "workers": workers}
 
 
 def _parallel_partitions(kafka: KafkaResource, topic: str, home: Path, broker_pid: int | None = None) -> dict:
     kafka.ensure_topic(topic, partitions=len(PARALLEL_SYMBOLS))
-    _fill_keyed(kafka, topic, PARALLEL_MESSAGES)
+    _fill_keyed(topic, PARALLEL_MESSAGES)
     ends = kafka.end_offsets(topic)
     # The key scheme put each symbol in a partition of its own, evenly.
     assert {symbol_partition(s, len(PARALLEL_SYMBOLS)) for s in PARALLEL_SYMBOLS} == set(ends)
@@ -200,6 +233,10 @@ def _parallel_partitions(kafka: KafkaResource, topic: str, home: Path, broker_pi
         boths.append(_parallel_sink_rate(kafka, topic, sorted(ends), home / f"two-{attempt}", broker_pid))
     one = statistics.median(r["msg_s"] for r in ones)
     both = statistics.median(r["msg_s"] for r in boths)
+
+    def median(rounds: list[dict], field: str) -> float:
+        return round(statistics.median(r[field] for r in rounds), 3)
+
     return {
         "messages": PARALLEL_MESSAGES,
         "partitions": len(ends),
@@ -207,7 +244,27 @@ def _parallel_partitions(kafka: KafkaResource, topic: str, home: Path, broker_pi
         "one_partition_one_process_msg_s": round(one),
         "two_partitions_two_processes_msg_s": round(both),
         "speed_up": round(both / one, 3),
+        "speed_up_quietest_rounds": round(min(boths, key=lambda r: r["runqueue_wait_s"])["msg_s"]
+                                          / min(ones, key=lambda r: r["runqueue_wait_s"])["msg_s"], 3),
+        # The same ratio of medians with each worker's time waiting for a core taken out: an estimate
+        # of what two partitions gain on two cores that no other process uses (this machine is shared).
+        "speed_up_without_core_waits": round(median(boths, "msg_s_without_core_waits")
+                                             / median(ones, "msg_s_without_core_waits"), 3),
         "cpu_cores": os.cpu_count(),
+        # What could make the two workers wait for each other, medians over the rounds (seconds
+        # summed over the round's workers): if the catalog serialised them, catalog_commit_s and
+        # the retries would grow from one worker to two while the messages per worker stay the same.
+        "serialisation": {
+            "blocked_s_per_worker": {
+                name: statistics.median(w["blocked_s"] for r in rounds for w in r["workers"])
+                for name, rounds in (("one_partition", ones), ("two_partitions", boths))},
+            "one_partition": {f: median(ones, f) for f in (
+                "seconds", "sink_cpu_s", "runqueue_wait_s", "commit_s", "catalog_commit_s", "commit_conflicts",
+                "catalog_locked_retries")},
+            "two_partitions": {f: median(boths, f) for f in (
+                "seconds", "sink_cpu_s", "runqueue_wait_s", "commit_s", "catalog_commit_s", "commit_conflicts",
+                "catalog_locked_retries")},
+        },
         "rounds": {"one_partition": ones, "two_partitions": boths},
     }
 
