@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from dagster import ConfigurableResource
@@ -25,6 +26,31 @@ def _registered_broker_count(admin: KafkaAdminClient) -> int:
 def default_bootstrap_servers() -> str:
     """``$K2_KAFKA_BOOTSTRAP``, else the embedded broker on 127.0.0.1."""
     return os.environ.get("K2_KAFKA_BOOTSTRAP") or f"127.0.0.1:{os.environ.get('K2_KAFKA_PORT', DEFAULT_PORT)}"
+
+
+def _wait_for_leaders(admin: KafkaAdminClient, topic: str, timeout_s: float = 30.0) -> None:
+    """Wait until the cluster describes every partition of a new ``topic`` with a leader.
+
+    Creating a topic returns once the controller has it; the other brokers learn of it a moment
+    later, and a client asking one of them in between sees no partitions (on a loaded 3-broker
+    cluster, long enough for a caller's next request to fail)."""
+    deadline = time.monotonic() + timeout_s
+    state = "not described"
+    while True:
+        try:
+            [described] = admin.describe_topics([topic])
+            found = described.get("partitions") or []
+            if described.get("error_code", 0) == 0 and found and all(p["leader_id"] >= 0 for p in found):
+                return
+            state = f"{len(found)} partitions, leaders {[p['leader_id'] for p in found]}"
+        except KafkaError as exc:
+            state = str(exc)
+        if time.monotonic() >= deadline:
+            raise KafkaUnavailableError(
+                f"topic {topic} was created but after {timeout_s:.0f} s the brokers still describe it as: {state}; "
+                "check that every broker is up (`k2 cluster status`) and that the topic's replication fits them"
+            )
+        time.sleep(0.05)
 
 
 class KafkaResource(ConfigurableResource):
@@ -107,10 +133,12 @@ class KafkaResource(ConfigurableResource):
             if name in admin.list_topics():
                 return
             replication, settings = replication_for(_registered_broker_count(admin))
-            admin.create_topics([NewTopic(name=name, num_partitions=partitions, replication_factor=replication,
-                                          topic_configs={**settings, **(config or {})})])
-        except TopicAlreadyExistsError:
-            pass
+            try:
+                admin.create_topics([NewTopic(name=name, num_partitions=partitions, replication_factor=replication,
+                                              topic_configs={**settings, **(config or {})})])
+            except TopicAlreadyExistsError:
+                pass
+            _wait_for_leaders(admin, name)
         finally:
             admin.close()
 

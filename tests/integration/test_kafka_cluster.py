@@ -50,6 +50,9 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
 
     # Topics take their replication from the cluster: 3 replicas, two of them needed for a write.
     kafka.ensure_topic(topic_name, partitions=3)
+    # Any broker may answer the next client: wait until the one asked knows the new topic too.
+    wait_for(lambda: len(partition_replicas(servers, topic_name)) == 3, timeout_s=30,
+             what="every broker to describe the new topic's 3 partitions")
     replicas = partition_replicas(servers, topic_name)
     assert [r["replicas"] for r in replicas.values()] == [[1, 2, 3]] * 3
     assert topic_settings(servers, topic_name)["min.insync.replicas"] == "2"

@@ -37,6 +37,13 @@ class FakeAdmin:
     def create_topics(self, topics):
         self.created.extend(topics)
 
+    def describe_topics(self, names):
+        # The first describe after creation finds no partitions yet (the brokers learn of it later).
+        self.describes = getattr(self, "describes", 0) + 1
+        partitions = [] if self.describes == 1 else [
+            {"partition_index": p, "leader_id": 1} for topic in self.created for p in range(topic.num_partitions)]
+        return [{"topic": name, "error_code": 0, "partitions": partitions} for name in names]
+
     def close(self):
         pass
 
@@ -47,6 +54,7 @@ def test_ensure_topic_sizes_replication_by_the_registered_brokers(monkeypatch, b
     monkeypatch.setattr(KafkaResource, "admin", lambda self: admin)
     KafkaResource(bootstrap_servers="127.0.0.1:1").ensure_topic("t", partitions=6, config={"retention.ms": "-1"})
     [topic] = admin.created
+    assert admin.describes == 2  # ensure_topic waited until the topic was described with its leaders
     assert (topic.num_partitions, topic.replication_factor) == (6, replication)
     assert topic.topic_configs.get("min.insync.replicas") == min_insync
     assert topic.topic_configs["retention.ms"] == "-1"
