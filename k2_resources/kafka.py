@@ -87,6 +87,10 @@ class KafkaResource(ConfigurableResource):
             "batch_size": 256 * 1024,
             "max_in_flight_requests_per_connection": 5,
             "request_timeout_ms": self.request_timeout_ms,
+            # kafka-python backs off up to 30 s between reconnects to a broker that went away, so a
+            # restarted broker (or the leader it hands back) was reached again only that late, past
+            # the end-of-run flush; a second at most keeps a failover's stall to about that.
+            "reconnect_backoff_max_ms": 1000,
         }
         config.update(overrides)
         try:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -652,7 +652,15 @@ class SpoolingProducer:
                 self.undelivered += pending
                 log.warning("Kafka did not take every record of %s in time; %d wait in %s for the next run",
                             topic, pending, outbox.directory)
-        self.producer.close(timeout=None if delivered else 0)
+        try:
+            self.producer.close(timeout=None if delivered else 0)
+        except KafkaTimeoutError:
+            # kafka-python's close flushes before it forces the sender down, and raises when that
+            # flush times out. What Kafka did not take is in the spool already: stop the sender.
+            sender = getattr(self.producer, "_sender", None)
+            if sender is not None and sender.is_alive():
+                sender.force_close()
+            delivered = False
         return delivered
 
     def _deadline(self, timeout: float | None) -> float:
