@@ -56,20 +56,6 @@ def new_cluster_id() -> str:
 def resolve_classpath(cached: Path) -> str:
     """The broker's runtime classpath, resolved by Maven from infra/kafka/pom.xml once and cached in ``cached``."""
     return maven_classpath(POM, cached, "the Kafka jars", KafkaUnavailableError)
-    mvn = _require("mvn", "install Maven (Debian: `apt-get install maven`) so K2 can fetch the Kafka jars")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
-         f"-Dmdep.outputFile={cached}", "-Dmdep.includeScope=runtime"],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0 or not cached.exists():
-        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-        raise KafkaUnavailableError(
-            "Maven could not resolve the Kafka jars from Maven Central; check network access "
-            "to Maven Central (or a mirror in ~/.m2/settings.xml):\n" + "\n".join(tail)
-        )
-    return cached.read_text().strip()
 
 
 def _java_major(java: str) -> int:

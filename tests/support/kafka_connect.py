@@ -45,20 +45,6 @@ def connect_classpath(cache_dir: Path) -> str:
     """The worker's runtime classpath, resolved by Maven once and cached in ``cache_dir``."""
     cached = cache_dir / "connect-classpath.txt"
     return maven_classpath(POM, cached, "the Kafka Connect / Iceberg sink jars", PeerUnavailableError)
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise PeerUnavailableError("`mvn` was not found on PATH; install Maven (Debian: `apt-get install maven`)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(POM), "dependency:build-classpath",
-         f"-Dmdep.outputFile={cached}", "-Dmdep.includeScope=runtime"],
-        capture_output=True, text=True,
-    )
-    if result.returncode != 0 or not cached.exists():
-        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-        raise PeerUnavailableError("Maven could not resolve the Kafka Connect / Iceberg sink jars from "
-                                   f"{POM}:\n" + "\n".join(tail))
-    return cached.read_text().strip()
 
 
 @dataclass
