@@ -10,11 +10,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2_resources.asx.columnar_trades import ENCODED_SCHEMA, _micros_of_day, normalise_trade_files
+from k2_resources.asx.columnar_trades import ENCODED_SCHEMA, _micros_of_day, _prefixed, normalise_trade_files
 from k2_resources.asx.files import read_raw_day, trading_days
 from k2_resources.asx.normalise import _TIME, NormalisedDay, normalise_trades
 from tests.support.asx_generator import write_asx_trades_day
@@ -113,3 +114,13 @@ def test_the_byte_level_clock_reader_accepts_exactly_what_the_general_path_does(
         assert accepted == expected, text
         if expected:
             assert value == ((hour * 60 + minute) * 60 + second) * 1_000_000 + int(text[9:].ljust(6, "0") or 0), text
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(numbers=st.lists(st.integers(min_value=0, max_value=10**12), max_size=200), in_order=st.booleans(),
+       prefix=st.text(max_size=12))
+def test_prefixed_ids_equal_pyarrows_join(numbers: list[int], in_order: bool, prefix: str) -> None:
+    texts = pc.cast(pa.array(sorted(numbers) if in_order else numbers, type=pa.int64()), pa.large_string())
+    expected = pc.binary_join_element_wise(pa.scalar(prefix, pa.large_string()), texts, pa.scalar("", pa.large_string()))
+    assert _prefixed(prefix, texts).equals(expected)
+    assert _prefixed(prefix, texts.slice(len(numbers) // 3)).equals(expected.slice(len(numbers) // 3))
