@@ -16,9 +16,11 @@ general path for the day.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -89,11 +91,12 @@ def _repeated(text: str, count: int) -> pa.DictionaryArray:
 
 @dataclass
 class _Scan:
-    """One file: its lines, which are well formed, their parsed fields, and each line's day."""
+    """One part of a file: its lines, which are well formed, their parsed fields, and each line's day."""
 
     path: Path
-    well: np.ndarray  # 0-based indices of the 7-field lines, in order (the rows of ``fields``)
-    bad: np.ndarray  # 0-based indices of the other lines (other widths, empty)
+    first_line: int  # 0-based index in the file of the part's first line
+    well: np.ndarray  # 0-based indices (in the part) of the 7-field lines, in order (the rows of ``fields``)
+    bad: np.ndarray  # 0-based indices (in the part) of the other lines (other widths, empty)
     bad_text: list[str]  # their texts
     fields: pa.Table
     line_day: np.ndarray  # days since 1970 per line (its own date, else its neighbours'), _NO_DAY if none
@@ -122,68 +125,155 @@ def _days(texts: pl.Series) -> np.ndarray:
 _MAX_SKIPPED_LINES = 10_000
 
 
-def _line_starts_of(data: bytes, text: bytes) -> list[int]:
-    """Byte offsets of every line whose content (without its LF or CRLF) is exactly ``text``."""
+def _line_starts_of(data: bytes, text: bytes, start: int, end: int) -> list[int]:
+    """Byte offsets of every line in ``data[start:end]`` (whole lines) whose content (without its LF
+    or CRLF) is exactly ``text``."""
 
     def ends_a_line(at: int) -> bool:
         return at == len(data) or data.startswith(b"\n", at) or data.startswith(b"\r\n", at)
 
     if not text:  # empty lines: one search per line end
         ends = (b"\n", b"\r\n") if b"\r" in data else (b"\n",)
-        found = [0] if any(data.startswith(end) for end in ends) else []
-        for end in ends:
-            at = data.find(b"\n" + end)
+        found = [start] if start < end and any(data.startswith(line_end, start) for line_end in ends) else []
+        for line_end in ends:
+            at = data.find(b"\n" + line_end, start, end)
             while at >= 0:
                 found.append(at + 1)
-                at = data.find(b"\n" + end, at + 1)
+                at = data.find(b"\n" + line_end, at + 1, end)
         return sorted(found)
-    found = [0] if data.startswith(text) and ends_a_line(len(text)) else []
-    needle = b"\n" + text  # one pass over the file: where the text starts a line, then what follows it
-    at = data.find(needle)
+    found = [start] if data.startswith(text, start) and ends_a_line(start + len(text)) else []
+    needle = b"\n" + text  # one pass over the part: where the text starts a line, then what follows it
+    at = data.find(needle, start, end)
     while at >= 0:
         if ends_a_line(at + len(needle)):
             found.append(at + 1)
-        at = data.find(needle, at + 1)
+        at = data.find(needle, at + 1, end)
     return found
 
 
-def _skipped_lines(data: bytes, skipped: list[str], empty_lines: int) -> tuple[np.ndarray, list[str]] | None:
-    """(0-based line indices, texts) of the lines the CSV reader skipped: those it handed to the
-    invalid-row handler (``skipped``, other widths) and ``empty_lines`` empty ones. The reader gives
-    no line numbers when it reads in parallel, so each line is found by its text; None when the
-    lines found do not match the reader's counts exactly."""
+def _skipped_lines(data: bytes, start: int, end: int, skipped: list[str], empty_lines: int
+                   ) -> tuple[np.ndarray, list[str]] | None:
+    """(0-based line indices in the part, texts) of the lines of ``data[start:end]`` the CSV reader
+    skipped: those it handed to the invalid-row handler (``skipped``, other widths) and
+    ``empty_lines`` empty ones. The reader gives no line numbers when it reads in parallel, so each
+    line is found by its text; None when the lines found do not match the reader's counts exactly."""
     wanted = Counter(text.encode("utf-8") for text in skipped)
     if empty_lines:
         wanted[b""] = empty_lines
     located: list[tuple[int, str]] = []
     for text, count in wanted.items():
-        starts = _line_starts_of(data, text)
+        starts = _line_starts_of(data, text, start, end)
         if len(starts) != count:
             return None
-        located += [(start, text.decode("utf-8")) for start in starts]
+        located += [(at, text.decode("utf-8")) for at in starts]
     located.sort()
-    indices, line, previous = [], 0, 0
-    for start, _ in located:
-        line += data.count(b"\n", previous, start)
-        previous = start
+    indices, line, previous = [], 0, start
+    for at, _ in located:
+        line += data.count(b"\n", previous, at)
+        previous = at
         indices.append(line)
     return np.array(indices, dtype=np.int64), [text for _, text in located]
 
 
-def _scan(path: Path) -> _Scan | None:
+# A file is read in parts of about this many bytes (cut at line ends): the arrays of a part fit
+# the allocator's reused memory and the CPU caches, where a whole 200 MB file's arrays are fresh
+# pages on every pass (half the normalise time went to page faults), and two threads share the
+# parts of one large file.
+_PART_BYTES = 48 << 20
+# Looking back this many lines from a part's start for the day its leading undated lines take.
+_MAX_LOOK_BACK = 1_000
+_DATED_LINE = re.compile(rb"[0-9]{2}/[0-9]{2}/[0-9]{4}(,|$)")
+
+
+@dataclass
+class _Part:
+    """Whole lines ``data[start:end]`` of a file: the ``line_count`` lines from ``first_line``."""
+
+    start: int
+    end: int
+    first_line: int
+    line_count: int
+    previous_day: int  # the day of the last dated line before the part, _NO_DAY if none
+
+
+@dataclass
+class _File:
+    """A trade file's bytes, checked to be readable column-wise, and its parts."""
+
+    path: Path
+    data: bytes
+    parts: list[_Part]
+
+
+def _day_before(data: bytes, at: int) -> int | None:
+    """The day of the last dated line ending before byte ``at`` (a line start); _NO_DAY when no
+    line before it is dated; None when that is more than _MAX_LOOK_BACK lines back."""
+    end = at
+    for _ in range(_MAX_LOOK_BACK):
+        if end <= 0:
+            return _NO_DAY
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        line = data[start : end - 1].removesuffix(b"\r")
+        if _DATED_LINE.match(line):
+            day = int(_days(pl.Series([line[:10].decode("ascii")], dtype=pl.String))[0])
+            if day != _NO_DAY:
+                return day
+        end = start
+    return None
+
+
+def _has_bare_carriage_return(data: bytes, block: int = 4 << 20) -> bool:
+    """Whether a CR in ``data`` is not followed by LF; block by block, so that a CRLF file costs
+    one pass (two ``bytes.count`` passes over a 200 MB file took 0.33 s)."""
+    if b"\r" not in data:
+        return False
+    if data.endswith(b"\r"):
+        return True
+    view = np.frombuffer(data, dtype=np.uint8)
+    for start in range(0, len(view), block):
+        chunk = view[start : start + block + 1]  # one byte past the block: the byte after its last CR
+        carriage_returns = np.flatnonzero(chunk[:block] == 13)
+        if len(carriage_returns) and not (chunk[carriage_returns + 1] == 10).all():
+            return True
+    return False
+
+
+def _prepare(path: Path, part_bytes: int = _PART_BYTES) -> _File | None:
+    """The file's bytes and parts; None when the CSV reader would not split it into the same lines
+    as the general path (quotes, a bare CR) or it is not UTF-8."""
     data = path.read_bytes()
     # Each check is a pass over the file: the cheap ones (memchr, an ASCII test) go first.
-    if b'"' in data or (b"\r" in data and data.count(b"\r") != data.count(b"\r\n")):
+    if b'"' in data or _has_bare_carriage_return(data):
         return None  # quotes or a bare CR: the CSV reader would split differently from the lines
     if not data.isascii():
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    line_count = data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
+    cuts = [0]  # each part at least part_bytes long, the last one up to 1.5 times that
+    while cuts[-1] + part_bytes + part_bytes // 2 < len(data):
+        cut = data.find(b"\n", cuts[-1] + part_bytes - 1) + 1
+        if cut == 0 or cut >= len(data):
+            break
+        cuts.append(cut)
+    cuts.append(len(data))
+    days_before = [_NO_DAY] + [_day_before(data, cut) for cut in cuts[1:-1]]
+    if any(day is None for day in days_before):  # no dated line near a cut: one part
+        cuts, days_before = [0, len(data)], [_NO_DAY]
+    parts, first_line = [], 0
+    for start, end, day_before in zip(cuts, cuts[1:], days_before):
+        lines = data.count(b"\n", start, end) + (1 if end == len(data) and end > start and not data.endswith(b"\n") else 0)
+        parts.append(_Part(start, end, first_line, lines, day_before))  # type: ignore[arg-type]
+        first_line += lines
+    return _File(path, data, parts)
+
+
+def _scan(file: _File, part: _Part) -> _Scan | None:
+    """One part's lines read column-wise; None when the day needs the general path."""
+    data, line_count = file.data, part.line_count
     if line_count == 0:
-        return _Scan(path, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), [], pa.table({}),
-                     np.zeros(0, dtype=np.int32))
+        return _Scan(file.path, part.first_line, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), [],
+                     pa.table({}), np.zeros(0, dtype=np.int32))
     skipped: list[str] = []
 
     def skip(row: pacsv.InvalidRow) -> str:
@@ -194,7 +284,7 @@ def _scan(path: Path) -> _Scan | None:
 
     try:
         fields = pacsv.read_csv(
-            pa.BufferReader(pa.py_buffer(data)),
+            pa.BufferReader(pa.py_buffer(data).slice(part.start, part.end - part.start)),
             read_options=pacsv.ReadOptions(column_names=list(TRADE_FIELDS), block_size=16 << 20),
             parse_options=pacsv.ParseOptions(quote_char=False, invalid_row_handler=skip),
             convert_options=pacsv.ConvertOptions(column_types=_COLUMN_TYPES, strings_can_be_null=False, check_utf8=False),
@@ -202,8 +292,7 @@ def _scan(path: Path) -> _Scan | None:
     except pa.ArrowInvalid:
         return None  # more lines of the wrong width than _MAX_SKIPPED_LINES
     # The reader drops empty lines without a word: they are the lines not accounted for.
-    located = _skipped_lines(data, skipped, line_count - fields.num_rows - len(skipped))
-    del data
+    located = _skipped_lines(data, part.start, part.end, skipped, line_count - fields.num_rows - len(skipped))
     if located is None:
         return None
     bad, bad_text = located
@@ -219,20 +308,29 @@ def _scan(path: Path) -> _Scan | None:
         dated = raw.str.contains(r"^[0-9]{2}/[0-9]{2}/[0-9]{4}(,|$)")
         line_day[bad] = _days(pl.select(pl.when(dated).then(raw.str.slice(0, 10))).to_series())
     known = line_day != _NO_DAY
-    if known.any() and not known.all():  # an undated line belongs to the day of the line before it (after it, at the top)
-        source = np.where(known, np.arange(len(line_day)), 0)
-        np.maximum.accumulate(source, out=source)
-        source[: int(np.argmax(known))] = int(np.argmax(known))
-        line_day = line_day[source]
-    return _Scan(path, well, bad, bad_text, fields, line_day)
+    if not known.all():
+        # An undated line belongs to the day of the line before it (in an earlier part, if it
+        # leads its part), or of the line after it when no line before it is dated.
+        if not known.any():
+            line_day[:] = part.previous_day
+        else:
+            source = np.where(known, np.arange(len(line_day)), -1)
+            np.maximum.accumulate(source, out=source)
+            leading = int(np.argmax(known))
+            filled = line_day[np.maximum(source, 0)]
+            filled[:leading] = part.previous_day if part.previous_day != _NO_DAY else line_day[leading]
+            line_day = filled
+    return _Scan(file.path, part.first_line, well, bad, bad_text, fields, line_day)
 
 
+@functools.lru_cache(maxsize=64)
 def _minute_offsets_us(day: date) -> tuple[np.ndarray, np.ndarray]:
     """UTC offset (microseconds) of each Sydney minute of ``day``, and whether the minute has one."""
     midnight = datetime(day.year, day.month, day.day)
     offsets = [_utc_offset(midnight + timedelta(minutes=m)) for m in range(24 * 60)]
     valid = np.array([o is not None for o in offsets])
     micros = np.array([0 if o is None else o // timedelta(microseconds=1) for o in offsets], dtype=np.int64)
+    valid.flags.writeable = micros.flags.writeable = False  # cached: shared by every caller
     return micros, valid
 
 
@@ -256,7 +354,13 @@ def _clock_micros(chunk: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if chunk.null_count:
         valid &= ~np.asarray(chunk.is_null())
 
+    uniform = int(lengths[0]) if count and (lengths == lengths[0]).all() else 0
+    if uniform:  # every text has one length (the usual file): a row per text, each byte a column
+        grid = data[offsets[0] : offsets[0] + count * uniform].reshape(count, uniform)
+
     def byte(position: int) -> np.ndarray:
+        if uniform:
+            return grid[:, min(position, uniform - 1)]  # past the end: ``valid`` already excludes the rows
         # Rows too short for ``position`` read a neighbour's byte here; ``valid`` already excludes them.
         return data.take(starts + position, mode="clip")
 
@@ -414,7 +518,7 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     in_day = selected[scan.bad]
     others = pl.DataFrame(
         {
-            "line_number": np.concatenate([scan.bad[in_day], line_index[failed]]) + 1,
+            "line_number": np.concatenate([scan.bad[in_day], line_index[failed]]) + scan.first_line + 1,
             "raw": pl.concat([
                 pl.Series([text for text, keep in zip(scan.bad_text, in_day) if keep], dtype=pl.String),
                 rebuilt.cast(pl.String),
@@ -436,7 +540,7 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
         line_index, micros, minute = line_index[keep], micros[keep], minute[keep]
     day_us = (day - _EPOCH).days * 86_400_000_000
     utc = day_us + micros - offsets[minute]
-    line_number = line_index.astype(np.int64) + 1
+    line_number = line_index.astype(np.int64) + scan.first_line + 1
     if len(utc) > 1 and not bool(np.all(np.diff(utc) >= 0)):
         order = np.lexsort((line_number, utc))
         fields = {name: (values, index[order]) for name, (values, index) in fields.items()}
@@ -482,9 +586,11 @@ def _empty_raw() -> pl.DataFrame:
 
 @dataclass
 class FileDay:
-    """One trade file's share of a day: its lines of the day, V2 rows (time order) and rejected lines."""
+    """One part of a trade file's share of a day: its lines of the day, V2 rows (time order) and
+    rejected lines."""
 
     path: Path
+    first_line: int  # where the part starts in the file (0-based line index)
     symbol: str
     lines_of_day: int
     rows: pa.Table
@@ -495,55 +601,72 @@ class ColumnarDeclined(Exception):
     """A file of the day needs the general path (see the module doc)."""
 
 
-def trade_file_days(data_dir: Path, partition_key: str, ingested_at: datetime | None = None) -> Iterator[FileDay]:
-    """Each trade file's share of the day, as soon as it is read (two files at a time), so a caller
-    can write one file's rows while the next is read. Raises ColumnarDeclined when a file needs
-    the general path; the files already given are then not the whole day."""
+def trade_file_days(data_dir: Path, partition_key: str, ingested_at: datetime | None = None,
+                    part_bytes: int = _PART_BYTES) -> Iterator[FileDay]:
+    """Each trade file's share of the day, part by part as soon as a part is read (two at a time),
+    so a caller can write one part's rows while the next is read. Raises ColumnarDeclined when a
+    file needs the general path; the parts already given are then not the whole day."""
     data_dir = _require_dir(data_dir)
     ingested_at = ingested_at or datetime.now(timezone.utc)
     day = date.fromisoformat(partition_key)
     target = (day - _EPOCH).days
     symbols = company_symbols(data_dir)
 
-    def one_file(path: Path) -> FileDay | None:
-        scan = _scan(path)
-        if scan is None or not symbols.get(path.stem) or (len(scan.line_day) and (scan.line_day == _NO_DAY).all()):
-            return None  # needs the general path; a file without a single date: read_raw_day's fallback day decides
+    def prepared(path: Path) -> _File:
+        file = _prepare(path, part_bytes) if symbols.get(path.stem) else None
+        if file is None:
+            raise ColumnarDeclined(f"{path.name} needs the general path")
+        return file
+
+    def one_part(file: _File, part: _Part) -> FileDay:
+        scan = _scan(file, part)
+        if scan is None or (len(scan.line_day) and (scan.line_day == _NO_DAY).all()):
+            # needs the general path; lines without a single date: read_raw_day's fallback day decides
+            raise ColumnarDeclined(f"{file.path.name} needs the general path")
+        symbol = symbols[file.path.stem]
         selected = scan.line_day == target
         if not selected.any():
-            return FileDay(path, symbols[path.stem], 0, ENCODED_SCHEMA.empty_table(), _general_trades(_empty_raw()))
-        rows, bad = _file_day(scan, selected, day, path.stem, symbols[path.stem], ingested_at)
-        return FileDay(path, symbols[path.stem], int(selected.sum()), rows, bad)
+            return FileDay(file.path, part.first_line, symbol, 0, ENCODED_SCHEMA.empty_table(), _general_trades(_empty_raw()))
+        rows, bad = _file_day(scan, selected, day, file.path.stem, symbol, ingested_at)
+        return FileDay(file.path, part.first_line, symbol, int(selected.sum()), rows, bad)
 
-    # Files are independent and numpy, pyarrow and polars release the GIL: two at a time.
+    # Parts are independent and numpy, pyarrow and polars release the GIL: two at a time.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(one_file, path) for path in source_files(data_dir, "trades")]
+        files = [pool.submit(prepared, path) for path in source_files(data_dir, "trades")]
+        parts: list[Future[FileDay]] = []
         try:
-            for done in as_completed(pending):
-                file_day = done.result()
-                if file_day is None:
-                    raise ColumnarDeclined(f"a trade file of {partition_key} needs the general path")
-                yield file_day
+            for done in as_completed(files):
+                file = done.result()
+                parts += [pool.submit(one_part, file, part) for part in file.parts]
+            for done in as_completed(parts):
+                yield done.result()
         finally:
-            for future in pending:
+            for future in files + parts:  # type: ignore[operator]
                 future.cancel()
 
 
+def _in_order(tables: list[pa.Table]) -> bool:
+    """Whether tables each in (timestamp, source_sequence) order are also in order one after another."""
+    keys = [(table["timestamp"][index].value, table["source_sequence"][index].as_py())
+            for table in tables if table.num_rows for index in (0, table.num_rows - 1)]
+    return all(earlier <= later for earlier, later in zip(keys, keys[1:]))
+
+
 def assemble_day(file_days: list[FileDay], partition_key: str, ingested_at: datetime) -> NormalisedDay:
-    """The day's V2 rows (by symbol, then time) and dead letters (by file and line) from its files."""
-    # Rows the general path accepted come decoded (see _file_day); then every file's rows are.
+    """The day's V2 rows (by symbol, then time) and dead letters (by file and line) from its parts."""
+    # Rows the general path accepted come decoded (see _file_day); then every part's rows are.
     decode = len({file_day.rows.schema for file_day in file_days if file_day.rows.num_rows}) > 1
     by_symbol: dict[str, list[pa.Table]] = {}
-    for file_day in sorted(file_days, key=lambda file_day: file_day.path):
+    for file_day in sorted(file_days, key=lambda file_day: (file_day.path, file_day.first_line)):
         if file_day.rows.num_rows:
             rows = file_day.rows.cast(TRADES.arrow_schema()) if decode else file_day.rows
             by_symbol.setdefault(file_day.symbol, []).append(rows)
     ordered: list[pa.Table] = []
     for symbol in sorted(by_symbol):
         tables = by_symbol[symbol]
-        if len(tables) == 1:
-            ordered.append(tables[0])
-        else:  # two files of one symbol: merge them in time order
+        if _in_order(tables):  # one file's parts, in time order: they follow each other
+            ordered.extend(tables)
+        else:  # two files of one symbol, or lines out of time order across parts: merge in time order
             ordered.append(pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")]))
     table = pa.concat_tables(ordered) if ordered else ENCODED_SCHEMA.empty_table()
     rejected = [file_day.rejected for file_day in file_days]
@@ -553,14 +676,14 @@ def assemble_day(file_days: list[FileDay], partition_key: str, ingested_at: date
 
 
 def normalise_trade_files(
-    data_dir: Path, partition_key: str, ingested_at: datetime | None = None
+    data_dir: Path, partition_key: str, ingested_at: datetime | None = None, part_bytes: int = _PART_BYTES
 ) -> tuple[int, NormalisedDay] | None:
     """(lines of the day, its V2 rows and dead letters) straight from the trade files, as
     ``normalise_trades(read_raw_day(data_dir, "trades", day), day)`` gives them; None when a file
     needs the general path (see the module doc)."""
     ingested_at = ingested_at or datetime.now(timezone.utc)
     try:
-        file_days = list(trade_file_days(data_dir, partition_key, ingested_at))
+        file_days = list(trade_file_days(data_dir, partition_key, ingested_at, part_bytes))
     except ColumnarDeclined:
         return None
     return sum(file_day.lines_of_day for file_day in file_days), assemble_day(file_days, partition_key, ingested_at)

@@ -398,14 +398,14 @@ def rows_per_symbol(rows: pa.Table) -> dict[str, int]:
     return dict(zip(counts["symbol"].to_list(), counts["len"].to_list()))
 
 
-# A file's rows are written as data files of at most this many rows, so the two writer threads
-# share a day's work evenly (one file per thread would leave one idle behind the larger file).
+# A part's rows are written as data files of at most this many rows, so the two writer threads
+# share a day's work evenly (a part of a file is about 1.2M rows: usually one data file each).
 _ROWS_PER_DATA_FILE = 2_000_000
 
 
 def _file_write_tasks(metadata: TableMetadata, rows: pa.Table, write_uuid: uuid.UUID,
                       task_ids: Iterator[int]) -> list[WriteTask] | None:
-    """One file's rows as write tasks per partition of at most _ROWS_PER_DATA_FILE rows; None when
+    """One part's rows as write tasks per partition of at most _ROWS_PER_DATA_FILE rows; None when
     the rows are not grouped by partition."""
     if rows.num_rows == 0:
         return []
@@ -426,8 +426,8 @@ def _file_write_tasks(metadata: TableMetadata, rows: pa.Table, write_uuid: uuid.
 
 def _ingest_trades_pipelined(data_dir: Path, iceberg: IcebergResource, partition_key: str
                              ) -> tuple[int, NormalisedDay, int | None, dict[str, float]] | None:
-    """Trades read file by file (:func:`trade_file_days`), each file's rows written to Parquet while
-    the next file is read, all committed at the end in one transaction with the day's delete.
+    """Trades read part by part (:func:`trade_file_days`), each part's rows written to Parquet while
+    the next parts are read, all committed at the end in one transaction with the day's delete.
     None when a file needs the general path or the table's columns or spec are not the V2 ones."""
     started = time.perf_counter()
     ingested_at = datetime.now(timezone.utc)

@@ -28,9 +28,9 @@ def _line_by_line(data_dir: Path, day: str) -> tuple[int, NormalisedDay]:
     return raw.num_rows, normalise_trades(raw, day, INGESTED_AT)
 
 
-def _assert_same(data_dir: Path, day: str) -> NormalisedDay | None:
+def _assert_same(data_dir: Path, day: str, part_bytes: int | None = None) -> NormalisedDay | None:
     """The two paths agree on ``day``; the column-wise result, or None when it declined."""
-    columnar = normalise_trade_files(data_dir, day, INGESTED_AT)
+    columnar = normalise_trade_files(data_dir, day, INGESTED_AT, **({"part_bytes": part_bytes} if part_bytes else {}))
     if columnar is None:
         return None
     lines, expected = _line_by_line(data_dir, day)
@@ -44,6 +44,7 @@ def _assert_same(data_dir: Path, day: str) -> NormalisedDay | None:
 def test_a_generated_day_with_every_kind_of_malformed_line(tmp_path: Path) -> None:
     generated = write_asx_trades_day(tmp_path / "asx", rows=20_000)
     result = _assert_same(generated.data_dir, generated.day.isoformat())
+    assert _assert_same(generated.data_dir, generated.day.isoformat(), part_bytes=50_000) is not None
     assert result is not None, "the column-wise path must take a well-formed day"
     assert result.valid == generated.rows - generated.malformed
     assert result.dead_letters.column("line_number").to_pylist() == list(generated.malformed_line_numbers)
@@ -78,13 +79,14 @@ LINE = st.one_of(
 )
 
 
-@settings(max_examples=30, deadline=None, database=None,
+@settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(bhp=st.lists(LINE, min_size=1, max_size=30), rio=st.lists(LINE, max_size=10),
-       crlf=st.booleans(), final_line_end=st.booleans(), duplicate=st.booleans())
+       crlf=st.booleans(), final_line_end=st.booleans(), duplicate=st.booleans(),
+       part_bytes=st.sampled_from([None, 1, 30, 100, 400]))
 def test_any_lines_give_the_same_rows_and_dead_letters(tmp_path_factory: pytest.TempPathFactory, bhp: list[str],
                                                        rio: list[str], crlf: bool, final_line_end: bool,
-                                                       duplicate: bool) -> None:
+                                                       duplicate: bool, part_bytes: int | None) -> None:
     root = tmp_path_factory.mktemp("asx")
     (root / "reference-data").mkdir()
     (root / "reference-data" / "company_info.csv").write_text("company_id,symbol\n7078,BHP\n7458,RIO\n")
@@ -97,7 +99,9 @@ def test_any_lines_give_the_same_rows_and_dead_letters(tmp_path_factory: pytest.
         text = end.join(lines) + (end if final_line_end else "")
         (root / "trades" / f"{company}.csv").write_bytes(text.encode())
     for day in trading_days(root):
-        assert _assert_same(root, day) is not None  # no quotes, no bare CR: the column-wise path applies
+        # No quotes, no bare CR: the column-wise path applies, whole or in parts of ``part_bytes``
+        # (a part's leading undated lines take the day of the dated first line or a later one).
+        assert _assert_same(root, day, part_bytes) is not None
 
 
 @settings(max_examples=200, deadline=None, database=None)
