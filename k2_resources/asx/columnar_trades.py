@@ -413,30 +413,31 @@ def _vendor_data(company_id: str, fields: dict[str, tuple[pl.Series, np.ndarray]
     sevenths, seventh_index = fields["field_7"]
     rows = len(qualifier_index)
     venue_base, seventh_base = 1 + len(qualifiers), 1 + len(qualifiers) + len(venues)
-    # A row-major grid of each row's four value indices, and which of them the row has: the
-    # entries in row order are the grid's present cells read row by row (one compress, no scatter).
-    grid = np.empty((rows, len(_VENDOR_KEYS)), dtype=np.int32)
-    grid[:, 0] = 0
-    grid[:, 1] = qualifier_index
-    grid[:, 1] += 1
-    grid[:, 2] = venue_index
-    grid[:, 2] += venue_base
-    grid[:, 3] = seventh_index
-    grid[:, 3] += seventh_base
-    has_venue = _non_empty(venues)[venue_index]
-    has_seventh = _non_empty(sevenths)[seventh_index]
-    offsets = np.zeros(rows + 1, dtype=np.int32)
-    if has_venue.all() and has_seventh.all():  # every row has every key: the whole grid
-        value_index = grid.ravel()
-        key_index = np.tile(np.arange(len(_VENDOR_KEYS), dtype=np.int32), rows)
-        offsets[1:] = np.arange(1, rows + 1, dtype=np.int32) * len(_VENDOR_KEYS)
-    else:
-        present = np.ones((rows, len(_VENDOR_KEYS)), dtype=bool)
-        present[:, 2] = has_venue
-        present[:, 3] = has_seventh
-        value_index = grid[present]
-        key_index = np.broadcast_to(np.arange(len(_VENDOR_KEYS), dtype=np.int32), grid.shape)[present]
-        np.cumsum(2 + has_venue.astype(np.int32) + has_seventh, out=offsets[1:])
+    # Every row has company_id and qualifier_code: a row-major grid of two cells per row. A venue
+    # or a 7th field is rare (224 and 113 of the 200,545 real trades of March 2014), so they are
+    # inserted after their row's two cells in one pass, venue first.
+    values = np.empty((rows, 2), dtype=np.int32)
+    values[:, 0] = 0
+    values[:, 1] = qualifier_index
+    values[:, 1] += 1
+    keys = np.empty((rows, 2), dtype=np.int32)
+    keys[:, 0], keys[:, 1] = 0, 1
+    with_venue = np.flatnonzero(_non_empty(venues)[venue_index])
+    with_seventh = np.flatnonzero(_non_empty(sevenths)[seventh_index])
+    value_index, key_index = values.ravel(), keys.ravel()
+    if len(with_venue) or len(with_seventh):
+        at = np.concatenate([2 * (with_venue + 1), 2 * (with_seventh + 1)])
+        order = np.argsort(at, kind="stable")  # a row's venue (listed first) before its 7th field
+        extra_values = np.concatenate([venue_base + venue_index[with_venue], seventh_base + seventh_index[with_seventh]])
+        extra_keys = np.repeat(np.array([2, 3], dtype=np.int32), [len(with_venue), len(with_seventh)])
+        value_index = np.insert(value_index, at[order], extra_values[order].astype(np.int32))
+        key_index = np.insert(key_index, at[order], extra_keys[order])
+    extras = np.zeros(rows, dtype=np.int32)
+    extras[with_venue] += 1
+    extras[with_seventh] += 1
+    offsets = np.empty(rows + 1, dtype=np.int32)
+    offsets[0] = 0
+    np.cumsum(extras + 2, out=offsets[1:])
     distinct = pl.concat([pl.Series([company_id], dtype=pl.String), qualifiers, venues, sevenths]).to_arrow()
     return pa.MapArray.from_arrays(
         pa.array(offsets, type=pa.int32()),

@@ -425,7 +425,7 @@ def _file_write_tasks(metadata: TableMetadata, rows: pa.Table, write_uuid: uuid.
 
 
 def _ingest_trades_pipelined(data_dir: Path, iceberg: IcebergResource, partition_key: str
-                             ) -> tuple[int, NormalisedDay, int | None, dict[str, float]] | None:
+                             ) -> tuple[int, NormalisedDay, int | None, dict[str, float], dict[str, int]] | None:
     """Trades read part by part (:func:`trade_file_days`), each part's rows written to Parquet while
     the next parts are read, all committed at the end in one transaction with the day's delete.
     None when a file needs the general path or the table's columns or spec are not the V2 ones."""
@@ -456,6 +456,9 @@ def _ingest_trades_pipelined(data_dir: Path, iceberg: IcebergResource, partition
                     raise ColumnarDeclined(f"the rows of {file_day.path.name} are not grouped by partition")
                 writes += [writers.submit(write, task) for task in tasks]
             validated = time.perf_counter()
+            day = assemble_day(file_days, partition_key, ingested_at)
+            # The dead letters are committed while the last data files are still being written.
+            _replace_dead_letters(iceberg, "trades", partition_key, day)
             data_files = [future.result() for future in writes]
     except ColumnarDeclined:
         remove_written()
@@ -464,15 +467,22 @@ def _ingest_trades_pipelined(data_dir: Path, iceberg: IcebergResource, partition
         remove_written()
         raise
     lines_of_day = sum(file_day.lines_of_day for file_day in file_days)
-    day = assemble_day(file_days, partition_key, ingested_at)
-    _replace_dead_letters(iceberg, "trades", partition_key, day)
     properties = _day_properties("trades", partition_key, day)
     try:
         table = replace_with_files(iceberg.trades, metadata, data_files, day_filter(partition_key), properties)
     except _TableChanged:  # the files no longer fit the table: write the rows again against it
         remove_written()
         table = replace_rows(iceberg.trades, day.rows, day_filter(partition_key), properties)
-    return lines_of_day, day, _snapshot_id(table), _phases(started, validated)
+    return lines_of_day, day, _snapshot_id(table), _phases(started, validated), _symbol_counts(file_days)
+
+
+def _symbol_counts(file_days: list[FileDay]) -> dict[str, int]:
+    """Rows per symbol: each part's rows are all of its file's symbol."""
+    counts: dict[str, int] = {}
+    for file_day in file_days:
+        if file_day.rows.num_rows:
+            counts[file_day.symbol] = counts.get(file_day.symbol, 0) + file_day.rows.num_rows
+    return dict(sorted(counts.items()))
 
 
 def _phases(started: float, validated: float) -> dict[str, float]:
@@ -491,9 +501,8 @@ def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_k
     if kind == "trades":
         pipelined = _ingest_trades_pipelined(data_dir, iceberg, partition_key)
         if pipelined is not None:
-            raw_rows, day, snapshot_id, seconds = pipelined
-            return IngestResult(kind, partition_key, raw_rows, day.valid, day.rejected, rows_per_symbol(day.rows),
-                                snapshot_id, seconds)
+            raw_rows, day, snapshot_id, seconds, per_symbol = pipelined
+            return IngestResult(kind, partition_key, raw_rows, day.valid, day.rejected, per_symbol, snapshot_id, seconds)
     started = time.perf_counter()
     if raw is None:
         raw = read_raw_day(data_dir, kind, partition_key)

@@ -32,7 +32,7 @@ import pytest
 from k2_resources.asx.columnar_trades import normalise_trade_files
 from k2_resources.asx.files import FIELDS, KINDS, default_data_dir, read_raw_day, source_files, trading_days
 from k2_resources.asx.normalise import NORMALISERS
-from k2_resources.asx.writes import day_filter, dead_letter_filter, ingest_day
+from k2_resources.asx.writes import _leaf_paths, day_filter, dead_letter_filter, ingest_day
 from k2_resources.iceberg import IcebergResource
 from k2_resources.settings import PROJECT_ROOT
 from k2_resources.tables import TRADES
@@ -167,7 +167,8 @@ def _floor_for_v2_rows(data_dir: Path, day: str, out_dir: Path) -> dict[str, flo
         size = (rows.num_rows + 1) // 2
         pq.write_table(rows.slice(half * size, size), out_dir / f"v2-{half}.parquet", compression="zstd",
                        store_decimal_as_integer=True, column_encoding=encodings,
-                       use_dictionary=[name for name in rows.schema.names if name not in encodings])
+                       use_dictionary=[path for field in rows.schema if field.name not in encodings
+                                       for path in _leaf_paths(field)])
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:  # two files at once, as K2 writes them
@@ -194,9 +195,14 @@ def test_asx_ingest_of_a_10m_row_day(k2_home: Path, tmp_path: Path) -> None:
     baseline_before = _baseline_skipping_bad_rows(generated.data_dir, tmp_path / "parquet-before")
     load_before = os.getloadavg()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start, cpu_start = time.perf_counter(), time.process_time()
-    result = ingest_day(generated.data_dir, iceberg, "trades", day)
-    k2_seconds, k2_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    # K2 loads the day twice (the second load replaces the first, as a backfill's re-run does) and
+    # the faster load counts, as for the baseline.
+    loads = []
+    for _ in range(2):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = ingest_day(generated.data_dir, iceberg, "trades", day)
+        loads.append((time.perf_counter() - start, time.process_time() - cpu_start, result))
+    k2_seconds, k2_cpu_seconds, result = min(loads, key=lambda load: load[0])
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
     baseline_after = _baseline_skipping_bad_rows(generated.data_dir, tmp_path / "parquet-after")
     baseline_rows, baseline_seconds, baseline_cpu_seconds = min(baseline_before, baseline_after, key=lambda run: run[1])
@@ -221,14 +227,16 @@ def test_asx_ingest_of_a_10m_row_day(k2_home: Path, tmp_path: Path) -> None:
             "what": "one generated ASX trading day (tests/support/asx_generator.py: real price levels, skew, "
             "qualifiers, venues; fixed seed) through ingest_day (column-wise read of the files, validation with "
             "dead letters, V2 rows, replace the day in Iceberg); baseline pyarrow CSV -> zstd Parquet of the same "
-            "files, rows of the wrong width skipped, best of a run before and a run after K2",
+            "files, rows of the wrong width skipped, best of a run before and a run after K2; K2 best of a first load "
+            "and a replace of the same day",
             "rows": rows,
             "valid_rows": result.valid,
             "dead_letters": result.rejected,
             "malformed_lines_generated": generated.malformed,
             "csv_bytes": generated.bytes,
             "generate_seconds": round(generate_seconds, 1),
-            "k2_csv_to_iceberg": {"seconds": round(k2_seconds, 3), "rows_per_s": k2_rate, "phases_s": result.seconds},
+            "k2_csv_to_iceberg": {"seconds": round(k2_seconds, 3), "rows_per_s": k2_rate, "phases_s": result.seconds,
+                                  "seconds_first_load_and_replace": [round(load[0], 3) for load in loads]},
             "baseline_pyarrow_csv_to_parquet": {"seconds": round(baseline_seconds, 3), "rows_per_s": baseline_rate,
                                                 "rows": baseline_rows,
                                                 "seconds_before_and_after_k2": [round(baseline_before[1], 3),
