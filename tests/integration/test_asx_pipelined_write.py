@@ -5,7 +5,9 @@ Against a real Iceberg catalog on disk:
 - the table then holds exactly the rows of the line-by-line path, in data files of one symbol;
 - a file that needs the line-by-line path (a quote) makes the whole day take it, and no data
   file written before that is left behind unreferenced;
-- files written for one schema are never committed to a table whose schema changed since.
+- files written for one schema are never committed to a table whose schema changed since;
+- each data file's metrics are those pyiceberg's own writer gives (none of the bounds it leaves out
+  inside lists and maps are computed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 import pytest
+from pyiceberg.io.pyarrow import write_file
 from pyiceberg.types import StringType
 
 from k2_resources.asx.files import read_raw_day
@@ -30,6 +33,7 @@ from k2_resources.asx.writes import (
     replace_with_files,
 )
 from k2_resources.iceberg import IcebergResource
+from k2_resources.tables import TRADES
 from tests.support.asx_generator import write_asx_trades_day
 
 _ORDER = [("symbol", "ascending"), ("timestamp", "ascending"), ("source_sequence", "ascending")]
@@ -108,3 +112,36 @@ def test_files_written_for_an_older_schema_are_not_committed(k2_home: Path, tmp_
     with pytest.raises(_TableChanged):
         replace_with_files(iceberg.trades, written_for, data_files, day_filter(day), {"k2.rows": str(rows.num_rows)})
     assert iceberg.trades().current_snapshot() is None
+
+
+def test_data_file_metrics_are_pyicebergs(k2_home: Path, tmp_path: Path) -> None:
+    generated = write_asx_trades_day(tmp_path / "asx", rows=3_000, malformed=0)
+    day = generated.day.isoformat()
+    records = normalise_trades(read_raw_day(generated.data_dir, "trades", day), day).rows.slice(0, 400).to_pylist()
+    # Null and empty lists and maps, and null map values: Parquet counts each as a null at the leaf.
+    for index in range(0, 400, 7):
+        records[index]["trade_conditions"] = None if index % 2 else []
+    for index in range(0, 400, 11):
+        records[index]["vendor_data"] = None if index % 2 else []
+    for index in range(3, 400, 13):
+        records[index]["vendor_data"] = [("company_id", None), ("qualifier_code", "0")]
+    rows = pa.Table.from_pylist(records, schema=TRADES.arrow_schema())
+    table = IcebergResource().trades()
+    metadata = table.metadata
+    rows = in_table_schema(rows, metadata.schema().as_arrow())
+    ours = [_data_file_writer(table.io, metadata)(task)
+            for task in _file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))]
+    theirs = list(write_file(table.io, metadata, iter(_file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100))))))
+    assert len(ours) == len(theirs) >= 1
+    schema = metadata.schema()
+    collection_ids = {schema.find_field(f"{name}.{leaf}").field_id
+                      for name, leaves in (("trade_conditions", ("element",)), ("vendor_data", ("key", "value")))
+                      for leaf in leaves}
+    for mine, reference in zip(ours, theirs):
+        assert mine.record_count == reference.record_count
+        assert mine.value_counts == reference.value_counts
+        assert mine.null_value_counts == reference.null_value_counts
+        assert collection_ids <= set(mine.value_counts) and collection_ids <= set(mine.null_value_counts)
+        assert not set(mine.lower_bounds) & collection_ids  # no bounds inside lists and maps, as Iceberg Java
+        assert (mine.lower_bounds, mine.upper_bounds) == (reference.lower_bounds, reference.upper_bounds)
+        assert mine.lower_bounds.keys() >= {1, 3, 4, 6, 7}  # ids, symbol, exchange, time, price: what scans prune by
