@@ -85,8 +85,9 @@ def _dictionary(indices: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32, copy=False)), values.cast(pa.large_string()))
 
 
-def _repeated(text: str, count: int) -> pa.DictionaryArray:
-    return _dictionary(np.zeros(count, dtype=np.int32), pa.array([text], type=pa.large_string()))
+def _repeated(text: str, zeros: pa.Array) -> pa.DictionaryArray:
+    """``text`` on every row: ``zeros`` (int32 indices, shared by every such column) into [text]."""
+    return pa.DictionaryArray.from_arrays(zeros, pa.array([text], type=pa.large_string()))
 
 
 @dataclass
@@ -552,17 +553,18 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     schema = ENCODED_SCHEMA
     qualifiers = _dictionary(fields["qualifier"][1], fields["qualifier"][0].to_arrow())
     when = pa.scalar(ingested_at.astimezone(timezone.utc), type=pa.timestamp("us", tz="UTC"))
+    zeros = pa.array(np.zeros(count, dtype=np.int32))
     columns = {
         "message_id": _prefixed(f"asx:trade:{symbol}:{compact}:", numbers),
         "trade_id": _prefixed(f"{EXCHANGE}-{symbol}-{compact}-", numbers),
-        "symbol": _repeated(symbol, count),
-        "exchange": _repeated(EXCHANGE, count),
-        "asset_class": _repeated(ASSET_CLASS, count),
+        "symbol": _repeated(symbol, zeros),
+        "exchange": _repeated(EXCHANGE, zeros),
+        "asset_class": _repeated(ASSET_CLASS, zeros),
         "timestamp": pa.array(utc, type=pa.timestamp("us", tz="UTC")),
         "price": pa.DictionaryArray.from_arrays(pa.array(fields["price"][1].astype(np.int32, copy=False)), prices),
         "quantity": pa.DictionaryArray.from_arrays(pa.array(fields["volume"][1].astype(np.int32, copy=False)), volumes),
-        "currency": _repeated(CURRENCY, count),
-        "side": _repeated("UNKNOWN", count),
+        "currency": _repeated(CURRENCY, zeros),
+        "side": _repeated("UNKNOWN", zeros),
         "trade_conditions": pa.LargeListArray.from_arrays(
             pa.array(np.arange(count + 1, dtype=np.int64)), qualifiers, type=schema.field("trade_conditions").type
         ),
