@@ -35,7 +35,6 @@ from k2_resources.asx.files import RAW_SCHEMA, TRADE_FIELDS, _require_dir, compa
 from k2_resources.asx.normalise import (
     _DATE,
     _DECIMAL,
-    _TIME,
     _TRADE_COLUMNS,
     _WHOLE,
     ASSET_CLASS,

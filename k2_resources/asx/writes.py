@@ -239,27 +239,19 @@ def _leaf_paths(field: pa.Field) -> list[str]:
     return [field.name]
 
 
-def _entries(column: pa.ChunkedArray) -> list[tuple[pa.Array, pa.Array]]:
-    """(offsets, entries) of each chunk of a list or map column, the entries cut to the chunk's slice."""
-    pieces = []
-    for chunk in column.chunks:
-        offsets = chunk.offsets
-        first, last = offsets[0].as_py(), offsets[-1].as_py()
-        children = [chunk.keys, chunk.items] if pa.types.is_map(chunk.type) else [chunk.values]
-        pieces += [(offsets, child.slice(first, last - first)) for child in children]
-    return pieces
-
-
 def _collection_leaf_nulls(rows: pa.Table, field: pa.Field) -> list[int]:
     """Parquet's null count of each leaf of ``field``, a top-level list or map of primitives: the
     null entries plus one per row whose list or map is null or empty (each such row is a level
     below the leaf's, which Parquet counts as a null value)."""
-    column = rows.column(field.name)
-    empty_rows = sum(int(np.count_nonzero(np.diff(chunk.offsets.to_numpy()) == 0)) for chunk in column.chunks)
-    nulls = [0, 0] if pa.types.is_map(field.type) else [0]
-    for index, (_, entries) in enumerate(_entries(column)):
-        nulls[index % len(nulls)] += entries.null_count
-    return [count + empty_rows for count in nulls]
+    is_map = pa.types.is_map(field.type)
+    nulls = [0, 0] if is_map else [0]
+    for chunk in rows.column(field.name).chunks:
+        offsets = chunk.offsets.to_numpy()  # of this chunk's slice; the children are not sliced
+        empty_rows = int(np.count_nonzero(np.diff(offsets) == 0))
+        first, last = int(offsets[0]), int(offsets[-1])
+        for leaf, entries in enumerate([chunk.keys, chunk.items] if is_map else [chunk.values]):
+            nulls[leaf] += entries.slice(first, last - first).null_count + empty_rows
+    return nulls
 
 
 def _is_collection_of_primitives(field: pa.Field) -> bool:
