@@ -443,11 +443,13 @@ def rows_per_symbol(rows: pa.Table) -> dict[str, int]:
 # A part's rows are written as data files of at most this many rows, so the two writer threads
 # share a day's work evenly (a part of a file is about 1.2M rows: usually one data file each).
 _ROWS_PER_DATA_FILE = 2_000_000
+# Rows below which the day's last part is written as one file (splitting it gains nothing).
+_MIN_ROWS_PER_SPLIT = 100_000
 
 
 def _file_write_tasks(metadata: TableMetadata, rows: pa.Table, write_uuid: uuid.UUID,
-                      task_ids: Iterator[int]) -> list[WriteTask] | None:
-    """One part's rows as write tasks per partition of at most _ROWS_PER_DATA_FILE rows; None when
+                      task_ids: Iterator[int], rows_per_file: int = _ROWS_PER_DATA_FILE) -> list[WriteTask] | None:
+    """One part's rows as write tasks per partition of at most ``rows_per_file`` rows; None when
     the rows are not grouped by partition."""
     if rows.num_rows == 0:
         return []
@@ -458,7 +460,7 @@ def _file_write_tasks(metadata: TableMetadata, rows: pa.Table, write_uuid: uuid.
     tasks = []
     schema = metadata.schema()
     for key, piece in pieces:
-        parts = -(-piece.num_rows // _ROWS_PER_DATA_FILE)
+        parts = -(-piece.num_rows // rows_per_file)
         size = -(-piece.num_rows // parts)
         for start in range(0, piece.num_rows, size):
             tasks.append(WriteTask(write_uuid=write_uuid, task_id=next(task_ids), schema=schema, partition_key=key,
@@ -488,16 +490,27 @@ def _ingest_trades_pipelined(data_dir: Path, iceberg: IcebergResource, partition
             if future.done() and future.exception() is None:
                 table.io.delete(future.result().file_path)
 
+    def submit(rows: pa.Table, path: Path, rows_per_file: int = _ROWS_PER_DATA_FILE) -> None:
+        tasks = _file_write_tasks(metadata, rows, write_uuid, task_ids, rows_per_file)
+        if tasks is None:
+            raise ColumnarDeclined(f"the rows of {path.name} are not grouped by partition")
+        writes.extend(writers.submit(write, task) for task in tasks)
+
     try:
         with ThreadPoolExecutor(max_workers=2) as writers:
+            # Each part's rows wait for the next part before they are written: the last part's
+            # are then split in two, so both writers finish it instead of one (the day's last
+            # half second ran on one core).
+            held: tuple[pa.Table, Path] | None = None
             for file_day in trade_file_days(data_dir, partition_key, ingested_at):
                 if file_day.first_line == 0:  # the model check guards the code, not the data: once per file
                     check_against_model(file_day.rows, "trades")
                 file_days.append(file_day)
-                tasks = _file_write_tasks(metadata, in_table_schema(file_day.rows, table_schema), write_uuid, task_ids)
-                if tasks is None:
-                    raise ColumnarDeclined(f"the rows of {file_day.path.name} are not grouped by partition")
-                writes += [writers.submit(write, task) for task in tasks]
+                if held is not None:
+                    submit(*held)
+                held = (in_table_schema(file_day.rows, table_schema), file_day.path)
+            if held is not None:
+                submit(*held, rows_per_file=max(held[0].num_rows // 2 + 1, _MIN_ROWS_PER_SPLIT))
             validated = time.perf_counter()
             day = assemble_day(file_days, partition_key, ingested_at)
             # The dead letters are committed while the last data files are still being written.

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2_resources.asx.columnar_trades import ENCODED_SCHEMA, _micros_of_day, _prefixed, normalise_trade_files
+from k2_resources.asx.columnar_trades import ENCODED_SCHEMA, _count_bytes, _micros_of_day, _prefixed, normalise_trade_files
 from k2_resources.asx.files import read_raw_day, trading_days
 from k2_resources.asx.normalise import _TIME, NormalisedDay, normalise_trades
 from tests.support.asx_generator import write_asx_trades_day
@@ -56,6 +56,31 @@ def test_it_declines_files_it_cannot_split_exactly(tmp_path: Path) -> None:
     path = generated.data_dir / "trades" / "7458.csv"
     path.write_bytes(path.read_bytes() + b'03/11/2014,10:00:00.000,"61.5",100,0,,\r\n')
     assert normalise_trade_files(generated.data_dir, generated.day.isoformat(), INGESTED_AT) is None
+
+
+@pytest.mark.parametrize("tail", [b"03/11/2014,10:00:00.000,61.5,100,0,\r,\r\n",  # a bare CR inside a line
+                                  b"03/11/2014,10:00:00.000,61.5,100,0,,\r",  # a CR ending the file
+                                  b"03/11/2014,10:00:00.000,61.5,100,0,\xe9,\r\n"])  # Latin-1, not UTF-8
+def test_it_declines_bare_carriage_returns_and_bytes_that_are_not_utf8(tmp_path: Path, tail: bytes) -> None:
+    generated = write_asx_trades_day(tmp_path / "asx", rows=20_000, malformed=0)
+    path = generated.data_dir / "trades" / "7458.csv"
+    path.write_bytes(path.read_bytes() + tail)
+    # In parts too: the byte checks run part by part.
+    for part_bytes in ({}, {"part_bytes": 50_000}):
+        assert normalise_trade_files(generated.data_dir, generated.day.isoformat(), INGESTED_AT, **part_bytes) is None
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(data=st.binary(max_size=200).map(lambda raw: raw.replace(b"\x00", b"\n").replace(b"\x01", b"\r")),
+       cut=st.integers(0, 200), block=st.integers(1, 64))
+def test_the_byte_pass_counts_line_feeds_and_finds_bare_carriage_returns(data: bytes, cut: int, block: int) -> None:
+    """Against bytes' own methods, on any range of any bytes, in blocks of any size."""
+    start, end = sorted((min(cut, len(data)), len(data) - min(cut, len(data)) // 2))
+    counts = _count_bytes(data, start, end, block=block)
+    assert counts.line_feeds == data.count(b"\n", start, end)
+    # A CR in the range is bare when the byte after it (in the range or not) is not LF.
+    assert counts.bare_carriage_return == any(data[at : at + 2] != b"\r\n" for at in range(start, end) if data[at] == 13)
+    assert counts.non_ascii == (not data[start:end].isascii())
 
 
 # A field: well formed, near misses, or anything without a line end.
