@@ -58,6 +58,25 @@ def test_it_declines_files_it_cannot_split_exactly(tmp_path: Path) -> None:
     assert normalise_trade_files(generated.data_dir, generated.day.isoformat(), INGESTED_AT) is None
 
 
+def test_thousands_of_distinct_bad_lines_each_at_its_line(tmp_path: Path) -> None:
+    """A hostile feed: many distinct lines of the wrong width spread through a file, some of the
+    same length as the good lines around them, some ending in NUL bytes, and empty lines."""
+    generated = write_asx_trades_day(tmp_path / "asx", rows=20_000, malformed=0)
+    path = generated.data_dir / "trades" / "7458.csv"
+    lines = path.read_bytes().split(b"\r\n")
+    date = generated.day.strftime("%m/%d/%Y").encode()
+    bad = [date + b",10:%02d:%02d.000,61.5,%d" % (i // 60 % 60, i % 60, i) for i in range(2_500)]  # 4 fields
+    bad += [date + b",10:00:00.000,61.5,100,0,,,%d" % i for i in range(400)]  # 8 fields
+    bad += [b"x" * (i % 7) + b"\x00" * (1 + i % 3) for i in range(60)] + [b""] * 40
+    for offset, line in enumerate(bad):  # spread through the file, after its first (dated) line
+        lines.insert(1 + (offset * 7) % (len(lines) - 2), line)
+    path.write_bytes(b"\r\n".join(lines))
+    for part_bytes in (None, 50_000):
+        result = _assert_same(generated.data_dir, generated.day.isoformat(), part_bytes)
+        assert result is not None
+        assert result.rejected == len(bad)  # each bad line a dead letter, with its line number (above)
+
+
 @pytest.mark.parametrize("tail", [b"03/11/2014,10:00:00.000,61.5,100,0,\r,\r\n",  # a bare CR inside a line
                                   b"03/11/2014,10:00:00.000,61.5,100,0,,\r",  # a CR ending the file
                                   b"03/11/2014,10:00:00.000,61.5,100,0,\xe9,\r\n"])  # Latin-1, not UTF-8
