@@ -31,6 +31,7 @@ from pyiceberg.io import FileIO
 from pyiceberg.io.pyarrow import (
     MetricModeTypes,
     MetricsMode,
+    StatsAggregator,
     _get_parquet_writer_kwargs,
     bin_pack_arrow_table,
     compute_statistics_plan,
@@ -263,6 +264,17 @@ def _is_collection_of_primitives(field: pa.Field) -> bool:
     return False
 
 
+def _single_text(column: pa.ChunkedArray) -> str | None:
+    """The one value of a dictionary-encoded text column that holds nothing else (no nulls)."""
+    kind = column.type
+    if not pa.types.is_dictionary(kind) or not (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)):
+        return None
+    values = {chunk.dictionary[0].as_py() if len(chunk.dictionary) == 1 else None for chunk in column.chunks if len(chunk)}
+    if len(values) != 1 or None in values or column.null_count:
+        return None
+    return values.pop()
+
+
 def _data_file_writer(io: FileIO, metadata: TableMetadata) -> Callable[[WriteTask], DataFile]:
     """What pyiceberg's ``write_file`` does for one task whose rows are already in the table's
     Arrow schema (no per-batch schema projection), with the table's Parquet properties plus
@@ -301,14 +313,21 @@ def _data_file_writer(io: FileIO, metadata: TableMetadata) -> Callable[[WriteTas
         rows = pa.Table.from_batches(task.record_batches)
         path = locations.new_data_location(data_file_name=task.generate_data_file_filename("parquet"),
                                            partition_key=task.partition_key)
+        # A column of one value (a file's symbol, the exchange, the currency) has that value for
+        # its bounds: Parquet's statistics would hash every row of it to find out.
+        single = {name: text for name in arrow_schema.names if (text := _single_text(rows.column(name))) is not None} if rows.num_rows else {}
+        options = {**writer_options, "write_statistics": [leaf for leaf in writer_options["write_statistics"] if leaf not in single]}
         output = io.new_output(path)
         with output.create(overwrite=True) as stream:
-            writer = pq.ParquetWriter(stream, schema=rows.schema, **writer_options)
+            writer = pq.ParquetWriter(stream, schema=rows.schema, **options)
             writer.write(rows, row_group_size=row_group_limit)
             writer.close()
         parquet_metadata = writer.writer.metadata
+        # The columns written without statistics are filled in below (pyiceberg would warn about each).
+        unread = {column_ids[name]: replace(statistics_plan[column_ids[name]], mode=MetricsMode(MetricModeTypes.NONE))
+                  for name in single}
         statistics = data_file_statistics_from_parquet_metadata(
-            parquet_metadata=parquet_metadata, stats_columns=statistics_plan, parquet_column_mapping=column_ids,
+            parquet_metadata=parquet_metadata, stats_columns={**statistics_plan, **unread}, parquet_column_mapping=column_ids,
         )
         groups = [parquet_metadata.row_group(group) for group in range(parquet_metadata.num_row_groups)]
         positions = {groups[0].column(index).path_in_schema: index for index in range(parquet_metadata.num_columns)} if groups else {}
@@ -316,6 +335,17 @@ def _data_file_writer(io: FileIO, metadata: TableMetadata) -> Callable[[WriteTas
             for leaf, nulls in zip(_leaf_paths(field), _collection_leaf_nulls(rows, field)):
                 statistics.value_counts[column_ids[leaf]] = sum(group.column(positions[leaf]).num_values for group in groups)
                 statistics.null_value_counts[column_ids[leaf]] = nulls
+        for name, text in single.items():  # what pyiceberg makes of the statistics Parquet would have kept
+            plan = statistics_plan[column_ids[name]]
+            if plan.mode.type == MetricModeTypes.NONE:
+                continue
+            statistics.value_counts[column_ids[name]] = sum(group.column(positions[name]).num_values for group in groups)
+            statistics.null_value_counts[column_ids[name]] = 0
+            if plan.mode.type != MetricModeTypes.COUNTS:
+                bounds = StatsAggregator(plan.iceberg_type, "BYTE_ARRAY", plan.mode.length)
+                bounds.update_min(text)
+                bounds.update_max(text)
+                statistics.column_aggregates[column_ids[name]] = bounds
         return DataFile.from_args(
             content=DataFileContent.DATA,
             file_path=path,

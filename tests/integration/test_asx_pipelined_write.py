@@ -7,7 +7,7 @@ Against a real Iceberg catalog on disk:
   file written before that is left behind unreferenced;
 - files written for one schema are never committed to a table whose schema changed since;
 - each data file's metrics are those pyiceberg's own writer gives (none of the bounds it leaves out
-  inside lists and maps are computed).
+  inside lists and maps are computed; a column of one value takes its bounds from that value).
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyiceberg.io.pyarrow import write_file
 from pyiceberg.types import StringType
 
+from k2_resources.asx.columnar_trades import trade_file_days
 from k2_resources.asx.files import read_raw_day
 from k2_resources.asx.normalise import normalise_trades
 from k2_resources.asx.writes import (
@@ -145,3 +147,34 @@ def test_data_file_metrics_are_pyicebergs(k2_home: Path, tmp_path: Path) -> None
         assert not set(mine.lower_bounds) & collection_ids  # no bounds inside lists and maps, as Iceberg Java
         assert (mine.lower_bounds, mine.upper_bounds) == (reference.lower_bounds, reference.upper_bounds)
         assert mine.lower_bounds.keys() >= {1, 3, 4, 6, 7}  # ids, symbol, exchange, time, price: what scans prune by
+
+
+@pytest.mark.parametrize("mode", [None, "full", "truncate(2)", "counts", "none"])
+def test_a_column_of_one_value_has_pyicebergs_metrics_without_parquet_statistics(k2_home: Path, tmp_path: Path,
+                                                                                 mode: str | None) -> None:
+    """The writer takes the bounds of a dictionary column of one value (a file's symbol, the
+    currency) from that value instead of Parquet statistics, under any metrics mode."""
+    generated = write_asx_trades_day(tmp_path / "asx", rows=3_000, malformed=0)
+    encoded = min((file_day for file_day in trade_file_days(generated.data_dir, generated.day.isoformat())
+                   if file_day.rows.num_rows), key=lambda file_day: (file_day.path.name, file_day.first_line)).rows
+    table = IcebergResource().trades()
+    if mode:
+        with table.transaction() as transaction:
+            transaction.set_properties({"write.metadata.metrics.column.symbol": mode,
+                                        "write.metadata.metrics.column.currency": mode})
+        table = IcebergResource().trades()
+    metadata = table.metadata
+    schema = metadata.schema().as_arrow()
+    ours = [_data_file_writer(table.io, metadata)(task)
+            for task in _file_write_tasks(metadata, in_table_schema(encoded, schema), uuid.uuid4(), iter(range(100)))]
+    decoded = in_table_schema(encoded.cast(TRADES.arrow_schema()), schema)
+    theirs = list(write_file(table.io, metadata, iter(_file_write_tasks(metadata, decoded, uuid.uuid4(), iter(range(100))))))
+    assert len(ours) == len(theirs) >= 1  # one per UTC day the rows fall in
+    symbol_id = metadata.schema().find_field("symbol").field_id
+    for mine, reference in zip(ours, theirs):
+        assert (mine.value_counts, mine.null_value_counts) == (reference.value_counts, reference.null_value_counts)
+        assert (mine.lower_bounds, mine.upper_bounds) == (reference.lower_bounds, reference.upper_bounds)
+        assert (symbol_id in mine.lower_bounds) == (mode not in ("counts", "none"))
+        parquet = pq.read_metadata(urlparse(mine.file_path).path)
+        names = [parquet.row_group(0).column(index).path_in_schema for index in range(parquet.num_columns)]
+        assert not parquet.row_group(0).column(names.index("symbol")).is_stats_set  # the value, not Parquet's statistics
