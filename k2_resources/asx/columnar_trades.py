@@ -2,9 +2,10 @@
 
 pyarrow's multithreaded CSV reader parses the well-formed lines (exactly 7 comma-separated
 fields) into columns, dictionary-encoded where values repeat (date, price, volume, qualifier,
-venue, 7th field), so their checks and conversions run once per distinct value. A numpy
-pre-scan of the file's bytes counts the commas of every line, which gives the exact line
-number of every parsed row and finds every line of another width. Any line the vectorised
+venue, 7th field), so their checks and conversions run once per distinct value. One numpy
+pass over each part's bytes counts its lines and finds bare CRs and non-ASCII bytes; the lines
+the reader skips (another width, empty) are found by their texts, which gives the exact line
+number of every parsed row and of every skipped line. Any line the vectorised
 checks do not accept, and every line of another width, goes through the general path of
 :mod:`k2_resources.asx.normalise` (field by field, with the reason), so the rows and dead
 letters are exactly those of :func:`~k2_resources.asx.normalise.normalise_trades` on
