@@ -8,17 +8,23 @@ process to vanish and hung forever; a zombie must count as ended.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from k2_resources.cluster_services import _alive, _is_zombie, _stop_process
 from tests.support.waiting import wait_for
 
 
 def test_a_zombie_that_is_not_our_child_counts_as_ended_and_stopping_it_returns():
-    # `true` ends at once; its parent then execs `sleep`, which never reaps it: a zombie not ours.
-    parent = subprocess.Popen(["sh", "-c", "true & echo $!; exec sleep 30"], stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    # The child `cat` ends when its input closes, which the test does only once its parent has
+    # exec'd `sleep`, which never reaps it: a zombie not ours. (A child that ended at once could
+    # be reaped by the shell before the exec, on a busy machine.)
+    parent = subprocess.Popen(["sh", "-c", "exec 3<&0; cat <&3 >/dev/null & echo $!; exec sleep 30 <&- 3<&-"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         zombie = int(parent.stdout.readline())
+        wait_for(lambda: Path(f"/proc/{parent.pid}/comm").read_text().strip() == "sleep", 10, "the parent to exec sleep",
+                 interval_s=0.02)
+        parent.stdin.close()
         wait_for(lambda: _is_zombie(zombie), 10, "the child to become a zombie", interval_s=0.05)
         assert not _alive(zombie)
         _stop_process(zombie, 15, timeout_s=1)  # returns at once instead of waiting for it to vanish
