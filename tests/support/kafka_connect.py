@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +104,9 @@ class IcebergConnectSink:
             "iceberg.catalog.catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
             "iceberg.catalog.uri": f"jdbc:sqlite:{self.catalog_db}",
             "iceberg.catalog.jdbc.schema-version": "V1",  # the iceberg_type column pyiceberg's SqlCatalog has
+            # sqlite-jdbc waits this long for a lock (pyiceberg polls the same database) instead of
+            # failing the commit with SQLITE_BUSY.
+            "iceberg.catalog.jdbc.busy_timeout": "30000",
             "iceberg.catalog.warehouse": f"file://{self.warehouse}",
             "iceberg.control.topic": self.control_topic,
             "iceberg.control.commit.interval-ms": str(self.commit_interval_ms),
@@ -115,6 +120,10 @@ class IcebergConnectSink:
                                        "(Debian: `apt-get install openjdk-17-jre-headless`)")
         self.home.mkdir(parents=True, exist_ok=True)
         classpath = connect_classpath(self.home.parent)
+        # WAL: pyiceberg reading the catalog (the benchmark polls it) never blocks the sink's
+        # commits. Without it a commit once failed with SQLITE_BUSY and the sink stalled.
+        with closing(sqlite3.connect(self.catalog_db)) as database:
+            database.execute("PRAGMA journal_mode=WAL")
         worker, connector = self._worker_properties(), self._connector_properties()
         log = self.log_file.open("ab")
         launched = time.monotonic()
