@@ -151,7 +151,6 @@ def _line_starts_of(data: bytes, text: bytes, start: int, end: int) -> list[int]
     return found
 
 
-
 def _searched(data: bytes, start: int, end: int, wanted: Counter[bytes]) -> list[tuple[int, bytes]] | None:
     """Each wanted line found by a search of the part for its text (20 ms per text per 48 MB)."""
     located: list[tuple[int, bytes]] = []

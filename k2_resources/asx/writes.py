@@ -331,15 +331,19 @@ def _data_file_writer(io: FileIO, metadata: TableMetadata) -> Callable[[WriteTas
         )
         groups = [parquet_metadata.row_group(group) for group in range(parquet_metadata.num_row_groups)]
         positions = {groups[0].column(index).path_in_schema: index for index in range(parquet_metadata.num_columns)} if groups else {}
+
+        def values_in_file(path: str) -> int:  # the leaf's value count over the row groups, as Parquet keeps it
+            return sum(group.column(positions[path]).num_values for group in groups)
+
         for field in collections:
             for leaf, nulls in zip(_leaf_paths(field), _collection_leaf_nulls(rows, field)):
-                statistics.value_counts[column_ids[leaf]] = sum(group.column(positions[leaf]).num_values for group in groups)
+                statistics.value_counts[column_ids[leaf]] = values_in_file(leaf)
                 statistics.null_value_counts[column_ids[leaf]] = nulls
         for name, text in single.items():  # what pyiceberg makes of the statistics Parquet would have kept
             plan = statistics_plan[column_ids[name]]
             if plan.mode.type == MetricModeTypes.NONE:
                 continue
-            statistics.value_counts[column_ids[name]] = sum(group.column(positions[name]).num_values for group in groups)
+            statistics.value_counts[column_ids[name]] = values_in_file(name)
             statistics.null_value_counts[column_ids[name]] = 0
             if plan.mode.type != MetricModeTypes.COUNTS:
                 bounds = StatsAggregator(plan.iceberg_type, "BYTE_ARRAY", plan.mode.length)
