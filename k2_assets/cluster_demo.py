@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 from dagster import DagsterInstance
@@ -49,7 +50,7 @@ from k2_sensors.binance.driver import drive
 # The recording plays for about this long, so the kill lands while the streamer is writing.
 PLAYBACK_S = 15.0
 # Spark's bars and the in-process engine's are compared at one fixed "computed at" time.
-COMPARED_AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
+COMPARED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _say(message: str) -> None:
@@ -68,12 +69,15 @@ class LocalTopology:
 
     def stop(self) -> None:
         """Stop every service that was started, in reverse order; each is a no-op when not running."""
-        for stop in (self.dagster_postgres and self.dagster_postgres.stop, self.store and self.store.stop,
-                     self.kafka.stop):
+        for stop in (
+            self.dagster_postgres and self.dagster_postgres.stop,
+            self.store and self.store.stop,
+            self.kafka.stop,
+        ):
             if stop:
                 try:
                     stop()
-                except Exception as exc:  # noqa: BLE001 - stop the rest whatever one did
+                except Exception as exc:
                     _say(f"stopping a service failed: {exc}")
 
 
@@ -109,8 +113,10 @@ def partition_leaders(bootstrap_servers: str, topic: str) -> dict[int, dict[str,
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         [described] = admin.describe_topics([topic])
-        return {p["partition_index"]: {"leader": p["leader_id"], "replicas": sorted(p["replica_nodes"])}
-                for p in described["partitions"]}
+        return {
+            p["partition_index"]: {"leader": p["leader_id"], "replicas": sorted(p["replica_nodes"])}
+            for p in described["partitions"]
+        }
     finally:
         admin.close()
 
@@ -144,7 +150,7 @@ class StreamWithKill:
     error: BaseException | None = None
     thread: threading.Thread | None = None
 
-    def start(self) -> "StreamWithKill":
+    def start(self) -> StreamWithKill:
         self.thread = threading.Thread(target=self._run, name="k2-demo-stream-and-kill", daemon=True)
         self.thread.start()
         return self
@@ -155,7 +161,7 @@ class StreamWithKill:
     def _run(self) -> None:
         try:
             self._stream_and_kill()
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+        except BaseException as exc:
             self.error = exc
 
     def _stream_and_kill(self) -> None:
@@ -165,30 +171,43 @@ class StreamWithKill:
         def produced() -> int:
             try:
                 return sum(kafka.end_offsets(self.topic).values())
-            except Exception:  # noqa: BLE001 - a broker going away: ask again
+            except Exception:
                 return -1
 
         speed = Tape(trades).compressed_span_ms / 1000 / PLAYBACK_S
         stream_outcome: dict[str, Any] = {}
         with RecordingServerThread(trades=trades, speed=speed, loop=False) as server:
+
             def stream() -> None:
-                stream_outcome["stats"] = stream_to_kafka(server.url, self.topic, kafka,
-                                                          partitions=BINANCE_TRADES_PARTITIONS, idle_timeout_s=60,
-                                                          backoff_initial_s=0.05, backoff_max_s=0.5)
+                stream_outcome["stats"] = stream_to_kafka(
+                    server.url,
+                    self.topic,
+                    kafka,
+                    partitions=BINANCE_TRADES_PARTITIONS,
+                    idle_timeout_s=60,
+                    backoff_initial_s=0.05,
+                    backoff_max_s=0.5,
+                )
 
             streamer = threading.Thread(target=stream, name="k2-demo-streamer", daemon=True)
             streamer.start()
             _say(f"streaming {len(trades)} recorded trades from {server.url} over ~{PLAYBACK_S:.0f}s ...")
-            _wait(lambda: produced() >= len(trades) // 2 or not streamer.is_alive(), 180,
-                  "the streamer to put half of the recording in Kafka")
+            _wait(
+                lambda: produced() >= len(trades) // 2 or not streamer.is_alive(),
+                180,
+                "the streamer to put half of the recording in Kafka",
+            )
             if not streamer.is_alive():
                 raise K2Error("the stream ended before the broker kill; the recording played too fast")
             victim = partition_leaders(self.cluster.bootstrap_servers, self.topic)[0]["leader"]
             killed_at = produced()
             self.cluster.kill(victim)
             _say(f"killed broker {victim} (kill -9) at {killed_at} trades")
-            _wait(lambda: produced() >= killed_at + len(trades) // 10 or not streamer.is_alive(), 180,
-                  f"the stream to go on with broker {victim} dead")
+            _wait(
+                lambda: produced() >= killed_at + len(trades) // 10 or not streamer.is_alive(),
+                180,
+                f"the stream to go on with broker {victim} dead",
+            )
             restart_began = time.monotonic()
             self.cluster.restart(victim)
             restart_s = round(time.monotonic() - restart_began, 1)
@@ -196,27 +215,38 @@ class StreamWithKill:
             streamer.join(timeout=300)
             if streamer.is_alive():
                 raise K2Error("the streamer did not finish the recording within 300 s")
-            self.result.update(source_trades=server.stats().unique_trades, killed_broker=victim,
-                               killed_at_trades=killed_at, broker_restart_seconds=restart_s,
-                               kafka_records=produced())
+            self.result.update(
+                source_trades=server.stats().unique_trades,
+                killed_broker=victim,
+                killed_at_trades=killed_at,
+                broker_restart_seconds=restart_s,
+                kafka_records=produced(),
+            )
 
 
 def iceberg_counts(exchange: str) -> dict[str, int]:
     """Rows and distinct trade ids of ``exchange`` in market.trades (pyiceberg, through K2's catalog)."""
-    rows = IcebergResource().trades().scan(row_filter=EqualTo("exchange", exchange),
-                                           selected_fields=("trade_id",)).to_arrow()
-    return {"iceberg_trades": rows.num_rows,
-            "iceberg_distinct_trade_ids": len(set(rows.column("trade_id").to_pylist()))}
+    rows = (
+        IcebergResource()
+        .trades()
+        .scan(row_filter=EqualTo("exchange", exchange), selected_fields=("trade_id",))
+        .to_arrow()
+    )
+    return {
+        "iceberg_trades": rows.num_rows,
+        "iceberg_distinct_trade_ids": len(set(rows.column("trade_id").to_pylist())),
+    }
 
 
 def warm_up_spark() -> threading.Thread:
     """Start the process' Spark session (tens of seconds: a JVM) in a thread, beside the stream, so the
     read at the end does not wait for it. Failures are left for :func:`read_with_spark` to report."""
+
     def start() -> None:
         try:
             iceberg = IcebergResource()
             SparkResource().session(iceberg.catalog_name, iceberg.catalog_properties)
-        except Exception:  # noqa: BLE001 - read_with_spark starts it again and reports why it cannot
+        except Exception:
             pass
 
     thread = threading.Thread(target=start, name="k2-demo-spark-start", daemon=True)
@@ -226,8 +256,12 @@ def warm_up_spark() -> threading.Thread:
 
 def comparable(bars: pl.DataFrame) -> Any:
     """Bars in OHLCV's Arrow schema and key order (a pyarrow Table), for an exact comparison."""
-    return (bars.sort("interval", "symbol", "exchange", "bucket_start").select(OHLCV.arrow_schema().names)
-            .to_arrow().cast(OHLCV.arrow_schema()))
+    return (
+        bars.sort("interval", "symbol", "exchange", "bucket_start")
+        .select(OHLCV.arrow_schema().names)
+        .to_arrow()
+        .cast(OHLCV.arrow_schema())
+    )
 
 
 def read_with_spark(exchange: str) -> dict[str, Any]:
@@ -242,16 +276,23 @@ def read_with_spark(exchange: str) -> dict[str, Any]:
         spark = SparkResource()
         session = spark.session(iceberg.catalog_name, iceberg.catalog_properties)
         reader = session.read if snapshot_id is None else session.read.option("snapshot-id", str(snapshot_id))
-        spark_trades = reader.table(f"{iceberg.catalog_name}.{TRADES.identifier}").where(
-            f"exchange = '{exchange}'").count()  # a constant, not input
+        spark_trades = (
+            reader.table(f"{iceberg.catalog_name}.{TRADES.identifier}").where(f"exchange = '{exchange}'").count()
+        )  # a constant, not input
         row_filter = RowFilter(exchange=exchange)
         in_spark = AnalyticsEngineResource(engine="spark", spark=spark).ohlcv_bars(
-            iceberg, table, snapshot_id, row_filter, computed_at=COMPARED_AT)
+            iceberg, table, snapshot_id, row_filter, computed_at=COMPARED_AT
+        )
         in_process = AnalyticsEngineResource(engine="polars").ohlcv_bars(
-            iceberg, table, snapshot_id, row_filter, computed_at=COMPARED_AT)
+            iceberg, table, snapshot_id, row_filter, computed_at=COMPARED_AT
+        )
         equal = in_spark.height == in_process.height > 0 and comparable(in_spark).equals(comparable(in_process))
-        return {"spark_trades": spark_trades, "spark_ohlcv_equal": bool(equal), "spark_ohlcv_bars": in_spark.height,
-                "spark_seconds": round(time.monotonic() - began, 1)}
+        return {
+            "spark_trades": spark_trades,
+            "spark_ohlcv_equal": bool(equal),
+            "spark_ohlcv_bars": in_spark.height,
+            "spark_seconds": round(time.monotonic() - began, 1),
+        }
     except K2Error as exc:
         return {"spark_trades": None, "spark_ohlcv_equal": None, "spark_error": str(exc)}
     finally:
@@ -287,14 +328,21 @@ def _run_on(topology: LocalTopology, started: float, timeout_s: float) -> dict[s
     spark_starting = warm_up_spark()
     with DagsterInstance.from_config(str(dagster_home())) as instance:
         stream.start()
-        report = drive(instance, defs, until=lambda r: stream.done() and r.lag == 0,
-                       timeout_s=max(60.0, timeout_s - (time.monotonic() - started)), run_log_level="WARNING")
+        report = drive(
+            instance,
+            defs,
+            until=lambda r: stream.done() and r.lag == 0,
+            timeout_s=max(60.0, timeout_s - (time.monotonic() - started)),
+            run_log_level="WARNING",
+        )
     if stream.thread is not None:
         stream.thread.join(timeout=60)
     if stream.error is not None:
         raise K2Error(f"streaming with a broker kill failed: {stream.error}") from stream.error
-    _say(f"stream sensor: {report.ticks} ticks, {report.runs} micro-batch runs ({report.failed_runs} failed), "
-         f"lag {report.lag}")
+    _say(
+        f"stream sensor: {report.ticks} ticks, {report.runs} micro-batch runs ({report.failed_runs} failed), "
+        f"lag {report.lag}"
+    )
 
     counts = iceberg_counts("BINANCE")
     spark_starting.join()
@@ -319,8 +367,9 @@ def _run_on(topology: LocalTopology, started: float, timeout_s: float) -> dict[s
         "lag": report.lag,
         "micro_batch_runs": report.runs,
         "failed_runs": report.failed_runs,
-        "checks": {name: "PASSED" if check["passed"] else "FAILED"
-                   for name, check in sorted(report.last_checks.items())},
+        "checks": {
+            name: "PASSED" if check["passed"] else "FAILED" for name, check in sorted(report.last_checks.items())
+        },
         "start_seconds": topology.start_seconds,
         "seconds": round(time.monotonic() - started, 1),
     }

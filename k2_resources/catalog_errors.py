@@ -20,8 +20,15 @@ from k2_resources.catalog_settings import catalog_properties
 from k2_resources.errors import K2Error
 
 # How a connection that was refused or reset reads in the AWS SDK's messages (pyarrow's S3 client).
-_NETWORK_WORDS = ("connection refused", "couldn't connect", "network_connection", "curlcode: 7",
-                  "connection reset", "failed to connect", "timed out connecting")
+_NETWORK_WORDS = (
+    "connection refused",
+    "couldn't connect",
+    "network_connection",
+    "curlcode: 7",
+    "connection reset",
+    "failed to connect",
+    "timed out connecting",
+)
 
 
 class CatalogUnavailableError(K2Error):

@@ -46,8 +46,10 @@ def write_env_file(values: Mapping[str, str], home: Path | None = None) -> Path:
     """Write ``values`` as ``export NAME=value`` lines (shell-quoted) and return the file's path."""
     path = env_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["# Written by `k2 cluster start`: the variables K2 needs to run on the local cluster.",
-             "# `source` it in a shell, or use `k2 run --cluster`."]
+    lines = [
+        "# Written by `k2 cluster start`: the variables K2 needs to run on the local cluster.",
+        "# `source` it in a shell, or use `k2 run --cluster`.",
+    ]
     lines += [f"export {name}={shlex.quote(str(value))}" for name, value in sorted(values.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -57,8 +59,9 @@ def read_env_file(home: Path | None = None) -> dict[str, str]:
     """The variables ``k2 cluster start`` wrote; a clear error when the cluster was never started."""
     path = env_file(home)
     if not path.exists():
-        raise K2Error(f"no local cluster settings in {path}; start the cluster with `k2 cluster start` "
-                      "(same K2_HOME) first")
+        raise K2Error(
+            f"no local cluster settings in {path}; start the cluster with `k2 cluster start` (same K2_HOME) first"
+        )
     values: dict[str, str] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.strip()
@@ -69,6 +72,7 @@ def read_env_file(home: Path | None = None) -> dict[str, str]:
             name, value = words[1].split("=", 1)
             values[name] = value
         else:
-            raise K2Error(f"{path}:{number} is not an `export NAME=value` line; delete the file and run "
-                          "`k2 cluster start` again")
+            raise K2Error(
+                f"{path}:{number} is not an `export NAME=value` line; delete the file and run `k2 cluster start` again"
+            )
     return values

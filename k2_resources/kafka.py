@@ -120,9 +120,12 @@ class KafkaResource(ConfigurableResource):
     def admin(self) -> KafkaAdminClient:
         """An admin client; close it when done."""
         try:
-            return KafkaAdminClient(bootstrap_servers=self.servers, client_id=f"{self.client_id}-admin",
-                                    request_timeout_ms=self.request_timeout_ms,
-                                    bootstrap_timeout_ms=self.request_timeout_ms)
+            return KafkaAdminClient(
+                bootstrap_servers=self.servers,
+                client_id=f"{self.client_id}-admin",
+                request_timeout_ms=self.request_timeout_ms,
+                bootstrap_timeout_ms=self.request_timeout_ms,
+            )
         except (KafkaError, OSError) as exc:
             raise self._unreachable(exc) from exc
 
@@ -138,8 +141,16 @@ class KafkaResource(ConfigurableResource):
                 return
             replication, settings = replication_for(_registered_broker_count(admin))
             try:
-                admin.create_topics([NewTopic(name=name, num_partitions=partitions, replication_factor=replication,
-                                              topic_configs={**settings, **(config or {})})])
+                admin.create_topics(
+                    [
+                        NewTopic(
+                            name=name,
+                            num_partitions=partitions,
+                            replication_factor=replication,
+                            topic_configs={**settings, **(config or {})},
+                        )
+                    ]
+                )
             except TopicAlreadyExistsError:
                 pass
             _wait_for_leaders(admin, name)

@@ -91,7 +91,7 @@ class KafkaBroker:
     port_fix: str = "set K2_KAFKA_PORT"  # how a user picks other ports, named when a port is taken
 
     @classmethod
-    def default(cls) -> "KafkaBroker":
+    def default(cls) -> KafkaBroker:
         """The broker of this K2_HOME, ports from K2_KAFKA_PORT / K2_KAFKA_CONTROLLER_PORT."""
         return cls(
             home=state_dir("kafka"),
@@ -154,21 +154,41 @@ class KafkaBroker:
         java = _require("java", "install a Java 17+ runtime (Debian: `apt-get install openjdk-17-jre-headless`)")
         if _java_major(java) < 17:
             raise KafkaUnavailableError("Kafka 4 needs Java 17 or newer; install openjdk-17 and put it first on PATH")
-        return [java, f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
-                f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-Dkafka.logs.dir=" + str(self.home / "logs"),
-                "-cp", classpath, main, *args]
+        return [
+            java,
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            "-Dkafka.logs.dir=" + str(self.home / "logs"),
+            "-cp",
+            classpath,
+            main,
+            *args,
+        ]
 
     def _format_storage(self, classpath: str, properties: Path) -> None:
         if (self.log_dirs / "meta.properties").exists():
             return
         cluster_id = self.cluster_id or new_cluster_id()
         result = subprocess.run(
-            self._java_command(classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                               "-c", str(properties), "--ignore-formatted"),
-            capture_output=True, text=True,
+            self._java_command(
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+                "--ignore-formatted",
+            ),
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
-            raise KafkaUnavailableError(f"formatting Kafka storage in {self.log_dirs} failed:\n{result.stdout}{result.stderr}")
+            raise KafkaUnavailableError(
+                f"formatting Kafka storage in {self.log_dirs} failed:\n{result.stdout}{result.stderr}"
+            )
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -187,8 +207,11 @@ class KafkaBroker:
         from kafka.errors import KafkaError
 
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=int(timeout_s * 1000),
-                                     bootstrap_timeout_ms=int(timeout_s * 1000))
+            admin = KafkaAdminClient(
+                bootstrap_servers=self.bootstrap_servers,
+                request_timeout_ms=int(timeout_s * 1000),
+                bootstrap_timeout_ms=int(timeout_s * 1000),
+            )
         except (KafkaError, OSError, ValueError):
             return False
         try:
@@ -210,7 +233,9 @@ class KafkaBroker:
         log = self.log_file.open("ab")
         process = subprocess.Popen(
             self._java_command(classpath, "kafka.Kafka", str(properties)),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal goes to `k2`, which stops the broker itself
         )
         self.pid_file.write_text(str(process.pid))

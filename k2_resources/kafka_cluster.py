@@ -55,7 +55,7 @@ class KafkaCluster:
     _nodes: list[KafkaBroker] = field(default_factory=list, init=False, repr=False)
 
     @classmethod
-    def default(cls) -> "KafkaCluster":
+    def default(cls) -> KafkaCluster:
         """The cluster of this K2_HOME; ports from $K2_CLUSTER_KAFKA_BASE_PORT when set, else free ones."""
         base_port = os.environ.get(BASE_PORT_VARIABLE)
         return cls(home=cluster_home(), base_port=int(base_port) if base_port else None)
@@ -73,15 +73,20 @@ class KafkaCluster:
             if len(layout["nodes"]) != self.size:
                 raise KafkaUnavailableError(
                     f"the cluster in {self.home} has {len(layout['nodes'])} Kafka nodes, not {self.size}; "
-                    f"stop it and delete {self.home} to make a new one")
+                    f"stop it and delete {self.home} to make a new one"
+                )
             return layout
         if self.base_port is not None:
             ports = [(self.base_port + 2 * n, self.base_port + 2 * n + 1) for n in range(self.size)]
         else:
             ports = [(free_port(), free_port()) for _ in range(self.size)]
-        layout = {"cluster_id": new_cluster_id(),
-                  "nodes": [{"node_id": n + 1, "port": port, "controller_port": controller}
-                            for n, (port, controller) in enumerate(ports)]}
+        layout = {
+            "cluster_id": new_cluster_id(),
+            "nodes": [
+                {"node_id": n + 1, "port": port, "controller_port": controller}
+                for n, (port, controller) in enumerate(ports)
+            ],
+        }
         self.home.mkdir(parents=True, exist_ok=True)
         self.layout_file.write_text(json.dumps(layout, indent=2) + "\n")
         return layout
@@ -93,14 +98,20 @@ class KafkaCluster:
             voters = ",".join(f"{n['node_id']}@127.0.0.1:{n['controller_port']}" for n in layout["nodes"])
             replication, settings = replication_for(self.size)
             self._nodes = [
-                KafkaBroker(home=self.home / f"kafka-{n['node_id']}", port=n["port"],
-                            controller_port=n["controller_port"], heap=self.heap, node_id=n["node_id"],
-                            quorum_voters=voters, cluster_id=layout["cluster_id"],
-                            replication_factor=replication,
-                            min_insync_replicas=int(settings.get("min.insync.replicas", 1)),
-                            classpath_cache=self.home / "kafka-classpath.txt",
-                            port_fix=f"stop the cluster, delete {self.layout_file} and start it again on free "
-                                     f"ports, or set {BASE_PORT_VARIABLE}")
+                KafkaBroker(
+                    home=self.home / f"kafka-{n['node_id']}",
+                    port=n["port"],
+                    controller_port=n["controller_port"],
+                    heap=self.heap,
+                    node_id=n["node_id"],
+                    quorum_voters=voters,
+                    cluster_id=layout["cluster_id"],
+                    replication_factor=replication,
+                    min_insync_replicas=int(settings.get("min.insync.replicas", 1)),
+                    classpath_cache=self.home / "kafka-classpath.txt",
+                    port_fix=f"stop the cluster, delete {self.layout_file} and start it again on free "
+                    f"ports, or set {BASE_PORT_VARIABLE}",
+                )
                 for n in layout["nodes"]
             ]
         return self._nodes
@@ -120,8 +131,11 @@ class KafkaCluster:
     def live_brokers(self, timeout_s: float = 3.0) -> list[int]:
         """Ids of the brokers the cluster reports registered and not fenced ([] when none answers)."""
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=int(timeout_s * 1000),
-                                     bootstrap_timeout_ms=int(timeout_s * 1000))
+            admin = KafkaAdminClient(
+                bootstrap_servers=self.bootstrap_servers,
+                request_timeout_ms=int(timeout_s * 1000),
+                bootstrap_timeout_ms=int(timeout_s * 1000),
+            )
         except (KafkaError, OSError, ValueError):
             return []
         try:
@@ -144,7 +158,8 @@ class KafkaCluster:
             time.sleep(0.3)
         raise KafkaUnavailableError(
             f"only brokers {live} of the {self.size}-node Kafka cluster registered within {timeout_s:.0f}s; "
-            f"see the logs in {self.home}/kafka-*/broker.log")
+            f"see the logs in {self.home}/kafka-*/broker.log"
+        )
 
     def start(self, timeout_s: float = 180.0) -> float:
         """Start every node at once (a KRaft quorum needs a majority up to elect a leader) and return
@@ -206,6 +221,7 @@ class KafkaCluster:
 
 def kafka_service(cluster: KafkaCluster | None = None) -> ClusterService:
     """The Kafka brokers as a service of `k2 cluster` (the default cluster under K2_HOME/cluster)."""
+
     def the_cluster() -> KafkaCluster:
         return cluster or KafkaCluster.default()
 
@@ -214,5 +230,6 @@ def kafka_service(cluster: KafkaCluster | None = None) -> ClusterService:
         chosen.start()
         return chosen.env()
 
-    return ClusterService(name="kafka", start=start, stop=lambda: the_cluster().stop(),
-                          status=lambda: the_cluster().status())
+    return ClusterService(
+        name="kafka", start=start, stop=lambda: the_cluster().stop(), status=lambda: the_cluster().status()
+    )

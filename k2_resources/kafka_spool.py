@@ -45,9 +45,10 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kafka.errors import KafkaError, KafkaTimeoutError
 
@@ -76,8 +77,11 @@ class SpoolRecord:
 
 def encode_record(record: SpoolRecord) -> bytes:
     """The record with its length and CRC framing, ready to append."""
-    parts = [struct.pack(">i", -1 if record.key is None else len(record.key)), record.key or b"",
-             struct.pack(">H", len(record.headers))]
+    parts = [
+        struct.pack(">i", -1 if record.key is None else len(record.key)),
+        record.key or b"",
+        struct.pack(">H", len(record.headers)),
+    ]
     for name, value in record.headers:
         encoded = name.encode()
         parts += [struct.pack(">H", len(encoded)), encoded, struct.pack(">I", len(value)), value]
@@ -93,7 +97,7 @@ def decode_records(data: bytes, limit: int | None = None) -> tuple[list[SpoolRec
     position = 0
     while position + _FRAME.size <= len(data) and (limit is None or len(records) < limit):
         length, crc = _FRAME.unpack_from(data, position)
-        body = data[position + _FRAME.size: position + _FRAME.size + length]
+        body = data[position + _FRAME.size : position + _FRAME.size + length]
         if len(body) < length or zlib.crc32(body) != crc:
             break
         records.append(_decode_body(body))
@@ -104,17 +108,17 @@ def decode_records(data: bytes, limit: int | None = None) -> tuple[list[SpoolRec
 def _decode_body(body: bytes) -> SpoolRecord:
     (key_length,) = struct.unpack_from(">i", body, 0)
     at = 4
-    key = None if key_length < 0 else body[at: at + key_length]
+    key = None if key_length < 0 else body[at : at + key_length]
     at += max(key_length, 0)
     (count,) = struct.unpack_from(">H", body, at)
     at += 2
     headers = []
     for _ in range(count):
         (name_length,) = struct.unpack_from(">H", body, at)
-        name = body[at + 2: at + 2 + name_length].decode()
+        name = body[at + 2 : at + 2 + name_length].decode()
         at += 2 + name_length
         (value_length,) = struct.unpack_from(">I", body, at)
-        headers.append((name, body[at + 4: at + 4 + value_length]))
+        headers.append((name, body[at + 4 : at + 4 + value_length]))
         at += 4 + value_length
     return SpoolRecord(value=body[at:], key=key, headers=tuple(headers))
 
@@ -168,9 +172,18 @@ class SpooledProducer:
     and a short ``max_block_ms`` (``SPOOLING_PRODUCER_SETTINGS``): the window bounds what it holds. ``on_error`` is called with the exception of a record Kafka refused for good.
     """
 
-    def __init__(self, producer: Any, topic: str, directory: Path, *, max_buffered: int = DEFAULT_MAX_BUFFERED,
-                 segment_records: int = DEFAULT_SEGMENT_RECORDS, fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
-                 on_error: Callable[[BaseException], None] | None = None, retry_backoff_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        producer: Any,
+        topic: str,
+        directory: Path,
+        *,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        segment_records: int = DEFAULT_SEGMENT_RECORDS,
+        fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
+        on_error: Callable[[BaseException], None] | None = None,
+        retry_backoff_s: float = 0.5,
+    ) -> None:
         if max_buffered < 1:
             raise ValueError("max_buffered must be at least 1")
         self.producer = producer
@@ -196,8 +209,12 @@ class SpooledProducer:
         self._spooling = bool(self._segments)
         if self._spooling:
             pending = sum(s.count - s.acked for s in self._segments)
-            log.warning("%s: %d record(s) in the spool %s from an earlier run; replaying them before new ones",
-                        topic, pending, self.directory)
+            log.warning(
+                "%s: %d record(s) in the spool %s from an earlier run; replaying them before new ones",
+                topic,
+                pending,
+                self.directory,
+            )
         self._replayer = threading.Thread(target=self._replay_loop, name=f"spool-replay-{topic}", daemon=True)
         self._replayer.start()
 
@@ -342,7 +359,9 @@ class SpooledProducer:
             data = path.read_bytes()
             records, length = decode_records(data)
             if length < len(data):
-                log.warning("%s: cutting a torn record (%d bytes) off the end of %s", self.topic, len(data) - length, path)
+                log.warning(
+                    "%s: cutting a torn record (%d bytes) off the end of %s", self.topic, len(data) - length, path
+                )
                 with path.open("r+b") as handle:
                     handle.truncate(length)
             segment = _Segment(path=path, first_seq=int(path.stem), count=len(records), sealed=True)
@@ -440,8 +459,13 @@ class SpooledProducer:
             if run:
                 self._write_rescue(run)
             if direct:
-                log.warning("%s: Kafka did not acknowledge %d record(s) before shutdown; they are in the spool %s "
-                            "and are sent first on the next start", self.topic, len(direct), self.directory)
+                log.warning(
+                    "%s: Kafka did not acknowledge %d record(s) before shutdown; they are in the spool %s "
+                    "and are sent first on the next start",
+                    self.topic,
+                    len(direct),
+                    self.directory,
+                )
 
     def _write_rescue(self, entries: list[_Entry]) -> None:
         path = self.directory / f"{entries[0].seq:020d}{SEGMENT_SUFFIX}"
@@ -495,8 +519,9 @@ class SpooledProducer:
                     continue
             for position, entry in enumerate(batch):
                 try:
-                    future = self.producer.send(self.topic, key=entry.record.key, value=entry.record.value,
-                                                headers=list(entry.record.headers))
+                    future = self.producer.send(
+                        self.topic, key=entry.record.key, value=entry.record.value, headers=list(entry.record.headers)
+                    )
                 except KafkaError as exc:
                     with self._lock:
                         unsent = batch[position:]
@@ -562,7 +587,7 @@ class _Accepted:
 
     is_done = True
 
-    def __init__(self, owner: "SpoolingProducer", topic: str) -> None:
+    def __init__(self, owner: SpoolingProducer, topic: str) -> None:
         self._owner, self._topic = owner, topic
 
     def failed(self) -> bool:
@@ -571,11 +596,11 @@ class _Accepted:
     def succeeded(self) -> bool:
         return True
 
-    def add_errback(self, handler: Callable[[BaseException], Any], *args: Any, **kwargs: Any) -> "_Accepted":
+    def add_errback(self, handler: Callable[[BaseException], Any], *args: Any, **kwargs: Any) -> _Accepted:
         self._owner._add_error_handler(handler)
         return self
 
-    def add_callback(self, handler: Callable[..., Any], *args: Any, **kwargs: Any) -> "_Accepted":
+    def add_callback(self, handler: Callable[..., Any], *args: Any, **kwargs: Any) -> _Accepted:
         return self
 
 
@@ -587,9 +612,17 @@ class SpoolingProducer:
     spool (``<root>/<topic>/``) for the next run, then closes the underlying producer.
     """
 
-    def __init__(self, producer: Any, root: Path, *, max_buffered: int = DEFAULT_MAX_BUFFERED,
-                 close_timeout_s: float = 10.0, on_spooled: Callable[[str, int], None] | None = None,
-                 topics: tuple[str, ...] = (), **options: Any) -> None:
+    def __init__(
+        self,
+        producer: Any,
+        root: Path,
+        *,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        close_timeout_s: float = 10.0,
+        on_spooled: Callable[[str, int], None] | None = None,
+        topics: tuple[str, ...] = (),
+        **options: Any,
+    ) -> None:
         self.producer = producer
         self.root = Path(root)
         self.max_buffered = max_buffered
@@ -608,13 +641,24 @@ class SpoolingProducer:
         """The topic's spooled producer (opened, and its leftover spool replayed, on first use)."""
         with self._lock:
             if topic not in self.outboxes:
-                self.outboxes[topic] = SpooledProducer(self.producer, topic, self.root / topic,
-                                                       max_buffered=self.max_buffered, on_error=self._report,
-                                                       **self.options)
+                self.outboxes[topic] = SpooledProducer(
+                    self.producer,
+                    topic,
+                    self.root / topic,
+                    max_buffered=self.max_buffered,
+                    on_error=self._report,
+                    **self.options,
+                )
             return self.outboxes[topic]
 
-    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-             headers: list[tuple[str, bytes]] | None = None, **_: Any) -> _Accepted:
+    def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        **_: Any,
+    ) -> _Accepted:
         outbox = self.outbox(topic)
         before = outbox.stats.spooled
         outbox.send(value or b"", key=key, headers=headers)
@@ -639,7 +683,9 @@ class SpoolingProducer:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait (at most ``timeout`` or close_timeout_s) until Kafka acknowledged every record."""
         deadline = self._deadline(timeout)
-        return all(outbox.wait_drained(max(0.0, deadline - time.monotonic())) for outbox in list(self.outboxes.values()))
+        return all(
+            outbox.wait_drained(max(0.0, deadline - time.monotonic())) for outbox in list(self.outboxes.values())
+        )
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop the replays, keep what Kafka did not take in the spool, close the producer; True if all was delivered."""
@@ -650,8 +696,12 @@ class SpoolingProducer:
                 delivered = False
                 pending = outbox.spool_pending()
                 self.undelivered += pending
-                log.warning("Kafka did not take every record of %s in time; %d wait in %s for the next run",
-                            topic, pending, outbox.directory)
+                log.warning(
+                    "Kafka did not take every record of %s in time; %d wait in %s for the next run",
+                    topic,
+                    pending,
+                    outbox.directory,
+                )
         try:
             self.producer.close(timeout=None if delivered else 0)
         except KafkaTimeoutError:

@@ -21,15 +21,28 @@ def maven_classpath(pom: Path, cached: Path, what: str, error: type[Exception] =
         return cached.read_text().strip()
     mvn = shutil.which("mvn")
     if mvn is None:
-        raise error(f"`mvn` was not found on PATH; install Maven (Debian: `apt-get install maven`) so K2 can fetch {what}")
+        raise error(
+            f"`mvn` was not found on PATH; install Maven (Debian: `apt-get install maven`) so K2 can fetch {what}"
+        )
     cached.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(pom), "dependency:build-classpath",
-         f"-Dmdep.outputFile={cached}", "-Dmdep.includeScope=runtime"],
-        capture_output=True, text=True,
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:build-classpath",
+            f"-Dmdep.outputFile={cached}",
+            "-Dmdep.includeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0 or not cached.exists():
         tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
-        raise error(f"Maven could not resolve {what} from {pom}; check access to Maven Central (or a mirror "
-                    "in ~/.m2/settings.xml):\n" + "\n".join(tail))
+        raise error(
+            f"Maven could not resolve {what} from {pom}; check access to Maven Central (or a mirror "
+            "in ~/.m2/settings.xml):\n" + "\n".join(tail)
+        )
     return cached.read_text().strip()

@@ -23,8 +23,9 @@ import importlib.util
 import json
 import re
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import duckdb
@@ -50,8 +51,10 @@ def _packaged_extension(package: str) -> Path:
         root.glob("extensions/*/*.duckdb_extension")
     )
     if not candidates:
-        raise RuntimeError(f"{package} carries no DuckDB extension for duckdb {duckdb.__version__}; "
-                           "install the duckdb-extension-* version that matches duckdb")
+        raise RuntimeError(
+            f"{package} carries no DuckDB extension for duckdb {duckdb.__version__}; "
+            "install the duckdb-extension-* version that matches duckdb"
+        )
     return candidates[0]
 
 
@@ -100,9 +103,14 @@ def use_object_store(connection: duckdb.DuckDBPyConnection, properties: dict[str
     path_style = properties.get("s3.path-style-access", "true").lower() == "true"
     connection.execute(
         "CREATE OR REPLACE SECRET k2_s3 (TYPE s3, KEY_ID ?, SECRET ?, REGION ?, ENDPOINT ?, URL_STYLE ?, USE_SSL ?)",
-        [properties.get("s3.access-key-id", ""), properties.get("s3.secret-access-key", ""),
-         properties.get("s3.region", "us-east-1"), parsed.netloc, "path" if path_style else "vhost",
-         parsed.scheme == "https"],
+        [
+            properties.get("s3.access-key-id", ""),
+            properties.get("s3.secret-access-key", ""),
+            properties.get("s3.region", "us-east-1"),
+            parsed.netloc,
+            "path" if path_style else "vhost",
+            parsed.scheme == "https",
+        ],
     )
 
 
@@ -116,8 +124,9 @@ def _local_path(location: str) -> Path | None:
     return None
 
 
-def sqlite_table_locations(properties: dict[str, str], catalog_name: str = CATALOG_NAME,
-                           namespace: str = NAMESPACE) -> dict[str, str] | None:
+def sqlite_table_locations(
+    properties: dict[str, str], catalog_name: str = CATALOG_NAME, namespace: str = NAMESPACE
+) -> dict[str, str] | None:
     """``{"market.trades": <metadata location>, ...}`` read from a SQLite SqlCatalog with sqlite3;
     None when the catalog is not a SQLite SqlCatalog on local files, or holds no K2 table yet
     (the caller then goes through pyiceberg, which also creates the tables)."""
@@ -155,17 +164,33 @@ def duckdb_type(iceberg_type: Any) -> str:
         if kind == "map":
             return f"MAP({duckdb_type(iceberg_type['key'])}, {duckdb_type(iceberg_type['value'])})"
         if kind == "struct":
-            return "STRUCT(" + ", ".join(f"{_quote(f['name'])} {duckdb_type(f['type'])}" for f in iceberg_type["fields"]) + ")"
+            return (
+                "STRUCT("
+                + ", ".join(f"{_quote(f['name'])} {duckdb_type(f['type'])}" for f in iceberg_type["fields"])
+                + ")"
+            )
         raise ValueError(f"unknown Iceberg type {iceberg_type!r}")
     name = str(iceberg_type)
     if name.startswith("decimal("):
         return name.upper()
     if name.startswith("fixed["):
         return "BLOB"
-    simple = {"boolean": "BOOLEAN", "int": "INTEGER", "long": "BIGINT", "float": "FLOAT", "double": "DOUBLE",
-              "date": "DATE", "time": "TIME", "timestamp": "TIMESTAMP", "timestamptz": "TIMESTAMPTZ",
-              "timestamp_ns": "TIMESTAMP_NS", "timestamptz_ns": "TIMESTAMPTZ", "string": "VARCHAR",
-              "uuid": "UUID", "binary": "BLOB"}
+    simple = {
+        "boolean": "BOOLEAN",
+        "int": "INTEGER",
+        "long": "BIGINT",
+        "float": "FLOAT",
+        "double": "DOUBLE",
+        "date": "DATE",
+        "time": "TIME",
+        "timestamp": "TIMESTAMP",
+        "timestamptz": "TIMESTAMPTZ",
+        "timestamp_ns": "TIMESTAMP_NS",
+        "timestamptz_ns": "TIMESTAMPTZ",
+        "string": "VARCHAR",
+        "uuid": "UUID",
+        "binary": "BLOB",
+    }
     if name not in simple:
         raise ValueError(f"unknown Iceberg type {name!r}")
     return simple[name]
@@ -189,20 +214,28 @@ def create_views(connection: duckdb.DuckDBPyConnection, locations: dict[str, str
         if metadata is not None and (snapshot in (None, -1) or files is not None):
             current = next(s for s in metadata["schemas"] if s["schema-id"] == metadata.get("current-schema-id", 0))
             if not files:
-                columns = ", ".join(f"CAST(NULL AS {duckdb_type(f['type'])}) AS {_quote(f['name'])}" for f in current["fields"])
+                columns = ", ".join(
+                    f"CAST(NULL AS {duckdb_type(f['type'])}) AS {_quote(f['name'])}" for f in current["fields"]
+                )
                 connection.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} WHERE false")
                 continue
-            columns = ", ".join(f"CAST({_quote(f['name'])} AS {duckdb_type(f['type'])}) AS {_quote(f['name'])}"
-                                for f in current["fields"])
+            columns = ", ".join(
+                f"CAST({_quote(f['name'])} AS {duckdb_type(f['type'])}) AS {_quote(f['name'])}"
+                for f in current["fields"]
+            )
             # The file list goes in as a bound variable, never pasted into the SQL.
             connection.execute(f"SET VARIABLE {variable}_files = ?", [files])
-            connection.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} FROM read_parquet("
-                               f"getvariable('{variable}_files'), hive_partitioning = false)")
+            connection.execute(
+                f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} FROM read_parquet("
+                f"getvariable('{variable}_files'), hive_partitioning = false)"
+            )
             continue
         _load_iceberg_extension(connection)
         # The metadata location goes in as a bound parameter, never pasted into the SQL.
         connection.execute(f"SET VARIABLE {variable}_metadata = ?", [location])
-        connection.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM iceberg_scan(getvariable('{variable}_metadata'))")
+        connection.execute(
+            f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM iceberg_scan(getvariable('{variable}_metadata'))"
+        )
 
 
 def live_data_files(metadata: dict[str, Any]) -> list[str] | None:
@@ -229,7 +262,11 @@ def live_data_files(metadata: dict[str, Any]) -> list[str] | None:
                     continue
                 data_file = entry["data_file"]
                 local = _local_path(data_file["file_path"])
-                if data_file.get("content", 0) != 0 or local is None or data_file.get("file_format", "PARQUET").upper() != "PARQUET":
+                if (
+                    data_file.get("content", 0) != 0
+                    or local is None
+                    or data_file.get("file_format", "PARQUET").upper() != "PARQUET"
+                ):
                     return None
                 files.append(str(local))
     return files
@@ -246,16 +283,21 @@ def connect_tables(threads: int = 2, catalog_properties: dict[str, str] | None =
         from k2_resources.duckdb_query import DuckDBQueryResource
         from k2_resources.iceberg import IcebergResource
 
-        return DuckDBQueryResource(iceberg=IcebergResource(catalog_properties=catalog_properties),
-                                   threads=threads).connect()
+        return DuckDBQueryResource(
+            iceberg=IcebergResource(catalog_properties=catalog_properties), threads=threads
+        ).connect()
     connection = _connect()
     connection.execute("SET threads = ?", [threads])
     create_views(connection, locations)
     return connection
 
 
-def run_sql(sql: str, parameters: Sequence[Any] | None = None, threads: int = 2,
-            catalog_properties: dict[str, str] | None = None) -> tuple[list[str], list[tuple]]:
+def run_sql(
+    sql: str,
+    parameters: Sequence[Any] | None = None,
+    threads: int = 2,
+    catalog_properties: dict[str, str] | None = None,
+) -> tuple[list[str], list[tuple]]:
     """Run SQL (``?`` parameters for values) over the K2 tables: (column names, rows as tuples)."""
     connection = connect_tables(threads, catalog_properties)
     try:

@@ -56,8 +56,15 @@ class SymbolPartitioner(Partitioner):
     Records without a key go to a random available partition, as with Kafka's default.
     """
 
-    def partition(self, topic: str, key: Any, serialized_key: bytes | None, value: Any,
-                  serialized_value: bytes | None, cluster: Any) -> int:
+    def partition(
+        self,
+        topic: str,
+        key: Any,
+        serialized_key: bytes | None,
+        value: Any,
+        serialized_value: bytes | None,
+        cluster: Any,
+    ) -> int:
         if topic not in cluster.topics():
             raise ValueError(f"topic {topic} not found in the cluster metadata")
         every = sorted(cluster.partitions_for_topic(topic))

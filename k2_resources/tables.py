@@ -146,7 +146,9 @@ OHLCV = TableDefinition(
         PartitionField(source_id=3, field_id=1001, transform=IdentityTransform(), name="exchange"),
         PartitionField(source_id=4, field_id=1002, transform=MonthTransform(), name="bucket_start_month"),
     ),
-    SortOrder(SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())),
+    SortOrder(
+        SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())
+    ),
 )
 # The 1-minute bars of the last hours of Binance trades, Kafka tail included (binance_live_bars):
 # small, and replaced whole by each materialisation.
@@ -154,6 +156,8 @@ LIVE_BARS = TableDefinition(
     "live_bars",
     OHLCV_SCHEMA,
     PartitionSpec(),
-    SortOrder(SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())),
+    SortOrder(
+        SortField(source_id=2, transform=IdentityTransform()), SortField(source_id=4, transform=IdentityTransform())
+    ),
 )
 ALL_TABLES = (TRADES, QUOTES, DEAD_LETTERS, OHLCV, LIVE_BARS)

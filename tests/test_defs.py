@@ -7,10 +7,17 @@ from dagster import AssetKey, Definitions
 from k2_assets.definitions import defs
 
 ASSETS = {
-    "asx_raw_trades", "asx_trades", "asx_raw_quotes", "asx_quotes",
+    "asx_raw_trades",
+    "asx_trades",
+    "asx_raw_quotes",
+    "asx_quotes",
     "binance_trades",
-    "asx_ohlcv", "binance_ohlcv", "binance_live_bars",
-    "trades_storage", "trades_file_layout", "trades_snapshot_history",
+    "asx_ohlcv",
+    "binance_ohlcv",
+    "binance_live_bars",
+    "trades_storage",
+    "trades_file_layout",
+    "trades_snapshot_history",
     "symbol_tiers",
 }
 ASSET_CHECKS = {
@@ -44,14 +51,36 @@ ASSET_CHECKS = {
     ("trades_file_layout", "files_per_partition"),
     ("trades_file_layout", "small_files_per_partition"),
 }
-JOBS = {"__ASSET_JOB", "binance_trades_microbatch", "binance_live_bars_refresh", "symbol_tiers_refresh",
-        "trades_replay", "trades_table_maintenance", "dagster_history_retention"}
-SCHEDULES = {"binance_live_bars_every_minute", "symbol_tiers_hourly", "trades_replay_nightly",
-             "trades_table_maintenance_nightly", "dagster_history_retention_nightly"}
+JOBS = {
+    "__ASSET_JOB",
+    "binance_trades_microbatch",
+    "binance_live_bars_refresh",
+    "symbol_tiers_refresh",
+    "trades_replay",
+    "trades_table_maintenance",
+    "dagster_history_retention",
+}
+SCHEDULES = {
+    "binance_live_bars_every_minute",
+    "symbol_tiers_hourly",
+    "trades_replay_nightly",
+    "trades_table_maintenance_nightly",
+    "dagster_history_retention_nightly",
+}
 # default_automation_condition_sensor is Dagster's, present because assets declare automation conditions.
 SENSORS = {"binance_stream_sensor", "k2_check_alerts", "default_automation_condition_sensor"}
-RESOURCES = {"alert_webhooks", "analytics", "asx_source", "degradation", "duckdb", "hybrid", "iceberg", "kafka", "maintenance",
-             "sink"}
+RESOURCES = {
+    "alert_webhooks",
+    "analytics",
+    "asx_source",
+    "degradation",
+    "duckdb",
+    "hybrid",
+    "iceberg",
+    "kafka",
+    "maintenance",
+    "sink",
+}
 
 
 def test_definitions_hold_exactly_the_expected_definitions() -> None:
@@ -75,7 +104,11 @@ def test_definitions_load_and_hold_the_asx_assets() -> None:
         assert node.group_name == "asx"
         assert node.partitions_def is not None
         assert node.partitions_def.get_partition_keys() == [
-            "2014-03-10", "2014-03-11", "2014-03-12", "2014-03-13", "2014-03-14",
+            "2014-03-10",
+            "2014-03-11",
+            "2014-03-12",
+            "2014-03-13",
+            "2014-03-14",
         ]
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert ("asx_trades", "rows_match_valid_csv_rows") in checks

@@ -36,12 +36,17 @@ ASX_DAYS = asx_trading_days
 
 def _check_specs(asset_name: str) -> list[AssetCheckSpec]:
     return [
-        AssetCheckSpec("high_at_least_open_and_close", asset=asset_name,
-                       description="every bar has high >= max(open, close)"),
-        AssetCheckSpec("low_at_most_open_and_close", asset=asset_name,
-                       description="every bar has low <= min(open, close)"),
-        AssetCheckSpec("volumes_add_up_to_trades", asset=asset_name,
-                       description="in every interval, the bars' volumes and counts add up to the trades table"),
+        AssetCheckSpec(
+            "high_at_least_open_and_close", asset=asset_name, description="every bar has high >= max(open, close)"
+        ),
+        AssetCheckSpec(
+            "low_at_most_open_and_close", asset=asset_name, description="every bar has low <= min(open, close)"
+        ),
+        AssetCheckSpec(
+            "volumes_add_up_to_trades",
+            asset=asset_name,
+            description="in every interval, the bars' volumes and counts add up to the trades table",
+        ),
     ]
 
 
@@ -50,27 +55,46 @@ def _checks(asset_name: str, stored: pl.DataFrame, trades: pl.DataFrame) -> list
     violations = bar_violations(stored)
     trade_volume = trades["quantity"].sum() if trades.height else 0
     per_interval = {
-        row["interval"]: row for row in stored.group_by("interval").agg(
-            pl.col("volume").sum(), pl.col("trade_count").sum()).iter_rows(named=True)
+        row["interval"]: row
+        for row in stored.group_by("interval")
+        .agg(pl.col("volume").sum(), pl.col("trade_count").sum())
+        .iter_rows(named=True)
     }
     mismatches = {
         interval: f"volume {per_interval.get(interval, {}).get('volume', 0)} in "
-                  f"{per_interval.get(interval, {}).get('trade_count', 0)} trades"
+        f"{per_interval.get(interval, {}).get('trade_count', 0)} trades"
         for interval in INTERVALS
-        if trades.height and (interval not in per_interval or per_interval[interval]["volume"] != trade_volume
-                              or per_interval[interval]["trade_count"] != trades.height)
+        if trades.height
+        and (
+            interval not in per_interval
+            or per_interval[interval]["volume"] != trade_volume
+            or per_interval[interval]["trade_count"] != trades.height
+        )
     }
     return [
-        AssetCheckResult(check_name="high_at_least_open_and_close", asset_key=asset_name,
-                         passed=violations["high_below_open_or_close"] == 0,
-                         metadata={"bars_breaking_rule": violations["high_below_open_or_close"], "bars": stored.height}),
-        AssetCheckResult(check_name="low_at_most_open_and_close", asset_key=asset_name,
-                         passed=violations["low_above_open_or_close"] == 0,
-                         metadata={"bars_breaking_rule": violations["low_above_open_or_close"], "bars": stored.height}),
-        AssetCheckResult(check_name="volumes_add_up_to_trades", asset_key=asset_name, passed=not mismatches,
-                         severity=AssetCheckSeverity.ERROR,
-                         metadata={"trades": trades.height, "trade_volume": str(trade_volume),
-                                   "mismatches": MetadataValue.json(mismatches)}),
+        AssetCheckResult(
+            check_name="high_at_least_open_and_close",
+            asset_key=asset_name,
+            passed=violations["high_below_open_or_close"] == 0,
+            metadata={"bars_breaking_rule": violations["high_below_open_or_close"], "bars": stored.height},
+        ),
+        AssetCheckResult(
+            check_name="low_at_most_open_and_close",
+            asset_key=asset_name,
+            passed=violations["low_above_open_or_close"] == 0,
+            metadata={"bars_breaking_rule": violations["low_above_open_or_close"], "bars": stored.height},
+        ),
+        AssetCheckResult(
+            check_name="volumes_add_up_to_trades",
+            asset_key=asset_name,
+            passed=not mismatches,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={
+                "trades": trades.height,
+                "trade_volume": str(trade_volume),
+                "mismatches": MetadataValue.json(mismatches),
+            },
+        ),
     ]
 
 
@@ -82,8 +106,9 @@ def _checks(asset_name: str, stored: pl.DataFrame, trades: pl.DataFrame) -> list
     kinds={"iceberg", "polars"},
     metadata={"table": "market.ohlcv", "exchange": "ASX"},
 )
-def asx_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource,
-              analytics: AnalyticsEngineResource) -> MaterializeResult:
+def asx_ohlcv(
+    context: AssetExecutionContext, iceberg: IcebergResource, analytics: AnalyticsEngineResource
+) -> MaterializeResult:
     """ASX OHLCV bars (1m, 5m, 1h and the Sydney trading day; VWAP and trade counts) of one trading day
     in ``market.ohlcv``. Re-materialising a day replaces that day's bars in one commit. The bars are
     computed by the ``analytics`` engine (K2_ANALYTICS_ENGINE: polars in process, or spark)."""
@@ -96,8 +121,14 @@ def asx_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource,
     trades = read_trades(table, snapshot_id, row_filter)  # for the checks, and the in-process engine
     bars = analytics.ohlcv_bars(iceberg, table, snapshot_id, row_filter, trades=trades)
     ohlcv = ohlcv_table(iceberg.catalog())
-    written = replace_bars(ohlcv, bars, "ASX", start, end, snapshot_properties={
-        "k2.ohlcv.source-snapshot": str(snapshot_id), "k2.ohlcv.asx-day": day})
+    written = replace_bars(
+        ohlcv,
+        bars,
+        "ASX",
+        start,
+        end,
+        snapshot_properties={"k2.ohlcv.source-snapshot": str(snapshot_id), "k2.ohlcv.asx-day": day},
+    )
     stored = stored_bars(ohlcv, "ASX", start, end)
     context.log.info(f"ASX {day}: {trades.height} trades -> {bars.height} bars ({analytics.name})")
     return MaterializeResult(
@@ -106,7 +137,8 @@ def asx_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource,
             "trades": trades.height,
             "bars": bars.height,
             "bars_per_interval": MetadataValue.json(
-                {r["interval"]: r["len"] for r in bars.group_by("interval").len().iter_rows(named=True)}),
+                {r["interval"]: r["len"] for r in bars.group_by("interval").len().iter_rows(named=True)}
+            ),
             "source_snapshot_id": MetadataValue.text(str(snapshot_id)),
             "ohlcv_snapshot_id": MetadataValue.text(str(written)),
             "utc_range": f"[{start.isoformat()}, {end.isoformat()})",
@@ -132,8 +164,9 @@ def _last_source_snapshot(context: AssetExecutionContext) -> int | None:
     automation_condition=AutomationCondition.eager(),
     metadata={"table": "market.ohlcv", "exchange": "BINANCE"},
 )
-def binance_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource,
-                  analytics: AnalyticsEngineResource) -> MaterializeResult:
+def binance_ohlcv(
+    context: AssetExecutionContext, iceberg: IcebergResource, analytics: AnalyticsEngineResource
+) -> MaterializeResult:
     """Binance OHLCV bars (1m, 5m, 1h, 1d UTC; VWAP and trade counts) in ``market.ohlcv``, kept up to date
     as micro-batches land.
 
@@ -146,9 +179,14 @@ def binance_ohlcv(context: AssetExecutionContext, iceberg: IcebergResource,
     report = update_binance_bars(iceberg, _last_source_snapshot(context), engine=analytics)
     checks = _checks("binance_ohlcv", report.stored, report.trades)
     if report.nothing_new:
-        return MaterializeResult(metadata={"source_snapshot_id": MetadataValue.text(str(report.source_snapshot_id)),
-                                           "days": 0, "note": "no new trades"},
-                                 check_results=checks)
+        return MaterializeResult(
+            metadata={
+                "source_snapshot_id": MetadataValue.text(str(report.source_snapshot_id)),
+                "days": 0,
+                "note": "no new trades",
+            },
+            check_results=checks,
+        )
     context.log.info(f"Binance bars: {len(report.days)} day(s) recomputed ({report.how})")
     return MaterializeResult(
         metadata={

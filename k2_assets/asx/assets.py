@@ -90,7 +90,7 @@ def _stored_day_stats(duckdb: DuckDBQueryResource, kind: Kind, partition_key: st
     result = duckdb.query(
         f"select count(*) as rows, count(distinct {id_column}) as distinct_ids, "
         f"count(*) filter (where not ({price_rule})) as bad_prices "
-        f"from {table} where exchange = ? and \"timestamp\" >= ? and \"timestamp\" < ?",
+        f'from {table} where exchange = ? and "timestamp" >= ? and "timestamp" < ?',
         ["ASX", start, end],
     )
     return {name: int(result.column(name)[0].as_py()) for name in result.column_names}

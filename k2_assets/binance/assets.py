@@ -1,6 +1,5 @@
 """Binance trades from Kafka into ``market.trades``, one exact offset range per run."""
 
-
 import json
 from typing import Literal
 
@@ -73,7 +72,11 @@ def binance_trades(
             return _follow(context, config, kafka, iceberg, degradation)
         if config.mode == RECOVER:
             result = recover_range(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
-            done = "is not pending (already recovered)" if result.already_committed else f"recovered: {result.written} rows"
+            done = (
+                "is not pending (already recovered)"
+                if result.already_committed
+                else f"recovered: {result.written} rows"
+            )
             context.log.info(f"{batch.key} {done}")
         else:
             result = run_microbatch(kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store)
@@ -107,27 +110,55 @@ def batch_metadata(mode: str, level: DegradationLevel, batch: OffsetRange, resul
     }
 
 
-def _follow(context: AssetExecutionContext, config: MicroBatchConfig, kafka: KafkaResource,
-            iceberg: IcebergResource, degradation: DegradationResource) -> MaterializeResult:
+def _follow(
+    context: AssetExecutionContext,
+    config: MicroBatchConfig,
+    kafka: KafkaResource,
+    iceberg: IcebergResource,
+    degradation: DegradationResource,
+) -> MaterializeResult:
     """The topic's follower: each commit is logged as a materialisation of its own, with its range,
     so the UI lists every commit as it does a run per range; the run's own result sums them up."""
     level = DegradationLevel(config.degradation_level)
     thresholds = degradation.thresholds()
-    settings = FollowSettings(interval_s=config.follow_interval_seconds, run_for_s=config.follow_seconds,
-                              max_batch_messages=config.max_batch_messages,
-                              max_lag_messages=max(1, thresholds.lag_messages[0] // 2),
-                              memory_limit_percent=thresholds.memory_percent[0])
+    settings = FollowSettings(
+        interval_s=config.follow_interval_seconds,
+        run_for_s=config.follow_seconds,
+        max_batch_messages=config.max_batch_messages,
+        max_lag_messages=max(1, thresholds.lag_messages[0] // 2),
+        memory_limit_percent=thresholds.memory_percent[0],
+    )
 
     def report(result: BatchResult) -> None:
         if not result.already_committed:
-            context.log_event(AssetMaterialization(asset_key=context.asset_key,
-                                                   metadata=batch_metadata(FOLLOW, level, result.batch, result)))
+            context.log_event(
+                AssetMaterialization(
+                    asset_key=context.asset_key, metadata=batch_metadata(FOLLOW, level, result.batch, result)
+                )
+            )
 
-    outcome = follow_topic(kafka, iceberg, config.topic, settings, report, level=level,
-                           shedder=degradation.load_shedder(), spill_store=degradation.spill_store())
-    context.log.info(f"following {config.topic} ended ({outcome.reason}) after {outcome.commits} commits, "
-                     f"{outcome.rows_written} rows")
+    outcome = follow_topic(
+        kafka,
+        iceberg,
+        config.topic,
+        settings,
+        report,
+        level=level,
+        shedder=degradation.load_shedder(),
+        spill_store=degradation.spill_store(),
+    )
+    context.log.info(
+        f"following {config.topic} ended ({outcome.reason}) after {outcome.commits} commits, "
+        f"{outcome.rows_written} rows"
+    )
     # No rows_written / commit_seconds here: `k2 metrics` counts those from the per-commit events.
-    return MaterializeResult(metadata={"mode": FOLLOW, "topic": config.topic, "commits": outcome.commits,
-                                       "rows_committed": outcome.rows_written, "ended_because": outcome.reason,
-                                       "ranges": MetadataValue.text(", ".join(outcome.ranges[-50:]))})
+    return MaterializeResult(
+        metadata={
+            "mode": FOLLOW,
+            "topic": config.topic,
+            "commits": outcome.commits,
+            "rows_committed": outcome.rows_written,
+            "ended_because": outcome.reason,
+            "ranges": MetadataValue.text(", ".join(outcome.ranges[-50:])),
+        }
+    )

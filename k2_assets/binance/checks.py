@@ -5,7 +5,6 @@ The stream sensor reports these every tick as AssetCheckEvaluations; defining th
 makes them visible (with history) in the UI and runnable on demand.
 """
 
-
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
 from k2_assets.binance.assets import binance_trades
@@ -82,7 +81,9 @@ def binance_degradation_level(
     name=DEFERRED_BACKLOG,
     description="Offset ranges whose tier-3 rows were deferred by load shedding and are not in market.trades yet.",
 )
-def binance_deferred_backlog(kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource) -> AssetCheckResult:
+def binance_deferred_backlog(
+    kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource
+) -> AssetCheckResult:
     return _result(deferred_backlog_evaluation(_snapshot(kafka, iceberg, sink)))
 
 
@@ -134,5 +135,10 @@ DEGRADATION_CHECKS = [
     binance_dead_letter_count,
 ]
 
-__all__ = ["AssetCheckSeverity", "DEGRADATION_CHECKS", "binance_consumer_lag", "binance_offset_baseline",
-           "binance_retention_loss"]
+__all__ = [
+    "AssetCheckSeverity",
+    "DEGRADATION_CHECKS",
+    "binance_consumer_lag",
+    "binance_offset_baseline",
+    "binance_retention_loss",
+]

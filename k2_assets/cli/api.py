@@ -14,12 +14,23 @@ from k2_resources.api.keys import SCOPES, KeyFile, KeyStore, default_keys_file
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("api", help="serve the HTTP query API on 127.0.0.1 (and manage its API keys)")
-    parser.add_argument("--host", default=os.environ.get("K2_API_HOST", "127.0.0.1"),
-                        help="address to bind (default 127.0.0.1, K2_API_HOST)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("K2_API_PORT", DEFAULT_API_PORT)),
-                        help=f"port (default {DEFAULT_API_PORT}, K2_API_PORT)")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("K2_API_WORKERS", 1)),
-                        help="uvicorn worker processes (default 1, K2_API_WORKERS); rate limits are per worker")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("K2_API_HOST", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1, K2_API_HOST)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("K2_API_PORT", DEFAULT_API_PORT)),
+        help=f"port (default {DEFAULT_API_PORT}, K2_API_PORT)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("K2_API_WORKERS", 1)),
+        help="uvicorn worker processes (default 1, K2_API_WORKERS); rate limits are per worker",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     parser.set_defaults(handler=_serve)
     commands = parser.add_subparsers(dest="api_command")
@@ -29,10 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = keys.add_subparsers(dest="keys_command", required=True)
     create = actions.add_parser("create", help="create a key and print it (once: only its hash is stored)")
     create.add_argument("--name", required=True, help="who or what the key is for, e.g. research-notebook")
-    create.add_argument("--scope", action="append", choices=SCOPES, required=True,
-                        help="repeat for several; admin grants every scope")
-    create.add_argument("--rate", type=float, default=None, help="requests per second for this key "
-                                                                  "(default K2_API_RATE_PER_SECOND)")
+    create.add_argument(
+        "--scope", action="append", choices=SCOPES, required=True, help="repeat for several; admin grants every scope"
+    )
+    create.add_argument(
+        "--rate", type=float, default=None, help="requests per second for this key (default K2_API_RATE_PER_SECOND)"
+    )
     create.add_argument("--burst", type=float, default=None, help="bucket size for this key (default K2_API_BURST)")
     create.set_defaults(handler=_create)
     listing = actions.add_parser("list", help="list keys (ids, names, scopes, limits; never the keys)")
@@ -50,8 +63,11 @@ def _file(args: argparse.Namespace) -> KeyFile:
 def _create(args: argparse.Namespace) -> int:
     key, entry = _file(args).create(args.name, args.scope, args.rate, args.burst)
     print(key)
-    print(f"created API key {entry.id} ({entry.name}) with scope(s) {', '.join(entry.scopes)} in {_file(args).path}; "
-          "the key above is shown only now: store it, then send it as the X-API-Key header", file=sys.stderr)
+    print(
+        f"created API key {entry.id} ({entry.name}) with scope(s) {', '.join(entry.scopes)} in {_file(args).path}; "
+        "the key above is shown only now: store it, then send it as the X-API-Key header",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -61,14 +77,18 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     if not entries:
-        print(f"no API keys in {_file(args).path}; create one with `k2 api keys create --name <who> --scope read:trades`")
+        print(
+            f"no API keys in {_file(args).path}; create one with `k2 api keys create --name <who> --scope read:trades`"
+        )
         return 0
     for entry in entries:
         state = f"revoked {entry['revoked_at']}" if entry["revoked_at"] else "active"
         limits = "" if entry["rate_per_second"] is None else f"  rate {entry['rate_per_second']:g}/s"
         limits += "" if entry["burst"] is None else f"  burst {entry['burst']:g}"
-        print(f"{entry['id']}  {entry['name']:<24} {','.join(entry['scopes']):<28} created {entry['created_at']}  "
-              f"{state}{limits}")
+        print(
+            f"{entry['id']}  {entry['name']:<24} {','.join(entry['scopes']):<28} created {entry['created_at']}  "
+            f"{state}{limits}"
+        )
     return 0
 
 
@@ -83,10 +103,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     store = KeyStore.from_environment()
     if not store.configured:
-        print(f"k2 api: no API keys yet ({store.file.path} has none and K2_API_KEY is unset): every data request "
-              "gets 401 until you create one with `k2 api keys create --name <who> --scope read:trades` "
-              "(the running API picks it up)", file=sys.stderr, flush=True)
+        print(
+            f"k2 api: no API keys yet ({store.file.path} has none and K2_API_KEY is unset): every data request "
+            "gets 401 until you create one with `k2 api keys create --name <who> --scope read:trades` "
+            "(the running API picks it up)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"K2 query API on http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
-    uvicorn.run("k2_resources.api.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, access_log=args.access_log, log_level="info")
+    uvicorn.run(
+        "k2_resources.api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        access_log=args.access_log,
+        log_level="info",
+    )
     return 0

@@ -17,7 +17,9 @@ from k2_resources.kafka_cluster import kafka_service
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("cluster", help="start, stop or inspect the local scale-out topology (3 Kafka brokers ...)")
+    parser = subparsers.add_parser(
+        "cluster", help="start, stop or inspect the local scale-out topology (3 Kafka brokers ...)"
+    )
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.set_defaults(handler=_run)
 

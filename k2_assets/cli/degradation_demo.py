@@ -75,12 +75,20 @@ def run_degradation_demo(json_output: bool) -> int:
         broker.stop()
         shutil.rmtree(home, ignore_errors=True)
         logging.disable(logging.NOTSET)
-    ok = (summary["max_level"] >= 3 and summary["final_level"] == 0 and summary["missing"] == 0
-          and summary["sent"] == summary["expected"] == summary["in_iceberg"] == summary["in_iceberg_distinct"])
-    _say(f"max level {summary['max_level']}, final level {summary['final_level']}, "
-         f"sent {summary['sent']:,}, in Iceberg {summary['in_iceberg']:,}: {'OK' if ok else 'FAILED'}")
+    ok = (
+        summary["max_level"] >= 3
+        and summary["final_level"] == 0
+        and summary["missing"] == 0
+        and summary["sent"] == summary["expected"] == summary["in_iceberg"] == summary["in_iceberg_distinct"]
+    )
+    _say(
+        f"max level {summary['max_level']}, final level {summary['final_level']}, "
+        f"sent {summary['sent']:,}, in Iceberg {summary['in_iceberg']:,}: {'OK' if ok else 'FAILED'}"
+    )
     if json_output:
-        print(json.dumps({key: summary[key] for key in ("max_level", "final_level", "transitions", "sent", "in_iceberg")}))
+        print(
+            json.dumps({key: summary[key] for key in ("max_level", "final_level", "transitions", "sent", "in_iceberg")})
+        )
     return 0 if ok else 1
 
 
@@ -106,10 +114,14 @@ def _scenario() -> dict[str, Any]:
         tier2_symbols=[],  # ETHUSDT becomes tier 3: deferred at GRACEFUL
     )
     resources = build_resources()
-    resources.update(sink=TradeSinkResource(topic=BINANCE_TRADES_TOPIC, max_batch_messages=MAX_BATCH), degradation=degradation)
+    resources.update(
+        sink=TradeSinkResource(topic=BINANCE_TRADES_TOPIC, max_batch_messages=MAX_BATCH), degradation=degradation
+    )
     defs = Definitions.merge(binance_defs, Definitions(resources=resources))
-    _say(f"lag triggers SOFT/GRACEFUL/AGGRESSIVE/CIRCUIT_BREAK = {LAG_TRIGGERS}, cooldown {COOLDOWN_S:g}s, "
-         f"tier 1 BTCUSDT, tier 3 ETHUSDT; burst of {BURST:,} recorded trades")
+    _say(
+        f"lag triggers SOFT/GRACEFUL/AGGRESSIVE/CIRCUIT_BREAK = {LAG_TRIGGERS}, cooldown {COOLDOWN_S:g}s, "
+        f"tier 1 BTCUSDT, tier 3 ETHUSDT; burst of {BURST:,} recorded trades"
+    )
 
     transitions: list[dict[str, Any]] = []
     runs = {"ingest": 0, "recover": 0}
@@ -134,7 +146,7 @@ def _scenario() -> dict[str, Any]:
             result = tick(instance, defs, cursor)
             cursor = result.cursor
             history = StreamCursor.from_json(cursor).degradation.get("history", [])
-            for entry in history[len(transitions):]:
+            for entry in history[len(transitions) :]:
                 transitions.append({k: entry[k] for k in ("from", "to", "cause", "lag")})
                 _say(f"  level {entry['from']} -> {entry['to']}: {entry['cause']}")
             for request in result.run_requests:
@@ -144,8 +156,10 @@ def _scenario() -> dict[str, Any]:
                 raise RuntimeError(f"{failed} micro-batch run(s) failed; see the Dagster logs above")
             return checks_of(result)
 
-        _say(f"wave 1: {FIRST_WAVE:,} trades through the local Binance recording server and the WebSocket client "
-             "into Kafka, before the sensor's first tick ...")
+        _say(
+            f"wave 1: {FIRST_WAVE:,} trades through the local Binance recording server and the WebSocket client "
+            "into Kafka, before the sensor's first tick ..."
+        )
         sent += send_wave(recorded[:FIRST_WAVE])
         step()
         _say(f"wave 2: the other {BURST - FIRST_WAVE:,} trades while the consumer is held back ...")
@@ -161,9 +175,11 @@ def _scenario() -> dict[str, Any]:
             deferred = checks["deferred_backlog"]["metadata"]["ranges"]
             spilled = checks["spilled_backlog"]["metadata"]["ranges"]
             if time.monotonic() - last_report > 5:
-                _say(f"  [{time.monotonic() - started:5.1f}s] level {level}, lag {lag:,}, pending ranges: "
-                     f"{deferred} deferred, {spilled} spilled; runs so far {runs['ingest']} ingest, "
-                     f"{runs['recover']} recover")
+                _say(
+                    f"  [{time.monotonic() - started:5.1f}s] level {level}, lag {lag:,}, pending ranges: "
+                    f"{deferred} deferred, {spilled} spilled; runs so far {runs['ingest']} ingest, "
+                    f"{runs['recover']} recover"
+                )
                 last_report = time.monotonic()
             if level == "NORMAL" and lag == 0 and deferred == 0 and spilled == 0:
                 break

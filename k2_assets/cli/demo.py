@@ -24,7 +24,8 @@ from k2_resources.errors import K2Error
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run the whole platform headless (embedded, or `cluster`: the scale-out topology), then stop")
+        "demo", help="run the whole platform headless (embedded, or `cluster`: the scale-out topology), then stop"
+    )
     parser.add_argument("scenario", nargs="?", choices=["platform", "degradation", "cluster"], default="platform")
     parser.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
     parser.add_argument("--home", help="K2_HOME to use (default: a new temporary folder)")
@@ -54,8 +55,13 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_platform_demo(home, timeout_s=args.timeout)
     if args.json:
         print(json.dumps(summary))
-    ok = (summary["lag"] == 0 and summary["binance"]["source_trades"] == summary["binance"]["iceberg_trades"]
-          == summary["binance"]["iceberg_distinct_trade_ids"] and all(v == "PASSED" for v in summary["checks"].values()))
+    ok = (
+        summary["lag"] == 0
+        and summary["binance"]["source_trades"]
+        == summary["binance"]["iceberg_trades"]
+        == summary["binance"]["iceberg_distinct_trade_ids"]
+        and all(v == "PASSED" for v in summary["checks"].values())
+    )
     return 0 if ok else 1
 
 
@@ -71,9 +77,13 @@ def _run_cluster(home: Path, args: argparse.Namespace) -> int:
     summary = run_cluster_demo(home, timeout_s=args.timeout)
     if args.json:
         print(json.dumps(summary))
-    ok = (summary["lag"] == 0 and summary["brokers"] == 3
-          and summary["source_trades"] == summary["iceberg_trades"] == summary["iceberg_distinct_trade_ids"]
-          and summary["spark_trades"] in (None, summary["source_trades"]) and summary["spark_ohlcv_equal"] is not False)
+    ok = (
+        summary["lag"] == 0
+        and summary["brokers"] == 3
+        and summary["source_trades"] == summary["iceberg_trades"] == summary["iceberg_distinct_trade_ids"]
+        and summary["spark_trades"] in (None, summary["source_trades"])
+        and summary["spark_ohlcv_equal"] is not False
+    )
     return 0 if ok else 1
 
 
@@ -110,8 +120,9 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
         with DagsterInstance.from_config(str(dagster_home())) as instance:
             resources = defs.get_repository_def().get_top_level_resources()
             for day in asx_trading_days.get_partition_keys():
-                result = materialize(ASX_ASSETS, partition_key=day, instance=instance, resources=resources,
-                                     run_config=QUIET_RUNS)
+                result = materialize(
+                    ASX_ASSETS, partition_key=day, instance=instance, resources=resources, run_config=QUIET_RUNS
+                )
                 if not result.success:
                     raise K2Error(f"loading ASX day {day} failed; see the Dagster run {result.run_id}")
                 for evaluation in result.get_asset_check_evaluations():
@@ -124,6 +135,7 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
             kafka.ensure_topic(BINANCE_TRADES_TOPIC, partitions=BINANCE_TRADES_PARTITIONS)
             stats: dict[str, Any] = {}
             with RecordingServerThread(speed=None, loop=False) as server:
+
                 def stream() -> None:
                     stats["stream"] = stream_to_kafka(server.url, BINANCE_TRADES_TOPIC, kafka, idle_timeout_s=30)
 
@@ -131,7 +143,8 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
                 streamer.start()
                 _say(f"streaming the Binance recording from {server.url} ...")
                 report = drive(
-                    instance, defs,
+                    instance,
+                    defs,
                     until=lambda r: not streamer.is_alive() and r.lag == 0,
                     timeout_s=max(60.0, timeout_s - (time.monotonic() - started)),
                     run_log_level="WARNING",
@@ -142,9 +155,13 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
                 checks[f"binance_trades.{name}"] = "PASSED" if check["passed"] else "FAILED"
             _say(f"stream sensor: {report.ticks} ticks, {report.runs} micro-batch runs, lag {report.lag}")
 
-        counts = DuckDBQueryResource(iceberg=IcebergResource()).query(
-            "select exchange, count(*) as n, count(distinct trade_id) as ids from market.trades group by exchange"
-        ).to_pylist()
+        counts = (
+            DuckDBQueryResource(iceberg=IcebergResource())
+            .query(
+                "select exchange, count(*) as n, count(distinct trade_id) as ids from market.trades group by exchange"
+            )
+            .to_pylist()
+        )
         by_exchange = {row["exchange"]: row for row in counts}
         binance = by_exchange.get("BINANCE", {"n": 0, "ids": 0})
         return {
@@ -162,4 +179,3 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
     finally:
         _say("stopping Kafka ...")
         broker.stop()
-

@@ -18,8 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("instance", help="create or migrate the Dagster instance (before starting services)")
     actions = parser.add_subparsers(dest="action", required=True)
     migrate = actions.add_parser("migrate", help="create, repair or migrate DAGSTER_HOME's instance, once")
-    migrate.add_argument("--config", type=Path,
-                         help="instance file to install as DAGSTER_HOME/dagster.yaml (default: keep the one there)")
+    migrate.add_argument(
+        "--config",
+        type=Path,
+        help="instance file to install as DAGSTER_HOME/dagster.yaml (default: keep the one there)",
+    )
     migrate.set_defaults(handler=_migrate)
 
 

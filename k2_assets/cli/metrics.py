@@ -14,7 +14,9 @@ from k2_resources.topics import BINANCE_TRADES_TOPIC
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("metrics", help="serve Prometheus metrics of the whole flow on 127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("K2_EXPORTER_PORT", K2_EXPORTER_PORT)))
-    parser.add_argument("--interval", type=float, default=15.0, help="seconds between polls (match the scrape interval)")
+    parser.add_argument(
+        "--interval", type=float, default=15.0, help="seconds between polls (match the scrape interval)"
+    )
     parser.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
     parser.add_argument("--once", action="store_true", help="poll once, print the metrics and exit")
     parser.set_defaults(handler=_run)

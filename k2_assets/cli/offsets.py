@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
@@ -22,17 +22,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
     show.set_defaults(handler=_show)
     reset = actions.add_parser(
-        "reset", help="set a new baseline after the topic or the Kafka cluster was recreated",
+        "reset",
+        help="set a new baseline after the topic or the Kafka cluster was recreated",
         description="Declare that market.trades holds the topic up to the given offsets. By default the "
         "baseline is the topic's earliest offsets, so every message now in the topic is loaded.",
     )
     reset.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
-    reset.add_argument("--to", choices=["earliest", "latest"], default="earliest",
-                       help="earliest: load everything now in the topic (default); latest: skip it")
+    reset.add_argument(
+        "--to",
+        choices=["earliest", "latest"],
+        default="earliest",
+        help="earliest: load everything now in the topic (default); latest: skip it",
+    )
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     reset.set_defaults(handler=_reset)
     accept = actions.add_parser(
-        "accept-loss", help="accept the retention losses recorded for a topic (turns the retention_loss check green)",
+        "accept-loss",
+        help="accept the retention losses recorded for a topic (turns the retention_loss check green)",
         description="Record in market.trades that an operator accepted every unacknowledged retention loss of the "
         "topic (offsets Kafka deleted before the table committed them): who, when and why, in one commit. "
         "The loss history itself stays in the table for audit.",
@@ -67,10 +73,15 @@ def _show(args: argparse.Namespace) -> int:
     for p in sorted(latest):
         done = committed.get(p, 0)
         mismatch = latest[p] < done
-        rows[str(p)] = {"earliest": earliest[p], "latest": latest[p], "committed": done,
-                        "lag": max(0, latest[p] - done), "mismatch": mismatch,
-                        # offsets Kafka deleted that the next micro-batch will record as lost
-                        "retention_gap": 0 if mismatch else max(0, earliest[p] - done)}
+        rows[str(p)] = {
+            "earliest": earliest[p],
+            "latest": latest[p],
+            "committed": done,
+            "lag": max(0, latest[p] - done),
+            "mismatch": mismatch,
+            # offsets Kafka deleted that the next micro-batch will record as lost
+            "retention_gap": 0 if mismatch else max(0, earliest[p] - done),
+        }
     losses = [{**loss.to_dict(), "acknowledged": loss.acknowledged} for loss in retention_losses(table, args.topic)]
     print(json.dumps({"topic": args.topic, "partitions": rows, "retention_losses": losses}, indent=2))
     return 0
@@ -79,7 +90,7 @@ def _show(args: argparse.Namespace) -> int:
 def _accept_loss(args: argparse.Namespace) -> int:
     table = IcebergResource().trades()
     by = args.by or getpass.getuser()
-    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    at = datetime.now(UTC).isoformat(timespec="seconds")
     accepted = acknowledge_losses(table, args.topic, by, args.note, at)
     if not accepted:
         print(f"no unacknowledged retention loss is recorded for {args.topic}; nothing changed")
@@ -103,6 +114,8 @@ def _reset(args: argparse.Namespace) -> int:
     dropped = reset_baseline(table, args.topic, baseline)
     print(f"baseline of {args.topic} set to {baseline} (was {before})")
     for pending in dropped:
-        print(f"not recoverable: {pending.rows} deferred rows of {', '.join(pending.symbols)} in "
-              f"{pending.range.key} pointed into the old topic")
+        print(
+            f"not recoverable: {pending.rows} deferred rows of {', '.join(pending.symbols)} in "
+            f"{pending.range.key} pointed into the old topic"
+        )
     return 0

@@ -9,10 +9,10 @@ import json
 import logging
 import sys
 import warnings
-from datetime import date, datetime, timedelta, timezone
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
@@ -40,10 +40,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trades.add_argument("--exchange", help="e.g. BINANCE or ASX")
     trades.add_argument("--as-of", help="snapshot id or ISO time: Iceberg time travel, no Kafka tail")
     trades.add_argument("--topic", action="append", help="Kafka topic(s) of the tail (default market.trades.binance)")
-    trades.add_argument("--allow-partial", action="store_true",
-                        help="when Kafka is down, print the Iceberg part and warn (on stderr) which offsets are missing")
-    trades.add_argument("--columns", default="timestamp,symbol,exchange,price,quantity,side,trade_id",
-                        help="comma-separated columns to print, or 'all'")
+    trades.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="when Kafka is down, print the Iceberg part and warn (on stderr) which offsets are missing",
+    )
+    trades.add_argument(
+        "--columns",
+        default="timestamp,symbol,exchange,price,quantity,side,trade_id",
+        help="comma-separated columns to print, or 'all'",
+    )
     _output_arguments(trades)
     trades.set_defaults(handler=_trades)
 
@@ -59,8 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="print at most N rows (default: 100 for table, all for csv/json; 0: all)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="print at most N rows (default: 100 for table, all for csv/json; 0: all)",
+    )
 
 
 def _moment(text: str) -> datetime:
@@ -69,7 +79,7 @@ def _moment(text: str) -> datetime:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time; use e.g. 2024-08-09T00:05:00Z") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _limited(table: pa.Table, args: argparse.Namespace) -> pa.Table:
@@ -90,21 +100,35 @@ def _trades(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", KafkaTailMissingWarning)
             if args.minutes is not None:
-                end = args.end or datetime.now(timezone.utc)
-                frame = hybrid.trades(args.symbol, end - timedelta(minutes=args.minutes), end,
-                                      exchange=args.exchange, allow_partial=args.allow_partial)
+                end = args.end or datetime.now(UTC)
+                frame = hybrid.trades(
+                    args.symbol,
+                    end - timedelta(minutes=args.minutes),
+                    end,
+                    exchange=args.exchange,
+                    allow_partial=args.allow_partial,
+                )
             else:
                 as_of: int | datetime | None = None
                 if args.as_of:
                     as_of = int(args.as_of) if args.as_of.isdigit() else _moment(args.as_of)
-                frame = hybrid.trades(args.symbol, args.start, args.end, exchange=args.exchange, as_of=as_of,
-                                      allow_partial=args.allow_partial)
+                frame = hybrid.trades(
+                    args.symbol,
+                    args.start,
+                    args.end,
+                    exchange=args.exchange,
+                    as_of=as_of,
+                    allow_partial=args.allow_partial,
+                )
         stats = hybrid.last_stats
     finally:
         hybrid.close()
     if stats is not None and stats.partial:
-        print(f"warning: Kafka is unreachable; printing the Iceberg part only, without the trades of "
-              f"{'; '.join(stats.missing.values())}", file=sys.stderr)
+        print(
+            f"warning: Kafka is unreachable; printing the Iceberg part only, without the trades of "
+            f"{'; '.join(stats.missing.values())}",
+            file=sys.stderr,
+        )
     table = frame.to_arrow()
     if args.columns != "all":
         wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
@@ -130,11 +154,15 @@ def _ohlcv(args: argparse.Namespace) -> int:
     if args.end:
         condition = And(condition, LessThan("bucket_start", args.end.isoformat()))
     rows = ohlcv_table(IcebergResource().catalog()).scan(row_filter=condition).to_arrow()
-    rows = rows.select(["bucket_start", "symbol", "exchange", "open", "high", "low", "close", "volume", "vwap",
-                        "trade_count"]).sort_by([("symbol", "ascending"), ("bucket_start", "ascending")])
+    rows = rows.select(
+        ["bucket_start", "symbol", "exchange", "open", "high", "low", "close", "volume", "vwap", "trade_count"]
+    ).sort_by([("symbol", "ascending"), ("bucket_start", "ascending")])
     if rows.num_rows == 0:
-        print(f"no {args.interval} bars for {', '.join(args.symbol)} in that window; materialise asx_ohlcv / "
-              "binance_ohlcv in Dagster first", file=sys.stderr)
+        print(
+            f"no {args.interval} bars for {', '.join(args.symbol)} in that window; materialise asx_ohlcv / "
+            "binance_ohlcv in Dagster first",
+            file=sys.stderr,
+        )
     print_table(_limited(rows, args), args.format, out=sys.stdout)
     return 0
 

@@ -21,15 +21,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from k2_assets.cli.supervise import Supervisor
 from k2_resources.cluster_env import read_env_file
 from k2_resources.errors import K2Error
 from k2_resources.kafka_broker import KafkaBroker
-from k2_resources.operations.dagster_instance import (instance_config_for_environment, instance_storage_problem,
-                                                      prepare_instance)
+from k2_resources.operations.dagster_instance import (
+    instance_config_for_environment,
+    instance_storage_problem,
+    prepare_instance,
+)
 from k2_resources.settings import PROJECT_ROOT, dagster_home, k2_home
 
 LOG_TAIL_LINES = 25
@@ -39,8 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="start Kafka and the Dagster UI on 127.0.0.1 (Ctrl-C stops all)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("K2_DAGSTER_PORT", 3000)))
     parser.add_argument("--no-stream", action="store_true", help="do not start the Binance streamer")
-    parser.add_argument("--cluster", action="store_true",
-                        help="run on the local cluster of `k2 cluster start` (the variables in K2_HOME/cluster/env.sh)")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on the local cluster of `k2 cluster start` (the variables in K2_HOME/cluster/env.sh)",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -67,10 +73,17 @@ def services(args: argparse.Namespace, logs: Path, home: Path) -> list[Service]:
     chosen.append(("query api", k2 + ["api"], None))  # 127.0.0.1, port K2_API_PORT (8000)
     # Dagster runs from DAGSTER_HOME so the project's own dagster.yaml is not mistaken for the instance's.
     chosen.append(("dagster daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], home))
-    chosen.append(("dagster webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace,
-                                         "-h", "127.0.0.1", "-p", str(args.port)], home))
-    return [Service(name, argv, logs / f"{name.replace(' ', '-')}.log", cwd, may_finish=name == "binance streamer")
-            for name, argv, cwd in chosen]
+    chosen.append(
+        (
+            "dagster webserver",
+            [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(args.port)],
+            home,
+        )
+    )
+    return [
+        Service(name, argv, logs / f"{name.replace(' ', '-')}.log", cwd, may_finish=name == "binance streamer")
+        for name, argv, cwd in chosen
+    ]
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -96,8 +109,10 @@ def _kafka(env: dict[str, str]) -> KafkaBroker | None:
     try:
         KafkaResource(bootstrap_servers=external, request_timeout_ms=10_000).admin().close()
     except K2Error as exc:
-        raise K2Error(f"{exc}. (`k2 run` uses the cluster in K2_KAFKA_BOOTSTRAP instead of starting its own "
-                      "broker; unset it to run the embedded one.)") from exc
+        raise K2Error(
+            f"{exc}. (`k2 run` uses the cluster in K2_KAFKA_BOOTSTRAP instead of starting its own "
+            "broker; unset it to run the embedded one.)"
+        ) from exc
     return None
 
 
@@ -110,9 +125,11 @@ def _watch_instance_storage(home: Path, notices: Path, stop: threading.Event, ev
         problem = instance_storage_problem(home)
         if problem == reported or (problem is not None and reported is not None):
             continue
-        notice = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} " + (
-            f"the Dagster services cannot reach their storage: {problem}" if problem is not None
-            else "the Dagster instance's storage answers again")
+        notice = f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} " + (
+            f"the Dagster services cannot reach their storage: {problem}"
+            if problem is not None
+            else "the Dagster instance's storage answers again"
+        )
         print(notice, flush=True)
         with notices.open("a") as log:
             log.write(notice + "\n")
@@ -150,10 +167,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"Kafka ready on {env['K2_KAFKA_BOOTSTRAP']}", flush=True)
         for service in services(args, logs, home):
             supervisor.start(service)
-        print(f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything; a service that dies "
-              "is restarted with backoff)", flush=True)
-        threading.Thread(target=_watch_instance_storage, args=(home, logs / "platform.log", watching_stopped),
-                         name="instance-storage-watch", daemon=True).start()
+        print(
+            f"Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops everything; a service that dies "
+            "is restarted with backoff)",
+            flush=True,
+        )
+        threading.Thread(
+            target=_watch_instance_storage,
+            args=(home, logs / "platform.log", watching_stopped),
+            name="instance-storage-watch",
+            daemon=True,
+        ).start()
         while True:
             supervisor.check()
             time.sleep(0.5)

@@ -26,9 +26,10 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from k2_resources.errors import K2Error
 from k2_resources.kafka_broker import KafkaBroker
@@ -74,10 +75,18 @@ def pid_path(run_dir: Path, name: str) -> Path:
 class Supervisor:
     """Starts services, watches them and the broker, restarts what dies (see the module docstring)."""
 
-    def __init__(self, env: dict[str, str], run_dir: Path, log_tail: Callable[[Path], str], *,
-                 broker: KafkaBroker | None = None, initial_backoff_s: float = INITIAL_BACKOFF_S,
-                 max_backoff_s: float = MAX_BACKOFF_S, flap_limit: int = FLAP_LIMIT,
-                 flap_window_s: float = FLAP_WINDOW_S) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        run_dir: Path,
+        log_tail: Callable[[Path], str],
+        *,
+        broker: KafkaBroker | None = None,
+        initial_backoff_s: float = INITIAL_BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+        flap_limit: int = FLAP_LIMIT,
+        flap_window_s: float = FLAP_WINDOW_S,
+    ) -> None:
         self.env = env
         self.run_dir = run_dir
         self.log_tail = log_tail
@@ -101,8 +110,14 @@ class Supervisor:
     def _launch(self, entry: Supervised) -> None:
         service = entry.service
         with service.log.open("ab") as log:  # the child keeps its own copy of the descriptor
-            entry.process = subprocess.Popen(service.argv, env=self.env, cwd=service.cwd, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
+            entry.process = subprocess.Popen(
+                service.argv,
+                env=self.env,
+                cwd=service.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         entry.started_at = time.monotonic()
         entry.restart_at = None
         pid_path(self.run_dir, service.name).write_text(f"{entry.process.pid}\n")
@@ -119,8 +134,7 @@ class Supervisor:
             if entry.process is None and entry.restart_at is not None and now >= entry.restart_at:
                 entry.restarts += 1
                 self._launch(entry)
-                print(f"restarted {entry.service.name} (restart {entry.restarts}, pid {entry.process.pid})",
-                      flush=True)
+                print(f"restarted {entry.service.name} (restart {entry.restarts}, pid {entry.process.pid})", flush=True)
 
     def _exited(self, entry: Supervised, now: float) -> None:
         service, code = entry.service, entry.process.returncode
@@ -135,15 +149,22 @@ class Supervisor:
         entry.failures_in_a_row = 1 if stayed_up else entry.failures_in_a_row + 1
         delay = backoff_s(entry.failures_in_a_row, self.initial_backoff_s, self.max_backoff_s)
         recent = sum(1 for at in entry.exits if now - at <= self.flap_window_s)
-        print(f"{service.name} exited with code {code}; the last lines of {service.log}:\n"
-              f"{self.log_tail(service.log)}\nrestarting {service.name} in {delay:.0f} s "
-              f"(exit {recent} within {self.flap_window_s:.0f} s); the rest keeps running",
-              file=sys.stderr, flush=True)
+        print(
+            f"{service.name} exited with code {code}; the last lines of {service.log}:\n"
+            f"{self.log_tail(service.log)}\nrestarting {service.name} in {delay:.0f} s "
+            f"(exit {recent} within {self.flap_window_s:.0f} s); the rest keeps running",
+            file=sys.stderr,
+            flush=True,
+        )
         if recent >= self.flap_limit and not entry.reported_crash_loop:
             entry.reported_crash_loop = True
-            print(f"{service.name} is crash looping: it exited {recent} times within {self.flap_window_s:.0f} s. "
-                  f"Read {service.log} for the cause and fix it; `k2 run` keeps retrying it every "
-                  f"{self.max_backoff_s:.0f} s at most", file=sys.stderr, flush=True)
+            print(
+                f"{service.name} is crash looping: it exited {recent} times within {self.flap_window_s:.0f} s. "
+                f"Read {service.log} for the cause and fix it; `k2 run` keeps retrying it every "
+                f"{self.max_backoff_s:.0f} s at most",
+                file=sys.stderr,
+                flush=True,
+            )
         entry.restart_at = now + delay
 
     def processes(self) -> list[subprocess.Popen]:
@@ -170,17 +191,25 @@ class Supervisor:
         broker = self.broker
         if broker is None or broker_alive(broker) or time.monotonic() < self._broker_retry_at:
             return
-        print(f"Kafka (the embedded broker on {broker.bootstrap_servers}) has stopped; restarting it "
-              f"(log: {broker.log_file})", file=sys.stderr, flush=True)
+        print(
+            f"Kafka (the embedded broker on {broker.bootstrap_servers}) has stopped; restarting it "
+            f"(log: {broker.log_file})",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             broker.start()
         except K2Error as exc:
             self._broker_failures += 1
             delay = backoff_s(self._broker_failures, self.initial_backoff_s, self.max_backoff_s)
             self._broker_retry_at = time.monotonic() + delay
-            print(f"could not restart Kafka: {exc}\nstart it by hand with `K2_HOME={broker.home.parent} "
-                  f"K2_KAFKA_PORT={broker.port} K2_KAFKA_CONTROLLER_PORT={broker.controller_port} k2 kafka start`; "
-                  f"`k2 run` tries again in {delay:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"could not restart Kafka: {exc}\nstart it by hand with `K2_HOME={broker.home.parent} "
+                f"K2_KAFKA_PORT={broker.port} K2_KAFKA_CONTROLLER_PORT={broker.controller_port} k2 kafka start`; "
+                f"`k2 run` tries again in {delay:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self._broker_failures = 0
         print(f"Kafka restarted on {broker.bootstrap_servers}", flush=True)

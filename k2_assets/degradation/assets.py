@@ -12,8 +12,10 @@ GROUP = "operations"
 def _tier_table(ranking: SymbolRanking, limit: int) -> str:
     """The first ``limit`` ranked symbols as a Markdown table (for the UI)."""
     lines = ["| rank | symbol | exchange | tier | notional | trades |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s.rank} | {s.symbol} | {s.exchange} | {s.tier} | {s.notional:,.2f} | {s.trades} |"
-              for s in ranking.symbols[:limit]]
+    lines += [
+        f"| {s.rank} | {s.symbol} | {s.exchange} | {s.tier} | {s.notional:,.2f} | {s.trades} |"
+        for s in ranking.symbols[:limit]
+    ]
     return "\n".join(lines)
 
 
@@ -23,8 +25,9 @@ def _tier_table(ranking: SymbolRanking, limit: int) -> str:
     kinds={"iceberg", "polars"},
     metadata={"source": "market.trades", "window_hours": RANKING_WINDOW.total_seconds() / 3600},
 )
-def symbol_tiers(context: AssetExecutionContext, iceberg: IcebergResource,
-                 degradation: DegradationResource) -> MaterializeResult:
+def symbol_tiers(
+    context: AssetExecutionContext, iceberg: IcebergResource, degradation: DegradationResource
+) -> MaterializeResult:
     """Symbols ranked by traded notional (price x quantity) over each exchange's last 24 hours of
     trades in ``market.trades``: tier 1 the top 20, tier 2 the top 100, the rest tier 3.
 

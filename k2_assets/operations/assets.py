@@ -7,7 +7,6 @@ and run in order: compaction, then expiry, then orphan clean-up (which deletes t
 first two made unreferenced).
 """
 
-
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
 from k2_resources.iceberg import IcebergResource
@@ -50,18 +49,22 @@ def trades_file_layout(
     """
     report = maintenance.compact(iceberg.trades())
     for rewrite in report.rewrites:
-        context.log.info(f"{rewrite.partition}: {rewrite.files_before} files -> {rewrite.files_after} "
-                         f"({rewrite.records} records, {rewrite.bytes_before} -> {rewrite.bytes_after} bytes)")
-    return MaterializeResult(metadata={
-        "partitions_compacted": len({r.partition for r in report.rewrites}),
-        "files_removed": report.files_removed,
-        "files_added": report.files_added,
-        "records_rewritten": report.records_rewritten,
-        "commits": report.commits,
-        "conflicts_retried": report.conflicts,
-        "seconds": round(report.seconds, 2),
-        **_layout_metadata(iceberg, maintenance),
-    })
+        context.log.info(
+            f"{rewrite.partition}: {rewrite.files_before} files -> {rewrite.files_after} "
+            f"({rewrite.records} records, {rewrite.bytes_before} -> {rewrite.bytes_after} bytes)"
+        )
+    return MaterializeResult(
+        metadata={
+            "partitions_compacted": len({r.partition for r in report.rewrites}),
+            "files_removed": report.files_removed,
+            "files_added": report.files_added,
+            "records_rewritten": report.records_rewritten,
+            "commits": report.commits,
+            "conflicts_retried": report.conflicts,
+            "seconds": round(report.seconds, 2),
+            **_layout_metadata(iceberg, maintenance),
+        }
+    )
 
 
 @asset(group_name=GROUP, deps=[trades_file_layout], kinds={"iceberg"}, metadata={"table": "market.trades"})
@@ -77,14 +80,16 @@ def trades_snapshot_history(
     context.log.info(f"expired {len(report.expired_ids)} of {report.snapshots_before} snapshots")
     table = iceberg.trades()
     oldest = min((s.timestamp_ms for s in table.snapshots()), default=None)
-    return MaterializeResult(metadata={
-        "snapshots_before": report.snapshots_before,
-        "snapshots_expired": len(report.expired_ids),
-        "snapshots_kept": report.snapshots_after,
-        "retention_hours": maintenance.snapshot_retention_hours,
-        "min_snapshots_to_keep": maintenance.min_snapshots_to_keep,
-        "oldest_snapshot_ms": MetadataValue.int(oldest) if oldest is not None else MetadataValue.text("none"),
-    })
+    return MaterializeResult(
+        metadata={
+            "snapshots_before": report.snapshots_before,
+            "snapshots_expired": len(report.expired_ids),
+            "snapshots_kept": report.snapshots_after,
+            "retention_hours": maintenance.snapshot_retention_hours,
+            "min_snapshots_to_keep": maintenance.min_snapshots_to_keep,
+            "oldest_snapshot_ms": MetadataValue.int(oldest) if oldest is not None else MetadataValue.text("none"),
+        }
+    )
 
 
 @asset(group_name=GROUP, deps=[trades_snapshot_history], kinds={"iceberg"}, metadata={"table": "market.trades"})
@@ -96,17 +101,21 @@ def trades_storage(
     snapshots and compacted-away files) and that are older than the grace period are deleted.
     """
     report = maintenance.remove_orphans(iceberg.trades())
-    context.log.info(f"deleted {len(report.deleted)} unreferenced files ({report.bytes_deleted} bytes); "
-                     f"{len(report.kept_in_grace)} younger than the grace period kept")
-    return MaterializeResult(metadata={
-        "files_listed": report.files_listed,
-        "files_referenced": report.referenced,
-        "orphans_deleted": len(report.deleted),
-        "bytes_freed": MetadataValue.int(report.bytes_deleted),
-        "orphans_in_grace_period": len(report.kept_in_grace),
-        "grace_hours": maintenance.orphan_grace_hours,
-        "deleted_sample": MetadataValue.json(list(report.deleted[:10])),
-    })
+    context.log.info(
+        f"deleted {len(report.deleted)} unreferenced files ({report.bytes_deleted} bytes); "
+        f"{len(report.kept_in_grace)} younger than the grace period kept"
+    )
+    return MaterializeResult(
+        metadata={
+            "files_listed": report.files_listed,
+            "files_referenced": report.referenced,
+            "orphans_deleted": len(report.deleted),
+            "bytes_freed": MetadataValue.int(report.bytes_deleted),
+            "orphans_in_grace_period": len(report.kept_in_grace),
+            "grace_hours": maintenance.orphan_grace_hours,
+            "deleted_sample": MetadataValue.json(list(report.deleted[:10])),
+        }
+    )
 
 
 MAINTENANCE_ASSETS = [trades_file_layout, trades_snapshot_history, trades_storage]

@@ -4,7 +4,6 @@ They read the table's current snapshot whenever they run (after a compaction in 
 or on their own from the UI), so they go yellow when micro-batches have piled up small files.
 """
 
-
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 
 from k2_assets.operations.assets import trades_file_layout
@@ -16,10 +15,20 @@ SHOWN_PARTITIONS = 20
 
 def _by_partition(stats: list[PartitionStats]) -> MetadataValue:
     worst = sorted(stats, key=lambda s: (-s.files, s.partition))[:SHOWN_PARTITIONS]
-    return MetadataValue.json({s.partition: {
-        "files": s.files, "small_files": s.small_files, "records": s.records, "bytes": s.total_bytes,
-        "mean_file_bytes": round(s.mean_file_bytes), "min_file_bytes": s.min_file_bytes,
-        "max_file_bytes": s.max_file_bytes} for s in worst})
+    return MetadataValue.json(
+        {
+            s.partition: {
+                "files": s.files,
+                "small_files": s.small_files,
+                "records": s.records,
+                "bytes": s.total_bytes,
+                "mean_file_bytes": round(s.mean_file_bytes),
+                "min_file_bytes": s.min_file_bytes,
+                "max_file_bytes": s.max_file_bytes,
+            }
+            for s in worst
+        }
+    )
 
 
 @asset_check(
@@ -33,8 +42,12 @@ def trades_files_per_partition(iceberg: IcebergResource, maintenance: TableMaint
     return AssetCheckResult(
         passed=not over,
         severity=AssetCheckSeverity.WARN,
-        description=(f"{len(over)} partitions hold more than {maintenance.max_files_per_partition} files: "
-                     "run the trades_table_maintenance job") if over else None,
+        description=(
+            f"{len(over)} partitions hold more than {maintenance.max_files_per_partition} files: "
+            "run the trades_table_maintenance job"
+        )
+        if over
+        else None,
         metadata={
             "partitions": len(stats),
             "partitions_over_limit": len(over),
@@ -60,8 +73,12 @@ def trades_small_files_per_partition(
     return AssetCheckResult(
         passed=not due,
         severity=AssetCheckSeverity.WARN,
-        description=(f"{len(due)} partitions have at least {maintenance.min_small_files} files under "
-                     f"{maintenance.small_file_bytes} bytes: compaction is due") if due else None,
+        description=(
+            f"{len(due)} partitions have at least {maintenance.min_small_files} files under "
+            f"{maintenance.small_file_bytes} bytes: compaction is due"
+        )
+        if due
+        else None,
         metadata={
             "partitions_due": len(due),
             "small_file_bytes": maintenance.small_file_bytes,

@@ -27,18 +27,25 @@ class HistoryRetentionConfig(Config):
 def prune_dagster_history(context: OpExecutionContext, config: HistoryRetentionConfig) -> None:
     """Delete old finished micro-batch runs and the stream sensor's old check evaluations."""
     policy = RetentionPolicy(
-        run_retention_hours=config.run_retention_hours, min_runs_to_keep=config.min_runs_to_keep,
-        check_retention_hours=config.check_retention_hours, min_evaluations_to_keep=config.min_evaluations_to_keep,
+        run_retention_hours=config.run_retention_hours,
+        min_runs_to_keep=config.min_runs_to_keep,
+        check_retention_hours=config.check_retention_hours,
+        min_evaluations_to_keep=config.min_evaluations_to_keep,
     )
-    report = prune_stream_history(context.instance, MICROBATCH_JOB, stream_check_keys(context.instance, BINANCE_TRADES),
-                                  policy)
-    context.log.info(f"deleted {report.runs_deleted} micro-batch run(s) and {report.total_evaluations_deleted} "
-                     f"check evaluation(s): {report.evaluations_deleted}")
+    report = prune_stream_history(
+        context.instance, MICROBATCH_JOB, stream_check_keys(context.instance, BINANCE_TRADES), policy
+    )
+    context.log.info(
+        f"deleted {report.runs_deleted} micro-batch run(s) and {report.total_evaluations_deleted} "
+        f"check evaluation(s): {report.evaluations_deleted}"
+    )
 
 
-@job(tags={"k2/kind": "maintenance"},
-     description="Delete micro-batch runs and stream-sensor check evaluations past their retention "
-                 "(the newest ones and unfinished runs always stay).")
+@job(
+    tags={"k2/kind": "maintenance"},
+    description="Delete micro-batch runs and stream-sensor check evaluations past their retention "
+    "(the newest ones and unfinished runs always stay).",
+)
 def dagster_history_retention():
     prune_dagster_history()
 
@@ -50,5 +57,5 @@ dagster_history_retention_nightly = ScheduleDefinition(
     execution_timezone="UTC",
     default_status=DefaultScheduleStatus.RUNNING,
     description="Keeps the Dagster instance bounded under the stream: one run per micro-batch and one check "
-                "evaluation per check every 5 s would otherwise grow it without end.",
+    "evaluation per check every 5 s would otherwise grow it without end.",
 )

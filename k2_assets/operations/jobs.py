@@ -1,6 +1,5 @@
 """The maintenance job and its nightly schedule (off until an operator turns it on)."""
 
-
 from dagster import AssetSelection, DefaultScheduleStatus, ScheduleDefinition, define_asset_job
 
 from k2_assets.operations.assets import MAINTENANCE_ASSETS

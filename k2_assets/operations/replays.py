@@ -1,6 +1,6 @@
 """Scheduled replays: a window of market.trades re-played in time order into a Kafka topic."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from dagster import (
     Config,
@@ -36,34 +36,56 @@ class ReplayConfig(Config):
 def replay_trades(context: OpExecutionContext, config: ReplayConfig, kafka: KafkaResource, iceberg: IcebergResource):
     """Replay the configured window of market.trades into its topic, resuming a partial replay."""
     spec = ReplaySpec(
-        topic=config.topic, start=datetime.fromisoformat(config.start), end=datetime.fromisoformat(config.end),
-        symbols=tuple(config.symbols) or None, exchange=config.exchange or None,
+        topic=config.topic,
+        start=datetime.fromisoformat(config.start),
+        end=datetime.fromisoformat(config.end),
+        symbols=tuple(config.symbols) or None,
+        exchange=config.exchange or None,
     )
     result = replay_to_kafka(spec, kafka, TimeOrderedReader(iceberg), speed=config.speed or None)
     context.log.info(
         f"replay {result.replay_id} of snapshot {result.snapshot_id}: {result.total} trades in the window, "
         f"{result.already_in_topic} already in {result.topic}, {result.produced} produced now"
     )
-    context.add_output_metadata({"topic": result.topic, "total": result.total, "produced": result.produced,
-                                 "already_in_topic": result.already_in_topic})
+    context.add_output_metadata(
+        {
+            "topic": result.topic,
+            "total": result.total,
+            "produced": result.produced,
+            "already_in_topic": result.already_in_topic,
+        }
+    )
     return result.total
 
 
-@job(tags={"k2/kind": "replay"}, description="Replay a window of market.trades into a Kafka replay topic, in time order.")
+@job(
+    tags={"k2/kind": "replay"}, description="Replay a window of market.trades into a Kafka replay topic, in time order."
+)
 def trades_replay():
     replay_trades()
 
 
-@schedule(job=trades_replay, cron_schedule="30 2 * * *", execution_timezone="UTC",
-          default_status=DefaultScheduleStatus.STOPPED,
-          description="Every night, replay the previous UTC day of market.trades into replay.trades.<day>.")
+@schedule(
+    job=trades_replay,
+    cron_schedule="30 2 * * *",
+    execution_timezone="UTC",
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Every night, replay the previous UTC day of market.trades into replay.trades.<day>.",
+)
 def trades_replay_nightly(context: ScheduleEvaluationContext) -> RunRequest:
-    day = (context.scheduled_execution_time.astimezone(timezone.utc) - timedelta(days=1)).date()
-    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    day = (context.scheduled_execution_time.astimezone(UTC) - timedelta(days=1)).date()
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     return RunRequest(
         run_key=f"replay-{day.isoformat()}",
-        run_config={"ops": {"replay_trades": {"config": {
-            "topic": replay_trades_topic(day.isoformat()), "start": start.isoformat(),
-            "end": (start + timedelta(days=1)).isoformat(),
-        }}}},
+        run_config={
+            "ops": {
+                "replay_trades": {
+                    "config": {
+                        "topic": replay_trades_topic(day.isoformat()),
+                        "start": start.isoformat(),
+                        "end": (start + timedelta(days=1)).isoformat(),
+                    }
+                }
+            }
+        },
     )

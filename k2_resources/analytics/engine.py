@@ -9,8 +9,8 @@ replace as the in-process engine's, so both engines write the same rows the same
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Iterable
 
 import polars as pl
 from dagster import ConfigurableResource
@@ -44,9 +44,16 @@ class AnalyticsEngineResource(ConfigurableResource):
             raise K2Error(f"K2_ANALYTICS_ENGINE={self.engine!r} is not an engine; use one of {', '.join(ENGINES)}")
         return engine
 
-    def ohlcv_bars(self, iceberg: IcebergResource, table: Table, snapshot_id: int | None, row_filter: RowFilter,
-                   intervals: Iterable[str] = INTERVALS, trades: pl.DataFrame | None = None,
-                   computed_at: datetime | None = None) -> pl.DataFrame:
+    def ohlcv_bars(
+        self,
+        iceberg: IcebergResource,
+        table: Table,
+        snapshot_id: int | None,
+        row_filter: RowFilter,
+        intervals: Iterable[str] = INTERVALS,
+        trades: pl.DataFrame | None = None,
+        computed_at: datetime | None = None,
+    ) -> pl.DataFrame:
         """Bars of the trades of ``table`` (market.trades) at ``snapshot_id`` matching ``row_filter``.
 
         In process, ``trades`` (already read by the caller) saves a second read; Spark reads the

@@ -56,8 +56,12 @@ def touched_days(table: Table, last: int | None, current: int) -> tuple[list[dat
     """UTC day starts whose Binance trades changed since snapshot ``last``, and how that was found."""
     binance = EqualTo("exchange", EXCHANGE)
     if last is not None and table.snapshot_by_id(last) is not None:
-        appended = table.incremental_append_scan(from_snapshot_id_exclusive=last, to_snapshot_id_inclusive=current,
-                                                 row_filter=binance, selected_fields=("timestamp",)).to_arrow()
+        appended = table.incremental_append_scan(
+            from_snapshot_id_exclusive=last,
+            to_snapshot_id_inclusive=current,
+            row_filter=binance,
+            selected_fields=("timestamp",),
+        ).to_arrow()
         how = f"appended since snapshot {last}"
     else:
         appended = table.scan(row_filter=binance, selected_fields=("timestamp",), snapshot_id=current).to_arrow()
@@ -68,8 +72,9 @@ def touched_days(table: Table, last: int | None, current: int) -> tuple[list[dat
     return days.to_list(), how
 
 
-def update_binance_bars(iceberg: IcebergResource, last_snapshot_id: int | None,
-                        engine: AnalyticsEngineResource | None = None) -> BinanceBarsReport:
+def update_binance_bars(
+    iceberg: IcebergResource, last_snapshot_id: int | None, engine: AnalyticsEngineResource | None = None
+) -> BinanceBarsReport:
     """Bring the Binance bars in market.ohlcv up to market.trades' current snapshot.
 
     ``last_snapshot_id`` is the source snapshot of the previous update (None: recompute all);
@@ -80,33 +85,57 @@ def update_binance_bars(iceberg: IcebergResource, last_snapshot_id: int | None,
     table = iceberg.trades()
     snapshot = table.current_snapshot()
     if snapshot is None or snapshot.snapshot_id == last:
-        return BinanceBarsReport(source_snapshot_id=last, previous_snapshot_id=last, days=[], bars_written=0,
-                                 how=NO_NEW_TRADES)
+        return BinanceBarsReport(
+            source_snapshot_id=last, previous_snapshot_id=last, days=[], bars_written=0, how=NO_NEW_TRADES
+        )
     current = snapshot.snapshot_id
     days, how = touched_days(table, last, current)
     ohlcv = ohlcv_table(iceberg.catalog())
     all_stored, all_trades, bars_written = [], [], 0
     for day_start in days:
         day_end = day_start + timedelta(days=1)
-        appended = table.incremental_append_scan(
-            from_snapshot_id_exclusive=last, to_snapshot_id_inclusive=current,
-            row_filter=And(EqualTo("exchange", EXCHANGE), And(
-                GreaterThanOrEqual("timestamp", day_start.isoformat()), LessThan("timestamp", day_end.isoformat()))),
-            selected_fields=("timestamp",)).to_arrow() if last is not None and table.snapshot_by_id(last) else None
+        appended = (
+            table.incremental_append_scan(
+                from_snapshot_id_exclusive=last,
+                to_snapshot_id_inclusive=current,
+                row_filter=And(
+                    EqualTo("exchange", EXCHANGE),
+                    And(
+                        GreaterThanOrEqual("timestamp", day_start.isoformat()),
+                        LessThan("timestamp", day_end.isoformat()),
+                    ),
+                ),
+                selected_fields=("timestamp",),
+            ).to_arrow()
+            if last is not None and table.snapshot_by_id(last)
+            else None
+        )
         if appended is not None and appended.num_rows:
             stamps = pl.from_arrow(appended)["timestamp"]
             first_minute = stamps.min().replace(second=0, microsecond=0)
             end_minute = stamps.max().replace(second=0, microsecond=0) + timedelta(minutes=1)
         else:
             first_minute, end_minute = day_start, day_end
-        fresh = engine.ohlcv_bars(iceberg, table, current, RowFilter(None, first_minute, end_minute, EXCHANGE),
-                                  intervals=["1m"])
+        fresh = engine.ohlcv_bars(
+            iceberg, table, current, RowFilter(None, first_minute, end_minute, EXCHANGE), intervals=["1m"]
+        )
         kept = stored_bars(ohlcv, EXCHANGE, day_start, day_end).filter(
-            (pl.col("interval") == "1m") & ((pl.col("bucket_start") < first_minute) | (pl.col("bucket_start") >= end_minute)))
+            (pl.col("interval") == "1m")
+            & ((pl.col("bucket_start") < first_minute) | (pl.col("bucket_start") >= end_minute))
+        )
         minutes = pl.concat([kept, fresh]).sort("symbol", "bucket_start")
         bars = pl.concat([minutes] + [roll_up(minutes, interval) for interval in INTERVALS if interval != "1m"])
-        replace_bars(ohlcv, bars, EXCHANGE, day_start, day_end, snapshot_properties={
-            "k2.ohlcv.source-snapshot": str(current), "k2.ohlcv.binance-day": day_start.date().isoformat()})
+        replace_bars(
+            ohlcv,
+            bars,
+            EXCHANGE,
+            day_start,
+            day_end,
+            snapshot_properties={
+                "k2.ohlcv.source-snapshot": str(current),
+                "k2.ohlcv.binance-day": day_start.date().isoformat(),
+            },
+        )
         bars_written += bars.height
         all_stored.append(stored_bars(ohlcv, EXCHANGE, day_start, day_end))
         all_trades.append(read_trades(table, current, RowFilter(None, day_start, day_end, EXCHANGE)))

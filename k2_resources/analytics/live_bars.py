@@ -18,9 +18,9 @@ always kept): the table is rewritten every few minutes and its history has no ot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Sequence
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 from pyiceberg.catalog import Catalog
@@ -60,9 +60,14 @@ def live_bars_table(catalog: Catalog) -> Table:
         return catalog.load_table(LIVE_BARS.identifier)
 
 
-def compute_live_bars(hybrid: HybridQueryResource, hours: float = 2.0, exchange: str = "BINANCE",
-                      symbols: Sequence[str] | None = None, allow_partial: bool = False,
-                      computed_at: datetime | None = None) -> LiveBars:
+def compute_live_bars(
+    hybrid: HybridQueryResource,
+    hours: float = 2.0,
+    exchange: str = "BINANCE",
+    symbols: Sequence[str] | None = None,
+    allow_partial: bool = False,
+    computed_at: datetime | None = None,
+) -> LiveBars:
     """1m bars of ``exchange``'s trades in the ``hours`` up to the end of the newest trade's minute.
 
     Two hybrid reads: one from the newest committed trade minus ``hours`` to the end of the log finds
@@ -82,8 +87,13 @@ def compute_live_bars(hybrid: HybridQueryResource, hours: float = 2.0, exchange:
     probe = hybrid.trades(chosen, probe_start, None, exchange=exchange, allow_partial=allow_partial)
     if probe.height == 0:
         empty = probe.select(TRADE_COLUMNS)
-        return LiveBars(ohlcv_bars(empty, intervals=["1m"], computed_at=computed_at), empty, None, None,
-                        hybrid.last_stats or QueryStats())
+        return LiveBars(
+            ohlcv_bars(empty, intervals=["1m"], computed_at=computed_at),
+            empty,
+            None,
+            None,
+            hybrid.last_stats or QueryStats(),
+        )
     newest = probe["timestamp"].max()
     end = newest.replace(second=0, microsecond=0) + timedelta(minutes=1)
     start = end - span
@@ -107,8 +117,9 @@ def stored_live_bars(table: Table) -> pl.DataFrame:
     return pl.from_arrow(table.scan().to_arrow()).sort(_BAR_KEY)
 
 
-def replace_live_bars(table: Table, bars: pl.DataFrame,
-                      snapshot_properties: dict[str, str] | None = None) -> tuple[int | None, bool]:
+def replace_live_bars(
+    table: Table, bars: pl.DataFrame, snapshot_properties: dict[str, str] | None = None
+) -> tuple[int | None, bool]:
     """Replace every bar of the table by ``bars`` in one commit, unless they are the same bars already
     (computed_at aside): then nothing is written. Returns (current snapshot id, written)."""
     stored = stored_live_bars(table)
@@ -118,32 +129,52 @@ def replace_live_bars(table: Table, bars: pl.DataFrame,
     if bars.height and table.current_snapshot() is None:
         table.append(to_ohlcv_arrow(bars.sort(_BAR_KEY)), snapshot_properties=snapshot_properties or {})
     elif bars.height:
-        table.overwrite(to_ohlcv_arrow(bars.sort(_BAR_KEY)), overwrite_filter=AlwaysTrue(),
-                        snapshot_properties=snapshot_properties or {})
+        table.overwrite(
+            to_ohlcv_arrow(bars.sort(_BAR_KEY)),
+            overwrite_filter=AlwaysTrue(),
+            snapshot_properties=snapshot_properties or {},
+        )
     else:
         table.delete(AlwaysTrue(), snapshot_properties=snapshot_properties or {})
     table.refresh()
-    expire_snapshots(table, older_than=datetime.now(timezone.utc) - SNAPSHOT_RETENTION, retain_last=SNAPSHOTS_KEPT)
+    expire_snapshots(table, older_than=datetime.now(UTC) - SNAPSHOT_RETENTION, retain_last=SNAPSHOTS_KEPT)
     snapshot = table.current_snapshot()
     return (snapshot.snapshot_id if snapshot else None), True
 
 
 def volume_mismatches(bars: pl.DataFrame, trades: pl.DataFrame) -> dict[str, str]:
     """Per symbol, where the bars' volume or trade count differs from the trades' (empty: none does)."""
-    from_bars = {row["symbol"]: row for row in bars.group_by("symbol").agg(
-        pl.col("volume").sum(), pl.col("trade_count").sum()).iter_rows(named=True)}
-    from_trades = {row["symbol"]: row for row in trades.group_by("symbol").agg(
-        pl.col("quantity").sum().alias("volume"), pl.len().alias("trade_count")).iter_rows(named=True)}
+    from_bars = {
+        row["symbol"]: row
+        for row in bars.group_by("symbol")
+        .agg(pl.col("volume").sum(), pl.col("trade_count").sum())
+        .iter_rows(named=True)
+    }
+    from_trades = {
+        row["symbol"]: row
+        for row in trades.group_by("symbol")
+        .agg(pl.col("quantity").sum().alias("volume"), pl.len().alias("trade_count"))
+        .iter_rows(named=True)
+    }
     mismatches: dict[str, str] = {}
     for symbol in sorted(set(from_bars) | set(from_trades)):
         got, want = from_bars.get(symbol), from_trades.get(symbol)
         got_volume, want_volume = (got or {}).get("volume", 0), (want or {}).get("volume", 0)
         got_count, want_count = (got or {}).get("trade_count", 0), (want or {}).get("trade_count", 0)
         if got_volume != want_volume or got_count != want_count:
-            mismatches[symbol] = (f"bars: volume {got_volume} in {got_count} trades; "
-                                  f"hybrid trades: volume {want_volume} in {want_count} trades")
+            mismatches[symbol] = (
+                f"bars: volume {got_volume} in {got_count} trades; "
+                f"hybrid trades: volume {want_volume} in {want_count} trades"
+            )
     return mismatches
 
 
-__all__ = ["LiveBars", "bar_violations", "compute_live_bars", "live_bars_table", "replace_live_bars",
-           "stored_live_bars", "volume_mismatches"]
+__all__ = [
+    "LiveBars",
+    "bar_violations",
+    "compute_live_bars",
+    "live_bars_table",
+    "replace_live_bars",
+    "stored_live_bars",
+    "volume_mismatches",
+]

@@ -17,8 +17,8 @@ rounded to 8 decimal places) so coarser bars can be checked against finer ones.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import polars as pl
 import pyarrow as pa
@@ -34,8 +34,16 @@ from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
 
 INTERVALS: dict[str, str] = {"1m": "1m", "5m": "5m", "1h": "1h", "1d": "1d"}  # name -> polars duration
 EXCHANGE_TIME_ZONES: dict[str, str] = {"ASX": "Australia/Sydney"}  # others: UTC
-TRADE_COLUMNS = ("symbol", "exchange", "timestamp", "price", "quantity", "source_sequence", "platform_sequence",
-                 "message_id")
+TRADE_COLUMNS = (
+    "symbol",
+    "exchange",
+    "timestamp",
+    "price",
+    "quantity",
+    "source_sequence",
+    "platform_sequence",
+    "message_id",
+)
 
 
 def ohlcv_table(catalog: Catalog) -> Table:
@@ -74,20 +82,26 @@ def _bucket_end(interval: str) -> pl.Expr:
     return expression
 
 
-def ohlcv_bars(trades: pl.DataFrame | pa.Table, intervals: Iterable[str] = INTERVALS,
-               computed_at: datetime | None = None) -> pl.DataFrame:
+def ohlcv_bars(
+    trades: pl.DataFrame | pa.Table, intervals: Iterable[str] = INTERVALS, computed_at: datetime | None = None
+) -> pl.DataFrame:
     """Bars of every interval for ``trades`` (columns at least TRADE_COLUMNS), in OHLCV's columns."""
     frame = trades if isinstance(trades, pl.DataFrame) else pl.from_arrow(trades)
     if not isinstance(frame, pl.DataFrame):
         raise TypeError("trades must be a table")
     frame = frame.select(
-        "symbol", "exchange", "timestamp",
-        pl.col("price").cast(pl.Decimal(18, 8)), pl.col("quantity").cast(pl.Decimal(18, 8)),
-        *[pl.col(c) if c in frame.columns else pl.lit(None, dtype=pl.Int64).alias(c)
-          for c in ("source_sequence", "platform_sequence")],
+        "symbol",
+        "exchange",
+        "timestamp",
+        pl.col("price").cast(pl.Decimal(18, 8)),
+        pl.col("quantity").cast(pl.Decimal(18, 8)),
+        *[
+            pl.col(c) if c in frame.columns else pl.lit(None, dtype=pl.Int64).alias(c)
+            for c in ("source_sequence", "platform_sequence")
+        ],
         pl.col("message_id") if "message_id" in frame.columns else pl.lit("").alias("message_id"),
     ).sort("timestamp", "source_sequence", "platform_sequence", "message_id", nulls_last=True)
-    computed_at = computed_at or datetime.now(timezone.utc)
+    computed_at = computed_at or datetime.now(UTC)
     bars = []
     for interval in intervals:
         grouped = (
@@ -105,13 +119,18 @@ def ohlcv_bars(trades: pl.DataFrame | pa.Table, intervals: Iterable[str] = INTER
                 pl.col("timestamp").last().alias("last_trade_at"),
             )
         )
-        bars.append(grouped.with_columns(
-            pl.lit(interval).alias("interval"),
-            _bucket_end(interval).alias("bucket_end"),
-            pl.when(pl.col("volume") > 0).then(pl.col("notional") / pl.col("volume"))
-            .otherwise(pl.col("close").cast(pl.Decimal(38, 8))).cast(pl.Decimal(18, 8)).alias("vwap"),
-            pl.lit(computed_at).dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("computed_at"),
-        ))
+        bars.append(
+            grouped.with_columns(
+                pl.lit(interval).alias("interval"),
+                _bucket_end(interval).alias("bucket_end"),
+                pl.when(pl.col("volume") > 0)
+                .then(pl.col("notional") / pl.col("volume"))
+                .otherwise(pl.col("close").cast(pl.Decimal(38, 8)))
+                .cast(pl.Decimal(18, 8))
+                .alias("vwap"),
+                pl.lit(computed_at).dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("computed_at"),
+            )
+        )
     columns = [field.name for field in OHLCV_SCHEMA.fields]
     if not bars:
         return pl.from_arrow(OHLCV.arrow_schema().empty_table())
@@ -122,8 +141,9 @@ def to_ohlcv_arrow(bars: pl.DataFrame) -> pa.Table:
     return bars.to_arrow().cast(OHLCV.arrow_schema())
 
 
-def replace_filter(exchange: str, start: datetime, end: datetime,
-                   symbols: Sequence[str] | None = None) -> BooleanExpression:
+def replace_filter(
+    exchange: str, start: datetime, end: datetime, symbols: Sequence[str] | None = None
+) -> BooleanExpression:
     """The bars of ``exchange`` whose buckets start in [start, end) (optionally some symbols only)."""
     expression: BooleanExpression = And(
         EqualTo("exchange", exchange),
@@ -134,16 +154,28 @@ def replace_filter(exchange: str, start: datetime, end: datetime,
     return expression
 
 
-def replace_bars(table: Table, bars: pl.DataFrame, exchange: str, start: datetime, end: datetime,
-                 snapshot_properties: dict[str, str] | None = None) -> int | None:
+def replace_bars(
+    table: Table,
+    bars: pl.DataFrame,
+    exchange: str,
+    start: datetime,
+    end: datetime,
+    snapshot_properties: dict[str, str] | None = None,
+) -> int | None:
     """Replace every bar of ``exchange`` with a bucket starting in [start, end) by ``bars``, in one commit."""
-    outside = bars.filter((pl.col("bucket_start") < start) | (pl.col("bucket_start") >= end) |
-                          (pl.col("exchange") != exchange))
+    outside = bars.filter(
+        (pl.col("bucket_start") < start) | (pl.col("bucket_start") >= end) | (pl.col("exchange") != exchange)
+    )
     if outside.height:
-        raise K2Error(f"{outside.height} bars lie outside the replaced range {start}..{end} of {exchange}; "
-                      "widen the range to whole buckets")
-    table.overwrite(to_ohlcv_arrow(bars), overwrite_filter=replace_filter(exchange, start, end),
-                    snapshot_properties=snapshot_properties or {})
+        raise K2Error(
+            f"{outside.height} bars lie outside the replaced range {start}..{end} of {exchange}; "
+            "widen the range to whole buckets"
+        )
+    table.overwrite(
+        to_ohlcv_arrow(bars),
+        overwrite_filter=replace_filter(exchange, start, end),
+        snapshot_properties=snapshot_properties or {},
+    )
     table.refresh()
     snapshot = table.current_snapshot()
     return snapshot.snapshot_id if snapshot else None
@@ -153,9 +185,11 @@ def bar_violations(bars: pl.DataFrame) -> dict[str, int]:
     """Counts of bars breaking high >= max(open, close) and low <= min(open, close)."""
     return {
         "high_below_open_or_close": bars.filter(
-            (pl.col("high") < pl.col("open")) | (pl.col("high") < pl.col("close"))).height,
+            (pl.col("high") < pl.col("open")) | (pl.col("high") < pl.col("close"))
+        ).height,
         "low_above_open_or_close": bars.filter(
-            (pl.col("low") > pl.col("open")) | (pl.col("low") > pl.col("close"))).height,
+            (pl.col("low") > pl.col("open")) | (pl.col("low") > pl.col("close"))
+        ).height,
     }
 
 
@@ -170,23 +204,31 @@ def roll_up(minute_bars: pl.DataFrame, interval: str, computed_at: datetime | No
     if interval == "1m":
         return minute_bars
     ordered = minute_bars.filter(pl.col("interval") == "1m").sort("symbol", "exchange", "bucket_start")
-    computed_at = computed_at or datetime.now(timezone.utc)
+    computed_at = computed_at or datetime.now(UTC)
     grouped = (
         ordered.rename({"bucket_start": "minute"})
         .with_columns(pl.col("minute").alias("timestamp"))
         .with_columns(_bucket_start(interval).alias("bucket_start"))
         .group_by("symbol", "exchange", "bucket_start", maintain_order=True)
         .agg(
-            pl.col("open").first(), pl.col("high").max(), pl.col("low").min(), pl.col("close").last(),
-            pl.col("volume").sum().cast(pl.Decimal(38, 8)), pl.col("notional").sum().cast(pl.Decimal(38, 8)),
+            pl.col("open").first(),
+            pl.col("high").max(),
+            pl.col("low").min(),
+            pl.col("close").last(),
+            pl.col("volume").sum().cast(pl.Decimal(38, 8)),
+            pl.col("notional").sum().cast(pl.Decimal(38, 8)),
             pl.col("trade_count").sum().cast(pl.Int64),
-            pl.col("first_trade_at").min(), pl.col("last_trade_at").max(),
+            pl.col("first_trade_at").min(),
+            pl.col("last_trade_at").max(),
         )
         .with_columns(
             pl.lit(interval).alias("interval"),
             _bucket_end(interval).alias("bucket_end"),
-            pl.when(pl.col("volume") > 0).then(pl.col("notional") / pl.col("volume"))
-            .otherwise(pl.col("close").cast(pl.Decimal(38, 8))).cast(pl.Decimal(18, 8)).alias("vwap"),
+            pl.when(pl.col("volume") > 0)
+            .then(pl.col("notional") / pl.col("volume"))
+            .otherwise(pl.col("close").cast(pl.Decimal(38, 8)))
+            .cast(pl.Decimal(18, 8))
+            .alias("vwap"),
             pl.lit(computed_at).dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("computed_at"),
         )
     )
@@ -206,7 +248,7 @@ def exchange_day_bounds(exchange: str, day: str | datetime) -> tuple[datetime, d
     following = local + timedelta(days=1)
     start = datetime(local.year, local.month, local.day, tzinfo=zone)
     end = datetime(following.year, following.month, following.day, tzinfo=zone)
-    return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+    return start.astimezone(UTC), end.astimezone(UTC)
 
 
 def empty_bars() -> pl.DataFrame:
@@ -221,8 +263,12 @@ def empty_trades() -> pl.DataFrame:
 
 def stored_bars(ohlcv: Table, exchange: str, start: datetime, end: datetime) -> pl.DataFrame:
     """The bars of ``exchange`` in ``market.ohlcv`` whose buckets start in [start, end)."""
-    rows = ohlcv.scan(row_filter=And(EqualTo("exchange", exchange), And(
-        GreaterThanOrEqual("bucket_start", start.isoformat()), LessThan("bucket_start", end.isoformat())))).to_arrow()
+    rows = ohlcv.scan(
+        row_filter=And(
+            EqualTo("exchange", exchange),
+            And(GreaterThanOrEqual("bucket_start", start.isoformat()), LessThan("bucket_start", end.isoformat())),
+        )
+    ).to_arrow()
     return pl.from_arrow(rows)
 
 

@@ -19,9 +19,10 @@ it K2 loads and runs on the in-process engine.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -48,9 +49,9 @@ def read_trades_in_spark(spark: Any, catalog_name: str, snapshot_id: int | None,
     if row_filter.symbols is not None:
         frame = frame.where(F.col("symbol").isin(list(row_filter.symbols)))
     if row_filter.start is not None:
-        frame = frame.where(F.col("timestamp") >= F.lit(row_filter.start.astimezone(timezone.utc)))
+        frame = frame.where(F.col("timestamp") >= F.lit(row_filter.start.astimezone(UTC)))
     if row_filter.end is not None:
-        frame = frame.where(F.col("timestamp") < F.lit(row_filter.end.astimezone(timezone.utc)))
+        frame = frame.where(F.col("timestamp") < F.lit(row_filter.end.astimezone(UTC)))
     return frame
 
 
@@ -82,38 +83,54 @@ def _bucket_end(interval: str) -> Any:
     return expression
 
 
-def spark_ohlcv_bars(trades: Any, intervals: Iterable[str] = INTERVALS,
-                     computed_at: datetime | None = None) -> pl.DataFrame:
+def spark_ohlcv_bars(
+    trades: Any, intervals: Iterable[str] = INTERVALS, computed_at: datetime | None = None
+) -> pl.DataFrame:
     """Bars of every interval for the Spark DataFrame ``trades``, computed in Spark, in OHLCV's columns."""
     from pyspark.sql import functions as F
 
     columns = set(trades.columns)
     frame = trades.select(
-        "symbol", "exchange", "timestamp",
-        F.col("price").cast("decimal(18,8)").alias("price"), F.col("quantity").cast("decimal(18,8)").alias("quantity"),
-        *[(F.col(c) if c in columns else F.lit(None).cast("bigint")).alias(c)
-          for c in ("source_sequence", "platform_sequence")],
+        "symbol",
+        "exchange",
+        "timestamp",
+        F.col("price").cast("decimal(18,8)").alias("price"),
+        F.col("quantity").cast("decimal(18,8)").alias("quantity"),
+        *[
+            (F.col(c) if c in columns else F.lit(None).cast("bigint")).alias(c)
+            for c in ("source_sequence", "platform_sequence")
+        ],
         (F.col("message_id") if "message_id" in columns else F.lit("")).alias("message_id"),
     )
     # The in-process engine's order within a bucket, missing values last.
     order = F.struct(
         F.col("timestamp"),
-        F.col("source_sequence").isNull(), F.col("source_sequence"),
-        F.col("platform_sequence").isNull(), F.col("platform_sequence"),
-        F.col("message_id").isNull(), F.col("message_id"),
+        F.col("source_sequence").isNull(),
+        F.col("source_sequence"),
+        F.col("platform_sequence").isNull(),
+        F.col("platform_sequence"),
+        F.col("message_id").isNull(),
+        F.col("message_id"),
     )
     product = F.bround(F.col("price") * F.col("quantity"), 8).cast("decimal(38,8)")
-    computed_at = (computed_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    computed_at = (computed_at or datetime.now(UTC)).astimezone(UTC)
     intervals = list(intervals)
     if not intervals:
         return pl.from_arrow(OHLCV.arrow_schema().empty_table())
     # One scan and one shuffle for every interval: each trade is exploded into one row per interval.
-    buckets = F.explode(F.array(*[
-        F.struct(F.lit(interval).alias("interval"), _bucket_start(interval).alias("bucket_start"))
-        for interval in intervals]))
+    buckets = F.explode(
+        F.array(
+            *[
+                F.struct(F.lit(interval).alias("interval"), _bucket_start(interval).alias("bucket_start"))
+                for interval in intervals
+            ]
+        )
+    )
     grouped = (
-        frame.withColumn("product", product).withColumn("bucket", buckets)
-        .select("*", "bucket.interval", "bucket.bucket_start").drop("bucket")
+        frame.withColumn("product", product)
+        .withColumn("bucket", buckets)
+        .select("*", "bucket.interval", "bucket.bucket_start")
+        .drop("bucket")
         .groupBy("interval", "symbol", "exchange", "bucket_start")
         .agg(
             F.min_by("price", order).alias("open"),
@@ -131,9 +148,22 @@ def spark_ohlcv_bars(trades: Any, intervals: Iterable[str] = INTERVALS,
     for interval in intervals:
         bucket_end = F.when(F.col("interval") == interval, _bucket_end(interval)).otherwise(bucket_end)
     bars = _with_exact_vwap(grouped).select(
-        "interval", "symbol", "exchange", "bucket_start", bucket_end.alias("bucket_end"),
-        "open", "high", "low", "close", "volume", "notional", "vwap", "trade_count", "first_trade_at",
-        "last_trade_at", F.lit(computed_at).alias("computed_at"),
+        "interval",
+        "symbol",
+        "exchange",
+        "bucket_start",
+        bucket_end.alias("bucket_end"),
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "notional",
+        "vwap",
+        "trade_count",
+        "first_trade_at",
+        "last_trade_at",
+        F.lit(computed_at).alias("computed_at"),
     )
     arrow = bars.toArrow()
     names = [field.name for field in OHLCV_SCHEMA.fields]
@@ -155,12 +185,19 @@ def _with_exact_vwap(bars: Any) -> Any:
         bars.withColumn("_volume_units", (F.col("volume") * units).cast("decimal(38,0)"))
         .withColumn("_dividend", ((F.col("notional") * units).cast("decimal(38,0)") * units).cast("decimal(38,0)"))
         .withColumn("_quotient", F.expr("CASE WHEN _volume_units > 0 THEN _dividend div _volume_units END"))
-        .withColumn("_twice_remainder",
-                    ((F.col("_dividend") - F.col("_quotient").cast("decimal(38,0)") * F.col("_volume_units"))
-                     .cast("decimal(38,0)") * F.lit(2)).cast("decimal(38,0)"))
+        .withColumn(
+            "_twice_remainder",
+            (
+                (F.col("_dividend") - F.col("_quotient").cast("decimal(38,0)") * F.col("_volume_units")).cast(
+                    "decimal(38,0)"
+                )
+                * F.lit(2)
+            ).cast("decimal(38,0)"),
+        )
     )
     up = (F.col("_twice_remainder") > F.col("_volume_units")) | (
-        (F.col("_twice_remainder") == F.col("_volume_units")) & (F.pmod(F.col("_quotient"), F.lit(2)) == 1))
+        (F.col("_twice_remainder") == F.col("_volume_units")) & (F.pmod(F.col("_quotient"), F.lit(2)) == 1)
+    )
     rounded = F.col("_quotient") + F.when(up, F.lit(1)).otherwise(F.lit(0))
     vwap = (rounded.cast("decimal(18,0)") * F.lit(Decimal("0.00000001"))).cast("decimal(18,8)")
     return with_parts.withColumn(

@@ -71,8 +71,10 @@ def _jdbc_url(sqlalchemy_uri: str) -> tuple[str, dict[str, str]]:
         if parts.password:
             extra["jdbc.password"] = unquote(parts.password)
         return url, extra
-    raise K2Error(f"Spark cannot open the SQL catalog {dialect!r} ({sqlalchemy_uri.split('@')[-1]}); "
-                  "use SQLite or PostgreSQL for the SQL catalog, or a REST catalog (K2_ICEBERG_CATALOG_TYPE=rest)")
+    raise K2Error(
+        f"Spark cannot open the SQL catalog {dialect!r} ({sqlalchemy_uri.split('@')[-1]}); "
+        "use SQLite or PostgreSQL for the SQL catalog, or a REST catalog (K2_ICEBERG_CATALOG_TYPE=rest)"
+    )
 
 
 def spark_catalog_conf(name: str, properties: dict[str, str]) -> dict[str, str]:
@@ -122,19 +124,30 @@ def _require_pyspark() -> Any:
     try:
         import pyspark
     except ImportError as exc:
-        raise K2Error("pyspark is not installed; install K2 with the `spark` extra "
-                      "(`uv sync --extra spark`, or `pip install 'k2[spark]'`)") from exc
+        raise K2Error(
+            "pyspark is not installed; install K2 with the `spark` extra "
+            "(`uv sync --extra spark`, or `pip install 'k2[spark]'`)"
+        ) from exc
     if not pyspark.__version__.startswith(SPARK_LINE + "."):
-        raise K2Error(f"pyspark {pyspark.__version__} does not match the Iceberg runtime for Spark {SPARK_LINE} "
-                      f"in infra/spark/pom.xml; install pyspark {SPARK_LINE}.x (the `spark` extra pins it)")
+        raise K2Error(
+            f"pyspark {pyspark.__version__} does not match the Iceberg runtime for Spark {SPARK_LINE} "
+            f"in infra/spark/pom.xml; install pyspark {SPARK_LINE}.x (the `spark` extra pins it)"
+        )
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        raise K2Error("Java was not found (no `java` on PATH, no JAVA_HOME); Spark needs Java 17 or newer "
-                      "(Debian: `apt-get install openjdk-17-jre-headless`)")
+        raise K2Error(
+            "Java was not found (no `java` on PATH, no JAVA_HOME); Spark needs Java 17 or newer "
+            "(Debian: `apt-get install openjdk-17-jre-headless`)"
+        )
     return pyspark
 
 
-def spark_session(master: str = DEFAULT_MASTER, catalog_name: str = "k2", properties: dict[str, str] | None = None,
-                  driver_memory: str = "1g", shuffle_partitions: int = 4) -> Any:
+def spark_session(
+    master: str = DEFAULT_MASTER,
+    catalog_name: str = "k2",
+    properties: dict[str, str] | None = None,
+    driver_memory: str = "1g",
+    shuffle_partitions: int = 4,
+) -> Any:
     """The process' Spark session, with K2's catalog (``properties``: pyiceberg's; default: K2's settings)
     registered as ``catalog_name``. Started on first call (seconds), then reused (``master`` and the
     driver settings of the first call win)."""
@@ -144,7 +157,7 @@ def spark_session(master: str = DEFAULT_MASTER, catalog_name: str = "k2", proper
     if conf.get(f"spark.sql.catalog.{catalog_name}.catalog-impl", "").endswith("JdbcCatalog"):
         load_catalog(catalog_name, **properties)  # creates the SQL catalog's tables if they are missing
     with _lock:
-        if _session is not None and _session.sparkContext._jsc is not None:  # noqa: SLF001 (None once stopped)
+        if _session is not None and _session.sparkContext._jsc is not None:
             known = _session_catalogs.get(catalog_name)
             if known is None:
                 for key, value in conf.items():
@@ -154,7 +167,8 @@ def spark_session(master: str = DEFAULT_MASTER, catalog_name: str = "k2", proper
                 raise K2Error(
                     f"this process' Spark session already has catalog {catalog_name!r} at "
                     f"{known.get(f'spark.sql.catalog.{catalog_name}.uri')}; Spark keeps a catalog for the "
-                    "session's life, so use one K2 catalog per process (or another catalog name)")
+                    "session's life, so use one K2 catalog per process (or another catalog name)"
+                )
             return _session
         _require_pyspark()
         from pyspark.sql import SparkSession
@@ -162,7 +176,8 @@ def spark_session(master: str = DEFAULT_MASTER, catalog_name: str = "k2", proper
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # bind the driver to loopback, not the host name
 
         builder = (
-            SparkSession.builder.master(master).appName("k2")
+            SparkSession.builder.master(master)
+            .appName("k2")
             .config("spark.jars", ",".join(spark_jars()))
             .config("spark.sql.extensions", "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions")
             .config("spark.sql.session.timeZone", "UTC")
@@ -179,8 +194,10 @@ def spark_session(master: str = DEFAULT_MASTER, catalog_name: str = "k2", proper
         try:
             _session = builder.getOrCreate()
         except Exception as exc:  # the JVM did not start: say why in one line
-            raise K2Error(f"Spark could not start ({master}): {str(exc).strip().splitlines()[0]}; "
-                          "check Java 17+ and K2_SPARK_MASTER") from exc
+            raise K2Error(
+                f"Spark could not start ({master}): {str(exc).strip().splitlines()[0]}; "
+                "check Java 17+ and K2_SPARK_MASTER"
+            ) from exc
         _session_catalogs.clear()
         _session_catalogs[catalog_name] = conf
         return _session

@@ -20,12 +20,13 @@ through one fixed Iceberg snapshot.)
 
 import os
 import re
-from contextlib import asynccontextmanager
-from pathlib import Path
 import threading
 import time
-from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Callable, Literal
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import polars as pl
 from fastapi import Depends, FastAPI, Query, Request, Security
@@ -59,7 +60,7 @@ from k2_resources.topics import BINANCE_TRADES_TOPIC
 from k2_resources.trades.hybrid import HybridQueryResource
 
 DEFAULT_API_PORT = 8000
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,31}$")
 _EXCHANGE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 _WINDOW = re.compile(r"^(\d{1,6})(s|m|h|d)$")
@@ -81,21 +82,33 @@ def _env_float(name: str, default: float) -> float:
 class ApiSettings(BaseModel):
     """Settings of the query API; every one has a default that works without configuration."""
 
-    keys_file: str | None = Field(default=None, description="API keys file; default $K2_API_KEYS_FILE or "
-                                  "K2_HOME/api/keys.json")
-    bootstrap_key: str | None = Field(default_factory=lambda: os.environ.get("K2_API_KEY") or None,
-                                      description="one key with every scope, from $K2_API_KEY")
-    rate_per_second: float = Field(default_factory=lambda: _env_float("K2_API_RATE_PER_SECOND", 20.0),
-                                   gt=0, description="requests per second per key (token refill rate)")
-    burst: float = Field(default_factory=lambda: _env_float("K2_API_BURST", 40.0), ge=1,
-                         description="requests a key may make at once (bucket size)")
+    keys_file: str | None = Field(
+        default=None, description="API keys file; default $K2_API_KEYS_FILE or K2_HOME/api/keys.json"
+    )
+    bootstrap_key: str | None = Field(
+        default_factory=lambda: os.environ.get("K2_API_KEY") or None,
+        description="one key with every scope, from $K2_API_KEY",
+    )
+    rate_per_second: float = Field(
+        default_factory=lambda: _env_float("K2_API_RATE_PER_SECOND", 20.0),
+        gt=0,
+        description="requests per second per key (token refill rate)",
+    )
+    burst: float = Field(
+        default_factory=lambda: _env_float("K2_API_BURST", 40.0),
+        ge=1,
+        description="requests a key may make at once (bucket size)",
+    )
     default_page_rows: int = Field(default=1000, ge=1)
     max_page_rows: int = Field(default=50_000, ge=1)
     max_recent_minutes: float = Field(default=1440.0, gt=0)
-    topics: list[str] = Field(default_factory=lambda: [t.strip() for t in os.environ.get(
-                                  "K2_API_TOPICS", BINANCE_TRADES_TOPIC).split(",") if t.strip()],
-                              description="Kafka topics whose tails the hybrid reads and whose lag health reports "
-                              "($K2_API_TOPICS, comma-separated; default market.trades.binance)")
+    topics: list[str] = Field(
+        default_factory=lambda: [
+            t.strip() for t in os.environ.get("K2_API_TOPICS", BINANCE_TRADES_TOPIC).split(",") if t.strip()
+        ],
+        description="Kafka topics whose tails the hybrid reads and whose lag health reports "
+        "($K2_API_TOPICS, comma-separated; default market.trades.binance)",
+    )
 
 
 class ParameterError(ValueError):
@@ -135,8 +148,9 @@ class _Services:
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
-    def read_trades(self, allow_partial: bool, read: Callable[[HybridQueryResource], pl.DataFrame]
-                    ) -> tuple[pl.DataFrame, dict[str, str]]:
+    def read_trades(
+        self, allow_partial: bool, read: Callable[[HybridQueryResource], pl.DataFrame]
+    ) -> tuple[pl.DataFrame, dict[str, str]]:
         """Rows of ``read(hybrid)`` and, with ``allow_partial``, the Kafka offsets left out (topic -> ranges)."""
         if not allow_partial:
             return read(self.hybrid), {}
@@ -157,6 +171,7 @@ class _Services:
 # Parameters
 # ---------------------------------------------------------------------------------------------
 
+
 def parse_time(parameter: str, text: str | None) -> datetime | None:
     """An ISO 8601 time (``Z`` or an offset; none means UTC), or a ParameterError naming the fix."""
     if text is None or text == "":
@@ -168,7 +183,7 @@ def parse_time(parameter: str, text: str | None) -> datetime | None:
         moment = datetime.fromisoformat(cleaned)
     except ValueError:
         raise ParameterError(parameter, f"{text!r} is not an ISO 8601 time; use e.g. 2024-08-09T00:05:00Z") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def parse_symbols(values: list[str]) -> tuple[str, ...]:
@@ -178,13 +193,17 @@ def parse_symbols(values: list[str]) -> tuple[str, ...]:
             if not symbol:
                 continue
             if not _SYMBOL.match(symbol):
-                raise ParameterError("symbol", f"{symbol!r} is not a symbol; use letters, digits and . _ : / - "
-                                               "(up to 32), e.g. BTCUSDT or BHP")
+                raise ParameterError(
+                    "symbol",
+                    f"{symbol!r} is not a symbol; use letters, digits and . _ : / - (up to 32), e.g. BTCUSDT or BHP",
+                )
             if symbol not in symbols:
                 symbols.append(symbol)
     if not symbols:
-        raise ParameterError("symbol", "give at least one symbol, e.g. symbol=BTCUSDT (repeat it or separate "
-                                       "symbols with commas for several)")
+        raise ParameterError(
+            "symbol",
+            "give at least one symbol, e.g. symbol=BTCUSDT (repeat it or separate symbols with commas for several)",
+        )
     if len(symbols) > MAX_SYMBOLS:
         raise ParameterError("symbol", f"{len(symbols)} symbols; ask for at most {MAX_SYMBOLS} per request")
     return tuple(symbols)
@@ -201,8 +220,9 @@ def parse_exchange(exchange: str | None) -> str | None:
 def parse_window(text: str) -> timedelta:
     match = _WINDOW.match(text.strip())
     if not match or int(match.group(1)) == 0:
-        raise ParameterError("window", f"{text!r} is not a window; use a positive whole number with s, m, h or d, "
-                                       "e.g. 90m, 6h or 7d")
+        raise ParameterError(
+            "window", f"{text!r} is not a window; use a positive whole number with s, m, h or d, e.g. 90m, 6h or 7d"
+        )
     return timedelta(**{_WINDOW_UNITS[match.group(2)]: int(match.group(1))})
 
 
@@ -249,41 +269,65 @@ def _services(request: Request) -> _Services:
 def require(scope: str):
     """A dependency: the request's key must be valid (401), hold ``scope`` (403) and have a token (429)."""
 
-    def dependency(request: Request,
-                   header_key: Annotated[str | None, Security(_api_key_header)] = None,
-                   bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None) -> ApiKey:
+    def dependency(
+        request: Request,
+        header_key: Annotated[str | None, Security(_api_key_header)] = None,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+    ) -> ApiKey:
         services = _services(request)
         presented = header_key or (bearer.credentials if bearer else None)
         challenge = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
         if not presented:
-            raise _ApiError(401, "no API key; send it as the X-API-Key header (or Authorization: Bearer <key>); "
-                                 "create one with `k2 api keys create --name <who> --scope " + scope + "`", challenge)
+            raise _ApiError(
+                401,
+                "no API key; send it as the X-API-Key header (or Authorization: Bearer <key>); "
+                "create one with `k2 api keys create --name <who> --scope " + scope + "`",
+                challenge,
+            )
         key = services.keys.authenticate(presented)
         if key is None:
-            raise _ApiError(401, "the API key is unknown or revoked; check it, or create a new one with "
-                                 "`k2 api keys create`", challenge)
+            raise _ApiError(
+                401,
+                "the API key is unknown or revoked; check it, or create a new one with `k2 api keys create`",
+                challenge,
+            )
         if not key.allows(scope):
-            raise _ApiError(403, f"API key {key.id} ({key.name}) lacks the scope {scope} this route needs (it has "
-                                 f"{', '.join(key.scopes)}); create a key with --scope {scope}")
+            raise _ApiError(
+                403,
+                f"API key {key.id} ({key.name}) lacks the scope {scope} this route needs (it has "
+                f"{', '.join(key.scopes)}); create a key with --scope {scope}",
+            )
         decision = services.limiter.take(key.id, key.rate_per_second, key.burst)
         request.state.rate = decision
         if not decision.allowed:
             API_RATE_LIMITED.labels(key_id=key.id).inc()
-            raise _ApiError(429, f"rate limit of {decision.limit:g} requests/s (burst {decision.burst:g}) reached "
-                                 f"for API key {key.id}; retry after {decision.retry_after_header} s",
-                            {"Retry-After": decision.retry_after_header, **_rate_headers(decision)})
+            raise _ApiError(
+                429,
+                f"rate limit of {decision.limit:g} requests/s (burst {decision.burst:g}) reached "
+                f"for API key {key.id}; retry after {decision.retry_after_header} s",
+                {"Retry-After": decision.retry_after_header, **_rate_headers(decision)},
+            )
         return key
 
     return dependency
 
 
 def _rate_headers(decision) -> dict[str, str]:
-    return {"X-RateLimit-Limit": f"{decision.limit:g}", "X-RateLimit-Burst": f"{decision.burst:g}",
-            "X-RateLimit-Remaining": str(decision.remaining)}
+    return {
+        "X-RateLimit-Limit": f"{decision.limit:g}",
+        "X-RateLimit-Burst": f"{decision.burst:g}",
+        "X-RateLimit-Remaining": str(decision.remaining),
+    }
 
 
-def _respond(request: Request, rows, route: str, next_cursor: str | None = None,
-             envelope: dict[str, Any] | None = None, missing: dict[str, str] | None = None) -> Response:
+def _respond(
+    request: Request,
+    rows,
+    route: str,
+    next_cursor: str | None = None,
+    envelope: dict[str, Any] | None = None,
+    missing: dict[str, str] | None = None,
+) -> Response:
     """Rows in the negotiated format with rate, cursor and (for a partial answer) missing-offsets headers."""
     media_type = choose_media_type(request.headers.get("accept"))
     headers: dict[str, str] = {}
@@ -299,18 +343,23 @@ def _respond(request: Request, rows, route: str, next_cursor: str | None = None,
         headers["Link"] = f'<{request.url.include_query_params(cursor=next_cursor)}>; rel="next"'
     body = render(rows, media_type, {"next_cursor": next_cursor, **(envelope or {})} if media_type == JSON else None)
     API_ROWS.labels(route=route).inc(rows.height if hasattr(rows, "height") else rows.num_rows)
-    return Response(content=body, media_type=media_type if media_type != CSV else "text/csv; charset=utf-8",
-                    headers=headers)
+    return Response(
+        content=body, media_type=media_type if media_type != CSV else "text/csv; charset=utf-8", headers=headers
+    )
 
 
-_PAGED = {200: {"description": "rows; JSON by default, CSV or Arrow IPC by the Accept header",
-                "content": {JSON: {}, CSV: {}, ARROW: {}}},
-          401: {"description": "no key, or an unknown or revoked key"},
-          403: {"description": "the key lacks the route's scope"},
-          406: {"description": "the Accept header names no format the API returns"},
-          422: {"description": "a bad parameter, named with the fix"},
-          429: {"description": "the key's rate limit; see Retry-After"},
-          503: {"description": "Kafka or the catalog cannot answer"}}
+_PAGED = {
+    200: {
+        "description": "rows; JSON by default, CSV or Arrow IPC by the Accept header",
+        "content": {JSON: {}, CSV: {}, ARROW: {}},
+    },
+    401: {"description": "no key, or an unknown or revoked key"},
+    403: {"description": "the key lacks the route's scope"},
+    406: {"description": "the Accept header names no format the API returns"},
+    422: {"description": "a bad parameter, named with the fix"},
+    429: {"description": "the key's rate limit; see Retry-After"},
+    503: {"description": "Kafka or the catalog cannot answer"},
+}
 
 
 class _MetricsMiddleware:
@@ -339,13 +388,15 @@ class _MetricsMiddleware:
             API_REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
 
 
-def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource | None = None,
-               keys: KeyStore | None = None) -> FastAPI:
+def create_app(
+    settings: ApiSettings | None = None, hybrid: HybridQueryResource | None = None, keys: KeyStore | None = None
+) -> FastAPI:
     """The query API; settings, the hybrid resource and the key store default to the environment's."""
     settings = settings or ApiSettings()
     hybrid = hybrid or HybridQueryResource(topics=settings.topics)
-    keys = keys or KeyStore(Path(settings.keys_file) if settings.keys_file else default_keys_file(),
-                            settings.bootstrap_key)
+    keys = keys or KeyStore(
+        Path(settings.keys_file) if settings.keys_file else default_keys_file(), settings.bootstrap_key
+    )
     services = _Services(settings, hybrid, keys)
 
     @asynccontextmanager
@@ -360,11 +411,11 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         title="K2 query API",
         version="1",
         summary="Trades (Iceberg plus the Kafka tail, exactly once), OHLCV bars, symbols and health of the K2 "
-                "market-data lakehouse.",
+        "market-data lakehouse.",
         description="Send an API key as `X-API-Key` (create one with `k2 api keys create`). Responses are JSON "
-                    "by default; `Accept: text/csv` or `Accept: application/vnd.apache.arrow.stream` switch the "
-                    "format. Large results come in pages: pass the `next_cursor` of one page as `cursor` to get "
-                    "the next (CSV and Arrow carry it in the `X-Next-Cursor` header).",
+        "by default; `Accept: text/csv` or `Accept: application/vnd.apache.arrow.stream` switch the "
+        "format. Large results come in pages: pass the `next_cursor` of one page as `cursor` to get "
+        "the next (CSV and Arrow carry it in the `X-Next-Cursor` header).",
     )
     app.state.k2 = services
     app.add_middleware(_MetricsMiddleware)
@@ -375,8 +426,9 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
 
     @app.exception_handler(ParameterError)
     async def _parameter_error(request: Request, exc: ParameterError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "errors": [{"parameter": exc.parameter, "message": exc.message}]},
-                            status_code=422)
+        return JSONResponse(
+            {"detail": str(exc), "errors": [{"parameter": exc.parameter, "message": exc.message}]}, status_code=422
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -399,8 +451,11 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
 
     @app.exception_handler(KafkaUnavailableError)
     async def _kafka_down(request: Request, exc: KafkaUnavailableError) -> JSONResponse:
-        detail = str(exc) if "allow_partial" in str(exc) else \
-            f"{exc}; or add allow_partial=true to get the Iceberg part alone, with the missing offsets named"
+        detail = (
+            str(exc)
+            if "allow_partial" in str(exc)
+            else f"{exc}; or add allow_partial=true to get the Iceberg part alone, with the missing offsets named"
+        )
         return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(K2Error)
@@ -411,16 +466,20 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    limit_query = Query(ge=1, le=settings.max_page_rows, description=f"rows per page (at most {settings.max_page_rows})")
+    limit_query = Query(
+        ge=1, le=settings.max_page_rows, description=f"rows per page (at most {settings.max_page_rows})"
+    )
 
-    def _page(frame: pl.DataFrame, limit: int, query: str, after: Cursor | None,
-              pinned: dict[str, Any]) -> tuple[pl.DataFrame, str | None]:
+    def _page(
+        frame: pl.DataFrame, limit: int, query: str, after: Cursor | None, pinned: dict[str, Any]
+    ) -> tuple[pl.DataFrame, str | None]:
         """The rows after the cursor, ordered by (timestamp, message_id), cut at ``limit``."""
         frame = frame.sort(["timestamp", "message_id"])
         if after is not None:
             moment, message_id = _from_micros(after.position[0]), str(after.position[1])
-            frame = frame.filter((pl.col("timestamp") > moment) |
-                                 ((pl.col("timestamp") == moment) & (pl.col("message_id") > message_id)))
+            frame = frame.filter(
+                (pl.col("timestamp") > moment) | ((pl.col("timestamp") == moment) & (pl.col("message_id") > message_id))
+            )
         page = frame.head(limit)
         if frame.height <= limit:
             return page, None
@@ -433,62 +492,98 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         table = services.iceberg.trades()
         if as_of.isdigit():
             if table.snapshot_by_id(int(as_of)) is None:
-                raise ParameterError("as_of", f"market.trades has no snapshot {as_of} (it may have expired); "
-                                              "pass a time instead, e.g. as_of=2024-08-09T00:00:00Z")
+                raise ParameterError(
+                    "as_of",
+                    f"market.trades has no snapshot {as_of} (it may have expired); "
+                    "pass a time instead, e.g. as_of=2024-08-09T00:00:00Z",
+                )
             return int(as_of)
         moment = parse_time("as_of", as_of)
         if table.snapshot_as_of_timestamp(int(moment.timestamp() * 1000)) is None:
-            raise ParameterError("as_of", f"market.trades has no snapshot at or before {moment.isoformat()}; "
-                                          "pick a later time")
+            raise ParameterError(
+                "as_of", f"market.trades has no snapshot at or before {moment.isoformat()}; pick a later time"
+            )
         return moment
 
-    @app.get("/v1/trades", tags=["trades"], dependencies=[Depends(require(READ_TRADES))],
-             responses=_PAGED,
-             summary="Trades of one or more symbols in a time window (Iceberg plus the Kafka tail)")
+    @app.get(
+        "/v1/trades",
+        tags=["trades"],
+        dependencies=[Depends(require(READ_TRADES))],
+        responses=_PAGED,
+        summary="Trades of one or more symbols in a time window (Iceberg plus the Kafka tail)",
+    )
     def trades(
         request: Request,
         symbol: Annotated[list[str], Query(description="symbol(s): repeat the parameter or separate with commas")],
         start: Annotated[str | None, Query(description="ISO 8601, inclusive; UTC unless it has an offset")] = None,
         end: Annotated[str | None, Query(description="ISO 8601, exclusive; UTC unless it has an offset")] = None,
         exchange: Annotated[str | None, Query(description="e.g. BINANCE or ASX")] = None,
-        as_of: Annotated[str | None, Query(description="Iceberg snapshot id or ISO time: what the table held "
-                                                       "then (time travel; no Kafka tail)")] = None,
+        as_of: Annotated[
+            str | None,
+            Query(description="Iceberg snapshot id or ISO time: what the table held then (time travel; no Kafka tail)"),
+        ] = None,
         limit: Annotated[int, limit_query] = settings.default_page_rows,
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-        allow_partial: Annotated[bool, Query(description="when Kafka is down, answer from Iceberg alone and name "
-                                                         "the offsets left out (instead of 503)")] = False,
+        allow_partial: Annotated[
+            bool,
+            Query(
+                description="when Kafka is down, answer from Iceberg alone and name "
+                "the offsets left out (instead of 503)"
+            ),
+        ] = False,
     ) -> Response:
         symbols = parse_symbols(symbol)
         window_start, window_end = parse_time("start", start), parse_time("end", end)
         check_order(window_start, window_end)
         chosen_exchange = parse_exchange(exchange)
-        query = query_fingerprint("trades", symbols=symbols, start=window_start, end=window_end,
-                                  exchange=chosen_exchange, as_of=as_of)
+        query = query_fingerprint(
+            "trades", symbols=symbols, start=window_start, end=window_end, exchange=chosen_exchange, as_of=as_of
+        )
         after = _cursor(cursor, query, 2)
         pinned_as_of = _check_as_of(as_of)
         read_start = window_start
         if after is not None:
             resume = _from_micros(after.position[0])
             read_start = resume if read_start is None else max(read_start, resume)
-        frame, missing = services.read_trades(allow_partial, lambda hybrid: hybrid.trades(
-            symbols, read_start, window_end, exchange=chosen_exchange, as_of=pinned_as_of, allow_partial=allow_partial))
+        frame, missing = services.read_trades(
+            allow_partial,
+            lambda hybrid: hybrid.trades(
+                symbols,
+                read_start,
+                window_end,
+                exchange=chosen_exchange,
+                as_of=pinned_as_of,
+                allow_partial=allow_partial,
+            ),
+        )
         page, next_cursor = _page(frame, limit, query, after, {})
         return _respond(request, page, "/v1/trades", next_cursor, missing=missing)
 
-    @app.get("/v1/trades/recent", tags=["trades"], dependencies=[Depends(require(READ_TRADES))],
-             responses=_PAGED,
-             summary="The last N minutes of one symbol, including trades still in Kafka")
+    @app.get(
+        "/v1/trades/recent",
+        tags=["trades"],
+        dependencies=[Depends(require(READ_TRADES))],
+        responses=_PAGED,
+        summary="The last N minutes of one symbol, including trades still in Kafka",
+    )
     def recent_trades(
         request: Request,
         symbol: Annotated[str, Query(description="one symbol, e.g. BTCUSDT")],
-        minutes: Annotated[float, Query(gt=0, le=settings.max_recent_minutes,
-                                        description="window length in minutes")] = 15.0,
-        now: Annotated[str | None, Query(description="end of the window (inclusive), ISO 8601; default the "
-                                                     "server's clock")] = None,
+        minutes: Annotated[
+            float, Query(gt=0, le=settings.max_recent_minutes, description="window length in minutes")
+        ] = 15.0,
+        now: Annotated[
+            str | None, Query(description="end of the window (inclusive), ISO 8601; default the server's clock")
+        ] = None,
         limit: Annotated[int, limit_query] = settings.default_page_rows,
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-        allow_partial: Annotated[bool, Query(description="when Kafka is down, answer from Iceberg alone and name "
-                                                         "the offsets left out (instead of 503)")] = False,
+        allow_partial: Annotated[
+            bool,
+            Query(
+                description="when Kafka is down, answer from Iceberg alone and name "
+                "the offsets left out (instead of 503)"
+            ),
+        ] = False,
     ) -> Response:
         if "," in symbol:
             raise ParameterError("symbol", "one symbol only here; use /v1/trades for several")
@@ -497,29 +592,46 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         query = query_fingerprint("recent", symbol=chosen, minutes=minutes, now=given_now)
         after = _cursor(cursor, query, 2)
         # The window's end is fixed by the first page, so later pages page through the same window.
-        end = _from_micros(after.pinned["now"]) if after is not None else (given_now or datetime.now(timezone.utc))
+        end = _from_micros(after.pinned["now"]) if after is not None else (given_now or datetime.now(UTC))
         if after is None:
-            frame, missing = services.read_trades(allow_partial, lambda hybrid: hybrid.recent_trades(
-                chosen, minutes, now=end, allow_partial=allow_partial))
+            frame, missing = services.read_trades(
+                allow_partial,
+                lambda hybrid: hybrid.recent_trades(chosen, minutes, now=end, allow_partial=allow_partial),
+            )
         else:
             resume = max(end - timedelta(minutes=minutes), _from_micros(after.position[0]))
-            frame, missing = services.read_trades(allow_partial, lambda hybrid: hybrid.trades(
-                chosen, resume, end + timedelta(microseconds=1), allow_partial=allow_partial))
+            frame, missing = services.read_trades(
+                allow_partial,
+                lambda hybrid: hybrid.trades(
+                    chosen, resume, end + timedelta(microseconds=1), allow_partial=allow_partial
+                ),
+            )
         page, next_cursor = _page(frame, limit, query, after, {"now": _micros(end)})
-        return _respond(request, page, "/v1/trades/recent", next_cursor,
-                        {"window": {"start": (end - timedelta(minutes=minutes)).isoformat(), "end": end.isoformat()}},
-                        missing=missing)
+        return _respond(
+            request,
+            page,
+            "/v1/trades/recent",
+            next_cursor,
+            {"window": {"start": (end - timedelta(minutes=minutes)).isoformat(), "end": end.isoformat()}},
+            missing=missing,
+        )
 
-    @app.get("/v1/ohlcv", tags=["bars"], dependencies=[Depends(require(READ_OHLCV))],
-             responses=_PAGED, summary="OHLCV bars from market.ohlcv")
+    @app.get(
+        "/v1/ohlcv",
+        tags=["bars"],
+        dependencies=[Depends(require(READ_OHLCV))],
+        responses=_PAGED,
+        summary="OHLCV bars from market.ohlcv",
+    )
     def ohlcv(
         request: Request,
         symbol: Annotated[list[str], Query(description="symbol(s): repeat the parameter or separate with commas")],
         interval: Annotated[Literal["1m", "5m", "1h", "1d"], Query(description="bar length")] = "1m",
         start: Annotated[str | None, Query(description="bars starting at or after this ISO time")] = None,
         end: Annotated[str | None, Query(description="bars starting before this ISO time")] = None,
-        window: Annotated[str | None, Query(description="instead of start: this long before end (or now), "
-                                                        "e.g. 90m, 6h, 7d")] = None,
+        window: Annotated[
+            str | None, Query(description="instead of start: this long before end (or now), e.g. 90m, 6h, 7d")
+        ] = None,
         exchange: Annotated[str | None, Query(description="e.g. BINANCE or ASX")] = None,
         limit: Annotated[int, limit_query] = settings.default_page_rows,
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
@@ -529,12 +641,19 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         if window is not None and window != "":
             if window_start is not None:
                 raise ParameterError("window", "pass either start or window, not both")
-            window_end = window_end or datetime.now(timezone.utc)
+            window_end = window_end or datetime.now(UTC)
             window_start = window_end - parse_window(window)
         check_order(window_start, window_end)
         chosen_exchange = parse_exchange(exchange)
-        query = query_fingerprint("ohlcv", symbols=symbols, interval=interval, start=window_start, end=window_end,
-                                  exchange=chosen_exchange, window=window)
+        query = query_fingerprint(
+            "ohlcv",
+            symbols=symbols,
+            interval=interval,
+            start=window_start,
+            end=window_end,
+            exchange=chosen_exchange,
+            window=window,
+        )
         after = _cursor(cursor, query, 3)
         table = services.iceberg.table(OHLCV)
         if table.current_snapshot() is None:
@@ -542,18 +661,25 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         else:
             clauses = ["interval = ?", f"symbol IN ({', '.join('?' for _ in symbols)})"]
             parameters: list[Any] = [interval, *symbols]
-            for clause, value in (("exchange = ?", chosen_exchange), ("bucket_start >= ?", window_start),
-                                  ("bucket_start < ?", window_end)):
+            for clause, value in (
+                ("exchange = ?", chosen_exchange),
+                ("bucket_start >= ?", window_start),
+                ("bucket_start < ?", window_end),
+            ):
                 if value is not None:
                     clauses.append(clause)
                     parameters.append(value)
             if after is not None:
                 moment = _from_micros(after.position[0])
-                clauses.append("(bucket_start > ? OR (bucket_start = ? AND (symbol > ? OR (symbol = ? AND "
-                               "exchange > ?))))")
+                clauses.append(
+                    "(bucket_start > ? OR (bucket_start = ? AND (symbol > ? OR (symbol = ? AND exchange > ?))))"
+                )
                 parameters += [moment, moment, after.position[1], after.position[1], after.position[2]]
-            sql = ("SELECT * EXCLUDE (computed_at) FROM iceberg_scan(getvariable('k2_ohlcv')) WHERE "
-                   + " AND ".join(clauses) + " ORDER BY bucket_start, symbol, exchange LIMIT ?")
+            sql = (
+                "SELECT * EXCLUDE (computed_at) FROM iceberg_scan(getvariable('k2_ohlcv')) WHERE "
+                + " AND ".join(clauses)
+                + " ORDER BY bucket_start, symbol, exchange LIMIT ?"
+            )
             connection = services.duckdb()
             try:
                 connection.execute("SET VARIABLE k2_ohlcv = ?", [table.metadata_location])
@@ -567,9 +693,13 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
             next_cursor = Cursor(query, [_micros(last["bucket_start"]), last["symbol"], last["exchange"]], {}).encode()
         return _respond(request, bars, "/v1/ohlcv", next_cursor)
 
-    @app.get("/v1/symbols", tags=["reference"], dependencies=[Depends(require(READ_TRADES))],
-             responses=_PAGED,
-             summary="Every symbol in market.trades with its first and last trade and trade count")
+    @app.get(
+        "/v1/symbols",
+        tags=["reference"],
+        dependencies=[Depends(require(READ_TRADES))],
+        responses=_PAGED,
+        summary="Every symbol in market.trades with its first and last trade and trade count",
+    )
     def symbols(
         request: Request,
         exchange: Annotated[str | None, Query(description="only this exchange, e.g. BINANCE or ASX")] = None,
@@ -581,32 +711,48 @@ def create_app(settings: ApiSettings | None = None, hybrid: HybridQueryResource 
         rows = services._symbols_cache.get(cache_key)  # a snapshot never changes: its statistics neither
         if rows is None:
             if snapshot is None:
-                rows = pl.DataFrame(schema={"symbol": pl.String, "exchange": pl.String,
-                                            "first_trade": pl.Datetime("us", "UTC"),
-                                            "last_trade": pl.Datetime("us", "UTC"), "trade_count": pl.Int64})
+                rows = pl.DataFrame(
+                    schema={
+                        "symbol": pl.String,
+                        "exchange": pl.String,
+                        "first_trade": pl.Datetime("us", "UTC"),
+                        "last_trade": pl.Datetime("us", "UTC"),
+                        "trade_count": pl.Int64,
+                    }
+                )
             else:
                 where, parameters = ("WHERE exchange = ?", [chosen_exchange]) if chosen_exchange else ("", [])
                 connection = services.duckdb()
                 try:
                     connection.execute("SET VARIABLE k2_trades = ?", [table.metadata_location])
-                    rows = pl.from_arrow(connection.execute(
-                        'SELECT symbol, exchange, min("timestamp") AS first_trade, max("timestamp") AS last_trade, '
-                        f"count(*) AS trade_count FROM iceberg_scan(getvariable('k2_trades')) {where} "
-                        "GROUP BY symbol, exchange ORDER BY exchange, symbol", parameters).fetch_arrow_table())
+                    rows = pl.from_arrow(
+                        connection.execute(
+                            'SELECT symbol, exchange, min("timestamp") AS first_trade, max("timestamp") AS last_trade, '
+                            f"count(*) AS trade_count FROM iceberg_scan(getvariable('k2_trades')) {where} "
+                            "GROUP BY symbol, exchange ORDER BY exchange, symbol",
+                            parameters,
+                        ).fetch_arrow_table()
+                    )
                 finally:
                     connection.close()
             services._symbols_cache = {cache_key: rows, **dict(list(services._symbols_cache.items())[:15])}  # newest 16
-        return _respond(request, rows, "/v1/symbols", None,
-                        {"snapshot_id": cache_key[0],
-                         "note": "what market.trades holds (committed); trades still in Kafka are in /v1/trades"})
+        return _respond(
+            request,
+            rows,
+            "/v1/symbols",
+            None,
+            {
+                "snapshot_id": cache_key[0],
+                "note": "what market.trades holds (committed); trades still in Kafka are in /v1/trades",
+            },
+        )
 
     @app.get("/v1/health", tags=["operations"], summary="Catalog, Kafka and lag; 503 when the catalog is down")
     def health() -> JSONResponse:
         report = services.health.check()
         return JSONResponse(report, status_code=503 if report["status"] == "down" else 200)
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of the API",
-             response_class=Response)
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of the API", response_class=Response)
     def metrics() -> Response:
         return Response(generate_latest(API_REGISTRY), media_type=CONTENT_TYPE_LATEST)
 

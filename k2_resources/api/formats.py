@@ -30,8 +30,13 @@ JSON = "application/json"
 CSV = "text/csv"
 ARROW = "application/vnd.apache.arrow.stream"
 MEDIA_TYPES = (JSON, CSV, ARROW)
-_ALIASES = {"application/*": JSON, "*/*": JSON, "text/*": CSV, "application/vnd.apache.arrow.file": ARROW,
-            "application/x-arrow": ARROW}
+_ALIASES = {
+    "application/*": JSON,
+    "*/*": JSON,
+    "text/*": CSV,
+    "application/vnd.apache.arrow.file": ARROW,
+    "application/x-arrow": ARROW,
+}
 
 
 class NotAcceptable(ValueError):
@@ -57,8 +62,10 @@ def choose_media_type(accept: str | None) -> str:
         if chosen and quality > 0:
             offers.append((-quality, position, chosen))
     if not offers:
-        raise NotAcceptable(f"Accept: {accept} names no format this API returns; send one of "
-                            f"{', '.join(MEDIA_TYPES)} (or none for JSON)")
+        raise NotAcceptable(
+            f"Accept: {accept} names no format this API returns; send one of "
+            f"{', '.join(MEDIA_TYPES)} (or none for JSON)"
+        )
     return sorted(offers)[0][2]
 
 
@@ -105,6 +112,7 @@ def render(rows: pl.DataFrame | pa.Table, media_type: str, envelope: dict[str, A
 # Cursors
 # ---------------------------------------------------------------------------------------------
 
+
 class BadCursor(ValueError):
     """A cursor that this API did not issue for this query."""
 
@@ -128,16 +136,20 @@ class Cursor:
         return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
     @classmethod
-    def decode(cls, text: str, query: str, positions: int) -> "Cursor":
+    def decode(cls, text: str, query: str, positions: int) -> Cursor:
         try:
             raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
             cursor = cls(query=raw["q"], position=list(raw["p"]), pinned=dict(raw.get("x") or {}))
         except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise BadCursor("cursor is not one this API issued; pass the next_cursor of the previous page "
-                            "unchanged, or drop it to start from the first page") from exc
+            raise BadCursor(
+                "cursor is not one this API issued; pass the next_cursor of the previous page "
+                "unchanged, or drop it to start from the first page"
+            ) from exc
         if raw.get("v") != 1 or len(cursor.position) != positions:
             raise BadCursor("cursor is not one this API issued; pass the next_cursor of the previous page unchanged")
         if cursor.query != query:
-            raise BadCursor("cursor belongs to a different query; send it with the same parameters as the page "
-                            "that returned it, or drop it to start from the first page")
+            raise BadCursor(
+                "cursor belongs to a different query; send it with the same parameters as the page "
+                "that returned it, or drop it to start from the first page"
+            )
         return cursor

@@ -23,8 +23,14 @@ from k2_resources.trades.offsets import committed_offsets
 class HealthProbe:
     """Checks the catalog and Kafka and computes lag (end offset minus committed offset)."""
 
-    def __init__(self, kafka: KafkaResource, iceberg: IcebergResource, topics: list[str],
-                 kafka_timeout_s: float = 3.0, ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        kafka: KafkaResource,
+        iceberg: IcebergResource,
+        topics: list[str],
+        kafka_timeout_s: float = 3.0,
+        ttl_s: float = 1.0,
+    ) -> None:
         self.kafka = kafka
         self.iceberg = iceberg
         self.topics = list(topics)
@@ -52,8 +58,12 @@ class HealthProbe:
             table = self.iceberg.trades()
             snapshot = table.current_snapshot()
             committed = {topic: committed_offsets(table, topic) for topic in self.topics}
-            catalog = {"ok": True, "table": "market.trades", "snapshot_id": snapshot.snapshot_id if snapshot else None,
-                       "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+            catalog = {
+                "ok": True,
+                "table": "market.trades",
+                "snapshot_id": snapshot.snapshot_id if snapshot else None,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
         except Exception as exc:  # reported, not raised: health must answer
             catalog = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -61,8 +71,10 @@ class HealthProbe:
         ends: dict[str, dict[int, int]] | None = None
         started = time.perf_counter()
         if self._pending is not None and not self._pending.done():
-            kafka["error"] = (f"the previous Kafka probe has been waiting for "
-                              f"{time.monotonic() - self._pending_since:.0f} s; the broker is not answering")
+            kafka["error"] = (
+                f"the previous Kafka probe has been waiting for "
+                f"{time.monotonic() - self._pending_since:.0f} s; the broker is not answering"
+            )
         else:
             self._pending = self._executor.submit(self._end_offsets)
             self._pending_since = time.monotonic()
@@ -70,8 +82,10 @@ class HealthProbe:
                 ends = self._pending.result(timeout=self.kafka_timeout_s)
                 kafka.update(ok=True, latency_ms=round((time.perf_counter() - started) * 1000, 1))
             except FutureTimeout:
-                kafka["error"] = (f"no answer within {self.kafka_timeout_s:g} s; start the broker with "
-                                  "`k2 kafka start` or point K2_KAFKA_BOOTSTRAP at a running cluster")
+                kafka["error"] = (
+                    f"no answer within {self.kafka_timeout_s:g} s; start the broker with "
+                    "`k2 kafka start` or point K2_KAFKA_BOOTSTRAP at a running cluster"
+                )
             except Exception as exc:
                 kafka["error"] = f"{type(exc).__name__}: {exc}"
 

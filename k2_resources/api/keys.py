@@ -28,11 +28,11 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from k2_resources.errors import K2Error
 from k2_resources.settings import k2_home
@@ -55,8 +55,9 @@ def default_keys_file() -> Path:
 
 
 def _scrypt(secret: str, salt: bytes, params: dict[str, int]) -> bytes:
-    return hashlib.scrypt(secret.encode(), salt=salt, n=params["n"], r=params["r"], p=params["p"],
-                          maxmem=256 * 1024 * 1024, dklen=32)
+    return hashlib.scrypt(
+        secret.encode(), salt=salt, n=params["n"], r=params["r"], p=params["p"], maxmem=256 * 1024 * 1024, dklen=32
+    )
 
 
 @dataclass
@@ -105,13 +106,17 @@ class KeyFile:
         except FileNotFoundError:
             return []
         except (OSError, json.JSONDecodeError) as exc:
-            raise K2Error(f"the API keys file {self.path} cannot be read ({exc}); fix or delete it and "
-                          "create keys again with `k2 api keys create`") from exc
+            raise K2Error(
+                f"the API keys file {self.path} cannot be read ({exc}); fix or delete it and "
+                "create keys again with `k2 api keys create`"
+            ) from exc
         try:
             return [ApiKey(**entry) for entry in raw.get("keys", [])]
         except TypeError as exc:
-            raise K2Error(f"the API keys file {self.path} has an entry K2 does not know ({exc}); "
-                          "it is written by `k2 api keys create`, not by hand") from exc
+            raise K2Error(
+                f"the API keys file {self.path} has an entry K2 does not know ({exc}); "
+                "it is written by `k2 api keys create`, not by hand"
+            ) from exc
 
     @contextmanager
     def _locked(self) -> Iterator[list[ApiKey]]:
@@ -127,8 +132,9 @@ class KeyFile:
                 handle.write("\n")
             os.replace(temporary, self.path)
 
-    def create(self, name: str, scopes: list[str], rate_per_second: float | None = None,
-               burst: float | None = None) -> tuple[str, ApiKey]:
+    def create(
+        self, name: str, scopes: list[str], rate_per_second: float | None = None, burst: float | None = None
+    ) -> tuple[str, ApiKey]:
         """A new key: (the key itself, shown once; its stored entry)."""
         scopes = _validate_scopes(scopes)
         for value, label in ((rate_per_second, "rate"), (burst, "burst")):
@@ -141,10 +147,16 @@ class KeyFile:
                 key_id = secrets.token_hex(ID_LENGTH // 2)
             secret = secrets.token_urlsafe(32)
             salt = secrets.token_bytes(16)
-            entry = ApiKey(id=key_id, name=name, scopes=scopes, salt=salt.hex(),
-                           hash=_scrypt(secret, salt, SCRYPT).hex(),
-                           created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           rate_per_second=rate_per_second, burst=burst)
+            entry = ApiKey(
+                id=key_id,
+                name=name,
+                scopes=scopes,
+                salt=salt.hex(),
+                hash=_scrypt(secret, salt, SCRYPT).hex(),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                rate_per_second=rate_per_second,
+                burst=burst,
+            )
             keys.append(entry)
         return f"{KEY_PREFIX}{key_id}_{secret}", entry
 
@@ -154,7 +166,7 @@ class KeyFile:
             for entry in keys:
                 if entry.id == key_id:
                     if entry.revoked_at is None:
-                        entry.revoked_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                        entry.revoked_at = datetime.now(UTC).isoformat(timespec="seconds")
                     return entry
         raise K2Error(f"no API key with id {key_id!r} in {self.path}; see `k2 api keys list`")
 
@@ -163,17 +175,18 @@ def parse_key(presented: str) -> tuple[str, str] | None:
     """(id, secret) of a well-formed ``k2_<id>_<secret>`` key, else None."""
     if not presented.startswith(KEY_PREFIX) or len(presented) <= len(KEY_PREFIX) + ID_LENGTH + 1:
         return None
-    key_id = presented[len(KEY_PREFIX):len(KEY_PREFIX) + ID_LENGTH]
+    key_id = presented[len(KEY_PREFIX) : len(KEY_PREFIX) + ID_LENGTH]
     if presented[len(KEY_PREFIX) + ID_LENGTH] != "_":
         return None
-    return key_id, presented[len(KEY_PREFIX) + ID_LENGTH + 1:]
+    return key_id, presented[len(KEY_PREFIX) + ID_LENGTH + 1 :]
 
 
 class KeyStore:
     """Answers "which key is this?" for requests; re-reads the file when it changes."""
 
-    def __init__(self, path: Path | None = None, bootstrap_key: str | None = None,
-                 reload_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, path: Path | None = None, bootstrap_key: str | None = None, reload_interval_s: float = 1.0
+    ) -> None:
         self.file = KeyFile(path)
         self.reload_interval_s = reload_interval_s
         self._bootstrap_digest = hashlib.sha256(bootstrap_key.encode()).digest() if bootstrap_key else None
@@ -186,7 +199,7 @@ class KeyStore:
         self._refresh(force=True)
 
     @classmethod
-    def from_environment(cls) -> "KeyStore":
+    def from_environment(cls) -> KeyStore:
         return cls(default_keys_file(), os.environ.get("K2_API_KEY") or None)
 
     @property
@@ -238,4 +251,3 @@ class KeyStore:
         with self._lock:
             self._verified[digest] = key_id
         return entry
-

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,9 @@ class _Bucket:
 class TokenBucketLimiter:
     """Token buckets by key id; thread-safe; idle buckets are forgotten after ``idle_s``."""
 
-    def __init__(self, rate_per_second: float, burst: float, clock: Callable[[], float] = time.monotonic,
-                 idle_s: float = 600.0) -> None:
+    def __init__(
+        self, rate_per_second: float, burst: float, clock: Callable[[], float] = time.monotonic, idle_s: float = 600.0
+    ) -> None:
         if rate_per_second <= 0 or burst < 1:
             raise ValueError(f"rate_per_second ({rate_per_second}) must be > 0 and burst ({burst}) >= 1")
         self.rate_per_second = rate_per_second

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +73,17 @@ def _encoded(field: pa.Field) -> pa.Field:
 # data) are built dictionary-encoded: index arrays into the distinct values, no per-row copies.
 # The rows are the V2 rows all the same (``table.cast(TRADES.arrow_schema())`` decodes them);
 # k2_resources.asx.writes writes them as they are.
-_ENCODED_COLUMNS = ("symbol", "exchange", "asset_class", "price", "quantity", "currency", "side", "trade_conditions",
-                    "vendor_data")
+_ENCODED_COLUMNS = (
+    "symbol",
+    "exchange",
+    "asset_class",
+    "price",
+    "quantity",
+    "currency",
+    "side",
+    "trade_conditions",
+    "vendor_data",
+)
 ENCODED_SCHEMA = pa.schema(
     [_encoded(field) if field.name in _ENCODED_COLUMNS else field for field in TRADES.arrow_schema()],
     metadata=TRADES.arrow_schema().metadata,
@@ -82,7 +91,9 @@ ENCODED_SCHEMA = pa.schema(
 
 
 def _dictionary(indices: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32, copy=False)), values.cast(pa.large_string()))
+    return pa.DictionaryArray.from_arrays(
+        pa.array(indices.astype(np.int32, copy=False)), values.cast(pa.large_string())
+    )
 
 
 def _repeated(text: str, zeros: pa.Array) -> pa.DictionaryArray:
@@ -168,7 +179,9 @@ def _searched(data: bytes, start: int, end: int, wanted: Counter[bytes]) -> list
     return found
 
 
-def _compared(data: bytes, start: int, end: int, line_count: int, wanted: Counter[bytes]) -> list[tuple[int, bytes]] | None:
+def _compared(
+    data: bytes, start: int, end: int, line_count: int, wanted: Counter[bytes]
+) -> list[tuple[int, bytes]] | None:
     """Each wanted line found among the part's lines of its length, all compared at once (about
     80 ms per 48 MB, whatever the number of texts)."""
     view = np.frombuffer(data, dtype=np.uint8)[start:end]
@@ -189,14 +202,18 @@ def _compared(data: bytes, start: int, end: int, line_count: int, wanted: Counte
             # trailing NULs when it gives an "S" value back).
             targets = np.array(texts, dtype=f"S{length}")
             rows = max(1, (4 << 20) // length)  # candidates per grid: its byte offsets stay under 32 MB
-            candidates = np.concatenate([
-                chunk[np.isin(view[starts[chunk][:, None] + np.arange(length)].view(f"S{length}").ravel(), targets)]
-                for chunk in np.array_split(candidates, max(1, -(-len(candidates) // rows)))
-            ])
+            candidates = np.concatenate(
+                [
+                    chunk[np.isin(view[starts[chunk][:, None] + np.arange(length)].view(f"S{length}").ravel(), targets)]
+                    for chunk in np.array_split(candidates, max(1, -(-len(candidates) // rows)))
+                ]
+            )
         if len(candidates) != sum(wanted[text] for text in texts):
             return None
-        found += [(line, data[start + at : start + at + length])
-                  for line, at in zip(candidates.tolist(), starts[candidates].tolist())]
+        found += [
+            (line, data[start + at : start + at + length])
+            for line, at in zip(candidates.tolist(), starts[candidates].tolist())
+        ]
     return found if Counter(text for _, text in found) == wanted else None
 
 
@@ -206,8 +223,9 @@ def _compared(data: bytes, start: int, end: int, line_count: int, wanted: Counte
 _SEARCHED_TEXTS = 4
 
 
-def _skipped_lines(data: bytes, start: int, end: int, line_count: int, skipped: list[str], empty_lines: int
-                   ) -> tuple[np.ndarray, list[str]] | None:
+def _skipped_lines(
+    data: bytes, start: int, end: int, line_count: int, skipped: list[str], empty_lines: int
+) -> tuple[np.ndarray, list[str]] | None:
     """(0-based line indices in the part, texts) of the lines of ``data[start:end]`` (``line_count``
     whole lines) the CSV reader skipped: those it handed to the invalid-row handler (``skipped``,
     other widths) and ``empty_lines`` empty ones. The reader gives no line numbers when it reads
@@ -339,8 +357,15 @@ def _scan(file: _File, part: _Part) -> _Scan | None:
     """One part's lines read column-wise; None when the day needs the general path."""
     data, line_count = file.data, part.line_count
     if line_count == 0:
-        return _Scan(file.path, part.first_line, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), [],
-                     pa.table({}), np.zeros(0, dtype=np.int32))
+        return _Scan(
+            file.path,
+            part.first_line,
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.int64),
+            [],
+            pa.table({}),
+            np.zeros(0, dtype=np.int32),
+        )
     skipped: list[str] = []
 
     def skip(row: pacsv.InvalidRow) -> str:
@@ -354,12 +379,16 @@ def _scan(file: _File, part: _Part) -> _Scan | None:
             pa.BufferReader(pa.py_buffer(data).slice(part.start, part.end - part.start)),
             read_options=pacsv.ReadOptions(column_names=list(TRADE_FIELDS), block_size=16 << 20),
             parse_options=pacsv.ParseOptions(quote_char=False, invalid_row_handler=skip),
-            convert_options=pacsv.ConvertOptions(column_types=_COLUMN_TYPES, strings_can_be_null=False, check_utf8=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types=_COLUMN_TYPES, strings_can_be_null=False, check_utf8=False
+            ),
         )
     except pa.ArrowInvalid:
         return None  # more lines of the wrong width than _MAX_SKIPPED_LINES
     # The reader drops empty lines without a word: they are the lines not accounted for.
-    located = _skipped_lines(data, part.start, part.end, line_count, skipped, line_count - fields.num_rows - len(skipped))
+    located = _skipped_lines(
+        data, part.start, part.end, line_count, skipped, line_count - fields.num_rows - len(skipped)
+    )
     if located is None:
         return None
     bad, bad_text = located
@@ -495,7 +524,9 @@ def _vendor_data(company_id: str, fields: dict[str, tuple[pl.Series, np.ndarray]
     if len(with_venue) or len(with_seventh):
         at = np.concatenate([2 * (with_venue + 1), 2 * (with_seventh + 1)])
         order = np.argsort(at, kind="stable")  # a row's venue (listed first) before its 7th field
-        extra_values = np.concatenate([venue_base + venue_index[with_venue], seventh_base + seventh_index[with_seventh]])
+        extra_values = np.concatenate(
+            [venue_base + venue_index[with_venue], seventh_base + seventh_index[with_seventh]]
+        )
         extra_keys = np.repeat(np.array([2, 3], dtype=np.int32), [len(with_venue), len(with_seventh)])
         value_index = np.insert(value_index, at[order], extra_values[order].astype(np.int32))
         key_index = np.insert(key_index, at[order], extra_keys[order])
@@ -549,8 +580,9 @@ def _large(text: str) -> pa.Scalar:
     return pa.scalar(text, type=pa.large_string())
 
 
-def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, symbol: str,
-              ingested_at: datetime) -> tuple[pa.Table, pl.DataFrame]:
+def _file_day(
+    scan: _Scan, selected: np.ndarray, day: date, company_id: str, symbol: str, ingested_at: datetime
+) -> tuple[pa.Table, pl.DataFrame]:
     """The V2 rows (in time order) and the rejected lines (with ``_reason``) of one file's day."""
     rows_selected = selected[scan.well]
     take = None if rows_selected.all() else np.flatnonzero(rows_selected)
@@ -570,9 +602,12 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     qualifier_ok = fields["qualifier"][0].str.contains(r"^[0-9]{1,4}$").fill_null(False).to_numpy()
     date_ok = _days(fields["date"][0]) != _NO_DAY
     ok = (
-        time_ok & offset_ok[minute]
-        & date_ok[fields["date"][1]] & price_ok[fields["price"][1]]
-        & volume_ok[fields["volume"][1]] & qualifier_ok[fields["qualifier"][1]]
+        time_ok
+        & offset_ok[minute]
+        & date_ok[fields["date"][1]]
+        & price_ok[fields["price"][1]]
+        & volume_ok[fields["volume"][1]]
+        & qualifier_ok[fields["qualifier"][1]]
     )
     # Everything not accepted above is checked field by field, with its reason. A 7-field line
     # without quotes is its fields joined by commas, so its text is rebuilt from them.
@@ -587,10 +622,12 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     others = pl.DataFrame(
         {
             "line_number": np.concatenate([scan.bad[in_day], line_index[failed]]) + scan.first_line + 1,
-            "raw": pl.concat([
-                pl.Series([text for text, keep in zip(scan.bad_text, in_day) if keep], dtype=pl.String),
-                rebuilt.cast(pl.String),
-            ]),
+            "raw": pl.concat(
+                [
+                    pl.Series([text for text, keep in zip(scan.bad_text, in_day) if keep], dtype=pl.String),
+                    rebuilt.cast(pl.String),
+                ]
+            ),
         }
     ).sort("line_number")
     general = _general_trades(
@@ -618,7 +655,7 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     numbers = pc.cast(pa.array(line_number), pa.large_string())
     schema = ENCODED_SCHEMA
     qualifiers = _dictionary(fields["qualifier"][1], fields["qualifier"][0].to_arrow())
-    when = pa.scalar(ingested_at.astimezone(timezone.utc), type=pa.timestamp("us", tz="UTC"))
+    when = pa.scalar(ingested_at.astimezone(UTC), type=pa.timestamp("us", tz="UTC"))
     zeros = pa.array(np.zeros(count, dtype=np.int32))
     columns = {
         "message_id": _prefixed(f"asx:trade:{symbol}:{compact}:", numbers),
@@ -642,7 +679,9 @@ def _file_day(scan: _Scan, selected: np.ndarray, day: date, company_id: str, sym
     table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
     accepted = general.filter(pl.col("_reason").is_null())
     if accepted.height:  # lines only the general path accepts: rare, so these rows are decoded
-        table = pa.concat_tables([table.cast(TRADES.arrow_schema()), _trade_rows(accepted.select(_TRADE_COLUMNS), ingested_at)])
+        table = pa.concat_tables(
+            [table.cast(TRADES.arrow_schema()), _trade_rows(accepted.select(_TRADE_COLUMNS), ingested_at)]
+        )
         table = table.sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")])
     return table, general.filter(pl.col("_reason").is_not_null())
 
@@ -670,13 +709,14 @@ class ColumnarDeclined(Exception):
     """A file of the day needs the general path (see the module doc)."""
 
 
-def trade_file_days(data_dir: Path, partition_key: str, ingested_at: datetime | None = None,
-                    part_bytes: int = _PART_BYTES) -> Iterator[FileDay]:
+def trade_file_days(
+    data_dir: Path, partition_key: str, ingested_at: datetime | None = None, part_bytes: int = _PART_BYTES
+) -> Iterator[FileDay]:
     """Each trade file's share of the day, part by part as soon as a part is read (two at a time),
     so a caller can write one part's rows while the next is read. Raises ColumnarDeclined when a
     file needs the general path; the parts already given are then not the whole day."""
     data_dir = _require_dir(data_dir)
-    ingested_at = ingested_at or datetime.now(timezone.utc)
+    ingested_at = ingested_at or datetime.now(UTC)
     day = date.fromisoformat(partition_key)
     target = (day - _EPOCH).days
     symbols = company_symbols(data_dir)
@@ -695,7 +735,9 @@ def trade_file_days(data_dir: Path, partition_key: str, ingested_at: datetime | 
         symbol = symbols[file.path.stem]
         selected = scan.line_day == target
         if not selected.any():
-            return FileDay(file.path, part.first_line, symbol, 0, ENCODED_SCHEMA.empty_table(), _general_trades(_empty_raw()))
+            return FileDay(
+                file.path, part.first_line, symbol, 0, ENCODED_SCHEMA.empty_table(), _general_trades(_empty_raw())
+            )
         rows, bad = _file_day(scan, selected, day, file.path.stem, symbol, ingested_at)
         return FileDay(file.path, part.first_line, symbol, int(selected.sum()), rows, bad)
 
@@ -716,8 +758,12 @@ def trade_file_days(data_dir: Path, partition_key: str, ingested_at: datetime | 
 
 def _in_order(tables: list[pa.Table]) -> bool:
     """Whether tables each in (timestamp, source_sequence) order are also in order one after another."""
-    keys = [(table["timestamp"][index].value, table["source_sequence"][index].as_py())
-            for table in tables if table.num_rows for index in (0, table.num_rows - 1)]
+    keys = [
+        (table["timestamp"][index].value, table["source_sequence"][index].as_py())
+        for table in tables
+        if table.num_rows
+        for index in (0, table.num_rows - 1)
+    ]
     return all(earlier <= later for earlier, later in zip(keys, keys[1:]))
 
 
@@ -736,7 +782,9 @@ def assemble_day(file_days: list[FileDay], partition_key: str, ingested_at: date
         if _in_order(tables):  # one file's parts, in time order: they follow each other
             ordered.extend(tables)
         else:  # two files of one symbol, or lines out of time order across parts: merge in time order
-            ordered.append(pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")]))
+            ordered.append(
+                pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")])
+            )
     table = pa.concat_tables(ordered) if ordered else ENCODED_SCHEMA.empty_table()
     rejected = [file_day.rejected for file_day in file_days]
     dead = pl.concat(rejected) if rejected else _general_trades(_empty_raw())
@@ -750,7 +798,7 @@ def normalise_trade_files(
     """(lines of the day, its V2 rows and dead letters) straight from the trade files, as
     ``normalise_trades(read_raw_day(data_dir, "trades", day), day)`` gives them; None when a file
     needs the general path (see the module doc)."""
-    ingested_at = ingested_at or datetime.now(timezone.utc)
+    ingested_at = ingested_at or datetime.now(UTC)
     try:
         file_days = list(trade_file_days(data_dir, partition_key, ingested_at, part_bytes))
     except ColumnarDeclined:

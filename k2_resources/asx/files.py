@@ -99,9 +99,7 @@ def _dated_lines(path: Path) -> pl.DataFrame:
     belongs to the day of the line before it (files are in time order), or the line after
     it at the top of a file, so that it is dead-lettered with its neighbours, never lost.
     """
-    frame = pl.DataFrame({"raw": _read_lines(path)}).with_row_index(
-        "line_number", offset=1
-    )
+    frame = pl.DataFrame({"raw": _read_lines(path)}).with_row_index("line_number", offset=1)
     dated = pl.col("raw").str.contains(r"^[0-9]{2}/[0-9]{2}/[0-9]{4}(,|$)")
     day = pl.when(dated).then(pl.col("raw").str.slice(0, 10)).str.strptime(pl.Date, "%m/%d/%Y", strict=False)
     return frame.with_columns(day.forward_fill().backward_fill().alias("day"))

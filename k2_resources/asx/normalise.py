@@ -18,7 +18,7 @@ only for rejected rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import polars as pl
@@ -149,7 +149,9 @@ def _vendor_map(frame: pl.DataFrame, keys: tuple[str, ...], definition: TableDef
     rows = pl.int_range(frame.height, dtype=pl.Int64)
     entries = pl.concat(
         [
-            frame.select(rows.alias("row"), pl.lit(rank).alias("rank"), pl.lit(key).alias("key"), pl.col(key).alias("value"))
+            frame.select(
+                rows.alias("row"), pl.lit(rank).alias("rank"), pl.lit(key).alias("key"), pl.col(key).alias("value")
+            )
             for rank, key in enumerate(keys)
         ]
     ).filter(pl.col("value").fill_null("") != "")
@@ -160,7 +162,9 @@ def _vendor_map(frame: pl.DataFrame, keys: tuple[str, ...], definition: TableDef
         .fill_null(0)
         .cast(pl.Int32)
     )
-    offsets = pa.array([0] + per_row.cum_sum().to_list(), type=pa.int32()) if frame.height else pa.array([0], pa.int32())
+    offsets = (
+        pa.array([0] + per_row.cum_sum().to_list(), type=pa.int32()) if frame.height else pa.array([0], pa.int32())
+    )
     target = definition.arrow_schema().field("vendor_data").type
     return pa.MapArray.from_arrays(
         offsets,
@@ -170,7 +174,9 @@ def _vendor_map(frame: pl.DataFrame, keys: tuple[str, ...], definition: TableDef
     )
 
 
-def _finish(frame: pl.DataFrame, columns: list[pl.Expr], vendor_keys: tuple[str, ...], definition: TableDefinition) -> pa.Table:
+def _finish(
+    frame: pl.DataFrame, columns: list[pl.Expr], vendor_keys: tuple[str, ...], definition: TableDefinition
+) -> pa.Table:
     """Select the V2 columns, add vendor_data, sort by symbol then time, cast to the table schema."""
     table = frame.select(columns).to_arrow()
     table = table.append_column("vendor_data", _vendor_map(frame, vendor_keys, definition))
@@ -222,7 +228,12 @@ def _trade_checks() -> list[tuple[pl.Expr, pl.Expr]]:
         _common_checks(TRADE_FIELDS)
         + _decimal_checks("price", "price", positive=True)
         + _decimal_checks("volume", "volume", positive=True, whole=True)
-        + [(~pl.col("qualifier").str.contains(r"^[0-9]{1,4}$"), pl.format("qualifier code '{}' is not a number", pl.col("qualifier")))]
+        + [
+            (
+                ~pl.col("qualifier").str.contains(r"^[0-9]{1,4}$"),
+                pl.format("qualifier code '{}' is not a number", pl.col("qualifier")),
+            )
+        ]
     )
 
 
@@ -283,7 +294,9 @@ def _vendor_map_fast(frame: pl.DataFrame, keys: tuple[str, ...], definition: Tab
 def _trade_rows(valid: pl.DataFrame, ingested_at: datetime) -> pa.Table:
     """Valid trade rows (:data:`_TRADE_COLUMNS`) -> V2 rows in market.trades' Arrow schema, same order."""
     # The valid date field is MM/DD/YYYY, so the compact day is three slices of it (no strftime per row).
-    day_compact = pl.concat_str([pl.col("date").str.slice(6, 4), pl.col("date").str.slice(0, 2), pl.col("date").str.slice(3, 2)])
+    day_compact = pl.concat_str(
+        [pl.col("date").str.slice(6, 4), pl.col("date").str.slice(0, 2), pl.col("date").str.slice(3, 2)]
+    )
     columns = [
         pl.format("asx:trade:{}:{}:{}", pl.col("symbol"), day_compact, pl.col("line_number")).alias("message_id"),
         pl.format(f"{EXCHANGE}-{{}}-{{}}-{{}}", pl.col("symbol"), day_compact, pl.col("line_number")).alias("trade_id"),
@@ -302,7 +315,9 @@ def _trade_rows(valid: pl.DataFrame, ingested_at: datetime) -> pa.Table:
     ]
     schema = TRADES.arrow_schema()
     table = valid.select(columns).to_arrow()
-    vendor = _vendor_map_fast(valid.rename({"qualifier": "qualifier_code"}), ("company_id", "qualifier_code", "venue", "field_7"), TRADES)
+    vendor = _vendor_map_fast(
+        valid.rename({"qualifier": "qualifier_code"}), ("company_id", "qualifier_code", "venue", "field_7"), TRADES
+    )
     return table.append_column("vendor_data", vendor).select(schema.names).cast(schema)
 
 
@@ -323,7 +338,12 @@ def _trade_block(block: pl.DataFrame, ingested_at: datetime) -> tuple[pa.Table, 
     # Everything the canonical path did not accept is checked field by field, with reasons.
     raw_columns = list(RAW_SCHEMA.names)
     general = _general_trades(
-        pl.concat([block.filter(~pl.col("_canonical")).select(raw_columns), canonical.filter(~pl.col("_ok")).select(raw_columns)])
+        pl.concat(
+            [
+                block.filter(~pl.col("_canonical")).select(raw_columns),
+                canonical.filter(~pl.col("_ok")).select(raw_columns),
+            ]
+        )
     )
     del block
     valid = canonical.filter(pl.col("_ok")).select(_TRADE_COLUMNS)
@@ -344,7 +364,7 @@ def normalise_trades(raw: pa.Table, partition_key: str, ingested_at: datetime | 
     ordered by symbol, then time, then line number. Each file is normalised on its own (its
     rows share one symbol), which bounds the memory a 10M-row day needs.
     """
-    ingested_at = ingested_at or datetime.now(timezone.utc)
+    ingested_at = ingested_at or datetime.now(UTC)
     frame = pl.from_arrow(raw.cast(RAW_SCHEMA)) if raw.num_rows else pl.from_arrow(RAW_SCHEMA.empty_table())
     assert isinstance(frame, pl.DataFrame)
     blocks = frame.partition_by("file", maintain_order=True) if frame.height else [frame]
@@ -362,7 +382,9 @@ def normalise_trades(raw: pa.Table, partition_key: str, ingested_at: datetime | 
         if len(tables) == 1:
             ordered.append(tables[0])
         else:  # two files of one symbol: merge them in time order
-            ordered.append(pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")]))
+            ordered.append(
+                pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("source_sequence", "ascending")])
+            )
     schema = TRADES.arrow_schema()
     table = pa.concat_tables(ordered) if ordered else schema.empty_table()
     dead = pl.concat(rejected).sort(["file", "line_number"])
@@ -376,7 +398,7 @@ def normalise_quotes(raw: pa.Table, partition_key: str, ingested_at: datetime | 
     row). An empty side with a non-zero volume contradicts itself and is dead-lettered.
     Crossed and locked books (bid >= ask) are real auction states and are kept.
     """
-    ingested_at = ingested_at or datetime.now(timezone.utc)
+    ingested_at = ingested_at or datetime.now(UTC)
     frame = _prepare(raw, QUOTE_FIELDS)
     checks = _common_checks(QUOTE_FIELDS)
     for side in ("bid", "ask"):

@@ -7,7 +7,7 @@ daylight-saving change have no single UTC instant and come back null.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -23,7 +23,7 @@ def _utc_offset(local_minute: datetime) -> timedelta | None:
     if early.utcoffset() != late.utcoffset():
         # Skipped (spring forward) or repeated (fall back) local time: no single UTC instant.
         return None
-    round_trip = early.astimezone(timezone.utc).astimezone(SYDNEY).replace(tzinfo=None)
+    round_trip = early.astimezone(UTC).astimezone(SYDNEY).replace(tzinfo=None)
     return early.utcoffset() if round_trip == local_minute else None
 
 
@@ -39,11 +39,11 @@ def local_to_utc(local: pl.Series) -> pl.Series:
     offsets = [_utc_offset(m) for m in distinct.to_list()]
     offset_us = pl.Series([None if o is None else o // timedelta(microseconds=1) for o in offsets], dtype=pl.Int64)
     lookup = pl.DataFrame({"minute": distinct, "offset_us": offset_us})
-    joined = pl.DataFrame({"minute": minutes, "local": local}).join(lookup, on="minute", how="left", maintain_order="left")
+    joined = pl.DataFrame({"minute": minutes, "local": local}).join(
+        lookup, on="minute", how="left", maintain_order="left"
+    )
     utc = joined.select(
-        (pl.col("local") - pl.duration(microseconds=pl.col("offset_us")))
-        .dt.replace_time_zone("UTC")
-        .alias(local.name)
+        (pl.col("local") - pl.duration(microseconds=pl.col("offset_us"))).dt.replace_time_zone("UTC").alias(local.name)
     )
     return utc.to_series()
 
@@ -54,4 +54,4 @@ def local_day_bounds_utc(day: date | str) -> tuple[datetime, datetime]:
     start = datetime(day.year, day.month, day.day, tzinfo=SYDNEY)
     following = day + timedelta(days=1)
     end = datetime(following.year, following.month, following.day, tzinfo=SYDNEY)
-    return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+    return start.astimezone(UTC), end.astimezone(UTC)

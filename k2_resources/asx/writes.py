@@ -14,19 +14,19 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field as dataclass_field, replace
-from datetime import date, datetime, timezone
+from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
-import pyarrow.parquet as pq
 from pyiceberg.io import FileIO
 from pyiceberg.io.pyarrow import (
     MetricModeTypes,
@@ -42,13 +42,13 @@ from pyiceberg.io.pyarrow import (
 )
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
-from pyiceberg.transforms import DayTransform, Transform
-from pyiceberg.typedef import Record
-from pyiceberg.types import IcebergType, TimestampType, TimestamptzType
 from pyiceberg.table import Table, TableProperties, WriteTask
 from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation
+from pyiceberg.transforms import DayTransform, Transform
+from pyiceberg.typedef import Record
+from pyiceberg.types import IcebergType, TimestampType, TimestamptzType
 from pyiceberg.utils.properties import property_as_int
 
 from k2_resources.asx.columnar_trades import ENCODED_SCHEMA, ColumnarDeclined, FileDay, assemble_day, trade_file_days
@@ -85,11 +85,18 @@ def partition_values(transform: Transform, source_type: IcebergType, column: pa.
     Java's ``DateTimeUtil.microsToDays`` define it (pyiceberg's ``pyarrow_transform`` gives the
     same days from 1970 on; it takes about 0.2 s per million rows, which made splitting a
     10M-row day by partition cost 1.8 s)."""
-    if (isinstance(transform, DayTransform) and isinstance(source_type, (TimestampType, TimestamptzType))
-            and pa.types.is_timestamp(column.type) and column.type.unit == "us" and column.null_count == 0):
+    if (
+        isinstance(transform, DayTransform)
+        and isinstance(source_type, (TimestampType, TimestamptzType))
+        and pa.types.is_timestamp(column.type)
+        and column.type.unit == "us"
+        and column.null_count == 0
+    ):
         return pa.chunked_array(
-            [pa.array(np.floor_divide(chunk.cast(pa.int64()).to_numpy(), _MICROS_PER_DAY).astype(np.int32))
-             for chunk in column.chunks],
+            [
+                pa.array(np.floor_divide(chunk.cast(pa.int64()).to_numpy(), _MICROS_PER_DAY).astype(np.int32))
+                for chunk in column.chunks
+            ],
             type=pa.int32(),
         )
     return transform.pyarrow_transform(source_type)(column)
@@ -126,7 +133,9 @@ def partition_slices(metadata: TableMetadata, rows: pa.Table) -> list[tuple[Part
     return [
         (
             PartitionKey(
-                field_values=[PartitionFieldValue(field=field, value=value) for field, value in zip(spec.fields, values)],
+                field_values=[
+                    PartitionFieldValue(field=field, value=value) for field, value in zip(spec.fields, values)
+                ],
                 partition_spec=spec,
                 schema=schema,
             ),
@@ -142,7 +151,9 @@ def _decoded_field(field: pa.Field) -> pa.Field:
     if pa.types.is_dictionary(kind):
         return field.with_type(kind.value_type)
     if pa.types.is_map(kind):
-        return field.with_type(pa.map_(_decoded_field(kind.key_field), _decoded_field(kind.item_field), kind.keys_sorted))
+        return field.with_type(
+            pa.map_(_decoded_field(kind.key_field), _decoded_field(kind.item_field), kind.keys_sorted)
+        )
     if pa.types.is_large_list(kind):
         return field.with_type(pa.large_list(_decoded_field(kind.value_field)))
     if pa.types.is_list(kind):
@@ -163,8 +174,13 @@ def _encoded_as(target: pa.Field, source: pa.Field) -> pa.Field:
     if pa.types.is_dictionary(have):
         return target.with_type(pa.dictionary(have.index_type, want))
     if pa.types.is_map(have) and pa.types.is_map(want):
-        return target.with_type(pa.map_(_encoded_as(want.key_field, have.key_field),
-                                        _encoded_as(want.item_field, have.item_field), want.keys_sorted))
+        return target.with_type(
+            pa.map_(
+                _encoded_as(want.key_field, have.key_field),
+                _encoded_as(want.item_field, have.item_field),
+                want.keys_sorted,
+            )
+        )
     if pa.types.is_large_list(have) and pa.types.is_large_list(want):
         return target.with_type(pa.large_list(_encoded_as(want.value_field, have.value_field)))
     if pa.types.is_list(have) and pa.types.is_list(want):
@@ -179,8 +195,11 @@ def in_table_schema(rows: pa.Table, table_schema: pa.Schema) -> pa.Table:
     table; files are written with the table's own); dictionary-encoded columns stay encoded."""
     if rows.schema.names != table_schema.names:
         return rows.cast(table_schema)  # the cast names the mismatch
-    return rows.cast(pa.schema([_encoded_as(want, have) for want, have in zip(table_schema, rows.schema)],
-                               metadata=table_schema.metadata))
+    return rows.cast(
+        pa.schema(
+            [_encoded_as(want, have) for want, have in zip(table_schema, rows.schema)], metadata=table_schema.metadata
+        )
+    )
 
 
 def _overwrite(table: Table, rows: pa.Table, row_filter: BooleanExpression, properties: dict[str, str]) -> None:
@@ -194,28 +213,53 @@ def _overwrite(table: Table, rows: pa.Table, row_filter: BooleanExpression, prop
             transaction.overwrite(rows, overwrite_filter=row_filter, snapshot_properties=properties)
             return
         # As Transaction.overwrite does: the delete validates against concurrent writers as an overwrite.
-        transaction.delete(delete_filter=row_filter, snapshot_properties=properties,
-                           _isolation_operation=Operation.OVERWRITE)
-        target = property_as_int(metadata.properties, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
-                                 TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT)
-        task_schema = pyarrow_to_schema(decoded_schema(rows.schema), name_mapping=metadata.schema().name_mapping,
-                                        format_version=metadata.format_version)
+        transaction.delete(
+            delete_filter=row_filter, snapshot_properties=properties, _isolation_operation=Operation.OVERWRITE
+        )
+        target = property_as_int(
+            metadata.properties,
+            TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+            TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT,
+        )
+        task_schema = pyarrow_to_schema(
+            decoded_schema(rows.schema),
+            name_mapping=metadata.schema().name_mapping,
+            format_version=metadata.format_version,
+        )
         with transaction.update_snapshot(snapshot_properties=properties).fast_append() as append:
             counter = itertools.count(0)
             tasks = [
-                WriteTask(write_uuid=append.commit_uuid, task_id=next(counter), record_batches=batches,
-                          partition_key=key, schema=task_schema)
+                WriteTask(
+                    write_uuid=append.commit_uuid,
+                    task_id=next(counter),
+                    record_batches=batches,
+                    partition_key=key,
+                    schema=task_schema,
+                )
                 for key, piece in pieces
                 for batches in bin_pack_arrow_table(piece, target)  # type: ignore[arg-type]
             ]
-            direct = metadata.schema().as_arrow() == decoded_schema(rows.schema) and metadata.spec().spec_id == metadata.default_spec_id
+            direct = (
+                metadata.schema().as_arrow() == decoded_schema(rows.schema)
+                and metadata.spec().spec_id == metadata.default_spec_id
+            )
             if not direct and rows.schema != decoded_schema(rows.schema):
                 # pyiceberg's writer projects each batch to the table's schema: give it plain columns.
-                tasks = [WriteTask(write_uuid=task.write_uuid, task_id=task.task_id, partition_key=task.partition_key,
-                                   schema=task.schema, record_batches=pa.Table.from_batches(task.record_batches)
-                                   .cast(decoded_schema(rows.schema)).to_batches())
-                         for task in tasks]
-            written = _write_data_files(table.io, metadata, tasks) if direct else write_file(table.io, metadata, iter(tasks))
+                tasks = [
+                    WriteTask(
+                        write_uuid=task.write_uuid,
+                        task_id=task.task_id,
+                        partition_key=task.partition_key,
+                        schema=task.schema,
+                        record_batches=pa.Table.from_batches(task.record_batches)
+                        .cast(decoded_schema(rows.schema))
+                        .to_batches(),
+                    )
+                    for task in tasks
+                ]
+            written = (
+                _write_data_files(table.io, metadata, tasks) if direct else write_file(table.io, metadata, iter(tasks))
+            )
             for data_file in written:
                 append.append_data_file(data_file)
 
@@ -224,15 +268,21 @@ def _overwrite(table: Table, rows: pa.Table, row_filter: BooleanExpression, prop
 # trade id shares its prefix with the one before it (DELTA_BYTE_ARRAY), times and line numbers
 # rise (DELTA_BINARY_PACKED). A dictionary never fits such columns, so pyarrow's default tries
 # one per row group and gives up: the deltas write 3x smaller files, faster.
-_DELTA_ENCODINGS = {"DELTA_BYTE_ARRAY": ("message_id", "trade_id", "quote_id"),
-                    "DELTA_BINARY_PACKED": ("timestamp", "source_sequence")}
+_DELTA_ENCODINGS = {
+    "DELTA_BYTE_ARRAY": ("message_id", "trade_id", "quote_id"),
+    "DELTA_BINARY_PACKED": ("timestamp", "source_sequence"),
+}
 
 
 def _leaf_paths(field: pa.Field) -> list[str]:
     """The Parquet column paths of ``field``'s leaves, as pyarrow names them."""
     kind = field.type
     if pa.types.is_map(kind):
-        return [f"{field.name}.key_value.{path}" for child in (kind.key_field, kind.item_field) for path in _leaf_paths(child)]
+        return [
+            f"{field.name}.key_value.{path}"
+            for child in (kind.key_field, kind.item_field)
+            for path in _leaf_paths(child)
+        ]
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         return [f"{field.name}.list.{path}" for path in _leaf_paths(kind.value_field.with_name("element"))]
     if pa.types.is_struct(kind):
@@ -267,9 +317,13 @@ def _is_collection_of_primitives(field: pa.Field) -> bool:
 def _single_text(column: pa.ChunkedArray) -> str | None:
     """The one value of a dictionary-encoded text column that holds nothing else (no nulls)."""
     kind = column.type
-    if not pa.types.is_dictionary(kind) or not (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)):
+    if not pa.types.is_dictionary(kind) or not (
+        pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+    ):
         return None
-    values = {chunk.dictionary[0].as_py() if len(chunk.dictionary) == 1 else None for chunk in column.chunks if len(chunk)}
+    values = {
+        chunk.dictionary[0].as_py() if len(chunk.dictionary) == 1 else None for chunk in column.chunks if len(chunk)
+    }
     if len(values) != 1 or None in values or column.null_count:
         return None
     return values.pop()
@@ -281,8 +335,12 @@ def _data_file_writer(io: FileIO, metadata: TableMetadata) -> Callable[[WriteTas
     delta encodings for the per-row unique columns; statistics come from pyiceberg."""
     file_schema = metadata.schema()
     arrow_schema = file_schema.as_arrow()
-    encodings = {column: encoding for encoding, columns in _DELTA_ENCODINGS.items() for column in columns
-                 if column in arrow_schema.names}
+    encodings = {
+        column: encoding
+        for encoding, columns in _DELTA_ENCODINGS.items()
+        for column in columns
+        if column in arrow_schema.names
+    }
     # Iceberg keeps no bounds for values inside lists and maps (neither pyiceberg nor Iceberg Java's
     # ParquetUtil: "we allow struct nesting, but not maps or arrays"), so their Parquet statistics,
     # an eighth of the write's time, are not computed; value and null counts come from the file's
@@ -292,31 +350,46 @@ def _data_file_writer(io: FileIO, metadata: TableMetadata) -> Callable[[WriteTas
     column_ids = parquet_path_to_id_mapping(file_schema)
     statistics_plan = compute_statistics_plan(file_schema, metadata.properties)
     for leaf in collection_paths:
-        statistics_plan[column_ids[leaf]] = replace(statistics_plan[column_ids[leaf]], mode=MetricsMode(MetricModeTypes.NONE))
+        statistics_plan[column_ids[leaf]] = replace(
+            statistics_plan[column_ids[leaf]], mode=MetricsMode(MetricModeTypes.NONE)
+        )
     writer_options = {
         **_get_parquet_writer_kwargs(metadata.properties),
         # Every leaf, nested ones included (a map's keys and values, a list's elements): pyarrow
         # matches these by full path, and a map column written without its dictionary costs 1.6x.
-        "use_dictionary": [path for field in arrow_schema if field.name not in encodings for path in _leaf_paths(field)],
-        "write_statistics": [path for field in arrow_schema for path in _leaf_paths(field) if path not in collection_paths],
+        "use_dictionary": [
+            path for field in arrow_schema if field.name not in encodings for path in _leaf_paths(field)
+        ],
+        "write_statistics": [
+            path for field in arrow_schema for path in _leaf_paths(field) if path not in collection_paths
+        ],
         "column_encoding": encodings,
         "store_decimal_as_integer": True,
         # No Arrow schema in the footer: columns written from dictionary arrays read back as the plain
         # strings of the Parquet schema, as the files of any other Iceberg writer do.
         "store_schema": False,
     }
-    row_group_limit = property_as_int(metadata.properties, TableProperties.PARQUET_ROW_GROUP_LIMIT,
-                                      TableProperties.PARQUET_ROW_GROUP_LIMIT_DEFAULT)
+    row_group_limit = property_as_int(
+        metadata.properties, TableProperties.PARQUET_ROW_GROUP_LIMIT, TableProperties.PARQUET_ROW_GROUP_LIMIT_DEFAULT
+    )
     locations = load_location_provider(table_location=metadata.location, table_properties=metadata.properties)
 
     def write(task: WriteTask) -> DataFile:
         rows = pa.Table.from_batches(task.record_batches)
-        path = locations.new_data_location(data_file_name=task.generate_data_file_filename("parquet"),
-                                           partition_key=task.partition_key)
+        path = locations.new_data_location(
+            data_file_name=task.generate_data_file_filename("parquet"), partition_key=task.partition_key
+        )
         # A column of one value (a file's symbol, the exchange, the currency) has that value for
         # its bounds: Parquet's statistics would hash every row of it to find out.
-        single = {name: text for name in arrow_schema.names if (text := _single_text(rows.column(name))) is not None} if rows.num_rows else {}
-        options = {**writer_options, "write_statistics": [leaf for leaf in writer_options["write_statistics"] if leaf not in single]}
+        single = (
+            {name: text for name in arrow_schema.names if (text := _single_text(rows.column(name))) is not None}
+            if rows.num_rows
+            else {}
+        )
+        options = {
+            **writer_options,
+            "write_statistics": [leaf for leaf in writer_options["write_statistics"] if leaf not in single],
+        }
         output = io.new_output(path)
         with output.create(overwrite=True) as stream:
             writer = pq.ParquetWriter(stream, schema=rows.schema, **options)
@@ -324,13 +397,21 @@ def _data_file_writer(io: FileIO, metadata: TableMetadata) -> Callable[[WriteTas
             writer.close()
         parquet_metadata = writer.writer.metadata
         # The columns written without statistics are filled in below (pyiceberg would warn about each).
-        unread = {column_ids[name]: replace(statistics_plan[column_ids[name]], mode=MetricsMode(MetricModeTypes.NONE))
-                  for name in single}
+        unread = {
+            column_ids[name]: replace(statistics_plan[column_ids[name]], mode=MetricsMode(MetricModeTypes.NONE))
+            for name in single
+        }
         statistics = data_file_statistics_from_parquet_metadata(
-            parquet_metadata=parquet_metadata, stats_columns={**statistics_plan, **unread}, parquet_column_mapping=column_ids,
+            parquet_metadata=parquet_metadata,
+            stats_columns={**statistics_plan, **unread},
+            parquet_column_mapping=column_ids,
         )
         groups = [parquet_metadata.row_group(group) for group in range(parquet_metadata.num_row_groups)]
-        positions = {groups[0].column(index).path_in_schema: index for index in range(parquet_metadata.num_columns)} if groups else {}
+        positions = (
+            {groups[0].column(index).path_in_schema: index for index in range(parquet_metadata.num_columns)}
+            if groups
+            else {}
+        )
 
         def values_in_file(path: str) -> int:  # the leaf's value count over the row groups, as Parquet keeps it
             return sum(group.column(positions[path]).num_values for group in groups)
@@ -394,11 +475,16 @@ def _retrying(load_table: Callable[[], Table], commit: Callable[[Table], None], 
 
 
 def replace_rows(
-    load_table: Callable[[], Table], rows: pa.Table, row_filter: BooleanExpression, properties: dict[str, str], attempts: int = 5
+    load_table: Callable[[], Table],
+    rows: pa.Table,
+    row_filter: BooleanExpression,
+    properties: dict[str, str],
+    attempts: int = 5,
 ) -> Table:
     """Delete the rows matching ``row_filter`` and append ``rows`` in one Iceberg transaction."""
     return _retrying(
-        load_table, lambda table: _overwrite(table, in_table_schema(rows, table.schema().as_arrow()), row_filter, properties),
+        load_table,
+        lambda table: _overwrite(table, in_table_schema(rows, table.schema().as_arrow()), row_filter, properties),
         attempts,
     )
 
@@ -408,8 +494,12 @@ class _TableChanged(Exception):
 
 
 def replace_with_files(
-    load_table: Callable[[], Table], written_for: TableMetadata, data_files: list[DataFile], row_filter: BooleanExpression,
-    properties: dict[str, str], attempts: int = 5,
+    load_table: Callable[[], Table],
+    written_for: TableMetadata,
+    data_files: list[DataFile],
+    row_filter: BooleanExpression,
+    properties: dict[str, str],
+    attempts: int = 5,
 ) -> Table:
     """Delete the rows matching ``row_filter`` and add ``data_files`` (written for the table as
     ``written_for`` describes it) in one Iceberg transaction. Raises _TableChanged when the
@@ -417,12 +507,16 @@ def replace_with_files(
 
     def commit(table: Table) -> None:
         metadata = table.metadata
-        if (metadata.current_schema_id, metadata.default_spec_id) != (written_for.current_schema_id, written_for.default_spec_id):
+        if (metadata.current_schema_id, metadata.default_spec_id) != (
+            written_for.current_schema_id,
+            written_for.default_spec_id,
+        ):
             raise _TableChanged(table.name())
         with table.transaction() as transaction:
             # As Transaction.overwrite does: the delete validates against concurrent writers as an overwrite.
-            transaction.delete(delete_filter=row_filter, snapshot_properties=properties,
-                               _isolation_operation=Operation.OVERWRITE)
+            transaction.delete(
+                delete_filter=row_filter, snapshot_properties=properties, _isolation_operation=Operation.OVERWRITE
+            )
             with transaction.update_snapshot(snapshot_properties=properties).fast_append() as append:
                 for data_file in data_files:
                     append.append_data_file(data_file)
@@ -446,8 +540,12 @@ class IngestResult:
 
 def _replace_dead_letters(iceberg: IcebergResource, kind: Kind, partition_key: str, day: NormalisedDay) -> None:
     source = DEAD_LETTER_SOURCE[kind]
-    replace_rows(iceberg.dead_letters, day.dead_letters, dead_letter_filter(source, partition_key),
-                 {"k2.source": source, "k2.partition": partition_key, "k2.rows": str(day.rejected)})
+    replace_rows(
+        iceberg.dead_letters,
+        day.dead_letters,
+        dead_letter_filter(source, partition_key),
+        {"k2.source": source, "k2.partition": partition_key, "k2.rows": str(day.rejected)},
+    )
 
 
 def _day_properties(kind: Kind, partition_key: str, day: NormalisedDay) -> dict[str, str]:
@@ -463,7 +561,9 @@ def write_day(iceberg: IcebergResource, kind: Kind, partition_key: str, day: Nor
     """Replace one trading day in market.trades/quotes and its dead letters; the new snapshot id."""
     _replace_dead_letters(iceberg, kind, partition_key, day)
     table = replace_rows(
-        iceberg.trades if kind == "trades" else iceberg.quotes, day.rows, day_filter(partition_key),
+        iceberg.trades if kind == "trades" else iceberg.quotes,
+        day.rows,
+        day_filter(partition_key),
         _day_properties(kind, partition_key, day),
     )
     return _snapshot_id(table)
@@ -481,8 +581,13 @@ _ROWS_PER_DATA_FILE = 2_000_000
 _MIN_ROWS_PER_SPLIT = 100_000
 
 
-def _file_write_tasks(metadata: TableMetadata, rows: pa.Table, write_uuid: uuid.UUID,
-                      task_ids: Iterator[int], rows_per_file: int = _ROWS_PER_DATA_FILE) -> list[WriteTask] | None:
+def _file_write_tasks(
+    metadata: TableMetadata,
+    rows: pa.Table,
+    write_uuid: uuid.UUID,
+    task_ids: Iterator[int],
+    rows_per_file: int = _ROWS_PER_DATA_FILE,
+) -> list[WriteTask] | None:
     """One part's rows as write tasks per partition of at most ``rows_per_file`` rows; None when
     the rows are not grouped by partition."""
     if rows.num_rows == 0:
@@ -497,18 +602,26 @@ def _file_write_tasks(metadata: TableMetadata, rows: pa.Table, write_uuid: uuid.
         parts = -(-piece.num_rows // rows_per_file)
         size = -(-piece.num_rows // parts)
         for start in range(0, piece.num_rows, size):
-            tasks.append(WriteTask(write_uuid=write_uuid, task_id=next(task_ids), schema=schema, partition_key=key,
-                                   record_batches=piece.slice(start, size).to_batches()))
+            tasks.append(
+                WriteTask(
+                    write_uuid=write_uuid,
+                    task_id=next(task_ids),
+                    schema=schema,
+                    partition_key=key,
+                    record_batches=piece.slice(start, size).to_batches(),
+                )
+            )
     return tasks
 
 
-def _ingest_trades_pipelined(data_dir: Path, iceberg: IcebergResource, partition_key: str
-                             ) -> tuple[int, NormalisedDay, int | None, dict[str, float], dict[str, int]] | None:
+def _ingest_trades_pipelined(
+    data_dir: Path, iceberg: IcebergResource, partition_key: str
+) -> tuple[int, NormalisedDay, int | None, dict[str, float], dict[str, int]] | None:
     """Trades read part by part (:func:`trade_file_days`), each part's rows written to Parquet while
     the next parts are read, all committed at the end in one transaction with the day's delete.
     None when a file needs the general path or the table's columns or spec are not the V2 ones."""
     started = time.perf_counter()
-    ingested_at = datetime.now(timezone.utc)
+    ingested_at = datetime.now(UTC)
     table = iceberg.trades()
     metadata = table.metadata
     table_schema = metadata.schema().as_arrow()
@@ -580,7 +693,9 @@ def _phases(started: float, validated: float) -> dict[str, float]:
     return {"read_and_validate": round(validated - started, 3), "write": round(time.perf_counter() - validated, 3)}
 
 
-def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_key: str, raw: pa.Table | None = None) -> IngestResult:
+def ingest_day(
+    data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_key: str, raw: pa.Table | None = None
+) -> IngestResult:
     """CSV -> validated V2 rows -> Iceberg for one trading day (what the assets and the benchmark run).
 
     Trades are read column-wise from the files (:mod:`.columnar_trades`), and each file's rows are
@@ -592,7 +707,9 @@ def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_k
         pipelined = _ingest_trades_pipelined(data_dir, iceberg, partition_key)
         if pipelined is not None:
             raw_rows, day, snapshot_id, seconds, per_symbol = pipelined
-            return IngestResult(kind, partition_key, raw_rows, day.valid, day.rejected, per_symbol, snapshot_id, seconds)
+            return IngestResult(
+                kind, partition_key, raw_rows, day.valid, day.rejected, per_symbol, snapshot_id, seconds
+            )
     started = time.perf_counter()
     if raw is None:
         raw = read_raw_day(data_dir, kind, partition_key)
@@ -600,5 +717,13 @@ def ingest_day(data_dir: Path, iceberg: IcebergResource, kind: Kind, partition_k
     check_against_model(day.rows, kind)
     validated = time.perf_counter()
     snapshot_id = write_day(iceberg, kind, partition_key, day)
-    return IngestResult(kind, partition_key, raw_rows, day.valid, day.rejected, rows_per_symbol(day.rows), snapshot_id,
-                        _phases(started, validated))
+    return IngestResult(
+        kind,
+        partition_key,
+        raw_rows,
+        day.valid,
+        day.rejected,
+        rows_per_symbol(day.rows),
+        snapshot_id,
+        _phases(started, validated),
+    )

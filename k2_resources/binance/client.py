@@ -55,8 +55,9 @@ class StopSignal(Protocol):
     def is_set(self) -> bool: ...
 
 
-def backoff_delay(attempt: int, initial_s: float, cap_s: float, jitter: float,
-                  rng: random.Random | None = None) -> float:
+def backoff_delay(
+    attempt: int, initial_s: float, cap_s: float, jitter: float, rng: random.Random | None = None
+) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): doubling from initial to cap, jittered."""
     base = min(cap_s, initial_s * (2 ** min(attempt, 62)))
     factor = 1.0 + (rng or random).uniform(-jitter, jitter)
@@ -101,9 +102,15 @@ class BinanceStreamClient:
             self.on_event(name)
 
     async def _open(self) -> ClientConnection:
-        connection = await connect(self.url, open_timeout=self.open_timeout_s, ping_interval=self.ping_interval_s,
-                                   ping_timeout=self.ping_timeout_s, close_timeout=2, max_size=2**20,
-                                   max_queue=1024)
+        connection = await connect(
+            self.url,
+            open_timeout=self.open_timeout_s,
+            ping_interval=self.ping_interval_s,
+            ping_timeout=self.ping_timeout_s,
+            close_timeout=2,
+            max_size=2**20,
+            max_queue=1024,
+        )
         self.stats.connections += 1
         if self.stats.connections > 1:
             self.stats.reconnects += 1
@@ -120,7 +127,7 @@ class BinanceStreamClient:
         while not self._stopping():
             try:
                 connection = await self._open()
-            except (OSError, InvalidHandshake, TimeoutError, asyncio.TimeoutError) as exc:
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
                 self.stats.failed_attempts += 1
                 self._event("failed_attempt")
                 delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s, self.backoff_jitter)
@@ -184,7 +191,7 @@ class BinanceStreamClient:
         self._carry = None
         try:
             new = await self._open()
-        except (OSError, InvalidHandshake, TimeoutError, asyncio.TimeoutError) as exc:
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
             # keep the old connection; Binance will close it and the normal retry takes over
             self.stats.failed_attempts += 1
             self._event("failed_attempt")
@@ -253,5 +260,5 @@ async def probe(url: str, timeout_s: float = 5.0) -> str | None:
             connection = await connect(url, open_timeout=timeout_s)
             await connection.close()
         return None
-    except (OSError, InvalidHandshake, InvalidURI, TimeoutError, asyncio.TimeoutError) as exc:
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -30,8 +30,8 @@ import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from datetime import datetime, timedelta, timezone
 
 from kafka import TopicPartition
 
@@ -46,7 +46,7 @@ DEFAULT_WINDOW = 100_000  # trades remembered (about 200 bytes each)
 DEFAULT_RESET_JUMP = 10_000  # a fall of more ids than this below the high-water mark is a reset
 DEFAULT_MAX_SYMBOLS = 10_000  # Binance allows 1,024 streams per connection
 DEFAULT_SEED_PER_PARTITION = 10_000  # records read back from each partition's tail at start
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class TradeIdVerdict:
@@ -79,11 +79,14 @@ def trade_time_ms(timestamp: datetime) -> int:
 class TradeIdTracker:
     """Recognises repeated trades in a bounded window and classifies ids against a high-water mark."""
 
-    def __init__(self, window: int = DEFAULT_WINDOW, reset_jump: int = DEFAULT_RESET_JUMP,
-                 max_symbols: int = DEFAULT_MAX_SYMBOLS) -> None:
+    def __init__(
+        self, window: int = DEFAULT_WINDOW, reset_jump: int = DEFAULT_RESET_JUMP, max_symbols: int = DEFAULT_MAX_SYMBOLS
+    ) -> None:
         if window < 1 or reset_jump < 0 or max_symbols < 1:
-            raise K2Error(f"TradeIdTracker needs window >= 1, reset_jump >= 0 and max_symbols >= 1, "
-                          f"not {window}, {reset_jump}, {max_symbols}")
+            raise K2Error(
+                f"TradeIdTracker needs window >= 1, reset_jump >= 0 and max_symbols >= 1, "
+                f"not {window}, {reset_jump}, {max_symbols}"
+            )
         self.window = window
         self.reset_jump = reset_jump
         self.max_symbols = max_symbols
@@ -148,8 +151,13 @@ class SeedReport:
     seconds: float = 0.0
 
 
-def seed_from_topic(kafka: KafkaResource, topic: str, tracker: TradeIdTracker,
-                    per_partition: int = DEFAULT_SEED_PER_PARTITION, timeout_s: float = 120.0) -> SeedReport:
+def seed_from_topic(
+    kafka: KafkaResource,
+    topic: str,
+    tracker: TradeIdTracker,
+    per_partition: int = DEFAULT_SEED_PER_PARTITION,
+    timeout_s: float = 120.0,
+) -> SeedReport:
     """Accept into ``tracker`` the trades of the last ``per_partition`` records of each partition.
 
     Each symbol lives in one partition in trade-id order (records are keyed by symbol), so the tail
@@ -175,8 +183,10 @@ def seed_from_topic(kafka: KafkaResource, topic: str, tracker: TradeIdTracker,
         deadline = started + timeout_s
         while any(consumer.position(tp) < ends[tp.partition] for tp in partitions):
             if time.monotonic() > deadline:
-                raise K2Error(f"could not read the last {per_partition} records of each partition of {topic} "
-                              f"within {timeout_s:.0f} s to seed the duplicate check; is the broker overloaded?")
+                raise K2Error(
+                    f"could not read the last {per_partition} records of each partition of {topic} "
+                    f"within {timeout_s:.0f} s to seed the duplicate check; is the broker overloaded?"
+                )
             for tp, batch in consumer.poll(timeout_ms=500).items():
                 for record in batch:
                     if record.offset >= ends[tp.partition]:
@@ -185,7 +195,7 @@ def seed_from_topic(kafka: KafkaResource, topic: str, tracker: TradeIdTracker,
                         trade = decode_trade(record.value)
                         symbol, trade_id = trade["symbol"], trade["source_sequence"]
                         time_ms = trade_time_ms(trade["timestamp"])
-                    except Exception:  # noqa: BLE001 - a record this topic should not hold is skipped, never fatal
+                    except Exception:
                         report.undecodable += 1
                         continue
                     if trade_id is None:
@@ -220,7 +230,7 @@ def seed_from_spool(directory: Path, tracker: TradeIdTracker, limit: int = DEFAU
             try:
                 trade = decode_trade(record.value)
                 time_ms = trade_time_ms(trade["timestamp"])
-            except Exception:  # noqa: BLE001 - not a trade: nothing to remember
+            except Exception:
                 continue
             if trade["source_sequence"] is not None:
                 tracker.accept(trade["symbol"], trade["source_sequence"], time_ms)

@@ -23,7 +23,7 @@ reason; the streamer sends such frames to the dead-letter topic.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -34,10 +34,29 @@ from k2_resources.schemas import TradeV2
 
 EXCHANGE = "BINANCE"
 # Quote assets Binance spot lists, longest first so that e.g. FDUSD wins over USD.
-QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "TUSD", "BUSD", "USDP", "DAI", "TRY", "EUR", "GBP", "BRL",
-                "JPY", "AUD", "BTC", "ETH", "BNB", "XRP", "TRX", "DOGE")
+QUOTE_ASSETS = (
+    "FDUSD",
+    "USDT",
+    "USDC",
+    "TUSD",
+    "BUSD",
+    "USDP",
+    "DAI",
+    "TRY",
+    "EUR",
+    "GBP",
+    "BRL",
+    "JPY",
+    "AUD",
+    "BTC",
+    "ETH",
+    "BNB",
+    "XRP",
+    "TRX",
+    "DOGE",
+)
 _MAPPED_FIELDS = {"e", "s", "t", "p", "q", "T"}
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class MalformedTradeMessage(K2Error):
@@ -138,14 +157,18 @@ def normalise_trade(message: str | bytes | dict[str, Any], ingestion_time: datet
     quantity = _decimal(data, "q")
     buyer_is_maker = data.get("m")
     if not isinstance(buyer_is_maker, bool):
-        raise MalformedTradeMessage("missing_field" if buyer_is_maker is None else "bad_flag",
-                                    f"field 'm' must be true or false, got {buyer_is_maker!r}")
+        raise MalformedTradeMessage(
+            "missing_field" if buyer_is_maker is None else "bad_flag",
+            f"field 'm' must be true or false, got {buyer_is_maker!r}",
+        )
 
     try:
         vendor_data = {key: _text(value) for key, value in data.items() if key not in _MAPPED_FIELDS}
     except (ValueError, RecursionError) as exc:
-        raise MalformedTradeMessage("invalid_value", f"an extra field of trade {symbol} {trade_number} "
-                                    f"cannot be kept in vendor_data ({type(exc).__name__})") from exc
+        raise MalformedTradeMessage(
+            "invalid_value",
+            f"an extra field of trade {symbol} {trade_number} cannot be kept in vendor_data ({type(exc).__name__})",
+        ) from exc
     if stream is not None:
         vendor_data["stream"] = str(stream)
     try:
@@ -162,12 +185,16 @@ def normalise_trade(message: str | bytes | dict[str, Any], ingestion_time: datet
             side="SELL" if buyer_is_maker else "BUY",
             trade_conditions=[],
             source_sequence=trade_number,
-            ingestion_timestamp=ingestion_time or datetime.now(timezone.utc),
+            ingestion_timestamp=ingestion_time or datetime.now(UTC),
             vendor_data=vendor_data,
         )
     except (ValidationError, OverflowError) as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-        ) if isinstance(exc, ValidationError) else str(exc)
-        raise MalformedTradeMessage("invalid_value", f"trade {symbol} {trade_number} does not fit V2 ({problems})") from exc
+        problems = (
+            "; ".join(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors())
+            if isinstance(exc, ValidationError)
+            else str(exc)
+        )
+        raise MalformedTradeMessage(
+            "invalid_value", f"trade {symbol} {trade_number} does not fit V2 ({problems})"
+        ) from exc
     return trade.to_record()

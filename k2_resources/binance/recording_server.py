@@ -85,15 +85,25 @@ def load_recorded_trades(directory: Path = RECORDING_DIR) -> list[RecordedTrade]
     """All recorded trades in the folder, merged by trade time (then symbol, then id)."""
     files = sorted(directory.glob("*-trades-*.csv"))
     if not files:
-        raise K2Error(f"no Binance recordings (*-trades-*.csv) in {directory}; "
-                      "copy them from ../shared/data/binance (see data/binance/SOURCE.md)")
+        raise K2Error(
+            f"no Binance recordings (*-trades-*.csv) in {directory}; "
+            "copy them from ../shared/data/binance (see data/binance/SOURCE.md)"
+        )
     trades: list[RecordedTrade] = []
     for path in files:
         symbol = path.name.split("-", 1)[0].upper()
         with path.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                trades.append(RecordedTrade(symbol, int(row["trade_id"]), row["price"], row["qty"],
-                                            int(row["time_ms"]), row["is_buyer_maker"] == "true"))
+                trades.append(
+                    RecordedTrade(
+                        symbol,
+                        int(row["trade_id"]),
+                        row["price"],
+                        row["qty"],
+                        int(row["time_ms"]),
+                        row["is_buyer_maker"] == "true",
+                    )
+                )
     trades.sort(key=lambda trade: (trade.time_ms, trade.symbol, trade.trade_id))
     return trades
 
@@ -155,9 +165,11 @@ class ServerStats:
 
 
 def _frame(trade: RecordedTrade, time_ms: int, trade_id: int) -> str:
-    return (f'{{"stream":"{trade.symbol.lower()}@trade","data":{{"e":"trade","E":{time_ms},"s":"{trade.symbol}",'
-            f'"t":{trade_id},"p":"{trade.price}","q":"{trade.quantity}","T":{time_ms},'
-            f'"m":{"true" if trade.buyer_is_maker else "false"},"M":true}}}}')
+    return (
+        f'{{"stream":"{trade.symbol.lower()}@trade","data":{{"e":"trade","E":{time_ms},"s":"{trade.symbol}",'
+        f'"t":{trade_id},"p":"{trade.price}","q":"{trade.quantity}","T":{time_ms},'
+        f'"m":{"true" if trade.buyer_is_maker else "false"},"M":true}}}}'
+    )
 
 
 def _malformed(kind: str, trade: RecordedTrade, time_ms: int, trade_id: int) -> str:
@@ -223,9 +235,16 @@ class RecordingServer:
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> RecordingServer:
         self._event_loop = asyncio.get_running_loop()
-        self._server = await serve(self._handle, self.host, self.port, process_request=self._check_path,
-                                   ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-                                   close_timeout=2, max_queue=None)
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            process_request=self._check_path,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            close_timeout=2,
+            max_queue=None,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Binance recording server on %s", self.url)
         return self
@@ -263,8 +282,11 @@ class RecordingServer:
     def stats(self) -> ServerStats:
         """A copy of the counters and of the sent trade ids."""
         with self._lock:
-            return replace(self._stats, trade_ids={s: set(ids) for s, ids in self._stats.trade_ids.items()},
-                           malformed=list(self._stats.malformed))
+            return replace(
+                self._stats,
+                trade_ids={s: set(ids) for s, ids in self._stats.trade_ids.items()},
+                malformed=list(self._stats.malformed),
+            )
 
     def set_faults(self, **changes: Any) -> None:
         """Change fault settings (fields of ServerFaults) for frames sent from now on."""
@@ -298,8 +320,9 @@ class RecordingServer:
     # ---- protocol ------------------------------------------------------------------------------
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
         if requested_symbols(request.path) is None:
-            return connection.respond(HTTPStatus.NOT_FOUND,
-                                      "use the combined-stream path /stream?streams=<symbol>@trade/...\n")
+            return connection.respond(
+                HTTPStatus.NOT_FOUND, "use the combined-stream path /stream?streams=<symbol>@trade/...\n"
+            )
         return None
 
     def _view(self, key: tuple[str, ...]) -> list[int]:
@@ -384,7 +407,7 @@ class RecordingServer:
                 extra = list(self._pending)
                 self._pending.clear()
             if faults.repeat_every and faults.repeat_count > 0 and sent_here % faults.repeat_every == 0:
-                for again in list(recent)[-faults.repeat_count:]:
+                for again in list(recent)[-faults.repeat_count :]:
                     await connection.send(again)
                     with self._lock:
                         self._stats.repeated_frames += 1

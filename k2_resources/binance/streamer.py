@@ -54,7 +54,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from k2_resources.binance.client import (
     BINANCE_MAX_CONNECTION_AGE_S,
-    LIVE_BASE_URL,
     DEFAULT_SYMBOLS,
+    LIVE_BASE_URL,
     BinanceStreamClient,
     StopSignal,
     combined_stream_url,
@@ -130,33 +130,51 @@ class StreamMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter("k2_binance_messages_received", "WebSocket frames received", registry=r)
-        self.produced = Counter("k2_binance_trades_produced", "trades handed to the Kafka producer", ["symbol"],
-                                registry=r)
-        self.dead_lettered = Counter("k2_binance_dead_letters", "frames sent to the dead-letter topic", ["reason"],
-                                     registry=r)
-        self.duplicates = Counter("k2_binance_duplicates_dropped", "trades dropped as already produced",
-                                  ["symbol"], registry=r)
-        self.reconnects = Counter("k2_binance_reconnects", "WebSocket reconnects (incl. proactive 24 h ones)",
-                                  registry=r)
-        self.gaps = Counter("k2_binance_trade_id_gaps", "jumps of more than one in a symbol's trade ids",
-                            ["symbol"], registry=r)
-        self.missing = Counter("k2_binance_missing_trade_ids", "trade ids skipped by those jumps", ["symbol"],
-                               registry=r)
-        self.produce_errors = Counter("k2_binance_produce_errors", "sends the Kafka producer reported failed",
-                                      registry=r)
-        self.late = Counter("k2_binance_late_trades", "trades below the symbol's highest id, not seen before: kept",
-                            ["symbol"], registry=r)
+        self.produced = Counter(
+            "k2_binance_trades_produced", "trades handed to the Kafka producer", ["symbol"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "k2_binance_dead_letters", "frames sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.duplicates = Counter(
+            "k2_binance_duplicates_dropped", "trades dropped as already produced", ["symbol"], registry=r
+        )
+        self.reconnects = Counter(
+            "k2_binance_reconnects", "WebSocket reconnects (incl. proactive 24 h ones)", registry=r
+        )
+        self.gaps = Counter(
+            "k2_binance_trade_id_gaps", "jumps of more than one in a symbol's trade ids", ["symbol"], registry=r
+        )
+        self.missing = Counter(
+            "k2_binance_missing_trade_ids", "trade ids skipped by those jumps", ["symbol"], registry=r
+        )
+        self.produce_errors = Counter(
+            "k2_binance_produce_errors", "sends the Kafka producer reported failed", registry=r
+        )
+        self.late = Counter(
+            "k2_binance_late_trades",
+            "trades below the symbol's highest id, not seen before: kept",
+            ["symbol"],
+            registry=r,
+        )
         # defined in k2_resources.metrics (the alert rules refer to it) and served here, by the streamer
         r.register(BINANCE_TRADE_ID_RESETS)
         self.resets = BINANCE_TRADE_ID_RESETS
-        self.delay = Histogram("k2_binance_event_to_produce_seconds", "event time E to hand-over to Kafka",
-                               buckets=DELAY_BUCKETS, registry=r)
-        self.spooled = Counter("k2_binance_spooled_frames", "records written to the spool while Kafka was away",
-                               ["topic"], registry=r)
-        self.buffered = Gauge("k2_binance_buffered_frames", "records in memory awaiting Kafka's acknowledgement",
-                              registry=r)
-        self.spool_pending = Gauge("k2_binance_spool_pending_frames", "records in the spool not yet in Kafka",
-                                   registry=r)
+        self.delay = Histogram(
+            "k2_binance_event_to_produce_seconds",
+            "event time E to hand-over to Kafka",
+            buckets=DELAY_BUCKETS,
+            registry=r,
+        )
+        self.spooled = Counter(
+            "k2_binance_spooled_frames", "records written to the spool while Kafka was away", ["topic"], registry=r
+        )
+        self.buffered = Gauge(
+            "k2_binance_buffered_frames", "records in memory awaiting Kafka's acknowledgement", registry=r
+        )
+        self.spool_pending = Gauge(
+            "k2_binance_spool_pending_frames", "records in the spool not yet in Kafka", registry=r
+        )
         self._server: Any = None
         self.port: int | None = None
 
@@ -165,8 +183,10 @@ class StreamMetrics:
         try:
             server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise K2Error(f"cannot serve metrics on {host}:{port} ({exc}); pass another --metrics-port "
-                          "or stop the process using it") from exc
+            raise K2Error(
+                f"cannot serve metrics on {host}:{port} ({exc}); pass another --metrics-port "
+                "or stop the process using it"
+            ) from exc
         self._server = server
         self.port = server.server_port
         return self.port
@@ -227,8 +247,9 @@ class FramePipeline:
     ``handle`` never raises for anything a WebSocket can deliver.
     """
 
-    def __init__(self, config: StreamerConfig, producer: Any, metrics: StreamMetrics,
-                 tracker: TradeIdTracker | None = None) -> None:
+    def __init__(
+        self, config: StreamerConfig, producer: Any, metrics: StreamMetrics, tracker: TradeIdTracker | None = None
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.stats = StreamStats(url=config.stream_url, topic=config.topic, dlq_topic=config.dlq_topic)
@@ -247,9 +268,11 @@ class FramePipeline:
         log.error("Kafka rejected a record: %s", exc)
 
     def dead_letter(self, raw: str | bytes, code: str, detail: str) -> str:
-        self.producer.send(self.config.dlq_topic, value=dead_letter_value(self.stats.url, raw, code, detail),
-                           headers=[("k2.reason", code.encode()), ("k2.source", b"binance")]
-                           ).add_errback(self._on_send_error)
+        self.producer.send(
+            self.config.dlq_topic,
+            value=dead_letter_value(self.stats.url, raw, code, detail),
+            headers=[("k2.reason", code.encode()), ("k2.source", b"binance")],
+        ).add_errback(self._on_send_error)
         self.stats.dead_lettered += 1
         self.stats.dead_letters_by_reason[code] = self.stats.dead_letters_by_reason.get(code, 0) + 1
         self.metrics.dead_lettered.labels(code).inc()
@@ -284,12 +307,18 @@ class FramePipeline:
         except SchemaMismatchError as exc:
             return self.dead_letter(raw, "schema_mismatch", str(exc))
         if len(value) > MAX_RECORD_BYTES:
-            return self.dead_letter(raw, "too_large", f"the encoded trade is {len(value)} bytes, above the "
-                                                      f"{MAX_RECORD_BYTES} bytes a Kafka record may take")
+            return self.dead_letter(
+                raw,
+                "too_large",
+                f"the encoded trade is {len(value)} bytes, above the {MAX_RECORD_BYTES} bytes a Kafka record may take",
+            )
         future = self.producer.send(self.config.topic, key=symbol.encode(), value=value)
         if getattr(future, "is_done", False) and future.failed():  # refused before it was queued (too large)
-            return self.dead_letter(raw, "produce_rejected", f"the Kafka producer refused the record "
-                                                             f"({future.exception}); nothing else changed")
+            return self.dead_letter(
+                raw,
+                "produce_rejected",
+                f"the Kafka producer refused the record ({future.exception}); nothing else changed",
+            )
         future.add_errback(self._on_send_error)
         self._accepted(record, seen)
         return FrameOutcome.PRODUCED
@@ -309,9 +338,14 @@ class FramePipeline:
         elif seen.verdict == TradeIdVerdict.RESET:
             self.stats.resets += 1
             self.metrics.resets.labels(symbol).inc()
-            log.warning("trade id reset on %s: trade id %d arrived after %d (more than %d below it); "
-                        "taken as an id reset or relisting at the source, trade kept", symbol, trade_id,
-                        seen.previous_high, self.tracker.reset_jump)
+            log.warning(
+                "trade id reset on %s: trade id %d arrived after %d (more than %d below it); "
+                "taken as an id reset or relisting at the source, trade kept",
+                symbol,
+                trade_id,
+                seen.previous_high,
+                self.tracker.reset_jump,
+            )
         self.stats.produced += 1
         self.stats.produced_by_symbol[symbol] = self.stats.produced_by_symbol.get(symbol, 0) + 1
         if symbol not in self._produced:
@@ -344,14 +378,18 @@ def dead_letter_value(url: str, raw: str | bytes, code: str, detail: str) -> byt
             raw_bytes = raw
             raw = ""
             if len(raw_bytes) > MAX_DEAD_LETTER_RAW_CHARS:
-                value.update(raw_truncated=True, raw_length=len(raw_bytes),
-                             raw_sha256=hashlib.sha256(raw_bytes).hexdigest())
+                value.update(
+                    raw_truncated=True, raw_length=len(raw_bytes), raw_sha256=hashlib.sha256(raw_bytes).hexdigest()
+                )
     if len(raw) > MAX_DEAD_LETTER_RAW_CHARS:
-        value.update(raw_truncated=True, raw_length=len(raw),
-                     raw_sha256=hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest())
+        value.update(
+            raw_truncated=True,
+            raw_length=len(raw),
+            raw_sha256=hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest(),
+        )
         raw = raw[:MAX_DEAD_LETTER_RAW_CHARS]
     value["raw"] = raw
-    value["received_at"] = datetime.now(timezone.utc).isoformat()
+    value["received_at"] = datetime.now(UTC).isoformat()
     return json.dumps(value).encode()
 
 
@@ -372,10 +410,14 @@ def spooling_producer(config: StreamerConfig, kafka: KafkaResource, metrics: Str
     """The idempotent producer behind a bounded window and a spool per topic (nothing dropped while Kafka is away)."""
     root = spool_root(config)
     # Keyed by symbol; the partitioner spreads the well-known symbols over the partitions.
-    producer = SpoolingProducer(kafka.producer(partitioner=SymbolPartitioner(), **SPOOLING_PRODUCER_SETTINGS), root,
-                                max_buffered=config.max_buffered,
-                                close_timeout_s=config.close_timeout_s, topics=(config.topic, config.dlq_topic),
-                                on_spooled=lambda topic, count: metrics.spooled.labels(topic).inc(count))
+    producer = SpoolingProducer(
+        kafka.producer(partitioner=SymbolPartitioner(), **SPOOLING_PRODUCER_SETTINGS),
+        root,
+        max_buffered=config.max_buffered,
+        close_timeout_s=config.close_timeout_s,
+        topics=(config.topic, config.dlq_topic),
+        on_spooled=lambda topic, count: metrics.spooled.labels(topic).inc(count),
+    )
     metrics.buffered.set_function(producer.buffered)
     metrics.spool_pending.set_function(producer.spool_pending)
     return producer
@@ -386,12 +428,20 @@ def _start_pipeline(config: StreamerConfig, kafka: KafkaResource, metrics: Strea
     kafka.ensure_topic(config.topic, partitions=config.partitions)
     kafka.ensure_topic(config.dlq_topic, partitions=1)
     tracker = TradeIdTracker(window=config.dedupe_window, reset_jump=config.reset_jump)
-    seeded = seed_from_topic(kafka, config.topic, tracker, per_partition=min(config.seed_per_partition,
-                                                                             config.dedupe_window))
+    seeded = seed_from_topic(
+        kafka, config.topic, tracker, per_partition=min(config.seed_per_partition, config.dedupe_window)
+    )
     spooled = seed_from_spool(spool_root(config) / config.topic, tracker, limit=config.dedupe_window)
     if seeded.records or spooled:
-        log.info("duplicate check seeded with the last %d trades of %s (partition offsets %s) and %d spooled "
-                 "trades in %.2f s", seeded.records, config.topic, seeded.partitions, spooled, seeded.seconds)
+        log.info(
+            "duplicate check seeded with the last %d trades of %s (partition offsets %s) and %d spooled "
+            "trades in %.2f s",
+            seeded.records,
+            config.topic,
+            seeded.partitions,
+            spooled,
+            seeded.seconds,
+        )
     pipeline = FramePipeline(config, spooling_producer(config, kafka, metrics), metrics, tracker)
     pipeline.stats.seeded = seeded.records + spooled
     return pipeline
@@ -423,9 +473,14 @@ async def run_streamer(
             metrics.reconnects.inc()
 
     client = BinanceStreamClient(
-        url=config.stream_url, backoff_initial_s=config.backoff_initial_s, backoff_max_s=config.backoff_max_s,
-        backoff_jitter=config.backoff_jitter, max_connection_age_s=config.max_connection_age_s,
-        idle_timeout_s=idle_timeout_s, stop_event=stop_event, on_event=count_reconnects,
+        url=config.stream_url,
+        backoff_initial_s=config.backoff_initial_s,
+        backoff_max_s=config.backoff_max_s,
+        backoff_jitter=config.backoff_jitter,
+        max_connection_age_s=config.max_connection_age_s,
+        idle_timeout_s=idle_timeout_s,
+        stop_event=stop_event,
+        on_event=count_reconnects,
     )
     pipeline: FramePipeline | None = None
     try:
@@ -495,8 +550,24 @@ def stream_to_kafka(
     when stop_event (threading.Event) is set, after idle_timeout_s without frames, or after
     max_messages frames. Call from a thread that has no running asyncio loop.
     """
-    config = StreamerConfig(url=url, symbols=tuple(s.upper() for s in symbols), topic=topic, dlq_topic=dlq_topic,
-                            partitions=partitions, metrics_port=metrics_port, backoff_initial_s=backoff_initial_s,
-                            backoff_max_s=backoff_max_s, max_connection_age_s=max_connection_age_s)
-    return asyncio.run(run_streamer(config, kafka, max_messages=max_messages, stop_event=stop_event,
-                                    idle_timeout_s=idle_timeout_s, metrics=metrics))
+    config = StreamerConfig(
+        url=url,
+        symbols=tuple(s.upper() for s in symbols),
+        topic=topic,
+        dlq_topic=dlq_topic,
+        partitions=partitions,
+        metrics_port=metrics_port,
+        backoff_initial_s=backoff_initial_s,
+        backoff_max_s=backoff_max_s,
+        max_connection_age_s=max_connection_age_s,
+    )
+    return asyncio.run(
+        run_streamer(
+            config,
+            kafka,
+            max_messages=max_messages,
+            stop_event=stop_event,
+            idle_timeout_s=idle_timeout_s,
+            metrics=metrics,
+        )
+    )

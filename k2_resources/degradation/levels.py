@@ -208,7 +208,9 @@ class DegradationManager:
     def evaluate(self, lag: int, memory_percent: float) -> DegradationLevel:
         """Update the level from the current lag (messages) and memory use (percent); returns the level."""
         if lag < 0:
-            raise K2Error(f"consumer lag cannot be negative (got {lag}); compute it as end offset minus committed offset")
+            raise K2Error(
+                f"consumer lag cannot be negative (got {lag}); compute it as end offset minus committed offset"
+            )
         if not 0 <= memory_percent <= 100:
             raise K2Error(f"memory_percent must be within 0..100 (got {memory_percent}); pass a percentage")
         self.last_transition = None

@@ -33,10 +33,15 @@ class DegradationResource(ConfigurableResource):
         description="Lag (messages) entering SOFT, GRACEFUL, AGGRESSIVE, CIRCUIT_BREAK.",
     )
     memory_triggers_percent: list[float] = Field(
-        default=list(defaults.MEMORY_TRIGGERS_PERCENT), description="Memory use (%) entering SOFT, GRACEFUL, AGGRESSIVE, CIRCUIT_BREAK."
+        default=list(defaults.MEMORY_TRIGGERS_PERCENT),
+        description="Memory use (%) entering SOFT, GRACEFUL, AGGRESSIVE, CIRCUIT_BREAK.",
     )
-    cooldown_seconds: float = Field(default=defaults.COOLDOWN_SECONDS, description="Minimum time between a transition and a step down.")
-    tier1_symbols: list[str] | None = Field(default=None, description="Tier-1 symbols; default BTCUSDT, ETHUSDT, ASX top 20.")
+    cooldown_seconds: float = Field(
+        default=defaults.COOLDOWN_SECONDS, description="Minimum time between a transition and a step down."
+    )
+    tier1_symbols: list[str] | None = Field(
+        default=None, description="Tier-1 symbols; default BTCUSDT, ETHUSDT, ASX top 20."
+    )
     tier2_symbols: list[str] | None = Field(default=None, description="Tier-2 symbols; default a list of large names.")
     tiers_from_volume: bool = Field(
         default=True,

@@ -20,7 +20,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -57,13 +57,25 @@ class RankedSymbol:
     trades: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "symbol": self.symbol, "exchange": self.exchange, "tier": self.tier,
-                "notional": format(self.notional, "f"), "trades": self.trades}
+        return {
+            "rank": self.rank,
+            "symbol": self.symbol,
+            "exchange": self.exchange,
+            "tier": self.tier,
+            "notional": format(self.notional, "f"),
+            "trades": self.trades,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RankedSymbol:
-        return cls(int(data["rank"]), str(data["symbol"]), str(data["exchange"]), int(data["tier"]),
-                   Decimal(str(data["notional"])), int(data["trades"]))
+        return cls(
+            int(data["rank"]),
+            str(data["symbol"]),
+            str(data["exchange"]),
+            int(data["tier"]),
+            Decimal(str(data["notional"])),
+            int(data["trades"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -91,8 +103,10 @@ class SymbolRanking:
             "source_snapshot_id": self.source_snapshot_id,
             "tier1_size": self.tier1_size,
             "tier2_size": self.tier2_size,
-            "windows": {exchange: [start.isoformat(), end.isoformat()]
-                        for exchange, (start, end) in sorted(self.windows.items())},
+            "windows": {
+                exchange: [start.isoformat(), end.isoformat()]
+                for exchange, (start, end) in sorted(self.windows.items())
+            },
             "symbols": [s.to_dict() for s in self.symbols],
         }
 
@@ -103,15 +117,19 @@ class SymbolRanking:
         return cls(
             symbols=tuple(RankedSymbol.from_dict(s) for s in data["symbols"]),
             computed_at=datetime.fromisoformat(data["computed_at"]),
-            windows={exchange: (datetime.fromisoformat(start), datetime.fromisoformat(end))
-                     for exchange, (start, end) in data.get("windows", {}).items()},
+            windows={
+                exchange: (datetime.fromisoformat(start), datetime.fromisoformat(end))
+                for exchange, (start, end) in data.get("windows", {}).items()
+            },
             source_snapshot_id=data.get("source_snapshot_id"),
             tier1_size=int(data.get("tier1_size", TIER1_SIZE)),
             tier2_size=int(data.get("tier2_size", TIER2_SIZE)),
         )
 
 
-def rank_symbols(trades: pl.DataFrame, tier1_size: int = TIER1_SIZE, tier2_size: int = TIER2_SIZE) -> list[RankedSymbol]:
+def rank_symbols(
+    trades: pl.DataFrame, tier1_size: int = TIER1_SIZE, tier2_size: int = TIER2_SIZE
+) -> list[RankedSymbol]:
     """Symbols of a trades frame (symbol, exchange, price, quantity) ranked by summed price x quantity.
 
     The top ``tier1_size`` are tier 1, the rest of the top ``tier2_size`` tier 2, the others tier 3;
@@ -133,15 +151,19 @@ def rank_symbols(trades: pl.DataFrame, tier1_size: int = TIER1_SIZE, tier2_size:
     ranked = []
     for rank, row in enumerate(rows, start=1):
         tier = 1 if rank <= tier1_size else 2 if rank <= tier2_size else 3
-        ranked.append(RankedSymbol(rank, row["symbol"], row["exchange"], tier, Decimal(row["notional"]), int(row["trades"])))
+        ranked.append(
+            RankedSymbol(rank, row["symbol"], row["exchange"], tier, Decimal(row["notional"]), int(row["trades"]))
+        )
     return ranked
 
 
 def _newest_per_exchange(table: Table, snapshot_id: int) -> dict[str, datetime]:
     """The newest trade time per exchange, from the data files' column bounds (no data read)."""
     timestamp_field = table.schema().find_field(_TIMESTAMP_COLUMN)
-    exchange_positions = {spec_id: next((i for i, f in enumerate(spec.fields) if f.name == "exchange"), None)
-                          for spec_id, spec in table.specs().items()}
+    exchange_positions = {
+        spec_id: next((i for i, f in enumerate(spec.fields) if f.name == "exchange"), None)
+        for spec_id, spec in table.specs().items()
+    }
     newest: dict[str, datetime] = {}
     for task in table.scan(snapshot_id=snapshot_id).plan_files():
         data_file = task.file
@@ -149,19 +171,27 @@ def _newest_per_exchange(table: Table, snapshot_id: int) -> dict[str, datetime]:
         position = exchange_positions.get(data_file.spec_id)
         exchange = data_file.partition[position] if position is not None else None
         if bound is None or exchange is None:  # no statistics or no exchange partition: read the file's column
-            frame = pl.read_parquet(data_file.file_path.removeprefix("file://"), columns=["exchange", _TIMESTAMP_COLUMN])
+            frame = pl.read_parquet(
+                data_file.file_path.removeprefix("file://"), columns=["exchange", _TIMESTAMP_COLUMN]
+            )
             for row in frame.group_by("exchange").agg(pl.col(_TIMESTAMP_COLUMN).max()).iter_rows(named=True):
-                value = row[_TIMESTAMP_COLUMN].replace(tzinfo=timezone.utc)
+                value = row[_TIMESTAMP_COLUMN].replace(tzinfo=UTC)
                 newest[row["exchange"]] = max(newest.get(row["exchange"], value), value)
             continue
         micros = from_bytes(timestamp_field.field_type, bound)
-        value = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=int(micros))
+        value = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros))
         newest[exchange] = max(newest.get(exchange, value), value)
     return newest
 
 
-def ranking_from_table(table: Table, window: timedelta = RANKING_WINDOW, *, tier1_size: int = TIER1_SIZE,
-                       tier2_size: int = TIER2_SIZE, now: datetime | None = None) -> SymbolRanking:
+def ranking_from_table(
+    table: Table,
+    window: timedelta = RANKING_WINDOW,
+    *,
+    tier1_size: int = TIER1_SIZE,
+    tier2_size: int = TIER2_SIZE,
+    now: datetime | None = None,
+) -> SymbolRanking:
     """Rank the symbols of ``market.trades`` by notional over each exchange's last ``window`` of trading.
 
     Each exchange's window ends at its own newest trade (inclusive), so a historical source (the
@@ -169,21 +199,35 @@ def ranking_from_table(table: Table, window: timedelta = RANKING_WINDOW, *, tier
     An empty table gives an empty ranking.
     """
     snapshot = table.current_snapshot()
-    computed_at = now or datetime.now(timezone.utc)
+    computed_at = now or datetime.now(UTC)
     if snapshot is None:
         return SymbolRanking((), computed_at, {}, None, tier1_size, tier2_size)
-    windows = {exchange: (end - window, end + timedelta(microseconds=1))
-               for exchange, end in _newest_per_exchange(table, snapshot.snapshot_id).items()}
+    windows = {
+        exchange: (end - window, end + timedelta(microseconds=1))
+        for exchange, end in _newest_per_exchange(table, snapshot.snapshot_id).items()
+    }
     reader = SnapshotReader()
     try:
-        frames = [reader.read_frame(table, snapshot.snapshot_id, RowFilter(None, start, end, exchange),
-                                    columns=["symbol", "exchange", "price", "quantity"])
-                  for exchange, (start, end) in sorted(windows.items())]
+        frames = [
+            reader.read_frame(
+                table,
+                snapshot.snapshot_id,
+                RowFilter(None, start, end, exchange),
+                columns=["symbol", "exchange", "price", "quantity"],
+            )
+            for exchange, (start, end) in sorted(windows.items())
+        ]
     finally:
         reader.close()
     trades = pl.concat(frames) if frames else pl.DataFrame()
-    return SymbolRanking(tuple(rank_symbols(trades, tier1_size, tier2_size)), computed_at, windows,
-                         snapshot.snapshot_id, tier1_size, tier2_size)
+    return SymbolRanking(
+        tuple(rank_symbols(trades, tier1_size, tier2_size)),
+        computed_at,
+        windows,
+        snapshot.snapshot_id,
+        tier1_size,
+        tier2_size,
+    )
 
 
 def write_ranking(ranking: SymbolRanking, path: Path | str | None = None) -> Path:
@@ -212,8 +256,10 @@ def read_ranking(path: Path | str | None = None) -> SymbolRanking | None:
     try:
         return SymbolRanking.from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError) as error:
-        raise K2Error(f"the symbol-tier ranking {target} is unreadable ({error}); delete it and materialise "
-                      "the symbol_tiers asset again (until then the static tier lists are used once it is gone)") from error
+        raise K2Error(
+            f"the symbol-tier ranking {target} is unreadable ({error}); delete it and materialise "
+            "the symbol_tiers asset again (until then the static tier lists are used once it is gone)"
+        ) from error
 
 
 _cache_lock = threading.Lock()

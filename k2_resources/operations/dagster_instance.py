@@ -36,6 +36,7 @@ def instance_config_for_environment() -> Path:
     is set (as `k2 cluster start` writes it to env.sh), else the embedded SQLite one."""
     return POSTGRES_INSTANCE_CONFIG if os.environ.get("DAGSTER_POSTGRES_HOST") else EMBEDDED_INSTANCE_CONFIG
 
+
 # The SQLite databases of Dagster's default storage, relative to DAGSTER_HOME, and the folders
 # that hold them (with the per-run event-log shards beside the index).
 _SQLITE_DATABASES = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")
@@ -89,7 +90,9 @@ def recorded_runs(home: Path) -> int:
         return int(connection.execute("select count(*) from runs").fetchone()[0])
 
 
-def prepare_instance(home: Path, config: Path | None = EMBEDDED_INSTANCE_CONFIG, *, migrate: bool = True) -> InstanceReport:
+def prepare_instance(
+    home: Path, config: Path | None = EMBEDDED_INSTANCE_CONFIG, *, migrate: bool = True
+) -> InstanceReport:
     """Make ``home`` a ready Dagster instance: its ``dagster.yaml`` from ``config`` (None: keep the
     one there), a broken SQLite storage repaired when that loses no run history, then every
     storage created (or migrated) by this one process. Call it before starting any service."""
@@ -147,18 +150,34 @@ def _check_postgres_answers(home: Path, settings: dict[str, str]) -> None:
     """One quick connection to the instance's Postgres, so that a server that is down (or a variable
     that is not set) is one clear error instead of dagster-postgres' retries ending in "too many retries"."""
     where = f"{settings['hostname'] or '?'}:{settings['port'] or '?'}, database {settings['db_name'] or '?'}"
-    variables = ", ".join(settings[k] for k in ("hostname_from", "port_from", "username_from", "password_from",
-                                                 "db_name_from") if k in settings)
-    missing = [settings[f"{k}_from"] for k in ("hostname", "username", "db_name")
-               if f"{k}_from" in settings and not settings[k]]
-    fix = (f"Fix: start it (`k2 cluster start` runs one under K2_HOME/cluster) or point {variables or home / 'dagster.yaml'} "
-           "at a running server")
+    variables = ", ".join(
+        settings[k]
+        for k in ("hostname_from", "port_from", "username_from", "password_from", "db_name_from")
+        if k in settings
+    )
+    missing = [
+        settings[f"{k}_from"]
+        for k in ("hostname", "username", "db_name")
+        if f"{k}_from" in settings and not settings[k]
+    ]
+    fix = (
+        f"Fix: start it (`k2 cluster start` runs one under K2_HOME/cluster) or point {variables or home / 'dagster.yaml'} "
+        "at a running server"
+    )
     if missing:
-        raise K2Error(f"the Dagster instance in {home} keeps its storage in Postgres, but {', '.join(missing)} "
-                      f"{'is' if len(missing) == 1 else 'are'} not set. {fix}")
+        raise K2Error(
+            f"the Dagster instance in {home} keeps its storage in Postgres, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set. {fix}"
+        )
     try:
-        psycopg2.connect(host=settings["hostname"], port=settings["port"], user=settings["username"],
-                         password=settings["password"], dbname=settings["db_name"], connect_timeout=3).close()
+        psycopg2.connect(
+            host=settings["hostname"],
+            port=settings["port"],
+            user=settings["username"],
+            password=settings["password"],
+            dbname=settings["db_name"],
+            connect_timeout=3,
+        ).close()
     except psycopg2.OperationalError as exc:
         reason = " ".join(str(exc).split())
         raise K2Error(f"the Dagster instance's Postgres at {where} does not answer ({reason}). {fix}") from exc
@@ -208,6 +227,6 @@ def _has_table(connection: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-def _read_only(path: Path) -> "closing[sqlite3.Connection]":
+def _read_only(path: Path) -> closing[sqlite3.Connection]:
     """A read-only connection closed on exit (sqlite3's own context manager only commits)."""
     return closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30))

@@ -52,11 +52,16 @@ COMMITTED_MESSAGES = Gauge(
     registry=REGISTRY,
 )
 TOPIC_END_OFFSETS = Gauge(
-    "k2_kafka_end_offsets", "Sum over partitions of the topic's end offsets; rate() of it is the input rate.",
-    ["topic"], registry=REGISTRY,
+    "k2_kafka_end_offsets",
+    "Sum over partitions of the topic's end offsets; rate() of it is the input rate.",
+    ["topic"],
+    registry=REGISTRY,
 )
 EXPORTER_ERRORS = Gauge(
-    "k2_exporter_last_poll_failed", "1 when the exporter's last poll of a source failed.", ["source"], registry=REGISTRY,
+    "k2_exporter_last_poll_failed",
+    "1 when the exporter's last poll of a source failed.",
+    ["source"],
+    registry=REGISTRY,
 )
 
 BINANCE_TRADES = AssetKey("binance_trades")
@@ -92,7 +97,9 @@ class MetricsPoller:
         committed = committed_offsets(table, self.topic)
         ends = self.kafka.end_offsets(self.topic)
         for partition, end in ends.items():
-            CONSUMER_LAG.labels(topic=self.topic, partition=str(partition)).set(max(0, end - committed.get(partition, 0)))
+            CONSUMER_LAG.labels(topic=self.topic, partition=str(partition)).set(
+                max(0, end - committed.get(partition, 0))
+            )
         COMMITTED_MESSAGES.labels(topic=self.topic).set(sum(committed.values()))
         TOPIC_END_OFFSETS.labels(topic=self.topic).set(sum(ends.values()))
         pending = pending_ranges(table, self.topic)
@@ -117,8 +124,9 @@ class MetricsPoller:
         if evaluation is not None and "level_value" in evaluation.metadata:
             DEGRADATION_LEVEL.set(evaluation.metadata["level_value"].value)
         self._count_transitions(storage, key)
-        records = self.instance.fetch_materializations(BINANCE_TRADES, limit=500, cursor=self._materialization_cursor,
-                                                      ascending=True)
+        records = self.instance.fetch_materializations(
+            BINANCE_TRADES, limit=500, cursor=self._materialization_cursor, ascending=True
+        )
         for record in records.records:
             metadata = record.asset_materialization.metadata if record.asset_materialization else {}
             if "commit_seconds" in metadata and not metadata.get("already_committed", _Value(False)).value:
@@ -147,8 +155,9 @@ class MetricsPoller:
                 continue
             level = int(evaluation.metadata["level_value"].value)
             if self._level_seen is not None and level != self._level_seen:
-                DEGRADATION_TRANSITIONS.labels(from_level=DegradationLevel(self._level_seen).name,
-                                               to_level=DegradationLevel(level).name).inc()
+                DEGRADATION_TRANSITIONS.labels(
+                    from_level=DegradationLevel(self._level_seen).name, to_level=DegradationLevel(level).name
+                ).inc()
             self._level_seen = level
 
     def _tables(self) -> None:

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -57,9 +57,7 @@ class TableMaintenanceResource(ConfigurableResource):
     target_file_size_bytes: int = Field(
         default=128 * MIB, gt=0, description="on-disk size a compacted data file aims for"
     )
-    small_file_bytes: int = Field(
-        default=32 * MIB, gt=0, description="data files below this size count as small"
-    )
+    small_file_bytes: int = Field(default=32 * MIB, gt=0, description="data files below this size count as small")
     min_small_files: int = Field(
         default=5, ge=2, description="compact a partition once it holds at least this many small files"
     )
@@ -69,15 +67,11 @@ class TableMaintenanceResource(ConfigurableResource):
     max_files_per_partition: int = Field(
         default=16, ge=1, description="the file-count check warns above this many files in one partition"
     )
-    snapshot_retention_hours: float = Field(
-        default=24.0 * 7, ge=0, description="expire snapshots older than this"
-    )
+    snapshot_retention_hours: float = Field(default=24.0 * 7, ge=0, description="expire snapshots older than this")
     min_snapshots_to_keep: int = Field(
         default=20, ge=1, description="always keep this many newest snapshots of the current lineage"
     )
-    orphan_grace_hours: float = Field(
-        default=72.0, ge=0, description="only delete unreferenced files older than this"
-    )
+    orphan_grace_hours: float = Field(default=72.0, ge=0, description="only delete unreferenced files older than this")
 
     def compact(self, table: Table) -> CompactionReport:
         return compact_table(
@@ -91,7 +85,7 @@ class TableMaintenanceResource(ConfigurableResource):
     def expire(self, table: Table) -> ExpiryReport:
         return expire_snapshots(
             table,
-            older_than=datetime.now(timezone.utc) - timedelta(hours=self.snapshot_retention_hours),
+            older_than=datetime.now(UTC) - timedelta(hours=self.snapshot_retention_hours),
             retain_last=self.min_snapshots_to_keep,
         )
 
@@ -167,15 +161,17 @@ def partition_stats(table: Table, small_file_bytes: int = 32 * MIB) -> list[Part
     stats = []
     for partition in partition_files(table):
         sizes = [task.file.file_size_in_bytes for task in partition.tasks]
-        stats.append(PartitionStats(
-            partition=partition.label,
-            files=len(sizes),
-            records=partition.record_count,
-            total_bytes=sum(sizes),
-            min_file_bytes=min(sizes),
-            max_file_bytes=max(sizes),
-            small_files=sum(1 for size in sizes if size < small_file_bytes),
-        ))
+        stats.append(
+            PartitionStats(
+                partition=partition.label,
+                files=len(sizes),
+                records=partition.record_count,
+                total_bytes=sum(sizes),
+                min_file_bytes=min(sizes),
+                max_file_bytes=max(sizes),
+                small_files=sum(1 for size in sizes if size < small_file_bytes),
+            )
+        )
     return stats
 
 
@@ -295,7 +291,9 @@ def _plan_rewrite(
     return plan
 
 
-def _rewrite(table: Table, plan: list[tuple[str, list[FileScanTask]]], target_file_size_bytes: int) -> list[PartitionCompaction]:
+def _rewrite(
+    table: Table, plan: list[tuple[str, list[FileScanTask]]], target_file_size_bytes: int
+) -> list[PartitionCompaction]:
     """Replace each group's files by sorted files holding the same rows, all in ONE overwrite snapshot."""
     metadata = table.metadata
     scan = ArrowScan(metadata, table.io, table.schema(), AlwaysTrue())
@@ -316,10 +314,17 @@ def _rewrite(table: Table, plan: list[tuple[str, list[FileScanTask]]], target_fi
                 if rows.num_rows != expected:
                     raise K2Error(
                         f"compaction of {label} read {rows.num_rows} rows from files that list {expected}; "
-                        "the files may be damaged: nothing was changed, inspect them before retrying")
+                        "the files may be damaged: nothing was changed, inspect them before retrying"
+                    )
                 bytes_before = sum(task.file.file_size_in_bytes for task in tasks)
-                new_files = _write_sorted(transaction.table_metadata, table, rows.sort_by(SORT_KEYS), bytes_before,
-                                          target_file_size_bytes, overwrite.commit_uuid)
+                new_files = _write_sorted(
+                    transaction.table_metadata,
+                    table,
+                    rows.sort_by(SORT_KEYS),
+                    bytes_before,
+                    target_file_size_bytes,
+                    overwrite.commit_uuid,
+                )
                 for task in tasks:
                     overwrite.delete_data_file(task.file)
                 for data_file in new_files:
@@ -329,7 +334,10 @@ def _rewrite(table: Table, plan: list[tuple[str, list[FileScanTask]]], target_fi
     snapshot = table.current_snapshot()
     return [
         PartitionCompaction(
-            partition=label, files_before=len(tasks), files_after=len(new_files), records=records,
+            partition=label,
+            files_before=len(tasks),
+            files_after=len(new_files),
+            records=records,
             bytes_before=sum(task.file.file_size_in_bytes for task in tasks),
             bytes_after=sum(f.file_size_in_bytes for f in new_files),
             snapshot_id=snapshot.snapshot_id if snapshot else None,
@@ -338,8 +346,14 @@ def _rewrite(table: Table, plan: list[tuple[str, list[FileScanTask]]], target_fi
     ]
 
 
-def _write_sorted(metadata: TableMetadata, table: Table, rows: pa.Table, bytes_on_disk: int,
-                  target_file_size_bytes: int, write_uuid: uuid.UUID) -> list[DataFile]:
+def _write_sorted(
+    metadata: TableMetadata,
+    table: Table,
+    rows: pa.Table,
+    bytes_on_disk: int,
+    target_file_size_bytes: int,
+    write_uuid: uuid.UUID,
+) -> list[DataFile]:
     """Sorted ``rows`` as consecutive, non-overlapping files of about the target on-disk size.
 
     pyiceberg bin-packs by in-memory Arrow size (and may interleave batches across files), so
@@ -351,13 +365,17 @@ def _write_sorted(metadata: TableMetadata, table: Table, rows: pa.Table, bytes_o
     bytes_per_row = max(bytes_on_disk / rows.num_rows, 1.0)
     rows_per_file = max(1, int(target_file_size_bytes / bytes_per_row))
     # One slice must never be split again by pyiceberg's own (in-memory) target size.
-    unsplit = metadata.model_copy(update={"properties": {
-        **metadata.properties, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES: str(2**62)}})
+    unsplit = metadata.model_copy(
+        update={"properties": {**metadata.properties, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES: str(2**62)}}
+    )
     files: list[DataFile] = []
     counter = itertools.count(0)
     for offset in range(0, rows.num_rows, rows_per_file):
-        files.extend(_dataframe_to_data_files(unsplit, rows.slice(offset, rows_per_file), table.io,
-                                              write_uuid=write_uuid, counter=counter))
+        files.extend(
+            _dataframe_to_data_files(
+                unsplit, rows.slice(offset, rows_per_file), table.io, write_uuid=write_uuid, counter=counter
+            )
+        )
     return files
 
 
@@ -393,7 +411,8 @@ def expire_snapshots(table: Table, older_than: datetime, retain_last: int = 20) 
     protected = {ref.snapshot_id for ref in table.metadata.refs.values()}
     cutoff_ms = int(older_than.timestamp() * 1000)
     expired = sorted(
-        s.snapshot_id for s in snapshots
+        s.snapshot_id
+        for s in snapshots
         if s.timestamp_ms < cutoff_ms and s.snapshot_id not in keep and s.snapshot_id not in protected
     )
     if expired:
@@ -459,14 +478,14 @@ def remove_orphan_files(table: Table, grace: timedelta = timedelta(hours=72), dr
         listed.extend(info for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File)
     table.refresh()
     referenced = referenced_files(table)
-    cutoff = datetime.now(timezone.utc) - grace
+    cutoff = datetime.now(UTC) - grace
     deleted, kept, freed = [], [], 0
     for info in listed:
         if info.path in referenced:
             continue
-        modified = info.mtime if info.mtime is not None else datetime.now(timezone.utc)
+        modified = info.mtime if info.mtime is not None else datetime.now(UTC)
         if modified.tzinfo is None:
-            modified = modified.replace(tzinfo=timezone.utc)
+            modified = modified.replace(tzinfo=UTC)
         if modified > cutoff:
             kept.append(info.path)
             continue
@@ -476,4 +495,3 @@ def remove_orphan_files(table: Table, grace: timedelta = timedelta(hours=72), dr
         freed += info.size or 0
     in_listing = sum(1 for info in listed if info.path in referenced)
     return OrphanReport(len(listed), in_listing, tuple(sorted(deleted)), tuple(sorted(kept)), freed)
-

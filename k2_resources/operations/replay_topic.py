@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
 
 from kafka import TopicPartition
 
@@ -47,8 +47,14 @@ class ReplaySpec:
 
     @property
     def replay_id(self) -> str:
-        identity = json.dumps([sorted(self.symbols) if self.symbols else None, self.start.isoformat(),
-                               self.end.isoformat(), self.exchange])
+        identity = json.dumps(
+            [
+                sorted(self.symbols) if self.symbols else None,
+                self.start.isoformat(),
+                self.end.isoformat(),
+                self.exchange,
+            ]
+        )
         return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -116,11 +122,17 @@ def replay_to_kafka(
                 due = paced_from[0] + (record["timestamp"] - paced_from[1]).total_seconds() / speed
                 if due > clock():
                     sleep(due - clock())
-            producer.send(spec.topic, key=record["symbol"].encode(), value=encode_trade(record), partition=0, headers=[
-                (REPLAY_ID, spec.replay_id.encode()),
-                (REPLAY_SEQ, str(sequence).encode()),
-                (REPLAY_SNAPSHOT, str(reader.progress.snapshot_id).encode()),
-            ])
+            producer.send(
+                spec.topic,
+                key=record["symbol"].encode(),
+                value=encode_trade(record),
+                partition=0,
+                headers=[
+                    (REPLAY_ID, spec.replay_id.encode()),
+                    (REPLAY_SEQ, str(sequence).encode()),
+                    (REPLAY_SNAPSHOT, str(reader.progress.snapshot_id).encode()),
+                ],
+            )
             produced += 1
         producer.flush()
     finally:

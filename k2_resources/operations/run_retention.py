@@ -28,7 +28,7 @@ its event in the index, and in the SQLite storage the runless shard's copy).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as db
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
@@ -64,7 +64,7 @@ class RetentionReport:
 def prune_runs(instance: DagsterInstance, job_name: str, policy: RetentionPolicy, now: datetime | None = None) -> int:
     """Delete finished runs of ``job_name`` last updated before the cut-off, except the newest
     ``min_runs_to_keep``; unfinished runs are never deleted. Returns how many were deleted."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     cutoff = now - timedelta(hours=policy.run_retention_hours)
     newest = instance.get_run_records(filters=RunsFilter(job_name=job_name), limit=policy.min_runs_to_keep)
     if len(newest) < policy.min_runs_to_keep:
@@ -74,7 +74,8 @@ def prune_runs(instance: DagsterInstance, job_name: str, policy: RetentionPolicy
     while True:
         records = instance.get_run_records(
             filters=RunsFilter(job_name=job_name, statuses=FINISHED, updated_before=cutoff),
-            limit=policy.batch_size, ascending=True,
+            limit=policy.batch_size,
+            ascending=True,
         )
         doomed = [r for r in records if r.storage_id < oldest_kept_id]
         for record in doomed:
@@ -84,11 +85,12 @@ def prune_runs(instance: DagsterInstance, job_name: str, policy: RetentionPolicy
             return deleted
 
 
-def prune_check_evaluations(instance: DagsterInstance, check_keys: list[AssetCheckKey], policy: RetentionPolicy,
-                            now: datetime | None = None) -> dict[str, int]:
+def prune_check_evaluations(
+    instance: DagsterInstance, check_keys: list[AssetCheckKey], policy: RetentionPolicy, now: datetime | None = None
+) -> dict[str, int]:
     """Delete runless evaluations (the sensor's) of each check older than the cut-off, except the
     newest ``min_evaluations_to_keep`` of that check. Returns check name -> evaluations deleted."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     cutoff = (now - timedelta(hours=policy.check_retention_hours)).replace(tzinfo=None)  # stored naive UTC
     storage = instance.event_log_storage
     table = AssetCheckExecutionsTable
@@ -96,25 +98,40 @@ def prune_check_evaluations(instance: DagsterInstance, check_keys: list[AssetChe
     for key in check_keys:
         of_check = db.and_(table.c.asset_key == key.asset_key.to_string(), table.c.check_name == key.name)
         with storage.index_connection() as conn:
-            kept = conn.execute(db.select(table.c.id).where(of_check).order_by(table.c.id.desc())
-                                .offset(policy.min_evaluations_to_keep - 1).limit(1)).scalar()
+            kept = conn.execute(
+                db.select(table.c.id)
+                .where(of_check)
+                .order_by(table.c.id.desc())
+                .offset(policy.min_evaluations_to_keep - 1)
+                .limit(1)
+            ).scalar()
             if kept is None:
                 deleted[key.name] = 0
                 continue
-            doomed = db.and_(of_check, table.c.run_id == RUNLESS_RUN_ID, table.c.id < kept,
-                             table.c.evaluation_event_timestamp < cutoff)
-            newest_doomed = conn.execute(db.select(db.func.max(table.c.evaluation_event_timestamp)).where(doomed)).scalar()
+            doomed = db.and_(
+                of_check,
+                table.c.run_id == RUNLESS_RUN_ID,
+                table.c.id < kept,
+                table.c.evaluation_event_timestamp < cutoff,
+            )
+            newest_doomed = conn.execute(
+                db.select(db.func.max(table.c.evaluation_event_timestamp)).where(doomed)
+            ).scalar()
             event_ids = db.select(table.c.evaluation_event_storage_id).where(doomed)
             conn.execute(events.delete().where(events.c.id.in_(event_ids)))
             deleted[key.name] = conn.execute(table.delete().where(doomed)).rowcount
         if newest_doomed is not None and storage.is_run_sharded:
             # The SQLite storage also keeps each runless event in its own shard ("" run id).
             with storage.run_connection(RUNLESS_RUN_ID) as conn:
-                conn.execute(events.delete().where(db.and_(
-                    events.c.dagster_event_type == DagsterEventType.ASSET_CHECK_EVALUATION.value,
-                    events.c.timestamp <= newest_doomed,
-                    events.c.event.like(f'%"check_name": "{_like_escape(key.name)}"%', escape="\\"),
-                )))
+                conn.execute(
+                    events.delete().where(
+                        db.and_(
+                            events.c.dagster_event_type == DagsterEventType.ASSET_CHECK_EVALUATION.value,
+                            events.c.timestamp <= newest_doomed,
+                            events.c.event.like(f'%"check_name": "{_like_escape(key.name)}"%', escape="\\"),
+                        )
+                    )
+                )
     return deleted
 
 
@@ -122,8 +139,11 @@ def stream_check_keys(instance: DagsterInstance, asset_key: AssetKey) -> list[As
     """Every check of ``asset_key`` that has evaluations in the instance (from its check-executions index)."""
     table = AssetCheckExecutionsTable
     with instance.event_log_storage.index_connection() as conn:
-        names = conn.execute(db.select(table.c.check_name).where(table.c.asset_key == asset_key.to_string())
-                             .distinct()).scalars().all()
+        names = (
+            conn.execute(db.select(table.c.check_name).where(table.c.asset_key == asset_key.to_string()).distinct())
+            .scalars()
+            .all()
+        )
     return [AssetCheckKey(asset_key, name) for name in sorted(names)]
 
 
@@ -131,8 +151,13 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def prune_stream_history(instance: DagsterInstance, job_name: str, check_keys: list[AssetCheckKey],
-                         policy: RetentionPolicy | None = None, now: datetime | None = None) -> RetentionReport:
+def prune_stream_history(
+    instance: DagsterInstance,
+    job_name: str,
+    check_keys: list[AssetCheckKey],
+    policy: RetentionPolicy | None = None,
+    now: datetime | None = None,
+) -> RetentionReport:
     """Both prunings, runs first."""
     policy = policy or RetentionPolicy()
     runs = prune_runs(instance, job_name, policy, now)

@@ -15,17 +15,22 @@ from k2_resources.metrics import REGISTRY
 from k2_resources.operations.maintenance import partition_stats
 from k2_resources.tables import ALL_TABLES
 
-TABLE_RECORDS = Gauge("k2_iceberg_table_records", "Rows in the table's current snapshot.", ["table"],
-                      registry=REGISTRY)
-TABLE_DATA_FILES = Gauge("k2_iceberg_table_data_files", "Data files in the table's current snapshot.", ["table"],
-                         registry=REGISTRY)
-TABLE_DATA_BYTES = Gauge("k2_iceberg_table_data_bytes", "Bytes of the data files in the current snapshot.",
-                         ["table"], registry=REGISTRY)
-TABLE_SNAPSHOTS = Gauge("k2_iceberg_table_snapshots", "Snapshots kept in the table's metadata (time travel).",
-                        ["table"], registry=REGISTRY)
+TABLE_RECORDS = Gauge("k2_iceberg_table_records", "Rows in the table's current snapshot.", ["table"], registry=REGISTRY)
+TABLE_DATA_FILES = Gauge(
+    "k2_iceberg_table_data_files", "Data files in the table's current snapshot.", ["table"], registry=REGISTRY
+)
+TABLE_DATA_BYTES = Gauge(
+    "k2_iceberg_table_data_bytes", "Bytes of the data files in the current snapshot.", ["table"], registry=REGISTRY
+)
+TABLE_SNAPSHOTS = Gauge(
+    "k2_iceberg_table_snapshots", "Snapshots kept in the table's metadata (time travel).", ["table"], registry=REGISTRY
+)
 TABLE_MAX_FILES_PER_PARTITION = Gauge(
     "k2_iceberg_table_max_files_per_partition",
-    "Data files in the table's fullest partition (compaction brings it down).", ["table"], registry=REGISTRY)
+    "Data files in the table's fullest partition (compaction brings it down).",
+    ["table"],
+    registry=REGISTRY,
+)
 
 
 def update_table_metrics(iceberg: IcebergResource, with_layout: bool = True) -> dict[str, dict[str, float]]:

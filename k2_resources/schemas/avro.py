@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ _HEADER = struct.Struct(">bI")
 _SCHEMA_DIR = Path(__file__).parent
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parsed(name: str) -> dict:
     return fastavro.parse_schema(json.loads((_SCHEMA_DIR / f"{name}.avsc").read_text()))
 

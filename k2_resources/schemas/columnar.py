@@ -20,8 +20,9 @@ just does not pay per-message Python cost for the regular ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -111,8 +112,7 @@ class _Walk:
 
 
 def _large_strings(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    return pa.Array.from_buffers(pa.large_string(), offsets.size - 1,
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return pa.Array.from_buffers(pa.large_string(), offsets.size - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def _spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> pa.Array:
@@ -127,8 +127,9 @@ def _spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> pa.Arra
     bounds[0:-1:2] = starts
     bounds[1::2] = starts + lengths
     bounds[-1] = bounds[-2]
-    overlay = pa.Array.from_buffers(pa.large_string(), 2 * starts.size,
-                                    [None, pa.py_buffer(bounds), pa.py_buffer(data)])
+    overlay = pa.Array.from_buffers(
+        pa.large_string(), 2 * starts.size, [None, pa.py_buffer(bounds), pa.py_buffer(data)]
+    )
     return overlay.take(pa.array(np.arange(0, 2 * starts.size, 2)))
 
 
@@ -137,7 +138,7 @@ def _invalid_utf8(data: np.ndarray, rows: np.ndarray, starts: np.ndarray, length
     bad = []
     for row, start, length in zip(rows.tolist(), starts.tolist(), lengths.tolist()):
         try:
-            data[start:start + length].tobytes().decode("utf-8")
+            data[start : start + length].tobytes().decode("utf-8")
         except UnicodeDecodeError:
             bad.append(row)
     return np.array(bad, np.int64)
@@ -231,7 +232,7 @@ class _Decimal(_Column):
             byte = walk.data[np.where(has, starts + index, 0)].astype(np.uint64)
             value = np.where(has, (value << np.uint64(8)) | byte, value)
         # Sign-extend from 8 * length bits.
-        shift = (np.uint64(64) - (lengths.astype(np.uint64) * np.uint64(8)))
+        shift = np.uint64(64) - (lengths.astype(np.uint64) * np.uint64(8))
         signed = (value << shift).astype(np.int64) >> shift.astype(np.int64)
         fits = (signed > -self.limit) & (signed < self.limit)
         if not fits.all():
@@ -339,7 +340,9 @@ class _Items(_Column):
         offsets = np.zeros(keep.size + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
         if self.pieces:
-            row, order, key_starts, key_lengths, value_starts, value_lengths = (np.concatenate(p) for p in zip(*self.pieces))
+            row, order, key_starts, key_lengths, value_starts, value_lengths = (
+                np.concatenate(p) for p in zip(*self.pieces)
+            )
         else:
             row = order = key_starts = key_lengths = value_starts = value_lengths = np.zeros(0, np.int64)
         # Only the items of kept rows, grouped by row in the order they were read.
@@ -351,13 +354,18 @@ class _Items(_Column):
         if isinstance(arrow_type, pa.MapType):
             keys = _spans(self.data, key_starts[mine][sort], key_lengths[mine][sort])
             items = _spans(self.data, value_starts[mine][sort], value_lengths[mine][sort])
-            return pa.MapArray.from_arrays(pa.array(offsets.astype(np.int32)), keys.cast(arrow_type.key_type),
-                                           items.cast(arrow_type.item_type), type=arrow_type)
+            return pa.MapArray.from_arrays(
+                pa.array(offsets.astype(np.int32)),
+                keys.cast(arrow_type.key_type),
+                items.cast(arrow_type.item_type),
+                type=arrow_type,
+            )
         values = _spans(self.data, key_starts[mine][sort], key_lengths[mine][sort])
         list_type = pa.LargeListArray if pa.types.is_large_list(arrow_type) else pa.ListArray
         offset_type = np.int64 if list_type is pa.LargeListArray else np.int32
-        return list_type.from_arrays(pa.array(offsets.astype(offset_type)), values.cast(arrow_type.value_type),
-                                     type=arrow_type)
+        return list_type.from_arrays(
+            pa.array(offsets.astype(offset_type)), values.cast(arrow_type.value_type), type=arrow_type
+        )
 
 
 def _logical(schema: Any) -> str | None:
@@ -387,8 +395,13 @@ def _column_for(schema: Any, n: int, data: np.ndarray) -> _Column:
     raise UnsupportedSchema(f"type {schema}")
 
 
-def decode_columnar(values: Sequence[bytes | None], parsed_schema: dict, schema_id: int,
-                    arrow_schema: pa.Schema, extra: dict[str, pa.Array] | None = None) -> ColumnarBatch:
+def decode_columnar(
+    values: Sequence[bytes | None],
+    parsed_schema: dict,
+    schema_id: int,
+    arrow_schema: pa.Schema,
+    extra: dict[str, pa.Array] | None = None,
+) -> ColumnarBatch:
     """Decode the framed Avro ``values`` (record schema ``parsed_schema``, framing id ``schema_id``)
     into ``arrow_schema``; ``extra`` supplies columns that are not in the Avro record (one value per
     input message, e.g. the Kafka offset), or overrides fields that are.
@@ -397,9 +410,19 @@ def decode_columnar(values: Sequence[bytes | None], parsed_schema: dict, schema_
     """
     n = len(values)
     fields = parsed_schema["fields"]
-    framed_values = values.cast(pa.large_binary()) if isinstance(values, pa.Array) else pa.array(values, pa.large_binary())
-    offsets = np.frombuffer(framed_values.buffers()[1], np.int64, n + 1, framed_values.offset * 8) if n else np.zeros(1, np.int64)
-    data = np.frombuffer(framed_values.buffers()[2], np.uint8) if n and framed_values.buffers()[2] else np.zeros(0, np.uint8)
+    framed_values = (
+        values.cast(pa.large_binary()) if isinstance(values, pa.Array) else pa.array(values, pa.large_binary())
+    )
+    offsets = (
+        np.frombuffer(framed_values.buffers()[1], np.int64, n + 1, framed_values.offset * 8)
+        if n
+        else np.zeros(1, np.int64)
+    )
+    data = (
+        np.frombuffer(framed_values.buffers()[2], np.uint8)
+        if n and framed_values.buffers()[2]
+        else np.zeros(0, np.uint8)
+    )
     starts, ends = offsets[:-1] + _HEADER.size, offsets[1:]
     # The K2 framing (magic byte, schema id) in front of every message, checked for all at once.
     ok = (ends >= starts) & ~np.asarray(framed_values.is_null(), bool)

@@ -60,9 +60,21 @@ class BrokerConnection:
 
     def fetch(self, topic: str, partition: int, offset: int, max_bytes: int, max_wait_ms: int) -> object:
         request = FetchRequest(
-            replica_id=-1, max_wait_ms=max_wait_ms, min_bytes=1, max_bytes=max_bytes, isolation_level=0,
-            topics=[FetchRequest.FetchTopic(topic=topic, partitions=[FetchRequest.FetchTopic.FetchPartition(
-                partition=partition, fetch_offset=offset, partition_max_bytes=max_bytes)])],
+            replica_id=-1,
+            max_wait_ms=max_wait_ms,
+            min_bytes=1,
+            max_bytes=max_bytes,
+            isolation_level=0,
+            topics=[
+                FetchRequest.FetchTopic(
+                    topic=topic,
+                    partitions=[
+                        FetchRequest.FetchTopic.FetchPartition(
+                            partition=partition, fetch_offset=offset, partition_max_bytes=max_bytes
+                        )
+                    ],
+                )
+            ],
         )
         return self.send(request, FETCH_VERSION, FetchResponse)
 
@@ -104,8 +116,9 @@ def parse_record_batches(records: bytes, expected: int, end: int) -> tuple[np.nd
     batch_starts, batch_counts, base_offsets, next_offset = [], [], [], expected
     position = 0
     while position + _BATCH_HEADER.size <= len(records):
-        (base, length, _epoch, magic, crc, attributes, last_delta, _t0, _t1, _pid, _pepoch, _seq,
-         count) = _BATCH_HEADER.unpack_from(records, position)
+        (base, length, _epoch, magic, crc, attributes, last_delta, _t0, _t1, _pid, _pepoch, _seq, count) = (
+            _BATCH_HEADER.unpack_from(records, position)
+        )
         batch_end = position + _LENGTH_OF_OFFSET_AND_SIZE + length
         if batch_end > len(records):
             break  # partial batch: the broker cut the response at max_bytes
@@ -113,7 +126,7 @@ def parse_record_batches(records: bytes, expected: int, end: int) -> tuple[np.nd
             raise FastFetchUnavailable(f"record batch of magic {magic} at offset {base}")
         if attributes & (_COMPRESSION_MASK | _TRANSACTIONAL | _CONTROL):
             raise FastFetchUnavailable(f"compressed, transactional or control batch at offset {base}")
-        if calc_crc32c(memoryview(records)[position + _CRC_FROM:batch_end]) != crc:
+        if calc_crc32c(memoryview(records)[position + _CRC_FROM : batch_end]) != crc:
             raise FastFetchUnavailable(f"record batch at offset {base} failed its CRC check")
         if base + last_delta >= expected and base < end:
             batch_starts.append(position + _BATCH_HEADER.size)
@@ -163,14 +176,23 @@ def parse_record_batches(records: bytes, expected: int, end: int) -> tuple[np.nd
     # values, value, ... over the response's bytes; taking every other entry copies the values once.
     edges = np.empty(2 * offsets.size, np.int64)
     edges[0::2], edges[1::2] = value_starts, value_starts + value_length
-    interleaved = pa.LargeBinaryArray.from_buffers(pa.large_binary(), edges.size - 1,
-                                                   [None, pa.py_buffer(edges), pa.py_buffer(records)])
+    interleaved = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), edges.size - 1, [None, pa.py_buffer(edges), pa.py_buffer(records)]
+    )
     values = interleaved.take(pa.array(np.arange(0, edges.size - 1, 2)))
     return offsets, values, int(offsets[-1]) + 1 if offsets.size else max(next_offset, expected)
 
 
-def fetch_range(servers: str, client_id: str, topic: str, partition: int, start: int, end: int,
-                timeout_s: float = 120.0, max_bytes: int = 64 * 1024 * 1024) -> tuple[pa.Int64Array, pa.LargeBinaryArray]:
+def fetch_range(
+    servers: str,
+    client_id: str,
+    topic: str,
+    partition: int,
+    start: int,
+    end: int,
+    timeout_s: float = 120.0,
+    max_bytes: int = 64 * 1024 * 1024,
+) -> tuple[pa.Int64Array, pa.LargeBinaryArray]:
     """Offsets [start, end) of ``topic[partition]``: (offsets, values) as Arrow arrays, in order."""
     connection = BrokerConnection(servers, client_id, min(timeout_s, 30.0))
     offset_parts, value_parts = [], []

@@ -33,8 +33,9 @@ class DirectOffsets:
 
     def partitions(self, topic: str) -> list[int]:
         """The topic's partitions, when this broker leads them all."""
-        request = MetadataRequest(topics=[MetadataRequest.MetadataRequestTopic(name=topic)],
-                                  allow_auto_topic_creation=False)
+        request = MetadataRequest(
+            topics=[MetadataRequest.MetadataRequestTopic(name=topic)], allow_auto_topic_creation=False
+        )
         response = self._connection.send(request, METADATA_VERSION, MetadataResponse)
         if len(response.brokers) != 1 or len(response.topics) != 1:
             raise FastFetchUnavailable(f"{len(response.brokers)} brokers: ask each partition's leader")
@@ -43,15 +44,16 @@ class DirectOffsets:
             raise FastFetchUnavailable(f"metadata of {topic}: error code {answer.error_code}")
         for partition in answer.partitions:
             if partition.error_code != 0 or partition.leader_id != broker.node_id:
-                raise FastFetchUnavailable(f"{topic}[{partition.partition_index}]: error code "
-                                           f"{partition.error_code}, leader {partition.leader_id}")
+                raise FastFetchUnavailable(
+                    f"{topic}[{partition.partition_index}]: error code "
+                    f"{partition.error_code}, leader {partition.leader_id}"
+                )
         self._leaders[topic] = sorted(partition.partition_index for partition in answer.partitions)
         return self._leaders[topic]
 
     def end_offsets(self, topic: str, partitions: list[int]) -> dict[int, int]:
         """The log end (next offset) of each partition."""
-        return {p: offset for p, offset in self._list_offsets(topic, partitions, _LATEST).items()
-                if offset is not None}
+        return {p: offset for p, offset in self._list_offsets(topic, partitions, _LATEST).items() if offset is not None}
 
     def offsets_for_time(self, topic: str, partitions: list[int], timestamp_ms: int) -> dict[int, int | None]:
         """Per partition, the first offset whose timestamp is >= timestamp_ms (None: none is)."""
@@ -62,16 +64,29 @@ class DirectOffsets:
     def _list_offsets(self, topic: str, partitions: list[int], timestamp: int) -> dict[int, int | None]:
         if not set(partitions) <= set(self._leaders.get(topic) or self.partitions(topic)):
             raise FastFetchUnavailable(f"{topic} has no partition among {partitions} that this broker leads")
-        request = ListOffsetsRequest(replica_id=-1, isolation_level=0, topics=[ListOffsetsRequest.ListOffsetsTopic(
-            name=topic, partitions=[ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(
-                partition_index=p, current_leader_epoch=-1, timestamp=timestamp) for p in partitions])])
+        request = ListOffsetsRequest(
+            replica_id=-1,
+            isolation_level=0,
+            topics=[
+                ListOffsetsRequest.ListOffsetsTopic(
+                    name=topic,
+                    partitions=[
+                        ListOffsetsRequest.ListOffsetsTopic.ListOffsetsPartition(
+                            partition_index=p, current_leader_epoch=-1, timestamp=timestamp
+                        )
+                        for p in partitions
+                    ],
+                )
+            ],
+        )
         response = self._connection.send(request, LIST_OFFSETS_VERSION, ListOffsetsResponse)
         found: dict[int, int | None] = {}
         for answer in response.topics:
             for partition in answer.partitions:
                 if partition.error_code != 0:
-                    raise FastFetchUnavailable(f"offsets of {topic}[{partition.partition_index}]: error code "
-                                               f"{partition.error_code}")
+                    raise FastFetchUnavailable(
+                        f"offsets of {topic}[{partition.partition_index}]: error code {partition.error_code}"
+                    )
                 found[partition.partition_index] = None if partition.offset == _NO_OFFSET else partition.offset
         if set(found) != set(partitions):
             raise FastFetchUnavailable(f"offsets of {topic}: asked for {sorted(partitions)}, got {sorted(found)}")

@@ -21,8 +21,9 @@ table's (a recreated topic: the sensor's baseline check stops everything), or af
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from k2_resources.degradation.levels import system_memory_percent
 from k2_resources.degradation.shedding import LoadShedder
@@ -60,8 +61,9 @@ class FollowOutcome:
     ranges: list[str] = field(default_factory=list)
 
 
-def plan_cycle(topic: str, starts: dict[int, int], ends: dict[int, int], committed: dict[int, int],
-               max_batch_messages: int) -> list[OffsetRange]:
+def plan_cycle(
+    topic: str, starts: dict[int, int], ends: dict[int, int], committed: dict[int, int], max_batch_messages: int
+) -> list[OffsetRange]:
     """The range of each partition with new offsets: from the committed offset, at most a batch
     (past a retention gap the range still starts at the committed offset: its commit records the loss)."""
     ranges = []
@@ -104,17 +106,21 @@ def follow_topic(
                 return outcome
             behind = 0
             for batch in plan_cycle(topic, starts, ends, committed, settings.max_batch_messages):
-                result = run_microbatch(kafka, iceberg, batch, level=level, shedder=shedder,
-                                        spill_store=spill_store, consumer=consumer)
+                result = run_microbatch(
+                    kafka, iceberg, batch, level=level, shedder=shedder, spill_store=spill_store, consumer=consumer
+                )
                 behind += ends[batch.partition] - batch.end
                 if not result.already_committed:
                     outcome.commits += 1
                     outcome.rows_written += result.written
                     outcome.ranges.append(batch.key)
                 on_commit(result)
-            for reason, due in ((STOPPED, should_stop()), (BEHIND, behind >= settings.max_lag_messages),
-                                (MEMORY, memory_percent() >= settings.memory_limit_percent),
-                                (ROTATED, clock() >= ends_by)):
+            for reason, due in (
+                (STOPPED, should_stop()),
+                (BEHIND, behind >= settings.max_lag_messages),
+                (MEMORY, memory_percent() >= settings.memory_limit_percent),
+                (ROTATED, clock() >= ends_by),
+            ):
                 if due:
                     outcome.reason = reason
                     return outcome

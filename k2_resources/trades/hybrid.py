@@ -48,10 +48,10 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pyarrow as pa
@@ -73,8 +73,12 @@ from k2_resources.trades.offsets import PendingRange, committed_offsets, pending
 
 log = logging.getLogger(__name__)
 
-_ORDER = [("timestamp", "ascending"), ("platform_sequence", "ascending"), ("source_sequence", "ascending"),
-          ("message_id", "ascending")]
+_ORDER = [
+    ("timestamp", "ascending"),
+    ("platform_sequence", "ascending"),
+    ("source_sequence", "ascending"),
+    ("message_id", "ascending"),
+]
 
 
 @dataclass
@@ -106,9 +110,11 @@ def _utc(moment: datetime | None, name: str) -> datetime | None:
     if moment is None:
         return None
     if moment.tzinfo is None:
-        raise K2Error(f"{name}={moment.isoformat()} has no time zone; pass an aware datetime, "
-                      "e.g. datetime(..., tzinfo=timezone.utc)")
-    return moment.astimezone(timezone.utc)
+        raise K2Error(
+            f"{name}={moment.isoformat()} has no time zone; pass an aware datetime, "
+            "e.g. datetime(..., tzinfo=timezone.utc)"
+        )
+    return moment.astimezone(UTC)
 
 
 def _symbols(symbols: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -145,10 +151,14 @@ class HybridQueryResource(ConfigurableResource):
 
     kafka: KafkaResource = Field(default_factory=KafkaResource)
     iceberg: IcebergResource = Field(default_factory=IcebergResource)
-    topics: list[str] = Field(default_factory=lambda: [BINANCE_TRADES_TOPIC],
-                              description="Kafka topics of trade V2 records whose tails are read")
-    read_path: str = Field(default=DEFAULT_READ_PATH,
-                           description="Iceberg read path: polars (default, measured fastest), planned, duckdb, pyiceberg")
+    topics: list[str] = Field(
+        default_factory=lambda: [BINANCE_TRADES_TOPIC],
+        description="Kafka topics of trade V2 records whose tails are read",
+    )
+    read_path: str = Field(
+        default=DEFAULT_READ_PATH,
+        description="Iceberg read path: polars (default, measured fastest), planned, duckdb, pyiceberg",
+    )
     producer_clock_slack_seconds: float = Field(
         default=300.0,
         description="how far a Kafka message timestamp may lag the trade's time; widens the offsets_for_times bound",
@@ -157,17 +167,19 @@ class HybridQueryResource(ConfigurableResource):
     topic_exchanges: dict[str, list[str]] = Field(
         default_factory=lambda: {BINANCE_TRADES_TOPIC: ["BINANCE"]},
         description="the exchanges whose trades each topic carries; a query for another exchange skips that "
-                    "topic's tail. Topics not listed may carry any exchange and are always read",
+        "topic's tail. Topics not listed may carry any exchange and are always read",
     )
     max_trade_lateness_seconds: float = Field(
-        default=86_400.0, ge=0,
+        default=86_400.0,
+        ge=0,
         description="a trade reaches its topic at most this long after the newest trade committed from it; a "
-                    "window ending that long before the newest committed trade skips the tail (0: never skip)",
+        "window ending that long before the newest committed trade skips the tail (0: never skip)",
     )
     kafka_timeout_seconds: float = Field(
-        default=3.0, gt=0,
+        default=3.0,
+        gt=0,
         description="how long a query waits for Kafka to answer before failing (or, with allow_partial, "
-                    "returning the Iceberg part)",
+        "returning the Iceberg part)",
     )
 
     _reader: SnapshotReader | None = PrivateAttr(default=None)
@@ -192,8 +204,9 @@ class HybridQueryResource(ConfigurableResource):
     def kafka_tail(self) -> KafkaTail:
         with self._lock:
             if self._tail is None:
-                self._tail = KafkaTail(self.kafka, max_cached_rows=self.max_cached_tail_rows,
-                                       connect_timeout_s=self.kafka_timeout_seconds)
+                self._tail = KafkaTail(
+                    self.kafka, max_cached_rows=self.max_cached_tail_rows, connect_timeout_s=self.kafka_timeout_seconds
+                )
             return self._tail
 
     # ---------------------------------------------------------------------------------------
@@ -219,8 +232,9 @@ class HybridQueryResource(ConfigurableResource):
         """
         row_filter = RowFilter(_symbols(symbols), _utc(start, "start"), _utc(end, "end"), exchange)
         if row_filter.start and row_filter.end and row_filter.end <= row_filter.start:
-            raise K2Error(f"end {row_filter.end.isoformat()} is not after start {row_filter.start.isoformat()}; "
-                          "swap them")
+            raise K2Error(
+                f"end {row_filter.end.isoformat()} is not after start {row_filter.start.isoformat()}; swap them"
+            )
         stats = QueryStats()
         table = load_for_read(self.iceberg, TRADES)  # the ONE metadata read of this query
         if as_of is not None:
@@ -240,8 +254,9 @@ class HybridQueryResource(ConfigurableResource):
             # The two parts are independent (the snapshot and the offsets are pinned above): the Iceberg
             # read (mostly polars and pyarrow, which release the GIL) runs while Kafka answers.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-hybrid-iceberg") as pool:
-                iceberg_read = pool.submit(self._snapshot_reader().read_frame, table, stats.snapshot_id, row_filter,
-                                           stats=stats.iceberg)
+                iceberg_read = pool.submit(
+                    self._snapshot_reader().read_frame, table, stats.snapshot_id, row_filter, stats=stats.iceberg
+                )
                 kafka_part = self._kafka_part(table, row_filter, stats, allow_partial)
                 iceberg_part = iceberg_read.result()
             stats.iceberg_rows, stats.kafka_rows = iceberg_part.height, kafka_part.height
@@ -249,32 +264,54 @@ class HybridQueryResource(ConfigurableResource):
         self._last_stats = stats
         return to_trades_arrow(merged) if arrow else merged
 
-    def recent_trades(self, symbol: str, minutes: float = 15, now: datetime | None = None,
-                      arrow: bool = False, allow_partial: bool = False) -> pl.DataFrame | pa.Table:
+    def recent_trades(
+        self,
+        symbol: str,
+        minutes: float = 15,
+        now: datetime | None = None,
+        arrow: bool = False,
+        allow_partial: bool = False,
+    ) -> pl.DataFrame | pa.Table:
         """The trades of ``symbol`` in the last ``minutes`` before ``now`` (default: the wall clock)."""
         if minutes <= 0:
             raise K2Error(f"minutes={minutes} must be positive")
-        end = _utc(now, "now") or datetime.now(timezone.utc)
+        end = _utc(now, "now") or datetime.now(UTC)
         # Inclusive of ``now``: the window ends one microsecond after it.
-        return self.trades(symbol, end - timedelta(minutes=minutes), end + timedelta(microseconds=1), arrow=arrow,
-                           allow_partial=allow_partial)
+        return self.trades(
+            symbol,
+            end - timedelta(minutes=minutes),
+            end + timedelta(microseconds=1),
+            arrow=arrow,
+            allow_partial=allow_partial,
+        )
 
     def _snapshot_as_of(self, table: Table, as_of: int | datetime):
         if isinstance(as_of, datetime):
             moment = _utc(as_of, "as_of")
             snapshot = table.snapshot_as_of_timestamp(int(moment.timestamp() * 1000))
             if snapshot is None:
-                raise K2Error(f"{table.name()} has no snapshot at or before {moment.isoformat()}; "
-                              "pick a later time (see the table's snapshots with `k2 query sql`)")
+                raise K2Error(
+                    f"{table.name()} has no snapshot at or before {moment.isoformat()}; "
+                    "pick a later time (see the table's snapshots with `k2 query sql`)"
+                )
             return snapshot
         snapshot = table.snapshot_by_id(int(as_of))
         if snapshot is None:
-            raise K2Error(f"{table.name()} has no snapshot {as_of}; it may have expired; "
-                          "list the snapshots with table.snapshots() or pass a time instead")
+            raise K2Error(
+                f"{table.name()} has no snapshot {as_of}; it may have expired; "
+                "list the snapshots with table.snapshots() or pass a time instead"
+            )
         return snapshot
 
-    def tail_skip_reason(self, table: Table, snapshot_id: int | None, topic: str, row_filter: RowFilter,
-                         committed: dict[int, int], pending: list[PendingRange]) -> str | None:
+    def tail_skip_reason(
+        self,
+        table: Table,
+        snapshot_id: int | None,
+        topic: str,
+        row_filter: RowFilter,
+        committed: dict[int, int],
+        pending: list[PendingRange],
+    ) -> str | None:
         """Why ``topic``'s tail cannot hold a row of the query (None: it may, read it). See the module doc."""
         exchanges = self.topic_exchanges.get(topic)
         if not exchanges:
@@ -282,18 +319,26 @@ class HybridQueryResource(ConfigurableResource):
         if row_filter.exchange is not None and row_filter.exchange not in exchanges:
             return f"{topic} carries only {', '.join(exchanges)} trades; the query asks for {row_filter.exchange}"
         lateness = timedelta(seconds=self.max_trade_lateness_seconds)
-        if (row_filter.end is None or not lateness or not committed or pending
-                # the newest committed trade is not in the future, so a later end can never qualify
-                or row_filter.end > datetime.now(timezone.utc) - lateness):
+        if (
+            row_filter.end is None
+            or not lateness
+            or not committed
+            or pending
+            # the newest committed trade is not in the future, so a later end can never qualify
+            or row_filter.end > datetime.now(UTC) - lateness
+        ):
             return None
         newest = self.newest_committed_trade(table, snapshot_id, tuple(exchanges))
         if newest is None or row_filter.end > newest - lateness:
             return None
-        return (f"the window ends at {row_filter.end.isoformat()}, at least {self.max_trade_lateness_seconds:g}s "
-                f"before the newest committed {'/'.join(exchanges)} trade ({newest.isoformat()})")
+        return (
+            f"the window ends at {row_filter.end.isoformat()}, at least {self.max_trade_lateness_seconds:g}s "
+            f"before the newest committed {'/'.join(exchanges)} trade ({newest.isoformat()})"
+        )
 
-    def newest_committed_trade(self, table: Table, snapshot_id: int | None,
-                               exchanges: tuple[str, ...]) -> datetime | None:
+    def newest_committed_trade(
+        self, table: Table, snapshot_id: int | None, exchanges: tuple[str, ...]
+    ) -> datetime | None:
         """The newest trade time of ``exchanges`` in the snapshot, from the data files' column bounds
         (None: no such rows, or a file without bounds or with delete files: unknown). Cached per snapshot."""
         if snapshot_id is None:
@@ -309,8 +354,7 @@ class HybridQueryResource(ConfigurableResource):
             if bound is None or task.delete_files:
                 newest = None
                 break
-            moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(
-                microseconds=from_bytes(TimestamptzType(), bound))
+            moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=from_bytes(TimestamptzType(), bound))
             newest = moment if newest is None else max(newest, moment)
         with self._lock:
             if len(self._newest_trades) > 64:
@@ -318,8 +362,7 @@ class HybridQueryResource(ConfigurableResource):
             self._newest_trades[key] = newest
         return newest
 
-    def _kafka_part(self, table: Table, row_filter: RowFilter, stats: QueryStats,
-                    allow_partial: bool) -> pl.DataFrame:
+    def _kafka_part(self, table: Table, row_filter: RowFilter, stats: QueryStats, allow_partial: bool) -> pl.DataFrame:
         frames: list[pl.DataFrame] = []
         for topic in self.topics:
             committed = stats.committed.get(topic, {})
@@ -339,8 +382,10 @@ class HybridQueryResource(ConfigurableResource):
                         "exchange without a topic (exchange='ASX') never reads Kafka"
                     ) from exc
                 stats.missing[topic] = missing
-                message = (f"Kafka is unreachable ({exc}); the result holds the Iceberg part only and lacks the "
-                           f"trades of {missing}")
+                message = (
+                    f"Kafka is unreachable ({exc}); the result holds the Iceberg part only and lacks the "
+                    f"trades of {missing}"
+                )
                 log.warning(message)
                 warnings.warn(message, KafkaTailMissingWarning, stacklevel=3)
         if not frames:
@@ -396,7 +441,8 @@ class HybridQueryResource(ConfigurableResource):
         rows = self._snapshot_reader().read(table, snapshot.snapshot_id if snapshot else None, row_filter)
         schema = QUOTES.arrow_schema()
         rows = (rows.cast(schema) if rows.schema != schema else rows).sort_by(
-            [("timestamp", "ascending"), ("source_sequence", "ascending"), ("message_id", "ascending")])
+            [("timestamp", "ascending"), ("source_sequence", "ascending"), ("message_id", "ascending")]
+        )
         return rows if arrow else pl.from_arrow(rows)
 
     def teardown_after_execution(self, context) -> None:
@@ -441,7 +487,11 @@ def _pending_rows(kafka: KafkaResource, pending: list[PendingRange], row_filter:
 
     records: list[dict] = []
     for entry in pending:
-        if row_filter.symbols is not None and entry.kind == "deferred" and not set(entry.symbols) & set(row_filter.symbols):
+        if (
+            row_filter.symbols is not None
+            and entry.kind == "deferred"
+            and not set(entry.symbols) & set(row_filter.symbols)
+        ):
             continue  # none of the wanted symbols is missing from this range
         records += [r for r in read_range(kafka, entry.range).records if entry.is_missing(r["symbol"])]
     return pl.from_arrow(to_arrow(records, TRADES))

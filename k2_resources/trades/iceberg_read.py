@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain
-from typing import Literal, Sequence
+from typing import Literal
 from urllib.parse import unquote, urlparse
 
 import duckdb
@@ -92,8 +93,11 @@ class RowFilter:
         """The same filter as one polars predicate (None: every row)."""
         conditions: list[pl.Expr] = []
         if self.symbols is not None:
-            conditions.append(pl.col("symbol") == self.symbols[0] if len(self.symbols) == 1
-                              else pl.col("symbol").is_in(list(self.symbols)))
+            conditions.append(
+                pl.col("symbol") == self.symbols[0]
+                if len(self.symbols) == 1
+                else pl.col("symbol").is_in(list(self.symbols))
+            )
         if self.exchange is not None:
             conditions.append(pl.col("exchange") == self.exchange)
         if self.start is not None:
@@ -144,13 +148,18 @@ def load_for_read(iceberg: IcebergResource, definition: TableDefinition) -> Tabl
     if location is None:
         return iceberg.table(definition)
     metadata = FromInputFile.table_metadata(load_file_io(properties, location).new_input(location))
-    return StaticTable(identifier=tuple(definition.identifier.split(".")), metadata=metadata,
-                       metadata_location=location, io=load_file_io({**properties, **metadata.properties}, location),
-                       catalog=NoopCatalog(iceberg.catalog_name))
+    return StaticTable(
+        identifier=tuple(definition.identifier.split(".")),
+        metadata=metadata,
+        metadata_location=location,
+        io=load_file_io({**properties, **metadata.properties}, location),
+        catalog=NoopCatalog(iceberg.catalog_name),
+    )
 
 
-def _data_files_matching(table: Table, snapshot: Snapshot | None,
-                         expression: BooleanExpression) -> list[DataFile] | None:
+def _data_files_matching(
+    table: Table, snapshot: Snapshot | None, expression: BooleanExpression
+) -> list[DataFile] | None:
     """The live data files of ``snapshot`` that may hold rows matching ``expression`` (partition and column
     bound pruning, as pyiceberg's plan_files); None when a matching manifest holds delete files.
 
@@ -181,11 +190,13 @@ def object_store_options(table: Table, files: Sequence[str]) -> dict[str, str] |
     if not any(str(path).startswith(("s3://", "s3a://")) for path in files):
         return None
     properties = table.io.properties
-    options = {"aws_access_key_id": properties.get("s3.access-key-id"),
-               "aws_secret_access_key": properties.get("s3.secret-access-key"),
-               "aws_session_token": properties.get("s3.session-token"),
-               "aws_region": properties.get("s3.region") or properties.get("client.region") or "us-east-1",
-               "aws_endpoint_url": properties.get("s3.endpoint")}
+    options = {
+        "aws_access_key_id": properties.get("s3.access-key-id"),
+        "aws_secret_access_key": properties.get("s3.secret-access-key"),
+        "aws_session_token": properties.get("s3.session-token"),
+        "aws_region": properties.get("s3.region") or properties.get("client.region") or "us-east-1",
+        "aws_endpoint_url": properties.get("s3.endpoint"),
+    }
     if str(options["aws_endpoint_url"] or "").startswith("http://"):
         options["aws_allow_http"] = "true"
     return {key: value for key, value in options.items() if value}
@@ -282,30 +293,38 @@ class SnapshotReader:
         stats.rows = frame.height
         return frame
 
-    def _read_pyiceberg(self, table: Table, snapshot_id: int, row_filter: RowFilter,
-                        columns: Sequence[str] | None, stats: ScanStats) -> pa.Table:
-        scan = table.scan(row_filter=row_filter.iceberg(), snapshot_id=snapshot_id,
-                          selected_fields=tuple(columns) if columns else ("*",))
+    def _read_pyiceberg(
+        self, table: Table, snapshot_id: int, row_filter: RowFilter, columns: Sequence[str] | None, stats: ScanStats
+    ) -> pa.Table:
+        scan = table.scan(
+            row_filter=row_filter.iceberg(),
+            snapshot_id=snapshot_id,
+            selected_fields=tuple(columns) if columns else ("*",),
+        )
         return scan.to_arrow()
 
     def _select(self, columns: Sequence[str] | None) -> str:
         # Column names come from the table schema, never from user input.
         return ", ".join(f'"{c}"' for c in columns) if columns else "*"
 
-    def _read_duckdb_iceberg(self, table: Table, snapshot_id: int, row_filter: RowFilter,
-                             columns: Sequence[str] | None) -> pa.Table:
+    def _read_duckdb_iceberg(
+        self, table: Table, snapshot_id: int, row_filter: RowFilter, columns: Sequence[str] | None
+    ) -> pa.Table:
         where, parameters = row_filter.sql()
         with self._lock:
             connection = self._connection(with_iceberg=True)
             self._reach_object_store(connection, table)
             connection.execute("SET VARIABLE k2_metadata = ?", [table.metadata_location])
             connection.execute("SET VARIABLE k2_snapshot = ?", [snapshot_id])
-            sql = (f"SELECT {self._select(columns)} FROM iceberg_scan(getvariable('k2_metadata'), "
-                   f"snapshot_from_id => getvariable('k2_snapshot')::UBIGINT){where}")
+            sql = (
+                f"SELECT {self._select(columns)} FROM iceberg_scan(getvariable('k2_metadata'), "
+                f"snapshot_from_id => getvariable('k2_snapshot')::UBIGINT){where}"
+            )
             return connection.execute(sql, parameters).fetch_arrow_table()
 
-    def planned_files(self, table: Table, snapshot_id: int, row_filter: RowFilter,
-                      stats: ScanStats | None = None) -> list[str] | None:
+    def planned_files(
+        self, table: Table, snapshot_id: int, row_filter: RowFilter, stats: ScanStats | None = None
+    ) -> list[str] | None:
         """Data files pyiceberg's planning keeps for the filter; None if any has delete files.
 
         A snapshot never changes, so its plan for a filter is kept (LRU): a repeated query skips
@@ -320,8 +339,11 @@ class SnapshotReader:
             snapshot = table.snapshot_by_id(snapshot_id)
             data_files = _data_files_matching(table, snapshot, row_filter.iceberg())
             files = None if data_files is None else tuple(_local_path(data.file_path) for data in data_files)
-            total = int(snapshot.summary.additional_properties.get("total-data-files", 0)) \
-                if snapshot and snapshot.summary else 0
+            total = (
+                int(snapshot.summary.additional_properties.get("total-data-files", 0))
+                if snapshot and snapshot.summary
+                else 0
+            )
             cached = (files, 0 if data_files is None else len(data_files), total)
             with self._lock:
                 self._plans[key] = cached
@@ -332,8 +354,9 @@ class SnapshotReader:
             stats.files_planned, stats.files_total = planned, total
         return None if files is None else list(files)
 
-    def _read_planned(self, table: Table, snapshot_id: int, row_filter: RowFilter,
-                      columns: Sequence[str] | None, stats: ScanStats) -> pa.Table:
+    def _read_planned(
+        self, table: Table, snapshot_id: int, row_filter: RowFilter, columns: Sequence[str] | None, stats: ScanStats
+    ) -> pa.Table:
         files = self.planned_files(table, snapshot_id, row_filter, stats)
         if files is None:  # merge-on-read deletes: let pyiceberg apply them
             return self._read_pyiceberg(table, snapshot_id, row_filter, columns, stats)

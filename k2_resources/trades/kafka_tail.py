@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -68,8 +69,13 @@ class TailStats:
 class KafkaTail:
     """Reads decoded trades of exact offset ranges; one consumer, reused; thread-safe."""
 
-    def __init__(self, kafka: KafkaResource, max_cached_rows: int = 2_000_000, timeout_s: float = 60.0,
-                 connect_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        kafka: KafkaResource,
+        max_cached_rows: int = 2_000_000,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 3.0,
+    ) -> None:
         self.kafka = kafka
         self.max_cached_rows = max_cached_rows
         self.timeout_s = timeout_s
@@ -84,9 +90,12 @@ class KafkaTail:
             connect_ms = int(self.connect_timeout_s * 1000)
             # A short bootstrap: an unreachable broker is reported in seconds. Requests get a little
             # longer (they must outlast fetch_max_wait_ms), offset look-ups the connect timeout.
-            self._consumer = self.kafka.consumer(group_id=None, max_poll_records=20_000,
-                                                 bootstrap_timeout_ms=connect_ms,
-                                                 request_timeout_ms=max(10_000, connect_ms))
+            self._consumer = self.kafka.consumer(
+                group_id=None,
+                max_poll_records=20_000,
+                bootstrap_timeout_ms=connect_ms,
+                request_timeout_ms=max(10_000, connect_ms),
+            )
         return self._consumer
 
     def _unavailable(self, exc: BaseException) -> KafkaUnavailableError:
@@ -105,7 +114,7 @@ class KafkaTail:
         if consumer is not None:
             try:
                 consumer.close(timeout_ms=0)
-            except Exception:  # noqa: BLE001 - closing a consumer of a dead broker may fail; it is gone anyway
+            except Exception:
                 log.debug("closing the tail consumer failed", exc_info=True)
 
     def _ask_directly(self, question: Callable[[DirectOffsets], Any]) -> Any:
@@ -150,8 +159,9 @@ class KafkaTail:
             if direct is not None:
                 return direct
             try:
-                ends = self.consumer().end_offsets([TopicPartition(topic, p) for p in partitions],
-                                                   timeout_ms=int(self.connect_timeout_s * 1000))
+                ends = self.consumer().end_offsets(
+                    [TopicPartition(topic, p) for p in partitions], timeout_ms=int(self.connect_timeout_s * 1000)
+                )
             except (KafkaError, OSError, KafkaUnavailableError) as exc:
                 raise self._unavailable(exc) from exc
             return {tp.partition: offset for tp, offset in ends.items()}
@@ -163,14 +173,21 @@ class KafkaTail:
             if direct is not None:
                 return direct
             try:
-                found = self.consumer().offsets_for_times({TopicPartition(topic, p): timestamp_ms for p in partitions},
-                                                          timeout_ms=int(self.connect_timeout_s * 1000))
+                found = self.consumer().offsets_for_times(
+                    {TopicPartition(topic, p): timestamp_ms for p in partitions},
+                    timeout_ms=int(self.connect_timeout_s * 1000),
+                )
             except (KafkaError, OSError, KafkaUnavailableError) as exc:
                 raise self._unavailable(exc) from exc
             return {tp.partition: (None if hit is None else hit.offset) for tp, hit in found.items()}
 
-    def read(self, topic: str, ranges: dict[int, tuple[int, int]], stats: TailStats | None = None,
-             predicate: pl.Expr | None = None) -> pl.DataFrame:
+    def read(
+        self,
+        topic: str,
+        ranges: dict[int, tuple[int, int]],
+        stats: TailStats | None = None,
+        predicate: pl.Expr | None = None,
+    ) -> pl.DataFrame:
         """Rows of offsets [start, end) for each partition (and ``predicate``), partition then offset order."""
         stats = stats if stats is not None else TailStats()
         with self._lock:
@@ -244,8 +261,9 @@ class KafkaTail:
         if cached is not None:
             self._cache[(topic, partition)] = _Cached(cached.start, cached.end, cached.rows.rechunk())
 
-    def _fetch(self, topic: str, wanted: dict[int, list[tuple[int, int]]],
-               stats: TailStats) -> dict[int, list[tuple[int, int, pl.DataFrame]]]:
+    def _fetch(
+        self, topic: str, wanted: dict[int, list[tuple[int, int]]], stats: TailStats
+    ) -> dict[int, list[tuple[int, int, pl.DataFrame]]]:
         """Fetch and decode each wanted range; one range per partition at a time."""
         result: dict[int, list[tuple[int, int, pl.DataFrame]]] = {}
         queue = {p: list(ranges) for p, ranges in wanted.items()}
@@ -269,8 +287,9 @@ class KafkaTail:
                 result.setdefault(partition, []).append((start, end, frame))
         return result
 
-    def _fetch_column_wise(self, topic: str, ranges: dict[int, tuple[int, int]],
-                           stats: TailStats) -> dict[int, tuple[Any, Any]]:
+    def _fetch_column_wise(
+        self, topic: str, ranges: dict[int, tuple[int, int]], stats: TailStats
+    ) -> dict[int, tuple[Any, Any]]:
         """The ranges the sink's column-wise fetch can read (it parses no Python object per
         message), all partitions at once (one connection each: the broker's answers overlap); a
         partition it declines (another broker leads it, retention deleted offsets, compressed
@@ -279,11 +298,22 @@ class KafkaTail:
         if not isinstance(self.kafka, KafkaResource) or not ranges:
             return fetched
         polling = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=min(len(ranges), _MAX_PARALLEL_FETCHES),
-                                thread_name_prefix="k2-tail-fetch") as pool:
-            pending = {partition: pool.submit(fetch_range, self.kafka.servers, f"{self.kafka.client_id}-tail", topic,
-                                              partition, start, end, self.timeout_s)
-                       for partition, (start, end) in ranges.items()}
+        with ThreadPoolExecutor(
+            max_workers=min(len(ranges), _MAX_PARALLEL_FETCHES), thread_name_prefix="k2-tail-fetch"
+        ) as pool:
+            pending = {
+                partition: pool.submit(
+                    fetch_range,
+                    self.kafka.servers,
+                    f"{self.kafka.client_id}-tail",
+                    topic,
+                    partition,
+                    start,
+                    end,
+                    self.timeout_s,
+                )
+                for partition, (start, end) in ranges.items()
+            }
             for partition, future in pending.items():
                 try:
                     fetched[partition] = future.result()
@@ -292,12 +322,14 @@ class KafkaTail:
         stats.poll_seconds += time.perf_counter() - polling
         return fetched
 
-    def _fetch_ranges(self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]],
-                      stats: TailStats) -> dict[int, tuple[list[int], list[bytes | None]]]:
+    def _fetch_ranges(
+        self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]], stats: TailStats
+    ) -> dict[int, tuple[list[int], list[bytes | None]]]:
         """The raw messages of each range: (offsets, values) per partition."""
         partitions = {p: TopicPartition(topic, p) for p in ranges}
-        beginnings = consumer.beginning_offsets(list(partitions.values()),
-                                                timeout_ms=int(self.connect_timeout_s * 1000))
+        beginnings = consumer.beginning_offsets(
+            list(partitions.values()), timeout_ms=int(self.connect_timeout_s * 1000)
+        )
         for tp, first in beginnings.items():
             if first > ranges[tp.partition][0]:
                 raise K2Error(

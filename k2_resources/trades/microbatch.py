@@ -54,10 +54,11 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -160,7 +161,9 @@ class BatchResult:
     deferred_by_symbol: dict[str, int] = field(default_factory=dict)  # the deferred rows per symbol (shed counter)
 
 
-def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0, *, consumer: Any = None) -> BatchRead:
+def read_range(
+    kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0, *, consumer: Any = None
+) -> BatchRead:
     """Every message of ``batch``, decoded; undecodable and unstorable ones kept apart with the reason.
 
     The range is fetched and parsed column-wise (``columnar_fetch``: no Python object per
@@ -172,8 +175,15 @@ def read_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.
     """
     if isinstance(kafka, KafkaResource) and batch.size:
         try:
-            fetched_offsets, fetched_values = fetch_range(kafka.servers, f"{kafka.client_id}-sink", batch.topic,
-                                                          batch.partition, batch.start, batch.end, timeout_s)
+            fetched_offsets, fetched_values = fetch_range(
+                kafka.servers,
+                f"{kafka.client_id}-sink",
+                batch.topic,
+                batch.partition,
+                batch.start,
+                batch.end,
+                timeout_s,
+            )
             return decode_batch(fetched_offsets, fetched_values)
         except FastFetchUnavailable as exc:  # kafka-python's general path reads it exactly
             log.info("%s: reading with kafka-python (%s)", batch.key, exc)
@@ -201,8 +211,9 @@ def decode_batch(offsets: list[int] | pa.Array, values: list[bytes | None] | pa.
         return result
     result.last_offset_seen = int(offset_array[-1].as_py())
     try:
-        decoded = decode_columnar(values, TRADE_V2, TRADE_V2_SCHEMA_ID, TRADES.arrow_schema(),
-                                  {"platform_sequence": offset_array})
+        decoded = decode_columnar(
+            values, TRADE_V2, TRADE_V2_SCHEMA_ID, TRADES.arrow_schema(), {"platform_sequence": offset_array}
+        )
         rows, kept, irregular = decoded.table, decoded.rows.tolist(), decoded.irregular.tolist()
     except UnsupportedSchema as exc:  # a schema change this decoder does not cover yet: the slow, exact path
         log.warning("decoding %d messages one by one: %s", len(offset_array), exc)
@@ -250,7 +261,7 @@ def _decode_into(result: Any, offset: int, value: bytes | None) -> None:
     except SchemaMismatchError as exc:
         result.dead_letters.append((offset, value or b"", f"undecodable: {exc}"))
         return
-    except Exception as exc:  # noqa: BLE001 - any failure to decode untrusted bytes is this record's, not the batch's
+    except Exception as exc:
         result.dead_letters.append((offset, value or b"", f"undecodable: {type(exc).__name__}: {exc}"))
         return
     result.records_.append(record)
@@ -296,16 +307,19 @@ def unstorable_reason_of_batch(records: list[dict]) -> str | None:
     return None
 
 
-RAW_SCHEMA = pa.schema([
-    pa.field("offset", pa.int64(), nullable=False),
-    pa.field("timestamp_ms", pa.int64()),
-    pa.field("key", pa.binary()),
-    pa.field("value", pa.binary()),
-])
+RAW_SCHEMA = pa.schema(
+    [
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("timestamp_ms", pa.int64()),
+        pa.field("key", pa.binary()),
+        pa.field("value", pa.binary()),
+    ]
+)
 
 
-def read_raw_range(kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0,
-                   lost: list[tuple[int, int]] | None = None) -> pa.Table:
+def read_raw_range(
+    kafka: KafkaResource, batch: OffsetRange, timeout_s: float = 120.0, lost: list[tuple[int, int]] | None = None
+) -> pa.Table:
     """The messages of ``batch`` as they are in Kafka (offset, timestamp, key, value), not decoded.
 
     Offsets Kafka already deleted are appended to ``lost``; without a list to record them in,
@@ -330,7 +344,8 @@ def _note_loss(lost: list[tuple[int, int]] | None, batch: OffsetRange, start: in
         raise RetentionLossError(
             f"{batch.key}: offsets [{start}, {end}) of {batch.topic}[{batch.partition}] were deleted by Kafka "
             "retention before they were read; run the micro-batch (it records the loss) and see "
-            "`k2 offsets show`")
+            "`k2 offsets show`"
+        )
     if lost and lost[-1][1] == start:
         lost[-1] = (lost[-1][0], end)
     else:
@@ -338,8 +353,13 @@ def _note_loss(lost: list[tuple[int, int]] | None, batch: OffsetRange, start: in
     log.warning("%s: offsets [%d, %d) were deleted by Kafka retention before they were read", batch.key, start, end)
 
 
-def _message_batches(kafka: KafkaResource, batch: OffsetRange, timeout_s: float,
-                     lost: list[tuple[int, int]] | None = None, consumer: Any = None) -> Iterator[list[Any]]:
+def _message_batches(
+    kafka: KafkaResource,
+    batch: OffsetRange,
+    timeout_s: float,
+    lost: list[tuple[int, int]] | None = None,
+    consumer: Any = None,
+) -> Iterator[list[Any]]:
     """The Kafka messages of ``batch`` in offset order (assign + seek, no consumer group), a list per poll.
 
     Offsets below the partition's log start (deleted by retention) are never skipped silently:
@@ -451,8 +471,10 @@ def commit_range(
             continue
         snapshot = table.current_snapshot()
         return BatchResult(batch, written.num_rows, 0, False, snapshot.snapshot_id if snapshot else None, seconds)
-    raise K2Error(f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
-                  "writes, run the batch again")
+    raise K2Error(
+        f"{batch.key}: {max_attempts} commit attempts conflicted; the table is under heavy concurrent "
+        "writes, run the batch again"
+    )
 
 
 # pyiceberg (0.12) retries a conflicting commit by itself: it re-bases the appended files on the
@@ -482,10 +504,15 @@ def _turn_off_blind_retries(table: Table) -> None:
             raise
 
 
-def _record_losses(table: Table, batch: OffsetRange, lost: list[tuple[int, int]] | tuple[tuple[int, int], ...],
-                   summary: dict[str, str], properties: dict[str, str]) -> None:
+def _record_losses(
+    table: Table,
+    batch: OffsetRange,
+    lost: list[tuple[int, int]] | tuple[tuple[int, int], ...],
+    summary: dict[str, str],
+    properties: dict[str, str],
+) -> None:
     """Add the retention losses of ``batch`` to a commit's summary (this commit's) and properties (all)."""
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     new = [RetentionLoss(batch.topic, batch.partition, start, end, now) for start, end in lost]
     history = loss_properties(batch.topic, [*retention_losses(table, batch.topic), *new])
     summary[LOSS_SUMMARY_KEY] = json.dumps([loss.to_dict() for loss in new])
@@ -514,16 +541,31 @@ class _WrittenRows:
         metadata = table.metadata
         layout = (metadata.current_schema_id, metadata.default_spec_id, metadata.location)
         if self.files is None or self.written_for != layout:
-            _check_pyarrow_schema_compatible(metadata.schema(), provided_schema=self.rows.schema,
-                                             format_version=metadata.format_version)
-            self.files = list(_dataframe_to_data_files(table_metadata=metadata, df=self.rows, io=table.io,
-                                                       write_uuid=uuid.uuid4())) if self.rows.num_rows else []
+            _check_pyarrow_schema_compatible(
+                metadata.schema(), provided_schema=self.rows.schema, format_version=metadata.format_version
+            )
+            self.files = (
+                list(
+                    _dataframe_to_data_files(
+                        table_metadata=metadata, df=self.rows, io=table.io, write_uuid=uuid.uuid4()
+                    )
+                )
+                if self.rows.num_rows
+                else []
+            )
             self.written_for = layout
         return self.files
 
 
-def _commit_once(table: Table, written: _WrittenRows, summary: dict[str, str], properties: dict[str, str],
-                 before_commit: Callable[[], None] | None, what: str, attempt: int) -> float | None:
+def _commit_once(
+    table: Table,
+    written: _WrittenRows,
+    summary: dict[str, str],
+    properties: dict[str, str],
+    before_commit: Callable[[], None] | None,
+    what: str,
+    attempt: int,
+) -> float | None:
     """One commit attempt: rows and offset properties in one transaction; seconds, or None on a conflict.
 
     Always an append (possibly empty): a snapshot records the range, and its snapshot-id
@@ -575,8 +617,12 @@ def commit_retry_seconds(attempt: int) -> float:
 
 
 def _wait_for_catalog(what: str, attempt: int, exc: BaseException) -> None:
-    log.warning("the Iceberg catalog is locked by another writer while committing %s (attempt %d): %s; "
-                "retrying", what, attempt, exc)
+    log.warning(
+        "the Iceberg catalog is locked by another writer while committing %s (attempt %d): %s; retrying",
+        what,
+        attempt,
+        exc,
+    )
     time.sleep(commit_retry_seconds(attempt))
 
 
@@ -598,11 +644,15 @@ def send_dead_letters(kafka: KafkaResource, batch: OffsetRange, dead: list[tuple
     producer = kafka.producer()
     try:
         for offset, raw, reason in dead:
-            producer.send(dead_letter_topic(batch.topic), value=raw, headers=[
-                ("k2.reason", reason.encode()),
-                ("k2.source", f"{batch.topic}/{batch.partition}@{offset}".encode()),
-                ("k2.failed-at", datetime.now(timezone.utc).isoformat().encode()),
-            ])
+            producer.send(
+                dead_letter_topic(batch.topic),
+                value=raw,
+                headers=[
+                    ("k2.reason", reason.encode()),
+                    ("k2.source", f"{batch.topic}/{batch.partition}@{offset}".encode()),
+                    ("k2.failed-at", datetime.now(UTC).isoformat().encode()),
+                ],
+            )
         producer.flush()
     finally:
         producer.close()
@@ -691,15 +741,22 @@ def _with_entries(maps: pa.MapArray, entries: list[tuple[str, pa.Array]]) -> pa.
     if not keep.all():  # an entry of the same key is replaced
         keys, items, rows = keys.filter(pa.array(keep)), items.filter(pa.array(keep)), rows[keep]
         counts = np.bincount(rows, minlength=n).astype(np.int64)
-    all_keys = pa.concat_arrays([keys.cast(pa.large_string()),
-                                 *[pa.array(np.full(n, key, object), pa.large_string()) for key, _ in entries]])
-    all_items = pa.concat_arrays([items.cast(pa.large_string()), *[values.cast(pa.large_string()) for _, values in entries]])
+    all_keys = pa.concat_arrays(
+        [keys.cast(pa.large_string()), *[pa.array(np.full(n, key, object), pa.large_string()) for key, _ in entries]]
+    )
+    all_items = pa.concat_arrays(
+        [items.cast(pa.large_string()), *[values.cast(pa.large_string()) for _, values in entries]]
+    )
     all_rows = np.concatenate([rows, *[np.arange(n)] * len(entries)])
     order = pa.array(np.argsort(all_rows, kind="stable"))
     new_offsets = np.zeros(n + 1, np.int32)
     np.cumsum(counts + len(entries), out=new_offsets[1:])
-    return pa.MapArray.from_arrays(pa.array(new_offsets), all_keys.take(order).cast(maps.type.key_type),
-                                   all_items.take(order).cast(maps.type.item_type), type=maps.type)
+    return pa.MapArray.from_arrays(
+        pa.array(new_offsets),
+        all_keys.take(order).cast(maps.type.key_type),
+        all_items.take(order).cast(maps.type.item_type),
+        type=maps.type,
+    )
 
 
 def enrich(records: list[dict], shedder: LoadShedder) -> None:
@@ -769,10 +826,17 @@ def split_rows(rows: pa.Table, shedder: LoadShedder, level: int) -> tuple[pa.Tab
     return rows.filter(pa.array(~deferred)), {names[i]: int(counts[i]) for i in deferred_symbols if counts[i]}
 
 
-def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
-                   before_commit: Callable[[], None] | None = None, *, level: int = 0,
-                   shedder: LoadShedder | None = None, spill_store: SpillStore | None = None,
-                   consumer: Any = None) -> BatchResult:
+def run_microbatch(
+    kafka: KafkaResource,
+    iceberg: IcebergResource,
+    batch: OffsetRange,
+    before_commit: Callable[[], None] | None = None,
+    *,
+    level: int = 0,
+    shedder: LoadShedder | None = None,
+    spill_store: SpillStore | None = None,
+    consumer: Any = None,
+) -> BatchResult:
     """Read, dead-letter, commit to Iceberg, then move the consumer group: one whole micro-batch.
 
     ``level`` is the degradation level (0 NORMAL .. 3 AGGRESSIVE) the run works at; see the
@@ -797,28 +861,47 @@ def run_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: Offset
     if deferred:
         # Counted by `k2 metrics` from the run's materialisation (k2_shed_messages_total), not here:
         # a run's process serves no metrics.
-        pending = PendingRange(batch.topic, batch.partition, batch.start, batch.end, DEFERRED,
-                               tuple(sorted(by_symbol)), deferred)
+        pending = PendingRange(
+            batch.topic, batch.partition, batch.start, batch.end, DEFERRED, tuple(sorted(by_symbol)), deferred
+        )
     enriched = not shedder.skip_enrichment(level)
     if enriched:
         kept = enrich_rows(kept, shedder)
     result = commit_range(iceberg, batch, kept, before_commit=before_commit, pending=pending, lost=read.lost)
     commit_consumer_group(kafka, batch)
-    return BatchResult(result.batch, result.written, len(read.dead_letters), result.already_committed,
-                       result.snapshot_id, result.commit_seconds, deferred=0 if result.already_committed else deferred,
-                       enriched=enriched, level=level, sequence_gaps=gaps,
-                       lost=0 if result.already_committed else sum(end - start for start, end in read.lost),
-                       deferred_by_symbol={} if result.already_committed else by_symbol)
+    return BatchResult(
+        result.batch,
+        result.written,
+        len(read.dead_letters),
+        result.already_committed,
+        result.snapshot_id,
+        result.commit_seconds,
+        deferred=0 if result.already_committed else deferred,
+        enriched=enriched,
+        level=level,
+        sequence_gaps=gaps,
+        lost=0 if result.already_committed else sum(end - start for start, end in read.lost),
+        deferred_by_symbol={} if result.already_committed else by_symbol,
+    )
 
 
-def _spill_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange,
-                      before_commit: Callable[[], None] | None, level: int, spill_store: SpillStore) -> BatchResult:
+def _spill_microbatch(
+    kafka: KafkaResource,
+    iceberg: IcebergResource,
+    batch: OffsetRange,
+    before_commit: Callable[[], None] | None,
+    level: int,
+    spill_store: SpillStore,
+) -> BatchResult:
     """AGGRESSIVE: spill the raw range to Parquet, then commit the offsets with a pending spilled entry."""
     lost: list[tuple[int, int]] = []
     raw = read_raw_range(kafka, batch, lost=lost)
     committed = committed_offsets(iceberg.trades(), batch.topic).get(batch.partition, 0)
-    pending_here = {(p.start, p.end) for p in pending_ranges(iceberg.trades(), batch.topic)
-                    if p.kind == SPILLED and p.partition == batch.partition}
+    pending_here = {
+        (p.start, p.end)
+        for p in pending_ranges(iceberg.trades(), batch.topic)
+        if p.kind == SPILLED and p.partition == batch.partition
+    }
     for stale in spill_store.list(batch.topic, batch.partition):
         # A file at or above the committed offset that the table does not list is what a run that
         # died before its commit left behind: this run owns that range now.
@@ -830,14 +913,30 @@ def _spill_microbatch(kafka: KafkaResource, iceberg: IcebergResource, batch: Off
     if result.already_committed and _find_pending(iceberg, batch) is None:
         _delete_spilled(spill_store, batch)  # another run committed this range meanwhile: the file is not needed
     commit_consumer_group(kafka, batch)
-    return BatchResult(result.batch, 0, 0, result.already_committed, result.snapshot_id, result.commit_seconds,
-                       spilled=0 if result.already_committed else raw.num_rows, level=level,
-                       lost=0 if result.already_committed else sum(end - start for start, end in lost))
+    return BatchResult(
+        result.batch,
+        0,
+        0,
+        result.already_committed,
+        result.snapshot_id,
+        result.commit_seconds,
+        spilled=0 if result.already_committed else raw.num_rows,
+        level=level,
+        lost=0 if result.already_committed else sum(end - start for start, end in lost),
+    )
 
 
-def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetRange, *, level: int = 0,
-                  shedder: LoadShedder | None = None, spill_store: SpillStore | None = None,
-                  before_commit: Callable[[], None] | None = None, max_attempts: int = 8) -> BatchResult:
+def recover_range(
+    kafka: KafkaResource,
+    iceberg: IcebergResource,
+    batch: OffsetRange,
+    *,
+    level: int = 0,
+    shedder: LoadShedder | None = None,
+    spill_store: SpillStore | None = None,
+    before_commit: Callable[[], None] | None = None,
+    max_attempts: int = 8,
+) -> BatchResult:
     """Write the missing rows of the pending range ``batch`` and remove its entry, in one commit.
 
     A range that is not (or no longer) pending writes nothing; its spill file, if one is left, is
@@ -857,7 +956,9 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
         read = read_range(kafka, batch)
         rows, lost = read.rows.filter(_symbol_mask(read.rows.column("symbol"), entry.is_missing)), read.lost
     else:
-        files = [f for f in spill_store.list(batch.topic, batch.partition) if (f.start, f.end) == (batch.start, batch.end)]
+        files = [
+            f for f in spill_store.list(batch.topic, batch.partition) if (f.start, f.end) == (batch.start, batch.end)
+        ]
         read = decode_raw(spill_store.read(files[0])) if files else read_range(kafka, batch)
         rows, dead, lost = read.rows, read.dead_letters, read.lost
         send_dead_letters(kafka, batch, dead)
@@ -892,9 +993,18 @@ def recover_range(kafka: KafkaResource, iceberg: IcebergResource, batch: OffsetR
             continue
         snapshot = table.current_snapshot()
         _delete_spilled(spill_store, batch)
-        return BatchResult(batch, written.num_rows, len(dead), False, snapshot.snapshot_id if snapshot else None, seconds,
-                           enriched=enriched, level=level, sequence_gaps=gaps,
-                           lost=sum(end - start for start, end in lost))
+        return BatchResult(
+            batch,
+            written.num_rows,
+            len(dead),
+            False,
+            snapshot.snapshot_id if snapshot else None,
+            seconds,
+            enriched=enriched,
+            level=level,
+            sequence_gaps=gaps,
+            lost=sum(end - start for start, end in lost),
+        )
     raise K2Error(f"recovery of {entry.key}: {max_attempts} commit attempts conflicted; run it again")
 
 

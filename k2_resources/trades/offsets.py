@@ -91,7 +91,7 @@ def commit_properties(batch: OffsetRange, committed_after: dict[int, int]) -> tu
     return summary, {committed_key(batch.topic): committed_json}
 
 
-def reset_baseline(table: Table, topic: str, offsets: dict[int, int]) -> list["PendingRange"]:
+def reset_baseline(table: Table, topic: str, offsets: dict[int, int]) -> list[PendingRange]:
     """Declare that the table holds ``topic`` up to ``offsets`` (the operator's new baseline).
 
     Used after the topic or the cluster was recreated and its offsets restarted lower than
@@ -104,9 +104,13 @@ def reset_baseline(table: Table, topic: str, offsets: dict[int, int]) -> list["P
     dropped = [p for p in pending if p.kind != SPILLED]
     committed_json = json.dumps({str(p): o for p, o in sorted(offsets.items())})
     with table.transaction() as transaction:
-        transaction.set_properties({committed_key(topic): committed_json,
-                                    f"{PREFIX}.baseline-reset.{topic}": committed_json,
-                                    **pending_properties(topic, kept)})
+        transaction.set_properties(
+            {
+                committed_key(topic): committed_json,
+                f"{PREFIX}.baseline-reset.{topic}": committed_json,
+                **pending_properties(topic, kept),
+            }
+        )
     table.refresh()
     return dropped
 
@@ -167,9 +171,14 @@ class PendingRange:
         """True when a row of ``symbol`` read from this range is not in the table."""
         return self.kind == SPILLED or symbol in self.symbols
 
-    def same_range(self, other: "PendingRange") -> bool:
+    def same_range(self, other: PendingRange) -> bool:
         return (self.topic, self.partition, self.start, self.end, self.kind) == (
-            other.topic, other.partition, other.start, other.end, other.kind)
+            other.topic,
+            other.partition,
+            other.start,
+            other.end,
+            other.kind,
+        )
 
     def to_dict(self) -> dict:
         data: dict = {"partition": self.partition, "start": self.start, "end": self.end, "kind": self.kind}
@@ -179,9 +188,16 @@ class PendingRange:
         return data
 
     @classmethod
-    def from_dict(cls, topic: str, data: dict) -> "PendingRange":
-        return cls(topic, int(data["partition"]), int(data["start"]), int(data["end"]), str(data["kind"]),
-                   tuple(sorted(str(s) for s in data.get("symbols", ()))), int(data.get("rows", 0)))
+    def from_dict(cls, topic: str, data: dict) -> PendingRange:
+        return cls(
+            topic,
+            int(data["partition"]),
+            int(data["start"]),
+            int(data["end"]),
+            str(data["kind"]),
+            tuple(sorted(str(s) for s in data.get("symbols", ()))),
+            int(data.get("rows", 0)),
+        )
 
 
 def _pending_json(pending: list[PendingRange]) -> str:
@@ -271,21 +287,35 @@ class RetentionLoss:
         return self.acknowledged_at is not None
 
     def describe(self) -> str:
-        return (f"partition {self.partition}: offsets [{self.start}, {self.end}) ({self.count} messages) "
-                f"deleted by Kafka retention before market.trades committed them")
+        return (
+            f"partition {self.partition}: offsets [{self.start}, {self.end}) ({self.count} messages) "
+            f"deleted by Kafka retention before market.trades committed them"
+        )
 
     def to_dict(self) -> dict:
-        data: dict = {"partition": self.partition, "start": self.start, "end": self.end, "count": self.count,
-                      "recorded_at": self.recorded_at}
+        data: dict = {
+            "partition": self.partition,
+            "start": self.start,
+            "end": self.end,
+            "count": self.count,
+            "recorded_at": self.recorded_at,
+        }
         if self.acknowledged_at is not None:
             data.update(acknowledged_at=self.acknowledged_at, acknowledged_by=self.acknowledged_by, note=self.note)
         return data
 
     @classmethod
-    def from_dict(cls, topic: str, data: dict) -> "RetentionLoss":
-        return cls(topic, int(data["partition"]), int(data["start"]), int(data["end"]),
-                   str(data.get("recorded_at", "")), data.get("acknowledged_at"), data.get("acknowledged_by"),
-                   data.get("note"))
+    def from_dict(cls, topic: str, data: dict) -> RetentionLoss:
+        return cls(
+            topic,
+            int(data["partition"]),
+            int(data["start"]),
+            int(data["end"]),
+            str(data.get("recorded_at", "")),
+            data.get("acknowledged_at"),
+            data.get("acknowledged_by"),
+            data.get("note"),
+        )
 
 
 def retention_losses(table: Table, topic: str) -> list[RetentionLoss]:
@@ -312,20 +342,30 @@ def acknowledge_losses(table: Table, topic: str, by: str, note: str, at: str) ->
     open_losses = [loss for loss in losses if not loss.acknowledged]
     if not open_losses:
         return []
-    updated = [loss if loss.acknowledged else RetentionLoss(
-        loss.topic, loss.partition, loss.start, loss.end, loss.recorded_at, at, by, note) for loss in losses]
+    updated = [
+        loss
+        if loss.acknowledged
+        else RetentionLoss(loss.topic, loss.partition, loss.start, loss.end, loss.recorded_at, at, by, note)
+        for loss in losses
+    ]
     properties = loss_properties(topic, updated)
     committed = committed_offsets(table, topic)
     summary = {
         f"{PREFIX}.topic": topic,
         committed_key(topic): json.dumps({str(p): o for p, o in sorted(committed.items())}),
-        LOSS_ACKNOWLEDGED_KEY: json.dumps({"by": by, "note": note, "at": at,
-                                           "ranges": [loss.to_dict() for loss in open_losses]}),
+        LOSS_ACKNOWLEDGED_KEY: json.dumps(
+            {"by": by, "note": note, "at": at, "ranges": [loss.to_dict() for loss in open_losses]}
+        ),
         **properties,
     }
     with table.transaction() as transaction:
         transaction.append(table.schema().as_arrow().empty_table(), snapshot_properties=summary)
         transaction.set_properties(properties)
     table.refresh()
-    return [loss for loss in updated if loss.acknowledged_at == at and loss.acknowledged_by == by
-            and any((o.partition, o.start) == (loss.partition, loss.start) for o in open_losses)]
+    return [
+        loss
+        for loss in updated
+        if loss.acknowledged_at == at
+        and loss.acknowledged_by == by
+        and any((o.partition, o.start) == (loss.partition, loss.start) for o in open_losses)
+    ]

@@ -18,10 +18,12 @@ class TradeSinkResource(ConfigurableResource):
     max_batch_messages: int = Field(default=50_000, description="largest offset range one run reads")
     lag_warn_messages: int = Field(
         default=thresholds.LAG_WARN_MESSAGES,
-        description="consumer lag at which the check turns WARN (default: the SOFT degradation trigger)")
+        description="consumer lag at which the check turns WARN (default: the SOFT degradation trigger)",
+    )
     lag_error_messages: int = Field(
         default=thresholds.LAG_ERROR_MESSAGES,
-        description="consumer lag at which the check turns ERROR (default: the AGGRESSIVE degradation trigger)")
+        description="consumer lag at which the check turns ERROR (default: the AGGRESSIVE degradation trigger)",
+    )
     run_retry_after_seconds: int = Field(
         default=300, description="re-request a batch whose run has not appeared or finished after this long"
     )
@@ -29,7 +31,9 @@ class TradeSinkResource(ConfigurableResource):
         default_factory=lambda: float(os.environ.get("K2_STREAM_FOLLOW_SECONDS", "0")),
         description="at NORMAL, run one long-running follower (k2_resources/trades/follow.py) for this long "
         "instead of a run per range, committing every follow_interval_seconds; 0: a run per range. "
-        "`k2 run` sets K2_STREAM_FOLLOW_SECONDS=600: a run launch costs seconds, a follower pays it once")
+        "`k2 run` sets K2_STREAM_FOLLOW_SECONDS=600: a run launch costs seconds, a follower pays it once",
+    )
     follow_interval_seconds: float = Field(
         default_factory=lambda: float(os.environ.get("K2_STREAM_FOLLOW_INTERVAL_SECONDS", "1")),
-        description="how often a follower commits each partition's new offsets")
+        description="how often a follower commits each partition's new offsets",
+    )

@@ -14,9 +14,9 @@ without waiting.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable, Iterator, Sequence
 
 import polars as pl
 
@@ -56,8 +56,9 @@ class TimeOrderedReader:
         self.sleep = sleep
         self.progress = ReadProgress()
 
-    def batches(self, symbols: str | Sequence[str] | None, start: datetime, end: datetime,
-                exchange: str | None = None) -> Iterator[pl.DataFrame]:
+    def batches(
+        self, symbols: str | Sequence[str] | None, start: datetime, end: datetime, exchange: str | None = None
+    ) -> Iterator[pl.DataFrame]:
         """The window's trades as ordered DataFrames, one time slice at a time (empty slices skipped)."""
         if start.tzinfo is None or end.tzinfo is None:
             raise K2Error("start and end need a time zone, e.g. datetime(..., tzinfo=timezone.utc)")
@@ -82,8 +83,14 @@ class TimeOrderedReader:
         finally:
             reader.close()
 
-    def records(self, symbols: str | Sequence[str] | None, start: datetime, end: datetime,
-                speed: float | None = None, exchange: str | None = None) -> Iterator[dict]:
+    def records(
+        self,
+        symbols: str | Sequence[str] | None,
+        start: datetime,
+        end: datetime,
+        speed: float | None = None,
+        exchange: str | None = None,
+    ) -> Iterator[dict]:
         """Each trade of the window as a V2 record dict, in order, paced by ``speed`` (None: no pacing)."""
         if speed is not None and speed <= 0:
             raise K2Error(f"speed={speed} must be positive (or None for as fast as possible)")

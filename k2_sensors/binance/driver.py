@@ -8,8 +8,8 @@ integration tests can run the real sensor and the real micro-batch job to a know
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
 from dagster._core.storage.tags import RUN_KEY_TAG
@@ -44,8 +44,9 @@ def tick(instance: DagsterInstance, defs: Definitions, cursor: str | None) -> Se
     return result
 
 
-def execute_requests(instance: DagsterInstance, defs: Definitions, result: SensorResult,
-                     extra_run_config: dict | None = None) -> tuple[int, int]:
+def execute_requests(
+    instance: DagsterInstance, defs: Definitions, result: SensorResult, extra_run_config: dict | None = None
+) -> tuple[int, int]:
     """Run the tick's run requests in-process, one after another; returns (runs, failed runs).
 
     ``extra_run_config`` is merged into each run's config (e.g. loggers, to keep a demo quiet).
@@ -54,8 +55,10 @@ def execute_requests(instance: DagsterInstance, defs: Definitions, result: Senso
     for request in result.run_requests:
         job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
         outcome = job.execute_in_process(
-            run_config={**request.run_config, **(extra_run_config or {})}, instance=instance,
-            tags={**request.tags, RUN_KEY_TAG: request.run_key}, raise_on_error=False,
+            run_config={**request.run_config, **(extra_run_config or {})},
+            instance=instance,
+            tags={**request.tags, RUN_KEY_TAG: request.run_key},
+            raise_on_error=False,
         )
         runs += 1
         failed += 0 if outcome.success else 1
@@ -65,8 +68,11 @@ def execute_requests(instance: DagsterInstance, defs: Definitions, result: Senso
 def checks_of(result: SensorResult) -> dict[str, dict]:
     """The tick's check evaluations: check name -> {passed, severity, metadata (plain values)}."""
     return {
-        event.check_name: {"passed": event.passed, "severity": event.severity.value, "metadata": {
-            key: getattr(value, "value", value) for key, value in event.metadata.items()}}
+        event.check_name: {
+            "passed": event.passed,
+            "severity": event.severity.value,
+            "metadata": {key: getattr(value, "value", value) for key, value in event.metadata.items()},
+        }
         for event in result.asset_events
     }
 
@@ -88,16 +94,21 @@ def drive(
         report.ticks += 1
         report.cursor = result.cursor
         report.last_checks = {
-            event.check_name: {"passed": event.passed, "severity": event.severity.value, "metadata": {
-                key: getattr(value, "value", value) for key, value in event.metadata.items()}}
+            event.check_name: {
+                "passed": event.passed,
+                "severity": event.severity.value,
+                "metadata": {key: getattr(value, "value", value) for key, value in event.metadata.items()},
+            }
             for event in result.asset_events
         }
         for request in result.run_requests:
             job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
             run_config = {**request.run_config, "loggers": {"console": {"config": {"log_level": run_log_level}}}}
             outcome = job.execute_in_process(
-                run_config=run_config, instance=instance,
-                tags={**request.tags, RUN_KEY_TAG: request.run_key}, raise_on_error=False,
+                run_config=run_config,
+                instance=instance,
+                tags={**request.tags, RUN_KEY_TAG: request.run_key},
+                raise_on_error=False,
             )
             report.runs += 1
             report.failed_runs += 0 if outcome.success else 1

@@ -54,11 +54,17 @@ class StreamSnapshot:
     losses: tuple[RetentionLoss, ...] = ()
 
     @classmethod
-    def read(cls, kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> "StreamSnapshot":
+    def read(cls, kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> StreamSnapshot:
         starts, ends = kafka.offset_bounds(topic)
         table = iceberg.trades()
-        return cls(topic, ends, committed_offsets(table, topic), tuple(pending_ranges(table, topic)),
-                   starts, tuple(retention_losses(table, topic)))
+        return cls(
+            topic,
+            ends,
+            committed_offsets(table, topic),
+            tuple(pending_ranges(table, topic)),
+            starts,
+            tuple(retention_losses(table, topic)),
+        )
 
     def pending_of(self, kind: str) -> list[PendingRange]:
         return [p for p in self.pending if p.kind == kind]
@@ -73,7 +79,9 @@ class StreamSnapshot:
     @property
     def mismatched(self) -> dict[int, tuple[int, int]]:
         """Partitions whose end offset is below the table's committed offset: (end, committed)."""
-        found = {p: (self.end_offsets.get(p, 0), c) for p, c in self.committed.items() if self.end_offsets.get(p, 0) < c}
+        found = {
+            p: (self.end_offsets.get(p, 0), c) for p, c in self.committed.items() if self.end_offsets.get(p, 0) < c
+        }
         return dict(sorted(found.items()))
 
     @property
@@ -85,8 +93,11 @@ class StreamSnapshot:
         """
         if self.mismatched:
             return {}
-        found = {p: (self.committed.get(p, 0), start) for p, start in self.start_offsets.items()
-                 if start > self.committed.get(p, 0)}
+        found = {
+            p: (self.committed.get(p, 0), start)
+            for p, start in self.start_offsets.items()
+            if start > self.committed.get(p, 0)
+        }
         return dict(sorted(found.items()))
 
     @property
@@ -130,8 +141,10 @@ def baseline_evaluation(snapshot: StreamSnapshot) -> CheckOutcome:
             f"partition {p}: topic ends at {end} but market.trades committed up to {committed}"
             for p, (end, committed) in mismatched.items()
         )
-        metadata["fix"] = (f"the topic or the Kafka cluster was recreated; check the data, then set a new "
-                           f"baseline with `k2 offsets reset --topic {snapshot.topic}`")
+        metadata["fix"] = (
+            f"the topic or the Kafka cluster was recreated; check the data, then set a new "
+            f"baseline with `k2 offsets reset --topic {snapshot.topic}`"
+        )
     return CheckOutcome("offset_baseline", passed=not mismatched, severity=AssetCheckSeverity.ERROR, metadata=metadata)
 
 
@@ -147,24 +160,31 @@ def retention_loss_evaluation(snapshot: StreamSnapshot) -> CheckOutcome:
     """
     gaps = snapshot.retention_gaps
     recorded = snapshot.unacknowledged_losses
-    lost = [f"partition {p}: offsets [{committed}, {start}) ({start - committed} messages) are no longer in Kafka; "
-            "the next micro-batch records the loss and goes on from the log start"
-            for p, (committed, start) in gaps.items()]
+    lost = [
+        f"partition {p}: offsets [{committed}, {start}) ({start - committed} messages) are no longer in Kafka; "
+        "the next micro-batch records the loss and goes on from the log start"
+        for p, (committed, start) in gaps.items()
+    ]
     lost += [f"{loss.describe()}; recorded {loss.recorded_at}" for loss in recorded]
     metadata: dict[str, Any] = {
         "topic": snapshot.topic,
         "lost_messages": sum(start - committed for committed, start in gaps.values()) + sum(r.count for r in recorded),
         "lost_ranges": json.dumps(
             [{"partition": p, "start": c, "end": s, "count": s - c, "recorded": False} for p, (c, s) in gaps.items()]
-            + [{"partition": r.partition, "start": r.start, "end": r.end, "count": r.count, "recorded": True}
-               for r in recorded]),
+            + [
+                {"partition": r.partition, "start": r.start, "end": r.end, "count": r.count, "recorded": True}
+                for r in recorded
+            ]
+        ),
         "acknowledged_losses": sum(1 for loss in snapshot.losses if loss.acknowledged),
     }
     if lost:
         metadata["loss"] = "; ".join(lost)
-        metadata["fix"] = (f"the data is gone from Kafka: reload it from the source if you can, raise the topic's "
-                           f"retention.ms, then accept the loss with `k2 offsets accept-loss --topic {snapshot.topic} "
-                           "--note '<why>'` (recorded in market.trades for audit)")
+        metadata["fix"] = (
+            f"the data is gone from Kafka: reload it from the source if you can, raise the topic's "
+            f"retention.ms, then accept the loss with `k2 offsets accept-loss --topic {snapshot.topic} "
+            "--note '<why>'` (recorded in market.trades for audit)"
+        )
     return CheckOutcome(RETENTION_LOSS, passed=not lost, severity=AssetCheckSeverity.ERROR, metadata=metadata)
 
 
@@ -206,14 +226,16 @@ class StreamCursor:
     follower: InFlight | None = None
 
     def to_json(self) -> str:
-        return json.dumps({
-            "version": CURSOR_VERSION,
-            "in_flight": {str(p): asdict(f) for p, f in self.in_flight.items()},
-            "recovering": {str(p): asdict(f) for p, f in self.recovering.items()},
-            "degradation": self.degradation,
-            "probe_at": self.probe_at,
-            "follower": None if self.follower is None else asdict(self.follower),
-        })
+        return json.dumps(
+            {
+                "version": CURSOR_VERSION,
+                "in_flight": {str(p): asdict(f) for p, f in self.in_flight.items()},
+                "recovering": {str(p): asdict(f) for p, f in self.recovering.items()},
+                "degradation": self.degradation,
+                "probe_at": self.probe_at,
+                "follower": None if self.follower is None else asdict(self.follower),
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str | None) -> StreamCursor:
@@ -395,8 +417,9 @@ def sequence_gap_evaluation(latest_by_partition: dict[int, dict[str, Any]]) -> C
         metadata={
             "missing_trade_ids": total,
             "batches_checked": json.dumps({str(p): e["range"] for p, e in sorted(latest_by_partition.items())}),
-            "by_symbol": json.dumps({s: n for e in latest_by_partition.values() for s, n in e["gaps"].items()},
-                                    sort_keys=True),
+            "by_symbol": json.dumps(
+                {s: n for e in latest_by_partition.values() for s, n in e["gaps"].items()}, sort_keys=True
+            ),
         },
     )
 
@@ -407,13 +430,17 @@ def dead_letter_evaluation(dlq_topic: str, count: int) -> CheckOutcome:
         DEAD_LETTER_COUNT,
         passed=count == 0,
         severity=AssetCheckSeverity.WARN,
-        metadata={"dead_letter_topic": dlq_topic, "dead_letters": count,
-                  "how_to_inspect": f"read {dlq_topic} (headers k2.reason and k2.source say why and from where)"},
+        metadata={
+            "dead_letter_topic": dlq_topic,
+            "dead_letters": count,
+            "how_to_inspect": f"read {dlq_topic} (headers k2.reason and k2.source say why and from where)",
+        },
     )
 
 
-def batch_level(level: DegradationLevel, cursor: StreamCursor, changed_at: float | None,
-                cooldown_s: float, now: float) -> DegradationLevel | None:
+def batch_level(
+    level: DegradationLevel, cursor: StreamCursor, changed_at: float | None, cooldown_s: float, now: float
+) -> DegradationLevel | None:
     """The level new batches run at, or None when none may be requested now.
 
     At CIRCUIT_BREAK no batch is requested, except one probe round per cooldown (the breaker
@@ -479,6 +506,7 @@ def recovery_run_keys(cursor: StreamCursor) -> list[str]:
 
 # -- the follower: one long-running run that commits every partition every second or so ------------
 
+
 def follower_run_keys(cursor: StreamCursor) -> list[str]:
     return [] if cursor.follower is None else [cursor.follower.run_key]
 
@@ -494,14 +522,22 @@ def follower_busy(cursor: StreamCursor, run_status: Mapping[str, str], retry_aft
     return False
 
 
-def wants_follower(snapshot: StreamSnapshot, cursor: StreamCursor, level: DegradationLevel,
-                   follow_seconds: float) -> bool:
+def wants_follower(
+    snapshot: StreamSnapshot, cursor: StreamCursor, level: DegradationLevel, follow_seconds: float
+) -> bool:
     """A follower instead of a run per range: when following is on, the level is NORMAL, there is new
     data, no range or recovery run is in flight (ranges already committed are dropped first), nothing
     is pending (deferred or spilled ranges go through recovery runs) and the topic's offsets are sane."""
     cursor.in_flight = {p: f for p, f in cursor.in_flight.items() if snapshot.committed.get(p, 0) < f.end}
-    return (follow_seconds > 0 and level == DegradationLevel.NORMAL and snapshot.total_lag > 0
-            and not snapshot.pending and not snapshot.mismatched and not cursor.in_flight and not cursor.recovering)
+    return (
+        follow_seconds > 0
+        and level == DegradationLevel.NORMAL
+        and snapshot.total_lag > 0
+        and not snapshot.pending
+        and not snapshot.mismatched
+        and not cursor.in_flight
+        and not cursor.recovering
+    )
 
 
 # -- one tick as three steps: observe (I/O, in stream_sensor) -> decide -> report ---------------
@@ -607,8 +643,9 @@ def decide(observation: Observation, cursor: StreamCursor, settings: StreamSetti
         cursor.follower = InFlight(0, 0, run_key, now)
         runs.append(PlannedRun(OffsetRange(snapshot.topic, 0, 0, 0), run_key, 1, level, FOLLOW))
     elif run_level is not None and not following:
-        planned = plan_batches(snapshot, cursor, settings.max_batch_messages, observation.run_status,
-                               settings.retry_after_s, now)
+        planned = plan_batches(
+            snapshot, cursor, settings.max_batch_messages, observation.run_status, settings.retry_after_s, now
+        )
         runs += [PlannedRun(batch, key, attempt, run_level) for batch, key, attempt in planned]
         if planned and level == DegradationLevel.CIRCUIT_BREAK:
             note_probe(cursor, now)
@@ -637,13 +674,17 @@ def report(observation: Observation, decision: Decision, settings: StreamSetting
     lines: list[LogLine] = []
     transition = decision.transition
     if transition is not None:
-        lines.append(LogLine("warning" if transition.is_escalation else "info",
-                             f"degradation {transition.from_level.name} -> {transition.to_level.name}: "
-                             f"{transition.cause}"))
+        lines.append(
+            LogLine(
+                "warning" if transition.is_escalation else "info",
+                f"degradation {transition.from_level.name} -> {transition.to_level.name}: {transition.cause}",
+            )
+        )
     if decision.probe:
         batches = decision.batches
-        lines.append(LogLine("info", f"circuit breaker half-open: {len(batches)} probe batch(es) at "
-                                     f"{batches[0].level.name}"))
+        lines.append(
+            LogLine("info", f"circuit breaker half-open: {len(batches)} probe batch(es) at {batches[0].level.name}")
+        )
     snapshot = observation.snapshot
     outcomes = (
         lag_evaluation(snapshot, settings),
@@ -656,7 +697,12 @@ def report(observation: Observation, decision: Decision, settings: StreamSetting
         retention_loss_evaluation(snapshot),
     )
     for partition, (committed, start) in snapshot.retention_gaps.items():
-        lines.append(LogLine("error", f"retention loss on {snapshot.topic}[{partition}]: offsets [{committed}, "
-                                        f"{start}) ({start - committed} messages) were deleted by Kafka before "
-                                        "market.trades committed them"))
+        lines.append(
+            LogLine(
+                "error",
+                f"retention loss on {snapshot.topic}[{partition}]: offsets [{committed}, "
+                f"{start}) ({start - committed} messages) were deleted by Kafka before "
+                "market.trades committed them",
+            )
+        )
     return Report(outcomes, tuple(lines))

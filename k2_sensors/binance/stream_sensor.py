@@ -27,7 +27,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dagster import (
     AssetCheckEvaluation,
@@ -42,7 +43,6 @@ from dagster import (
     sensor,
 )
 from dagster._core.storage.tags import RUN_KEY_TAG
-
 from kafka import TopicPartition
 
 from k2_resources import metrics
@@ -85,7 +85,9 @@ def run_statuses(instance: DagsterInstance, run_keys: list[str]) -> dict[str, st
         if not runs:
             continue
         status = runs[0].status
-        statuses[key] = RUN_FAILED if status in _FAILED else RUN_SUCCEEDED if status == DagsterRunStatus.SUCCESS else RUN_ACTIVE
+        statuses[key] = (
+            RUN_FAILED if status in _FAILED else RUN_SUCCEEDED if status == DagsterRunStatus.SUCCESS else RUN_ACTIVE
+        )
     return statuses
 
 
@@ -93,11 +95,20 @@ def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, 
     """The run for one offset range: the range, degradation level and mode in run config, and tags to find it by."""
     return RunRequest(
         run_key=run_key,
-        run_config={"ops": {"binance_trades": {"config": {
-            "topic": batch.topic, "partition": batch.partition,
-            "start_offset": batch.start, "end_offset": batch.end,
-            "degradation_level": int(level), "mode": mode,
-        }}}},
+        run_config={
+            "ops": {
+                "binance_trades": {
+                    "config": {
+                        "topic": batch.topic,
+                        "partition": batch.partition,
+                        "start_offset": batch.start,
+                        "end_offset": batch.end,
+                        "degradation_level": int(level),
+                        "mode": mode,
+                    }
+                }
+            }
+        },
         tags={
             "k2/kafka-partition": f"{batch.topic}-{batch.partition}",
             "k2/offset-range": f"{batch.start}-{batch.end}",
@@ -113,11 +124,20 @@ def follow_request(topic: str, run_key: str, sink: TradeSinkResource) -> RunRequ
     ``follow_interval_seconds`` for ``follow_seconds``; each commit is a materialisation with its range."""
     return RunRequest(
         run_key=run_key,
-        run_config={"ops": {"binance_trades": {"config": {
-            "topic": topic, "mode": FOLLOW, "degradation_level": 0,
-            "follow_seconds": float(sink.follow_seconds), "follow_interval_seconds": float(sink.follow_interval_seconds),
-            "max_batch_messages": int(sink.max_batch_messages),
-        }}}},
+        run_config={
+            "ops": {
+                "binance_trades": {
+                    "config": {
+                        "topic": topic,
+                        "mode": FOLLOW,
+                        "degradation_level": 0,
+                        "follow_seconds": float(sink.follow_seconds),
+                        "follow_interval_seconds": float(sink.follow_interval_seconds),
+                        "max_batch_messages": int(sink.max_batch_messages),
+                    }
+                }
+            }
+        },
         tags={
             # One follower per topic at a time (dagster.yaml's limit per value); the sensor requests
             # no range of the topic while it runs.
@@ -154,8 +174,10 @@ def latest_batch_gaps(instance: DagsterInstance, topic: str, limit: int = 30) ->
             continue
         partition = int(meta["partition"])
         if partition not in latest:
-            latest[partition] = {"range": f"{meta['start_offset']}-{meta['end_offset']}",
-                                 "gaps": json.loads(meta["sequence_gaps_by_symbol"])}
+            latest[partition] = {
+                "range": f"{meta['start_offset']}-{meta['end_offset']}",
+                "gaps": json.loads(meta["sequence_gaps_by_symbol"]),
+            }
     return latest
 
 
@@ -183,8 +205,12 @@ def observe(
     dlq = dead_letter_topic(sink.topic)
     return Observation(
         snapshot=StreamSnapshot.read(kafka, iceberg, sink.topic),
-        run_status=run_statuses(instance, [flight.run_key for flight in cursor.in_flight.values()]
-                                + recovery_run_keys(cursor) + follower_run_keys(cursor)),
+        run_status=run_statuses(
+            instance,
+            [flight.run_key for flight in cursor.in_flight.values()]
+            + recovery_run_keys(cursor)
+            + follower_run_keys(cursor),
+        ),
         memory_percent=memory_percent(),
         dead_letter_topic=dlq,
         dead_letters=dead_letter_total(kafka, dlq),
@@ -229,8 +255,12 @@ def evaluate_stream(
         getattr(log, line.level)(line.message)
     publish_metrics(observation, decision)
     return SensorResult(
-        run_requests=[follow_request(run.range.topic, run.run_key, sink) if run.mode == FOLLOW
-                      else run_request(run.range, run.run_key, run.attempt, run.level, run.mode) for run in decision.runs],
+        run_requests=[
+            follow_request(run.range.topic, run.run_key, sink)
+            if run.mode == FOLLOW
+            else run_request(run.range, run.run_key, run.attempt, run.level, run.mode)
+            for run in decision.runs
+        ],
         cursor=decision.cursor.to_json(),
         asset_events=[check_evaluation(outcome) for outcome in told.outcomes],
     )

@@ -20,19 +20,20 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from dagster import (
     AssetCheckKey,
     ConfigurableResource,
-    DefaultSensorStatus,
     DagsterInstance,
+    DefaultSensorStatus,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     sensor,
 )
+
 # not exported from the dagster package (dagster is pinned to 1.13 in pyproject.toml)
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from pydantic import Field
@@ -165,7 +166,7 @@ def format_cursor(incidents: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
 # -- webhook resource ----------------------------------------------------------------------
@@ -230,9 +231,7 @@ def _plain(value: Any) -> Any:
     return str(raw)
 
 
-def latest_check_observations(
-    instance: DagsterInstance, check_keys: Sequence[AssetCheckKey]
-) -> list[CheckObservation]:
+def latest_check_observations(instance: DagsterInstance, check_keys: Sequence[AssetCheckKey]) -> list[CheckObservation]:
     """The latest completed (passed or failed) evaluation of each check; checks never evaluated are absent."""
     storage = instance.event_log_storage
     completed = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -67,20 +67,28 @@ def build(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> dict:
     started = time.perf_counter()
     asx = synthetic.asx_trades(1)
     synthetic.append_in_chunks(iceberg.trades(), asx, 1_000_000)
-    binance = synthetic.binance_trades(BINANCE_ICEBERG_ROWS + KAFKA_ROWS, datetime.now(timezone.utc))
-    synthetic.append_in_chunks(iceberg.trades(), synthetic.to_trades_arrow(binance.head(BINANCE_ICEBERG_ROWS)),
-                               250_000)
+    binance = synthetic.binance_trades(BINANCE_ICEBERG_ROWS + KAFKA_ROWS, datetime.now(UTC))
+    synthetic.append_in_chunks(iceberg.trades(), synthetic.to_trades_arrow(binance.head(BINANCE_ICEBERG_ROWS)), 250_000)
     kafka.ensure_topic(topic, partitions=PARTITIONS)
     producer = kafka.producer()
     for index, record in enumerate(synthetic.to_records(binance.tail(KAFKA_ROWS))):
-        producer.send(topic, key=record["symbol"].encode(), value=encode_trade(record), partition=index % PARTITIONS,
-                      timestamp_ms=int(record["timestamp"].timestamp() * 1000))
+        producer.send(
+            topic,
+            key=record["symbol"].encode(),
+            value=encode_trade(record),
+            partition=index % PARTITIONS,
+            timestamp_ms=int(record["timestamp"].timestamp() * 1000),
+        )
     producer.flush()
     producer.close()
     for partition in range(PARTITIONS):
         run_microbatch(kafka, iceberg, OffsetRange(topic, partition, 0, KAFKA_COMMITTED // PARTITIONS))
-    return {"iceberg_rows": asx.num_rows + BINANCE_ICEBERG_ROWS + KAFKA_COMMITTED, "asx_rows": asx.num_rows,
-            "kafka_tail_rows": KAFKA_ROWS - KAFKA_COMMITTED, "build_seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "iceberg_rows": asx.num_rows + BINANCE_ICEBERG_ROWS + KAFKA_COMMITTED,
+        "asx_rows": asx.num_rows,
+        "kafka_tail_rows": KAFKA_ROWS - KAFKA_COMMITTED,
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 async def _load(base_url: str, key: str, path: str, params: dict) -> dict:
@@ -114,13 +122,22 @@ async def _load(base_url: str, key: str, path: str, params: dict) -> dict:
 
         await asyncio.gather(*(one_client() for _ in range(CLIENTS)))
     if not latencies:
-        return {"requests": 0, "statuses": statuses, "single_client_ms": [round(x, 1) for x in single],
-                "note": f"no request sent after the warm-up finished within {DURATION_S:g} s"}
-    return {"single_client_ms": [round(x, 1) for x in single[1:]],
-            "p50_ms": round(percentile(latencies, 50), 1), "p99_ms": round(percentile(latencies, 99), 1),
-            "max_ms": round(max(latencies), 1), "requests": len(latencies),
-            "throughput_rps": round(len(latencies) / DURATION_S, 1), "statuses": statuses,
-            "rows_per_response": rows[0] if rows else None}
+        return {
+            "requests": 0,
+            "statuses": statuses,
+            "single_client_ms": [round(x, 1) for x in single],
+            "note": f"no request sent after the warm-up finished within {DURATION_S:g} s",
+        }
+    return {
+        "single_client_ms": [round(x, 1) for x in single[1:]],
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p99_ms": round(percentile(latencies, 99), 1),
+        "max_ms": round(max(latencies), 1),
+        "requests": len(latencies),
+        "throughput_rps": round(len(latencies) / DURATION_S, 1),
+        "statuses": statuses,
+        "rows_per_response": rows[0] if rows else None,
+    }
 
 
 def _serve(env: dict, port: int, cpus: set[int] | None, log) -> subprocess.Popen:
@@ -128,8 +145,14 @@ def _serve(env: dict, port: int, cpus: set[int] | None, log) -> subprocess.Popen
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 
-    return subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "api", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "k2_assets.cli", "api", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=pin,
+        start_new_session=True,
+    )
 
 
 def test_api_latency_and_throughput_at_50_clients(k2_home, kafka_broker, topic_name, tmp_path):
@@ -140,11 +163,18 @@ def test_api_latency_and_throughput_at_50_clients(k2_home, kafka_broker, topic_n
     day_start, day_end = exchange_day_bounds("ASX", "2014-03-12")
     queries = {
         "recent_trades_5min": ("/v1/trades/recent", {"symbol": "BTCUSDT", "minutes": 5}),
-        "point_query_bhp_one_day": ("/v1/trades", {"symbol": "BHP", "start": day_start.isoformat(),
-                                                   "end": day_end.isoformat()}),
+        "point_query_bhp_one_day": (
+            "/v1/trades",
+            {"symbol": "BHP", "start": day_start.isoformat(), "end": day_end.isoformat()},
+        ),
     }
-    env = dict(os.environ, K2_HOME=str(k2_home), K2_API_TOPICS=topic_name, K2_API_KEYS_FILE=str(keys.path),
-               K2_KAFKA_BOOTSTRAP=kafka_broker.bootstrap_servers)
+    env = dict(
+        os.environ,
+        K2_HOME=str(k2_home),
+        K2_API_TOPICS=topic_name,
+        K2_API_KEYS_FILE=str(keys.path),
+        K2_KAFKA_BOOTSTRAP=kafka_broker.bootstrap_servers,
+    )
     cpu_count = len(os.sched_getaffinity(0))
     setups = {"server_on_all_cores": None}
     if cpu_count >= 2:

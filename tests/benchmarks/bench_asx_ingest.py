@@ -22,7 +22,7 @@ import resource
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -96,7 +96,9 @@ def test_asx_ingest_rows_per_second(k2_home: Path, tmp_path: Path) -> None:
 
         assert baseline_rows == EXPECTED_ROWS[kind]
         assert valid + rejected == EXPECTED_ROWS[kind] and normalised_rows == valid == again_valid
-        stored = (iceberg.trades() if kind == "trades" else iceberg.quotes()).scan(selected_fields=("symbol",)).to_arrow()
+        stored = (
+            (iceberg.trades() if kind == "trades" else iceberg.quotes()).scan(selected_fields=("symbol",)).to_arrow()
+        )
         assert stored.num_rows == valid  # the second load replaced the days, it did not append
 
         k2_rate = _rate(valid + rejected, first_seconds)
@@ -107,8 +109,14 @@ def test_asx_ingest_rows_per_second(k2_home: Path, tmp_path: Path) -> None:
             "dead_letters": rejected,
             "days": days,
             "k2_csv_to_iceberg": {"seconds": round(first_seconds, 3), "rows_per_s": k2_rate},
-            "k2_replace_days_again": {"seconds": round(replace_seconds, 3), "rows_per_s": _rate(valid + rejected, replace_seconds)},
-            "k2_normalise_only": {"seconds": round(normalise_seconds, 3), "rows_per_s": _rate(normalised_rows, normalise_seconds)},
+            "k2_replace_days_again": {
+                "seconds": round(replace_seconds, 3),
+                "rows_per_s": _rate(valid + rejected, replace_seconds),
+            },
+            "k2_normalise_only": {
+                "seconds": round(normalise_seconds, 3),
+                "rows_per_s": _rate(normalised_rows, normalise_seconds),
+            },
             "baseline_pyarrow_csv_to_parquet": {"seconds": round(baseline_seconds, 3), "rows_per_s": baseline_rate},
             "ratio_k2_to_baseline": round(k2_rate / baseline_rate, 4),
         }
@@ -117,8 +125,12 @@ def test_asx_ingest_rows_per_second(k2_home: Path, tmp_path: Path) -> None:
         "benchmark": "asx_ingest",
         "what": "five ASX trading days (10-14 March 2014) from CSV to Iceberg via k2_resources.asx.writes.ingest_day, "
         "the code the asx_trades/asx_quotes assets run; baseline: pyarrow CSV -> zstd Parquet on the same files",
-        "measured_at": datetime.now(timezone.utc).isoformat(),
-        "machine": {"python": platform.python_version(), "pyarrow": pa.__version__, "cpus": __import__("os").cpu_count()},
+        "measured_at": datetime.now(UTC).isoformat(),
+        "machine": {
+            "python": platform.python_version(),
+            "pyarrow": pa.__version__,
+            "cpus": __import__("os").cpu_count(),
+        },
         **results,
     }
     _write_report(report)
@@ -143,8 +155,9 @@ def _baseline_skipping_bad_rows(data_dir: Path, out_dir: Path) -> tuple[int, flo
     start, cpu_start = time.perf_counter(), time.process_time()
     rows = 0
     for path in source_files(data_dir, "trades"):
-        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(FIELDS["trades"])),
-                               parse_options=options)
+        table = pacsv.read_csv(
+            path, read_options=pacsv.ReadOptions(column_names=list(FIELDS["trades"])), parse_options=options
+        )
         pq.write_table(table, out_dir / f"{path.stem}.parquet", compression="zstd")
         rows += table.num_rows
     return rows, time.perf_counter() - start, time.process_time() - cpu_start
@@ -163,22 +176,35 @@ def _floor_for_v2_rows(data_dir: Path, day: str, out_dir: Path) -> dict[str, flo
     columnar = normalise_trade_files(data_dir, day)
     assert columnar is not None
     rows = columnar[1].rows.cast(TRADES.arrow_schema())
-    encodings = {"message_id": "DELTA_BYTE_ARRAY", "trade_id": "DELTA_BYTE_ARRAY",
-                 "timestamp": "DELTA_BINARY_PACKED", "source_sequence": "DELTA_BINARY_PACKED"}
+    encodings = {
+        "message_id": "DELTA_BYTE_ARRAY",
+        "trade_id": "DELTA_BYTE_ARRAY",
+        "timestamp": "DELTA_BINARY_PACKED",
+        "source_sequence": "DELTA_BINARY_PACKED",
+    }
 
     def write(half: int) -> None:
         size = (rows.num_rows + 1) // 2
-        pq.write_table(rows.slice(half * size, size), out_dir / f"v2-{half}.parquet", compression="zstd",
-                       store_decimal_as_integer=True, column_encoding=encodings,
-                       use_dictionary=[path for field in rows.schema if field.name not in encodings
-                                       for path in _leaf_paths(field)])
+        pq.write_table(
+            rows.slice(half * size, size),
+            out_dir / f"v2-{half}.parquet",
+            compression="zstd",
+            store_decimal_as_integer=True,
+            column_encoding=encodings,
+            use_dictionary=[
+                path for field in rows.schema if field.name not in encodings for path in _leaf_paths(field)
+            ],
+        )
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:  # two files at once, as K2 writes them
         list(pool.map(write, (0, 1)))
     write_seconds = time.perf_counter() - start
-    return {"csv_read_seconds": round(read_seconds, 3), "v2_parquet_write_seconds": round(write_seconds, 3),
-            "seconds": round(read_seconds + write_seconds, 3)}
+    return {
+        "csv_read_seconds": round(read_seconds, 3),
+        "v2_parquet_write_seconds": round(write_seconds, 3),
+        "seconds": round(read_seconds + write_seconds, 3),
+    }
 
 
 @pytest.mark.timeout(900)
@@ -223,49 +249,62 @@ def test_asx_ingest_of_a_10m_row_day(k2_home: Path, tmp_path: Path) -> None:
     floor = _floor_for_v2_rows(generated.data_dir, day, tmp_path / "floor")
     k2_rate = _rate(rows, k2_seconds)
     baseline_rate = _rate(rows, baseline_seconds)
-    _write_report({
-        "trades_generated_day": {
-            "what": "one generated ASX trading day (tests/support/asx_generator.py: real price levels, skew, "
-            "qualifiers, venues; fixed seed) through ingest_day (column-wise read of the files, validation with "
-            "dead letters, V2 rows, replace the day in Iceberg); baseline pyarrow CSV -> zstd Parquet of the same "
-            "files, rows of the wrong width skipped; three rounds of the baseline then K2 (a first load, then replaces "
-            "of the same day), the fastest of each",
-            "rows": rows,
-            "valid_rows": result.valid,
-            "dead_letters": result.rejected,
-            "malformed_lines_generated": generated.malformed,
-            "csv_bytes": generated.bytes,
-            "generate_seconds": round(generate_seconds, 1),
-            "k2_csv_to_iceberg": {"seconds": round(k2_seconds, 3), "rows_per_s": k2_rate, "phases_s": result.seconds,
-                                  "seconds_per_round": [round(load[0], 3) for load in loads]},
-            "baseline_pyarrow_csv_to_parquet": {"seconds": round(baseline_seconds, 3), "rows_per_s": baseline_rate,
-                                                "rows": baseline_rows,
-                                                "seconds_per_round": [round(run[1], 3) for run in baselines]},
-            "ratio_k2_to_baseline": round(k2_rate / baseline_rate, 4),
-            "ratio_per_round": [round(run[1] / load[0], 4) for run, load in zip(baselines, loads)],
-            "ratio_of_medians": round(statistics.median(run[1] for run in baselines)
-                                      / statistics.median(load[0] for load in loads), 4),
-            # The V2 rows are 15 columns (two unique ids per row, a map, a list) where the baseline
-            # writes the 7 CSV fields: writing them alone bounds the ratio any loader can reach.
-            "floor_read_csv_and_write_v2_rows": {
-                "what": "pyarrow reading the same CSV files plus pyarrow writing K2's V2 rows of the day from memory "
-                "to zstd Parquet (two files written at once) with the table's encodings; no validation, no Iceberg commit",
-                **floor,
-                "best_ratio_to_baseline_any_v2_loader": round(baseline_seconds / floor["seconds"], 4),
-                "k2_ratio_to_floor": round(floor["seconds"] / k2_seconds, 4),
-            },
-            # CPU seconds (all threads) are far less sensitive than wall time to other load on a shared machine.
-            "cpu_seconds": {"k2": round(k2_cpu_seconds, 2), "baseline": round(baseline_cpu_seconds, 2),
-                            "baseline_per_round": [round(run[2], 2) for run in baselines],
-                            "ratio_k2_to_baseline": round(baseline_cpu_seconds / k2_cpu_seconds, 4)},
-            "dead_letters_expected": generated.malformed,
-            "dead_letters_found": letters.num_rows,
-            "compression": "both zstd at pyarrow's default level (the table's write.parquet.compression-codec; "
-            "no level set, as pyiceberg leaves it)",
-            "peak_rss_gib": round(peak_gib, 2),
-            "peak_rss_gib_before_ingest": round(peak_before / 2**20, 2),
-            "load_average_1_5_15_min_at_k2_start": [round(x, 2) for x in load_before],
-            "cpus": os.cpu_count(),
-            "measured_at": datetime.now(timezone.utc).isoformat(),
+    _write_report(
+        {
+            "trades_generated_day": {
+                "what": "one generated ASX trading day (tests/support/asx_generator.py: real price levels, skew, "
+                "qualifiers, venues; fixed seed) through ingest_day (column-wise read of the files, validation with "
+                "dead letters, V2 rows, replace the day in Iceberg); baseline pyarrow CSV -> zstd Parquet of the same "
+                "files, rows of the wrong width skipped; three rounds of the baseline then K2 (a first load, then replaces "
+                "of the same day), the fastest of each",
+                "rows": rows,
+                "valid_rows": result.valid,
+                "dead_letters": result.rejected,
+                "malformed_lines_generated": generated.malformed,
+                "csv_bytes": generated.bytes,
+                "generate_seconds": round(generate_seconds, 1),
+                "k2_csv_to_iceberg": {
+                    "seconds": round(k2_seconds, 3),
+                    "rows_per_s": k2_rate,
+                    "phases_s": result.seconds,
+                    "seconds_per_round": [round(load[0], 3) for load in loads],
+                },
+                "baseline_pyarrow_csv_to_parquet": {
+                    "seconds": round(baseline_seconds, 3),
+                    "rows_per_s": baseline_rate,
+                    "rows": baseline_rows,
+                    "seconds_per_round": [round(run[1], 3) for run in baselines],
+                },
+                "ratio_k2_to_baseline": round(k2_rate / baseline_rate, 4),
+                "ratio_per_round": [round(run[1] / load[0], 4) for run, load in zip(baselines, loads)],
+                "ratio_of_medians": round(
+                    statistics.median(run[1] for run in baselines) / statistics.median(load[0] for load in loads), 4
+                ),
+                # The V2 rows are 15 columns (two unique ids per row, a map, a list) where the baseline
+                # writes the 7 CSV fields: writing them alone bounds the ratio any loader can reach.
+                "floor_read_csv_and_write_v2_rows": {
+                    "what": "pyarrow reading the same CSV files plus pyarrow writing K2's V2 rows of the day from memory "
+                    "to zstd Parquet (two files written at once) with the table's encodings; no validation, no Iceberg commit",
+                    **floor,
+                    "best_ratio_to_baseline_any_v2_loader": round(baseline_seconds / floor["seconds"], 4),
+                    "k2_ratio_to_floor": round(floor["seconds"] / k2_seconds, 4),
+                },
+                # CPU seconds (all threads) are far less sensitive than wall time to other load on a shared machine.
+                "cpu_seconds": {
+                    "k2": round(k2_cpu_seconds, 2),
+                    "baseline": round(baseline_cpu_seconds, 2),
+                    "baseline_per_round": [round(run[2], 2) for run in baselines],
+                    "ratio_k2_to_baseline": round(baseline_cpu_seconds / k2_cpu_seconds, 4),
+                },
+                "dead_letters_expected": generated.malformed,
+                "dead_letters_found": letters.num_rows,
+                "compression": "both zstd at pyarrow's default level (the table's write.parquet.compression-codec; "
+                "no level set, as pyiceberg leaves it)",
+                "peak_rss_gib": round(peak_gib, 2),
+                "peak_rss_gib_before_ingest": round(peak_before / 2**20, 2),
+                "load_average_1_5_15_min_at_k2_start": [round(x, 2) for x in load_before],
+                "cpus": os.cpu_count(),
+                "measured_at": datetime.now(UTC).isoformat(),
+            }
         }
-    })
+    )

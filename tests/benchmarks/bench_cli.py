@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -107,10 +107,15 @@ def _median_of(command: list[str], env: dict[str, str]) -> tuple[dict, str]:
 def _first_calls(runs: list[dict]) -> dict:
     """The median first call of ``runs`` (FIRST_RECENT_TRADES outputs), its samples, and what it read."""
     calls, setups = [run["first_call_s"] for run in runs], [run["import_and_construct_s"] for run in runs]
-    return {"median_s": round(statistics.median(calls), 3), "samples_s": [round(s, 3) for s in calls],
-            "import_and_construct_median_s": round(statistics.median(setups), 3), "rows": runs[-1]["rows"],
-            "iceberg_rows": runs[-1]["iceberg_rows"], "kafka_rows": runs[-1]["kafka_rows"],
-            "kafka_messages_decoded": runs[-1]["kafka_decoded"]}
+    return {
+        "median_s": round(statistics.median(calls), 3),
+        "samples_s": [round(s, 3) for s in calls],
+        "import_and_construct_median_s": round(statistics.median(setups), 3),
+        "rows": runs[-1]["rows"],
+        "iceberg_rows": runs[-1]["iceberg_rows"],
+        "kafka_rows": runs[-1]["kafka_rows"],
+        "kafka_messages_decoded": runs[-1]["kafka_decoded"],
+    }
 
 
 def _first_offset_at(rows: list[dict], moment: datetime) -> int:
@@ -118,16 +123,19 @@ def _first_offset_at(rows: list[dict], moment: datetime) -> int:
     return next((row["offset"] for row in rows if row["timestamp"] >= moment), rows[-1]["offset"] + 1)
 
 
-def _commit_as_the_sink_does(kafka: KafkaResource, iceberg: IcebergResource, topic: str, produced: Produced,
-                             live_until: datetime) -> int:
+def _commit_as_the_sink_does(
+    kafka: KafkaResource, iceberg: IcebergResource, topic: str, produced: Produced, live_until: datetime
+) -> int:
     """Commit ``topic`` with the sink's own micro-batch up to ``live_until`` as the follower would after
     start: per partition one batch for the backlog, then one-second batches; return how many messages
     stay in Kafka only."""
     uncommitted = 0
     for partition in sorted({row["partition"] for row in produced.rows}):
         rows = sorted((row for row in produced.rows if row["partition"] == partition), key=lambda row: row["offset"])
-        bounds = [0] + [_first_offset_at(rows, live_until - timedelta(seconds=second))
-                        for second in range(LIVE_COMMITS_PER_PARTITION, -1, -1)]
+        bounds = [0] + [
+            _first_offset_at(rows, live_until - timedelta(seconds=second))
+            for second in range(LIVE_COMMITS_PER_PARTITION, -1, -1)
+        ]
         for start, end in zip(bounds, bounds[1:]):
             if end > start:
                 run_microbatch(kafka, iceberg, OffsetRange(topic, partition, start, end))
@@ -139,7 +147,7 @@ def _commit_as_the_sink_does(kafka: KafkaResource, iceberg: IcebergResource, top
 def test_cli_latency_in_new_processes(k2_home: Path, kafka_broker, topic_name: str) -> None:
     iceberg, kafka = IcebergResource(), KafkaResource()
     asx = ingest_day(default_data_dir(), iceberg, "trades", ASX_DAY)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     binance = synthetic.binance_trades(KAFKA_TAIL_ROWS + 20_000, now)
     iceberg.trades().append(synthetic.to_trades_arrow(binance.head(20_000)).cast(iceberg.trades().schema().as_arrow()))
     # As a live stream leaves them: each trade reached Kafka at its own time, so the message
@@ -166,8 +174,9 @@ def test_cli_latency_in_new_processes(k2_home: Path, kafka_broker, topic_name: s
     hybrid = [sys.executable, "-c", FIRST_RECENT_TRADES, topic_name, now.isoformat()]
     sink_down_runs = [json.loads(_run(hybrid, env)[1]) for _ in range(RUNS)]
     assert all(run["rows"] > 0 and run["kafka_rows"] == run["rows"] for run in sink_down_runs)  # all from Kafka
-    uncommitted = _commit_as_the_sink_does(kafka, iceberg, topic_name, produced,
-                                           now - timedelta(seconds=LIVE_UNCOMMITTED_SECONDS))
+    uncommitted = _commit_as_the_sink_does(
+        kafka, iceberg, topic_name, produced, now - timedelta(seconds=LIVE_UNCOMMITTED_SECONDS)
+    )
     live_runs = [json.loads(_run(hybrid, env)[1]) for _ in range(RUNS)]
     for run in live_runs:
         assert 0 < run["kafka_decoded"] <= uncommitted and run["iceberg_rows"] > 0
@@ -196,16 +205,23 @@ def test_cli_latency_in_new_processes(k2_home: Path, kafka_broker, topic_name: s
         "return the same rows; every process compiles what it imports (no bytecode in the environment, "
         "PYTHONDONTWRITEBYTECODE=1) except hybrid_first_recent_trades_with_bytecode_cache: the headline "
         "scenario with the bytecode cache a user's first run leaves",
-        "measured_at": datetime.now(timezone.utc).isoformat(),
+        "measured_at": datetime.now(UTC).isoformat(),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0]},
         "baseline_python_c_pass": python_pass,
         "baseline_duckdb_count_parquet_files": {**duckdb_parquet, "files": len(data_files)},
         "k2_help": {**help_run, "target_s": 0.3, "x_python_start": ratio(help_run)},
-        "k2_query_sql_count": {**sql_run, "target_s": 1.0, "x_python_start": ratio(sql_run),
-                               "x_duckdb_on_the_parquet_files": round(sql_run["median_s"] / duckdb_parquet["median_s"], 2)},
+        "k2_query_sql_count": {
+            **sql_run,
+            "target_s": 1.0,
+            "x_python_start": ratio(sql_run),
+            "x_duckdb_on_the_parquet_files": round(sql_run["median_s"] / duckdb_parquet["median_s"], 2),
+        },
         "before_query_sql_through_duckdb_query_resource": {**resource_run, "x_python_start": ratio(resource_run)},
-        "hybrid_first_recent_trades": {**_first_calls(live_runs), "target_s": 0.5,
-                                       "kafka_messages_uncommitted": uncommitted},
+        "hybrid_first_recent_trades": {
+            **_first_calls(live_runs),
+            "target_s": 0.5,
+            "kafka_messages_uncommitted": uncommitted,
+        },
         "hybrid_first_recent_trades_sink_down": {**_first_calls(sink_down_runs), "target_s": 0.5},
         "hybrid_first_recent_trades_with_bytecode_cache": {**_first_calls(cached_runs), "target_s": 0.5},
     }

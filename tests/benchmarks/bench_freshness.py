@@ -24,7 +24,7 @@ import os
 import statistics
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -54,12 +54,23 @@ RESULT_KEY_PER_RANGE = "freshness_deployed_run_per_range"
 
 
 def _trade(index: int, symbol: str, event_time: datetime) -> bytes:
-    return encode_trade(TradeV2(
-        message_id=f"BINANCE-{symbol}-{index}", trade_id=f"BINANCE-{index}", symbol=symbol, exchange="BINANCE",
-        asset_class="crypto", timestamp=event_time, price=Decimal("61837.63") + Decimal(index % 1000) / 100,
-        quantity=Decimal("0.00120000"), currency="USDT", side=("BUY", "SELL")[index % 2], source_sequence=index,
-        ingestion_timestamp=event_time, vendor_data={"stream": f"{symbol.lower()}@trade"},
-    ).to_record())
+    return encode_trade(
+        TradeV2(
+            message_id=f"BINANCE-{symbol}-{index}",
+            trade_id=f"BINANCE-{index}",
+            symbol=symbol,
+            exchange="BINANCE",
+            asset_class="crypto",
+            timestamp=event_time,
+            price=Decimal("61837.63") + Decimal(index % 1000) / 100,
+            quantity=Decimal("0.00120000"),
+            currency="USDT",
+            side=("BUY", "SELL")[index % 2],
+            source_sequence=index,
+            ingestion_timestamp=event_time,
+            vendor_data={"stream": f"{symbol.lower()}@trade"},
+        ).to_record()
+    )
 
 
 class SteadyProducer(threading.Thread):
@@ -85,7 +96,7 @@ class SteadyProducer(threading.Thread):
                 break
             self.behind_s = max(self.behind_s, -delay)
             symbol = SYMBOLS[index % len(SYMBOLS)]
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             future = producer.send(self.topic, key=symbol.encode(), value=_trade(index, symbol, now))
             self.sent.append((now.timestamp(), future))
         producer.flush()
@@ -107,8 +118,12 @@ def percentile(values: list[float], q: float) -> float:
 def summary(values: list[float]) -> dict:
     if not values:
         return {}
-    return {"p50_s": round(percentile(values, 0.5), 3), "p99_s": round(percentile(values, 0.99), 3),
-            "max_s": round(max(values), 3), "mean_s": round(statistics.fmean(values), 3)}
+    return {
+        "p50_s": round(percentile(values, 0.5), 3),
+        "p99_s": round(percentile(values, 0.99), 3),
+        "max_s": round(max(values), 3),
+        "mean_s": round(statistics.fmean(values), 3),
+    }
 
 
 def commits(table, topic: str) -> list[dict]:
@@ -117,15 +132,25 @@ def commits(table, topic: str) -> list[dict]:
     for snapshot in table.snapshots():
         props = snapshot.summary.additional_properties if snapshot.summary else {}
         if props.get("k2.kafka.topic") == topic:
-            found.append({"partition": int(props["k2.kafka.partition"]), "start": int(props["k2.kafka.start-offset"]),
-                          "end": int(props["k2.kafka.end-offset"]), "committed_at": snapshot.timestamp_ms / 1000})
+            found.append(
+                {
+                    "partition": int(props["k2.kafka.partition"]),
+                    "start": int(props["k2.kafka.start-offset"]),
+                    "end": int(props["k2.kafka.end-offset"]),
+                    "committed_at": snapshot.timestamp_ms / 1000,
+                }
+            )
     return found
 
 
 def run_phases(instance: DagsterInstance) -> list[dict]:
     """Each micro-batch run: its partition and range, and when it was created, dequeued, started and ended."""
-    kinds = {DagsterEventType.RUN_STARTING: "dequeued", DagsterEventType.RUN_START: "started",
-             DagsterEventType.RUN_SUCCESS: "ended", DagsterEventType.RUN_FAILURE: "ended"}
+    kinds = {
+        DagsterEventType.RUN_STARTING: "dequeued",
+        DagsterEventType.RUN_START: "started",
+        DagsterEventType.RUN_SUCCESS: "ended",
+        DagsterEventType.RUN_FAILURE: "ended",
+    }
     phases = []
     for record in instance.get_run_records(filters=RunsFilter(job_name="binance_trades_microbatch")):
         run = record.dagster_run
@@ -147,11 +172,16 @@ def sensor_tick_times(instance: DagsterInstance) -> list[float]:
     return []
 
 
-def breakdown(phases: list[dict], event_times: dict[tuple[int, int], float], counted_from: float,
-              ticks: list[float]) -> dict:
+def breakdown(
+    phases: list[dict], event_times: dict[tuple[int, int], float], counted_from: float, ticks: list[float]
+) -> dict:
     """Where the time of a counted message went, averaged over messages (so it adds up to the mean)."""
-    parts: dict[str, list[float]] = {"waiting_for_a_request_s": [], "queued_s": [], "launch_s": [],
-                                     "run_to_commit_s": []}
+    parts: dict[str, list[float]] = {
+        "waiting_for_a_request_s": [],
+        "queued_s": [],
+        "launch_s": [],
+        "run_to_commit_s": [],
+    }
     durations = []
     for phase in phases:
         if "started" in phase and "ended" in phase:
@@ -175,8 +205,9 @@ def breakdown(phases: list[dict], event_times: dict[tuple[int, int], float], cou
     }
 
 
-def follower_breakdown(phases: list[dict], snapshot_commits: list[dict], commit_seconds: list[float],
-                       counted_from: float) -> dict:
+def follower_breakdown(
+    phases: list[dict], snapshot_commits: list[dict], commit_seconds: list[float], counted_from: float
+) -> dict:
     """With a follower: its launches (once per follow_seconds), the spacing of each partition's commits
     (a message waits up to one spacing for the next cycle) and how long the commits themselves took."""
     followers = [p for p in phases if p["mode"] == "follow"]
@@ -186,8 +217,9 @@ def follower_breakdown(phases: list[dict], snapshot_commits: list[dict], commit_
         spacing += [b - a for a, b in zip(times, times[1:]) if a >= counted_from]
     return {
         "follower_runs": len(followers),
-        "follower_launch_created_to_started_s": [round(p["started"] - p["created"], 1) for p in followers
-                                                 if "started" in p],
+        "follower_launch_created_to_started_s": [
+            round(p["started"] - p["created"], 1) for p in followers if "started" in p
+        ],
         "commit_spacing_per_partition": summary(spacing),
         "iceberg_commit_seconds": summary(commit_seconds),
     }
@@ -200,8 +232,12 @@ def follower_commit_seconds(instance: DagsterInstance, counted_from: float) -> l
     for record in records:
         metadata = record.asset_materialization.metadata if record.asset_materialization else {}
         mode = metadata.get("mode")
-        if record.event_log_entry.timestamp >= counted_from and mode is not None and mode.value == "follow" \
-                and "commit_seconds" in metadata:
+        if (
+            record.event_log_entry.timestamp >= counted_from
+            and mode is not None
+            and mode.value == "follow"
+            and "commit_seconds" in metadata
+        ):
             found.append(float(metadata["commit_seconds"].value))
     return found
 
@@ -223,8 +259,12 @@ def test_freshness_deployed(k2_home: Path, tmp_path: Path):
         iceberg = IcebergResource()
         producer = SteadyProducer(kafka, BINANCE_TRADES_TOPIC, RATE_MSG_S, FIRST_COMMIT_DEADLINE_S + MEASURED_S * 2)
         producer.start()
-        wait_for(lambda: commits(iceberg.trades(), BINANCE_TRADES_TOPIC), FIRST_COMMIT_DEADLINE_S,
-                 "the first commit of the stream", interval_s=0.5)
+        wait_for(
+            lambda: commits(iceberg.trades(), BINANCE_TRADES_TOPIC),
+            FIRST_COMMIT_DEADLINE_S,
+            "the first commit of the stream",
+            interval_s=0.5,
+        )
         first_commit_after_s = time.time() - producer.started_at
         counted_from = time.time() + SETTLE_S
         producer.join(timeout=SETTLE_S + MEASURED_S)  # streaming on: the measured window
@@ -269,9 +309,9 @@ def test_freshness_deployed(k2_home: Path, tmp_path: Path):
     assert len(latencies) >= RATE_MSG_S * MEASURED_S * 0.9, f"the producer fell {producer.behind_s:.1f} s behind"
 
     result = {
-        "measured_at": datetime.now(timezone.utc).isoformat(),
+        "measured_at": datetime.now(UTC).isoformat(),
         "how": "k2 run in a new process (daemon, webserver, run launcher); producer of framed Avro trades, "
-               "event time = now, 3 symbols -> 3 partitions; freshness = snapshot commit time - event time",
+        "event time = now, 3 symbols -> 3 partitions; freshness = snapshot commit time - event time",
         "input_rate_msg_s": RATE_MSG_S,
         "first_commit_after_s": round(first_commit_after_s, 1),
         "counted_from_first_commit_plus_s": SETTLE_S,
@@ -280,12 +320,15 @@ def test_freshness_deployed(k2_home: Path, tmp_path: Path):
         "messages": len(latencies),
         **summary(latencies),
         "iceberg_commits": sum(1 for c in snapshot_commits if c["committed_at"] >= counted_from),
-        "design": "one long-running follower run, committing every partition each second" if following()
-                  else "a run per offset range, launched by the daemon",
+        "design": "one long-running follower run, committing every partition each second"
+        if following()
+        else "a run per offset range, launched by the daemon",
         "breakdown_mean_per_message": breakdown(phases, event_times, counted_from, ticks),
         "follower": follower_breakdown(phases, snapshot_commits, commit_seconds, counted_from),
-        "settings": {name: os.environ.get(name, "default") for name in (
-            "K2_STREAM_SENSOR_INTERVAL_S", "K2_STREAM_FOLLOW_SECONDS", "K2_STREAM_FOLLOW_INTERVAL_SECONDS")},
+        "settings": {
+            name: os.environ.get(name, "default")
+            for name in ("K2_STREAM_SENSOR_INTERVAL_S", "K2_STREAM_FOLLOW_SECONDS", "K2_STREAM_FOLLOW_INTERVAL_SECONDS")
+        },
         "load_average_1m": {"before": round(load_before[0], 2), "end_of_stream": round(load_during[0], 2)},
         "cpu_cores": os.cpu_count(),
     }

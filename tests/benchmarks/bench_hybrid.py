@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timedelta, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import polars as pl
@@ -67,9 +67,16 @@ def timed(fn: Callable[[], object], runs: int) -> tuple[list[float], float, obje
 
 def summary(samples: list[float], cold: float, baseline: list[float], **extra) -> dict:
     p99, baseline_p99 = percentile(samples, 99), percentile(baseline, 99)
-    return {"p50_ms": round(percentile(samples, 50), 2), "p99_ms": round(p99, 2), "cold_ms": round(cold, 2),
-            "baseline_p50_ms": round(percentile(baseline, 50), 2), "baseline_p99_ms": round(baseline_p99, 2),
-            "ratio_to_baseline": round(p99 / baseline_p99, 3), "runs": len(samples), **extra}
+    return {
+        "p50_ms": round(percentile(samples, 50), 2),
+        "p99_ms": round(p99, 2),
+        "cold_ms": round(cold, 2),
+        "baseline_p50_ms": round(percentile(baseline, 50), 2),
+        "baseline_p99_ms": round(baseline_p99, 2),
+        "ratio_to_baseline": round(p99 / baseline_p99, 3),
+        "runs": len(samples),
+        **extra,
+    }
 
 
 def build(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> dict:
@@ -78,18 +85,24 @@ def build(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> dict:
     table = iceberg.trades()
     asx = synthetic.asx_trades(ASX_SCALE)
     commits = synthetic.append_in_chunks(table, asx, 1_000_000)
-    end = datetime.now(timezone.utc)
+    end = datetime.now(UTC)
     binance = synthetic.binance_trades(BINANCE_ICEBERG_ROWS + KAFKA_ROWS, end)
-    commits += synthetic.append_in_chunks(iceberg.trades(), synthetic.to_trades_arrow(binance.head(BINANCE_ICEBERG_ROWS)),
-                                          250_000)
+    commits += synthetic.append_in_chunks(
+        iceberg.trades(), synthetic.to_trades_arrow(binance.head(BINANCE_ICEBERG_ROWS)), 250_000
+    )
     built_iceberg = time.perf_counter() - started
 
     kafka.ensure_topic(topic, partitions=PARTITIONS)
     producer = kafka.producer()
     tail = binance.tail(KAFKA_ROWS)
     for index, record in enumerate(synthetic.to_records(tail)):
-        producer.send(topic, key=record["symbol"].encode(), value=encode_trade(record), partition=index % PARTITIONS,
-                      timestamp_ms=int(record["timestamp"].timestamp() * 1000))
+        producer.send(
+            topic,
+            key=record["symbol"].encode(),
+            value=encode_trade(record),
+            partition=index % PARTITIONS,
+            timestamp_ms=int(record["timestamp"].timestamp() * 1000),
+        )
     producer.flush()
     producer.close()
     for partition in range(PARTITIONS):
@@ -150,74 +163,118 @@ def test_hybrid_query_benchmark(k2_home, kafka_broker, topic_name):
     samples, cold, frame = timed(lambda: hybrid.recent_trades("BTCUSDT", 15, now=now), RUNS)
     stats = hybrid.last_stats
     start = now - timedelta(minutes=15)
-    base, _, base_rows = timed(lambda: baseline.execute(
-        f"SELECT * FROM {scan} WHERE symbol = ? AND \"timestamp\" >= ? AND \"timestamp\" <= ?",
-        ["BTCUSDT", start, now]).to_arrow_table(), RUNS)
+    base, _, base_rows = timed(
+        lambda: baseline.execute(
+            f'SELECT * FROM {scan} WHERE symbol = ? AND "timestamp" >= ? AND "timestamp" <= ?', ["BTCUSDT", start, now]
+        ).to_arrow_table(),
+        RUNS,
+    )
     results["recent_trades_15min"] = summary(
-        samples, cold, base, rows=frame.height, iceberg_rows=stats.iceberg_rows, kafka_rows=stats.kafka_rows,
-        files_planned=stats.iceberg.files_planned, files_total=stats.iceberg.files_total,
+        samples,
+        cold,
+        base,
+        rows=frame.height,
+        iceberg_rows=stats.iceberg_rows,
+        kafka_rows=stats.kafka_rows,
+        files_planned=stats.iceberg.files_planned,
+        files_total=stats.iceberg.files_total,
         baseline_rows_from_parquet_only=base_rows.num_rows,
         kafka_offsets_in_range=sum(e - s for s, e in stats.kafka.ranges.values()),
         cold_kafka_messages_decoded=cold_tail.fetched_messages,
         cold_kafka_poll_seconds=round(cold_tail.poll_seconds, 2),
-        cold_kafka_decode_seconds=round(cold_tail.decode_seconds, 2))
+        cold_kafka_decode_seconds=round(cold_tail.decode_seconds, 2),
+    )
     assert frame.height > 10_000 and stats.kafka_rows == frame.height
 
     # The same across the Iceberg/Kafka boundary: the last 60 minutes.
     samples, cold, frame = timed(lambda: hybrid.recent_trades("BTCUSDT", 60, now=now), RUNS)
     stats = hybrid.last_stats
     results["recent_trades_60min_across_boundary"] = {
-        "p50_ms": round(percentile(samples, 50), 2), "p99_ms": round(percentile(samples, 99), 2),
-        "rows": frame.height, "iceberg_rows": stats.iceberg_rows, "kafka_rows": stats.kafka_rows}
+        "p50_ms": round(percentile(samples, 50), 2),
+        "p99_ms": round(percentile(samples, 99), 2),
+        "rows": frame.height,
+        "iceberg_rows": stats.iceberg_rows,
+        "kafka_rows": stats.kafka_rows,
+    }
     assert stats.iceberg_rows > 0 and stats.kafka_rows > 0
 
     # Point query: one symbol, one (Sydney) trading day.
     day_start, day_end = exchange_day_bounds("ASX", "2014-03-12")
     samples, cold, frame = timed(lambda: hybrid.trades("BHP", day_start, day_end), RUNS)
     stats = hybrid.last_stats
-    base, _, base_rows = timed(lambda: baseline.execute(
-        f"SELECT * FROM {scan} WHERE symbol = ? AND \"timestamp\" >= ? AND \"timestamp\" < ?",
-        ["BHP", day_start, day_end]).to_arrow_table(), RUNS)
+    base, _, base_rows = timed(
+        lambda: baseline.execute(
+            f'SELECT * FROM {scan} WHERE symbol = ? AND "timestamp" >= ? AND "timestamp" < ?',
+            ["BHP", day_start, day_end],
+        ).to_arrow_table(),
+        RUNS,
+    )
     assert frame.height == base_rows.num_rows > 0
-    planned = SnapshotReader().planned_files(iceberg.trades(), iceberg.trades().current_snapshot().snapshot_id,
-                                            RowFilter(("BHP",), day_start, day_end))
+    planned = SnapshotReader().planned_files(
+        iceberg.trades(), iceberg.trades().current_snapshot().snapshot_id, RowFilter(("BHP",), day_start, day_end)
+    )
     matching, total_groups = row_groups_matching(planned, "BHP")
     results["point_query"] = summary(
-        samples, cold, base, rows=frame.height, files_planned=stats.iceberg.files_planned,
-        files_total=stats.iceberg.files_total, row_groups_admitting_symbol=matching,
-        row_groups_in_planned_files=total_groups)
+        samples,
+        cold,
+        base,
+        rows=frame.height,
+        files_planned=stats.iceberg.files_planned,
+        files_total=stats.iceberg.files_total,
+        row_groups_admitting_symbol=matching,
+        row_groups_in_planned_files=total_groups,
+    )
 
     # OHLCV over all ASX trades (4 intervals): the K2 read path + polars vs DuckDB SQL on the files.
     reader = SnapshotReader()
 
     def k2_ohlcv() -> pl.DataFrame:
         table = iceberg.trades()
-        trades = reader.read(table, table.current_snapshot().snapshot_id, RowFilter(exchange="ASX"),
-                             columns=TRADE_COLUMNS, exact_schema=False)
+        trades = reader.read(
+            table,
+            table.current_snapshot().snapshot_id,
+            RowFilter(exchange="ASX"),
+            columns=TRADE_COLUMNS,
+            exact_schema=False,
+        )
         return ohlcv_bars(trades)
 
     samples, cold, bars = timed(k2_ohlcv, 8)
     # The baseline reads the ASX rows once, then aggregates each interval (ties in open/close by time only).
-    interval_sql = "WITH asx AS MATERIALIZED (SELECT symbol, \"timestamp\", price, quantity FROM " + scan + \
-        " WHERE exchange = 'ASX') " + " UNION ALL ".join(
+    interval_sql = (
+        'WITH asx AS MATERIALIZED (SELECT symbol, "timestamp", price, quantity FROM '
+        + scan
+        + " WHERE exchange = 'ASX') "
+        + " UNION ALL ".join(
             f"SELECT '{name}' AS interval, symbol, {bucket} AS bucket_start, arg_min(price, \"timestamp\") AS open, "
-            f"max(price) AS high, min(price) AS low, arg_max(price, \"timestamp\") AS close, "
+            f'max(price) AS high, min(price) AS low, arg_max(price, "timestamp") AS close, '
             f"sum(quantity) AS volume, sum(price::DECIMAL(38, 8) * quantity::DECIMAL(38, 8)) / sum(quantity) AS vwap, "
             f"count(*) AS trade_count FROM asx GROUP BY ALL"
             # Buckets on naive UTC timestamps, the Sydney day as a fixed +11h shift (AEDT for all of
             # 10-14 March 2014): DuckDB's time_bucket on TIMESTAMPTZ goes through ICU and takes seconds.
-            for name, bucket in (("1m", "time_bucket(INTERVAL 1 minute, \"timestamp\"::TIMESTAMP)"),
-                                 ("5m", "time_bucket(INTERVAL 5 minute, \"timestamp\"::TIMESTAMP)"),
-                                 ("1h", "time_bucket(INTERVAL 1 hour, \"timestamp\"::TIMESTAMP)"),
-                                 ("1d", "time_bucket(INTERVAL 1 day, \"timestamp\"::TIMESTAMP + INTERVAL 11 hour) "
-                                        "- INTERVAL 11 hour")))
+            for name, bucket in (
+                ("1m", 'time_bucket(INTERVAL 1 minute, "timestamp"::TIMESTAMP)'),
+                ("5m", 'time_bucket(INTERVAL 5 minute, "timestamp"::TIMESTAMP)'),
+                ("1h", 'time_bucket(INTERVAL 1 hour, "timestamp"::TIMESTAMP)'),
+                ("1d", 'time_bucket(INTERVAL 1 day, "timestamp"::TIMESTAMP + INTERVAL 11 hour) - INTERVAL 11 hour'),
+            )
+        )
+    )
     base, _, base_bars = timed(lambda: baseline.execute(interval_sql).to_arrow_table(), 8)
     assert bars.height == base_bars.num_rows
     planned_stats = ScanStats()
-    reader.planned_files(iceberg.trades(), iceberg.trades().current_snapshot().snapshot_id,
-                         RowFilter(exchange="ASX"), planned_stats)
-    results["ohlcv_all_asx"] = summary(samples, cold, base, bars=bars.height, trades=facts["asx_rows"],
-                                       files_planned=planned_stats.files_planned, files_total=planned_stats.files_total)
+    reader.planned_files(
+        iceberg.trades(), iceberg.trades().current_snapshot().snapshot_id, RowFilter(exchange="ASX"), planned_stats
+    )
+    results["ohlcv_all_asx"] = summary(
+        samples,
+        cold,
+        base,
+        bars=bars.height,
+        trades=facts["asx_rows"],
+        files_planned=planned_stats.files_planned,
+        files_total=planned_stats.files_total,
+    )
 
     # The three Iceberg read paths on the same queries (the measurement that chose the default).
     table = iceberg.trades()
@@ -233,10 +290,14 @@ def test_hybrid_query_benchmark(k2_home, kafka_broker, topic_name):
         for name, row_filter in queries.items():
             columns = TRADE_COLUMNS if name.startswith("all_asx") else None
             runs = 5 if name.startswith("all_asx") else 15
-            samples, cold, _ = timed(lambda: path_reader.read_frame(iceberg.trades(), snapshot_id, row_filter,
-                                                                    columns=columns), runs)
-            paths.setdefault(name, {})[path] = {"p50_ms": round(percentile(samples, 50), 2),
-                                                "p99_ms": round(percentile(samples, 99), 2), "cold_ms": round(cold, 2)}
+            samples, cold, _ = timed(
+                lambda: path_reader.read_frame(iceberg.trades(), snapshot_id, row_filter, columns=columns), runs
+            )
+            paths.setdefault(name, {})[path] = {
+                "p50_ms": round(percentile(samples, 50), 2),
+                "p99_ms": round(percentile(samples, 99), 2),
+                "cold_ms": round(cold, 2),
+            }
         path_reader.close()
     results["iceberg_read_paths"] = paths
     results["targets"] = {"recent_trades_15min_p99_ms": 500, "point_query_p99_ms": 100}

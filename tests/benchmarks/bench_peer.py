@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,8 +53,13 @@ PEER_DEADLINE_S = 180.0
 def _produce_both(kafka: KafkaResource, avro_topic: str, json_topic: str) -> dict[str, int]:
     """The same trades to both topics at once (JSON from a second process); the bytes of each."""
     env = {**os.environ, "K2_KAFKA_BOOTSTRAP": kafka.servers}
-    json_filler = subprocess.Popen([sys.executable, "-m", "tests.support.trade_messages", json_topic, str(MESSAGES),
-                                    "json"], env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    json_filler = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.trade_messages", json_topic, str(MESSAGES), "json"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         avro_bytes = produce_benchmark_topic(kafka, avro_topic, MESSAGES, "avro")
         out, _ = json_filler.communicate(timeout=600)
@@ -74,8 +79,12 @@ def _k2_in_process(kafka: KafkaResource, topic: str) -> dict:
     seconds = time.perf_counter() - started
     assert result["written"] == MESSAGES
     assert iceberg.trades().scan().count() == MESSAGES
-    return {"seconds": round(seconds, 2), "msg_s": round(MESSAGES / seconds), "iceberg_commits": result["commits"],
-            "values": _compared_values(iceberg)}
+    return {
+        "seconds": round(seconds, 2),
+        "msg_s": round(MESSAGES / seconds),
+        "iceberg_commits": result["commits"],
+        "values": _compared_values(iceberg),
+    }
 
 
 def _compared_values(iceberg: IcebergResource) -> pa.Table:
@@ -89,14 +98,23 @@ def _k2_new_process(topic: str, home: Path) -> dict:
     home.mkdir(parents=True)
     env = {**os.environ, "K2_HOME": str(home)}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "tests.support.k2_topic_sink", topic, str(MICROBATCH)],
-                          env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.k2_topic_sink", topic, str(MICROBATCH)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["written"] == MESSAGES
-    return {"seconds": round(seconds, 2), "msg_s": round(MESSAGES / seconds),
-            "includes": "Python start, imports, catalog and table load, the sink"}
+    return {
+        "seconds": round(seconds, 2),
+        "msg_s": round(MESSAGES / seconds),
+        "includes": "Python start, imports, catalog and table load, the sink",
+    }
 
 
 def _value_differences(left: pa.Table, right: pa.Table) -> list[str]:
@@ -109,8 +127,10 @@ def _value_differences(left: pa.Table, right: pa.Table) -> list[str]:
     for name in left.column_names:
         mine, theirs = left.column(name).to_pylist(), right.column(name).to_pylist()
         if name == "vendor_data":
-            mine, theirs = ([{k: v for k, v in (entries or []) if not k.startswith("k2.")} for entries in column]
-                            for column in (mine, theirs))
+            mine, theirs = (
+                [{k: v for k, v in (entries or []) if not k.startswith("k2.")} for entries in column]
+                for column in (mine, theirs)
+            )
         if mine != theirs:
             at = next(i for i, (m, t) in enumerate(zip(mine, theirs)) if m != t)
             differences.append(f"{name} (row {at}): {mine[at]!r} != {theirs[at]!r}")
@@ -128,9 +148,14 @@ def _run_peer(kafka: KafkaResource, topic: str, home: Path, failure: dict, expec
     iceberg.trades()  # created up front with K2's schema; the peer does not auto-create
     properties = catalog_properties()
     sink = IcebergConnectSink(
-        home=home / "connect", bootstrap_servers=kafka.servers, topic=topic, table="market.trades",
-        catalog_name=iceberg.catalog_name, catalog_db=Path(properties["uri"].removeprefix("sqlite:///")),
-        warehouse=Path(properties["warehouse"].removeprefix("file://")), commit_interval_ms=COMMIT_INTERVAL_MS,
+        home=home / "connect",
+        bootstrap_servers=kafka.servers,
+        topic=topic,
+        table="market.trades",
+        catalog_name=iceberg.catalog_name,
+        catalog_db=Path(properties["uri"].removeprefix("sqlite:///")),
+        warehouse=Path(properties["warehouse"].removeprefix("file://")),
+        commit_interval_ms=COMMIT_INTERVAL_MS,
     )
     kafka.ensure_topic(sink.control_topic, partitions=1)
     connect_classpath(sink.home.parent)  # resolved before the clock starts (a first run downloads jars)
@@ -143,11 +168,13 @@ def _run_peer(kafka: KafkaResource, topic: str, home: Path, failure: dict, expec
             if not sink.running():
                 raise PeerUnavailableError(f"the Kafka Connect worker exited:\n{sink.log_tail()}")
             if sink.errors():
-                raise PeerUnavailableError("the Iceberg sink task failed:\n" + "\n".join(sink.errors()[:5])
-                                           + "\n" + sink.log_tail())
+                raise PeerUnavailableError(
+                    "the Iceberg sink task failed:\n" + "\n".join(sink.errors()[:5]) + "\n" + sink.log_tail()
+                )
             if time.monotonic() - launched > PEER_DEADLINE_S:
-                raise PeerUnavailableError(f"the peer's table held {rows} of {MESSAGES} rows after "
-                                           f"{PEER_DEADLINE_S:.0f}s:\n{sink.log_tail()}")
+                raise PeerUnavailableError(
+                    f"the peer's table held {rows} of {MESSAGES} rows after {PEER_DEADLINE_S:.0f}s:\n{sink.log_tail()}"
+                )
             time.sleep(0.5)  # polling the catalog at a modest pace, bounded by the deadline above
             rows = _total_records(iceberg)
         observed_s = time.monotonic() - launched
@@ -195,15 +222,18 @@ def test_peer_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
     monkeypatch.setenv("K2_HOME", str(k2_home / "peer"))
     result: dict = {
         "benchmark": "peer",
-        "measured_at": datetime.now(timezone.utc).isoformat(),
+        "measured_at": datetime.now(UTC).isoformat(),
         "messages": MESSAGES,
         "partitions": PARTITIONS,
-        "versions": {**versions(), "connector": "org.apache.iceberg.connect.IcebergSinkConnector",
-                     "connect_mode": "standalone (org.apache.kafka.connect.cli.ConnectStandalone), tasks.max=1"},
+        "versions": {
+            **versions(),
+            "connector": "org.apache.iceberg.connect.IcebergSinkConnector",
+            "connect_mode": "standalone (org.apache.kafka.connect.cli.ConnectStandalone), tasks.max=1",
+        },
         "inputs": {
             "k2": f"{avro_topic}: K2's framed Avro TradeV2, {sizes['avro_bytes']} bytes of values",
             "peer": f"{json_topic}: the same trades as JSON (JsonConverter, schemas.enable=false), "
-                    f"{sizes['json_bytes']} bytes of values",
+            f"{sizes['json_bytes']} bytes of values",
         },
         "produce_both_topics_s": round(produce_s, 1),
         "k2_msgs_per_s": k2["msg_s"],
@@ -217,27 +247,31 @@ def test_peer_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
         result.update({"status": "peer failed", "peer_error": str(exc)[-6000:], **failure})
         _write(result)
         pytest.fail(f"the Iceberg Kafka Connect sink did not run; peer.json records why:\n{exc}")
-    result.update({
-        "status": "ok",
-        "peer_msgs_per_s": peer["msg_s"],
-        "peer_steady_msgs_per_s": peer["steady_msg_s"],
-        "peer_rows": peer["rows"],
-        "ratio": round(k2["msg_s"] / peer["msg_s"], 3),
-        "ratio_to_peer_steady": round(k2["msg_s"] / peer["steady_msg_s"], 3) if peer["steady_msg_s"] else None,
-        "ratio_new_process_to_peer": round(k2_cold["msg_s"] / peer["msg_s"], 3),
-        "peer": {
-            **peer,
-            "commit_interval_ms": COMMIT_INTERVAL_MS,
-            "includes": "JVM and Connect worker start, coordinator election, consume, convert, write, and "
-                        "commits every commit interval; ends at the commit that made 200K rows",
-            "steady_rate_is": "rows committed after the first commit / time from first to last commit",
-            "work_only_k2_does": "platform_sequence (the Kafka offset) and enrichment (k2.notional, k2.tier in "
-                                 "vendor_data); the tables are otherwise equal row for row (checked)",
-            "worker_settings": {"offset.flush.interval.ms": COMMIT_INTERVAL_MS,
-                                "why": "the sink answers its coordinator only inside put(); with the default "
-                                       "60 s an idle consumer blocks in poll() and commits time out"},
-        },
-    })
+    result.update(
+        {
+            "status": "ok",
+            "peer_msgs_per_s": peer["msg_s"],
+            "peer_steady_msgs_per_s": peer["steady_msg_s"],
+            "peer_rows": peer["rows"],
+            "ratio": round(k2["msg_s"] / peer["msg_s"], 3),
+            "ratio_to_peer_steady": round(k2["msg_s"] / peer["steady_msg_s"], 3) if peer["steady_msg_s"] else None,
+            "ratio_new_process_to_peer": round(k2_cold["msg_s"] / peer["msg_s"], 3),
+            "peer": {
+                **peer,
+                "commit_interval_ms": COMMIT_INTERVAL_MS,
+                "includes": "JVM and Connect worker start, coordinator election, consume, convert, write, and "
+                "commits every commit interval; ends at the commit that made 200K rows",
+                "steady_rate_is": "rows committed after the first commit / time from first to last commit",
+                "work_only_k2_does": "platform_sequence (the Kafka offset) and enrichment (k2.notional, k2.tier in "
+                "vendor_data); the tables are otherwise equal row for row (checked)",
+                "worker_settings": {
+                    "offset.flush.interval.ms": COMMIT_INTERVAL_MS,
+                    "why": "the sink answers its coordinator only inside put(); with the default "
+                    "60 s an idle consumer blocks in poll() and commits time out",
+                },
+            },
+        }
+    )
     _write(result)
     assert peer["rows"] == peer["distinct_message_ids"] == MESSAGES
     assert not peer["values_differing_from_k2"], "the peer's table differs from K2's in the trades' values"

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -136,16 +136,27 @@ class _Webserver:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-webserver"), "-w", str(PROJECT_ROOT / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(self.port)],
-            env=dict(os.environ, DAGSTER_HOME=str(home)), cwd=home, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                str(Path(sys.executable).parent / "dagster-webserver"),
+                "-w",
+                str(PROJECT_ROOT / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            env=dict(os.environ, DAGSTER_HOME=str(home)),
+            cwd=home,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.log_path = log_path
 
     def graphql(self, body: dict) -> dict:
-        request = urllib.request.Request(f"{self.url}/graphql", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.url}/graphql", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.load(response)
 
@@ -153,12 +164,14 @@ class _Webserver:
         def loaded() -> bool:
             assert self.process.poll() is None, self.log_path.read_text(errors="replace")[-4000:]
             try:
-                data = self.graphql({"query": "{ workspaceOrError { ... on Workspace { locationEntries {"
-                                              " name loadStatus } } } }"})["data"]
+                data = self.graphql(
+                    {"query": "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"}
+                )["data"]
             except OSError:
                 return False
-            return any(e["name"] == "k2" and e["loadStatus"] == "LOADED"
-                       for e in data["workspaceOrError"]["locationEntries"])
+            return any(
+                e["name"] == "k2" and e["loadStatus"] == "LOADED" for e in data["workspaceOrError"]["locationEntries"]
+            )
 
         wait_for(loaded, 300, "the webserver to load the k2 code location", interval_s=1)
 
@@ -278,13 +291,15 @@ def test_soak_benchmark(k2_home, kafka_broker, topic_name, tmp_path):
                 written = history.runs
                 _fill_topic(kafka, topic_name, {p: end + LAG for p, end in history.ends.items()})  # same lag each time
                 _commit_offsets(iceberg, topic_name, history.ends)
-                results.append({
-                    "runs": history.runs,
-                    "check_evaluations": history.check_evaluations,
-                    "runs_in_instance": instance.get_runs_count(),
-                    "tick": _measure_ticks(instance, defs, history),
-                    "asset_page": _measure_asset_page(server),
-                })
+                results.append(
+                    {
+                        "runs": history.runs,
+                        "check_evaluations": history.check_evaluations,
+                        "runs_in_instance": instance.get_runs_count(),
+                        "tick": _measure_ticks(instance, defs, history),
+                        "asset_page": _measure_asset_page(server),
+                    }
+                )
                 print(json.dumps(results[-1], indent=2))
     finally:
         server.stop()
@@ -293,7 +308,7 @@ def test_soak_benchmark(k2_home, kafka_broker, topic_name, tmp_path):
     assert soak["runs_in_instance"] == RUNS
     result = {
         "benchmark": "soak",
-        "measured_at": datetime.now(timezone.utc).isoformat(),
+        "measured_at": datetime.now(UTC).isoformat(),
         "storage": "sqlite (dagster.yaml of the project, prepared with prepare_instance)",
         "runs": RUNS,
         "partitions": PARTITIONS,
@@ -301,7 +316,7 @@ def test_soak_benchmark(k2_home, kafka_broker, topic_name, tmp_path):
             "seconds": round(generation_s, 1),
             "runs_per_s": round(RUNS / generation_s),
             "what": "runs (SUCCESS, sensor tags), 5 status events + planned + materialisation per run, "
-                    "the runless check evaluations of one tick per round of partitions",
+            "the runless check evaluations of one tick per round of partitions",
         },
         "tick_budget_ms": TICK_BUDGET_S * 1000,
         "tick_p50_ms": soak["tick"]["p50_ms"],
@@ -315,8 +330,9 @@ def test_soak_benchmark(k2_home, kafka_broker, topic_name, tmp_path):
             path: _ratio(ms, base["asset_page"]["page_load_ms"][path])
             for path, ms in soak["asset_page"]["page_load_ms"].items()
         },
-        "asset_page_graphql_total_ratio_to_baseline": _ratio(soak["asset_page"]["graphql_total_p50_ms"],
-                                                             base["asset_page"]["graphql_total_p50_ms"]),
+        "asset_page_graphql_total_ratio_to_baseline": _ratio(
+            soak["asset_page"]["graphql_total_p50_ms"], base["asset_page"]["graphql_total_p50_ms"]
+        ),
         "baseline": "the same measurements after the first round of runs (one per partition), same run",
         "checkpoints": results,
     }

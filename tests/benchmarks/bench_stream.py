@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from multiprocessing import get_context
 from pathlib import Path
@@ -77,20 +77,36 @@ SENSOR_INTERVAL_S = 5.0
 def _payload(index: int, event_time: datetime, symbol: str | None = None) -> bytes:
     symbol = symbol or ("BTCUSDT", "ETHUSDT", "BNBUSDT")[index % 3]
     event_ms = int(event_time.timestamp() * 1000)
-    return encode_trade(TradeV2(
-        message_id=f"BINANCE-{symbol}-{index}", trade_id=f"BINANCE-{index}", symbol=symbol, exchange="BINANCE",
-        asset_class="crypto", timestamp=event_time, price=Decimal("61837.63") + Decimal(index % 1000) / 100,
-        quantity=Decimal("0.00120000"), currency="USDT", side=("BUY", "SELL")[index % 2], source_sequence=index,
-        ingestion_timestamp=event_time,
-        # What normalise_trade keeps of a live Binance trade message.
-        vendor_data={"E": str(event_ms), "b": str(20720542158 + index), "a": str(20720542592 + index),
-                     "m": "true" if index % 2 else "false", "M": "true", "stream": f"{symbol.lower()}@trade"},
-    ).to_record())
+    return encode_trade(
+        TradeV2(
+            message_id=f"BINANCE-{symbol}-{index}",
+            trade_id=f"BINANCE-{index}",
+            symbol=symbol,
+            exchange="BINANCE",
+            asset_class="crypto",
+            timestamp=event_time,
+            price=Decimal("61837.63") + Decimal(index % 1000) / 100,
+            quantity=Decimal("0.00120000"),
+            currency="USDT",
+            side=("BUY", "SELL")[index % 2],
+            source_sequence=index,
+            ingestion_timestamp=event_time,
+            # What normalise_trade keeps of a live Binance trade message.
+            vendor_data={
+                "E": str(event_ms),
+                "b": str(20720542158 + index),
+                "a": str(20720542592 + index),
+                "m": "true" if index % 2 else "false",
+                "M": "true",
+                "stream": f"{symbol.lower()}@trade",
+            },
+        ).to_record()
+    )
 
 
 def _fill(kafka: KafkaResource, topic: str, count: int) -> None:
     producer = kafka.producer()
-    base = datetime(2024, 8, 9, tzinfo=timezone.utc)
+    base = datetime(2024, 8, 9, tzinfo=UTC)
     for index in range(count):
         producer.send(topic, value=_payload(index, base + timedelta(milliseconds=index)), partition=index % PARTITIONS)
     producer.flush()
@@ -127,7 +143,7 @@ class _BrokerShare:
     def __init__(self, pid: int | None) -> None:
         self.pid, self.share = pid, None
 
-    def __enter__(self) -> "_BrokerShare":
+    def __enter__(self) -> _BrokerShare:
         self.cpu, self.wall = _cpu_seconds(self.pid), time.perf_counter()
         return self
 
@@ -153,7 +169,7 @@ def _fill_symbol(topic: str, count: int, which: int) -> None:
     """Messages ``which``, ``which + n``, ... of ``count`` (those of symbol ``which``), keyed by
     symbol and placed by K2's partitioner (no explicit partition)."""
     producer = KafkaResource().producer(partitioner=SymbolPartitioner())
-    base = datetime(2024, 8, 9, tzinfo=timezone.utc)
+    base = datetime(2024, 8, 9, tzinfo=UTC)
     symbol = PARALLEL_SYMBOLS[which]
     for index in range(which, count, len(PARALLEL_SYMBOLS)):
         producer.send(topic, key=symbol.encode(), value=_payload(index, base + timedelta(milliseconds=index), symbol))
@@ -169,8 +185,9 @@ def _fill_keyed(topic: str, count: int) -> None:
             filled.result()
 
 
-def _parallel_sink_rate(kafka: KafkaResource, topic: str, partitions: list[int], home: Path,
-                        broker_pid: int | None = None) -> dict:
+def _parallel_sink_rate(
+    kafka: KafkaResource, topic: str, partitions: list[int], home: Path, broker_pid: int | None = None
+) -> dict:
     """msg/s of sinking ``partitions`` of ``topic``, one process each, all released at once (with
     the processes' CPU seconds and the broker's CPU share meanwhile)."""
     home.mkdir(parents=True)
@@ -179,9 +196,17 @@ def _parallel_sink_rate(kafka: KafkaResource, topic: str, partitions: list[int],
         patch.setenv("K2_HOME", str(home))
         IcebergResource().trades()
     ends = kafka.end_offsets(topic)
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.support.sink_worker", topic, str(p), str(ends[p]),
-                                 str(MICROBATCH)], env=env, cwd=PROJECT_ROOT, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE) for p in partitions]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.support.sink_worker", topic, str(p), str(ends[p]), str(MICROBATCH)],
+            env=env,
+            cwd=PROJECT_ROOT,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for p in partitions
+    ]
     try:
         for worker in workers:
             assert worker.stdout.readline().strip() == "ready"
@@ -205,19 +230,32 @@ def _parallel_sink_rate(kafka: KafkaResource, topic: str, partitions: list[int],
     # Each worker's wall time without the time it waited for a core (other processes had it): what
     # the round would take on cores of its own. What is left beyond its CPU time is time blocked
     # (Kafka fetches, file writes, the catalog's lock, the retry back-off).
-    workers = [{"partition": r["partition"], "seconds": round(r["ended"] - r["started"], 3),
-                "cpu_s": round(r["cpu_s"], 3), "runqueue_wait_s": round(r["runqueue_wait_s"], 3),
-                "blocked_s": round(r["ended"] - r["started"] - r["cpu_s"] - r["runqueue_wait_s"], 3)} for r in reports]
+    workers = [
+        {
+            "partition": r["partition"],
+            "seconds": round(r["ended"] - r["started"], 3),
+            "cpu_s": round(r["cpu_s"], 3),
+            "runqueue_wait_s": round(r["runqueue_wait_s"], 3),
+            "blocked_s": round(r["ended"] - r["started"] - r["cpu_s"] - r["runqueue_wait_s"], 3),
+        }
+        for r in reports
+    ]
     own_seconds = max(w["seconds"] - w["runqueue_wait_s"] for w in workers)
-    return {"msg_s": round(sum(ends[p] for p in partitions) / seconds), "seconds": round(seconds, 3),
-            "msg_s_without_core_waits": round(sum(ends[p] for p in partitions) / own_seconds),
-            "sink_cpu_s": total("cpu_s"), "broker_cpu_share": broker.share,
-            "load_average_1m": round(os.getloadavg()[0], 2),
-            "runqueue_wait_s": total("runqueue_wait_s"), "commit_s": total("commit_s"),
-            "catalog_commit_s": total("catalog_commit_s"),
-            "catalog_commits": sum(r["catalog_commits"] for r in reports),
-            "commit_conflicts": sum(r["conflicts"] for r in reports),
-            "catalog_locked_retries": sum(r["catalog_locked"] for r in reports), "workers": workers}
+    return {
+        "msg_s": round(sum(ends[p] for p in partitions) / seconds),
+        "seconds": round(seconds, 3),
+        "msg_s_without_core_waits": round(sum(ends[p] for p in partitions) / own_seconds),
+        "sink_cpu_s": total("cpu_s"),
+        "broker_cpu_share": broker.share,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "runqueue_wait_s": total("runqueue_wait_s"),
+        "commit_s": total("commit_s"),
+        "catalog_commit_s": total("catalog_commit_s"),
+        "catalog_commits": sum(r["catalog_commits"] for r in reports),
+        "commit_conflicts": sum(r["conflicts"] for r in reports),
+        "catalog_locked_retries": sum(r["catalog_locked"] for r in reports),
+        "workers": workers,
+    }
 
 
 def _parallel_partitions(kafka: KafkaResource, topic: str, home: Path, broker_pid: int | None = None) -> dict:
@@ -244,12 +282,16 @@ def _parallel_partitions(kafka: KafkaResource, topic: str, home: Path, broker_pi
         "one_partition_one_process_msg_s": round(one),
         "two_partitions_two_processes_msg_s": round(both),
         "speed_up": round(both / one, 3),
-        "speed_up_quietest_rounds": round(min(boths, key=lambda r: r["runqueue_wait_s"])["msg_s"]
-                                          / min(ones, key=lambda r: r["runqueue_wait_s"])["msg_s"], 3),
+        "speed_up_quietest_rounds": round(
+            min(boths, key=lambda r: r["runqueue_wait_s"])["msg_s"]
+            / min(ones, key=lambda r: r["runqueue_wait_s"])["msg_s"],
+            3,
+        ),
         # The same ratio of medians with each worker's time waiting for a core taken out: an estimate
         # of what two partitions gain on two cores that no other process uses (this machine is shared).
-        "speed_up_without_core_waits": round(median(boths, "msg_s_without_core_waits")
-                                             / median(ones, "msg_s_without_core_waits"), 3),
+        "speed_up_without_core_waits": round(
+            median(boths, "msg_s_without_core_waits") / median(ones, "msg_s_without_core_waits"), 3
+        ),
         "cpu_cores": os.cpu_count(),
         # What could make the two workers wait for each other, medians over the rounds (seconds
         # summed over the round's workers): if the catalog serialised them, catalog_commit_s and
@@ -257,13 +299,32 @@ def _parallel_partitions(kafka: KafkaResource, topic: str, home: Path, broker_pi
         "serialisation": {
             "blocked_s_per_worker": {
                 name: statistics.median(w["blocked_s"] for r in rounds for w in r["workers"])
-                for name, rounds in (("one_partition", ones), ("two_partitions", boths))},
-            "one_partition": {f: median(ones, f) for f in (
-                "seconds", "sink_cpu_s", "runqueue_wait_s", "commit_s", "catalog_commit_s", "commit_conflicts",
-                "catalog_locked_retries")},
-            "two_partitions": {f: median(boths, f) for f in (
-                "seconds", "sink_cpu_s", "runqueue_wait_s", "commit_s", "catalog_commit_s", "commit_conflicts",
-                "catalog_locked_retries")},
+                for name, rounds in (("one_partition", ones), ("two_partitions", boths))
+            },
+            "one_partition": {
+                f: median(ones, f)
+                for f in (
+                    "seconds",
+                    "sink_cpu_s",
+                    "runqueue_wait_s",
+                    "commit_s",
+                    "catalog_commit_s",
+                    "commit_conflicts",
+                    "catalog_locked_retries",
+                )
+            },
+            "two_partitions": {
+                f: median(boths, f)
+                for f in (
+                    "seconds",
+                    "sink_cpu_s",
+                    "runqueue_wait_s",
+                    "commit_s",
+                    "catalog_commit_s",
+                    "commit_conflicts",
+                    "catalog_locked_retries",
+                )
+            },
         },
         "rounds": {"one_partition": ones, "two_partitions": boths},
     }
@@ -287,8 +348,7 @@ def _freshness(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> di
             delay = due - time.monotonic()
             if delay > 0:
                 stop.wait(delay)  # pacing the producer to the target rate, not waiting on a race
-            producer.send(topic, value=_payload(sent["count"], datetime.now(timezone.utc)),
-                          partition=sent["count"] % PARTITIONS)
+            producer.send(topic, value=_payload(sent["count"], datetime.now(UTC)), partition=sent["count"] % PARTITIONS)
             sent["count"] += 1
         producer.flush()
         producer.close()
@@ -304,8 +364,11 @@ def _freshness(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> di
             cursor = result.cursor
             for request in result.run_requests:
                 config = request.run_config["ops"]["binance_trades"]["config"]
-                run_microbatch(kafka, iceberg, OffsetRange(config["topic"], config["partition"],
-                                                           config["start_offset"], config["end_offset"]))
+                run_microbatch(
+                    kafka,
+                    iceberg,
+                    OffsetRange(config["topic"], config["partition"], config["start_offset"], config["end_offset"]),
+                )
             lag = next(e for e in result.asset_events if e.check_name == "consumer_lag").metadata["lag_messages"].value
             if not producer_thread.is_alive() and lag == 0 and not result.run_requests:
                 break
@@ -319,10 +382,18 @@ def _freshness(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> di
     for snapshot in table.snapshots():
         props = snapshot.summary.additional_properties if snapshot.summary else {}
         if props.get("k2.kafka.topic") == topic:
-            commit_ms[(int(props["k2.kafka.partition"]), int(props["k2.kafka.start-offset"]),
-                       int(props["k2.kafka.end-offset"]))] = snapshot.timestamp_ms
-    rows = table.scan(row_filter="exchange = 'BINANCE'",
-                      selected_fields=("timestamp", "platform_sequence", "trade_id")).to_arrow().to_pylist()
+            commit_ms[
+                (
+                    int(props["k2.kafka.partition"]),
+                    int(props["k2.kafka.start-offset"]),
+                    int(props["k2.kafka.end-offset"]),
+                )
+            ] = snapshot.timestamp_ms
+    rows = (
+        table.scan(row_filter="exchange = 'BINANCE'", selected_fields=("timestamp", "platform_sequence", "trade_id"))
+        .to_arrow()
+        .to_pylist()
+    )
     latencies = []
     for row in rows:
         offset = row["platform_sequence"]
@@ -354,8 +425,14 @@ def test_stream_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
         with _BrokerShare(kafka_broker.pid()) as broker:
             sink_rate, commits = _sink_rate(kafka, iceberg, topic_name, THROUGHPUT_MESSAGES)
         sink_rates.append(sink_rate)
-        rounds.append({"raw_msg_s": round(raw_rates[-1]), "k2_msg_s": round(sink_rate),
-                       "broker_cpu_share_during_sink": broker.share, "load_average_1m": round(os.getloadavg()[0], 2)})
+        rounds.append(
+            {
+                "raw_msg_s": round(raw_rates[-1]),
+                "k2_msg_s": round(sink_rate),
+                "broker_cpu_share_during_sink": broker.share,
+                "load_average_1m": round(os.getloadavg()[0], 2),
+            }
+        )
         assert iceberg.trades().scan().count() == THROUGHPUT_MESSAGES
     raw_rate, sink_rate = statistics.median(raw_rates), statistics.median(sink_rates)
 
@@ -370,7 +447,7 @@ def test_stream_benchmark(k2_home, kafka_broker, topic_name, monkeypatch):
 
     result = {
         "benchmark": "stream",
-        "measured_at": datetime.now(timezone.utc).isoformat(),
+        "measured_at": datetime.now(UTC).isoformat(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "throughput": {
             "messages": THROUGHPUT_MESSAGES,

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -53,8 +53,10 @@ pytestmark = [pytest.mark.integration]
 
 K2 = Path(sys.executable).parent / "k2"  # the console script, as a user runs it
 # Every day of the bundled recording (data/binance/SOURCE.md): 37,563 trades in all.
-RECORDED_DAYS = {"BTCUSDT": ("2023-04-04", "2023-04-05", "2024-08-08", "2024-08-09"),
-                 "ETHUSDT": ("2024-08-08", "2024-08-09")}
+RECORDED_DAYS = {
+    "BTCUSDT": ("2023-04-04", "2023-04-05", "2024-08-08", "2024-08-09"),
+    "ETHUSDT": ("2024-08-08", "2024-08-09"),
+}
 # The tape spans ~1050 s once pauses are capped at 1 s: at 14x it plays in ~75 s.
 PLAYBACK_SPEED = "14"
 STORE_DOWN_S = 15
@@ -67,8 +69,7 @@ FOREIGN_SETTINGS = ("K2_KAFKA_BOOTSTRAP", "DAGSTER_HOME", "K2_ICEBERG_", "K2_S3_
 
 
 def recorded_message_ids() -> set[str]:
-    return {record["message_id"] for symbol, days in RECORDED_DAYS.items()
-            for record in binance_records(symbol, days)}
+    return {record["message_id"] for symbol, days in RECORDED_DAYS.items() for record in binance_records(symbol, days)}
 
 
 def recorded_id_gaps() -> dict[str, int]:
@@ -111,7 +112,7 @@ class DeployedPlatform:
         """Every message_id row of market.trades (a list: a duplicate shows twice); [] before the table exists."""
         try:
             table = IcebergResource().trades()
-        except Exception:  # noqa: BLE001 - no table yet, or the store is down: nothing readable
+        except Exception:
             return []
         return table.scan(selected_fields=("message_id",)).to_arrow().column("message_id").to_pylist()
 
@@ -133,8 +134,11 @@ class DeployedPlatform:
             latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
         finally:
             instance.dispose()
-        return {key.name: (self._passes(record.evaluation), record.create_timestamp)
-                for key, record in latest.items() if record.event is not None}
+        return {
+            key.name: (self._passes(record.evaluation), record.create_timestamp)
+            for key, record in latest.items()
+            if record.event is not None
+        }
 
     def _passes(self, evaluation) -> bool:
         if evaluation is None:
@@ -180,7 +184,7 @@ class LogWatch:
 
 
 def _utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return datetime.fromtimestamp(epoch, tz=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +210,27 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedPlatf
         for name, value in {**settings, "K2_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}.items():
             monkeypatch.setenv(name, value)
         began = time.monotonic()
-        run = start_k2_run(home, home / "k2-run.log", kafka_bootstrap=settings["K2_KAFKA_BOOTSTRAP"],
-                           extra_args=("--cluster",), stream={
-                               "K2_STREAM_SOURCE": "recording", "K2_STREAM_ONCE": "1",
-                               "K2_STREAM_SPEED": PLAYBACK_SPEED, "K2_STREAMER_METRICS_PORT": "0"})
+        run = start_k2_run(
+            home,
+            home / "k2-run.log",
+            kafka_bootstrap=settings["K2_KAFKA_BOOTSTRAP"],
+            extra_args=("--cluster",),
+            stream={
+                "K2_STREAM_SOURCE": "recording",
+                "K2_STREAM_ONCE": "1",
+                "K2_STREAM_SPEED": PLAYBACK_SPEED,
+                "K2_STREAMER_METRICS_PORT": "0",
+            },
+        )
         run.wait_until_up(timeout_s=300)
-        deployed = DeployedPlatform(home, settings, run, recorded_message_ids(), recorded_id_gaps(),
-                                    {"cluster_start_s": cluster_start_s, "k2_run_up_s": time.monotonic() - began})
+        deployed = DeployedPlatform(
+            home,
+            settings,
+            run,
+            recorded_message_ids(),
+            recorded_id_gaps(),
+            {"cluster_start_s": cluster_start_s, "k2_run_up_s": time.monotonic() - began},
+        )
         yield deployed
         print(f"\ncluster faults timings: { {k: round(v, 1) for k, v in deployed.timings.items()} }")
     finally:
@@ -264,8 +282,12 @@ def assert_recovered(platform: DeployedPlatform, since: float, what: str) -> flo
 def test_catalog_and_store_down_during_micro_batches_is_named_and_nothing_is_lost_or_doubled(platform):
     store = platform.object_store()
     # Micro-batches are running: some trades are in the table, and more are still to commit.
-    wait_for(lambda: platform.assert_running() or len(platform.message_ids_in_iceberg()) > 0, 180,
-             "the first micro-batch in market.trades", interval_s=1)
+    wait_for(
+        lambda: platform.assert_running() or len(platform.message_ids_in_iceberg()) > 0,
+        180,
+        "the first micro-batch in market.trades",
+        interval_s=1,
+    )
     in_table_before = len(platform.message_ids_in_iceberg())
     assert in_table_before < len(platform.recorded), "the stream ended before the fault: nothing ran during it"
 
@@ -276,13 +298,18 @@ def test_catalog_and_store_down_during_micro_batches_is_named_and_nothing_is_los
 
     def named() -> str:
         text = watch.new_text() + "\n" + platform.run_messages_since(stopped_at)
-        names_it = (f"{uri} (K2_ICEBERG_CATALOG_URI)" in text or f"{endpoint} (K2_S3_ENDPOINT)" in text
-                    or "127.0.0.1" in text and "(K2_S3_ENDPOINT)" in text)
+        names_it = (
+            f"{uri} (K2_ICEBERG_CATALOG_URI)" in text
+            or f"{endpoint} (K2_S3_ENDPOINT)" in text
+            or "127.0.0.1" in text
+            and "(K2_S3_ENDPOINT)" in text
+        )
         return text if names_it and "k2 cluster start" in text else ""
 
     try:
-        explanation = wait_for(named, STORE_DOWN_S + 45, "K2 naming the stopped catalog/store and the fix",
-                               interval_s=1)
+        explanation = wait_for(
+            named, STORE_DOWN_S + 45, "K2 naming the stopped catalog/store and the fix", interval_s=1
+        )
         # The outage lasts at least STORE_DOWN_S (a fault's length, not a wait for a race).
         time.sleep(max(0.0, STORE_DOWN_S - (time.monotonic() - down_began)))
     finally:
@@ -293,8 +320,10 @@ def test_catalog_and_store_down_during_micro_batches_is_named_and_nothing_is_los
 
     recovery_s = assert_recovered(platform, restarted_at, "the object store and catalog came back")
     platform.timings.update(store_down_s=down_s, store_recovery_s=recovery_s)
-    print(f"\nstore down {down_s:.0f}s at {in_table_before} trades in the table; every trade in exactly once, "
-          f"lag 0 and checks passing {recovery_s:.0f}s after it came back")
+    print(
+        f"\nstore down {down_s:.0f}s at {in_table_before} trades in the table; every trade in exactly once, "
+        f"lag 0 and checks passing {recovery_s:.0f}s after it came back"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -312,8 +341,7 @@ def test_postgres_down_while_the_daemon_runs_is_named_and_the_stream_recovers(pl
     explanation = ""
     try:
         try:
-            explanation = wait_for(named, POSTGRES_DOWN_S, "K2 naming the stopped Postgres and the fix",
-                                   interval_s=1)
+            explanation = wait_for(named, POSTGRES_DOWN_S, "K2 naming the stopped Postgres and the fix", interval_s=1)
         except AssertionError:
             explanation = ""  # asserted below, after Postgres is back
         time.sleep(max(0.0, POSTGRES_DOWN_S - (time.monotonic() - down_began)))
@@ -323,12 +351,18 @@ def test_postgres_down_while_the_daemon_runs_is_named_and_the_stream_recovers(pl
     restarted_at = time.time()
 
     # The daemon heartbeats again (the webserver reads its heartbeats from Postgres) ...
-    wait_for(lambda: all(platform.run.daemon_statuses().values()), RECOVERY_DEADLINE_S,
-             "the daemon healthy again", interval_s=2)
+    wait_for(
+        lambda: all(platform.run.daemon_statuses().values()),
+        RECOVERY_DEADLINE_S,
+        "the daemon healthy again",
+        interval_s=2,
+    )
     # ... and the stream is whole: no trade lost or written twice, lag 0, checks passing.
     recovery_s = assert_recovered(platform, restarted_at, "Postgres came back")
     platform.timings.update(postgres_down_s=down_s, postgres_recovery_s=recovery_s)
-    print(f"\npostgres down {down_s:.0f}s; daemon healthy, lag 0 and checks passing {recovery_s:.0f}s after it came back")
+    print(
+        f"\npostgres down {down_s:.0f}s; daemon healthy, lag 0 and checks passing {recovery_s:.0f}s after it came back"
+    )
     # Last, so a run shows the recovery first: K2's own processes must name the instance's Postgres
     # (address, variables) and the fix; Dagster's "Retrying failed database connection" alone does not.
     logged = watch.new_text()

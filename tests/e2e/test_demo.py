@@ -17,7 +17,10 @@ def test_demo_streams_every_recorded_trade_into_iceberg_exactly_once(tmp_path):
     env["K2_HOME"] = str(tmp_path / "unused")  # the demo makes its own fresh home under --home
     completed = subprocess.run(
         [sys.executable, "-m", "k2_assets.cli", "demo", "--json", "--home", str(tmp_path / "demo")],
-        env=env, capture_output=True, text=True, timeout=1200,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -39,14 +39,21 @@ def demo_home():
 def test_demo_cluster_loses_and_duplicates_nothing_when_a_broker_dies(demo_home):
     env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_SETTINGS)}
     env["K2_HOME"] = str(demo_home / "unused")  # the demo uses --home
-    completed = subprocess.run([str(K2), "demo", "cluster", "--json", "--home", str(demo_home / "k2")],
-                               env=env, capture_output=True, text=True, timeout=840)
+    completed = subprocess.run(
+        [str(K2), "demo", "cluster", "--json", "--home", str(demo_home / "k2")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
-    print(f"\ntopology started in {summary['start_seconds']}s; killed broker {summary['killed_broker']} at "
-          f"{summary['killed_at_trades']} trades, restarted in {summary['broker_restart_seconds']}s; "
-          f"{summary['micro_batch_runs']} micro-batches; Spark {summary.get('spark_seconds')}s; "
-          f"whole demo {summary['seconds']}s")
+    print(
+        f"\ntopology started in {summary['start_seconds']}s; killed broker {summary['killed_broker']} at "
+        f"{summary['killed_at_trades']} trades, restarted in {summary['broker_restart_seconds']}s; "
+        f"{summary['micro_batch_runs']} micro-batches; Spark {summary.get('spark_seconds')}s; "
+        f"whole demo {summary['seconds']}s"
+    )
 
     assert summary["brokers"] == 3 and summary["replication_factor"] == 3 and summary["min_insync_replicas"] == 2
     assert summary["partitions"] == 6

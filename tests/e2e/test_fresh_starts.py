@@ -50,8 +50,9 @@ def _break_like_a_race(dagster_home: Path) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_a_broken_instance_without_history_is_repaired_and_k2_run_comes_up(kafka_broker: KafkaBroker,
-                                                                          tmp_path: Path) -> None:
+def test_a_broken_instance_without_history_is_repaired_and_k2_run_comes_up(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
     home = tmp_path / "k2home"
     prepare_instance(home / "dagster")
     _break_like_a_race(home / "dagster")
@@ -67,8 +68,9 @@ def test_a_broken_instance_without_history_is_repaired_and_k2_run_comes_up(kafka
 
 
 @pytest.mark.timeout(600)
-def test_a_broken_instance_with_history_is_kept_and_named_with_its_fix(kafka_broker: KafkaBroker,
-                                                                      tmp_path: Path) -> None:
+def test_a_broken_instance_with_history_is_kept_and_named_with_its_fix(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
     from dagster import DagsterInstance, asset, materialize
 
     @asset

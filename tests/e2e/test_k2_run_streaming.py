@@ -40,10 +40,18 @@ def test_k2_run_streams_the_recording_through_the_daemon_into_iceberg_exactly_on
     recorded = Counter(record["message_id"] for record in binance_records(SYMBOL))
     assert len(recorded) > 10_000
     kafka_ports = (free_port(), free_port())
-    run = start_k2_run(k2_home, tmp_path / "k2-run.log", kafka_ports=kafka_ports, stream={
-        "K2_STREAM_SOURCE": "recording", "K2_STREAM_ONCE": "1", "K2_STREAM_SPEED": "0",
-        "K2_STREAM_SYMBOLS": SYMBOL, "K2_STREAMER_METRICS_PORT": "0",
-    })
+    run = start_k2_run(
+        k2_home,
+        tmp_path / "k2-run.log",
+        kafka_ports=kafka_ports,
+        stream={
+            "K2_STREAM_SOURCE": "recording",
+            "K2_STREAM_ONCE": "1",
+            "K2_STREAM_SPEED": "0",
+            "K2_STREAM_SYMBOLS": SYMBOL,
+            "K2_STREAMER_METRICS_PORT": "0",
+        },
+    )
     iceberg = IcebergResource()
     started = time.monotonic()
     try:
@@ -53,8 +61,9 @@ def test_k2_run_streams_the_recording_through_the_daemon_into_iceberg_exactly_on
             assert run.process.poll() is None, f"k2 run exited:\n{run.output()[-4000:]}"
             return set(_message_ids_in_iceberg(iceberg)) >= set(recorded)
 
-        wait_for(all_recorded_trades_in_iceberg, INGEST_DEADLINE_S, "every recorded trade in market.trades",
-                 interval_s=5)
+        wait_for(
+            all_recorded_trades_in_iceberg, INGEST_DEADLINE_S, "every recorded trade in market.trades", interval_s=5
+        )
         seconds = time.monotonic() - started
         in_iceberg = _message_ids_in_iceberg(iceberg)
         kafka = KafkaResource(bootstrap_servers=f"127.0.0.1:{kafka_ports[0]}")

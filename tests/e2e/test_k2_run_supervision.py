@@ -33,13 +33,19 @@ def test_a_killed_exporter_and_a_killed_broker_are_restarted(tmp_path):
     try:
         run.wait_until_up()
         assert {p.name for p in (home / "run").glob("*.pid")} >= {
-            "metrics-exporter.pid", "dagster-daemon.pid", "dagster-webserver.pid"}
+            "metrics-exporter.pid",
+            "dagster-daemon.pid",
+            "dagster-webserver.pid",
+        }
 
         # a service dies: it is logged with its log's tail and started again; the rest stays up
         first_exporter = _pid(exporter_pid_file)
         os.kill(first_exporter, signal.SIGKILL)
-        wait_for(lambda: (pid := _pid(exporter_pid_file)) not in (None, first_exporter) and answers(exporter_url),
-                 timeout_s=180, what="the metrics exporter to be restarted and serve /metrics")
+        wait_for(
+            lambda: (pid := _pid(exporter_pid_file)) not in (None, first_exporter) and answers(exporter_url),
+            timeout_s=180,
+            what="the metrics exporter to be restarted and serve /metrics",
+        )
         output = run.output()
         assert f"metrics exporter exited with code -{signal.SIGKILL.value}" in output
         assert "the last lines of" in output and "metrics-exporter.log" in output

@@ -68,13 +68,20 @@ def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook
     clock = Clock()
     alert_sensor = build_alert_sensor(clock=clock)  # watches every check of the code location
     resource = AlertWebhookResource(urls=[webhook.url], renotify_interval_seconds=600)
-    defs = dg.Definitions(assets=[demo_trades], asset_checks=[demo_degradation_level], sensors=[alert_sensor], resources={RESOURCE_KEY: resource})
+    defs = dg.Definitions(
+        assets=[demo_trades],
+        asset_checks=[demo_degradation_level],
+        sensors=[alert_sensor],
+        resources={RESOURCE_KEY: resource},
+    )
     with dg.DagsterInstance.ephemeral() as instance:
         cursor: str | None = None
 
         def tick() -> str:
             nonlocal cursor
-            context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources={RESOURCE_KEY: resource})
+            context = dg.build_sensor_context(
+                instance=instance, cursor=cursor, definitions=defs, resources={RESOURCE_KEY: resource}
+            )
             result = alert_sensor(context)
             cursor = result.cursor
             return result.skip_reason.skip_message if result.skip_reason else ""
@@ -87,7 +94,12 @@ def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook
         assert dg.materialize([demo_trades], instance=instance).success
         tick()
         first = webhook.wait_for(1)[0]
-        assert (first["status"], first["reason"], first["check"], first["severity"]) == ("firing", "new", "demo_trades:row_count", "WARN")
+        assert (first["status"], first["reason"], first["check"], first["severity"]) == (
+            "firing",
+            "new",
+            "demo_trades:row_count",
+            "WARN",
+        )
         assert first["metadata"] == {"rows": 0} and first["description"] == "no rows"
 
         # the same incident is not posted again on the next ticks
@@ -111,7 +123,10 @@ def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook
         tick()
         second = webhook.wait_for(2)[1]
         assert (second["status"], second["check"], second["severity"], second["metadata"]) == (
-            "firing", "demo_trades:degradation_level", "ERROR", {"level": 4}
+            "firing",
+            "demo_trades:degradation_level",
+            "ERROR",
+            {"level": 4},
         )
 
         # past the re-notify interval both still-failing checks are posted again, once
@@ -130,8 +145,11 @@ def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook
         assert dg.materialize([demo_trades], instance=instance).success
         instance.report_runless_asset_event(
             dg.AssetCheckEvaluation(
-                asset_key=dg.AssetKey("demo_trades"), check_name="degradation_level", passed=True,
-                severity=dg.AssetCheckSeverity.ERROR, description="NORMAL",
+                asset_key=dg.AssetKey("demo_trades"),
+                check_name="degradation_level",
+                passed=True,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description="NORMAL",
             )
         )
         clock.now += 30
@@ -154,7 +172,9 @@ def test_unreachable_webhook_keeps_the_incident_for_retry(k2_home, webhook: Webh
     with dg.DagsterInstance.ephemeral() as instance:
         instance.report_runless_asset_event(
             dg.AssetCheckEvaluation(
-                asset_key=dg.AssetKey("demo_trades"), check_name="degradation_level", passed=False,
+                asset_key=dg.AssetKey("demo_trades"),
+                check_name="degradation_level",
+                passed=False,
                 severity=dg.AssetCheckSeverity.WARN,
             )
         )
@@ -164,7 +184,9 @@ def test_unreachable_webhook_keeps_the_incident_for_retry(k2_home, webhook: Webh
         assert parse_cursor(result.cursor) == {}
         # the webhook is back: the alert goes out on the next tick
         alive = AlertWebhookResource(urls=[webhook.url])
-        result = alert_sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor, resources={RESOURCE_KEY: alive}))
+        result = alert_sensor(
+            dg.build_sensor_context(instance=instance, cursor=result.cursor, resources={RESOURCE_KEY: alive})
+        )
         assert [a["check"] for a in webhook.wait_for(1)] == ["demo_trades:degradation_level"]
         assert set(parse_cursor(result.cursor)) == {"demo_trades:degradation_level"}
 

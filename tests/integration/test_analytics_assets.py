@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -23,11 +23,28 @@ from tests.support.synthetic import asx_trades
 
 pytestmark = pytest.mark.integration
 
-COMPARED = ["interval", "symbol", "exchange", "bucket_start", "bucket_end", "open", "high", "low", "close",
-            "volume", "notional", "vwap", "trade_count", "first_trade_at", "last_trade_at"]
+COMPARED = [
+    "interval",
+    "symbol",
+    "exchange",
+    "bucket_start",
+    "bucket_end",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "notional",
+    "vwap",
+    "trade_count",
+    "first_trade_at",
+    "last_trade_at",
+]
 
 
-IN_PROCESS = AnalyticsEngineResource(engine="polars")  # the bars' default engine (Spark's: tests/integration/test_spark.py)
+IN_PROCESS = AnalyticsEngineResource(
+    engine="polars"
+)  # the bars' default engine (Spark's: tests/integration/test_spark.py)
 STEP_SECONDS = {"1m": 60, "5m": 300, "1h": 3600}
 DAY_ZONES = {"ASX": ZoneInfo("Australia/Sydney")}  # other exchanges: the UTC day
 
@@ -35,12 +52,12 @@ DAY_ZONES = {"ASX": ZoneInfo("Australia/Sydney")}  # other exchanges: the UTC da
 def _bucket(timestamp: datetime, exchange: str, interval: str) -> tuple[datetime, datetime]:
     if interval in STEP_SECONDS:
         step = STEP_SECONDS[interval]
-        start = datetime.fromtimestamp(int(timestamp.timestamp()) // step * step, tz=timezone.utc)
+        start = datetime.fromtimestamp(int(timestamp.timestamp()) // step * step, tz=UTC)
         return start, start + timedelta(seconds=step)
-    zone = DAY_ZONES.get(exchange, timezone.utc)
+    zone = DAY_ZONES.get(exchange, UTC)
     local = timestamp.astimezone(zone)
     day = datetime(local.year, local.month, local.day, tzinfo=zone)
-    return day.astimezone(timezone.utc), (day + timedelta(days=1)).astimezone(timezone.utc)
+    return day.astimezone(UTC), (day + timedelta(days=1)).astimezone(UTC)
 
 
 def independent_bars(trades: list[dict]) -> dict[tuple, dict]:
@@ -48,17 +65,35 @@ def independent_bars(trades: list[dict]) -> dict[tuple, dict]:
 
     Trades are ordered by time, then source sequence (missing last), then message id.
     """
-    ordered = sorted(trades, key=lambda t: (t["timestamp"], t["source_sequence"] is None, t["source_sequence"] or 0,
-                                            t["platform_sequence"] is None, t["platform_sequence"] or 0,
-                                            t["message_id"]))
+    ordered = sorted(
+        trades,
+        key=lambda t: (
+            t["timestamp"],
+            t["source_sequence"] is None,
+            t["source_sequence"] or 0,
+            t["platform_sequence"] is None,
+            t["platform_sequence"] or 0,
+            t["message_id"],
+        ),
+    )
     bars: dict[tuple, dict] = {}
     for trade in ordered:
         price, quantity = Decimal(trade["price"]), Decimal(trade["quantity"])
         for interval in ("1m", "5m", "1h", "1d"):
             start, end = _bucket(trade["timestamp"], trade["exchange"], interval)
-            bar = bars.setdefault((interval, trade["symbol"], start), {
-                "bucket_end": end, "open": price, "high": price, "low": price, "volume": Decimal(0),
-                "notional": Decimal(0), "trade_count": 0, "first_trade_at": trade["timestamp"]})
+            bar = bars.setdefault(
+                (interval, trade["symbol"], start),
+                {
+                    "bucket_end": end,
+                    "open": price,
+                    "high": price,
+                    "low": price,
+                    "volume": Decimal(0),
+                    "notional": Decimal(0),
+                    "trade_count": 0,
+                    "first_trade_at": trade["timestamp"],
+                },
+            )
             bar["high"], bar["low"], bar["close"] = max(bar["high"], price), min(bar["low"], price), price
             bar["volume"] += quantity
             bar["notional"] += price * quantity
@@ -76,8 +111,17 @@ def assert_bars_match_trades(stored: pl.DataFrame, trades: list[dict]) -> None:
     assert got.keys() == expected.keys()
     for key, want in expected.items():
         have = got[key]
-        for name in ("bucket_end", "open", "high", "low", "close", "volume", "trade_count", "first_trade_at",
-                     "last_trade_at"):
+        for name in (
+            "bucket_end",
+            "open",
+            "high",
+            "low",
+            "close",
+            "volume",
+            "trade_count",
+            "first_trade_at",
+            "last_trade_at",
+        ):
             assert have[name] == want[name], (key, name, have[name], want[name])
         for name in ("notional", "vwap"):
             assert abs(have[name] - want[name]) < Decimal("1e-8"), (key, name, have[name], want[name])
@@ -85,8 +129,12 @@ def assert_bars_match_trades(stored: pl.DataFrame, trades: list[dict]) -> None:
 
 def stored_bars(iceberg: IcebergResource, exchange: str) -> pl.DataFrame:
     rows = ohlcv_table(iceberg.catalog()).scan().to_arrow()
-    return pl.from_arrow(rows).filter(pl.col("exchange") == exchange).select(COMPARED).sort(
-        "interval", "symbol", "bucket_start")
+    return (
+        pl.from_arrow(rows)
+        .filter(pl.col("exchange") == exchange)
+        .select(COMPARED)
+        .sort("interval", "symbol", "bucket_start")
+    )
 
 
 def test_asx_bars_of_a_trading_day_replace_and_pass_their_checks(k2_home):
@@ -99,8 +147,7 @@ def test_asx_bars_of_a_trading_day_replace_and_pass_their_checks(k2_home):
         result = materialize([asx_ohlcv], partition_key="2014-03-11", resources=resources)
         assert result.success
         checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-        assert set(checks) == {"high_at_least_open_and_close", "low_at_most_open_and_close",
-                               "volumes_add_up_to_trades"}
+        assert set(checks) == {"high_at_least_open_and_close", "low_at_most_open_and_close", "volumes_add_up_to_trades"}
         assert all(check.passed for check in checks.values()), {n: c.metadata for n, c in checks.items()}
 
     start, end = exchange_day_bounds("ASX", "2014-03-11")
@@ -132,8 +179,9 @@ def test_binance_bars_follow_micro_batches_incrementally_and_exactly(k2_home, ka
             assert result.success
             checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
             assert all(check.passed for check in checks.values()), {n: c.metadata for n, c in checks.items()}
-            metadata = instance.get_latest_materialization_event(AssetKey("binance_ohlcv")) \
-                .asset_materialization.metadata
+            metadata = instance.get_latest_materialization_event(
+                AssetKey("binance_ohlcv")
+            ).asset_materialization.metadata
             assert metadata["how"].value.startswith("appended since" if index else "full recompute")
 
             held = iceberg.trades().scan().to_arrow().to_pylist()
@@ -151,10 +199,29 @@ def test_k2_query_ohlcv_prints_the_stored_bars(k2_home, capsys):
 
     iceberg = IcebergResource()
     iceberg.trades().append(asx_trades(scale=1))
-    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg, "analytics": IN_PROCESS}).success
+    assert materialize(
+        [asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg, "analytics": IN_PROCESS}
+    ).success
     start, end = exchange_day_bounds("ASX", "2014-03-12")
-    assert main(["query", "ohlcv", "--symbol", "RIO", "--interval", "1h", "--start", start.isoformat(),
-                 "--end", end.isoformat(), "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "ohlcv",
+                "--symbol",
+                "RIO",
+                "--interval",
+                "1h",
+                "--start",
+                start.isoformat(),
+                "--end",
+                end.isoformat(),
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     import json
 
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -175,7 +242,9 @@ def test_k2_query_sql_reads_market_ohlcv(k2_home, capsys):
 
     iceberg = IcebergResource()
     iceberg.trades().append(asx_trades(scale=1))
-    assert materialize([asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg, "analytics": IN_PROCESS}).success
+    assert materialize(
+        [asx_ohlcv], partition_key="2014-03-12", resources={"iceberg": iceberg, "analytics": IN_PROCESS}
+    ).success
     assert main(["query", "sql", sql, "--format", "json"]) == 0
     daily = stored_bars(iceberg, "ASX").filter(pl.col("interval") == "1d")
     assert daily.height > 1

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -68,8 +68,8 @@ def _counts_per_day(table: str) -> dict[str, dict[str, int]]:
     for day in DAYS:
         start, end = local_day_bounds_utc(day)
         rows = query.query(
-            f"select symbol, count(*) as n from {table} where exchange = ? and \"timestamp\" >= ? "
-            "and \"timestamp\" < ? group by 1 order by 1",
+            f'select symbol, count(*) as n from {table} where exchange = ? and "timestamp" >= ? '
+            'and "timestamp" < ? group by 1 order by 1',
             ["ASX", start, end],
         ).to_pylist()
         counts[day] = {r["symbol"]: r["n"] for r in rows}
@@ -82,7 +82,10 @@ def _k2_query_csv(sql: str) -> list[list[str]]:
     # and so keeps writing to whichever stdout the first caller had.
     done = subprocess.run(
         [sys.executable, "-m", "k2_assets.cli", "query", "sql", sql, "--format", "csv"],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
     )
     assert done.returncode == 0, done.stderr
     return [line.split(",") for line in done.stdout.strip().splitlines()]
@@ -109,10 +112,13 @@ def test_five_days_load_exactly_and_rematerialising_a_day_replaces_it(k2_home: P
 
     # 05:43 on 11 March in Sydney is 18:43 on 10 March UTC: the day's first quote sits in the
     # UTC partition it shares with 10 March's trading, so replacing 11 March must not touch 10 March.
-    first_quote = DuckDBQueryResource().query(
-        "select min(\"timestamp\") as t from market.quotes where quote_id like ?", ["ASX-%-20140311-%"]
-    ).column("t")[0].as_py()
-    assert first_quote.astimezone(timezone.utc).date() == datetime(2014, 3, 10).date()
+    first_quote = (
+        DuckDBQueryResource()
+        .query('select min("timestamp") as t from market.quotes where quote_id like ?', ["ASX-%-20140311-%"])
+        .column("t")[0]
+        .as_py()
+    )
+    assert first_quote.astimezone(UTC).date() == datetime(2014, 3, 10).date()
 
     trades = IcebergResource().trades()
     snapshot_before = trades.current_snapshot().snapshot_id
@@ -142,18 +148,30 @@ def test_a_malformed_row_is_a_dead_letter_and_the_rest_of_the_day_loads(k2_home:
     letters = IcebergResource().dead_letters().scan(row_filter=EqualTo("partition_key", "2014-03-12")).to_arrow()
     got = sorted((r["line_number"], r["raw"], r["reason"], r["source"], r["file"]) for r in letters.to_pylist())
     assert got == [
-        (first_of_day + 2, bad[0].decode(), "price 'abc' is not a decimal with up to 10 integer and 8 fractional digits",
-         "asx_trades", str(bhp)),
-        (first_of_day + 3, bad[1].decode(),
-         "expected 7 comma-separated fields (date,time,price,volume,qualifier,venue,field_7), found 3",
-         "asx_trades", str(bhp)),
+        (
+            first_of_day + 2,
+            bad[0].decode(),
+            "price 'abc' is not a decimal with up to 10 integer and 8 fractional digits",
+            "asx_trades",
+            str(bhp),
+        ),
+        (
+            first_of_day + 3,
+            bad[1].decode(),
+            "expected 7 comma-separated fields (date,time,price,volume,qualifier,venue,field_7), found 3",
+            "asx_trades",
+            str(bhp),
+        ),
     ]
     assert _counts_per_day("market.trades")["2014-03-12"] == TRADES_PER_DAY["2014-03-12"]
 
     # Fixing the file and re-materialising the day replaces its dead letters too.
     shutil.copyfile(default_data_dir() / "trades" / "7078.csv", bhp)
     _materialise(instance, "2014-03-12", [asx_raw_trades, asx_trades], data_dir)
-    assert IcebergResource().dead_letters().scan(row_filter=EqualTo("partition_key", "2014-03-12")).to_arrow().num_rows == 0
+    assert (
+        IcebergResource().dead_letters().scan(row_filter=EqualTo("partition_key", "2014-03-12")).to_arrow().num_rows
+        == 0
+    )
     assert _counts_per_day("market.trades")["2014-03-12"] == TRADES_PER_DAY["2014-03-12"]
 
 
@@ -170,13 +188,22 @@ def test_days_written_at_the_same_time_by_separate_processes_all_land_once(k2_ho
     )
     days = DAYS + ["2014-03-11"]
     workers = [
-        subprocess.Popen([sys.executable, "-c", script, day], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=dict(os.environ))
+        subprocess.Popen(
+            [sys.executable, "-c", script, day],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
         for day in days
     ]
     outputs = [worker.communicate(timeout=600) for worker in workers]
     assert [w.returncode for w in workers] == [0] * len(days), [err[-2000:] for _, err in outputs]
     assert [int(out) for out, _ in outputs] == [sum(TRADES_PER_DAY[day].values()) for day in days]
     assert _counts_per_day("market.trades") == TRADES_PER_DAY
-    ids = DuckDBQueryResource().query("select count(*) as n, count(distinct trade_id) as d from market.trades").to_pylist()
+    ids = (
+        DuckDBQueryResource()
+        .query("select count(*) as n, count(distinct trade_id) as d from market.trades")
+        .to_pylist()
+    )
     assert ids == [{"n": 200545, "d": 200545}]

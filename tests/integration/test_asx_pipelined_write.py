@@ -39,7 +39,16 @@ from k2_resources.tables import TRADES
 from tests.support.asx_generator import write_asx_trades_day
 
 _ORDER = [("symbol", "ascending"), ("timestamp", "ascending"), ("source_sequence", "ascending")]
-_COMPARED = ["message_id", "trade_id", "symbol", "timestamp", "price", "quantity", "source_sequence", "trade_conditions"]
+_COMPARED = [
+    "message_id",
+    "trade_id",
+    "symbol",
+    "timestamp",
+    "price",
+    "quantity",
+    "source_sequence",
+    "trade_conditions",
+]
 
 
 def _table_rows(iceberg: IcebergResource, day: str) -> pa.Table:
@@ -68,11 +77,15 @@ def test_the_table_holds_the_line_by_line_rows(k2_home: Path, tmp_path: Path) ->
     iceberg = IcebergResource()
     result = ingest_day(generated.data_dir, iceberg, "trades", day)
     expected = normalise_trades(read_raw_day(generated.data_dir, "trades", day), day)
-    assert (result.valid, result.rejected) == (expected.valid, expected.rejected) == (
-        generated.rows - generated.malformed, generated.malformed)
+    assert (
+        (result.valid, result.rejected)
+        == (expected.valid, expected.rejected)
+        == (generated.rows - generated.malformed, generated.malformed)
+    )
     _assert_same_rows(_table_rows(iceberg, day), expected.rows)
     assert result.rows_per_symbol == {symbol: count for symbol, count in generated.rows_per_symbol.items() if count} | {
-        "BHP": generated.rows_per_symbol["BHP"] - generated.malformed}
+        "BHP": generated.rows_per_symbol["BHP"] - generated.malformed
+    }
     symbol_id = iceberg.trades().schema().find_field("symbol").field_id
     files = [task.file for task in iceberg.trades().scan().plan_files()]
     # One symbol per data file (the file it was read from), with the bounds and counts readers prune by.
@@ -105,8 +118,9 @@ def test_files_written_for_an_older_schema_are_not_committed(k2_home: Path, tmp_
     iceberg = IcebergResource()
     table = iceberg.trades()
     written_for = table.metadata
-    tasks = _file_write_tasks(written_for, in_table_schema(rows, written_for.schema().as_arrow()), uuid.uuid4(),
-                              iter(range(1_000)))
+    tasks = _file_write_tasks(
+        written_for, in_table_schema(rows, written_for.schema().as_arrow()), uuid.uuid4(), iter(range(1_000))
+    )
     assert tasks
     data_files = [_data_file_writer(table.io, written_for)(task) for task in tasks]
     with table.update_schema() as update:
@@ -131,14 +145,20 @@ def test_data_file_metrics_are_pyicebergs(k2_home: Path, tmp_path: Path) -> None
     table = IcebergResource().trades()
     metadata = table.metadata
     rows = in_table_schema(rows, metadata.schema().as_arrow())
-    ours = [_data_file_writer(table.io, metadata)(task)
-            for task in _file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))]
-    theirs = list(write_file(table.io, metadata, iter(_file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100))))))
+    ours = [
+        _data_file_writer(table.io, metadata)(task)
+        for task in _file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))
+    ]
+    theirs = list(
+        write_file(table.io, metadata, iter(_file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))))
+    )
     assert len(ours) == len(theirs) >= 1
     schema = metadata.schema()
-    collection_ids = {schema.find_field(f"{name}.{leaf}").field_id
-                      for name, leaves in (("trade_conditions", ("element",)), ("vendor_data", ("key", "value")))
-                      for leaf in leaves}
+    collection_ids = {
+        schema.find_field(f"{name}.{leaf}").field_id
+        for name, leaves in (("trade_conditions", ("element",)), ("vendor_data", ("key", "value")))
+        for leaf in leaves
+    }
     for mine, reference in zip(ours, theirs):
         assert mine.record_count == reference.record_count
         assert mine.value_counts == reference.value_counts
@@ -150,25 +170,37 @@ def test_data_file_metrics_are_pyicebergs(k2_home: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("mode", [None, "full", "truncate(2)", "counts", "none"])
-def test_a_column_of_one_value_has_pyicebergs_metrics_without_parquet_statistics(k2_home: Path, tmp_path: Path,
-                                                                                 mode: str | None) -> None:
+def test_a_column_of_one_value_has_pyicebergs_metrics_without_parquet_statistics(
+    k2_home: Path, tmp_path: Path, mode: str | None
+) -> None:
     """The writer takes the bounds of a dictionary column of one value (a file's symbol, the
     currency) from that value instead of Parquet statistics, under any metrics mode."""
     generated = write_asx_trades_day(tmp_path / "asx", rows=3_000, malformed=0)
-    encoded = min((file_day for file_day in trade_file_days(generated.data_dir, generated.day.isoformat())
-                   if file_day.rows.num_rows), key=lambda file_day: (file_day.path.name, file_day.first_line)).rows
+    encoded = min(
+        (
+            file_day
+            for file_day in trade_file_days(generated.data_dir, generated.day.isoformat())
+            if file_day.rows.num_rows
+        ),
+        key=lambda file_day: (file_day.path.name, file_day.first_line),
+    ).rows
     table = IcebergResource().trades()
     if mode:
         with table.transaction() as transaction:
-            transaction.set_properties({"write.metadata.metrics.column.symbol": mode,
-                                        "write.metadata.metrics.column.currency": mode})
+            transaction.set_properties(
+                {"write.metadata.metrics.column.symbol": mode, "write.metadata.metrics.column.currency": mode}
+            )
         table = IcebergResource().trades()
     metadata = table.metadata
     schema = metadata.schema().as_arrow()
-    ours = [_data_file_writer(table.io, metadata)(task)
-            for task in _file_write_tasks(metadata, in_table_schema(encoded, schema), uuid.uuid4(), iter(range(100)))]
+    ours = [
+        _data_file_writer(table.io, metadata)(task)
+        for task in _file_write_tasks(metadata, in_table_schema(encoded, schema), uuid.uuid4(), iter(range(100)))
+    ]
     decoded = in_table_schema(encoded.cast(TRADES.arrow_schema()), schema)
-    theirs = list(write_file(table.io, metadata, iter(_file_write_tasks(metadata, decoded, uuid.uuid4(), iter(range(100))))))
+    theirs = list(
+        write_file(table.io, metadata, iter(_file_write_tasks(metadata, decoded, uuid.uuid4(), iter(range(100)))))
+    )
     assert len(ours) == len(theirs) >= 1  # one per UTC day the rows fall in
     symbol_id = metadata.schema().find_field("symbol").field_id
     for mine, reference in zip(ours, theirs):
@@ -177,4 +209,6 @@ def test_a_column_of_one_value_has_pyicebergs_metrics_without_parquet_statistics
         assert (symbol_id in mine.lower_bounds) == (mode not in ("counts", "none"))
         parquet = pq.read_metadata(urlparse(mine.file_path).path)
         names = [parquet.row_group(0).column(index).path_in_schema for index in range(parquet.num_columns)]
-        assert not parquet.row_group(0).column(names.index("symbol")).is_stats_set  # the value, not Parquet's statistics
+        assert (
+            not parquet.row_group(0).column(names.index("symbol")).is_stats_set
+        )  # the value, not Parquet's statistics

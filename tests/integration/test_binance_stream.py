@@ -72,8 +72,14 @@ def _assert_exactly_once(kafka: KafkaResource, topic: str, sent: ServerStats) ->
 def test_clean_run_puts_every_sent_trade_in_kafka_exactly_once(kafka_broker, topic_name):
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
     with RecordingServerThread(speed=None) as server:
-        stats = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
-                                backoff_initial_s=0.05, backoff_max_s=0.5)
+        stats = stream_to_kafka(
+            server.stream_url(SYMBOLS),
+            topic_name,
+            kafka,
+            dlq_topic=dead_letter_topic(topic_name),
+            backoff_initial_s=0.05,
+            backoff_max_s=0.5,
+        )
         sent = server.stats()
 
     assert sent.finished and stats.ended_by == "end_of_recording"
@@ -91,10 +97,17 @@ def test_clean_run_puts_every_sent_trade_in_kafka_exactly_once(kafka_broker, top
 
 def test_forced_disconnects_and_repeats_leave_each_trade_once(kafka_broker, topic_name):
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
-    with RecordingServerThread(speed=None, resume_overlap=5, drop_after=4_000, max_drops=5,
-                            repeat_every=500, repeat_count=3) as server:
-        stats = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
-                                backoff_initial_s=0.01, backoff_max_s=0.1)
+    with RecordingServerThread(
+        speed=None, resume_overlap=5, drop_after=4_000, max_drops=5, repeat_every=500, repeat_count=3
+    ) as server:
+        stats = stream_to_kafka(
+            server.stream_url(SYMBOLS),
+            topic_name,
+            kafka,
+            dlq_topic=dead_letter_topic(topic_name),
+            backoff_initial_s=0.01,
+            backoff_max_s=0.1,
+        )
         sent = server.stats()
 
     assert sent.finished and sent.drops == 5 and sent.repeated_frames > 0
@@ -113,9 +126,19 @@ def test_drop_on_request_and_proactive_rotation_lose_nothing(kafka_broker, topic
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
     result = {}
     with RecordingServerThread(speed=200, limit=3_000) as server:
-        worker = threading.Thread(target=lambda: result.update(stats=stream_to_kafka(
-            server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
-            backoff_initial_s=0.01, backoff_max_s=0.1, max_connection_age_s=0.4)))
+        worker = threading.Thread(
+            target=lambda: result.update(
+                stats=stream_to_kafka(
+                    server.stream_url(SYMBOLS),
+                    topic_name,
+                    kafka,
+                    dlq_topic=dead_letter_topic(topic_name),
+                    backoff_initial_s=0.01,
+                    backoff_max_s=0.1,
+                    max_connection_age_s=0.4,
+                )
+            )
+        )
         worker.start()
         deadline = time.monotonic() + 30
         while server.stats().trade_frames < 1_000:
@@ -171,8 +194,9 @@ def test_a_restarted_streamer_recognises_what_its_previous_run_produced(kafka_br
         server.set_faults(drop_after=2_000, max_drops=1)  # the first run stops after 2,000 trades
         first = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dlq, max_messages=2_000)
         server.reset()  # the source forgets where the client stopped: it sends everything again
-        second = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dlq,
-                                 backoff_initial_s=0.01, backoff_max_s=0.1)
+        second = stream_to_kafka(
+            server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dlq, backoff_initial_s=0.01, backoff_max_s=0.1
+        )
         sent = server.stats()
     assert first.produced == 2_000 and first.seeded == 0
     assert second.seeded == 2_000
@@ -201,9 +225,21 @@ def test_metrics_endpoint_serves_the_counters(kafka_broker, topic_name):
     metrics = StreamMetrics()
     result = {}
     with RecordingServerThread(speed=None, loop=True) as server:
-        worker = threading.Thread(target=lambda: result.update(stats=stream_to_kafka(
-            server.stream_url(SYMBOLS), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name), stop_event=stop,
-            metrics_port=port, metrics=metrics, backoff_initial_s=0.01, backoff_max_s=0.1)))
+        worker = threading.Thread(
+            target=lambda: result.update(
+                stats=stream_to_kafka(
+                    server.stream_url(SYMBOLS),
+                    topic_name,
+                    kafka,
+                    dlq_topic=dead_letter_topic(topic_name),
+                    stop_event=stop,
+                    metrics_port=port,
+                    metrics=metrics,
+                    backoff_initial_s=0.01,
+                    backoff_max_s=0.1,
+                )
+            )
+        )
         worker.start()
 
         def wait_for(metric: str, at_least: float) -> dict[str, float]:
@@ -237,8 +273,9 @@ def test_metrics_endpoint_serves_the_counters(kafka_broker, topic_name):
     produced = sum(registry.get_sample_value("k2_binance_trades_produced_total", {"symbol": s}) or 0 for s in SYMBOLS)
     assert produced == stats.produced > 5_000
     assert registry.get_sample_value("k2_binance_reconnects_total") == stats.reconnects >= 1
-    duplicates = sum(registry.get_sample_value("k2_binance_duplicates_dropped_total", {"symbol": s}) or 0
-                     for s in SYMBOLS)
+    duplicates = sum(
+        registry.get_sample_value("k2_binance_duplicates_dropped_total", {"symbol": s}) or 0 for s in SYMBOLS
+    )
     assert duplicates == stats.duplicates
     assert registry.get_sample_value("k2_binance_event_to_produce_seconds_count") == stats.produced
     with pytest.raises(OSError):
@@ -252,8 +289,14 @@ def test_quiet_stream_keeps_its_connection_by_answering_pings_and_ends_on_idle_t
     kafka = KafkaResource(bootstrap_servers=kafka_broker.bootstrap_servers)
     with RecordingServerThread(speed=None, ping_interval=0.5, ping_timeout=2.0) as server:
         started = time.monotonic()
-        stats = stream_to_kafka(server.stream_url(["BNBUSDT"]), topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
-                                idle_timeout_s=4.0, backoff_initial_s=0.01)
+        stats = stream_to_kafka(
+            server.stream_url(["BNBUSDT"]),
+            topic_name,
+            kafka,
+            dlq_topic=dead_letter_topic(topic_name),
+            idle_timeout_s=4.0,
+            backoff_initial_s=0.01,
+        )
         elapsed = time.monotonic() - started
         sent = server.stats()
     assert stats.ended_by == "idle" and stats.received == 0 and stats.produced == 0
@@ -262,15 +305,36 @@ def test_quiet_stream_keeps_its_connection_by_answering_pings_and_ends_on_idle_t
 
 
 def _k2(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "k2_assets.cli", *args], env=env, cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "k2_assets.cli", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_k2_stream_binance_falls_back_to_the_recording_in_one_line(kafka_broker, topic_name, k2_home):
     env = dict(os.environ, K2_KAFKA_BOOTSTRAP=kafka_broker.bootstrap_servers)
     unreachable = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
-    done = _k2("stream", "binance", "--url", unreachable, "--max-messages", "500", "--speed", "0",
-               "--metrics-port", "0", "--topic", topic_name, "--dlq-topic", dead_letter_topic(topic_name), env=env)
+    done = _k2(
+        "stream",
+        "binance",
+        "--url",
+        unreachable,
+        "--max-messages",
+        "500",
+        "--speed",
+        "0",
+        "--metrics-port",
+        "0",
+        "--topic",
+        topic_name,
+        "--dlq-topic",
+        dead_letter_topic(topic_name),
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2, done.stdout
@@ -286,19 +350,33 @@ def test_k2_stream_binance_falls_back_to_the_recording_in_one_line(kafka_broker,
 
 def test_k2_binance_server_serves_the_combined_stream(k2_home):
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "binance-server", "--port", str(port),
-                               "--once", "--speed", "0"], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "k2_assets.cli", "binance-server", "--port", str(port), "--once", "--speed", "0"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         banner = server.stdout.readline()
         assert f"ws://127.0.0.1:{port}/stream?streams=" in banner
-        with sync_connect(f"ws://127.0.0.1:{port}/stream?streams=ethusdt@trade", max_queue=None,
-                          close_timeout=1) as connection:
+        with sync_connect(
+            f"ws://127.0.0.1:{port}/stream?streams=ethusdt@trade", max_queue=None, close_timeout=1
+        ) as connection:
             frames = [json.loads(connection.recv(timeout=10)) for _ in range(3)]
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert [frame["stream"] for frame in frames] == ["ethusdt@trade"] * 3
     first = frames[0]["data"]
-    assert first == {"e": "trade", "E": 1723161255611, "s": "ETHUSDT", "t": 1520538925, "p": "2683.80000000",
-                     "q": "0.00200000", "T": 1723161255611, "m": True, "M": True}
+    assert first == {
+        "e": "trade",
+        "E": 1723161255611,
+        "s": "ETHUSDT",
+        "t": 1520538925,
+        "p": "2683.80000000",
+        "q": "0.00200000",
+        "T": 1723161255611,
+        "m": True,
+        "M": True,
+    }
     assert [frame["data"]["t"] for frame in frames] == [1520538925, 1520538926, 1520538927]

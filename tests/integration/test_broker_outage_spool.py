@@ -36,7 +36,9 @@ def _tape() -> list:
     trades = [t for t in load_recorded_trades() if t.time_ms >= RECORDING_2024_MS][: BEFORE_OUTAGE + DURING_OUTAGE]
     assert {t.symbol for t in trades} == {"BTCUSDT", "ETHUSDT"}
     start = trades[0].time_ms
-    return [replace(trade, time_ms=start + i + (PAUSE_MS if i >= BEFORE_OUTAGE else 0)) for i, trade in enumerate(trades)]
+    return [
+        replace(trade, time_ms=start + i + (PAUSE_MS if i >= BEFORE_OUTAGE else 0)) for i, trade in enumerate(trades)
+    ]
 
 
 def _read_all(kafka: KafkaResource, topic: str) -> list:
@@ -46,9 +48,15 @@ def _read_all(kafka: KafkaResource, topic: str) -> list:
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     records: list = []
-    wait_for(lambda: records.extend(r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
-             or all(consumer.position(tp) >= ends[tp.partition] for tp in partitions),
-             timeout_s=60, what=f"reading {topic} to its end offsets {ends}", interval_s=0)
+    wait_for(
+        lambda: (
+            records.extend(r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
+            or all(consumer.position(tp) >= ends[tp.partition] for tp in partitions)
+        ),
+        timeout_s=60,
+        what=f"reading {topic} to its end offsets {ends}",
+        interval_s=0,
+    )
     consumer.close()
     return records
 
@@ -68,9 +76,17 @@ def test_frames_sent_while_kafka_is_down_are_spooled_and_land_once_in_order(tmp_
     outcome: dict[str, object] = {}
     try:
         with RecordingServerThread(speed=1.0, trades=_tape(), max_pause_ms=PAUSE_MS, resume_overlap=0) as server:
-            config = StreamerConfig(url=server.base_url, symbols=("BTCUSDT", "ETHUSDT"), topic=topic,
-                                    dlq_topic=dead_letter_topic(topic), metrics_port=None, backoff_initial_s=0.05,
-                                    backoff_max_s=0.5, max_buffered=WINDOW, close_timeout_s=300)
+            config = StreamerConfig(
+                url=server.base_url,
+                symbols=("BTCUSDT", "ETHUSDT"),
+                topic=topic,
+                dlq_topic=dead_letter_topic(topic),
+                metrics_port=None,
+                backoff_initial_s=0.05,
+                backoff_max_s=0.5,
+                max_buffered=WINDOW,
+                close_timeout_s=300,
+            )
 
             def stream() -> None:
                 try:
@@ -80,10 +96,16 @@ def test_frames_sent_while_kafka_is_down_are_spooled_and_land_once_in_order(tmp_
 
             streamer = threading.Thread(target=stream, name="streamer", daemon=True)
             streamer.start()
-            wait_for(lambda: sum(kafka.end_offsets(topic).values()) == BEFORE_OUTAGE, timeout_s=120,
-                     what=f"the first {BEFORE_OUTAGE} frames in Kafka")
-            wait_for(lambda: _metric(metrics, "k2_binance_buffered_frames") == 0, timeout_s=30,
-                     what="the first frames acknowledged")
+            wait_for(
+                lambda: sum(kafka.end_offsets(topic).values()) == BEFORE_OUTAGE,
+                timeout_s=120,
+                what=f"the first {BEFORE_OUTAGE} frames in Kafka",
+            )
+            wait_for(
+                lambda: _metric(metrics, "k2_binance_buffered_frames") == 0,
+                timeout_s=30,
+                what="the first frames acknowledged",
+            )
 
             broker.stop()
             assert not broker.is_ready(timeout_s=1)
@@ -91,8 +113,11 @@ def test_frames_sent_while_kafka_is_down_are_spooled_and_land_once_in_order(tmp_
             server.drop_connections()  # the client reconnects and resumes right after the first frames
             wait_for(lambda: server.stats().finished, timeout_s=120, what="the server to send every frame")
             spool = k2_home / "spool" / topic
-            wait_for(lambda: _metric(metrics, "k2_binance_spooled_frames_total", {"topic": topic})
-                     == DURING_OUTAGE - WINDOW, timeout_s=60, what="the frames past the window to be spooled")
+            wait_for(
+                lambda: _metric(metrics, "k2_binance_spooled_frames_total", {"topic": topic}) == DURING_OUTAGE - WINDOW,
+                timeout_s=60,
+                what="the frames past the window to be spooled",
+            )
             # Bounded: exactly the window waits in memory, everything else is on disk, nothing is dropped.
             assert _metric(metrics, "k2_binance_buffered_frames") == WINDOW
             assert _metric(metrics, "k2_binance_spool_pending_frames") == DURING_OUTAGE - WINDOW
@@ -109,8 +134,12 @@ def test_frames_sent_while_kafka_is_down_are_spooled_and_land_once_in_order(tmp_
         total = BEFORE_OUTAGE + DURING_OUTAGE
         assert stats.ended_by == "end_of_recording"
         assert (stats.received, stats.produced, stats.duplicates, stats.dead_lettered) == (total, total, 0, 0)
-        assert (stats.spooled, stats.replayed, stats.undelivered, stats.produce_errors) == \
-               (DURING_OUTAGE - WINDOW, DURING_OUTAGE - WINDOW, 0, 0)
+        assert (stats.spooled, stats.replayed, stats.undelivered, stats.produce_errors) == (
+            DURING_OUTAGE - WINDOW,
+            DURING_OUTAGE - WINDOW,
+            0,
+            0,
+        )
         assert list(spool.glob("*")) == []  # segments deleted once Kafka acknowledged them
 
         records = _read_all(kafka, topic)
@@ -120,8 +149,11 @@ def test_frames_sent_while_kafka_is_down_are_spooled_and_land_once_in_order(tmp_
         assert set(keys) == {(symbol, i) for symbol, ids in sent.trade_ids.items() for i in ids}
         # in order per symbol: each symbol is one partition, and its offsets follow its trade ids
         for symbol in ("BTCUSDT", "ETHUSDT"):
-            mine = sorted(((r.partition, r.offset), t["source_sequence"]) for r, t in zip(records, trades)
-                          if t["symbol"] == symbol)
+            mine = sorted(
+                ((r.partition, r.offset), t["source_sequence"])
+                for r, t in zip(records, trades)
+                if t["symbol"] == symbol
+            )
             assert len({partition for (partition, _), _ in mine}) == 1
             ids = [trade_id for _, trade_id in mine]
             assert ids == sorted(ids), f"{symbol} is out of order in Kafka"

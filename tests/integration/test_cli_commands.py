@@ -28,8 +28,13 @@ def k2(*args: str, home: Path, timeout_s: float = 300, **env: str) -> subprocess
     """`python -m k2_assets.cli ARGS` on ``home`` (no inherited broker or Dagster home)."""
     environment = {k: v for k, v in os.environ.items() if k not in ("K2_KAFKA_BOOTSTRAP", "DAGSTER_HOME")}
     environment.update(K2_HOME=str(home), **env)
-    return subprocess.run([sys.executable, "-m", "k2_assets.cli", *args], env=environment, capture_output=True,
-                          text=True, timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-m", "k2_assets.cli", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 @pytest.mark.timeout(600)
@@ -58,8 +63,9 @@ def test_k2_kafka_start_status_stop_on_a_fresh_home(tmp_path):
     assert after.returncode == 3 and after.stdout.startswith("stopped")
 
 
-def test_k2_offsets_show_prints_the_topics_offsets_next_to_the_committed_ones(k2_home, kafka_broker, topic_name,
-                                                                              capsys):
+def test_k2_offsets_show_prints_the_topics_offsets_next_to_the_committed_ones(
+    k2_home, kafka_broker, topic_name, capsys
+):
     from k2_assets.cli import main
 
     kafka, iceberg = KafkaResource(), IcebergResource()
@@ -71,8 +77,10 @@ def test_k2_offsets_show_prints_the_topics_offsets_next_to_the_committed_ones(k2
     assert main(["offsets", "show", "--topic", topic_name]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["topic"] == topic_name
-    partitions = {p: {k: v[k] for k in ("earliest", "latest", "committed", "lag", "mismatch")}
-                  for p, v in shown["partitions"].items()}
+    partitions = {
+        p: {k: v[k] for k in ("earliest", "latest", "committed", "lag", "mismatch")}
+        for p, v in shown["partitions"].items()
+    }
     assert partitions == {
         "0": {"earliest": 0, "latest": 100, "committed": 100, "lag": 0, "mismatch": False},
         "1": {"earliest": 0, "latest": 100, "committed": 40, "lag": 60, "mismatch": False},
@@ -86,11 +94,13 @@ def test_k2_offsets_show_prints_the_topics_offsets_next_to_the_committed_ones(k2
 @pytest.mark.timeout(900)
 def test_k2_demo_degradation_goes_up_the_levels_and_back_losing_nothing(tmp_path):
     started = time.monotonic()
-    completed = k2("demo", "degradation", "--json", "--home", str(tmp_path / "demo"), home=tmp_path / "unused",
-                   timeout_s=840)
+    completed = k2(
+        "demo", "degradation", "--json", "--home", str(tmp_path / "demo"), home=tmp_path / "unused", timeout_s=840
+    )
     seconds = time.monotonic() - started
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
+
     def level(value: int | str) -> DegradationLevel:
         return DegradationLevel[value] if isinstance(value, str) else DegradationLevel(value)
 
@@ -98,4 +108,6 @@ def test_k2_demo_degradation_goes_up_the_levels_and_back_losing_nothing(tmp_path
     assert level(summary["final_level"]) == DegradationLevel.NORMAL
     assert summary["sent"] == summary["in_iceberg"] > 0
     assert len(summary["transitions"]) >= 4  # up at least to AGGRESSIVE and stepwise back down
-    print(f"\nk2 demo degradation: {seconds:.0f}s, {summary['sent']} trades, max level {level(summary['max_level']).name}")
+    print(
+        f"\nk2 demo degradation: {seconds:.0f}s, {summary['sent']} trades, max level {level(summary['max_level']).name}"
+    )

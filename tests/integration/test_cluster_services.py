@@ -8,7 +8,7 @@ environment variables only, as it would find a real cluster's.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,12 +19,12 @@ from pyiceberg.table.update import AddSnapshotUpdate
 
 from k2_assets.asx import asx_raw_trades, asx_trades
 from k2_resources.asx.source import AsxSourceResource
-from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.catalog_errors import CatalogUnavailableError, explaining_catalog_errors
+from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
-from k2_resources.sql_query import run_sql
 from k2_resources.operations.dagster_instance import POSTGRES_INSTANCE_CONFIG, prepare_instance
+from k2_resources.sql_query import run_sql
 from k2_resources.trades.hybrid import HybridQueryResource
 from k2_resources.trades.microbatch import commit_range
 from k2_resources.trades.offsets import OffsetRange, committed_offsets
@@ -33,8 +33,21 @@ from tests.support.synthetic import asx_trades as synthetic_asx_trades
 
 pytestmark = pytest.mark.integration
 
-FLAT_COLUMNS = ["message_id", "trade_id", "symbol", "exchange", "asset_class", "timestamp", "price", "quantity",
-                "currency", "side", "source_sequence", "ingestion_timestamp", "platform_sequence"]
+FLAT_COLUMNS = [
+    "message_id",
+    "trade_id",
+    "symbol",
+    "exchange",
+    "asset_class",
+    "timestamp",
+    "price",
+    "quantity",
+    "currency",
+    "side",
+    "source_sequence",
+    "ingestion_timestamp",
+    "platform_sequence",
+]
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
@@ -71,17 +84,22 @@ def test_asx_trades_written_through_the_rest_catalog_land_in_s3_and_read_back_eq
 
     # K2's own readers (the hybrid resource; ASX has no Kafka topic, so Iceberg alone answers): the
     # default polars path reads the S3 files with the catalog's endpoint and keys, pyiceberg's too.
-    start, end = datetime(2014, 3, 11, tzinfo=timezone.utc), datetime(2014, 3, 12, tzinfo=timezone.utc)
-    in_window = pc.and_(pc.and_(pc.equal(rows["symbol"], "BHP"), pc.greater_equal(rows["timestamp"], pa.scalar(start))),
-                        pc.less(rows["timestamp"], pa.scalar(end)))
+    start, end = datetime(2014, 3, 11, tzinfo=UTC), datetime(2014, 3, 12, tzinfo=UTC)
+    in_window = pc.and_(
+        pc.and_(pc.equal(rows["symbol"], "BHP"), pc.greater_equal(rows["timestamp"], pa.scalar(start))),
+        pc.less(rows["timestamp"], pa.scalar(end)),
+    )
     expected = _sorted(rows.filter(in_window))
     assert expected.num_rows > 0
     for read_path in ("polars", "pyiceberg", "planned", "duckdb"):
-        bhp = HybridQueryResource(iceberg=iceberg, read_path=read_path).trades(["BHP"], start, end, exchange="ASX",
-                                                                               arrow=True)
+        bhp = HybridQueryResource(iceberg=iceberg, read_path=read_path).trades(
+            ["BHP"], start, end, exchange="ASX", arrow=True
+        )
         assert _sorted(bhp).equals(expected), read_path
     # SQL (`k2 query sql`) reads the S3 files through DuckDB's httpfs with the store's keys.
-    columns, answer = run_sql("select count(*), count(distinct message_id) from market.trades where symbol = ?", ["BHP"])
+    columns, answer = run_sql(
+        "select count(*), count(distinct message_id) from market.trades where symbol = ?", ["BHP"]
+    )
     bhp_rows = pc.sum(pc.equal(rows["symbol"], "BHP")).as_py()
     assert answer == [(bhp_rows, bhp_rows)]
 
@@ -100,10 +118,12 @@ def _stop_at_the_catalog_commit(monkeypatch: pytest.MonkeyPatch, iceberg: Iceber
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("moment, named", [("before the data files", "K2_S3_ENDPOINT"),
-                                           ("at the catalog commit", "K2_ICEBERG_CATALOG_URI")])
+@pytest.mark.parametrize(
+    "moment, named", [("before the data files", "K2_S3_ENDPOINT"), ("at the catalog commit", "K2_ICEBERG_CATALOG_URI")]
+)
 def test_store_stopped_during_a_commit_is_named_and_the_retry_commits_exactly_once(
-        k2_home, object_store, monkeypatch, moment, named):
+    k2_home, object_store, monkeypatch, moment, named
+):
     _use(monkeypatch, object_store.env())
     drop_k2_tables(rest_catalog(object_store))
     iceberg = IcebergResource()
@@ -135,9 +155,16 @@ def test_store_stopped_during_a_commit_is_named_and_the_retry_commits_exactly_on
 
 def _asx_day(instance: DagsterInstance, day: str) -> None:
     iceberg = IcebergResource()  # the embedded SQLite catalog of this test's K2_HOME
-    result = materialize([asx_raw_trades, asx_trades], partition_key=day, instance=instance,
-                         resources={"asx_source": AsxSourceResource(), "iceberg": iceberg,
-                                    "duckdb": DuckDBQueryResource(iceberg=iceberg)})
+    result = materialize(
+        [asx_raw_trades, asx_trades],
+        partition_key=day,
+        instance=instance,
+        resources={
+            "asx_source": AsxSourceResource(),
+            "iceberg": iceberg,
+            "duckdb": DuckDBQueryResource(iceberg=iceberg),
+        },
+    )
     assert result.success
 
 

@@ -3,7 +3,7 @@ does not cover (a compressed topic) is still read exactly, through kafka-python.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -18,12 +18,24 @@ MESSAGES = 3_000
 
 
 def trade(sequence: int) -> dict:
-    moment = datetime(2024, 8, 9, tzinfo=timezone.utc) + timedelta(milliseconds=sequence)
-    return {"message_id": f"m{sequence}", "trade_id": f"BINANCE-{sequence}", "symbol": ("BTCUSDT", "ETHUSDT")[sequence % 2],
-            "exchange": "BINANCE", "asset_class": "crypto", "timestamp": moment,
-            "price": Decimal("64000.5") + Decimal(sequence) / 100, "quantity": Decimal("0.01"), "currency": "USDT",
-            "side": "BUY", "trade_conditions": [], "source_sequence": sequence, "ingestion_timestamp": moment,
-            "platform_sequence": None, "vendor_data": {"E": str(sequence), "m": "true"}}
+    moment = datetime(2024, 8, 9, tzinfo=UTC) + timedelta(milliseconds=sequence)
+    return {
+        "message_id": f"m{sequence}",
+        "trade_id": f"BINANCE-{sequence}",
+        "symbol": ("BTCUSDT", "ETHUSDT")[sequence % 2],
+        "exchange": "BINANCE",
+        "asset_class": "crypto",
+        "timestamp": moment,
+        "price": Decimal("64000.5") + Decimal(sequence) / 100,
+        "quantity": Decimal("0.01"),
+        "currency": "USDT",
+        "side": "BUY",
+        "trade_conditions": [],
+        "source_sequence": sequence,
+        "ingestion_timestamp": moment,
+        "platform_sequence": None,
+        "vendor_data": {"E": str(sequence), "m": "true"},
+    }
 
 
 def fill(kafka: KafkaResource, topic: str, **producer_config) -> None:
@@ -63,4 +75,3 @@ def test_a_compressed_topic_is_read_exactly_through_kafka_python(kafka_broker, t
     read = read_range(kafka, batch)
     assert read.rows.column("platform_sequence").to_pylist() == list(range(MESSAGES))
     assert read.rows.equals(kafka_python_read(kafka, batch).rows)
-

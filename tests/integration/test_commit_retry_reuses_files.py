@@ -5,7 +5,7 @@ Real Iceberg (SQLite catalog, file warehouse)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -19,13 +19,27 @@ SIZE = 30
 
 
 def rows(partition: int) -> list[dict]:
-    moment = datetime(2024, 8, 9, tzinfo=timezone.utc)
-    return [{"message_id": f"m{partition}-{offset}", "trade_id": f"BINANCE-{partition}-{offset}",
-             "symbol": ("BTCUSDT", "ETHUSDT")[partition], "exchange": "BINANCE", "asset_class": "crypto",
-             "timestamp": moment + timedelta(milliseconds=offset), "price": Decimal("61000.5"),
-             "quantity": Decimal("0.001"), "currency": "USDT", "side": "BUY", "trade_conditions": [],
-             "source_sequence": offset, "ingestion_timestamp": moment, "platform_sequence": offset,
-             "vendor_data": None} for offset in range(SIZE)]
+    moment = datetime(2024, 8, 9, tzinfo=UTC)
+    return [
+        {
+            "message_id": f"m{partition}-{offset}",
+            "trade_id": f"BINANCE-{partition}-{offset}",
+            "symbol": ("BTCUSDT", "ETHUSDT")[partition],
+            "exchange": "BINANCE",
+            "asset_class": "crypto",
+            "timestamp": moment + timedelta(milliseconds=offset),
+            "price": Decimal("61000.5"),
+            "quantity": Decimal("0.001"),
+            "currency": "USDT",
+            "side": "BUY",
+            "trade_conditions": [],
+            "source_sequence": offset,
+            "ingestion_timestamp": moment,
+            "platform_sequence": offset,
+            "vendor_data": None,
+        }
+        for offset in range(SIZE)
+    ]
 
 
 @pytest.mark.timeout(300)

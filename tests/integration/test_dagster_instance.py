@@ -41,8 +41,10 @@ def test_a_prepared_instance_has_one_schema_version_per_database_and_opens_in_ma
     assert report.created and not report.repaired
     for database in ("history/runs.db", "history/runs/index.db", "schedules/schedules.db"):
         assert len(_alembic_rows(home / database)) == 1, database
-    openers = [subprocess.Popen([sys.executable, "-c", OPEN_INSTANCE, str(home)], stderr=subprocess.PIPE, text=True)
-               for _ in range(4)]
+    openers = [
+        subprocess.Popen([sys.executable, "-c", OPEN_INSTANCE, str(home)], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     errors = [opener.communicate(timeout=300)[1] for opener in openers]
     assert [opener.returncode for opener in openers] == [0, 0, 0, 0], errors
     assert broken_databases(home) == {}

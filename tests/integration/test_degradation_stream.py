@@ -108,9 +108,12 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
             deadline = time.monotonic() + 600
             while True:
                 checks = step()
-                settled = (checks["degradation_level"]["metadata"]["level"] == "NORMAL"
-                           and checks["consumer_lag"]["metadata"]["lag_messages"] == 0
-                           and checks["deferred_backlog"]["passed"] and checks["spilled_backlog"]["passed"])
+                settled = (
+                    checks["degradation_level"]["metadata"]["level"] == "NORMAL"
+                    and checks["consumer_lag"]["metadata"]["lag_messages"] == 0
+                    and checks["deferred_backlog"]["passed"]
+                    and checks["spilled_backlog"]["passed"]
+                )
                 if settled:
                     break
                 assert time.monotonic() < deadline, f"did not settle; levels so far {levels}, last checks {checks}"
@@ -122,8 +125,9 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
             assert failing == {}
 
             # The level check went WARN, then ERROR, then passed (history from the instance, oldest first).
-            history = list(reversed(instance.event_log_storage.get_asset_check_execution_history(
-                LEVEL_CHECK, limit=10_000)))
+            history = list(
+                reversed(instance.event_log_storage.get_asset_check_execution_history(LEVEL_CHECK, limit=10_000))
+            )
             verdicts = [("PASS" if r.evaluation.passed else r.evaluation.severity.value) for r in history]
             first_warn = verdicts.index("WARN")
             first_error = verdicts.index("ERROR")
@@ -178,10 +182,22 @@ def test_hybrid_query_reads_deferred_and_spilled_ranges_from_kafka_until_recover
     records.sort(key=lambda r: (r["timestamp"], r["symbol"], r["source_sequence"]))
     produce(kafka, topic_name, records, partitions=1)
     shedder, spill = LoadShedder(tier1=["BTCUSDT"], tier2=[]), SpillStore()
-    graceful = run_microbatch(kafka, iceberg, OffsetRange(topic_name, 0, 0, 250), level=DegradationLevel.GRACEFUL,
-                              shedder=shedder, spill_store=spill)
-    spilled = run_microbatch(kafka, iceberg, OffsetRange(topic_name, 0, 250, 400), level=DegradationLevel.AGGRESSIVE,
-                             shedder=shedder, spill_store=spill)
+    graceful = run_microbatch(
+        kafka,
+        iceberg,
+        OffsetRange(topic_name, 0, 0, 250),
+        level=DegradationLevel.GRACEFUL,
+        shedder=shedder,
+        spill_store=spill,
+    )
+    spilled = run_microbatch(
+        kafka,
+        iceberg,
+        OffsetRange(topic_name, 0, 250, 400),
+        level=DegradationLevel.AGGRESSIVE,
+        shedder=shedder,
+        spill_store=spill,
+    )
     assert graceful.deferred > 0 and spilled.spilled == 150
     assert committed_offsets(iceberg.trades(), topic_name) == {0: 400}
     in_table = iceberg.trades().scan().to_arrow().num_rows

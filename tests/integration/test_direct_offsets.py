@@ -30,11 +30,14 @@ def test_direct_answers_equal_kafka_pythons_and_unknown_topics_fall_back(kafka_b
     try:
         assert direct.partitions(topic_name) == sorted(consumer.partitions_for_topic(topic_name)) == [0, 1, 2]
         tps = [TopicPartition(topic_name, p) for p in range(PARTITIONS)]
-        assert direct.end_offsets(topic_name, [0, 1, 2]) == {tp.partition: o for tp, o in consumer.end_offsets(tps).items()}
+        assert direct.end_offsets(topic_name, [0, 1, 2]) == {
+            tp.partition: o for tp, o in consumer.end_offsets(tps).items()
+        }
         for moment in (0, BASE_MS + 14_500, BASE_MS + 29_000, BASE_MS + 60_000):
             expected = consumer.offsets_for_times({tp: moment for tp in tps})
             assert direct.offsets_for_time(topic_name, [0, 1, 2], moment) == {
-                tp.partition: None if hit is None else hit.offset for tp, hit in expected.items()}
+                tp.partition: None if hit is None else hit.offset for tp, hit in expected.items()
+            }
         # BASE_MS + 14.5 s: index 15.. -> partition 0 from index 15 (offset 5), 1 from 16 (5), 2 from 17 (5)
         assert direct.offsets_for_time(topic_name, [0, 1, 2], BASE_MS + 14_500) == {0: 5, 1: 5, 2: 5}
         assert direct.offsets_for_time(topic_name, [1], BASE_MS + 60_000) == {1: None}  # nothing that late

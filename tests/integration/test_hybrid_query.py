@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -160,7 +160,7 @@ def test_as_of_reads_time_travel_only(split):
     assert _ids(frame) == source.expected(None, None, None, below=held)
     assert hybrid.last_stats.kafka_rows == 0
 
-    at_time = datetime.fromtimestamp(snapshots[-1].timestamp_ms / 1000, tz=timezone.utc)
+    at_time = datetime.fromtimestamp(snapshots[-1].timestamp_ms / 1000, tz=UTC)
     everything_committed = hybrid.trades(["ETHUSDT"], as_of=at_time)
     assert _ids(everything_committed) == source.expected(["ETHUSDT"], None, None, below=boundary)
 
@@ -190,8 +190,24 @@ def test_k2_query_trades_prints_the_hybrid_result(split, capsys):
 
     source, hybrid, boundary, ends = split
     last = source.rows[-1]["timestamp"]
-    code = main(["query", "trades", "--symbol", "BTCUSDT", "--topic", hybrid.topics[0], "--columns", "message_id",
-                 "--format", "csv", "--minutes", "1", "--end", last.isoformat()])
+    code = main(
+        [
+            "query",
+            "trades",
+            "--symbol",
+            "BTCUSDT",
+            "--topic",
+            hybrid.topics[0],
+            "--columns",
+            "message_id",
+            "--format",
+            "csv",
+            "--minutes",
+            "1",
+            "--end",
+            last.isoformat(),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "message_id"
@@ -206,14 +222,26 @@ def test_quotes_come_from_iceberg_in_time_order_with_time_travel(k2_home):
     from k2_resources.tables import QUOTES
 
     iceberg = IcebergResource()
-    base = datetime(2014, 3, 11, 0, 0, tzinfo=timezone.utc)
+    base = datetime(2014, 3, 11, 0, 0, tzinfo=UTC)
 
     def quote(n: int, symbol: str, seconds: int) -> dict:
-        return {"message_id": f"Q-{n}", "quote_id": f"ASX-Q{n}", "symbol": symbol, "exchange": "ASX",
-                "asset_class": "equities", "timestamp": base + timedelta(seconds=seconds),
-                "bid_price": Decimal("36.5") + n, "bid_quantity": Decimal(100), "ask_price": Decimal("36.6") + n,
-                "ask_quantity": Decimal(200), "currency": "AUD", "source_sequence": n,
-                "ingestion_timestamp": datetime.now(timezone.utc), "platform_sequence": None, "vendor_data": None}
+        return {
+            "message_id": f"Q-{n}",
+            "quote_id": f"ASX-Q{n}",
+            "symbol": symbol,
+            "exchange": "ASX",
+            "asset_class": "equities",
+            "timestamp": base + timedelta(seconds=seconds),
+            "bid_price": Decimal("36.5") + n,
+            "bid_quantity": Decimal(100),
+            "ask_price": Decimal("36.6") + n,
+            "ask_quantity": Decimal(200),
+            "currency": "AUD",
+            "source_sequence": n,
+            "ingestion_timestamp": datetime.now(UTC),
+            "platform_sequence": None,
+            "vendor_data": None,
+        }
 
     iceberg.quotes().append(to_arrow([quote(1, "BHP", 30), quote(2, "RIO", 10), quote(3, "BHP", 5)], QUOTES))
     first = iceberg.quotes().current_snapshot().snapshot_id

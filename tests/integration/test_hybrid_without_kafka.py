@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -31,8 +31,8 @@ from tests.support.recorded import recorded_trades_in_time_order
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-ASX_START = datetime(2014, 3, 9, tzinfo=timezone.utc)  # 10 March in Sydney starts on the 9th in UTC
-ASX_END = datetime(2014, 3, 15, tzinfo=timezone.utc)
+ASX_START = datetime(2014, 3, 9, tzinfo=UTC)  # 10 March in Sydney starts on the 9th in UTC
+ASX_END = datetime(2014, 3, 15, tzinfo=UTC)
 # "Within a few seconds": the resource waits kafka_timeout_seconds (3 s); the rest is slack for a busy machine.
 FAST_FAILURE_S = 8.0
 
@@ -50,19 +50,36 @@ def _commit_half(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> 
 def _load_bhp(iceberg: IcebergResource) -> int:
     """The first 2000 real ASX trades of BHP (company 7078, 10 March 2014) appended to market.trades; returns
     their count."""
-    raw = pl.read_csv(DATA_DIR / "asx" / "trades" / "7078.csv", has_header=False,
-                      new_columns=["date", "time", "price", "volume", "code", "venue", "buyer"],
-                      schema_overrides={"date": pl.String, "time": pl.String, "price": pl.String, "volume": pl.String})
+    raw = pl.read_csv(
+        DATA_DIR / "asx" / "trades" / "7078.csv",
+        has_header=False,
+        new_columns=["date", "time", "price", "volume", "code", "venue", "buyer"],
+        schema_overrides={"date": pl.String, "time": pl.String, "price": pl.String, "volume": pl.String},
+    )
     sydney = ZoneInfo("Australia/Sydney")
-    ingested = datetime.now(timezone.utc)
-    records = [{
-        "message_id": f"ASX-7078-{n}", "trade_id": f"ASX-7078-{n}", "symbol": "BHP", "exchange": "ASX",
-        "asset_class": "equities", "price": Decimal(row["price"]), "quantity": Decimal(row["volume"]),
-        "timestamp": datetime.strptime(f"{row['date']} {row['time']}", "%m/%d/%Y %H:%M:%S.%f").replace(tzinfo=sydney)
-        .astimezone(timezone.utc),
-        "currency": "AUD", "side": "UNKNOWN", "trade_conditions": None, "source_sequence": n,
-        "ingestion_timestamp": ingested, "platform_sequence": None, "vendor_data": None,
-    } for n, row in enumerate(raw.head(2000).iter_rows(named=True))]
+    ingested = datetime.now(UTC)
+    records = [
+        {
+            "message_id": f"ASX-7078-{n}",
+            "trade_id": f"ASX-7078-{n}",
+            "symbol": "BHP",
+            "exchange": "ASX",
+            "asset_class": "equities",
+            "price": Decimal(row["price"]),
+            "quantity": Decimal(row["volume"]),
+            "timestamp": datetime.strptime(f"{row['date']} {row['time']}", "%m/%d/%Y %H:%M:%S.%f")
+            .replace(tzinfo=sydney)
+            .astimezone(UTC),
+            "currency": "AUD",
+            "side": "UNKNOWN",
+            "trade_conditions": None,
+            "source_sequence": n,
+            "ingestion_timestamp": ingested,
+            "platform_sequence": None,
+            "vendor_data": None,
+        }
+        for n, row in enumerate(raw.head(2000).iter_rows(named=True))
+    ]
     iceberg.trades().append(to_arrow(records, TRADES))
     return len(records)
 
@@ -77,8 +94,12 @@ def committed(k2_home, kafka_broker, topic_name):
 
 def _down(topic: str, **settings) -> HybridQueryResource:
     """A hybrid resource whose Kafka is a closed port, with ``topic`` declared as carrying BINANCE."""
-    return HybridQueryResource(kafka=KafkaResource(bootstrap_servers=f"127.0.0.1:{free_port()}"), topics=[topic],
-                               topic_exchanges={topic: ["BINANCE"]}, **settings)
+    return HybridQueryResource(
+        kafka=KafkaResource(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+        topics=[topic],
+        topic_exchanges={topic: ["BINANCE"]},
+        **settings,
+    )
 
 
 def _timed(call):
@@ -145,8 +166,27 @@ def test_k2_query_trades_allow_partial_and_fast_errors(committed, monkeypatch, c
 
     # ASX never reads Kafka (the default topic carries BINANCE only).
     started = time.monotonic()
-    assert main(["query", "trades", "--symbol", "BHP", "--exchange", "ASX", "--start", ASX_START.isoformat(),
-                 "--end", ASX_END.isoformat(), "--format", "csv", "--limit", "0"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "trades",
+                "--symbol",
+                "BHP",
+                "--exchange",
+                "ASX",
+                "--start",
+                ASX_START.isoformat(),
+                "--end",
+                ASX_END.isoformat(),
+                "--format",
+                "csv",
+                "--limit",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert time.monotonic() - started < 5.0
     out = capsys.readouterr()
     assert len(out.out.strip().splitlines()) == bhp_rows + 1 and "warning" not in out.err
@@ -157,8 +197,26 @@ def test_k2_query_trades_allow_partial_and_fast_errors(committed, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("k2: ") and "--allow-partial" in err and f"{topic}[0] offsets {boundary[0]}.." in err
 
-    assert main(["query", "trades", "--symbol", "BTCUSDT", "--topic", topic, "--allow-partial",
-                 "--format", "csv", "--limit", "0", "--columns", "trade_id"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "trades",
+                "--symbol",
+                "BTCUSDT",
+                "--topic",
+                topic,
+                "--allow-partial",
+                "--format",
+                "csv",
+                "--limit",
+                "0",
+                "--columns",
+                "trade_id",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert len(out.out.strip().splitlines()) - 1 == len(source.expected(["BTCUSDT"], None, None, below=boundary))
     assert out.err.count("warning: Kafka is unreachable") == 1 and f"{topic}[2] offsets {boundary[2]}.." in out.err

@@ -36,13 +36,20 @@ SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 
 def recorded_tape() -> list[RecordedTrade]:
     """The recorded trades as the recording server's tape, in time order."""
-    return [RecordedTrade(r["symbol"], r["source_sequence"], str(r["price"]), str(r["quantity"]),
-                          int(r["timestamp"].timestamp() * 1000), r["side"] == "SELL")
-            for r in recorded_trades_in_time_order(PER_SYMBOL)]
+    return [
+        RecordedTrade(
+            r["symbol"],
+            r["source_sequence"],
+            str(r["price"]),
+            str(r["quantity"]),
+            int(r["timestamp"].timestamp() * 1000),
+            r["side"] == "SELL",
+        )
+        for r in recorded_trades_in_time_order(PER_SYMBOL)
+    ]
 
 
-def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
-        k2_home, kafka_cluster, topic_name, monkeypatch):
+def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(k2_home, kafka_cluster, topic_name, monkeypatch):
     monkeypatch.setenv("K2_KAFKA_BOOTSTRAP", kafka_cluster.bootstrap_servers)
     kafka, iceberg = KafkaResource(), IcebergResource()
     servers = kafka_cluster.bootstrap_servers
@@ -51,8 +58,11 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
     # Topics take their replication from the cluster: 3 replicas, two of them needed for a write.
     kafka.ensure_topic(topic_name, partitions=3)
     # Any broker may answer the next client: wait until the one asked knows the new topic too.
-    wait_for(lambda: len(partition_replicas(servers, topic_name)) == 3, timeout_s=30,
-             what="every broker to describe the new topic's 3 partitions")
+    wait_for(
+        lambda: len(partition_replicas(servers, topic_name)) == 3,
+        timeout_s=30,
+        what="every broker to describe the new topic's 3 partitions",
+    )
     replicas = partition_replicas(servers, topic_name)
     assert [r["replicas"] for r in replicas.values()] == [[1, 2, 3]] * 3
     assert topic_settings(servers, topic_name)["min.insync.replicas"] == "2"
@@ -63,15 +73,27 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
     speed = Tape(tape).compressed_span_ms / 1000 / PLAYBACK_S  # the server's timeline, pauses capped at 1 s
     stats: dict = {}
     with RecordingServerThread(trades=tape, speed=speed) as server:
+
         def stream() -> None:
-            stats["result"] = stream_to_kafka(server.stream_url(SYMBOLS), topic_name, kafka, symbols=SYMBOLS,
-                                              dlq_topic=dead_letter_topic(topic_name), partitions=3,
-                                              backoff_initial_s=0.05, backoff_max_s=0.5)
+            stats["result"] = stream_to_kafka(
+                server.stream_url(SYMBOLS),
+                topic_name,
+                kafka,
+                symbols=SYMBOLS,
+                dlq_topic=dead_letter_topic(topic_name),
+                partitions=3,
+                backoff_initial_s=0.05,
+                backoff_max_s=0.5,
+            )
 
         streamer = threading.Thread(target=stream, name="k2-streamer")
         streamer.start()
-        wait_for(lambda: produced() >= len(tape) // 2 or not streamer.is_alive(), timeout_s=120,
-                 what="the streamer to put half of the trades in Kafka", interval_s=0.05)
+        wait_for(
+            lambda: produced() >= len(tape) // 2 or not streamer.is_alive(),
+            timeout_s=120,
+            what="the streamer to put half of the trades in Kafka",
+            interval_s=0.05,
+        )
         assert streamer.is_alive(), "the stream ended before the kill; raise PLAYBACK_S"
         victim = replicas[0]["leader"]
         killed_at = produced()
@@ -79,8 +101,12 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
         assert victim not in kafka_cluster.running()
 
         # Two brokers left: a new leader takes over and the stream goes on.
-        wait_for(lambda: produced() >= killed_at + len(tape) // 8, timeout_s=120,
-                 what=f"the stream to go on with broker {victim} dead", interval_s=0.2)
+        wait_for(
+            lambda: produced() >= killed_at + len(tape) // 8,
+            timeout_s=120,
+            what=f"the stream to go on with broker {victim} dead",
+            interval_s=0.2,
+        )
         assert victim not in kafka_cluster.running()
         assert partition_replicas(servers, topic_name)[0]["leader"] not in (victim, -1)  # failed over
         restart_began = time.monotonic()
@@ -94,8 +120,11 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
     assert sent.finished and sent.unique_trades == len(tape)
     assert stats["result"].ended_by == "end_of_recording"
     assert produced() == len(tape)  # idempotent acks=all: no record written twice by retries
-    wait_for(lambda: all(r["isr"] == [1, 2, 3] for r in partition_replicas(servers, topic_name).values()),
-             timeout_s=120, what=f"broker {victim} back in every partition's in-sync replicas")
+    wait_for(
+        lambda: all(r["isr"] == [1, 2, 3] for r in partition_replicas(servers, topic_name).values()),
+        timeout_s=120,
+        what=f"broker {victim} back in every partition's in-sync replicas",
+    )
 
     with DagsterInstance.ephemeral() as instance:
         report = drive(instance, stream_defs(topic_name, max_batch=1_000), until=lambda r: r.lag == 0, timeout_s=300)

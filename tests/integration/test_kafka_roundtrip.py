@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def _trades(count: int) -> list[dict]:
-    start = datetime(2024, 8, 9, tzinfo=timezone.utc)
+    start = datetime(2024, 8, 9, tzinfo=UTC)
     return [
         TradeV2(
             message_id=f"BINANCE-BTCUSDT-{i}",

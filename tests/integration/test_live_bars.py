@@ -29,8 +29,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 def _materialise(instance: DagsterInstance, topic: str) -> tuple[dict, dict]:
     """One run of the asset; (its metadata as plain values, check name -> passed)."""
     hybrid = HybridQueryResource(topics=[topic], topic_exchanges={topic: ["BINANCE"]})
-    result = materialize([binance_live_bars], instance=instance, resources={"hybrid": hybrid},
-                         run_config={"ops": {"binance_live_bars": {"config": {"hours": 2.0}}}})
+    result = materialize(
+        [binance_live_bars],
+        instance=instance,
+        resources={"hybrid": hybrid},
+        run_config={"ops": {"binance_live_bars": {"config": {"hours": 2.0}}}},
+    )
     assert result.success
     [event] = result.get_asset_materialization_events()
     metadata = {k: v.value for k, v in event.materialization.metadata.items()}
@@ -40,20 +44,32 @@ def _materialise(instance: DagsterInstance, topic: str) -> tuple[dict, dict]:
 
 def _truth(source: Produced) -> pl.DataFrame:
     """1m bars' symbol, minute, volume and count computed from the produced trades (the last 2 hours)."""
-    trades = pl.DataFrame([{"symbol": r["symbol"], "timestamp": r["timestamp"], "quantity": r["quantity"]}
-                           for r in source.rows])
+    trades = pl.DataFrame(
+        [{"symbol": r["symbol"], "timestamp": r["timestamp"], "quantity": r["quantity"]} for r in source.rows]
+    )
     end = trades["timestamp"].max().replace(second=0, microsecond=0) + timedelta(minutes=1)
-    return (trades.filter(pl.col("timestamp") >= end - timedelta(hours=2))
-            .group_by("symbol", pl.col("timestamp").dt.truncate("1m").alias("bucket_start"))
-            .agg(pl.col("quantity").cast(pl.Decimal(38, 8)).sum().cast(pl.Decimal(38, 8)).alias("volume"),
-                 pl.len().cast(pl.Int64).alias("trade_count"))
-            .sort("symbol", "bucket_start"))
+    return (
+        trades.filter(pl.col("timestamp") >= end - timedelta(hours=2))
+        .group_by("symbol", pl.col("timestamp").dt.truncate("1m").alias("bucket_start"))
+        .agg(
+            pl.col("quantity").cast(pl.Decimal(38, 8)).sum().cast(pl.Decimal(38, 8)).alias("volume"),
+            pl.len().cast(pl.Int64).alias("trade_count"),
+        )
+        .sort("symbol", "bucket_start")
+    )
 
 
 def _bars(iceberg: IcebergResource) -> pl.DataFrame:
-    return stored_live_bars(live_bars_table(iceberg.catalog())).select(
-        "symbol", "bucket_start", pl.col("volume").cast(pl.Decimal(38, 8)), "trade_count",
-    ).sort("symbol", "bucket_start")
+    return (
+        stored_live_bars(live_bars_table(iceberg.catalog()))
+        .select(
+            "symbol",
+            "bucket_start",
+            pl.col("volume").cast(pl.Decimal(38, 8)),
+            "trade_count",
+        )
+        .sort("symbol", "bucket_start")
+    )
 
 
 def test_live_bars_include_the_kafka_tail_exactly_and_a_rerun_changes_nothing(k2_home, kafka_broker, topic_name):
@@ -68,8 +84,11 @@ def test_live_bars_include_the_kafka_tail_exactly_and_a_rerun_changes_nothing(k2
     instance = DagsterInstance.ephemeral()
 
     first, checks = _materialise(instance, topic_name)
-    assert checks == {"volumes_match_hybrid_trades": True, "high_at_least_open_and_close": True,
-                      "low_at_most_open_and_close": True}
+    assert checks == {
+        "volumes_match_hybrid_trades": True,
+        "high_at_least_open_and_close": True,
+        "low_at_most_open_and_close": True,
+    }
     tail = sum(ends[p] - boundary[p] for p in ends)
     assert (first["kafka_rows"], first["iceberg_rows"]) == (tail, sum(boundary.values()))
     assert first["written"] is True and first["trades"] == len(source.rows)
@@ -94,8 +113,9 @@ def test_live_bars_include_the_kafka_tail_exactly_and_a_rerun_changes_nothing(k2
 
     # New trades in Kafka: new bars, written.
     seen = {r["message_id"] for r in source.rows}
-    more = produce(kafka, topic_name, [r for r in recorded_trades_in_time_order(per_symbol=1200)
-                                       if r["message_id"] not in seen])
+    more = produce(
+        kafka, topic_name, [r for r in recorded_trades_in_time_order(per_symbol=1200) if r["message_id"] not in seen]
+    )
     fourth, checks = _materialise(instance, topic_name)
     assert all(checks.values()) and fourth["written"] is True and fourth["kafka_rows"] == len(more.rows)
     assert _bars(iceberg).equals(_truth(Produced(source.rows + more.rows)))

@@ -7,7 +7,7 @@ import csv
 import os
 import shutil
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,21 +17,21 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import AssetSelection, DagsterInstance, Definitions
 
-from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
 from k2_assets.operations.assets import MAINTENANCE_ASSETS, trades_file_layout
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
+from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
 from k2_resources.duckdb_query import DuckDBQueryResource
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
+from k2_resources.metrics import metrics_text
 from k2_resources.operations.maintenance import (
+    TableMaintenanceResource,
     compact_table,
     expire_snapshots,
     partition_stats,
     referenced_files,
     remove_orphan_files,
-    TableMaintenanceResource,
 )
-from k2_resources.metrics import metrics_text
 from k2_resources.operations.table_metrics import update_table_metrics
 from k2_resources.schemas import TradeV2, encode_trade
 from k2_resources.settings import DATA_DIR
@@ -52,29 +52,43 @@ RECORDINGS = (  # real Binance trades on three UTC days: three (day, exchange) p
     ("ETHUSDT", "ETHUSDT-trades-2024-08-09.csv"),
 )
 EXPIRE_EVERY = 50
-PER_SYMBOL_SQL = ("SELECT symbol, count(*) AS trades, sum(quantity) AS volume, min(timestamp) AS first, "
-                  "max(timestamp) AS last FROM market.trades GROUP BY symbol ORDER BY symbol")
+PER_SYMBOL_SQL = (
+    "SELECT symbol, count(*) AS trades, sum(quantity) AS volume, min(timestamp) AS first, "
+    "max(timestamp) AS last FROM market.trades GROUP BY symbol ORDER BY symbol"
+)
 
 
 def recorded_streams() -> list[list[dict]]:
     """Each recording as V2 trade records, in the recording's order."""
-    ingested = datetime.now(timezone.utc)
+    ingested = datetime.now(UTC)
     streams = []
     for symbol, name in RECORDINGS:
         with open(DATA_DIR / "binance" / name) as handle:
-            streams.append([TradeV2(
-                message_id=f"BINANCE-{symbol}-{row['trade_id']}", trade_id=f"BINANCE-{row['trade_id']}",
-                symbol=symbol, exchange="BINANCE", asset_class="crypto",
-                timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=timezone.utc),
-                price=Decimal(row["price"]), quantity=Decimal(row["qty"]), currency="USDT",
-                side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
-                source_sequence=int(row["trade_id"]), ingestion_timestamp=ingested,
-            ).to_record() for row in csv.DictReader(handle)])
+            streams.append(
+                [
+                    TradeV2(
+                        message_id=f"BINANCE-{symbol}-{row['trade_id']}",
+                        trade_id=f"BINANCE-{row['trade_id']}",
+                        symbol=symbol,
+                        exchange="BINANCE",
+                        asset_class="crypto",
+                        timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=UTC),
+                        price=Decimal(row["price"]),
+                        quantity=Decimal(row["qty"]),
+                        currency="USDT",
+                        side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
+                        source_sequence=int(row["trade_id"]),
+                        ingestion_timestamp=ingested,
+                    ).to_record()
+                    for row in csv.DictReader(handle)
+                ]
+            )
     return streams
 
 
-def commit_micro_batches(iceberg: IcebergResource, commits: int, expire_every: int | None = None
-                         ) -> tuple[int, dict[int, int], list[int], list[float]]:
+def commit_micro_batches(
+    iceberg: IcebergResource, commits: int, expire_every: int | None = None
+) -> tuple[int, dict[int, int], list[int], list[float]]:
     """``commits`` exactly-once micro-batches over two Kafka partitions, each touching every day.
 
     With ``expire_every``, snapshot expiry runs during ingest (as the maintenance schedule
@@ -86,8 +100,11 @@ def commit_micro_batches(iceberg: IcebergResource, commits: int, expire_every: i
     ends = {partition: 0 for partition in range(KAFKA_PARTITIONS)}
     snapshots, seconds, total = [], [], 0
     for index in range(commits):
-        records = [r for stream in streams
-                   for r in stream[index * len(stream) // commits:(index + 1) * len(stream) // commits]]
+        records = [
+            r
+            for stream in streams
+            for r in stream[index * len(stream) // commits : (index + 1) * len(stream) // commits]
+        ]
         partition = index % KAFKA_PARTITIONS
         start = ends[partition]
         for offset, record in enumerate(records, start=start):
@@ -100,8 +117,9 @@ def commit_micro_batches(iceberg: IcebergResource, commits: int, expire_every: i
         snapshots.append(result.snapshot_id)
         total += len(records)
         if expire_every and (index + 1) % expire_every == 0 and index + 1 < commits:
-            expire_snapshots(iceberg.trades(), older_than=datetime.now(timezone.utc) + timedelta(seconds=1),
-                             retain_last=expire_every)
+            expire_snapshots(
+                iceberg.trades(), older_than=datetime.now(UTC) + timedelta(seconds=1), retain_last=expire_every
+            )
     return total, ends, snapshots, seconds
 
 
@@ -162,7 +180,7 @@ def test_compaction_after_500_commits_keeps_reads_exact_then_expiry_and_orphan_c
 
     # Expiry: everything older than now except the newest two snapshots of the lineage.
     snapshots_before_expiry = len(table.snapshots())
-    expiry = expire_snapshots(table, older_than=datetime.now(timezone.utc) + timedelta(seconds=1), retain_last=2)
+    expiry = expire_snapshots(table, older_than=datetime.now(UTC) + timedelta(seconds=1), retain_last=2)
     table = iceberg.trades()
     assert snapshots_before_expiry == 2 * EXPIRE_EVERY + 1 and expiry.snapshots_after == 2 == len(table.snapshots())
     assert table.snapshot_by_id(mid_snapshot) is None
@@ -194,7 +212,7 @@ def test_compaction_after_500_commits_keeps_reads_exact_then_expiry_and_orphan_c
     assert all_rows(iceberg, last_commit).equals(rows_before)
 
     # Once that snapshot expires too, the compacted-away files are orphans and go.
-    expire_snapshots(table, older_than=datetime.now(timezone.utc) + timedelta(seconds=1), retain_last=1)
+    expire_snapshots(table, older_than=datetime.now(UTC) + timedelta(seconds=1), retain_last=1)
     final = remove_orphan_files(iceberg.trades(), grace=timedelta(0))
     table = iceberg.trades()
     on_disk = {str(p) for p in local_path(table.location()).rglob("*") if p.is_file()}
@@ -206,12 +224,14 @@ def test_compaction_after_500_commits_keeps_reads_exact_then_expiry_and_orphan_c
     assert committed_offsets(table, TOPIC) == offsets_before
 
     bytes_after = sum(s.total_bytes for s in partition_stats(table))
-    print(f"\n500 commits of {total} trades in {commit_seconds:.1f}s; compaction {compaction_seconds:.1f}s; "
-          f"files {sum(s.files for s in before_stats)} -> {sum(s.files for s in after_stats)}; "
-          f"data bytes/row {bytes_before / total:.1f} -> {bytes_after / total:.1f}; "
-          f"orphans deleted {len(swept.deleted) + len(final.deleted)} "
-          f"({swept.bytes_deleted + final.bytes_deleted} bytes); mean commit "
-          f"{sum(seconds[:50]) / 50:.3f}s (first 50) {sum(seconds[-50:]) / 50:.3f}s (last 50)")
+    print(
+        f"\n500 commits of {total} trades in {commit_seconds:.1f}s; compaction {compaction_seconds:.1f}s; "
+        f"files {sum(s.files for s in before_stats)} -> {sum(s.files for s in after_stats)}; "
+        f"data bytes/row {bytes_before / total:.1f} -> {bytes_after / total:.1f}; "
+        f"orphans deleted {len(swept.deleted) + len(final.deleted)} "
+        f"({swept.bytes_deleted + final.bytes_deleted} bytes); mean commit "
+        f"{sum(seconds[:50]) / 50:.3f}s (first 50) {sum(seconds[-50:]) / 50:.3f}s (last 50)"
+    )
 
 
 def maintenance_definitions(maintenance: TableMaintenanceResource) -> Definitions:
@@ -229,8 +249,13 @@ def test_maintenance_job_compacts_and_its_checks_go_from_warn_to_pass(k2_home):
     iceberg = IcebergResource()
     total, ends, _, _ = commit_micro_batches(iceberg, 24)
     rows_before = all_rows(iceberg)
-    maintenance = TableMaintenanceResource(min_small_files=5, max_files_per_partition=8, snapshot_retention_hours=0,
-                                           min_snapshots_to_keep=1, orphan_grace_hours=0)
+    maintenance = TableMaintenanceResource(
+        min_small_files=5,
+        max_files_per_partition=8,
+        snapshot_retention_hours=0,
+        min_snapshots_to_keep=1,
+        orphan_grace_hours=0,
+    )
     defs = maintenance_definitions(maintenance)
     job = defs.resolve_job_def("trades_table_maintenance")
     assert job.tags["k2/kind"] == "maintenance"
@@ -240,7 +265,9 @@ def test_maintenance_job_compacts_and_its_checks_go_from_warn_to_pass(k2_home):
     with DagsterInstance.ephemeral() as instance:
         checks_only = defs.resolve_implicit_global_asset_job_def().get_subset(
             asset_check_selection=AssetSelection.checks_for_assets(trades_file_layout).resolve_checks(
-                defs.resolve_asset_graph()))
+                defs.resolve_asset_graph()
+            )
+        )
         before = checks_only.execute_in_process(instance=instance)
         evaluations = {e.check_name: e for e in before.get_asset_check_evaluations()}
         assert evaluations["small_files_per_partition"].passed is False
@@ -278,8 +305,9 @@ def test_hybrid_reads_are_identical_across_compaction(k2_home, kafka_broker, top
     records = [r for stream in recorded_streams() for r in stream[:500]]  # 2,500 trades on three days
     producer = kafka.producer()
     for index, record in enumerate(records):
-        producer.send(topic_name, key=record["symbol"].encode(), value=encode_trade(record),
-                      partition=index % KAFKA_PARTITIONS)
+        producer.send(
+            topic_name, key=record["symbol"].encode(), value=encode_trade(record), partition=index % KAFKA_PARTITIONS
+        )
     producer.flush()
     producer.close()
     per_partition, batch, tail = len(records) // KAFKA_PARTITIONS, 100, 250
@@ -300,8 +328,10 @@ def test_hybrid_reads_are_identical_across_compaction(k2_home, kafka_broker, top
             hybrid.close()
 
     everything, recent, committed, split = hybrid_read()
-    assert everything.num_rows == len(records) and split == (len(records) - tail * KAFKA_PARTITIONS,
-                                                              tail * KAFKA_PARTITIONS)
+    assert everything.num_rows == len(records) and split == (
+        len(records) - tail * KAFKA_PARTITIONS,
+        tail * KAFKA_PARTITIONS,
+    )
     assert recent.num_rows > 0
     before_compaction = iceberg.trades().current_snapshot().snapshot_id
 

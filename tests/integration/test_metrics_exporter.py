@@ -60,16 +60,21 @@ def test_exporter_reports_the_flow_from_kafka_iceberg_and_dagster(k2_home, kafka
 
 
 def test_exporter_counts_shed_rows_level_changes_and_backlogs_the_runs_and_sensor_recorded(
-        k2_home, kafka_broker, topic_name):
+    k2_home, kafka_broker, topic_name
+):
     """Runs and sensor ticks serve no metrics; `k2 metrics` derives their counters from the instance."""
     kafka = KafkaResource()
     kafka.ensure_topic(topic_name, partitions=3)
     resources = build_resources()
     resources.update(
         sink=TradeSinkResource(topic=topic_name, max_batch_messages=5_000),
-        degradation=DegradationResource(lag_triggers=[500, 1_000, 100_000, 200_000],
-                                        memory_triggers_percent=[101.0, 102.0, 103.0, 104.0], cooldown_seconds=0,
-                                        tier1_symbols=["BTCUSDT"], tier2_symbols=[]),  # ETHUSDT is tier 3
+        degradation=DegradationResource(
+            lag_triggers=[500, 1_000, 100_000, 200_000],
+            memory_triggers_percent=[101.0, 102.0, 103.0, 104.0],
+            cooldown_seconds=0,
+            tier1_symbols=["BTCUSDT"],
+            tier2_symbols=[],
+        ),  # ETHUSDT is tier 3
     )
     defs = Definitions.merge(binance_defs, Definitions(resources=resources))
 
@@ -104,8 +109,13 @@ def test_exporter_counts_shed_rows_level_changes_and_backlogs_the_runs_and_senso
     assert {move: transitions(*move) - before[move] for move in moves} == dict.fromkeys(moves, 1)
     assert _sample("k2_deferred_rows") == 0 and _sample("k2_deferred_ranges") == 0
     assert (_sample("k2_shed_messages_total", symbol="ETHUSDT") or 0) - shed_before == 600  # counted once
-    assert sum(IcebergResource().trades().scan().to_arrow().column("symbol").to_pylist().count(s)
-               for s in ("BTCUSDT", "ETHUSDT")) == 1200
+    assert (
+        sum(
+            IcebergResource().trades().scan().to_arrow().column("symbol").to_pylist().count(s)
+            for s in ("BTCUSDT", "ETHUSDT")
+        )
+        == 1200
+    )
 
 
 def test_a_catalog_that_is_down_is_logged_by_name_and_fix_and_marked(k2_home, kafka_broker, topic_name, caplog):

@@ -37,8 +37,9 @@ def test_the_tour_notebook_tells_its_six_parts(k2_home, kafka_broker, topic_name
     assert os.environ["K2_KAFKA_BOOTSTRAP"] == kafka_broker.bootstrap_servers
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -50,7 +51,9 @@ def test_the_tour_notebook_tells_its_six_parts(k2_home, kafka_broker, topic_name
     # The first snapshot holds one partition's first quarter: time travel sees only that.
     assert 0 < summary["time_travel_rows"] < len(source.rows) // 4
     assert summary["bar_trade_count"] == summary["recent_rows"]
-    charts = [o["data"]["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    charts = [
+        o["data"]["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})
+    ]
     assert len(charts) == 2 and all(len(chart) > 1000 for chart in charts)  # base64 PNGs: the burst, price and volume
 
     # 1. positioning: the hybrid read measured against the L3 budget.

@@ -10,7 +10,7 @@ Real Iceberg (SQLite catalog, file warehouse); writers race with one catalog eac
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -25,13 +25,27 @@ SIZE = 40
 
 
 def rows(partition: int, start: int) -> list[dict]:
-    moment = datetime(2024, 8, 9, tzinfo=timezone.utc)
-    return [{"message_id": f"m{partition}-{offset}", "trade_id": f"BINANCE-{partition}-{offset}",
-             "symbol": ("BTCUSDT", "ETHUSDT")[partition], "exchange": "BINANCE", "asset_class": "crypto",
-             "timestamp": moment + timedelta(milliseconds=offset), "price": Decimal("61000.5"),
-             "quantity": Decimal("0.001"), "currency": "USDT", "side": "BUY", "trade_conditions": [],
-             "source_sequence": offset, "ingestion_timestamp": moment, "platform_sequence": offset,
-             "vendor_data": None} for offset in range(start, start + SIZE)]
+    moment = datetime(2024, 8, 9, tzinfo=UTC)
+    return [
+        {
+            "message_id": f"m{partition}-{offset}",
+            "trade_id": f"BINANCE-{partition}-{offset}",
+            "symbol": ("BTCUSDT", "ETHUSDT")[partition],
+            "exchange": "BINANCE",
+            "asset_class": "crypto",
+            "timestamp": moment + timedelta(milliseconds=offset),
+            "price": Decimal("61000.5"),
+            "quantity": Decimal("0.001"),
+            "currency": "USDT",
+            "side": "BUY",
+            "trade_conditions": [],
+            "source_sequence": offset,
+            "ingestion_timestamp": moment,
+            "platform_sequence": offset,
+            "vendor_data": None,
+        }
+        for offset in range(start, start + SIZE)
+    ]
 
 
 @pytest.mark.timeout(300)
@@ -47,7 +61,7 @@ def test_two_partitions_committing_at_once_lose_no_offsets_and_write_no_duplicat
                 go.wait(timeout=60)  # both commit their next range at the same moment
                 start = index * SIZE
                 commit_range(iceberg, OffsetRange(TOPIC, partition, start, start + SIZE), rows(partition, start))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             failures.append(exc)
             go.abort()
 

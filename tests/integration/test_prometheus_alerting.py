@@ -37,7 +37,9 @@ def delivered_alerts(webhook: WebhookReceiver) -> list[dict]:
 
 def binary(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` (Debian packages prometheus, prometheus-alertmanager)"
+    assert path, (
+        f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` (Debian packages prometheus, prometheus-alertmanager)"
+    )
     return path
 
 
@@ -145,7 +147,9 @@ def test_lag_alert_travels_from_exporter_through_prometheus_and_alertmanager_to_
             stderr=subprocess.STDOUT,
         )
     )
-    logs = lambda: (tmp_path / "prometheus.log").read_text()[-3000:] + (tmp_path / "alertmanager.log").read_text()[-3000:]  # noqa: E731
+    logs = lambda: (
+        (tmp_path / "prometheus.log").read_text()[-3000:] + (tmp_path / "alertmanager.log").read_text()[-3000:]
+    )
 
     # Prometheus scraped the K2 exporter: the per-partition lag is there
     query = urllib.parse.urlencode({"query": f'sum(k2_consumer_lag_messages{{topic="{TOPIC}"}})'})
@@ -188,5 +192,7 @@ def test_lag_alert_travels_from_exporter_through_prometheus_and_alertmanager_to_
         "K2DegradationLevel to reach the webhook",
     )
     assert all(
-        a["labels"]["severity"] == "critical" for a in delivered_alerts(webhook) if a["labels"]["alertname"] == "K2ConsumerLagHigh"
+        a["labels"]["severity"] == "critical"
+        for a in delivered_alerts(webhook)
+        if a["labels"]["alertname"] == "K2ConsumerLagHigh"
     ), "the critical lag alert should inhibit the warning of the same topic"

@@ -24,7 +24,9 @@ WEBHOOK_PLACEHOLDER = "${K2_ALERT_WEBHOOK_URL}"
 
 def tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` (Debian packages prometheus, prometheus-alertmanager)"
+    assert path, (
+        f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` (Debian packages prometheus, prometheus-alertmanager)"
+    )
     return path
 
 
@@ -41,8 +43,12 @@ def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
 def rules_without_a_firing_case(rules: list[dict], tests: list[dict]) -> set[tuple[str, str]]:
     """(alert, severity) of every rule no promtool case expects to fire."""
     wanted = {(rule["alert"], rule["labels"]["severity"]) for rule in rules}
-    fired = {(case["alertname"], alert["exp_labels"]["severity"])
-             for test in tests for case in test.get("alert_rule_test") or [] for alert in case.get("exp_alerts") or []}
+    fired = {
+        (case["alertname"], alert["exp_labels"]["severity"])
+        for test in tests
+        for case in test.get("alert_rule_test") or []
+        for alert in case.get("exp_alerts") or []
+    }
     return wanted - fired
 
 
@@ -80,8 +86,12 @@ def test_the_rules_alert_on_the_metrics_k2_exports() -> None:
     exported = {m.name for m in metrics.REGISTRY.collect()}
     exported |= {f"{name}_total" for name in exported}
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} == {"K2ConsumerLagHigh", "K2DegradationLevel", "K2DeadLetters",
-                                           "K2BinanceTradeIdReset"}
+    assert {r["alert"] for r in rules} == {
+        "K2ConsumerLagHigh",
+        "K2DegradationLevel",
+        "K2DeadLetters",
+        "K2BinanceTradeIdReset",
+    }
     for rule in rules:
         for name in re.findall(r"\bk2_[a-z_]+", rule["expr"]):
             assert name in exported, f"rule {rule['alert']} uses {name}, which k2_resources/metrics.py does not define"
@@ -95,6 +105,9 @@ def test_alertmanager_config_is_valid_once_the_webhook_url_is_filled_in(tmp_path
     result = run(tool("amtool"), "check-config", str(rendered))
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(rendered.read_text())
-    assert config["receivers"][0]["webhook_configs"][0] == {"url": "http://127.0.0.1:9095/alerts", "send_resolved": True}
+    assert config["receivers"][0]["webhook_configs"][0] == {
+        "url": "http://127.0.0.1:9095/alerts",
+        "send_resolved": True,
+    }
     # the unrendered template is refused, so a forgotten placeholder cannot start silently
     assert run(tool("amtool"), "check-config", str(ALERTMANAGER)).returncode != 0

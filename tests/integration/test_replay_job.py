@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from dagster import DagsterInstance, build_schedule_context
@@ -67,7 +67,7 @@ def test_replaying_one_asx_day_reproduces_its_trades_in_order_and_twice_equals_o
 def test_a_replay_killed_half_way_is_completed_by_running_it_again(k2_home, kafka_broker, topic_name):
     kafka, iceberg = KafkaResource(), IcebergResource()
     ingest_day(default_data_dir(), iceberg, "trades", DAY)
-    start = datetime(2014, 3, 11, 2, 0, tzinfo=timezone.utc)
+    start = datetime(2014, 3, 11, 2, 0, tzinfo=UTC)
     spec = ReplaySpec(topic=topic_name, start=start, end=start + timedelta(hours=1), symbols=("BHP",))
 
     partial = replay_to_kafka(spec, kafka, TimeOrderedReader(iceberg), limit=500)
@@ -85,11 +85,17 @@ def test_a_replay_killed_half_way_is_completed_by_running_it_again(k2_home, kafk
 def test_paced_replay_sleeps_by_the_speed_factor_without_waiting(k2_home, kafka_broker, topic_name):
     kafka, iceberg = KafkaResource(), IcebergResource()
     ingest_day(default_data_dir(), iceberg, "trades", DAY)
-    start = datetime(2014, 3, 11, 2, 0, tzinfo=timezone.utc)
+    start = datetime(2014, 3, 11, 2, 0, tzinfo=UTC)
     spec = ReplaySpec(topic=topic_name, start=start, end=start + timedelta(minutes=10), symbols=("RIO",))
     now = [0.0]
-    result = replay_to_kafka(spec, kafka, TimeOrderedReader(iceberg), speed=60.0,
-                             clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    result = replay_to_kafka(
+        spec,
+        kafka,
+        TimeOrderedReader(iceberg),
+        speed=60.0,
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+    )
     content = topic_content(kafka, topic_name)
     span = (content[-1][1] - content[0][1]).total_seconds()
     assert result.produced == len(content) > 0
@@ -97,7 +103,7 @@ def test_paced_replay_sleeps_by_the_speed_factor_without_waiting(k2_home, kafka_
 
 
 def test_nightly_schedule_replays_the_previous_utc_day_into_its_own_topic():
-    context = build_schedule_context(scheduled_execution_time=datetime(2026, 11, 25, 2, 30, tzinfo=timezone.utc))
+    context = build_schedule_context(scheduled_execution_time=datetime(2026, 11, 25, 2, 30, tzinfo=UTC))
     request = trades_replay_nightly(context)
     config = request.run_config["ops"]["replay_trades"]["config"]
     assert config["topic"] == replay_trades_topic("2026-11-24")

@@ -7,7 +7,7 @@ import io
 import json
 import struct
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,10 +17,10 @@ from dagster import DagsterInstance
 from kafka import TopicPartition
 
 from k2_assets.cli import main as k2
+from k2_resources import schemas
 from k2_resources.iceberg import IcebergResource
 from k2_resources.kafka import KafkaResource
 from k2_resources.operations.maintenance import expire_snapshots
-from k2_resources import schemas
 from k2_resources.schemas import encode_trade
 from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
 from k2_resources.topics import dead_letter_topic
@@ -82,7 +82,8 @@ def stream_topic(kafka_broker, topic_name) -> str:
 
 
 def test_retention_past_the_committed_offset_is_an_error_recorded_in_the_table_until_accepted(
-        k2_home, kafka_broker, stream_topic, capsys):
+    k2_home, kafka_broker, stream_topic, capsys
+):
     kafka, iceberg = KafkaResource(), IcebergResource()
     trades = recorded_trades(1200)
     first = produce(kafka, stream_topic, trades[:600])  # 200 per partition
@@ -99,12 +100,16 @@ def test_retention_past_the_committed_offset_is_an_error_recorded_in_the_table_u
         assert (loss.passed, loss.severity.value) == (False, "ERROR")
         assert loss.metadata["lost_messages"].value == 100
         assert json.loads(loss.metadata["lost_ranges"].value) == [
-            {"partition": 0, "start": 200, "end": 300, "count": 100, "recorded": False}]
+            {"partition": 0, "start": 200, "end": 300, "count": 100, "recorded": False}
+        ]
         assert "partition 0: offsets [200, 300) (100 messages)" in loss.metadata["loss"].value
         assert checks(result)["offset_baseline"].passed  # not mistaken for a recreated topic
         # The stream carries on: partition 0's batch starts at the committed offset and records the skip.
-        ranges = sorted(request.tags["k2/offset-range"] for request in result.run_requests
-                        if request.tags["k2/kafka-partition"].endswith("-0"))
+        ranges = sorted(
+            request.tags["k2/offset-range"]
+            for request in result.run_requests
+            if request.tags["k2/kafka-partition"].endswith("-0")
+        )
         assert ranges == ["200-400"]
 
         report = drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
@@ -112,7 +117,8 @@ def test_retention_past_the_committed_offset_is_an_error_recorded_in_the_table_u
         still = report.last_checks["retention_loss"]
         assert still["passed"] is False  # loud until an operator accepts it
         assert json.loads(still["metadata"]["lost_ranges"]) == [
-            {"partition": 0, "start": 200, "end": 300, "count": 100, "recorded": True}]
+            {"partition": 0, "start": 200, "end": 300, "count": 100, "recorded": True}
+        ]
 
     # Exactly what Kafka still had is in the table: every trade but the 100 deleted ones.
     rows = first.rows + second.rows
@@ -125,33 +131,54 @@ def test_retention_past_the_committed_offset_is_an_error_recorded_in_the_table_u
 
     # The snapshot that skipped the lost offsets says so, in the same commit that moved past them.
     table = iceberg.trades()
-    recorded = [s.summary.additional_properties for s in table.snapshots()
-                if LOSS_SUMMARY_KEY in s.summary.additional_properties]
+    recorded = [
+        s.summary.additional_properties
+        for s in table.snapshots()
+        if LOSS_SUMMARY_KEY in s.summary.additional_properties
+    ]
     assert len(recorded) == 1
     (entry,) = json.loads(recorded[0][LOSS_SUMMARY_KEY])
     assert (entry["partition"], entry["start"], entry["end"], entry["count"]) == (0, 200, 300, 100)
-    assert (recorded[0]["k2.kafka.partition"], recorded[0]["k2.kafka.start-offset"],
-            recorded[0]["k2.kafka.end-offset"]) == ("0", "200", "400")
+    assert (
+        recorded[0]["k2.kafka.partition"],
+        recorded[0]["k2.kafka.start-offset"],
+        recorded[0]["k2.kafka.end-offset"],
+    ) == ("0", "200", "400")
     # Re-running that range writes nothing and records nothing twice.
     again = run_microbatch(kafka, iceberg, OffsetRange(stream_topic, 0, 200, 400))
     assert again.already_committed and again.written == 0 and again.lost == 0
 
     # Snapshot expiry drops the snapshot; the table property keeps the loss for an audit.
-    expire_snapshots(table, older_than=datetime.now(timezone.utc) + timedelta(seconds=1), retain_last=1)
+    expire_snapshots(table, older_than=datetime.now(UTC) + timedelta(seconds=1), retain_last=1)
     table = iceberg.trades()
     assert len(table.snapshots()) == 1
     assert [(x.partition, x.start, x.end, x.acknowledged) for x in retention_losses(table, stream_topic)] == [
-        (0, 200, 300, False)]
+        (0, 200, 300, False)
+    ]
     capsys.readouterr()
     assert k2(["offsets", "show", "--topic", stream_topic]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert [(x["partition"], x["start"], x["end"], x["count"], x["acknowledged"])
-            for x in shown["retention_losses"]] == [(0, 200, 300, 100, False)]
+    assert [
+        (x["partition"], x["start"], x["end"], x["count"], x["acknowledged"]) for x in shown["retention_losses"]
+    ] == [(0, 200, 300, 100, False)]
     assert shown["partitions"]["0"]["retention_gap"] == 0
 
     # The operator accepts it: who, when and why go into one more commit; the check turns green.
-    assert k2(["offsets", "accept-loss", "--topic", stream_topic, "--by", "ops-on-call",
-               "--note", "Kafka retention shorter than the outage; reloaded from the exchange"]) == 0
+    assert (
+        k2(
+            [
+                "offsets",
+                "accept-loss",
+                "--topic",
+                stream_topic,
+                "--by",
+                "ops-on-call",
+                "--note",
+                "Kafka retention shorter than the outage; reloaded from the exchange",
+            ]
+        )
+        == 0
+    )
     assert "accepted by ops-on-call: partition 0: offsets [200, 300)" in capsys.readouterr().out
     table = iceberg.trades()
     acknowledgement = json.loads(table.current_snapshot().summary.additional_properties[LOSS_ACKNOWLEDGED_KEY])
@@ -176,14 +203,22 @@ def _overflowing_timestamp(record: dict) -> bytes:
 
 
 def test_a_record_that_decodes_but_cannot_be_stored_is_a_dead_letter_and_its_batch_commits(
-        k2_home, kafka_broker, topic_name):
+    k2_home, kafka_broker, topic_name
+):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=1)
     valid = recorded_trades(300)
-    huge_price = {**valid[0], "message_id": "poison-price", "trade_id": "BINANCE-poison-price",
-                  "price": Decimal("123456789012345.5")}  # Avro carries it; decimal(18,8) cannot
-    poison = {50: encode_trade(huge_price), 120: b"\x00\x00\x00\x00\x01 not avro at all",
-              200: _overflowing_timestamp(valid[1])}
+    huge_price = {
+        **valid[0],
+        "message_id": "poison-price",
+        "trade_id": "BINANCE-poison-price",
+        "price": Decimal("123456789012345.5"),
+    }  # Avro carries it; decimal(18,8) cannot
+    poison = {
+        50: encode_trade(huge_price),
+        120: b"\x00\x00\x00\x00\x01 not avro at all",
+        200: _overflowing_timestamp(valid[1]),
+    }
     producer = kafka.producer()
     values, index = [], 0
     for position in range(len(valid) + len(poison)):
@@ -201,8 +236,10 @@ def test_a_record_that_decodes_but_cannot_be_stored_is_a_dead_letter_and_its_bat
     with DagsterInstance.ephemeral() as instance:
         report = drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
         assert (report.runs, report.failed_runs) == (1, 0)  # one batch, not stalled by its poison
-        (materialization,) = [r.asset_materialization for r in instance.fetch_materializations(
-            defs.resolve_assets_def("binance_trades").key, limit=5).records]
+        (materialization,) = [
+            r.asset_materialization
+            for r in instance.fetch_materializations(defs.resolve_assets_def("binance_trades").key, limit=5).records
+        ]
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         assert (metadata["rows_written"], metadata["dead_lettered"]) == (300, 3)
 
@@ -213,8 +250,9 @@ def test_a_record_that_decodes_but_cannot_be_stored_is_a_dead_letter_and_its_bat
 
     letters = read_topic(kafka, dead_letter_topic(topic_name))
     assert len(letters) == 3
-    by_source = {dict(m.headers)["k2.source"].decode(): (m.value, dict(m.headers)["k2.reason"].decode())
-                 for m in letters}
+    by_source = {
+        dict(m.headers)["k2.source"].decode(): (m.value, dict(m.headers)["k2.reason"].decode()) for m in letters
+    }
     assert set(by_source) == {f"{topic_name}/0@{offset}" for offset in poison}
     for offset, raw in poison.items():
         value, reason = by_source[f"{topic_name}/0@{offset}"]

@@ -99,8 +99,9 @@ def _ranges(result) -> dict[int, tuple[int, int, str]]:
 
 
 @pytest.mark.timeout(900)
-def test_a_tick_does_the_same_work_with_2000_runs_and_still_decides_right(k2_home, kafka_broker, topic_name,
-                                                                          sqlite_steps):
+def test_a_tick_does_the_same_work_with_2000_runs_and_still_decides_right(
+    k2_home, kafka_broker, topic_name, sqlite_steps
+):
     home = dagster_home()
     prepare_instance(home)
     kafka, iceberg = KafkaResource(), IcebergResource()
@@ -133,14 +134,18 @@ def test_a_tick_does_the_same_work_with_2000_runs_and_still_decides_right(k2_hom
         # Same decision shape at both sizes: every in-flight run succeeded, so the next range of each partition.
         for history_now, result in ((first, base_result), (history, soak_result)):
             assert {p: r[:2] for p, r in _ranges(result).items()} == {
-                p: (end, end + OFFSETS_PER_RUN) for p, end in history_now.ends.items()}
+                p: (end, end + OFFSETS_PER_RUN) for p, end in history_now.ends.items()
+            }
             assert all(key.endswith("#1") for _, _, key in _ranges(result).values())
 
         # Bounded: 2,000 runs cost at most a little more than 3. The counter does see Dagster's
         # queries: reading the history once (every run and materialisation) costs several ticks.
-        scan_steps, _ = sqlite_steps.measure(lambda: (
-            instance.fetch_materializations(BINANCE_TRADES, limit=RUNS),
-            instance.get_runs(filters=RunsFilter(job_name="binance_trades_microbatch"))))
+        scan_steps, _ = sqlite_steps.measure(
+            lambda: (
+                instance.fetch_materializations(BINANCE_TRADES, limit=RUNS),
+                instance.get_runs(filters=RunsFilter(job_name="binance_trades_microbatch")),
+            )
+        )
         assert base_steps > 0 and scan_steps > 3 * soak_steps, (base_steps, soak_steps, scan_steps)
         assert soak_steps <= 1.5 * base_steps + 2_000, (base_steps, soak_steps)
 
@@ -159,14 +164,25 @@ def test_a_tick_does_the_same_work_with_2000_runs_and_still_decides_right(k2_hom
         assert not instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: ranges[1][2]}))  # a fresh key
         checks = checks_of(result)
         topic_ends = kafka.end_offsets(topic_name)
-        assert checks["consumer_lag"]["metadata"]["lag_messages"] == sum(topic_ends[p] - committed[p] for p in topic_ends)
-        print(json.dumps({"runs": RUNS, "tick_sqlite_steps_base": base_steps, "tick_sqlite_steps_2000": soak_steps,
-                          "all_materialisations_sqlite_steps": scan_steps}))
+        assert checks["consumer_lag"]["metadata"]["lag_messages"] == sum(
+            topic_ends[p] - committed[p] for p in topic_ends
+        )
+        print(
+            json.dumps(
+                {
+                    "runs": RUNS,
+                    "tick_sqlite_steps_base": base_steps,
+                    "tick_sqlite_steps_2000": soak_steps,
+                    "all_materialisations_sqlite_steps": scan_steps,
+                }
+            )
+        )
 
 
 @pytest.mark.timeout(900)
 def test_retention_keeps_what_the_sensor_checks_and_exporter_read_and_bounds_the_check_history(
-        k2_home, kafka_broker, topic_name, sqlite_steps):
+    k2_home, kafka_broker, topic_name, sqlite_steps
+):
     """Old runs and old sensor check evaluations go; the newest of each, the in-flight runs and what the
     sensor decides from stay, and reading a check's latest evaluation does less work afterwards."""
     home = dagster_home()
@@ -177,20 +193,25 @@ def test_retention_keeps_what_the_sensor_checks_and_exporter_read_and_bounds_the
     _fill_topic(kafka, topic_name, (old_runs + recent_runs) // PARTITIONS * OFFSETS_PER_RUN + LAG)
     defs = stream_defs(topic_name, max_batch=OFFSETS_PER_RUN)
     now = time.time()
-    policy = RetentionPolicy(run_retention_hours=24, min_runs_to_keep=60, check_retention_hours=24,
-                             min_evaluations_to_keep=20)
+    policy = RetentionPolicy(
+        run_retention_hours=24, min_runs_to_keep=60, check_retention_hours=24, min_evaluations_to_keep=20
+    )
 
     with DagsterInstance.from_config(str(home)) as instance:
         writer = RunHistoryWriter(instance, defs, topic_name, PARTITIONS, offsets_per_run=OFFSETS_PER_RUN)
         writer.append(old_runs, now=now - 3 * 86_400)  # three days old
         history = writer.append(recent_runs, now=now)
         _commit(iceberg, topic_name, history.ends)
-        check_keys = [AssetCheckKey(BINANCE_TRADES, name) for name in sorted(
-            checks_of(tick(instance, defs, history.cursor().to_json())))]
+        check_keys = [
+            AssetCheckKey(BINANCE_TRADES, name)
+            for name in sorted(checks_of(tick(instance, defs, history.cursor().to_json())))
+        ]
         storage = instance.event_log_storage
         latest_before = storage.get_latest_asset_check_execution_by_key(check_keys)
         steps_before, _ = sqlite_steps.measure(lambda: storage.get_latest_asset_check_execution_by_key(check_keys))
-        evaluations_before = {k.name: len(storage.get_asset_check_execution_history(k, limit=10_000)) for k in check_keys}
+        evaluations_before = {
+            k.name: len(storage.get_asset_check_execution_history(k, limit=10_000)) for k in check_keys
+        }
 
         report = prune_stream_history(instance, "binance_trades_microbatch", check_keys, policy)
 
@@ -205,23 +226,33 @@ def test_retention_keeps_what_the_sensor_checks_and_exporter_read_and_bounds_the
             kept = storage.get_asset_check_execution_history(key, limit=10_000)
             assert len(kept) == 20 and report.evaluations_deleted[key.name] == evaluations_before[key.name] - 20
         assert {k: r.id for k, r in storage.get_latest_asset_check_execution_by_key(check_keys).items()} == {
-            k: r.id for k, r in latest_before.items()}
+            k: r.id for k, r in latest_before.items()
+        }
         with storage.run_connection("") as conn:  # the SQLite storage's own copy of runless events
-            shard = conn.execute(sa.select(sa.func.count()).select_from(SqlEventLogStorageTable).where(
-                SqlEventLogStorageTable.c.dagster_event_type == "ASSET_CHECK_EVALUATION")).scalar()
+            shard = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(SqlEventLogStorageTable)
+                .where(SqlEventLogStorageTable.c.dagster_event_type == "ASSET_CHECK_EVALUATION")
+            ).scalar()
         assert shard == 20 * len(check_keys)
         steps_after, _ = sqlite_steps.measure(lambda: storage.get_latest_asset_check_execution_by_key(check_keys))
         assert steps_after < steps_before, (steps_before, steps_after)
         # The sensor decides as before: the newest run of each partition found, the next range requested.
         result = tick(instance, defs, history.cursor().to_json())
         assert {p: r[:2] for p, r in _ranges(result).items()} == {
-            p: (end, end + OFFSETS_PER_RUN) for p, end in history.ends.items()}
+            p: (end, end + OFFSETS_PER_RUN) for p, end in history.ends.items()
+        }
         assert set(latest_batch_gaps(instance, topic_name)) == set(range(PARTITIONS))
         # The nightly job, with the same policy, finds nothing more to delete.
-        config = {"run_retention_hours": 24, "min_runs_to_keep": 60, "check_retention_hours": 24,
-                  "min_evaluations_to_keep": 20}
+        config = {
+            "run_retention_hours": 24,
+            "min_runs_to_keep": 60,
+            "check_retention_hours": 24,
+            "min_evaluations_to_keep": 20,
+        }
         outcome = dagster_history_retention.execute_in_process(
-            instance=instance, run_config={"ops": {"prune_dagster_history": {"config": config}}})
+            instance=instance, run_config={"ops": {"prune_dagster_history": {"config": config}}}
+        )
         assert outcome.success
         assert instance.get_runs_count() == 60 + 1  # the retention run itself
         assert stream_check_keys(instance, BINANCE_TRADES) == check_keys

@@ -4,7 +4,7 @@ database) and over the REST catalog + S3 of `k2 cluster` (SeaweedFS)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import polars as pl
 import pyarrow as pa
@@ -25,19 +25,29 @@ from tests.support.synthetic import append_in_chunks, asx_trades, binance_trades
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ASX_DAY = "2014-03-11"
-BINANCE_END = datetime(2024, 8, 9, 0, 0, 30, tzinfo=timezone.utc)  # ~1 min of trades across a UTC midnight
-BINANCE_DAYS = (datetime(2024, 8, 8, tzinfo=timezone.utc), datetime(2024, 8, 10, tzinfo=timezone.utc))
-PER_SYMBOL_SQL = ("SELECT symbol, exchange, count(*) AS trades, sum(quantity) AS volume, min(timestamp) AS first_at, "
-                  "max(timestamp) AS last_at FROM {table} GROUP BY symbol, exchange ORDER BY symbol, exchange")
+BINANCE_END = datetime(2024, 8, 9, 0, 0, 30, tzinfo=UTC)  # ~1 min of trades across a UTC midnight
+BINANCE_DAYS = (datetime(2024, 8, 8, tzinfo=UTC), datetime(2024, 8, 10, tzinfo=UTC))
+PER_SYMBOL_SQL = (
+    "SELECT symbol, exchange, count(*) AS trades, sum(quantity) AS volume, min(timestamp) AS first_at, "
+    "max(timestamp) AS last_at FROM {table} GROUP BY symbol, exchange ORDER BY symbol, exchange"
+)
 BAR_KEY = ["interval", "symbol", "exchange", "bucket_start"]
 
 
 def _written_per_symbol(trades: pa.Table) -> list[dict]:
     """The per-symbol answer computed from the rows as written (independent of any reader)."""
-    return (pl.from_arrow(trades).group_by("symbol", "exchange")
-            .agg(pl.len().alias("trades"), pl.col("quantity").sum().alias("volume"),
-                 pl.col("timestamp").min().alias("first_at"), pl.col("timestamp").max().alias("last_at"))
-            .sort("symbol", "exchange").to_dicts())
+    return (
+        pl.from_arrow(trades)
+        .group_by("symbol", "exchange")
+        .agg(
+            pl.len().alias("trades"),
+            pl.col("quantity").sum().alias("volume"),
+            pl.col("timestamp").min().alias("first_at"),
+            pl.col("timestamp").max().alias("last_at"),
+        )
+        .sort("symbol", "exchange")
+        .to_dicts()
+    )
 
 
 def _rows(table: pa.Table) -> list[dict]:
@@ -61,8 +71,9 @@ def lake_trades(spark_lake) -> pa.Table:
 
 def test_spark_reads_market_trades_with_the_same_per_symbol_answers_as_duckdb(spark_lake, lake_trades, k2_home):
     print(f"\nSpark session start: {spark_lake.started_in_seconds:.1f}s")
-    spark_answer = _rows(spark_lake.session.sql(
-        PER_SYMBOL_SQL.format(table=f"{spark_lake.catalog_name}.market.trades")).toArrow())
+    spark_answer = _rows(
+        spark_lake.session.sql(PER_SYMBOL_SQL.format(table=f"{spark_lake.catalog_name}.market.trades")).toArrow()
+    )
     duckdb = DuckDBQueryResource(iceberg=IcebergResource(catalog_properties=spark_lake.catalog_properties()))
     duckdb_answer = _rows(duckdb.query(PER_SYMBOL_SQL.format(table="market.trades")))
 
@@ -74,7 +85,7 @@ def test_spark_reads_market_trades_with_the_same_per_symbol_answers_as_duckdb(sp
 
 def _comparable(bars: pl.DataFrame) -> pa.Table:
     """Bars in OHLCV's Arrow schema, in key order, with the run-time ``computed_at`` set to one instant."""
-    fixed = pl.lit(datetime(2000, 1, 1, tzinfo=timezone.utc)).dt.cast_time_unit("us")
+    fixed = pl.lit(datetime(2000, 1, 1, tzinfo=UTC)).dt.cast_time_unit("us")
     return bars.with_columns(fixed.alias("computed_at")).sort(BAR_KEY).to_arrow().cast(OHLCV.arrow_schema())
 
 

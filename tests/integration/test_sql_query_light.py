@@ -46,26 +46,31 @@ def test_light_sql_answers_what_the_resource_answers(k2_home: Path, generated_da
     planned = {Path(urlparse(task.file.file_path).path).name for task in iceberg.trades().scan().plan_files()}
     assert planned == {Path(file).name for file in live_files}
     resource = DuckDBQueryResource(iceberg=iceberg)
-    for sql in ("select count(*), sum(price), min(timestamp), max(source_sequence) from market.trades",
-                "select symbol, count(*) from market.trades group by 1 order by 1",
-                "select line_number, reason from market.dead_letters order by line_number",
-                "select count(*) from market.quotes",  # no snapshot yet: an empty view of its schema
-                "select * from market.quotes limit 1"):
+    for sql in (
+        "select count(*), sum(price), min(timestamp), max(source_sequence) from market.trades",
+        "select symbol, count(*) from market.trades group by 1 order by 1",
+        "select line_number, reason from market.dead_letters order by line_number",
+        "select count(*) from market.quotes",  # no snapshot yet: an empty view of its schema
+        "select * from market.quotes limit 1",
+    ):
         columns, rows = run_sql(sql)
         expected = resource.query(sql)
         assert columns == expected.column_names
         assert rows == [tuple(row.values()) for row in expected.to_pylist()], sql
     # Values are bound, never pasted.
     assert run_sql("select count(*) from market.trades where symbol = ?", ["BHP"])[1] == [
-        (generated_day.rows_per_symbol["BHP"] - generated_day.malformed,)]
+        (generated_day.rows_per_symbol["BHP"] - generated_day.malformed,)
+    ]
 
 
 def test_k2_query_sql_imports_no_dagster_pyiceberg_or_pyarrow(k2_home: Path) -> None:
     IcebergResource().catalog()  # the tables exist, all empty
-    probe = ("import sys\nfrom k2_assets.cli import main\n"
-             "assert main(['query', 'sql', 'select count(*) as n from market.trades', '--format', 'csv']) == 0\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
-             "('dagster', 'pyiceberg', 'pyarrow', 'polars', 'sqlalchemy')}), file=sys.stderr)")
+    probe = (
+        "import sys\nfrom k2_assets.cli import main\n"
+        "assert main(['query', 'sql', 'select count(*) as n from market.trades', '--format', 'csv']) == 0\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
+        "('dagster', 'pyiceberg', 'pyarrow', 'polars', 'sqlalchemy')}), file=sys.stderr)"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["n", "0"]
@@ -87,7 +92,8 @@ def test_partition_split_matches_pyiceberg_and_dead_letters_are_exact(k2_home: P
     for partition in theirs:
         mine = as_dict[partition.partition_key.partition]
         assert sorted(mine.column("message_id").to_pylist()) == sorted(
-            partition.arrow_table_partition.column("message_id").to_pylist())
+            partition.arrow_table_partition.column("message_id").to_pylist()
+        )
     assert sum(piece.num_rows for _, piece in ours) == rows.num_rows
 
 

@@ -30,17 +30,25 @@ TRADES = 6_000
 
 def _die_before_commit(topic: str, k2_home: str, bootstrap: str, partition: int, end: int) -> None:
     os.environ["K2_HOME"], os.environ["K2_KAFKA_BOOTSTRAP"] = k2_home, bootstrap
-    run_microbatch(KafkaResource(), IcebergResource(), OffsetRange(topic, partition, 0, end),
-                   before_commit=lambda: os._exit(137))
+    run_microbatch(
+        KafkaResource(), IcebergResource(), OffsetRange(topic, partition, 0, end), before_commit=lambda: os._exit(137)
+    )
 
 
 def test_every_trade_the_server_sends_lands_in_iceberg_once_despite_faults(k2_home, kafka_broker, topic_name):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=3)
-    with RecordingServerThread(speed=None, limit=TRADES, drop_after=1_500, max_drops=3, repeat_every=400,
-                            repeat_count=3, malformed_every=1_000) as server:
-        stats = stream_to_kafka(server.url, topic_name, kafka, dlq_topic=dead_letter_topic(topic_name),
-                                backoff_initial_s=0.01, backoff_max_s=0.1)
+    with RecordingServerThread(
+        speed=None, limit=TRADES, drop_after=1_500, max_drops=3, repeat_every=400, repeat_count=3, malformed_every=1_000
+    ) as server:
+        stats = stream_to_kafka(
+            server.url,
+            topic_name,
+            kafka,
+            dlq_topic=dead_letter_topic(topic_name),
+            backoff_initial_s=0.01,
+            backoff_max_s=0.1,
+        )
         sent = server.stats()
     assert sent.finished and sent.drops == 3 and sent.repeated_frames > 0 and sent.malformed_frames > 0
     assert stats.dead_lettered == sent.malformed_frames
@@ -52,7 +60,8 @@ def test_every_trade_the_server_sends_lands_in_iceberg_once_despite_faults(k2_ho
     assert partition_end >= 2, "the fault needs a partition with data"
     process = multiprocessing.get_context("spawn").Process(
         target=_die_before_commit,
-        args=(topic_name, str(k2_home), kafka_broker.bootstrap_servers, partition, partition_end // 2))
+        args=(topic_name, str(k2_home), kafka_broker.bootstrap_servers, partition, partition_end // 2),
+    )
     process.start()
     process.join(timeout=180)
     assert process.exitcode == 137, "the micro-batch did not die at its commit"

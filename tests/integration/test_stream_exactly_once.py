@@ -81,8 +81,9 @@ def test_every_trade_lands_once_and_rerun_writes_nothing(k2_home, kafka_broker, 
 
 def _die_before_commit(topic: str, k2_home: str, bootstrap: str) -> None:
     os.environ["K2_HOME"], os.environ["K2_KAFKA_BOOTSTRAP"] = k2_home, bootstrap
-    run_microbatch(KafkaResource(), IcebergResource(), OffsetRange(topic, 0, 0, 500),
-                   before_commit=lambda: os._exit(137))
+    run_microbatch(
+        KafkaResource(), IcebergResource(), OffsetRange(topic, 0, 0, 500), before_commit=lambda: os._exit(137)
+    )
 
 
 def test_batch_killed_half_way_then_rerun_leaves_no_duplicates_and_no_gaps(k2_home, kafka_broker, stream_topic):
@@ -92,7 +93,8 @@ def test_batch_killed_half_way_then_rerun_leaves_no_duplicates_and_no_gaps(k2_ho
 
     # A real process reads its range and dies just before its Iceberg commit.
     process = multiprocessing.get_context("spawn").Process(
-        target=_die_before_commit, args=(stream_topic, str(k2_home), kafka_broker.bootstrap_servers))
+        target=_die_before_commit, args=(stream_topic, str(k2_home), kafka_broker.bootstrap_servers)
+    )
     process.start()
     process.join(timeout=180)
     assert process.exitcode == 137

@@ -25,21 +25,27 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(600)
-def test_the_sensor_starts_a_follower_that_commits_new_trades_each_second_exactly_once(k2_home, kafka_broker,
-                                                                                       topic_name):
+def test_the_sensor_starts_a_follower_that_commits_new_trades_each_second_exactly_once(
+    k2_home, kafka_broker, topic_name
+):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=3)
     records = recorded_trades(6000)
     first, second = records[:3000], records[3000:]
     produce(kafka, topic_name, first)
     resources = build_resources()
-    resources["sink"] = TradeSinkResource(topic=topic_name, max_batch_messages=50_000, follow_seconds=20,
-                                          follow_interval_seconds=0.5)
+    resources["sink"] = TradeSinkResource(
+        topic=topic_name, max_batch_messages=50_000, follow_seconds=20, follow_interval_seconds=0.5
+    )
     defs = Definitions.merge(binance_defs, Definitions(resources=resources))
 
     def produce_the_rest_once_the_first_lot_is_in() -> None:
-        wait_for(lambda: sum(committed_offsets(iceberg.trades(), topic_name).values()) >= len(first), 120,
-                 "the first lot committed by the follower", interval_s=0.5)
+        wait_for(
+            lambda: sum(committed_offsets(iceberg.trades(), topic_name).values()) >= len(first),
+            120,
+            "the first lot committed by the follower",
+            interval_s=0.5,
+        )
         produce(kafka, topic_name, second)
 
     with DagsterInstance.ephemeral() as instance:
@@ -60,8 +66,9 @@ def test_the_sensor_starts_a_follower_that_commits_new_trades_each_second_exactl
         for s in iceberg.trades().snapshots()
         if (p := s.summary.additional_properties if s.summary else {}).get("k2.kafka.topic") == topic_name
     }
-    per_commit = [e.asset_materialization.metadata for e in events
-                  if "start_offset" in e.asset_materialization.metadata]
+    per_commit = [
+        e.asset_materialization.metadata for e in events if "start_offset" in e.asset_materialization.metadata
+    ]
     reported = {(m["partition"].value, m["start_offset"].value, m["end_offset"].value) for m in per_commit}
     assert reported == snapshots
     assert len(snapshots) > 3  # the second lot came in commits of its own, while the follower ran

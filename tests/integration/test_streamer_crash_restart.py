@@ -58,7 +58,8 @@ def _streamer(server_url: str, topic: str, env: dict[str, str], log_path) -> sub
 
 
 def test_sigkilled_streamer_restarts_and_every_trade_lands_in_iceberg_exactly_once(
-        k2_home, kafka_broker, topic_name, tmp_path):
+    k2_home, kafka_broker, topic_name, tmp_path
+):
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=3)
     env = {key: value for key, value in os.environ.items() if not key.startswith("K2_STREAM_")}
@@ -69,13 +70,18 @@ def test_sigkilled_streamer_restarts_and_every_trade_lands_in_iceberg_exactly_on
     def produced() -> int:
         return sum(kafka.end_offsets(topic_name).values())
 
-    with RecordingServerThread(speed=40, limit=TRADES, resume_overlap=RESEND, repeat_every=250,
-                               repeat_count=3) as server:
+    with RecordingServerThread(
+        speed=40, limit=TRADES, resume_overlap=RESEND, repeat_every=250, repeat_count=3
+    ) as server:
         kills = []
         for point in kill_points:
             process = _streamer(server.stream_url(SYMBOLS), topic_name, env, log_path)
-            wait_for(lambda: produced() >= point or process.poll() is not None, timeout_s=300,
-                     what=f"the streamer to put {point} trades in Kafka", interval_s=0.05)
+            wait_for(
+                lambda: produced() >= point or process.poll() is not None,
+                timeout_s=300,
+                what=f"the streamer to put {point} trades in Kafka",
+                interval_s=0.05,
+            )
             assert process.poll() is None, f"the streamer ended before the kill:\n{log_path.read_text()}"
             process.send_signal(signal.SIGKILL)
             assert process.wait(timeout=60) == -signal.SIGKILL

@@ -52,7 +52,9 @@ def test_symbol_tiers_ranks_each_exchanges_last_24_hours_and_the_shedder_uses_it
         table.append(binance)
 
         metadata = _materialize(iceberg, degradation, instance)
-    rows = pl.concat([pl.from_arrow(asx), pl.from_arrow(binance)]).select("symbol", "exchange", "timestamp", "price", "quantity")
+    rows = pl.concat([pl.from_arrow(asx), pl.from_arrow(binance)]).select(
+        "symbol", "exchange", "timestamp", "price", "quantity"
+    )
     expected = _expected_order(rows)
     stored = json.loads(degradation.tiers_path().read_text())
     assert [s["symbol"] for s in stored["symbols"]] == expected

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
 
 from k2_resources.errors import K2Error
 from k2_resources.iceberg import IcebergResource
-from k2_resources.schemas import encode_trade, decode_trade
+from k2_resources.schemas import decode_trade, encode_trade
 from k2_resources.trades.time_ordered import TimeOrderedReader
 from tests.support.synthetic import asx_trades
 
 pytestmark = pytest.mark.integration
 
-UTC = timezone.utc
+UTC = UTC
 
 
 class FakeClock:
@@ -49,8 +49,9 @@ def test_reads_in_time_order_complete_and_in_slices(asx_table):
     assert reader.progress.slices == 24  # 8 hours in 20-minute slices
     assert len(batches) > 10 and max(b.height for b in batches) < sum(b.height for b in batches) / 5
     read = pl.concat(batches)
-    expected = asx_table.filter(pl.col("symbol").is_in(["BHP", "RIO"]) & (pl.col("timestamp") >= start)
-                                & (pl.col("timestamp") < end)).sort("timestamp", "source_sequence")
+    expected = asx_table.filter(
+        pl.col("symbol").is_in(["BHP", "RIO"]) & (pl.col("timestamp") >= start) & (pl.col("timestamp") < end)
+    ).sort("timestamp", "source_sequence")
     assert read["message_id"].to_list() == expected["message_id"].to_list()
     assert read["timestamp"].is_sorted()
 

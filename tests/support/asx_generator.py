@@ -41,8 +41,19 @@ COMPANIES: dict[str, tuple[str, float, float, float]] = {
     "3153": ("MWR", 0.0002, 1.20, 0.005),
 }
 # Qualifier codes and their frequency in the real trades (BHP and RIO together).
-QUALIFIERS = {"0": 0.8756, "25": 0.0690, "2": 0.0371, "27": 0.0111, "5": 0.0055, "8": 0.0008, "3": 0.0007,
-              "26": 0.0006, "9": 0.0003, "1": 0.0002, "10": 0.0001}
+QUALIFIERS = {
+    "0": 0.8756,
+    "25": 0.0690,
+    "2": 0.0371,
+    "27": 0.0111,
+    "5": 0.0055,
+    "8": 0.0008,
+    "3": 0.0007,
+    "26": 0.0006,
+    "9": 0.0003,
+    "1": 0.0002,
+    "10": 0.0001,
+}
 VENUE_X_SHARE = 224 / 200_310
 FIELD_7_SHARE = 113 / 200_310
 
@@ -113,9 +124,11 @@ def _company_lines(rng: np.random.Generator, n: int, day: date, level: float, ti
     )
     seconds = pl.col("ms") // 1000
     two = lambda expr: expr.cast(pl.String).str.zfill(2)  # noqa: E731
-    clock = pl.concat_str(
-        [two(seconds // 3600), two(seconds // 60 % 60), two(seconds % 60)], separator=":"
-    ) + pl.lit(".") + (pl.col("ms") % 1000).cast(pl.String).str.zfill(3)
+    clock = (
+        pl.concat_str([two(seconds // 3600), two(seconds // 60 % 60), two(seconds % 60)], separator=":")
+        + pl.lit(".")
+        + (pl.col("ms") % 1000).cast(pl.String).str.zfill(3)
+    )
     line = pl.concat_str(
         [
             pl.lit(day.strftime("%m/%d/%Y")),
@@ -132,7 +145,10 @@ def _company_lines(rng: np.random.Generator, n: int, day: date, level: float, ti
 
 
 def write_asx_trades_day(
-    folder: Path, rows: int = 10_000_000, day: date = date(2014, 3, 11), seed: int = 20140311,
+    folder: Path,
+    rows: int = 10_000_000,
+    day: date = date(2014, 3, 11),
+    seed: int = 20140311,
     malformed: int = len(MALFORMED_LINES),
 ) -> GeneratedDay:
     """Write one ASX trading day of ``rows`` trade lines under ``folder`` (see the module doc)."""
@@ -142,8 +158,9 @@ def write_asx_trades_day(
     trades = folder / "trades"
     trades.mkdir(parents=True, exist_ok=True)
     (folder / "reference-data").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(DATA_DIR / "asx" / "reference-data" / "company_info.csv",
-                    folder / "reference-data" / "company_info.csv")
+    shutil.copyfile(
+        DATA_DIR / "asx" / "reference-data" / "company_info.csv", folder / "reference-data" / "company_info.csv"
+    )
     ids = list(COMPANIES)
     counts = [max(1, int(rows * COMPANIES[c][1])) for c in ids]
     counts[ids.index("7458")] += rows - sum(counts)
@@ -160,9 +177,7 @@ def write_asx_trades_day(
             lines = lines.scatter(positions, pl.Series(bad, dtype=pl.String))
             bad_line_numbers = tuple(int(p) + 1 for p in positions)
         path = trades / f"{company}.csv"
-        pl.DataFrame({"raw": lines}).write_csv(
-            path, include_header=False, quote_style="never", line_terminator="\r\n"
-        )
+        pl.DataFrame({"raw": lines}).write_csv(path, include_header=False, quote_style="never", line_terminator="\r\n")
         per_symbol[symbol] = counts[index]
         written += path.stat().st_size
     return GeneratedDay(folder, day, rows, malformed, bad_line_numbers, per_symbol, written)

@@ -66,7 +66,14 @@ def rest_catalog(store: ObjectStore) -> Catalog:
 def s3_objects(store: ObjectStore, prefix: str) -> dict[str, int]:
     """Every object under ``s3://<table bucket>/<prefix>`` with its size, listed through the S3 API itself."""
     env = store.env()
-    filesystem = pafs.S3FileSystem(access_key=env["K2_S3_ACCESS_KEY_ID"], secret_key=env["K2_S3_SECRET_ACCESS_KEY"],
-                                   endpoint_override=env["K2_S3_ENDPOINT"], scheme="http", region=env["K2_S3_REGION"])
-    listed = filesystem.get_file_info(pafs.FileSelector(f"{TABLE_BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    filesystem = pafs.S3FileSystem(
+        access_key=env["K2_S3_ACCESS_KEY_ID"],
+        secret_key=env["K2_S3_SECRET_ACCESS_KEY"],
+        endpoint_override=env["K2_S3_ENDPOINT"],
+        scheme="http",
+        region=env["K2_S3_REGION"],
+    )
+    listed = filesystem.get_file_info(
+        pafs.FileSelector(f"{TABLE_BUCKET}/{prefix}", recursive=True, allow_not_found=True)
+    )
     return {f"s3://{info.path}": info.size for info in listed if info.type == pafs.FileType.File}

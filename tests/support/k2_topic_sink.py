@@ -23,7 +23,9 @@ def sink_topic(kafka: KafkaResource, iceberg: IcebergResource, topic: str, batch
     written = commits = 0
     for partition, end in sorted(kafka.end_offsets(topic).items()):
         for begin in range(0, end, batch):
-            written += run_microbatch(kafka, iceberg, OffsetRange(topic, partition, begin, min(begin + batch, end))).written
+            written += run_microbatch(
+                kafka, iceberg, OffsetRange(topic, partition, begin, min(begin + batch, end))
+            ).written
             commits += 1
     return {"written": written, "commits": commits}
 

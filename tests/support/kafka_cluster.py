@@ -30,9 +30,14 @@ def partition_replicas(bootstrap_servers: str, topic: str) -> dict[int, dict]:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         [described] = admin.describe_topics([topic])
-        return {p["partition_index"]: {"leader": p["leader_id"], "replicas": sorted(p["replica_nodes"]),
-                                       "isr": sorted(p["isr_nodes"])}
-                for p in described["partitions"]}
+        return {
+            p["partition_index"]: {
+                "leader": p["leader_id"],
+                "replicas": sorted(p["replica_nodes"]),
+                "isr": sorted(p["isr_nodes"]),
+            }
+            for p in described["partitions"]
+        }
     finally:
         admin.close()
 

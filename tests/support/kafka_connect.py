@@ -35,7 +35,7 @@ class PeerUnavailableError(RuntimeError):
 def _pom_property(name: str) -> str:
     text = POM.read_text()
     start = text.index(f"<{name}>") + len(name) + 2
-    return text[start:text.index(f"</{name}>", start)]
+    return text[start : text.index(f"</{name}>", start)]
 
 
 def versions() -> dict[str, str]:
@@ -79,45 +79,53 @@ class IcebergConnectSink:
         return path
 
     def _worker_properties(self) -> Path:
-        return self._write_properties("worker.properties", {
-            "bootstrap.servers": self.bootstrap_servers,
-            "key.converter": "org.apache.kafka.connect.storage.StringConverter",
-            "value.converter": "org.apache.kafka.connect.json.JsonConverter",
-            "value.converter.schemas.enable": "false",
-            "offset.storage.file.filename": str(self.home / "connect.offsets"),
-            "listeners": f"http://127.0.0.1:{self.rest_port}",
-            "plugin.discovery": "service_load",  # plugins found by their service manifests, no scan
-            # The sink answers the coordinator only inside put(); with Connect's default 60 s flush
-            # interval an idle consumer blocks in poll() that long and commits time out (30 s).
-            "offset.flush.interval.ms": str(self.commit_interval_ms),
-        })
+        return self._write_properties(
+            "worker.properties",
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "key.converter": "org.apache.kafka.connect.storage.StringConverter",
+                "value.converter": "org.apache.kafka.connect.json.JsonConverter",
+                "value.converter.schemas.enable": "false",
+                "offset.storage.file.filename": str(self.home / "connect.offsets"),
+                "listeners": f"http://127.0.0.1:{self.rest_port}",
+                "plugin.discovery": "service_load",  # plugins found by their service manifests, no scan
+                # The sink answers the coordinator only inside put(); with Connect's default 60 s flush
+                # interval an idle consumer blocks in poll() that long and commits time out (30 s).
+                "offset.flush.interval.ms": str(self.commit_interval_ms),
+            },
+        )
 
     def _connector_properties(self) -> Path:
-        return self._write_properties("iceberg-sink.properties", {
-            "name": "k2-peer-iceberg-sink",
-            "connector.class": CONNECTOR_CLASS,
-            "tasks.max": "1",
-            "topics": self.topic,
-            "iceberg.tables": self.table,
-            "iceberg.tables.auto-create-enabled": "false",
-            "iceberg.catalog": self.catalog_name,
-            "iceberg.catalog.catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
-            "iceberg.catalog.uri": f"jdbc:sqlite:{self.catalog_db}",
-            "iceberg.catalog.jdbc.schema-version": "V1",  # the iceberg_type column pyiceberg's SqlCatalog has
-            # sqlite-jdbc waits this long for a lock (pyiceberg polls the same database) instead of
-            # failing the commit with SQLITE_BUSY.
-            "iceberg.catalog.jdbc.busy_timeout": "30000",
-            "iceberg.catalog.warehouse": f"file://{self.warehouse}",
-            "iceberg.control.topic": self.control_topic,
-            "iceberg.control.commit.interval-ms": str(self.commit_interval_ms),
-        })
+        return self._write_properties(
+            "iceberg-sink.properties",
+            {
+                "name": "k2-peer-iceberg-sink",
+                "connector.class": CONNECTOR_CLASS,
+                "tasks.max": "1",
+                "topics": self.topic,
+                "iceberg.tables": self.table,
+                "iceberg.tables.auto-create-enabled": "false",
+                "iceberg.catalog": self.catalog_name,
+                "iceberg.catalog.catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
+                "iceberg.catalog.uri": f"jdbc:sqlite:{self.catalog_db}",
+                "iceberg.catalog.jdbc.schema-version": "V1",  # the iceberg_type column pyiceberg's SqlCatalog has
+                # sqlite-jdbc waits this long for a lock (pyiceberg polls the same database) instead of
+                # failing the commit with SQLITE_BUSY.
+                "iceberg.catalog.jdbc.busy_timeout": "30000",
+                "iceberg.catalog.warehouse": f"file://{self.warehouse}",
+                "iceberg.control.topic": self.control_topic,
+                "iceberg.control.commit.interval-ms": str(self.commit_interval_ms),
+            },
+        )
 
     def start(self) -> float:
         """Start the worker (returns at once); the monotonic time it was launched at."""
         java = shutil.which("java")
         if java is None:
-            raise PeerUnavailableError("`java` was not found on PATH; install a Java 17+ runtime "
-                                       "(Debian: `apt-get install openjdk-17-jre-headless`)")
+            raise PeerUnavailableError(
+                "`java` was not found on PATH; install a Java 17+ runtime "
+                "(Debian: `apt-get install openjdk-17-jre-headless`)"
+            )
         self.home.mkdir(parents=True, exist_ok=True)
         classpath = connect_classpath(self.home.parent)
         # WAL: pyiceberg reading the catalog (the benchmark polls it) never blocks the sink's
@@ -128,9 +136,21 @@ class IcebergConnectSink:
         log = self.log_file.open("ab")
         launched = time.monotonic()
         self._process = subprocess.Popen(
-            [java, f"-Xmx{self.heap}", "-XX:+UseG1GC", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-             "-cp", classpath, "org.apache.kafka.connect.cli.ConnectStandalone", str(worker), str(connector)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                java,
+                f"-Xmx{self.heap}",
+                "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+                "-cp",
+                classpath,
+                "org.apache.kafka.connect.cli.ConnectStandalone",
+                str(worker),
+                str(connector),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         return launched

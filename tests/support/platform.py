@@ -47,8 +47,11 @@ class K2Run:
 
     def daemon_statuses(self) -> dict[str, bool]:
         """Each required daemon's health as the webserver reports it (from the daemon's heartbeats)."""
-        request = urllib.request.Request(f"{self.ui}/graphql", data=json.dumps({"query": DAEMON_HEALTH_QUERY}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.ui}/graphql",
+            data=json.dumps({"query": DAEMON_HEALTH_QUERY}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         body = json.loads(urllib.request.urlopen(request, timeout=10).read())
         statuses = body["data"]["instance"]["daemonHealth"]["allDaemonStatuses"]
         return {status["daemonType"]: bool(status["healthy"]) for status in statuses if status["required"]}
@@ -79,8 +82,15 @@ class K2Run:
                 self._log.close()
 
 
-def start_k2_run(home: Path, log_path: Path, *, kafka_bootstrap: str | None = None, extra_args: tuple[str, ...] = (),
-                 kafka_ports: tuple[int, int] | None = None, stream: dict[str, str] | None = None) -> K2Run:
+def start_k2_run(
+    home: Path,
+    log_path: Path,
+    *,
+    kafka_bootstrap: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    kafka_ports: tuple[int, int] | None = None,
+    stream: dict[str, str] | None = None,
+) -> K2Run:
     """`python -m k2_assets.cli run` on ``home``: with ``kafka_bootstrap`` it uses that broker, else it
     starts its own embedded one on ``kafka_ports`` (or free ports).
 
@@ -98,9 +108,20 @@ def start_k2_run(home: Path, log_path: Path, *, kafka_bootstrap: str | None = No
         env.update(K2_KAFKA_PORT=str(kafka_port), K2_KAFKA_CONTROLLER_PORT=str(controller_port))
     log = log_path.open("w")  # a file, not a pipe: nobody reads a pipe while the UI starts
     process = subprocess.Popen(
-        [sys.executable, "-m", "k2_assets.cli", "run", "--port", str(ui_port),
-         *(() if stream is not None else ("--no-stream",)), *extra_args],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "k2_assets.cli",
+            "run",
+            "--port",
+            str(ui_port),
+            *(() if stream is not None else ("--no-stream",)),
+            *extra_args,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     return K2Run(home=home, process=process, log_path=log_path, ui_port=ui_port, exporter_port=exporter_port, _log=log)
 
@@ -118,7 +139,7 @@ class BusyCpus:
         self.count = processes or os.cpu_count() or 2
         self.workers: list[multiprocessing.Process] = []
 
-    def __enter__(self) -> "BusyCpus":
+    def __enter__(self) -> BusyCpus:
         deadline = time.monotonic() + self.seconds
         context = multiprocessing.get_context("spawn")
         self.workers = [context.Process(target=_spin, args=(deadline,), daemon=True) for _ in range(self.count)]

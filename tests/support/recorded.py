@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Iterator
 
 from k2_resources.schemas import TradeV2
 from k2_resources.settings import DATA_DIR
@@ -17,12 +17,18 @@ def binance_records(symbol: str, days: tuple[str, ...] = ("2024-08-08", "2024-08
         with open(DATA_DIR / "binance" / f"{symbol}-trades-{day}.csv") as handle:
             for row in csv.DictReader(handle):
                 yield TradeV2(
-                    message_id=f"BINANCE-{symbol}-{row['trade_id']}", trade_id=f"BINANCE-{row['trade_id']}",
-                    symbol=symbol, exchange="BINANCE", asset_class="crypto",
-                    timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=timezone.utc),
-                    price=Decimal(row["price"]), quantity=Decimal(row["qty"]), currency="USDT",
+                    message_id=f"BINANCE-{symbol}-{row['trade_id']}",
+                    trade_id=f"BINANCE-{row['trade_id']}",
+                    symbol=symbol,
+                    exchange="BINANCE",
+                    asset_class="crypto",
+                    timestamp=datetime.fromtimestamp(int(row["time_ms"]) / 1000, tz=UTC),
+                    price=Decimal(row["price"]),
+                    quantity=Decimal(row["qty"]),
+                    currency="USDT",
                     side="SELL" if row["is_buyer_maker"] == "true" else "BUY",
-                    source_sequence=int(row["trade_id"]), ingestion_timestamp=datetime.now(timezone.utc),
+                    source_sequence=int(row["trade_id"]),
+                    ingestion_timestamp=datetime.now(UTC),
                 ).to_record()
 
 
@@ -39,12 +45,18 @@ def first_binance_records(symbol: str, count: int, days: tuple[str, ...] = ("202
 
 def recorded_trades(limit: int) -> list[dict]:
     """``limit`` recorded trades of 2024-08-09 as V2 records: BTCUSDT's, then ETHUSDT's (half each)."""
-    return [record for symbol in ("BTCUSDT", "ETHUSDT")
-            for record in first_binance_records(symbol, limit // 2, days=("2024-08-09",))]
+    return [
+        record
+        for symbol in ("BTCUSDT", "ETHUSDT")
+        for record in first_binance_records(symbol, limit // 2, days=("2024-08-09",))
+    ]
 
 
 def recorded_trades_in_time_order(per_symbol: int = 1500) -> list[dict]:
     """The first ``per_symbol`` recorded BTCUSDT and ETHUSDT trades of 2024-08-09, merged in time order."""
-    records = [record for symbol in ("BTCUSDT", "ETHUSDT")
-               for record in first_binance_records(symbol, per_symbol, days=("2024-08-09",))]
+    records = [
+        record
+        for symbol in ("BTCUSDT", "ETHUSDT")
+        for record in first_binance_records(symbol, per_symbol, days=("2024-08-09",))
+    ]
     return sorted(records, key=lambda r: (r["timestamp"], r["symbol"]))

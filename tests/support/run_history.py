@@ -38,7 +38,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as db
 from dagster import AssetMaterialization, DagsterInstance, DagsterRunStatus, Definitions
@@ -102,17 +102,35 @@ _EVENT_OFFSETS = (*STATUS_EVENT_OFFSETS, PLANNED_OFFSET, MATERIALIZED_OFFSET, SU
 
 def _sentinel_values(run_id: str, batch: OffsetRange, snapshot_id: int, data_version: str, ts: float) -> dict[str, str]:
     """Sentinel text -> this run's text, for every field that differs between runs."""
-    values = {_SENTINEL_RUN_ID: run_id, _SENTINEL_DATA_VERSION: data_version,
-              str(_SENTINEL_PARTITION): str(batch.partition), str(_SENTINEL_START): str(batch.start),
-              str(_SENTINEL_END): str(batch.end), str(_SENTINEL_SNAPSHOT): str(snapshot_id)}
+    values = {
+        _SENTINEL_RUN_ID: run_id,
+        _SENTINEL_DATA_VERSION: data_version,
+        str(_SENTINEL_PARTITION): str(batch.partition),
+        str(_SENTINEL_START): str(batch.start),
+        str(_SENTINEL_END): str(batch.end),
+        str(_SENTINEL_SNAPSHOT): str(snapshot_id),
+    }
     values.update({repr(_SENTINEL_TS + offset): repr(ts + offset) for offset in (0.0, 1.0, *_EVENT_OFFSETS)})
     return values
 
 
 # Longest first, so a sentinel that starts like another is never cut short.
-_SENTINEL_PATTERN = re.compile("|".join(re.escape(text) for text in sorted(
-    _sentinel_values(_SENTINEL_RUN_ID, OffsetRange("t", _SENTINEL_PARTITION, _SENTINEL_START, _SENTINEL_END),
-                     _SENTINEL_SNAPSHOT, _SENTINEL_DATA_VERSION, _SENTINEL_TS), key=len, reverse=True)))
+_SENTINEL_PATTERN = re.compile(
+    "|".join(
+        re.escape(text)
+        for text in sorted(
+            _sentinel_values(
+                _SENTINEL_RUN_ID,
+                OffsetRange("t", _SENTINEL_PARTITION, _SENTINEL_START, _SENTINEL_END),
+                _SENTINEL_SNAPSHOT,
+                _SENTINEL_DATA_VERSION,
+                _SENTINEL_TS,
+            ),
+            key=len,
+            reverse=True,
+        )
+    )
+)
 
 
 class _Stencil:
@@ -147,28 +165,48 @@ class RunHistory:
 
     def cursor(self) -> StreamCursor:
         """The sensor's cursor after the newest run of each partition was requested."""
-        return StreamCursor(in_flight={
-            p: InFlight(start, end, self.newest_run_keys[p], self.last_timestamp, 1)
-            for p, (start, end) in self.newest_ranges.items()
-        })
+        return StreamCursor(
+            in_flight={
+                p: InFlight(start, end, self.newest_run_keys[p], self.last_timestamp, 1)
+                for p, (start, end) in self.newest_ranges.items()
+            }
+        )
 
 
 def materialization_metadata(batch: OffsetRange, rows: int, snapshot_id: int) -> dict:
     """The metadata ``binance_trades`` attaches to a NORMAL-level ingest materialisation."""
     return {
-        "mode": "ingest", "degradation_level": "NORMAL", "enriched": True, "deferred_rows": 0, "spilled_rows": 0,
-        "sequence_gaps": 0, "sequence_gaps_by_symbol": json.dumps({}), "topic": batch.topic,
-        "partition": batch.partition, "start_offset": batch.start, "end_offset": batch.end,
-        "rows_written": rows, "dead_lettered": 0, "already_committed": False,
-        "snapshot_id": str(snapshot_id), "commit_seconds": 0.183,
+        "mode": "ingest",
+        "degradation_level": "NORMAL",
+        "enriched": True,
+        "deferred_rows": 0,
+        "spilled_rows": 0,
+        "sequence_gaps": 0,
+        "sequence_gaps_by_symbol": json.dumps({}),
+        "topic": batch.topic,
+        "partition": batch.partition,
+        "start_offset": batch.start,
+        "end_offset": batch.end,
+        "rows_written": rows,
+        "dead_lettered": 0,
+        "already_committed": False,
+        "snapshot_id": str(snapshot_id),
+        "commit_seconds": 0.183,
     }
 
 
 class RunHistoryWriter:
     """Appends micro-batch runs (and the ticks that requested them) to an instance, in batches."""
 
-    def __init__(self, instance: DagsterInstance, defs: Definitions, topic: str, partitions: int,
-                 offsets_per_run: int = 5, tick_interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        instance: DagsterInstance,
+        defs: Definitions,
+        topic: str,
+        partitions: int,
+        offsets_per_run: int = 5,
+        tick_interval_s: float = 5.0,
+    ) -> None:
         self.instance = instance
         self.topic = topic
         self.partitions = partitions
@@ -196,44 +234,89 @@ class RunHistoryWriter:
         run_key = f"{batch.key}#1"
         request = run_request(batch, run_key, 1)
         tags = {**self._job_tags, **request.tags, SENSOR_NAME_TAG: SENSOR_NAME, RUN_KEY_TAG: run_key}
-        run = copy(self._template, run_id=run_id, run_config=request.run_config, tags=tags,
-                   status=DagsterRunStatus.SUCCESS)
+        run = copy(
+            self._template, run_id=run_id, run_config=request.run_config, tags=tags, status=DagsterRunStatus.SUCCESS
+        )
         # The columns SqlRunStorage.add_run writes, then what the start and success events update.
-        values = dict(run_id=run.run_id, pipeline_name=run.job_name, status=run.status.value,
-                      run_body=serialize_value(run), snapshot_id=run.job_snapshot_id, partition=None,
-                      partition_set=None, backfill_id=None, create_timestamp=_utc(ts),
-                      update_timestamp=_utc(ts + SUCCESS_OFFSET), start_time=ts + 1.0,
-                      end_time=ts + SUCCESS_OFFSET)
+        values = dict(
+            run_id=run.run_id,
+            pipeline_name=run.job_name,
+            status=run.status.value,
+            run_body=serialize_value(run),
+            snapshot_id=run.job_snapshot_id,
+            partition=None,
+            partition_set=None,
+            backfill_id=None,
+            create_timestamp=_utc(ts),
+            update_timestamp=_utc(ts + SUCCESS_OFFSET),
+            start_time=ts + 1.0,
+            end_time=ts + SUCCESS_OFFSET,
+        )
         return run, values
 
-    def _run_events(self, run: DagsterRun, batch: OffsetRange, ts: float, snapshot_id: int,
-                    data_version: str) -> list[EventLogEntry]:
+    def _run_events(
+        self, run: DagsterRun, batch: OffsetRange, ts: float, snapshot_id: int, data_version: str
+    ) -> list[EventLogEntry]:
         def entry(event: DagsterEvent, at: float, step_key: str | None = None) -> EventLogEntry:
-            return EventLogEntry(error_info=None, level=logging.DEBUG, user_message=event.message or "",
-                                 run_id=run.run_id, timestamp=at, step_key=step_key, job_name=JOB_NAME,
-                                 dagster_event=event)
+            return EventLogEntry(
+                error_info=None,
+                level=logging.DEBUG,
+                user_message=event.message or "",
+                run_id=run.run_id,
+                timestamp=at,
+                step_key=step_key,
+                job_name=JOB_NAME,
+                dagster_event=event,
+            )
 
-        events = [entry(DagsterEvent(event_type_value=kind.value, job_name=JOB_NAME, message=kind.value), ts + offset)
-                  for kind, offset in zip(RUN_STATUS_EVENTS, STATUS_EVENT_OFFSETS)]
-        events.append(entry(DagsterEvent(
-            event_type_value=DagsterEventType.ASSET_MATERIALIZATION_PLANNED.value, job_name=JOB_NAME,
-            event_specific_data=AssetMaterializationPlannedData(BINANCE_TRADES),
-            message=f"{JOB_NAME} intends to materialize asset binance_trades"), ts + PLANNED_OFFSET))
+        events = [
+            entry(DagsterEvent(event_type_value=kind.value, job_name=JOB_NAME, message=kind.value), ts + offset)
+            for kind, offset in zip(RUN_STATUS_EVENTS, STATUS_EVENT_OFFSETS)
+        ]
+        events.append(
+            entry(
+                DagsterEvent(
+                    event_type_value=DagsterEventType.ASSET_MATERIALIZATION_PLANNED.value,
+                    job_name=JOB_NAME,
+                    event_specific_data=AssetMaterializationPlannedData(BINANCE_TRADES),
+                    message=f"{JOB_NAME} intends to materialize asset binance_trades",
+                ),
+                ts + PLANNED_OFFSET,
+            )
+        )
         materialization = AssetMaterialization(
             asset_key=BINANCE_TRADES,
             metadata=materialization_metadata(batch, self.offsets_per_run, snapshot_id),
             tags={DATA_VERSION_TAG: data_version, CODE_VERSION_TAG: run.run_id},
         )
-        events.append(entry(DagsterEvent(
-            event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value, job_name=JOB_NAME, step_key=STEP_KEY,
-            event_specific_data=StepMaterializationData(materialization),
-            message="Materialized value binance_trades."), ts + MATERIALIZED_OFFSET, STEP_KEY))
-        events.append(entry(DagsterEvent(event_type_value=DagsterEventType.PIPELINE_SUCCESS.value, job_name=JOB_NAME,
-                                          message=f'Finished execution of run for "{JOB_NAME}".'), ts + SUCCESS_OFFSET))
+        events.append(
+            entry(
+                DagsterEvent(
+                    event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
+                    job_name=JOB_NAME,
+                    step_key=STEP_KEY,
+                    event_specific_data=StepMaterializationData(materialization),
+                    message="Materialized value binance_trades.",
+                ),
+                ts + MATERIALIZED_OFFSET,
+                STEP_KEY,
+            )
+        )
+        events.append(
+            entry(
+                DagsterEvent(
+                    event_type_value=DagsterEventType.PIPELINE_SUCCESS.value,
+                    job_name=JOB_NAME,
+                    message=f'Finished execution of run for "{JOB_NAME}".',
+                ),
+                ts + SUCCESS_OFFSET,
+            )
+        )
         return events
 
-    def _rows_of(self, batch: OffsetRange, ts: float, run_id: str, snapshot_id: int,
-                 data_version: str) -> tuple[DagsterRun, dict, list[dict], list[EventLogEntry]]:
+    def _rows_of(
+        self, batch: OffsetRange, ts: float, run_id: str, snapshot_id: int, data_version: str
+    ) -> tuple[DagsterRun, dict, list[dict], list[EventLogEntry]]:
         """One run built and serialised the ordinary way: the run, its ``runs`` row, its tag rows
         (with ``run_id``), its events."""
         run, values = self._run(batch, ts, run_id)
@@ -244,18 +327,30 @@ class RunHistoryWriter:
         """The ``runs`` row, run tag rows, event rows and the materialisation's asset-tag rows of a
         run with sentinel values, serialised once."""
         batch = OffsetRange(self.topic, _SENTINEL_PARTITION, _SENTINEL_START, _SENTINEL_END)
-        _, values, tags, events = self._rows_of(batch, _SENTINEL_TS, _SENTINEL_RUN_ID, _SENTINEL_SNAPSHOT,
-                                                _SENTINEL_DATA_VERSION)
-        return (_Stencil([values]), _Stencil(tags), _Stencil([self._event_row(e) for e in events]),
-                _Stencil(self._asset_tag_rows(events)))
+        _, values, tags, events = self._rows_of(
+            batch, _SENTINEL_TS, _SENTINEL_RUN_ID, _SENTINEL_SNAPSHOT, _SENTINEL_DATA_VERSION
+        )
+        return (
+            _Stencil([values]),
+            _Stencil(tags),
+            _Stencil([self._event_row(e) for e in events]),
+            _Stencil(self._asset_tag_rows(events)),
+        )
 
     def _asset_tag_rows(self, events: list[EventLogEntry]) -> list[dict]:
         """What ``_store_asset_event_tags`` inserts for the run's materialisation (without its event id)."""
         storage = self.instance.event_log_storage
-        return [dict(asset_key=e.get_dagster_event().asset_key.to_string(), key=key, value=value,
-                     event_timestamp=_utc(e.timestamp))
-                for e in events if e.dagster_event_type == DagsterEventType.ASSET_MATERIALIZATION
-                for key, value in storage._tags_for_asset_event(e).items()]
+        return [
+            dict(
+                asset_key=e.get_dagster_event().asset_key.to_string(),
+                key=key,
+                value=value,
+                event_timestamp=_utc(e.timestamp),
+            )
+            for e in events
+            if e.dagster_event_type == DagsterEventType.ASSET_MATERIALIZATION
+            for key, value in storage._tags_for_asset_event(e).items()
+        ]
 
     def _tick_checks(self, ts: float, lag: int) -> list[EventLogEntry]:
         """The check evaluations one sensor tick reports, made by the sensor's own rules."""
@@ -263,12 +358,23 @@ class RunHistoryWriter:
         snapshot = StreamSnapshot(self.topic, ends, dict(self._ends))
         observation = Observation(snapshot=snapshot, memory_percent=40.0, dead_letter_topic=f"{self.topic}.dlq")
         told = report(observation, decide(observation, StreamCursor(), self._settings, ts), self._settings)
-        return [EventLogEntry(
-            error_info=None, level=logging.DEBUG, user_message="", run_id=RUNLESS_RUN_ID, timestamp=ts,
-            step_key=None, job_name=RUNLESS_JOB_NAME,
-            dagster_event=DagsterEvent(event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION.value,
-                                       job_name=RUNLESS_JOB_NAME, event_specific_data=check_evaluation(o)),
-        ) for o in told.outcomes]
+        return [
+            EventLogEntry(
+                error_info=None,
+                level=logging.DEBUG,
+                user_message="",
+                run_id=RUNLESS_RUN_ID,
+                timestamp=ts,
+                step_key=None,
+                job_name=RUNLESS_JOB_NAME,
+                dagster_event=DagsterEvent(
+                    event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION.value,
+                    job_name=RUNLESS_JOB_NAME,
+                    event_specific_data=check_evaluation(o),
+                ),
+            )
+            for o in told.outcomes
+        ]
 
     # -- many at once --------------------------------------------------------------------------
 
@@ -297,12 +403,21 @@ class RunHistoryWriter:
                 run_id, data_version = str(uuid.uuid4()), uuid.uuid4().hex
                 snapshot_id = SNAPSHOT_ID_BASE + self._written
                 values = _sentinel_values(run_id, batch, snapshot_id, data_version, ts)
-                filled = (run_stencil.fill(values, create_timestamp=_utc(ts), start_time=ts + 1.0,
-                                           update_timestamp=_utc(ts + SUCCESS_OFFSET), end_time=ts + SUCCESS_OFFSET),
-                          tag_stencil.fill(values),
-                          [dict(row, timestamp=_utc(ts + offset))
-                           for row, offset in zip(event_stencil.fill(values), _EVENT_OFFSETS)],
-                          asset_tag_stencil.fill(values, event_timestamp=_utc(ts + MATERIALIZED_OFFSET)))
+                filled = (
+                    run_stencil.fill(
+                        values,
+                        create_timestamp=_utc(ts),
+                        start_time=ts + 1.0,
+                        update_timestamp=_utc(ts + SUCCESS_OFFSET),
+                        end_time=ts + SUCCESS_OFFSET,
+                    ),
+                    tag_stencil.fill(values),
+                    [
+                        dict(row, timestamp=_utc(ts + offset))
+                        for row, offset in zip(event_stencil.fill(values), _EVENT_OFFSETS)
+                    ],
+                    asset_tag_stencil.fill(values, event_timestamp=_utc(ts + MATERIALIZED_OFFSET)),
+                )
                 if index == last:  # the batch's newest run, built the ordinary way: it must give the same rows
                     _, run_values, run_tags, latest_events = self._rows_of(batch, ts, run_id, snapshot_id, data_version)
                     _same_rows("runs", filled[0], [run_values])
@@ -315,11 +430,16 @@ class RunHistoryWriter:
                 asset_tag_rows.append(filled[3])
                 if partition == 0:  # a tick requests one batch per partition: one tick's checks per round
                     tick_ts = ts - 0.5
-                    filled_checks = [dict(row, timestamp=_utc(tick_ts))
-                                     for row in check_stencil.fill({repr(_SENTINEL_TS): repr(tick_ts)})]
+                    filled_checks = [
+                        dict(row, timestamp=_utc(tick_ts))
+                        for row in check_stencil.fill({repr(_SENTINEL_TS): repr(tick_ts)})
+                    ]
                     if index == last_tick:
-                        _same_rows("event_logs (checks)", filled_checks,
-                                   [self._event_row(e) for e in self._tick_checks(tick_ts, lag)])
+                        _same_rows(
+                            "event_logs (checks)",
+                            filled_checks,
+                            [self._event_row(e) for e in self._tick_checks(tick_ts, lag)],
+                        )
                     check_rows += filled_checks
                 self._ends[partition] = batch.end
                 self._newest[partition] = (f"{batch.key}#1", batch.start, batch.end)
@@ -330,11 +450,15 @@ class RunHistoryWriter:
             self._insert_events(event_rows, asset_tag_rows, latest_events, check_rows, tick_checks)
             self._checks += len(check_rows)
         return RunHistory(
-            topic=self.topic, runs=self._written, check_evaluations=self._checks,
-            seconds=time.perf_counter() - started, ends=dict(self._ends),
+            topic=self.topic,
+            runs=self._written,
+            check_evaluations=self._checks,
+            seconds=time.perf_counter() - started,
+            ends=dict(self._ends),
             newest_run_keys={p: key for p, (key, _, _) in self._newest.items()},
             newest_ranges={p: (s, e) for p, (_, s, e) in self._newest.items()},
-            first_timestamp=self._first_ts or now, last_timestamp=self._last_ts,
+            first_timestamp=self._first_ts or now,
+            last_timestamp=self._last_ts,
         )
 
     def _insert_runs(self, runs_rows: list[dict], tag_rows: list[dict]) -> None:
@@ -343,9 +467,14 @@ class RunHistoryWriter:
             conn.execute(RunsTable.insert(), runs_rows)
             conn.execute(RunTagsTable.insert(), tag_rows)
 
-    def _insert_events(self, run_event_rows: list[dict], asset_tag_rows: list[list[dict]],
-                       latest_events: list[EventLogEntry], check_rows: list[dict],
-                       tick_checks: list[EventLogEntry]) -> None:
+    def _insert_events(
+        self,
+        run_event_rows: list[dict],
+        asset_tag_rows: list[list[dict]],
+        latest_events: list[EventLogEntry],
+        check_rows: list[dict],
+        tick_checks: list[EventLogEntry],
+    ) -> None:
         """What ``store_event`` puts in the index shard (and the runless shard), one transaction each.
 
         Rows are the storage's own (``_event_to_row``, or the stencil's copies of it); storage ids
@@ -363,23 +492,36 @@ class RunHistoryWriter:
                 row["id"] = next_id + offset
             conn.execute(SqlEventLogStorageTable.insert(), rows)
             ids = [row["id"] for row in rows]
-            run_ids, check_ids = ids[:len(run_event_rows)], ids[len(run_event_rows):]
-            materialized = [i for row, i in zip(run_event_rows, run_ids)
-                            if row["dagster_event_type"] == DagsterEventType.ASSET_MATERIALIZATION.value]
-            planned = [i for row, i in zip(run_event_rows, run_ids)
-                       if row["dagster_event_type"] == DagsterEventType.ASSET_MATERIALIZATION_PLANNED.value]
+            run_ids, check_ids = ids[: len(run_event_rows)], ids[len(run_event_rows) :]
+            materialized = [
+                i
+                for row, i in zip(run_event_rows, run_ids)
+                if row["dagster_event_type"] == DagsterEventType.ASSET_MATERIALIZATION.value
+            ]
+            planned = [
+                i
+                for row, i in zip(run_event_rows, run_ids)
+                if row["dagster_event_type"] == DagsterEventType.ASSET_MATERIALIZATION_PLANNED.value
+            ]
             assert len(materialized) == len(asset_tag_rows)
-            tag_rows = [dict(row, event_id=event_id) for event_id, rows_of_run in zip(materialized, asset_tag_rows)
-                        for row in rows_of_run]
+            tag_rows = [
+                dict(row, event_id=event_id)
+                for event_id, rows_of_run in zip(materialized, asset_tag_rows)
+                for row in rows_of_run
+            ]
             if tag_rows and storage.has_table(AssetEventTagsTable.name):
                 conn.execute(AssetEventTagsTable.insert(), tag_rows)
             latest = {e.dagster_event_type: e for e in latest_events}
             # The asset's latest, as the last store_event leaves it.
             storage._store_asset_event(conn, latest[DagsterEventType.ASSET_MATERIALIZATION_PLANNED], planned[-1])
             storage._store_asset_event(conn, latest[DagsterEventType.ASSET_MATERIALIZATION], materialized[-1])
-            conn.execute(AssetCheckExecutionsTable.insert(),
-                         [self._check_row(tick_checks[n % len(tick_checks)], row, i)
-                          for n, (row, i) in enumerate(zip(check_rows, check_ids))])
+            conn.execute(
+                AssetCheckExecutionsTable.insert(),
+                [
+                    self._check_row(tick_checks[n % len(tick_checks)], row, i)
+                    for n, (row, i) in enumerate(zip(check_rows, check_ids))
+                ],
+            )
 
     def _event_row(self, event: EventLogEntry) -> dict:
         return self.instance.event_log_storage._event_to_row(event)
@@ -390,22 +532,32 @@ class RunHistoryWriter:
         evaluation, or its stencil's; ``row``: its event-log row)."""
         evaluation = event.get_dagster_event().event_specific_data
         return dict(
-            asset_key=evaluation.asset_key.to_string(), check_name=evaluation.check_name, run_id=event.run_id,
-            execution_status=(AssetCheckExecutionRecordStatus.SUCCEEDED.value if evaluation.passed
-                              else AssetCheckExecutionRecordStatus.FAILED.value),
-            evaluation_event=row["event"], evaluation_event_timestamp=row["timestamp"],
-            evaluation_event_storage_id=event_id, materialization_event_storage_id=None, partition=None,
+            asset_key=evaluation.asset_key.to_string(),
+            check_name=evaluation.check_name,
+            run_id=event.run_id,
+            execution_status=(
+                AssetCheckExecutionRecordStatus.SUCCEEDED.value
+                if evaluation.passed
+                else AssetCheckExecutionRecordStatus.FAILED.value
+            ),
+            evaluation_event=row["event"],
+            evaluation_event_timestamp=row["timestamp"],
+            evaluation_event_storage_id=event_id,
+            materialization_event_storage_id=None,
+            partition=None,
         )
 
 
 def _same_rows(table: str, filled: list[dict], built: list[dict]) -> None:
     """The stencil's rows for a run equal the rows built and serialised the ordinary way."""
     if filled != built:
-        raise AssertionError(f"run_history's stencil for {table} no longer matches serialize_value (a Dagster "
-                             f"upgrade or a change in the sensor's rules changed what is stored?): "
-                             f"{filled!r} != {built!r}")
+        raise AssertionError(
+            f"run_history's stencil for {table} no longer matches serialize_value (a Dagster "
+            f"upgrade or a change in the sensor's rules changed what is stored?): "
+            f"{filled!r} != {built!r}"
+        )
 
 
 def _utc(ts: float) -> datetime:
     """A naive UTC datetime, as Dagster's SQL storages store timestamps."""
-    return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None)
+    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None)

@@ -89,11 +89,24 @@ def main(topic: str, partition: int, end: int, batch: int) -> None:
         result = run_microbatch(kafka, iceberg, OffsetRange(topic, partition, begin, min(begin + batch, end)))
         written += result.written
         commit_s += result.commit_seconds
-    print(json.dumps({"partition": partition, "started": started, "ended": time.time(),
-                      "cpu_s": time.process_time() - cpu_started, "written": written,
-                      "runqueue_wait_s": _runqueue_wait_s() - waited, "commit_s": commit_s,
-                      "catalog_commit_s": catalog_commits.seconds, "catalog_commits": catalog_commits.count,
-                      "conflicts": retries.conflicts, "catalog_locked": retries.locked}), flush=True)
+    print(
+        json.dumps(
+            {
+                "partition": partition,
+                "started": started,
+                "ended": time.time(),
+                "cpu_s": time.process_time() - cpu_started,
+                "written": written,
+                "runqueue_wait_s": _runqueue_wait_s() - waited,
+                "commit_s": commit_s,
+                "catalog_commit_s": catalog_commits.seconds,
+                "catalog_commits": catalog_commits.count,
+                "conflicts": retries.conflicts,
+                "catalog_locked": retries.locked,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

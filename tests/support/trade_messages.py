@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -30,14 +30,29 @@ def benchmark_trade(index: int, event_time: datetime, symbol: str | None = None)
     symbol = symbol or SYMBOLS[index % len(SYMBOLS)]
     event_ms = int(event_time.timestamp() * 1000)
     return {
-        "message_id": f"BINANCE-{symbol}-{index}", "symbol": symbol, "exchange": "BINANCE", "asset_class": "crypto",
-        "timestamp": event_time, "currency": "USDT", "source_sequence": index, "ingestion_timestamp": event_time,
+        "message_id": f"BINANCE-{symbol}-{index}",
+        "symbol": symbol,
+        "exchange": "BINANCE",
+        "asset_class": "crypto",
+        "timestamp": event_time,
+        "currency": "USDT",
+        "source_sequence": index,
+        "ingestion_timestamp": event_time,
         "platform_sequence": None,
         # What normalise_trade keeps of a live Binance trade message.
-        "vendor_data": {"E": str(event_ms), "b": str(20720542158 + index), "a": str(20720542592 + index),
-                        "m": "true" if index % 2 else "false", "M": "true", "stream": f"{symbol.lower()}@trade"},
-        "trade_id": f"BINANCE-{index}", "price": Decimal("61837.63") + Decimal(index % 1000) / 100,
-        "quantity": Decimal("0.00120000"), "side": ("BUY", "SELL")[index % 2], "trade_conditions": [],
+        "vendor_data": {
+            "E": str(event_ms),
+            "b": str(20720542158 + index),
+            "a": str(20720542592 + index),
+            "m": "true" if index % 2 else "false",
+            "M": "true",
+            "stream": f"{symbol.lower()}@trade",
+        },
+        "trade_id": f"BINANCE-{index}",
+        "price": Decimal("61837.63") + Decimal(index % 1000) / 100,
+        "quantity": Decimal("0.00120000"),
+        "side": ("BUY", "SELL")[index % 2],
+        "trade_conditions": [],
     }
 
 
@@ -51,14 +66,13 @@ def _json_value(value: Any) -> Any:
         return f"{value:.8f}"
     if isinstance(value, datetime):
         # The sink parses ISO local date-time then "Z" or "+HHmm"; "+00:00" is refused.
-        return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     return value
 
 
 def json_message(record: dict[str, Any]) -> bytes:
     """What the Kafka Connect sink consumes (JsonConverter, schemas.enable=false): the same trade."""
-    return json.dumps({key: _json_value(value) for key, value in record.items()},
-                      separators=(",", ":")).encode()
+    return json.dumps({key: _json_value(value) for key, value in record.items()}, separators=(",", ":")).encode()
 
 
 def produce_benchmark_topic(kafka: KafkaResource, topic: str, count: int, encoding: str) -> int:
@@ -66,7 +80,7 @@ def produce_benchmark_topic(kafka: KafkaResource, topic: str, count: int, encodi
     2024-08-09), as ``avro`` or ``json``; the bytes of the values sent."""
     encode = {"avro": avro_message, "json": json_message}[encoding]
     producer = kafka.producer()
-    base = datetime(2024, 8, 9, tzinfo=timezone.utc)
+    base = datetime(2024, 8, 9, tzinfo=UTC)
     sent = 0
     for index in range(count):
         value = encode(benchmark_trade(index, base + timedelta(milliseconds=index)))

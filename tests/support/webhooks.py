@@ -16,7 +16,7 @@ class WebhookReceiver:
         received = self.received
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append(json.loads(body))
                 self.send_response(200)
@@ -47,4 +47,3 @@ class WebhookReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

@@ -72,7 +72,9 @@ class DagsterUI:
 
     def log_tails(self, chars: int = 4000) -> str:
         """The end of each Dagster log, for failure messages."""
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-chars:]}" for log in sorted(self.logs.glob("*.log")))
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-chars:]}" for log in sorted(self.logs.glob("*.log"))
+        )
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -114,8 +116,11 @@ def dagster_ui(kafka_broker: KafkaBroker, tmp_path: Path, monkeypatch: pytest.Mo
     try:
         for name, argv in commands.items():
             with (logs / f"{name}.log").open("wb") as log:
-                processes.append(subprocess.Popen(argv, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT,
-                                                  start_new_session=True))
+                processes.append(
+                    subprocess.Popen(
+                        argv, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
         yield ui
     finally:
         for process in reversed(processes):
@@ -134,13 +139,17 @@ def _wait_until_ready(ui: DagsterUI) -> None:
             " locationOrLoadError { __typename } } } } }"
         )
         entries = data["workspaceOrError"]["locationEntries"]
-        return any(e["name"] == "k2" and e["loadStatus"] == "LOADED"
-                   and e["locationOrLoadError"]["__typename"] == "RepositoryLocation" for e in entries)
+        return any(
+            e["name"] == "k2"
+            and e["loadStatus"] == "LOADED"
+            and e["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+            for e in entries
+        )
 
     def daemons_healthy() -> bool:
-        statuses = ui.graphql(
-            "{ instance { daemonHealth { allDaemonStatuses { daemonType required healthy } } } }"
-        )["instance"]["daemonHealth"]["allDaemonStatuses"]
+        statuses = ui.graphql("{ instance { daemonHealth { allDaemonStatuses { daemonType required healthy } } } }")[
+            "instance"
+        ]["daemonHealth"]["allDaemonStatuses"]
         required = [s for s in statuses if s["required"]]
         return bool(required) and all(s["healthy"] for s in required)
 
@@ -177,8 +186,10 @@ def _wait_for_backfill_success(ui: DagsterUI, backfill_id: str, timeout_s: float
         if backfill:
             return backfill
         time.sleep(2)
-    raise AssertionError(f"backfill {backfill_id} not done after {timeout_s:.0f}s: "
-                         f"{next(b for b in _backfills(ui) if b['id'] == backfill_id)}\n{ui.log_tails()}")
+    raise AssertionError(
+        f"backfill {backfill_id} not done after {timeout_s:.0f}s: "
+        f"{next(b for b in _backfills(ui) if b['id'] == backfill_id)}\n{ui.log_tails()}"
+    )
 
 
 def _label_shows(label: str, name: str) -> bool:
@@ -217,7 +228,9 @@ def _open_asset_graph_with_every_asset(page: Page, ui: DagsterUI) -> None:
 def _launch_asx_backfill_from_the_ui(page: Page, ui: DagsterUI) -> str:
     days = asx_trading_days.get_partition_keys()
     graph = defs.resolve_asset_graph()
-    asx_assets = sorted(key.to_user_string() for key in graph.get_all_asset_keys() if graph.get(key).group_name == "asx")
+    asx_assets = sorted(
+        key.to_user_string() for key in graph.get_all_asset_keys() if graph.get(key).group_name == "asx"
+    )
     page.goto(f"{ui.url}/locations/k2/asset-groups/asx")
     page.get_by_role("button", name="Materialize all…").click()
     dialog = page.get_by_role("dialog")
@@ -252,8 +265,12 @@ def _send_trades_for_the_stream_sensor() -> None:
     produce(kafka, BINANCE_TRADES_TOPIC, recorded_trades(60))
     instance = DagsterInstance.from_config(str(dagster_home()))
     try:
-        wait_for(lambda: instance.get_runs(filters=RunsFilter(tags={"dagster/sensor_name": STREAM_SENSOR}), limit=1),
-                 180, "the stream sensor to request a micro-batch run", interval_s=1)
+        wait_for(
+            lambda: instance.get_runs(filters=RunsFilter(tags={"dagster/sensor_name": STREAM_SENSOR}), limit=1),
+            180,
+            "the stream sensor to request a micro-batch run",
+            interval_s=1,
+        )
     finally:
         instance.dispose()
 
@@ -316,7 +333,9 @@ def test_a_data_engineer_backfills_asx_and_watches_the_stream_from_the_ui(dagste
             backfill_id = _launch_asx_backfill_from_the_ui(page, dagster_ui)
             backfill = _wait_for_backfill_success(dagster_ui, backfill_id, timeout_s=600)
             assert len(backfill["runs"]) >= len(asx_trading_days.get_partition_keys())
-            _show_backfill(page, dagster_ui, backfill_id, sorted("/".join(a["path"]) for a in backfill["assetSelection"]))
+            _show_backfill(
+                page, dagster_ui, backfill_id, sorted("/".join(a["path"]) for a in backfill["assetSelection"])
+            )
             _send_trades_for_the_stream_sensor()
             _open_stream_sensor(page, dagster_ui)
             _open_asset_checks(page, dagster_ui, "asx_trades", all_passed=True, shot="05-asx-trades-checks")
@@ -328,7 +347,9 @@ def test_a_data_engineer_backfills_asx_and_watches_the_stream_from_the_ui(dagste
         finally:
             browser.close()
 
-    rows = DuckDBQueryResource().query(
-        "select count(*) as n, count(distinct trade_id) as ids from market.trades where exchange = ?", ["ASX"]
-    ).to_pylist()
+    rows = (
+        DuckDBQueryResource()
+        .query("select count(*) as n, count(distinct trade_id) as ids from market.trades where exchange = ?", ["ASX"])
+        .to_pylist()
+    )
     assert rows == [{"n": ASX_TRADES_TOTAL, "ids": ASX_TRADES_TOTAL}]

@@ -69,11 +69,19 @@ def test_token_bucket_allows_the_burst_then_refuses_until_a_token_refills():
     assert slow.allowed and limiter.take("c", rate_per_second=0.1, burst=1).retry_after_header == "10"
 
 
-@pytest.mark.parametrize("accept, chosen", [
-    (None, JSON), ("", JSON), ("*/*", JSON), ("application/json", JSON), ("text/csv", CSV),
-    ("application/vnd.apache.arrow.stream", ARROW), ("text/html, text/csv;q=0.5", CSV),
-    ("application/json;q=0.2, application/vnd.apache.arrow.stream", ARROW),
-])
+@pytest.mark.parametrize(
+    "accept, chosen",
+    [
+        (None, JSON),
+        ("", JSON),
+        ("*/*", JSON),
+        ("application/json", JSON),
+        ("text/csv", CSV),
+        ("application/vnd.apache.arrow.stream", ARROW),
+        ("text/html, text/csv;q=0.5", CSV),
+        ("application/json;q=0.2, application/vnd.apache.arrow.stream", ARROW),
+    ],
+)
 def test_accept_header_picks_the_format(accept, chosen):
     assert choose_media_type(accept) == chosen
 
@@ -84,16 +92,28 @@ def test_unsupported_accept_is_refused_naming_the_formats():
 
 
 def test_render_json_csv_and_arrow():
-    frame = pl.DataFrame({"symbol": ["BHP", "CBA"], "price": ["1.50000000", "2.25000000"],
-                          "conditions": [["XT", "Q"], None]}).with_columns(pl.col("price").cast(pl.Decimal(18, 8)))
+    frame = pl.DataFrame(
+        {"symbol": ["BHP", "CBA"], "price": ["1.50000000", "2.25000000"], "conditions": [["XT", "Q"], None]}
+    ).with_columns(pl.col("price").cast(pl.Decimal(18, 8)))
     body = json.loads(render(frame, JSON, {"next_cursor": None}))
-    assert body == {"data": [{"symbol": "BHP", "price": "1.50000000", "conditions": ["XT", "Q"]},
-                             {"symbol": "CBA", "price": "2.25000000", "conditions": None}],
-                    "count": 2, "next_cursor": None}
-    assert render(frame, CSV).decode().splitlines() == ["symbol,price,conditions", "BHP,1.50000000,XT;Q", "CBA,2.25000000,"]
+    assert body == {
+        "data": [
+            {"symbol": "BHP", "price": "1.50000000", "conditions": ["XT", "Q"]},
+            {"symbol": "CBA", "price": "2.25000000", "conditions": None},
+        ],
+        "count": 2,
+        "next_cursor": None,
+    }
+    assert render(frame, CSV).decode().splitlines() == [
+        "symbol,price,conditions",
+        "BHP,1.50000000,XT;Q",
+        "CBA,2.25000000,",
+    ]
     table = ipc.open_stream(render(frame, ARROW)).read_all()
-    assert table.column("symbol").to_pylist() == ["BHP", "CBA"] and str(table.schema.field("price").type) == \
-        "decimal128(18, 8)"
+    assert (
+        table.column("symbol").to_pylist() == ["BHP", "CBA"]
+        and str(table.schema.field("price").type) == "decimal128(18, 8)"
+    )
     assert json.loads(render(frame.head(0), JSON)) == {"data": [], "count": 0}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -16,7 +16,9 @@ from k2_resources.schemas.models import QuoteV2, TradeV2
 COMPANIES = "company_id,symbol,company_name,ISIN,start_date,end_date\n7078,BHP,BHP BILLITON LTD,AU000000BHP4,05/07/2008,03/31/2014\n"
 
 
-def make_source(root: Path, trades: dict[str, list[str]] | None = None, quotes: dict[str, list[str]] | None = None) -> Path:
+def make_source(
+    root: Path, trades: dict[str, list[str]] | None = None, quotes: dict[str, list[str]] | None = None
+) -> Path:
     """An ASX data folder with the given lines per company id (CRLF line ends, like the real files)."""
     (root / "reference-data").mkdir(parents=True)
     (root / "reference-data" / "company_info.csv").write_text(COMPANIES)
@@ -32,25 +34,27 @@ def trades_of(root: Path, day: str):
 
 
 def test_sydney_early_morning_is_the_previous_utc_day(tmp_path: Path) -> None:
-    root = make_source(tmp_path, trades={"7078": ["03/11/2014,05:43:45.676,36.5,100,0,,", "03/11/2014,16:10:00.000,36.6,5,0,,"]})
+    root = make_source(
+        tmp_path, trades={"7078": ["03/11/2014,05:43:45.676,36.5,100,0,,", "03/11/2014,16:10:00.000,36.6,5,0,,"]}
+    )
     rows = trades_of(root, "2014-03-11").rows.to_pylist()
     assert [r["timestamp"] for r in rows] == [
-        datetime(2014, 3, 10, 18, 43, 45, 676000, tzinfo=timezone.utc),
-        datetime(2014, 3, 11, 5, 10, tzinfo=timezone.utc),
+        datetime(2014, 3, 10, 18, 43, 45, 676000, tzinfo=UTC),
+        datetime(2014, 3, 11, 5, 10, tzinfo=UTC),
     ]
     # The same instants as zoneinfo gives row by row.
     sydney = ZoneInfo("Australia/Sydney")
-    assert rows[0]["timestamp"] == datetime(2014, 3, 11, 5, 43, 45, 676000, tzinfo=sydney).astimezone(timezone.utc)
+    assert rows[0]["timestamp"] == datetime(2014, 3, 11, 5, 43, 45, 676000, tzinfo=sydney).astimezone(UTC)
     assert local_day_bounds_utc("2014-03-11") == (
-        datetime(2014, 3, 10, 13, tzinfo=timezone.utc),
-        datetime(2014, 3, 11, 13, tzinfo=timezone.utc),
+        datetime(2014, 3, 10, 13, tzinfo=UTC),
+        datetime(2014, 3, 11, 13, tzinfo=UTC),
     )
 
 
 def test_winter_days_use_standard_time(tmp_path: Path) -> None:
     root = make_source(tmp_path, trades={"7078": ["06/10/2014,10:00:00.000,36.5,100,0,,"]})
     (row,) = trades_of(root, "2014-06-10").rows.to_pylist()
-    assert row["timestamp"] == datetime(2014, 6, 10, 0, 0, tzinfo=timezone.utc)  # AEST, UTC+10
+    assert row["timestamp"] == datetime(2014, 6, 10, 0, 0, tzinfo=UTC)  # AEST, UTC+10
 
 
 def test_local_times_in_a_daylight_saving_change_are_dead_letters(tmp_path: Path) -> None:
@@ -72,7 +76,11 @@ def test_company_ids_map_to_symbols_and_unknown_ids_are_dead_letters(tmp_path: P
     result = trades_of(root, "2014-03-10")
     (row,) = result.rows.to_pylist()
     assert (row["symbol"], row["exchange"], row["currency"], row["asset_class"], row["side"]) == (
-        "BHP", "ASX", "AUD", "equities", "UNKNOWN",
+        "BHP",
+        "ASX",
+        "AUD",
+        "equities",
+        "UNKNOWN",
     )
     assert row["trade_id"] == "ASX-BHP-20140310-1"
     assert dict(row["vendor_data"]) == {"company_id": "7078", "qualifier_code": "0"}

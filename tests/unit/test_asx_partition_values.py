@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
 from pyiceberg.transforms import DayTransform, IdentityTransform
-from pyiceberg.types import StringType, TimestamptzType, TimestampType
+from pyiceberg.types import StringType, TimestampType, TimestamptzType
 
 from k2_resources.asx.writes import partition_values
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _column(micros: np.ndarray, tz: str | None) -> pa.ChunkedArray:
@@ -22,8 +22,12 @@ def _column(micros: np.ndarray, tz: str | None) -> pa.ChunkedArray:
 
 def test_days_equal_pyicebergs_from_1970_on_and_chunks_stay() -> None:
     rng = np.random.default_rng(7)
-    micros = np.concatenate([rng.integers(0, 4_102_444_800_000_000, 20_000),  # 1970 to 2100
-                             np.array([0, 86_400_000_000 - 1, 86_400_000_000, 1_394_406_000_000_000])])
+    micros = np.concatenate(
+        [
+            rng.integers(0, 4_102_444_800_000_000, 20_000),  # 1970 to 2100
+            np.array([0, 86_400_000_000 - 1, 86_400_000_000, 1_394_406_000_000_000]),
+        ]
+    )
     for tz, source_type in (("UTC", TimestamptzType()), (None, TimestampType())):
         column = _column(micros, tz)
         ours = partition_values(DayTransform(), source_type, column)
@@ -41,4 +45,5 @@ def test_days_before_1970_round_down_as_the_spec_says() -> None:
 def test_other_transforms_are_pyicebergs() -> None:
     column = pa.chunked_array([pa.array(["ASX", "BINANCE"])])
     assert partition_values(IdentityTransform(), StringType(), column).equals(
-        IdentityTransform().pyarrow_transform(StringType())(column))
+        IdentityTransform().pyarrow_transform(StringType())(column)
+    )

@@ -10,7 +10,7 @@ are valid and what their values must be; the vectorised normaliser must agree ex
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -25,34 +25,89 @@ from k2_resources.tables import TRADES
 
 SYDNEY = ZoneInfo("Australia/Sydney")
 SYMBOLS = {"7078": "BHP", "7458": "RIO"}
-PROPERTY = settings(max_examples=100, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # -- generated fields: well formed, near misses, and anything --------------------------------------
 
 no_separator = st.text(alphabet=st.characters(codec="utf-8", blacklist_characters=",\n\r"), max_size=12)
 digits = st.text(alphabet="0123456789", min_size=1, max_size=12)
 good_date = st.dates(date(2014, 3, 1), date(2014, 3, 31)).map(lambda d: d.strftime("%m/%d/%Y"))
-bad_date = st.sampled_from(["02/30/2014", "13/01/2014", "00/10/2014", "3/10/2014", "03/10/14", "2014-03-10",
-                            "03/10/2014 ", "０３/10/2014", ""])
-good_time = st.builds(lambda h, m, s, f: f"{h:02d}:{m:02d}:{s:02d}{f}",
-                      st.integers(0, 23), st.integers(0, 59), st.integers(0, 59),
-                      st.sampled_from(["", ".0", ".5", ".676", ".123456"]))
-bad_time = st.sampled_from(["24:00:00.000", "10:60:00.000", "10:00:61.000", "10:00", "10:00:00.1234567",
-                            "1:00:00.000", "10:00:00.", "１0:00:00.000", "-1:00:00.000", ""])
-good_decimal = st.builds(lambda i, f: i + f, st.text(alphabet="0123456789", min_size=1, max_size=10),
-                         st.sampled_from(["", ".0", ".5", ".25", ".12345678", ".00000001"]))
-bad_decimal = st.sampled_from(["-1.5", "+1.5", "1e5", "1E-2", "NaN", "inf", "12345678901.5", "1.123456789",
-                               " 1.5", "1.5 ", "1,5", ".5", "5.", "١٢", "0x1F", ""])
+bad_date = st.sampled_from(
+    ["02/30/2014", "13/01/2014", "00/10/2014", "3/10/2014", "03/10/14", "2014-03-10", "03/10/2014 ", "０３/10/2014", ""]
+)
+good_time = st.builds(
+    lambda h, m, s, f: f"{h:02d}:{m:02d}:{s:02d}{f}",
+    st.integers(0, 23),
+    st.integers(0, 59),
+    st.integers(0, 59),
+    st.sampled_from(["", ".0", ".5", ".676", ".123456"]),
+)
+bad_time = st.sampled_from(
+    [
+        "24:00:00.000",
+        "10:60:00.000",
+        "10:00:61.000",
+        "10:00",
+        "10:00:00.1234567",
+        "1:00:00.000",
+        "10:00:00.",
+        "１0:00:00.000",
+        "-1:00:00.000",
+        "",
+    ]
+)
+good_decimal = st.builds(
+    lambda i, f: i + f,
+    st.text(alphabet="0123456789", min_size=1, max_size=10),
+    st.sampled_from(["", ".0", ".5", ".25", ".12345678", ".00000001"]),
+)
+bad_decimal = st.sampled_from(
+    [
+        "-1.5",
+        "+1.5",
+        "1e5",
+        "1E-2",
+        "NaN",
+        "inf",
+        "12345678901.5",
+        "1.123456789",
+        " 1.5",
+        "1.5 ",
+        "1,5",
+        ".5",
+        "5.",
+        "١٢",
+        "0x1F",
+        "",
+    ]
+)
 good_volume = st.text(alphabet="0123456789", min_size=1, max_size=10)
 good_qualifier = st.integers(0, 9999).map(str)
 
 
-GOOD = [good_date, good_time, good_decimal, good_volume, good_qualifier, st.sampled_from(["", "X"]),
-        st.one_of(st.just(""), good_decimal)]
-HOSTILE = [st.one_of(bad_date, no_separator), st.one_of(bad_time, no_separator),
-           st.one_of(bad_decimal, digits, no_separator), st.one_of(bad_decimal, digits, no_separator),
-           st.one_of(bad_decimal, no_separator), no_separator, no_separator]
+GOOD = [
+    good_date,
+    good_time,
+    good_decimal,
+    good_volume,
+    good_qualifier,
+    st.sampled_from(["", "X"]),
+    st.one_of(st.just(""), good_decimal),
+]
+HOSTILE = [
+    st.one_of(bad_date, no_separator),
+    st.one_of(bad_time, no_separator),
+    st.one_of(bad_decimal, digits, no_separator),
+    st.one_of(bad_decimal, digits, no_separator),
+    st.one_of(bad_decimal, no_separator),
+    no_separator,
+    no_separator,
+]
 
 
 @st.composite
@@ -105,7 +160,7 @@ def expected_trade(line: str, company_id: str) -> dict | None:
     vendor.update({k: v for k, v in (("venue", venue), ("field_7", field_7)) if v})
     return {
         "symbol": SYMBOLS[company_id],
-        "timestamp": local.replace(tzinfo=SYDNEY).astimezone(timezone.utc),  # March 2014: no DST change
+        "timestamp": local.replace(tzinfo=SYDNEY).astimezone(UTC),  # March 2014: no DST change
         "price": Decimal(price),
         "quantity": Decimal(volume),
         "trade_conditions": [qualifier],
@@ -114,13 +169,16 @@ def expected_trade(line: str, company_id: str) -> dict | None:
 
 
 def raw_table(lines: list[tuple[str, str]]) -> pa.Table:
-    return pa.table({
-        "file": [f"{company}.csv" for company, _ in lines],
-        "line_number": list(range(1, len(lines) + 1)),
-        "company_id": [company for company, _ in lines],
-        "symbol": [SYMBOLS.get(company) for company, _ in lines],
-        "raw": [line for _, line in lines],
-    }, schema=RAW_SCHEMA)
+    return pa.table(
+        {
+            "file": [f"{company}.csv" for company, _ in lines],
+            "line_number": list(range(1, len(lines) + 1)),
+            "company_id": [company for company, _ in lines],
+            "symbol": [SYMBOLS.get(company) for company, _ in lines],
+            "raw": [line for _, line in lines],
+        },
+        schema=RAW_SCHEMA,
+    )
 
 
 @PROPERTY
@@ -148,13 +206,18 @@ def test_every_trade_row_is_one_row_or_one_dead_letter_with_its_reason(lines):
             assert number in rows, f"line {line!r} should load, was dead-lettered: {letters[number]['reason']}"
             row = rows[number]
             assert {k: row[k] for k in ("symbol", "timestamp", "price", "quantity", "trade_conditions")} == {
-                k: expected[k] for k in ("symbol", "timestamp", "price", "quantity", "trade_conditions")}
+                k: expected[k] for k in ("symbol", "timestamp", "price", "quantity", "trade_conditions")
+            }
             assert dict(row["vendor_data"]) == expected["vendor_data"]
             assert (row["exchange"], row["currency"], row["side"]) == ("ASX", "AUD", "UNKNOWN")
 
 
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(st.lists(trade_lines(), min_size=1, max_size=15))
 def test_every_line_of_a_file_lands_in_exactly_one_day(tmp_path_factory, lines):
     """Through the file reader: whatever a line holds, it belongs to one trading day and is read once."""

@@ -22,16 +22,20 @@ def test_backoff_doubles_from_the_initial_delay_to_the_cap_within_the_jitter():
 
 def test_stream_urls():
     assert DEFAULT_LIVE_URL == "wss://stream.binance.com:9443/stream?streams=btcusdt@trade/ethusdt@trade/bnbusdt@trade"
-    assert combined_stream_url("ws://127.0.0.1:9443/", ["BTCUSDT"]) == "ws://127.0.0.1:9443/stream?streams=btcusdt@trade"
+    assert (
+        combined_stream_url("ws://127.0.0.1:9443/", ["BTCUSDT"]) == "ws://127.0.0.1:9443/stream?streams=btcusdt@trade"
+    )
     assert combined_stream_url(DEFAULT_LIVE_URL, ["XRPUSDT"]) == DEFAULT_LIVE_URL
     assert requested_symbols("/stream?streams=btcusdt@trade/ethusdt@depth/bnbusdt@trade") == {"BTCUSDT", "BNBUSDT"}
     assert requested_symbols("/ws/btcusdt@trade") is None
 
 
 def test_looping_shifts_times_and_ids_forward_so_they_stay_unique_and_increasing():
-    trades = [RecordedTrade("BTCUSDT", 100, "1.0", "1.0", 1_000, True),
-              RecordedTrade("ETHUSDT", 7, "2.0", "1.0", 1_500, False),
-              RecordedTrade("BTCUSDT", 101, "1.5", "1.0", 2_000, False)]
+    trades = [
+        RecordedTrade("BTCUSDT", 100, "1.0", "1.0", 1_000, True),
+        RecordedTrade("ETHUSDT", 7, "2.0", "1.0", 1_500, False),
+        RecordedTrade("BTCUSDT", 101, "1.5", "1.0", 2_000, False),
+    ]
     server = RecordingServer(trades=trades, loop=True)
     view = server._view(("BTCUSDT", "ETHUSDT"))
     values = [server._values(view, position)[:3] for position in range(9)]
@@ -45,9 +49,13 @@ def test_k2_stream_binance_needs_no_settings_and_takes_a_local_url_and_symbols()
     args = build_parser().parse_args(["stream", "binance"])
     config = streamer_config(args)
     assert config.stream_url == DEFAULT_LIVE_URL
-    assert (config.topic, config.dlq_topic, config.partitions) == (BINANCE_TRADES_TOPIC, BINANCE_TRADES_DLQ_TOPIC,
-                                                                    BINANCE_TRADES_PARTITIONS)
+    assert (config.topic, config.dlq_topic, config.partitions) == (
+        BINANCE_TRADES_TOPIC,
+        BINANCE_TRADES_DLQ_TOPIC,
+        BINANCE_TRADES_PARTITIONS,
+    )
     assert args.metrics_port == 9464 and args.source == "live"
-    chosen = streamer_config(build_parser().parse_args(
-        ["stream", "binance", "--symbols", "xrpusdt", "--url", "ws://127.0.0.1:9443"]))
+    chosen = streamer_config(
+        build_parser().parse_args(["stream", "binance", "--symbols", "xrpusdt", "--url", "ws://127.0.0.1:9443"])
+    )
     assert chosen.stream_url == "ws://127.0.0.1:9443/stream?streams=xrpusdt@trade"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -25,14 +25,31 @@ def _judge(tracker: TradeIdTracker, symbol: str, trade_id: int, time_ms: int | N
 
 def test_repeats_are_duplicates_and_ids_below_the_highest_are_not():
     tracker = TradeIdTracker(reset_jump=100)
-    seen = [_judge(tracker, symbol, trade_id) for symbol, trade_id in [
-        ("BTCUSDT", 10), ("BTCUSDT", 11), ("ETHUSDT", 5), ("BTCUSDT", 11), ("BTCUSDT", 9),
-        ("BTCUSDT", 15), ("ETHUSDT", 6), ("ETHUSDT", 6), ("BTCUSDT", 9),
-    ]]
+    seen = [
+        _judge(tracker, symbol, trade_id)
+        for symbol, trade_id in [
+            ("BTCUSDT", 10),
+            ("BTCUSDT", 11),
+            ("ETHUSDT", 5),
+            ("BTCUSDT", 11),
+            ("BTCUSDT", 9),
+            ("BTCUSDT", 15),
+            ("ETHUSDT", 6),
+            ("ETHUSDT", 6),
+            ("BTCUSDT", 9),
+        ]
+    ]
     assert [s.verdict for s in seen] == [
-        TradeIdVerdict.NEW, TradeIdVerdict.NEW, TradeIdVerdict.NEW, TradeIdVerdict.DUPLICATE,
+        TradeIdVerdict.NEW,
+        TradeIdVerdict.NEW,
+        TradeIdVerdict.NEW,
+        TradeIdVerdict.DUPLICATE,
         TradeIdVerdict.LATE,  # 9 was never seen: out of order, kept
-        TradeIdVerdict.NEW, TradeIdVerdict.NEW, TradeIdVerdict.DUPLICATE, TradeIdVerdict.DUPLICATE]
+        TradeIdVerdict.NEW,
+        TradeIdVerdict.NEW,
+        TradeIdVerdict.DUPLICATE,
+        TradeIdVerdict.DUPLICATE,
+    ]
     assert seen[5].missing == 3 and seen[5].previous_high == 11  # 12, 13 and 14 never came
     assert tracker.high_water_mark("BTCUSDT") == 15 and tracker.high_water_mark("ETHUSDT") == 6
 
@@ -89,7 +106,7 @@ def test_the_window_forgets_the_oldest_first():
 
 
 def test_trade_time_ms_is_exact_and_bad_settings_are_named():
-    assert trade_time_ms(datetime(2024, 8, 9, 0, 0, 0, 330_000, tzinfo=timezone.utc)) == 1723161600330
+    assert trade_time_ms(datetime(2024, 8, 9, 0, 0, 0, 330_000, tzinfo=UTC)) == 1723161600330
     with pytest.raises(K2Error, match="window >= 1"):
         TradeIdTracker(window=0)
 
@@ -97,13 +114,16 @@ def test_trade_time_ms_is_exact_and_bad_settings_are_named():
 def test_a_restart_remembers_the_trades_its_spool_still_holds(tmp_path):
     """Trades handed over but still in the spool (Kafka was away) are replayed by the next run: a
     source resending them after a restart must find them already seen."""
+
     def frame(trade_id: int) -> str:
-        return ('{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","t":%d,"p":"1.5","q":"2",'
-                '"T":%d,"m":true,"M":true}}' % (trade_id, 1_723_161_600_000 + trade_id))
+        return (
+            '{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","t":%d,"p":"1.5","q":"2",'
+            '"T":%d,"m":true,"M":true}}' % (trade_id, 1_723_161_600_000 + trade_id)
+        )
+
     records = [SpoolRecord(encode_trade(normalise_trade(frame(i))), b"BTCUSDT") for i in range(10)]
     (tmp_path / "00000000000000000000.seg").write_bytes(b"".join(encode_record(r) for r in records[:6]))
-    (tmp_path / "00000000000000000006.seg").write_bytes(b"".join(encode_record(r) for r in records[6:])
-                                                        + b"torn")
+    (tmp_path / "00000000000000000006.seg").write_bytes(b"".join(encode_record(r) for r in records[6:]) + b"torn")
     tracker = TradeIdTracker()
     assert seed_from_spool(tmp_path, tracker) == 10
     assert tracker.classify("BTCUSDT", 9, 1_723_161_600_009).verdict == TradeIdVerdict.DUPLICATE

@@ -58,12 +58,26 @@ class Frame:
     repeat_of: tuple[str, int] | None = None  # invalid, but a repeat (same symbol, id, time) if that trade was produced
 
 
-def _trade_data(symbol: str, trade_id: int, price: str = "61686.00000000", quantity: str = "0.00705000",
-                buyer_is_maker: bool = False) -> dict[str, Any]:
+def _trade_data(
+    symbol: str,
+    trade_id: int,
+    price: str = "61686.00000000",
+    quantity: str = "0.00705000",
+    buyer_is_maker: bool = False,
+) -> dict[str, Any]:
     # a trade's time follows from its id, so the same (symbol, id) is the same trade
     time_ms = BASE_TIME_MS + (trade_id % 10**9) * 7
-    return {"e": "trade", "E": time_ms + 1, "s": symbol, "t": trade_id, "p": price, "q": quantity,
-            "T": time_ms, "m": buyer_is_maker, "M": True}
+    return {
+        "e": "trade",
+        "E": time_ms + 1,
+        "s": symbol,
+        "t": trade_id,
+        "p": price,
+        "q": quantity,
+        "T": time_ms,
+        "m": buyer_is_maker,
+        "M": True,
+    }
 
 
 def _combined(data: dict[str, Any], symbol: str) -> str:
@@ -75,8 +89,9 @@ trade_ids = st.one_of(
     st.integers(1_000_000, 1_000_010),  # far above the small ones: a fall back from here is a reset
     st.integers(MAX_LONG - 3, MAX_LONG + 3),  # the edge of an Avro long: above it a trade cannot be encoded
 )
-decimals = st.decimals(min_value="0.00000001", max_value="9999999999", places=8, allow_nan=False,
-                       allow_infinity=False).map(lambda d: f"{d:f}")
+decimals = st.decimals(
+    min_value="0.00000001", max_value="9999999999", places=8, allow_nan=False, allow_infinity=False
+).map(lambda d: f"{d:f}")
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
@@ -89,8 +104,9 @@ def trade_frames(draw) -> Frame:
     symbol, trade_id = draw(st.sampled_from(SYMBOLS)), draw(trade_ids)
     data = _trade_data(symbol, trade_id, draw(decimals), draw(decimals), draw(st.booleans()))
     if draw(st.booleans()):  # fields outside V2 (event time E, anything new) go to vendor_data, whatever they hold
-        data["E"] = draw(st.one_of(st.integers(-(10**400), 10**400), st.sampled_from(["²", "١٢٣", "9" * 40]),
-                                   json_values))
+        data["E"] = draw(
+            st.one_of(st.integers(-(10**400), 10**400), st.sampled_from(["²", "١٢٣", "9" * 40]), json_values)
+        )
         data[draw(st.text(max_size=8).filter(lambda k: k not in data))] = draw(json_values)
     text = _combined(data, symbol)
     payload = text.encode() if draw(st.booleans()) else text  # Binance sends text, but a binary UTF-8 frame is fine
@@ -99,11 +115,22 @@ def trade_frames(draw) -> Frame:
 
 # Changes that make a trade invalid whatever else it holds, by field.
 BREAKAGES: dict[str, st.SearchStrategy] = {
-    "p": st.one_of(st.sampled_from(["0", "-1", "NaN", "Infinity", "1e400", "1e-30", "", "abc", "1" * 40]),
-                   st.integers(), st.floats(), st.none(), st.booleans()),
+    "p": st.one_of(
+        st.sampled_from(["0", "-1", "NaN", "Infinity", "1e400", "1e-30", "", "abc", "1" * 40]),
+        st.integers(),
+        st.floats(),
+        st.none(),
+        st.booleans(),
+    ),
     "q": st.one_of(st.sampled_from(["0", "-0.5", "sNaN", "1e-9"]), st.integers(), st.lists(st.integers())),
-    "t": st.one_of(st.integers(max_value=-1), st.floats(), st.text(max_size=5), st.booleans(),
-                   st.integers(min_value=MAX_LONG + 1, max_value=2**200), st.none()),
+    "t": st.one_of(
+        st.integers(max_value=-1),
+        st.floats(),
+        st.text(max_size=5),
+        st.booleans(),
+        st.integers(min_value=MAX_LONG + 1, max_value=2**200),
+        st.none(),
+    ),
     "T": st.one_of(st.integers(min_value=10**18), st.integers(max_value=-1), st.text(max_size=3), st.floats()),
     "m": st.one_of(st.integers(), st.text(max_size=3), st.none()),
     "e": st.one_of(st.sampled_from(["aggTrade", "depthUpdate", "TRADE", ""]), st.integers()),
@@ -135,8 +162,11 @@ def unencodable_extras(draw) -> Frame:
 
 
 any_frames = st.one_of(
-    trade_frames(), trade_frames(), trade_frames(),
-    broken_trade_frames(), unencodable_extras(),
+    trade_frames(),
+    trade_frames(),
+    trade_frames(),
+    broken_trade_frames(),
+    unencodable_extras(),
     json_values.map(lambda v: Frame(json.dumps(v))),
     st.text().map(Frame),
     st.binary(max_size=64).map(Frame),
@@ -145,8 +175,9 @@ any_frames = st.one_of(
 
 
 def _pipeline(producer: RecordingProducer, **config: Any) -> FramePipeline:
-    return FramePipeline(StreamerConfig(topic=TOPIC, dlq_topic=DLQ, metrics_port=None, **config), producer,
-                         StreamMetrics())
+    return FramePipeline(
+        StreamerConfig(topic=TOPIC, dlq_topic=DLQ, metrics_port=None, **config), producer, StreamMetrics()
+    )
 
 
 def _expected_produced(frames: list[Frame]) -> list[tuple[str, int]]:
@@ -162,8 +193,10 @@ def _expected_produced(frames: list[Frame]) -> list[tuple[str, int]]:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(any_frames, max_size=40))
-@example([Frame(_combined(_trade_data("BTCUSDT", MAX_LONG + 1), "BTCUSDT"))]
-         + [Frame(_combined(_trade_data("BTCUSDT", i), "BTCUSDT"), ("BTCUSDT", i)) for i in range(5)])
+@example(
+    [Frame(_combined(_trade_data("BTCUSDT", MAX_LONG + 1), "BTCUSDT"))]
+    + [Frame(_combined(_trade_data("BTCUSDT", i), "BTCUSDT"), ("BTCUSDT", i)) for i in range(5)]
+)
 def test_every_frame_ends_once_as_produced_duplicate_or_dead_letter(frames: list[Frame]) -> None:
     producer = RecordingProducer()
     pipeline = _pipeline(producer)
@@ -192,15 +225,20 @@ def test_every_frame_ends_once_as_produced_duplicate_or_dead_letter(frames: list
 
     registry = pipeline.metrics.registry
     assert registry.get_sample_value("k2_binance_messages_received_total") == len(frames)
-    assert sum(registry.get_sample_value("k2_binance_trades_produced_total", {"symbol": s}) or 0
-               for s in SYMBOLS) == stats.produced
+    assert (
+        sum(registry.get_sample_value("k2_binance_trades_produced_total", {"symbol": s}) or 0 for s in SYMBOLS)
+        == stats.produced
+    )
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(SYMBOLS[:2]), st.integers(0, 30)), min_size=1, max_size=60),
-       st.lists(st.integers(0, 59), max_size=10))
-def test_a_bad_frame_never_makes_a_later_good_trade_a_duplicate(trades: list[tuple[str, int]],
-                                                                bad_at: list[int]) -> None:
+@given(
+    st.lists(st.tuples(st.sampled_from(SYMBOLS[:2]), st.integers(0, 30)), min_size=1, max_size=60),
+    st.lists(st.integers(0, 59), max_size=10),
+)
+def test_a_bad_frame_never_makes_a_later_good_trade_a_duplicate(
+    trades: list[tuple[str, int]], bad_at: list[int]
+) -> None:
     """The reported bug: a frame that fails after the duplicate check (unencodable) with the id of
     trades still to come must not hide them."""
     frames: list[Frame] = []
@@ -250,7 +288,9 @@ def test_oversized_and_binary_frames_become_dead_letters_that_fit_in_kafka():
     big = _combined(data, "BTCUSDT")
     assert pipeline.handle(big) == FrameOutcome.DEAD_LETTER
     assert pipeline.handle(b"\xff\xfe binary") == FrameOutcome.DEAD_LETTER
-    assert pipeline.handle(_combined(_trade_data("BTCUSDT", 7), "BTCUSDT")) == FrameOutcome.PRODUCED  # not a "duplicate"
+    assert (
+        pipeline.handle(_combined(_trade_data("BTCUSDT", 7), "BTCUSDT")) == FrameOutcome.PRODUCED
+    )  # not a "duplicate"
     too_large, binary = [json.loads(value) for value in producer.values(DLQ)]
     assert too_large["reason"] == "produce_rejected" and too_large["raw_truncated"] is True
     assert too_large["raw_length"] == len(big) and len(too_large["raw"]) == 64 * 1024

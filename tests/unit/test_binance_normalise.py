@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -13,7 +13,7 @@ from k2_resources.schemas import decode_trade, encode_trade
 from k2_resources.settings import DATA_DIR
 
 SAMPLES = [json.loads(line) for line in (DATA_DIR / "binance" / "ws-samples.jsonl").read_text().splitlines()]
-INGESTED = datetime(2024, 8, 9, 0, 0, 1, tzinfo=timezone.utc)
+INGESTED = datetime(2024, 8, 9, 0, 0, 1, tzinfo=UTC)
 
 
 def _frame(**changes: object) -> dict:
@@ -37,7 +37,7 @@ def test_a_recorded_2023_frame_maps_every_field():
         "symbol": "BTCUSDT",
         "exchange": "BINANCE",
         "asset_class": "crypto",
-        "timestamp": datetime(2023, 4, 4, 23, 59, 59, 999000, tzinfo=timezone.utc),  # T, not E
+        "timestamp": datetime(2023, 4, 4, 23, 59, 59, 999000, tzinfo=UTC),  # T, not E
         "price": Decimal("28165.47000000"),
         "quantity": Decimal("0.00056000"),
         "currency": "USDT",
@@ -46,8 +46,14 @@ def test_a_recorded_2023_frame_maps_every_field():
         "source_sequence": 3071245454,
         "ingestion_timestamp": INGESTED,
         "platform_sequence": None,
-        "vendor_data": {"E": "1680652800000", "b": "20720542158", "a": "20720542592", "m": "true", "M": "true",
-                        "stream": "btcusdt@trade"},
+        "vendor_data": {
+            "E": "1680652800000",
+            "b": "20720542158",
+            "a": "20720542592",
+            "m": "true",
+            "M": "true",
+            "stream": "btcusdt@trade",
+        },
     }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -32,10 +32,19 @@ def test_missing_maven_names_the_package_to_install(tmp_path, monkeypatch):
 
 
 def _trade() -> dict:
-    now = datetime(2024, 8, 9, tzinfo=timezone.utc)
-    return TradeV2(message_id="m", trade_id="BINANCE-1", symbol="BTCUSDT", exchange="BINANCE", asset_class="crypto",
-                   timestamp=now, price=Decimal("1.5"), quantity=Decimal("2"), currency="USDT",
-                   ingestion_timestamp=now).to_record()
+    now = datetime(2024, 8, 9, tzinfo=UTC)
+    return TradeV2(
+        message_id="m",
+        trade_id="BINANCE-1",
+        symbol="BTCUSDT",
+        exchange="BINANCE",
+        asset_class="crypto",
+        timestamp=now,
+        price=Decimal("1.5"),
+        quantity=Decimal("2"),
+        currency="USDT",
+        ingestion_timestamp=now,
+    ).to_record()
 
 
 def test_a_record_that_does_not_fit_the_schema_names_the_model_to_use():

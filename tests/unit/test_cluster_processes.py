@@ -18,12 +18,21 @@ def test_a_zombie_that_is_not_our_child_counts_as_ended_and_stopping_it_returns(
     # The child `cat` ends when its input closes, which the test does only once its parent has
     # exec'd `sleep`, which never reaps it: a zombie not ours. (A child that ended at once could
     # be reaped by the shell before the exec, on a busy machine.)
-    parent = subprocess.Popen(["sh", "-c", "exec 3<&0; cat <&3 >/dev/null & echo $!; exec sleep 30 <&- 3<&-"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    parent = subprocess.Popen(
+        ["sh", "-c", "exec 3<&0; cat <&3 >/dev/null & echo $!; exec sleep 30 <&- 3<&-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         zombie = int(parent.stdout.readline())
-        wait_for(lambda: Path(f"/proc/{parent.pid}/comm").read_text().strip() == "sleep", 10, "the parent to exec sleep",
-                 interval_s=0.02)
+        wait_for(
+            lambda: Path(f"/proc/{parent.pid}/comm").read_text().strip() == "sleep",
+            10,
+            "the parent to exec sleep",
+            interval_s=0.02,
+        )
         parent.stdin.close()
         wait_for(lambda: _is_zombie(zombie), 10, "the child to become a zombie", interval_s=0.05)
         assert not _alive(zombie)

@@ -11,7 +11,7 @@ non-ASCII text, empty and null maps, a k2.* key already present) and malformed m
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pyarrow as pa
@@ -32,7 +32,7 @@ from k2_resources.trades.microbatch import (
     split_rows,
 )
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def random_trade(rng: random.Random, index: int) -> dict:
@@ -44,8 +44,12 @@ def random_trade(rng: random.Random, index: int) -> dict:
         "exchange": rng.choice(["BINANCE", "ASX"]),
         "asset_class": rng.choice(["equities", "crypto", "futures", "options"]),
         "timestamp": EPOCH + timedelta(microseconds=rng.randrange(-(10**16), 10**17)),
-        "price": Decimal(rng.choice([1, -1, 127, 128, -128, -129, 255, 256, 10**18 - 1, -(10**18 - 1),
-                                     rng.randrange(-(10**17), 10**17)])) / scale,
+        "price": Decimal(
+            rng.choice(
+                [1, -1, 127, 128, -128, -129, 255, 256, 10**18 - 1, -(10**18 - 1), rng.randrange(-(10**17), 10**17)]
+            )
+        )
+        / scale,
         "quantity": Decimal(rng.randrange(0, 10**12)) / scale,
         "currency": rng.choice(["USDT", "AUD", ""]),
         "side": rng.choice(["BUY", "SELL", "SELL_SHORT", "UNKNOWN"]),
@@ -53,8 +57,9 @@ def random_trade(rng: random.Random, index: int) -> dict:
         "source_sequence": rng.choice([None, 0, -1, 2**63 - 1, -(2**63), rng.randrange(10**12)]),
         "ingestion_timestamp": EPOCH + timedelta(microseconds=rng.randrange(0, 2 * 10**15)),
         "platform_sequence": rng.choice([None, 7]),
-        "vendor_data": rng.choice([None, {}, {"E": str(index), "m": "true", "stream": "btcusdt@trade", "ü": "ß"},
-                                   {"k2.tier": "9", "x": ""}]),
+        "vendor_data": rng.choice(
+            [None, {}, {"E": str(index), "m": "true", "stream": "btcusdt@trade", "ü": "ß"}, {"k2.tier": "9", "x": ""}]
+        ),
     }
 
 
@@ -87,8 +92,13 @@ def test_a_batch_decodes_to_exactly_what_fastavro_and_to_arrow_give():
         values[position] = value
     offsets = list(range(500, 500 + len(values)))
 
-    batch = decode_columnar(values, TRADE_V2, TRADE_V2_SCHEMA_ID, TRADES.arrow_schema(),
-                            {"platform_sequence": pa.array(offsets, pa.int64())})
+    batch = decode_columnar(
+        values,
+        TRADE_V2,
+        TRADE_V2_SCHEMA_ID,
+        TRADES.arrow_schema(),
+        {"platform_sequence": pa.array(offsets, pa.int64())},
+    )
 
     assert batch.irregular.tolist() == sorted(malformed)
     regular = [i for i in range(len(values)) if i not in malformed]

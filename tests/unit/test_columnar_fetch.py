@@ -12,14 +12,27 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from k2_resources.trades.columnar_fetch import FastFetchUnavailable, parse_record_batches
 
 
-def batch(base_offset: int, values: list[bytes | None], *, compression: int = 0, keys: bool = True,
-          headers: bool = False) -> bytes:
+def batch(
+    base_offset: int, values: list[bytes | None], *, compression: int = 0, keys: bool = True, headers: bool = False
+) -> bytes:
     """One v2 record batch as a broker returns it (base offset set, CRC over the rest)."""
-    builder = DefaultRecordBatchBuilder(magic=2, compression_type=compression, is_transactional=False,
-                                        producer_id=-1, producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=compression,
+        is_transactional=False,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
     for delta, value in enumerate(values):
-        builder.append(delta, timestamp=1_700_000_000_000 + delta, key=b"BTCUSDT" if keys and delta % 2 else None,
-                       value=value, headers=[("h", b"x" * delta)] if headers else [])
+        builder.append(
+            delta,
+            timestamp=1_700_000_000_000 + delta,
+            key=b"BTCUSDT" if keys and delta % 2 else None,
+            value=value,
+            headers=[("h", b"x" * delta)] if headers else [],
+        )
     built = bytearray(builder.build())
     struct.pack_into(">q", built, 0, base_offset)
     return bytes(built)
@@ -58,11 +71,15 @@ def test_a_batch_cut_off_at_the_end_of_the_response_is_left_for_the_next_fetch()
     assert next_offset == 2
 
 
-@pytest.mark.parametrize("records, reason", [
-    (batch(0, [b"a" * 1000] * 5, compression=1), "compressed"),  # gzip
-    (batch(0, [b"a", None]), "null value"),
-    (batch(0, [b"a"]) + batch(5, [b"b"]), "contiguously"),  # offsets skip (compaction)
-], ids=["compressed", "null-value", "offsets-skip"])
+@pytest.mark.parametrize(
+    "records, reason",
+    [
+        (batch(0, [b"a" * 1000] * 5, compression=1), "compressed"),  # gzip
+        (batch(0, [b"a", None]), "null value"),
+        (batch(0, [b"a"]) + batch(5, [b"b"]), "contiguously"),  # offsets skip (compaction)
+    ],
+    ids=["compressed", "null-value", "offsets-skip"],
+)
 def test_what_the_column_wise_parse_does_not_cover_is_refused_with_the_reason(records, reason):
     with pytest.raises(FastFetchUnavailable, match=reason):
         parse_record_batches(records, 0, 10)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from k2_assets.cli import build_parser
 from k2_resources import metrics
 from k2_resources.api.app import DEFAULT_API_PORT
 from k2_resources.binance import streamer
-from k2_assets.cli import build_parser
 from k2_resources.kafka_broker import DEFAULT_PORT as KAFKA_PORT
 from k2_resources.settings import PROJECT_ROOT
 
@@ -22,11 +22,26 @@ COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 DOCKERFILE = PROJECT_ROOT / "infra" / "docker" / "Dockerfile"
 PACKAGES = ("k2_resources", "k2_assets", "k2_sensors")
 # What the brief says the code reads; the compose stack must set each for the K2 services.
-REQUIRED_K2_VARIABLES = {"K2_HOME", "K2_KAFKA_BOOTSTRAP", "K2_ICEBERG_CATALOG_URI", "K2_ICEBERG_CATALOG_TYPE",
-                         "K2_ICEBERG_WAREHOUSE", "DAGSTER_HOME", "K2_ALERT_WEBHOOKS"}
+REQUIRED_K2_VARIABLES = {
+    "K2_HOME",
+    "K2_KAFKA_BOOTSTRAP",
+    "K2_ICEBERG_CATALOG_URI",
+    "K2_ICEBERG_CATALOG_TYPE",
+    "K2_ICEBERG_WAREHOUSE",
+    "DAGSTER_HOME",
+    "K2_ALERT_WEBHOOKS",
+}
 KAFKA_NODES = ("kafka-1", "kafka-2", "kafka-3")
 DEPLOYMENT_DOC = PROJECT_ROOT / "docs" / "deployment.md"
-K2_IMAGE_SERVICES = {"query-api", "dagster-migrate", "dagster-code", "dagster-webserver", "dagster-daemon", "streamer", "metrics"}
+K2_IMAGE_SERVICES = {
+    "query-api",
+    "dagster-migrate",
+    "dagster-code",
+    "dagster-webserver",
+    "dagster-daemon",
+    "streamer",
+    "metrics",
+}
 
 
 def load_yaml(path: Path) -> dict:
@@ -64,8 +79,21 @@ def published(service: dict) -> list[tuple[str, int, int]]:
 
 
 def test_the_expected_services_exist(services):
-    assert {*KAFKA_NODES, "seaweedfs", "postgres", "dagster-migrate", "dagster-code", "dagster-webserver",
-            "dagster-daemon", "streamer", "metrics", "query-api", "prometheus", "alertmanager", "grafana"} <= set(services)
+    assert {
+        *KAFKA_NODES,
+        "seaweedfs",
+        "postgres",
+        "dagster-migrate",
+        "dagster-code",
+        "dagster-webserver",
+        "dagster-daemon",
+        "streamer",
+        "metrics",
+        "query-api",
+        "prometheus",
+        "alertmanager",
+        "grafana",
+    } <= set(services)
 
 
 def test_every_published_port_is_bound_to_localhost(services):
@@ -159,7 +187,7 @@ def test_dependencies_and_shared_network_namespaces_name_real_services(services)
 def test_k2_services_set_the_variables_the_code_reads(services, package_sources):
     for name in K2_IMAGE_SERVICES:
         environment = services[name]["environment"]
-        assert REQUIRED_K2_VARIABLES <= set(environment), f"{name} misses {REQUIRED_K2_VARIABLES - set(environment)}"
+        assert set(environment) >= REQUIRED_K2_VARIABLES, f"{name} misses {REQUIRED_K2_VARIABLES - set(environment)}"
         for variable in environment:
             if variable.startswith("K2_") or variable == "DAGSTER_HOME":
                 assert f'"{variable}"' in package_sources, f"{name} sets {variable}, which no code reads"
@@ -172,8 +200,13 @@ def test_postgres_variables_match_the_dagster_postgres_settings(services):
     database = settings["storage"]["postgres"]["postgres_db"]
     wanted = {field["env"] for field in database.values() if isinstance(field, dict)}
     assert database["scheme"] == "postgresql+psycopg2"  # the driver dagster-postgres brings
-    assert wanted == {"DAGSTER_POSTGRES_HOST", "DAGSTER_POSTGRES_PORT", "DAGSTER_POSTGRES_USER",
-                      "DAGSTER_POSTGRES_PASSWORD", "DAGSTER_POSTGRES_DB"}
+    assert wanted == {
+        "DAGSTER_POSTGRES_HOST",
+        "DAGSTER_POSTGRES_PORT",
+        "DAGSTER_POSTGRES_USER",
+        "DAGSTER_POSTGRES_PASSWORD",
+        "DAGSTER_POSTGRES_DB",
+    }
     for name in ("dagster-code", "dagster-webserver", "dagster-daemon"):
         environment = services[name]["environment"]
         assert wanted <= set(environment)
@@ -204,8 +237,10 @@ def test_workspace_points_at_the_code_location(services):
     assert str(server["port"]) == code[code.index("--port") + 1]
     module = re.search(r'module_name = "([^"]+)"', (PROJECT_ROOT / "pyproject.toml").read_text()).group(1)
     assert code[code.index("--module-name") + 1] == module
-    assert server["location_name"] == load_yaml(PROJECT_ROOT / "workspace.yaml")["load_from"][0]["python_module"][
-        "location_name"]
+    assert (
+        server["location_name"]
+        == load_yaml(PROJECT_ROOT / "workspace.yaml")["load_from"][0]["python_module"]["location_name"]
+    )
     for name in ("dagster-webserver", "dagster-daemon"):
         command = command_of(services[name])
         assert command[command.index("--workspace") + 1] == "/opt/k2/infra/docker/workspace.yaml"
@@ -245,8 +280,12 @@ def test_prometheus_scrapes_and_alerts_the_services_of_its_network_namespace(ser
     sharing = [name for name, s in services.items() if s.get("network_mode") == "service:prometheus"]
     local_ports = {port: name for name in sharing + ["prometheus"] for port in listening_ports(services, name)}
     targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
-    targets += [t for am in config.get("alerting", {}).get("alertmanagers", [])
-                for sc in am.get("static_configs", []) for t in sc["targets"]]
+    targets += [
+        t
+        for am in config.get("alerting", {}).get("alertmanagers", [])
+        for sc in am.get("static_configs", [])
+        for t in sc["targets"]
+    ]
     assert targets
     for target in targets:
         host, port = target.rsplit(":", 1)
@@ -271,8 +310,9 @@ def test_grafana_provisions_prometheus_and_a_dashboard_of_real_metrics(services,
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert {p["datasource"]["uid"] for p in panels} == {datasource["uid"]}
     expressions = " ".join(t["expr"] for p in panels for t in p["targets"])
-    defined = {_base(name) for name in re.findall(r'(?:Gauge|Counter|Histogram|Summary)\(\s*"([a-z0-9_]+)"',
-                                                  package_sources)}
+    defined = {
+        _base(name) for name in re.findall(r'(?:Gauge|Counter|Histogram|Summary)\(\s*"([a-z0-9_]+)"', package_sources)
+    }
     used = {_base(name) for name in re.findall(r"\b(k2_[a-z0-9_]+)", expressions)}
     assert used and used <= defined, f"the dashboard plots metrics no code defines: {sorted(used - defined)}"
     titles = " ".join(p["title"].lower() for p in panels)

@@ -68,7 +68,10 @@ def test_memory_trigger_reaches_its_level(manager: DegradationManager, level) ->
     assert manager.evaluate(0, MEMORY_TRIGGERS[level] - 0.1) == L(level - 1)
     assert manager.evaluate(0, MEMORY_TRIGGERS[level]) == level
     assert manager.last_transition is not None
-    assert f"memory {MEMORY_TRIGGERS[level]:g}% >= {MEMORY_TRIGGERS[level]:g}% ({level.name})" in manager.last_transition.cause
+    assert (
+        f"memory {MEMORY_TRIGGERS[level]:g}% >= {MEMORY_TRIGGERS[level]:g}% ({level.name})"
+        in manager.last_transition.cause
+    )
 
 
 def test_escalation_jumps_straight_to_the_highest_triggered_level(manager: DegradationManager) -> None:
@@ -86,7 +89,9 @@ def test_the_stronger_signal_decides_and_both_are_named_when_equal(manager: Degr
     assert manager.level == L.AGGRESSIVE
     assert manager.last_transition.cause == "memory 91% >= 90% (AGGRESSIVE)"
     manager.evaluate(5_000_000, 96.0)
-    assert manager.last_transition.cause == "lag 5,000,000 >= 5,000,000 (CIRCUIT_BREAK); memory 96% >= 95% (CIRCUIT_BREAK)"
+    assert (
+        manager.last_transition.cause == "lag 5,000,000 >= 5,000,000 (CIRCUIT_BREAK); memory 96% >= 95% (CIRCUIT_BREAK)"
+    )
 
 
 def test_escalation_ignores_the_cooldown(manager: DegradationManager, clock: FakeClock) -> None:
@@ -108,7 +113,9 @@ def test_every_level_steps_down_one_level_when_below_half_the_trigger_after_cool
     assert f"(recovering to {L(level - 1).name})" in transition.cause
 
 
-def test_full_recovery_from_circuit_break_is_one_level_per_cooldown(manager: DegradationManager, clock: FakeClock) -> None:
+def test_full_recovery_from_circuit_break_is_one_level_per_cooldown(
+    manager: DegradationManager, clock: FakeClock
+) -> None:
     manager.evaluate(5_000_000, 50.0)
     seen = []
     for _ in range(4):
@@ -255,7 +262,9 @@ def test_transitions_are_logged_with_their_cause(
 
 def test_custom_thresholds_and_cooldown(clock: FakeClock) -> None:
     manager = DegradationManager(
-        thresholds=DegradationThresholds(lag_messages=(10, 20, 30, 40), memory_percent=(50, 60, 70, 80), cooldown_seconds=2),
+        thresholds=DegradationThresholds(
+            lag_messages=(10, 20, 30, 40), memory_percent=(50, 60, 70, 80), cooldown_seconds=2
+        ),
         clock=clock,
     )
     assert manager.evaluate(30, 0.0) == L.AGGRESSIVE

@@ -66,16 +66,23 @@ def test_tests_import_no_other_test_module() -> None:
         for line, module in imported_modules(path):
             parts = module.split(".")
             if parts[0] == "tests" and len(parts) > 1 and parts[1] != "support":
-                problems.append(f"{path.relative_to(PROJECT_ROOT)}:{line}: imports {module}; shared helpers go in tests/support")
+                problems.append(
+                    f"{path.relative_to(PROJECT_ROOT)}:{line}: imports {module}; shared helpers go in tests/support"
+                )
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from k2_sensors.binance import stream_sensor\n", "k2_resources must not import k2_sensors.binance"),
-    ("def f():\n    import k2_assets.definitions\n", "k2_resources must not import k2_assets.definitions"),
-    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from k2_assets.cli import main\n",
-     "nothing imports the CLI (k2_assets.cli)"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from k2_sensors.binance import stream_sensor\n", "k2_resources must not import k2_sensors.binance"),
+        ("def f():\n    import k2_assets.definitions\n", "k2_resources must not import k2_assets.definitions"),
+        (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from k2_assets.cli import main\n",
+            "nothing imports the CLI (k2_assets.cli)",
+        ),
+    ],
+)
 def test_the_rule_catches_hidden_imports_and_names_file_and_line(tmp_path: Path, source: str, expected: str) -> None:
     for package in PACKAGES:
         (tmp_path / package).mkdir()

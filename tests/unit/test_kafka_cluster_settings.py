@@ -15,9 +15,15 @@ from k2_resources.kafka_broker import KafkaBroker
 from k2_resources.kafka_cluster import KafkaCluster, replication_for
 
 
-@pytest.mark.parametrize("brokers, expected", [
-    (1, (1, {})), (2, (2, {})), (3, (3, {"min.insync.replicas": "2"})), (5, (3, {"min.insync.replicas": "2"})),
-])
+@pytest.mark.parametrize(
+    "brokers, expected",
+    [
+        (1, (1, {})),
+        (2, (2, {})),
+        (3, (3, {"min.insync.replicas": "2"})),
+        (5, (3, {"min.insync.replicas": "2"})),
+    ],
+)
 def test_replication_follows_the_cluster_size(brokers, expected):
     assert replication_for(brokers) == expected
 
@@ -40,8 +46,11 @@ class FakeAdmin:
     def describe_topics(self, names):
         # The first describe after creation finds no partitions yet (the brokers learn of it later).
         self.describes = getattr(self, "describes", 0) + 1
-        partitions = [] if self.describes == 1 else [
-            {"partition_index": p, "leader_id": 1} for topic in self.created for p in range(topic.num_partitions)]
+        partitions = (
+            []
+            if self.describes == 1
+            else [{"partition_index": p, "leader_id": 1} for topic in self.created for p in range(topic.num_partitions)]
+        )
         return [{"topic": name, "error_code": 0, "partitions": partitions} for name in names]
 
     def close(self):
@@ -80,10 +89,15 @@ def test_three_nodes_share_one_quorum_and_keep_their_ports(tmp_path):
     assert properties["listeners"].startswith("PLAINTEXT://127.0.0.1:")
     # A later command (another process) finds the same nodes.
     again = KafkaCluster(home=tmp_path)
-    assert again.bootstrap_servers == KafkaCluster(home=tmp_path).bootstrap_servers == ",".join(
-        node.bootstrap_servers for node in nodes)
-    assert KafkaCluster(home=tmp_path / "fixed", base_port=41000).bootstrap_servers == \
-        "127.0.0.1:41000,127.0.0.1:41002,127.0.0.1:41004"
+    assert (
+        again.bootstrap_servers
+        == KafkaCluster(home=tmp_path).bootstrap_servers
+        == ",".join(node.bootstrap_servers for node in nodes)
+    )
+    assert (
+        KafkaCluster(home=tmp_path / "fixed", base_port=41000).bootstrap_servers
+        == "127.0.0.1:41000,127.0.0.1:41002,127.0.0.1:41004"
+    )
     with pytest.raises(K2Error, match="has 3 Kafka nodes, not 5"):
         KafkaCluster(home=tmp_path, size=5).nodes()
 
@@ -128,8 +142,9 @@ def test_cluster_command_starts_services_in_order_and_writes_their_variables(tmp
 def test_a_service_that_fails_to_start_stops_those_already_started(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("K2_HOME", str(tmp_path))
     events: list[str] = []
-    monkeypatch.setattr(cluster_cli, "services",
-                        lambda: [_service("kafka", events), _service("catalog", events, fail=True)])
+    monkeypatch.setattr(
+        cluster_cli, "services", lambda: [_service("kafka", events), _service("catalog", events, fail=True)]
+    )
     assert k2(["cluster", "start"]) == 2
     assert "catalog could not start" in capsys.readouterr().err
     assert events == ["start kafka", "stop kafka"]

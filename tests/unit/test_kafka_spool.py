@@ -92,8 +92,11 @@ def _segments(directory) -> list:
 
 
 def test_framing_round_trips_and_a_torn_tail_is_left_out():
-    records = [SpoolRecord(b"v1"), SpoolRecord(b"", key=b"BTCUSDT", headers=(("k2.reason", b"bad"), ("x", b""))),
-               SpoolRecord("é€".encode() * 100, key=b"")]
+    records = [
+        SpoolRecord(b"v1"),
+        SpoolRecord(b"", key=b"BTCUSDT", headers=(("k2.reason", b"bad"), ("x", b""))),
+        SpoolRecord("é€".encode() * 100, key=b""),
+    ]
     data = b"".join(encode_record(r) for r in records)
     assert decode_records(data) == (records, len(data))
     torn = data + encode_record(SpoolRecord(b"half"))[:-2]
@@ -207,8 +210,9 @@ def test_a_restart_resumes_after_the_acknowledged_part_of_a_segment(tmp_path):
 
 def test_the_spooling_producer_reports_records_refused_for_good(tmp_path):
     producer = FakeProducer()
-    spooling = SpoolingProducer(producer, tmp_path, topics=("trades", "trades.dlq"), max_buffered=10,
-                                close_timeout_s=0.2)
+    spooling = SpoolingProducer(
+        producer, tmp_path, topics=("trades", "trades.dlq"), max_buffered=10, close_timeout_s=0.2
+    )
     errors: list[BaseException] = []
     handle = spooling.send("trades", value=b"too big", key=b"k")
     assert handle.is_done and not handle.failed()

@@ -4,7 +4,7 @@ compacted-style offset jump is not, and a record that decodes but cannot be stor
 from __future__ import annotations
 
 from collections import namedtuple
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pyarrow as pa
@@ -19,12 +19,24 @@ TOPIC = "market.trades.binance"
 
 
 def trade(sequence: int, price: str = "64000.5") -> dict:
-    moment = datetime(2024, 8, 9, 0, 0, sequence % 60, tzinfo=timezone.utc)
-    return {"message_id": f"m{sequence}", "trade_id": f"BINANCE-{sequence}", "symbol": "BTCUSDT",
-            "exchange": "BINANCE", "asset_class": "crypto", "timestamp": moment, "price": Decimal(price),
-            "quantity": Decimal("0.01"), "currency": "USDT", "side": "BUY", "trade_conditions": [],
-            "source_sequence": sequence, "ingestion_timestamp": moment, "platform_sequence": None,
-            "vendor_data": None}
+    moment = datetime(2024, 8, 9, 0, 0, sequence % 60, tzinfo=UTC)
+    return {
+        "message_id": f"m{sequence}",
+        "trade_id": f"BINANCE-{sequence}",
+        "symbol": "BTCUSDT",
+        "exchange": "BINANCE",
+        "asset_class": "crypto",
+        "timestamp": moment,
+        "price": Decimal(price),
+        "quantity": Decimal("0.01"),
+        "currency": "USDT",
+        "side": "BUY",
+        "trade_conditions": [],
+        "source_sequence": sequence,
+        "ingestion_timestamp": moment,
+        "platform_sequence": None,
+        "vendor_data": None,
+    }
 
 
 class FakeConsumer:
@@ -98,8 +110,12 @@ def test_without_a_place_to_record_it_a_loss_is_an_error_naming_the_range():
 
 
 def test_a_record_that_decodes_but_cannot_be_stored_becomes_a_dead_letter_with_its_bytes_and_reason():
-    values = [encode_trade(trade(0)), encode_trade(trade(1, price="123456789012345.5")), encode_trade(trade(2)),
-              b"\x00\x00\x00\x00\x01\xff"]
+    values = [
+        encode_trade(trade(0)),
+        encode_trade(trade(1, price="123456789012345.5")),
+        encode_trade(trade(2)),
+        b"\x00\x00\x00\x00\x01\xff",
+    ]
     raw = pa.table({"offset": [10, 11, 12, 13], "timestamp_ms": [0] * 4, "key": [b"k"] * 4, "value": values})
     read = decode_raw(raw)
     assert [r["platform_sequence"] for r in read.records] == [10, 12]

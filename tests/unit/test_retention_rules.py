@@ -22,12 +22,14 @@ from k2_sensors.binance.stream_rules import (
 )
 
 TOPIC = BINANCE_TRADES_TOPIC
-SETTINGS = StreamSettings(topic=TOPIC, max_batch_messages=100, retry_after_s=300, lag_warn_messages=50_000,
-                          lag_error_messages=500_000)
+SETTINGS = StreamSettings(
+    topic=TOPIC, max_batch_messages=100, retry_after_s=300, lag_warn_messages=50_000, lag_error_messages=500_000
+)
 
 
-def snapshot(starts: dict[int, int], ends: dict[int, int], committed: dict[int, int],
-             losses: tuple[RetentionLoss, ...] = ()) -> StreamSnapshot:
+def snapshot(
+    starts: dict[int, int], ends: dict[int, int], committed: dict[int, int], losses: tuple[RetentionLoss, ...] = ()
+) -> StreamSnapshot:
     return StreamSnapshot(TOPIC, ends, committed, (), starts, losses)
 
 
@@ -37,7 +39,8 @@ def test_a_log_start_past_the_committed_offset_is_an_error_naming_partition_rang
     assert (outcome.check_name, outcome.passed, outcome.severity) == ("retention_loss", False, AssetCheckSeverity.ERROR)
     assert outcome.metadata["lost_messages"] == 100
     assert json.loads(outcome.metadata["lost_ranges"]) == [
-        {"partition": 0, "start": 200, "end": 300, "count": 100, "recorded": False}]
+        {"partition": 0, "start": 200, "end": 300, "count": 100, "recorded": False}
+    ]
     assert "partition 0: offsets [200, 300) (100 messages)" in outcome.metadata["loss"]
     assert f"k2 offsets accept-loss --topic {TOPIC}" in outcome.metadata["fix"]
     # The same topic, not a recreated one: the baseline check passes.
@@ -70,20 +73,28 @@ def test_a_recorded_loss_keeps_the_check_red_until_it_is_acknowledged():
     red = retention_loss_evaluation(snapshot(starts={2: 40}, ends={2: 90}, committed={2: 90}, losses=(loss,)))
     assert not red.passed and red.metadata["lost_messages"] == 25
     assert json.loads(red.metadata["lost_ranges"]) == [
-        {"partition": 2, "start": 10, "end": 35, "count": 25, "recorded": True}]
+        {"partition": 2, "start": 10, "end": 35, "count": 25, "recorded": True}
+    ]
     accepted = RetentionLoss(TOPIC, 2, 10, 35, loss.recorded_at, "2026-11-30T04:00:00+00:00", "ops", "reloaded")
     green = retention_loss_evaluation(snapshot(starts={2: 40}, ends={2: 90}, committed={2: 90}, losses=(accepted,)))
     assert green.passed and green.metadata["lost_messages"] == 0 and green.metadata["acknowledged_losses"] == 1
 
 
 def test_a_tick_logs_the_loss_as_an_error_and_reports_the_check():
-    observation = Observation(snapshot(starts={0: 300}, ends={0: 400}, committed={0: 200}),
-                              dead_letter_topic=f"{TOPIC}.dlq")
+    observation = Observation(
+        snapshot(starts={0: 300}, ends={0: 400}, committed={0: 200}), dead_letter_topic=f"{TOPIC}.dlq"
+    )
     decision = decide(observation, StreamCursor(), SETTINGS, now=0.0)
     assert [(r.range.start, r.range.end) for r in decision.runs] == [(200, 400)]
     told = report(observation, decision, SETTINGS)
-    assert LogLine("error", f"retention loss on {TOPIC}[0]: offsets [200, 300) (100 messages) were deleted by "
-                            "Kafka before market.trades committed them") in told.log_lines
+    assert (
+        LogLine(
+            "error",
+            f"retention loss on {TOPIC}[0]: offsets [200, 300) (100 messages) were deleted by "
+            "Kafka before market.trades committed them",
+        )
+        in told.log_lines
+    )
     assert not {o.check_name: o for o in told.outcomes}["retention_loss"].passed
 
 

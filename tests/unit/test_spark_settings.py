@@ -11,8 +11,10 @@ from k2_resources.errors import K2Error
 
 
 def test_the_embedded_sqlite_catalog_becomes_a_jdbc_catalog_over_the_same_database() -> None:
-    conf = spark_catalog_conf("k2", {"type": "sql", "uri": "sqlite:////srv/k2/iceberg/catalog.db",
-                                     "warehouse": "file:///srv/k2/iceberg/warehouse"})
+    conf = spark_catalog_conf(
+        "k2",
+        {"type": "sql", "uri": "sqlite:////srv/k2/iceberg/catalog.db", "warehouse": "file:///srv/k2/iceberg/warehouse"},
+    )
     assert conf == {
         "spark.sql.catalog.k2": "org.apache.iceberg.spark.SparkCatalog",
         "spark.sql.catalog.k2.cache-enabled": "false",
@@ -31,10 +33,20 @@ def test_a_postgres_sql_catalog_gets_its_jdbc_url_and_login() -> None:
 
 
 def test_a_rest_catalog_on_s3_keeps_uri_credential_and_object_store_settings() -> None:
-    conf = spark_catalog_conf("lake", {
-        "type": "rest", "uri": "http://127.0.0.1:8181", "warehouse": "s3://k2lake/", "credential": "key:secret",
-        "s3.endpoint": "http://127.0.0.1:8333", "s3.access-key-id": "key", "s3.secret-access-key": "secret",
-        "s3.region": "eu-west-1", "s3.path-style-access": "true"})
+    conf = spark_catalog_conf(
+        "lake",
+        {
+            "type": "rest",
+            "uri": "http://127.0.0.1:8181",
+            "warehouse": "s3://k2lake/",
+            "credential": "key:secret",
+            "s3.endpoint": "http://127.0.0.1:8333",
+            "s3.access-key-id": "key",
+            "s3.secret-access-key": "secret",
+            "s3.region": "eu-west-1",
+            "s3.path-style-access": "true",
+        },
+    )
     prefix = "spark.sql.catalog.lake"
     assert {key: value for key, value in conf.items() if key != prefix} == {
         f"{prefix}.cache-enabled": "false",

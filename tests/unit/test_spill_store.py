@@ -15,7 +15,9 @@ TOPIC = BINANCE_TRADES_TOPIC
 
 
 def records(start: int, end: int) -> list[dict]:
-    return [{"offset": o, "symbol": "MWR", "price": 1.0 + o / 100, "raw": f"msg-{o}".encode()} for o in range(start, end)]
+    return [
+        {"offset": o, "symbol": "MWR", "price": 1.0 + o / 100, "raw": f"msg-{o}".encode()} for o in range(start, end)
+    ]
 
 
 def test_default_root_is_under_k2_home(k2_home: Path) -> None:
@@ -33,7 +35,11 @@ def test_write_list_read_delete(k2_home: Path) -> None:
     b0 = store.write(TOPIC, 0, 20, 1000, pa.Table.from_pylist(records(20, 25)))  # fewer rows than offsets
     store.write("other.topic", 0, 0, 1, records(0, 1))
     listed = store.list(TOPIC)
-    assert [(b.partition, b.start, b.end, b.rows) for b in listed] == [(0, 20, 1000, 5), (0, 1000, 1003, 3), (1, 0, 5, 5)]
+    assert [(b.partition, b.start, b.end, b.rows) for b in listed] == [
+        (0, 20, 1000, 5),
+        (0, 1000, 1003, 3),
+        (1, 0, 5, 5),
+    ]
     assert listed == [b0, b1, b2]
     assert [b.topic for b in store.list()] == [TOPIC] * 3 + ["other.topic"]
     assert store.list(TOPIC, partition=1) == [b2]

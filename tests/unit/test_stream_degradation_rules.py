@@ -84,8 +84,10 @@ def test_recoveries_wait_for_soft_then_go_oldest_first_one_per_partition():
 def test_a_failed_recovery_is_requested_again_with_a_new_run_key():
     cursor = StreamCursor()
     pending = [deferred(0, 0, 100)]
-    (_, key, _), = plan_recoveries(snap(pending), cursor, DegradationLevel.NORMAL, {}, 300, now=0)
-    (entry, again, attempt), = plan_recoveries(snap(pending), cursor, DegradationLevel.NORMAL, {key: RUN_FAILED}, 300, now=1)
+    ((_, key, _),) = plan_recoveries(snap(pending), cursor, DegradationLevel.NORMAL, {}, 300, now=0)
+    ((entry, again, attempt),) = plan_recoveries(
+        snap(pending), cursor, DegradationLevel.NORMAL, {key: RUN_FAILED}, 300, now=1
+    )
     assert (entry.start, attempt) == (0, 2) and again.endswith("#2")
 
 
@@ -104,7 +106,9 @@ def test_level_check_warns_from_graceful_errors_at_circuit_break_and_names_the_c
     assert outcome.metadata["level"] == "GRACEFUL" and "lag 25" in outcome.metadata["cause"]
     manager.evaluate(45, 1.0)
     assert (degradation_evaluation(manager).passed, degradation_evaluation(manager).severity) == (
-        False, AssetCheckSeverity.ERROR)
+        False,
+        AssetCheckSeverity.ERROR,
+    )
     for _ in range(4):
         manager.evaluate(0, 1.0)
     assert degradation_evaluation(manager).passed and manager.level == DegradationLevel.NORMAL
@@ -117,19 +121,29 @@ def test_backlog_and_dead_letter_checks():
     spilled_check = spilled_backlog_evaluation(snapshot, {"batches": 1, "rows": 40})
     assert not spilled_check.passed and spilled_check.metadata["rows"] == 40
     assert deferred_backlog_evaluation(snap([])).passed and spilled_backlog_evaluation(snap([]), {}).passed
-    assert dead_letter_evaluation(dead_letter_topic("t"), 0).passed and not dead_letter_evaluation(dead_letter_topic("t"), 3).passed
+    assert (
+        dead_letter_evaluation(dead_letter_topic("t"), 0).passed
+        and not dead_letter_evaluation(dead_letter_topic("t"), 3).passed
+    )
 
 
 def test_sequence_gaps_count_missing_ids_per_symbol():
     records = [{"symbol": "A", "source_sequence": s} for s in (1, 2, 5, 6, 9)] + [
-        {"symbol": "B", "source_sequence": s} for s in (7, 8)]
+        {"symbol": "B", "source_sequence": s} for s in (7, 8)
+    ]
     assert sequence_gaps(records) == {"A": 4}
 
 
 def test_enrichment_adds_exact_notional_and_tier():
     from decimal import Decimal
 
-    records = [{"symbol": "BTCUSDT", "price": Decimal("61686.00000000"), "quantity": Decimal("0.00705000"),
-                "vendor_data": {"E": "1"}}]
+    records = [
+        {
+            "symbol": "BTCUSDT",
+            "price": Decimal("61686.00000000"),
+            "quantity": Decimal("0.00705000"),
+            "vendor_data": {"E": "1"},
+        }
+    ]
     enrich(records, LoadShedder())
     assert records[0]["vendor_data"] == {"E": "1", "k2.notional": "434.8863", "k2.tier": "1"}

@@ -25,8 +25,14 @@ from k2_sensors.binance.stream_rules import (
 )
 
 TOPIC = BINANCE_TRADES_TOPIC
-FOLLOWING = StreamSettings(TOPIC, max_batch_messages=100, retry_after_s=300, lag_warn_messages=10**9,
-                           lag_error_messages=10**9, follow_seconds=600)
+FOLLOWING = StreamSettings(
+    TOPIC,
+    max_batch_messages=100,
+    retry_after_s=300,
+    lag_warn_messages=10**9,
+    lag_error_messages=10**9,
+    follow_seconds=600,
+)
 
 
 def observe(ends, committed, run_status=None, pending=()) -> Observation:
@@ -115,15 +121,25 @@ def fake_log(monkeypatch):
         monkeypatch.setattr(follow, "run_microbatch", microbatch)
         monkeypatch.setattr(follow, "committed_offsets", lambda table, topic: dict(log.committed))
         iceberg = type("Iceberg", (), {"trades": lambda self: None})()
-        outcome = follow_topic(log, iceberg, TOPIC, settings, committed.append, memory_percent=lambda: memory,
-                               clock=clock, pause=lambda s: None)
+        outcome = follow_topic(
+            log,
+            iceberg,
+            TOPIC,
+            settings,
+            committed.append,
+            memory_percent=lambda: memory,
+            clock=clock,
+            pause=lambda s: None,
+        )
         return outcome, [(r.batch.partition, r.batch.start, r.batch.end) for r in committed], log
+
     return run
 
 
 def test_the_follower_commits_consecutive_ranges_until_its_time_is_up(fake_log):
-    outcome, ranges, log = fake_log([{0: 10, 1: 5}, {0: 10, 1: 5}, {0: 30, 1: 5}],
-                                    FollowSettings(run_for_s=5, max_lag_messages=1000))
+    outcome, ranges, log = fake_log(
+        [{0: 10, 1: 5}, {0: 10, 1: 5}, {0: 30, 1: 5}], FollowSettings(run_for_s=5, max_lag_messages=1000)
+    )
     assert outcome.reason == ROTATED
     assert ranges == [(0, 0, 10), (1, 0, 5), (0, 10, 30)]  # nothing new: nothing committed
     assert outcome.commits == 3 and outcome.rows_written == 35 and log.committed == {0: 30, 1: 5}

@@ -87,17 +87,35 @@ def test_cursor_round_trips_through_json():
 
 
 def test_a_cursor_of_the_old_format_with_extra_is_read():
-    old = json.dumps({
-        "in_flight": {"0": {"start": 0, "end": 50, "run_key": f"{TOPIC}-0-0-50#1", "requested_at": 7.0, "attempt": 1},
-                      "1": {"start": 0},
-                      "2": {"start": "bad", "end": 9, "run_key": "x", "requested_at": 0}},  # unreadable: dropped
-        "extra": {
-            "degradation": {"version": 1, "level": "SOFT", "changed_at": 100.0, "peak_level": "GRACEFUL", "history": []},
-            "breaker": {"probe_at": 130.0},
-            "recovery": {"1": {"start": 0, "end": 40, "kind": DEFERRED, "run_key": f"recover:{TOPIC}-1-0-40#2",
-                               "requested_at": 5.0, "attempt": 2}},
-        },
-    })
+    old = json.dumps(
+        {
+            "in_flight": {
+                "0": {"start": 0, "end": 50, "run_key": f"{TOPIC}-0-0-50#1", "requested_at": 7.0, "attempt": 1},
+                "1": {"start": 0},
+                "2": {"start": "bad", "end": 9, "run_key": "x", "requested_at": 0},
+            },  # unreadable: dropped
+            "extra": {
+                "degradation": {
+                    "version": 1,
+                    "level": "SOFT",
+                    "changed_at": 100.0,
+                    "peak_level": "GRACEFUL",
+                    "history": [],
+                },
+                "breaker": {"probe_at": 130.0},
+                "recovery": {
+                    "1": {
+                        "start": 0,
+                        "end": 40,
+                        "kind": DEFERRED,
+                        "run_key": f"recover:{TOPIC}-1-0-40#2",
+                        "requested_at": 5.0,
+                        "attempt": 2,
+                    }
+                },
+            },
+        }
+    )
     cursor = StreamCursor.from_json(old)
     assert cursor.in_flight == {0: InFlight(0, 50, f"{TOPIC}-0-0-50#1", 7.0, 1)}
     assert cursor.recovering == {1: Recovery(0, 40, f"recover:{TOPIC}-1-0-40#2", 5.0, 2, DEFERRED)}

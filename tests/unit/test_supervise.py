@@ -24,8 +24,15 @@ def test_backoff_doubles_up_to_the_cap():
 
 
 def test_a_dying_service_is_restarted_and_a_crash_loop_reported_once(tmp_path, capsys):
-    supervisor = Supervisor({}, tmp_path / "run", lambda path: path.read_text(), initial_backoff_s=0.01,
-                            max_backoff_s=0.02, flap_limit=3, flap_window_s=60)
+    supervisor = Supervisor(
+        {},
+        tmp_path / "run",
+        lambda path: path.read_text(),
+        initial_backoff_s=0.01,
+        max_backoff_s=0.02,
+        flap_limit=3,
+        flap_window_s=60,
+    )
     service = FakeService("flaky", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "flaky.log")
     entry = supervisor.start(service)
 
@@ -44,7 +51,8 @@ def test_a_dying_service_is_restarted_and_a_crash_loop_reported_once(tmp_path, c
 
 def test_a_finished_playback_is_done_not_dead(tmp_path, capsys):
     supervisor = Supervisor({}, tmp_path / "run", lambda path: "")
-    entry = supervisor.start(FakeService("streamer", [sys.executable, "-c", "pass"], tmp_path / "s.log",
-                                         may_finish=True))
+    entry = supervisor.start(
+        FakeService("streamer", [sys.executable, "-c", "pass"], tmp_path / "s.log", may_finish=True)
+    )
     wait_for(lambda: supervisor.check() or entry.done, timeout_s=60, what="the playback to finish")
     assert entry.restarts == 0 and "streamer finished (exit code 0)" in capsys.readouterr().out

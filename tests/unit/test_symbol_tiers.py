@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import polars as pl
@@ -48,8 +48,12 @@ def _recorded_volumes() -> list[tuple[str, str, str]]:
 
 def _frame(trades: list[tuple[str, str, str]]) -> pl.DataFrame:
     return pl.DataFrame(
-        {"symbol": [t[0] for t in trades], "exchange": ["BINANCE"] * len(trades),
-         "price": [Decimal(t[1]) for t in trades], "quantity": [Decimal(t[2]) for t in trades]},
+        {
+            "symbol": [t[0] for t in trades],
+            "exchange": ["BINANCE"] * len(trades),
+            "price": [Decimal(t[1]) for t in trades],
+            "quantity": [Decimal(t[2]) for t in trades],
+        },
         schema={"symbol": pl.String, "exchange": pl.String, "price": DECIMAL, "quantity": DECIMAL},
     )
 
@@ -63,8 +67,12 @@ def test_ranking_boundaries_20_21_and_100_101_with_ties_broken_by_name() -> None
     # The 20th and 21st carry the same notional; the name decides, and the 20th is the last of tier 1.
     assert by_rank[20].notional == by_rank[21].notional == Decimal("9799.8")
     assert 0.1 * 32666 * 3 != 0.3 * 32666  # the tie only holds in exact decimals
-    assert (by_rank[19].symbol, by_rank[20].symbol, by_rank[21].symbol, by_rank[22].symbol) == \
-        ("S019", "TIE20A", "TIE20Z", "S022")
+    assert (by_rank[19].symbol, by_rank[20].symbol, by_rank[21].symbol, by_rank[22].symbol) == (
+        "S019",
+        "TIE20A",
+        "TIE20Z",
+        "S022",
+    )
     assert (by_rank[20].tier, by_rank[21].tier) == (1, 2)
     assert (by_rank[100].symbol, by_rank[101].symbol) == ("TIE100A", "TIE100Z")
     assert (by_rank[100].tier, by_rank[101].tier) == (2, 3)
@@ -90,9 +98,12 @@ def test_an_empty_frame_ranks_nothing_and_bad_input_is_named() -> None:
 
 
 def _ranking(trades: list[tuple[str, str, str]]) -> SymbolRanking:
-    return SymbolRanking(tuple(rank_symbols(_frame(trades))), datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc),
-                         {"BINANCE": (datetime(2026, 1, 1, 3, 4, tzinfo=timezone.utc),
-                                      datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc))}, 42)
+    return SymbolRanking(
+        tuple(rank_symbols(_frame(trades))),
+        datetime(2026, 1, 2, 3, 4, tzinfo=UTC),
+        {"BINANCE": (datetime(2026, 1, 1, 3, 4, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, tzinfo=UTC))},
+        42,
+    )
 
 
 def test_the_ranking_file_round_trips_and_is_written_atomically(tmp_path) -> None:

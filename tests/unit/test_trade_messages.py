@@ -4,13 +4,13 @@ encodings carry the same values."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from k2_resources.schemas import TradeV2, decode_trade
 from tests.support.trade_messages import avro_message, benchmark_trade, json_message
 
-BASE = datetime(2024, 8, 9, tzinfo=timezone.utc)
+BASE = datetime(2024, 8, 9, tzinfo=UTC)
 
 
 def test_plain_record_equals_the_validated_model():
@@ -28,4 +28,5 @@ def test_avro_and_json_carry_the_same_trade():
     assert plain["timestamp"] == "2024-08-09T00:00:01.234567Z"
     assert Decimal(plain["price"]) == record["price"]
     assert {k: v for k, v in plain.items() if k not in ("price", "quantity", "timestamp", "ingestion_timestamp")} == {
-        k: v for k, v in record.items() if k not in ("price", "quantity", "timestamp", "ingestion_timestamp")}
+        k: v for k, v in record.items() if k not in ("price", "quantity", "timestamp", "ingestion_timestamp")
+    }
