@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from k2_resources.analytics.engine import AnalyticsEngineResource
 from k2_resources.asx.source import AsxSourceResource
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import RESOURCE_KEY as DEGRADATION_KEY
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.operations.maintenance import TableMaintenanceResource
+from k2_resources.query.duckdb_query import DuckDBQueryResource
+from k2_resources.sink.resource import TradeSinkResource
 from k2_resources.trades.hybrid import HybridQueryResource
-from k2_resources.trades.sink_settings import TradeSinkResource
 from k2_sensors.operations.alerts import RESOURCE_KEY as ALERTS_KEY
 from k2_sensors.operations.alerts import AlertWebhookResource
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from k2_resources.kafka_broker import KafkaBroker, free_port
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 from tests.support.cluster_services import running_object_store, running_postgres
 from tests.support.kafka_cluster import running_kafka_cluster
 from tests.support.spark import running_spark_lake

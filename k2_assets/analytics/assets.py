@@ -25,7 +25,7 @@ from k2_resources.analytics.ohlcv import (
     replace_bars,
     stored_bars,
 )
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.trades.iceberg_read import RowFilter
 
 GROUP = "analytics"

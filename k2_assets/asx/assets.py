@@ -21,8 +21,8 @@ from k2_resources.asx.normalise import DEAD_LETTER_SOURCE
 from k2_resources.asx.source import AsxSourceResource
 from k2_resources.asx.sydney_time import local_day_bounds_utc
 from k2_resources.asx.writes import IngestResult, ingest_day
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.query.duckdb_query import DuckDBQueryResource
 
 GROUP = "asx"
 

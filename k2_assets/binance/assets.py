@@ -6,15 +6,15 @@ from typing import Literal
 from dagster import AssetExecutionContext, AssetMaterialization, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from k2_resources.catalog_errors import explaining_catalog_errors
+from k2_resources.catalog.errors import explaining_catalog_errors
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.follow import FollowSettings, follow_topic
-from k2_resources.trades.microbatch import BatchResult, recover_range, run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.follow import FollowSettings, follow_topic
+from k2_resources.sink.microbatch import BatchResult, recover_range, run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 
 INGEST = "ingest"
 RECOVER = "recover"
@@ -28,7 +28,7 @@ class MicroBatchConfig(Config):
     AGGRESSIVE: enrich, skip enrichment, defer tier-3 symbols, spill); ``recover`` writes the
     missing rows of the pending (deferred or spilled) range and removes it from the pending list;
     ``follow`` ignores the range and follows every partition of the topic, committing each one's new
-    offsets every ``follow_interval_seconds`` for ``follow_seconds`` (k2_resources/trades/follow.py).
+    offsets every ``follow_interval_seconds`` for ``follow_seconds`` (k2_resources/sink/follow.py).
     """
 
     topic: str = Field(default=BINANCE_TRADES_TOPIC)

@@ -8,12 +8,12 @@ makes them visible (with history) in the UI and runnable on demand.
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
 from k2_assets.binance.assets import binance_trades
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import system_memory_percent
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.topics import dead_letter_topic
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.stream_rules import (
     DEAD_LETTER_COUNT,
     DEFERRED_BACKLOG,

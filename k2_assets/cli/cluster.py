@@ -1,6 +1,6 @@
 """`k2 cluster start|stop|status`: the scale-out topology on this machine, under K2_HOME/cluster.
 
-The topology is a list of services (k2_resources.cluster_env.ClusterService), started in order and
+The topology is a list of services (k2_resources.platform.cluster_env.ClusterService), started in order and
 stopped in reverse. Each start returns the variables K2 needs to use that service; together they
 go to K2_HOME/cluster/env.sh, which `k2 run --cluster` (or `source`) reads. Adding a service is one
 entry in ``services()``.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from k2_resources.cluster_env import ClusterService, env_file, write_env_file
-from k2_resources.cluster_services import object_store_service, postgres_service
-from k2_resources.kafka_cluster import kafka_service
+from k2_resources.platform.cluster_env import ClusterService, env_file, write_env_file
+from k2_resources.platform.cluster_services import object_store_service, postgres_service
+from k2_resources.platform.kafka_cluster import kafka_service
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

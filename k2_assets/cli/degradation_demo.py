@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 
 BURST = 12_000  # recorded trades in the burst
 FIRST_WAVE = 2_000  # in Kafka before the first tick: GRACEFUL
@@ -59,7 +59,7 @@ def _environment(**values: str) -> Iterator[None]:
 def run_degradation_demo(json_output: bool) -> int:
     """Run the scenario; 0 when the level reached AGGRESSIVE or higher, came back to NORMAL and
     every trade of the burst is in Iceberg exactly once, else 1."""
-    from k2_resources.kafka_broker import KafkaBroker, free_port
+    from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 
     logging.disable(logging.WARNING)  # the demo prints its own progress; loggers say errors only
     home = Path(tempfile.mkdtemp(prefix="k2-degradation-demo-"))
@@ -99,10 +99,10 @@ def _scenario() -> dict[str, Any]:
     from k2_assets.resources import build_resources
     from k2_resources.binance.recording_server import RecordingServerThread, load_recorded_trades
     from k2_resources.binance.streamer import stream_to_kafka
+    from k2_resources.catalog.resource import IcebergResource
     from k2_resources.degradation.levels import DegradationLevel
     from k2_resources.degradation.resource import DegradationResource
-    from k2_resources.iceberg import IcebergResource
-    from k2_resources.trades.sink_settings import TradeSinkResource
+    from k2_resources.sink.resource import TradeSinkResource
     from k2_sensors.binance.driver import checks_of, execute_requests, tick
     from k2_sensors.binance.stream_rules import StreamCursor
 

@@ -5,7 +5,7 @@ bundled Binance recording once as fast as possible through the local recording s
 WebSocket client and Kafka, drives the real stream sensor and its micro-batch runs in a real
 Dagster instance until the lag is zero, checks the counts, and stops everything it started.
 `k2 demo degradation` runs the degradation scenario instead; `k2 demo cluster` the scale-out one
-(k2_assets.cluster_demo: the local cluster topology, a broker killed mid-stream, Spark reading).
+(k2_assets.cli.cluster_demo: the local cluster topology, a broker killed mid-stream, Spark reading).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_cluster(home: Path, args: argparse.Namespace) -> int:
     """`k2 demo cluster`: the topology's settings replace any the shell has (the demo uses its own)."""
-    from k2_assets.cluster_demo import run_cluster_demo
+    from k2_assets.cli.cluster_demo import run_cluster_demo
 
     if args.home is None:
         home.chmod(0o711)  # mkdtemp's 0700 would keep out Postgres, which runs as another user under root
@@ -91,9 +91,9 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
     """Run the demo in ``home`` (already K2_HOME) and return its summary."""
     from dagster import DagsterInstance, materialize
 
-    from k2_resources.kafka_broker import KafkaBroker, free_port
     from k2_resources.operations.dagster_instance import prepare_instance
-    from k2_resources.settings import dagster_home
+    from k2_resources.paths import dagster_home
+    from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 
     started = time.monotonic()
     broker = KafkaBroker(home=home / "kafka", port=free_port(), controller_port=free_port())
@@ -108,10 +108,10 @@ def run_platform_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
         from k2_assets.definitions import defs
         from k2_resources.binance.recording_server import RecordingServerThread
         from k2_resources.binance.streamer import stream_to_kafka
-        from k2_resources.duckdb_query import DuckDBQueryResource
-        from k2_resources.iceberg import IcebergResource
-        from k2_resources.kafka import KafkaResource
-        from k2_resources.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
+        from k2_resources.catalog.resource import IcebergResource
+        from k2_resources.kafka.resource import KafkaResource
+        from k2_resources.kafka.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
+        from k2_resources.query.duckdb_query import DuckDBQueryResource
         from k2_sensors.binance.driver import drive
 
         (dagster_home() / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from k2_resources.operations.dagster_instance import prepare_instance
-from k2_resources.settings import dagster_home
+from k2_resources.paths import dagster_home
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from k2_resources.kafka_broker import KafkaBroker
+from k2_resources.platform.kafka_broker import KafkaBroker
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,8 +7,8 @@ import os
 import signal
 import threading
 
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.metrics import K2_EXPORTER_PORT
-from k2_resources.topics import BINANCE_TRADES_TOPIC
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _instance():
     from dagster import DagsterInstance
 
-    from k2_resources.settings import dagster_home
+    from k2_resources.paths import dagster_home
 
     home = dagster_home()
     return DagsterInstance.from_config(str(home)) if (home / "dagster.yaml").exists() else None

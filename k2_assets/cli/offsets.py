@@ -8,11 +8,11 @@ import getpass
 import json
 from datetime import UTC, datetime
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.offsets import acknowledge_losses, committed_offsets, reset_baseline, retention_losses
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.offsets import acknowledge_losses, committed_offsets, reset_baseline, retention_losses
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

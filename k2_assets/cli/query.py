@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from k2_resources.errors import K2Error
-from k2_resources.sql_query import run_sql
+from k2_resources.query.sql_query import run_sql
 
 if TYPE_CHECKING:  # type hints only: `k2 query sql` never imports pyarrow (a new process pays for every import)
     import pyarrow as pa
@@ -144,7 +144,7 @@ def _ohlcv(args: argparse.Namespace) -> int:
     from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In, LessThan
 
     from k2_resources.analytics.ohlcv import ohlcv_table
-    from k2_resources.iceberg import IcebergResource
+    from k2_resources.catalog.resource import IcebergResource
 
     condition = And(EqualTo("interval", args.interval), In("symbol", tuple(args.symbol)))
     if args.exchange:

@@ -25,15 +25,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from k2_assets.cli.supervise import Supervisor
-from k2_resources.cluster_env import read_env_file
 from k2_resources.errors import K2Error
-from k2_resources.kafka_broker import KafkaBroker
 from k2_resources.operations.dagster_instance import (
     instance_config_for_environment,
     instance_storage_problem,
     prepare_instance,
 )
-from k2_resources.settings import PROJECT_ROOT, dagster_home, k2_home
+from k2_resources.paths import PROJECT_ROOT, dagster_home, k2_home
+from k2_resources.platform.cluster_env import read_env_file
+from k2_resources.platform.kafka_broker import KafkaBroker
 
 LOG_TAIL_LINES = 25
 
@@ -104,7 +104,7 @@ def _kafka(env: dict[str, str]) -> KafkaBroker | None:
     external = os.environ.get("K2_KAFKA_BOOTSTRAP")
     if not external:
         return KafkaBroker.default()
-    from k2_resources.kafka import KafkaResource
+    from k2_resources.kafka.resource import KafkaResource
 
     try:
         KafkaResource(bootstrap_servers=external, request_timeout_ms=10_000).admin().close()

@@ -23,7 +23,7 @@ from k2_resources.binance.streamer import (
     run_streamer,
     run_with_local_recording,
 )
-from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
+from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

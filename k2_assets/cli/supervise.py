@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from k2_resources.errors import K2Error
-from k2_resources.kafka_broker import KafkaBroker
+from k2_resources.platform.kafka_broker import KafkaBroker
 
 INITIAL_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0

@@ -2,9 +2,9 @@
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.degradation.tiers import RANKING_WINDOW, SymbolRanking, ranking_from_table, write_ranking
-from k2_resources.iceberg import IcebergResource
 
 GROUP = "operations"
 

@@ -9,7 +9,7 @@ first two made unreferenced).
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.operations.maintenance import TableMaintenanceResource, partition_stats
 
 GROUP = "operations"

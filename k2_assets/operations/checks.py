@@ -7,7 +7,7 @@ or on their own from the UI), so they go yellow when micro-batches have piled up
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 
 from k2_assets.operations.assets import trades_file_layout
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.operations.maintenance import PartitionStats, TableMaintenanceResource, partition_stats
 
 SHOWN_PARTITIONS = 20

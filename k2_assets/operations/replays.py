@@ -14,10 +14,10 @@ from dagster import (
 )
 from pydantic import Field
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import replay_trades_topic
 from k2_resources.operations.replay_topic import ReplaySpec, replay_to_kafka
-from k2_resources.topics import replay_trades_topic
 from k2_resources.trades.time_ordered import TimeOrderedReader
 
 

@@ -20,8 +20,8 @@ from pyiceberg.table import Table
 from k2_resources.analytics.ohlcv import INTERVALS, ohlcv_bars, read_trades
 from k2_resources.analytics.spark import SparkResource
 from k2_resources.analytics.spark_ohlcv import read_trades_in_spark, spark_ohlcv_bars
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
 from k2_resources.trades.iceberg_read import RowFilter
 
 ENGINES = ("polars", "spark")

@@ -27,7 +27,7 @@ from k2_resources.analytics.ohlcv import (
     roll_up,
     stored_bars,
 )
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.trades.iceberg_read import RowFilter
 
 EXCHANGE = "BINANCE"

@@ -29,10 +29,10 @@ from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.table import Table
 
 from k2_resources.analytics.ohlcv import TRADE_COLUMNS, bar_violations, ohlcv_bars, to_ohlcv_arrow
+from k2_resources.catalog.resource import ensure_tables
+from k2_resources.catalog.tables import LIVE_BARS, OHLCV
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import ensure_tables
 from k2_resources.operations.maintenance import expire_snapshots
-from k2_resources.tables import LIVE_BARS, OHLCV
 from k2_resources.trades.hybrid import HybridQueryResource, QueryStats
 
 _BAR_KEY = ["symbol", "exchange", "bucket_start"]

@@ -27,9 +27,9 @@ from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, GreaterThanOrEqual, In, LessThan
 from pyiceberg.table import Table
 
+from k2_resources.catalog.resource import ensure_tables
+from k2_resources.catalog.tables import OHLCV, OHLCV_SCHEMA, TRADES
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import ensure_tables
-from k2_resources.tables import OHLCV, OHLCV_SCHEMA, TRADES
 from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
 
 INTERVALS: dict[str, str] = {"1m": "1m", "5m": "5m", "1h": "1h", "1d": "1d"}  # name -> polars duration

@@ -28,8 +28,8 @@ import polars as pl
 import pyarrow as pa
 
 from k2_resources.analytics.ohlcv import EXCHANGE_TIME_ZONES, INTERVALS
+from k2_resources.catalog.tables import OHLCV, OHLCV_SCHEMA, TRADES
 from k2_resources.errors import K2Error
-from k2_resources.tables import OHLCV, OHLCV_SCHEMA, TRADES
 from k2_resources.trades.iceberg_read import RowFilter
 
 _STEP_MICROS = {"1m": 60_000_000, "5m": 300_000_000, "1h": 3_600_000_000}

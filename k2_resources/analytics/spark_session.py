@@ -23,10 +23,10 @@ from urllib.parse import unquote, urlsplit
 
 from pyiceberg.catalog import load_catalog
 
-from k2_resources.catalog_settings import catalog_properties
+from k2_resources.catalog.settings import catalog_properties
 from k2_resources.errors import K2Error
-from k2_resources.maven import maven_classpath
-from k2_resources.settings import PROJECT_ROOT, state_dir
+from k2_resources.paths import PROJECT_ROOT, state_dir
+from k2_resources.platform.maven import maven_classpath
 
 POM = PROJECT_ROOT / "infra" / "spark" / "pom.xml"
 SPARK_LINE = "4.0"  # must match the iceberg-spark-runtime-<line>_2.13 artifact in POM

@@ -52,11 +52,11 @@ from k2_resources.api.health import HealthProbe
 from k2_resources.api.keys import READ_OHLCV, READ_TRADES, ApiKey, KeyStore, default_keys_file
 from k2_resources.api.limits import TokenBucketLimiter
 from k2_resources.api.metrics import API_RATE_LIMITED, API_REGISTRY, API_REQUEST_SECONDS, API_REQUESTS, API_ROWS
-from k2_resources.duckdb_query import connect_with_iceberg
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.tables import OHLCV
 from k2_resources.errors import K2Error, KafkaUnavailableError
-from k2_resources.iceberg import IcebergResource
-from k2_resources.tables import OHLCV
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.query.duckdb_query import connect_with_iceberg
 from k2_resources.trades.hybrid import HybridQueryResource
 
 DEFAULT_API_PORT = 8000

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from k2_resources.errors import K2Error
-from k2_resources.settings import k2_home
+from k2_resources.paths import k2_home
 
 READ_TRADES = "read:trades"
 READ_OHLCV = "read:ohlcv"

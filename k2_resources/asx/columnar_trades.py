@@ -48,7 +48,7 @@ from k2_resources.asx.normalise import (
     _trade_rows,
 )
 from k2_resources.asx.sydney_time import _utc_offset
-from k2_resources.tables import TRADES
+from k2_resources.catalog.tables import TRADES
 
 _NO_DAY = np.iinfo(np.int32).min
 _EPOCH = date(1970, 1, 1)

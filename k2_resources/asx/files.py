@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 
 from k2_resources.errors import K2Error
-from k2_resources.settings import DATA_DIR
+from k2_resources.paths import DATA_DIR
 
 Kind = Literal["trades", "quotes"]
 KINDS: tuple[Kind, ...] = ("trades", "quotes")

@@ -27,9 +27,9 @@ from pydantic import ValidationError
 
 from k2_resources.asx.files import QUOTE_FIELDS, RAW_SCHEMA, TRADE_FIELDS, Kind
 from k2_resources.asx.sydney_time import LOCAL_TIMEZONE, local_to_utc
+from k2_resources.catalog.tables import DEAD_LETTERS, QUOTES, TRADES, TableDefinition
 from k2_resources.errors import SchemaMismatchError
 from k2_resources.schemas.models import QuoteV2, TradeV2
-from k2_resources.tables import DEAD_LETTERS, QUOTES, TRADES, TableDefinition
 
 EXCHANGE = "ASX"
 CURRENCY = "AUD"

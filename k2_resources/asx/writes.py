@@ -55,7 +55,7 @@ from k2_resources.asx.columnar_trades import ENCODED_SCHEMA, ColumnarDeclined, F
 from k2_resources.asx.files import Kind, read_raw_day
 from k2_resources.asx.normalise import DEAD_LETTER_SOURCE, EXCHANGE, NORMALISERS, NormalisedDay, check_against_model
 from k2_resources.asx.sydney_time import local_day_bounds_utc
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
 
 
 def day_filter(day: date | str) -> BooleanExpression:

@@ -36,8 +36,8 @@ from pathlib import Path
 from kafka import TopicPartition
 
 from k2_resources.errors import K2Error
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_spool import SEGMENT_SUFFIX, decode_records
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.spool import SEGMENT_SUFFIX, decode_records
 from k2_resources.schemas import decode_trade
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from k2_resources.errors import K2Error
-from k2_resources.settings import DATA_DIR
+from k2_resources.paths import DATA_DIR
 
 log = logging.getLogger(__name__)
 

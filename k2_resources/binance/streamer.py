@@ -35,7 +35,7 @@ Metrics (prometheus_client, a registry of the streamer's own, served on 127.0.0.
 histogram ``k2_binance_event_to_produce_seconds`` (event time ``E`` to the hand-over to the producer).
 
 Kafka away: the producer the pipeline hands records to is a SpoolingProducer
-(k2_resources/kafka_spool.py): at most ``max_buffered`` records per topic wait in memory for the
+(k2_resources/kafka/spool.py): at most ``max_buffered`` records per topic wait in memory for the
 broker's acknowledgement; past that every record is appended to the spool
 ``K2_HOME/spool/<topic>/`` and replayed into Kafka in order when the broker is back; nothing is
 dropped. ``k2_binance_spooled_frames_total{topic}`` counts the records that went to the spool;
@@ -82,13 +82,13 @@ from k2_resources.binance.dedupe import (
 from k2_resources.binance.normalise import MalformedTradeMessage, normalise_trade
 from k2_resources.binance.recording_server import RecordingServer
 from k2_resources.errors import K2Error, SchemaMismatchError
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_spool import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SETTINGS, SpoolingProducer
+from k2_resources.kafka.partitioner import SymbolPartitioner
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.spool import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SETTINGS, SpoolingProducer
+from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 from k2_resources.metrics import BINANCE_TRADE_ID_RESETS
+from k2_resources.paths import state_dir
 from k2_resources.schemas import encode_trade
-from k2_resources.settings import state_dir
-from k2_resources.symbol_partitions import SymbolPartitioner
-from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 
 log = logging.getLogger(__name__)
 

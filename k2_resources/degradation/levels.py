@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from k2_resources import thresholds as defaults
 from k2_resources.errors import K2Error
-from k2_resources.operations import thresholds as defaults
 
 logger = logging.getLogger("k2.degradation")
 

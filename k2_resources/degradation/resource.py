@@ -16,11 +16,11 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from k2_resources import thresholds as defaults
 from k2_resources.degradation.levels import Clock, DegradationManager, DegradationThresholds
 from k2_resources.degradation.shedding import TIER1_SIZE, TIER2_SIZE, LoadShedder, tiers_from_config
 from k2_resources.degradation.spill import SpillStore
 from k2_resources.degradation.tiers import default_ranking_path, newest_ranked_shedder
-from k2_resources.operations import thresholds as defaults
 
 RESOURCE_KEY = "degradation"
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from k2_resources.errors import K2Error
-from k2_resources.settings import state_dir
+from k2_resources.paths import state_dir
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _FILE_RE = re.compile(r"^(\d+)-(\d+)\.parquet$")

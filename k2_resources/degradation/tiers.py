@@ -31,7 +31,7 @@ from pyiceberg.table import Table
 
 from k2_resources.degradation.shedding import TIER1_SIZE, TIER2_SIZE, LoadShedder
 from k2_resources.errors import K2Error
-from k2_resources.settings import state_dir
+from k2_resources.paths import state_dir
 from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
 
 RANKING_WINDOW = timedelta(hours=24)

@@ -25,7 +25,7 @@ import psycopg2
 import yaml
 
 from k2_resources.errors import K2Error
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
 
 EMBEDDED_INSTANCE_CONFIG = PROJECT_ROOT / "dagster.yaml"
 POSTGRES_INSTANCE_CONFIG = PROJECT_ROOT / "infra" / "dagster" / "dagster.postgres.yaml"

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 from prometheus_client import Gauge
 
-from k2_resources.catalog_errors import catalog_unavailable
+from k2_resources.catalog.errors import catalog_unavailable
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.metrics import (
     CONSUMER_LAG,
     DEAD_LETTERS,
@@ -40,8 +41,7 @@ from k2_resources.metrics import (
     SPILLED_ROWS,
 )
 from k2_resources.operations.table_metrics import update_table_metrics
-from k2_resources.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
-from k2_resources.trades.offsets import SPILLED, committed_offsets, pending_ranges
+from k2_resources.sink.offsets import SPILLED, committed_offsets, pending_ranges
 
 log = logging.getLogger(__name__)
 

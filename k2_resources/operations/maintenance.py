@@ -37,7 +37,7 @@ from pyiceberg.table import FileScanTask, Table, TableProperties
 from pyiceberg.table.metadata import TableMetadata
 
 from k2_resources.errors import K2Error
-from k2_resources.trades.offsets import PREFIX
+from k2_resources.sink.offsets import PREFIX
 
 log = logging.getLogger(__name__)
 

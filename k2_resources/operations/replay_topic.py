@@ -26,7 +26,7 @@ from datetime import datetime
 from kafka import TopicPartition
 
 from k2_resources.errors import K2Error
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.schemas import encode_trade
 from k2_resources.trades.time_ordered import TimeOrderedReader
 

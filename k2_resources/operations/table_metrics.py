@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from prometheus_client import Gauge
 
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.tables import ALL_TABLES
 from k2_resources.metrics import REGISTRY
 from k2_resources.operations.maintenance import partition_stats
-from k2_resources.tables import ALL_TABLES
 
 TABLE_RECORDS = Gauge("k2_iceberg_table_records", "Rows in the table's current snapshot.", ["table"], registry=REGISTRY)
 TABLE_DATA_FILES = Gauge(

@@ -2,7 +2,7 @@
 
 One query loads ``market.trades`` ONCE and takes from that same metadata both the snapshot it
 reads and the committed Kafka offsets (the table property written in the same commit as the
-snapshot, see :mod:`k2_resources.trades.offsets`). The Iceberg part is the snapshot's rows;
+snapshot, see :mod:`k2_resources.sink.offsets`). The Iceberg part is the snapshot's rows;
 the Kafka part is, per partition, the offsets from ``committed[p]`` to the log end captured at
 query start. A micro-batch that commits while the query runs changes neither: its rows are
 not in the pinned snapshot and are in the Kafka range, so nothing is counted twice and
@@ -62,14 +62,14 @@ from pyiceberg.expressions import EqualTo, In
 from pyiceberg.table import Table
 from pyiceberg.types import TimestamptzType
 
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.tables import QUOTES, TRADES
 from k2_resources.errors import K2Error, KafkaUnavailableError
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.tables import QUOTES, TRADES
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.offsets import PendingRange, committed_offsets, pending_ranges, snapshot_committed_offsets
 from k2_resources.trades.iceberg_read import DEFAULT_READ_PATH, RowFilter, ScanStats, SnapshotReader, load_for_read
 from k2_resources.trades.kafka_tail import KafkaTail, TailStats
-from k2_resources.trades.offsets import PendingRange, committed_offsets, pending_ranges, snapshot_committed_offsets
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +482,8 @@ def _filter(rows: pl.DataFrame, row_filter: RowFilter) -> pl.DataFrame:
 def _pending_rows(kafka: KafkaResource, pending: list[PendingRange], row_filter: RowFilter) -> pl.DataFrame:
     """Rows of load-shed ranges (below the committed offsets, not in the table yet) read from Kafka:
     every row of a spilled range, the deferred symbols' rows of a deferred range."""
-    from k2_resources.iceberg import to_arrow
-    from k2_resources.trades.microbatch import read_range
+    from k2_resources.catalog.resource import to_arrow
+    from k2_resources.sink.microbatch import read_range
 
     records: list[dict] = []
     for entry in pending:

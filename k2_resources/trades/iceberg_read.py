@@ -55,10 +55,10 @@ from pyiceberg.serializers import FromInputFile
 from pyiceberg.table import ManifestGroupPlanner, StaticTable, Table
 from pyiceberg.table.snapshots import Snapshot
 
-from k2_resources.catalog_settings import catalog_properties
-from k2_resources.iceberg import IcebergResource
-from k2_resources.sql_query import NAMESPACE, connect_with_iceberg, sqlite_table_locations, use_object_store
-from k2_resources.tables import TableDefinition
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.settings import catalog_properties
+from k2_resources.catalog.tables import TableDefinition
+from k2_resources.query.sql_query import NAMESPACE, connect_with_iceberg, sqlite_table_locations, use_object_store
 
 ReadPath = Literal["polars", "planned", "duckdb", "pyiceberg"]
 DEFAULT_READ_PATH: ReadPath = "polars"

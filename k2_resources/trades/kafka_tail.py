@@ -9,8 +9,8 @@ second while the tail holds 100K messages.
 
 A new process's first query pays no kafka-python start-up when it can avoid it: partitions,
 log ends and offsets for a time are plain requests to the bootstrap broker
-(:mod:`k2_resources.trades.direct_offsets`), and the partitions' ranges are fetched at once,
-a connection each, column-wise (:mod:`k2_resources.trades.columnar_fetch`). Whatever those
+(:mod:`k2_resources.kafka.direct_offsets`), and the partitions' ranges are fetched at once,
+a connection each, column-wise (:mod:`k2_resources.kafka.columnar_fetch`). Whatever those
 paths decline is asked of kafka-python's consumer, as before.
 
 Kafka being down costs seconds, not half a minute: the consumer bootstraps within
@@ -33,12 +33,12 @@ import pyarrow as pa
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from k2_resources.catalog.tables import TRADES
 from k2_resources.errors import K2Error, KafkaUnavailableError
-from k2_resources.kafka import KafkaResource
-from k2_resources.tables import TRADES
-from k2_resources.trades.columnar_fetch import FastFetchUnavailable, fetch_range
-from k2_resources.trades.direct_offsets import DirectOffsets
-from k2_resources.trades.microbatch import decode_batch
+from k2_resources.kafka.columnar_fetch import FastFetchUnavailable, fetch_range
+from k2_resources.kafka.direct_offsets import DirectOffsets
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class KafkaTail:
 
     def _ask_directly(self, question: Callable[[DirectOffsets], Any]) -> Any:
         """``question`` answered by plain requests to the bootstrap broker (see
-        :mod:`k2_resources.trades.direct_offsets`); None when that path declines, and the caller
+        :mod:`k2_resources.kafka.direct_offsets`); None when that path declines, and the caller
         asks kafka-python's consumer instead."""
         if not isinstance(self.kafka, KafkaResource):
             return None

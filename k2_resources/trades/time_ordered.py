@@ -20,8 +20,8 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
 from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
 
 ORDER = ["timestamp", "source_sequence", "platform_sequence", "message_id"]

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from dagster import AssetCheckSeverity
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import (
     DegradationLevel,
     DegradationManager,
@@ -25,9 +26,8 @@ from k2_resources.degradation.levels import (
     describe_level,
 )
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.offsets import (
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.offsets import (
     DEFERRED,
     SPILLED,
     OffsetRange,
@@ -37,7 +37,7 @@ from k2_resources.trades.offsets import (
     pending_ranges,
     retention_losses,
 )
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.sink.resource import TradeSinkResource
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,13 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 from kafka import TopicPartition
 
 from k2_resources import metrics
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel, system_memory_percent
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.topics import dead_letter_topic
-from k2_resources.trades.offsets import DEFERRED, SPILLED, OffsetRange
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.sink.offsets import DEFERRED, SPILLED, OffsetRange
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.stream_rules import (
     FOLLOW,
     INGEST,
@@ -120,7 +120,7 @@ def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, 
 
 
 def follow_request(topic: str, run_key: str, sink: TradeSinkResource) -> RunRequest:
-    """The topic's follower (k2_resources/trades/follow.py): every partition, committed each
+    """The topic's follower (k2_resources/sink/follow.py): every partition, committed each
     ``follow_interval_seconds`` for ``follow_seconds``; each commit is a materialisation with its range."""
     return RunRequest(
         run_key=run_key,

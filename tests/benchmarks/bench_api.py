@@ -33,13 +33,13 @@ import pytest
 
 from k2_resources.analytics.ohlcv import exchange_day_bounds
 from k2_resources.api.keys import KeyFile
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import free_port
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.platform.kafka_broker import free_port
 from k2_resources.schemas import encode_trade
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 from tests.support import synthetic
 from tests.support.api_server import wait_until_serving
 

@@ -34,9 +34,9 @@ from k2_resources.asx.columnar_trades import normalise_trade_files
 from k2_resources.asx.files import FIELDS, KINDS, default_data_dir, read_raw_day, source_files, trading_days
 from k2_resources.asx.normalise import NORMALISERS
 from k2_resources.asx.writes import _leaf_paths, day_filter, dead_letter_filter, ingest_day
-from k2_resources.iceberg import IcebergResource
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.tables import TRADES
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.tables import TRADES
+from k2_resources.paths import PROJECT_ROOT
 from tests.support.asx_generator import write_asx_trades_day
 
 EXPECTED_ROWS = {"trades": 200_545, "quotes": 169_629}

@@ -41,11 +41,11 @@ import pytest
 
 from k2_resources.asx.files import default_data_dir
 from k2_resources.asx.writes import ingest_day
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 from tests.support import synthetic
 from tests.support.producing import Produced, produce
 
@@ -76,7 +76,7 @@ print(json.dumps({"import_and_construct_s": ready - started, "first_call_s": don
 
 # What `k2 query sql` ran before it had its own light path: the Dagster resource over pyiceberg.
 RESOURCE_PATH = """
-from k2_resources.duckdb_query import DuckDBQueryResource
+from k2_resources.query.duckdb_query import DuckDBQueryResource
 print(DuckDBQueryResource().query("select count(*) from market.trades").column(0)[0].as_py())
 """
 

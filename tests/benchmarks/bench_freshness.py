@@ -31,12 +31,12 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, RunsFilter
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.partitioner import SymbolPartitioner
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 from k2_resources.schemas import TradeV2, encode_trade
-from k2_resources.symbol_partitions import SymbolPartitioner
-from k2_resources.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
-from k2_resources.trades.offsets import committed_offsets
+from k2_resources.sink.offsets import committed_offsets
 from tests.support.bench_results import merge_bench_json
 from tests.support.platform import start_k2_run
 from tests.support.waiting import wait_for

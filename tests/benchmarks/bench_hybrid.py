@@ -25,14 +25,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from k2_resources.analytics.ohlcv import TRADE_COLUMNS, exchange_day_bounds, ohlcv_bars
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.paths import PROJECT_ROOT
 from k2_resources.schemas import encode_trade
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_resources.trades.hybrid import HybridQueryResource
 from k2_resources.trades.iceberg_read import RowFilter, ScanStats, SnapshotReader
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
 from tests.support import synthetic
 
 RESULTS = PROJECT_ROOT / "bench-results" / "hybrid.json"

@@ -36,10 +36,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from k2_resources.catalog_settings import catalog_properties
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.settings import catalog_properties
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.paths import PROJECT_ROOT
 from tests.support.k2_topic_sink import sink_topic
 from tests.support.kafka_connect import IcebergConnectSink, PeerUnavailableError, connect_classpath, versions
 from tests.support.trade_messages import PARTITIONS, produce_benchmark_topic

@@ -39,12 +39,12 @@ import pytest
 from dagster import DagsterInstance, RunsFilter
 from dagster._core.storage.tags import RUN_KEY_TAG
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import free_port
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.operations.dagster_instance import prepare_instance
-from k2_resources.settings import PROJECT_ROOT, dagster_home
-from k2_resources.trades.offsets import committed_key
+from k2_resources.paths import PROJECT_ROOT, dagster_home
+from k2_resources.platform.kafka_broker import free_port
+from k2_resources.sink.offsets import committed_key
 from k2_sensors.binance.driver import tick
 from k2_sensors.binance.stream_sensor import latest_batch_gaps, run_statuses
 from tests.support.run_history import RunHistory, RunHistoryWriter

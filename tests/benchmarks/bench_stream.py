@@ -11,7 +11,7 @@ Writes bench-results/stream.json:
   the rounds and the ratio is the ratio of the medians. Every round is recorded with the load
   average, and the embedded broker's share of the 2 cores while the sink ran. The sink reads each
   range with one Fetch per ~16 MB and parses the record batches column-wise
-  (``k2_resources/trades/columnar_fetch.py``), so it does not pay kafka-python's per-message
+  (``k2_resources/kafka/columnar_fetch.py``), so it does not pay kafka-python's per-message
   cost that the raw baseline measures.
 - ``parallel_partitions``: 800K messages keyed by symbol (BTCUSDT, ETHUSDT) in a 2-partition
   topic, placed by K2's SymbolPartitioner (one symbol per partition), so one partition's round
@@ -51,14 +51,14 @@ import pytest
 from dagster import DagsterInstance
 from kafka import TopicPartition
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.partitioner import SymbolPartitioner, symbol_partition
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.paths import PROJECT_ROOT
 from k2_resources.schemas import TradeV2, encode_trade
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.symbol_partitions import SymbolPartitioner, symbol_partition
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.stream_sensor import evaluate_stream
 from tests.support.bench_results import merge_bench_json
 

@@ -38,12 +38,12 @@ from k2_assets.binance.checks import (
     binance_offset_baseline,
     binance_retention_loss,
 )
-from k2_resources.cluster_env import read_env_file
-from k2_resources.cluster_services import ObjectStore, Postgres, object_store, postgres
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.offsets import committed_offsets
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.platform.cluster_env import read_env_file
+from k2_resources.platform.cluster_services import ObjectStore, Postgres, object_store, postgres
+from k2_resources.sink.offsets import committed_offsets
 from k2_sensors.binance.stream_rules import SEQUENCE_GAPS
 from tests.support.platform import K2Run, start_k2_run
 from tests.support.recorded import binance_records

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from k2_resources.kafka_broker import KafkaBroker
 from k2_resources.operations.dagster_instance import broken_databases, prepare_instance, recorded_runs
+from k2_resources.platform.kafka_broker import KafkaBroker
 from tests.support.platform import BusyCpus, start_k2_run
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from k2_resources.kafka_broker import KafkaBroker, free_port
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 from tests.support.platform import answers, start_k2_run
 
 pytestmark = pytest.mark.integration

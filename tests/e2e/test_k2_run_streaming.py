@@ -15,10 +15,10 @@ from collections import Counter
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import free_port
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.platform.kafka_broker import free_port
 from tests.support.platform import start_k2_run
 from tests.support.recorded import binance_records
 from tests.support.waiting import wait_for

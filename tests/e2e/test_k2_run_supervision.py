@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from k2_resources.kafka_broker import KafkaBroker, free_port
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 from tests.support.platform import answers, start_k2_run
 from tests.support.waiting import wait_for
 

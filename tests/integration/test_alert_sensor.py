@@ -165,7 +165,7 @@ def test_alert_then_renotify_then_recovery_reach_a_real_webhook(k2_home, webhook
 
 
 def test_unreachable_webhook_keeps_the_incident_for_retry(k2_home, webhook: WebhookReceiver) -> None:
-    from k2_resources.kafka_broker import free_port
+    from k2_resources.platform.kafka_broker import free_port
 
     alert_sensor = build_alert_sensor(check_keys=[LEVEL])
     dead = AlertWebhookResource(urls=[f"http://127.0.0.1:{free_port()}/down"], timeout_seconds=2)

@@ -13,10 +13,10 @@ from dagster import AssetKey, DagsterInstance, materialize
 from k2_assets.analytics import asx_ohlcv, binance_ohlcv
 from k2_resources.analytics.engine import AnalyticsEngineResource
 from k2_resources.analytics.ohlcv import exchange_day_bounds, ohlcv_table
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 from tests.support.producing import produce
 from tests.support.recorded import recorded_trades_in_time_order
 from tests.support.synthetic import asx_trades

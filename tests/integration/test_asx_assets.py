@@ -17,8 +17,8 @@ from k2_assets.asx import asx_quotes, asx_raw_quotes, asx_raw_trades, asx_trades
 from k2_resources.asx.files import default_data_dir
 from k2_resources.asx.source import AsxSourceResource
 from k2_resources.asx.sydney_time import local_day_bounds_utc
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.iceberg import IcebergResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.query.duckdb_query import DuckDBQueryResource
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_days_written_at_the_same_time_by_separate_processes_all_land_once(k2_ho
         "import sys\n"
         "from k2_resources.asx.files import default_data_dir\n"
         "from k2_resources.asx.writes import ingest_day\n"
-        "from k2_resources.iceberg import IcebergResource\n"
+        "from k2_resources.catalog.resource import IcebergResource\n"
         "print(ingest_day(default_data_dir(), IcebergResource(), 'trades', sys.argv[1]).valid)\n"
     )
     days = DAYS + ["2014-03-11"]

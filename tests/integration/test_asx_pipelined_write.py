@@ -34,8 +34,8 @@ from k2_resources.asx.writes import (
     ingest_day,
     replace_with_files,
 )
-from k2_resources.iceberg import IcebergResource
-from k2_resources.tables import TRADES
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.tables import TRADES
 from tests.support.asx_generator import write_asx_trades_day
 
 _ORDER = [("symbol", "ascending"), ("timestamp", "ascending"), ("source_sequence", "ascending")]

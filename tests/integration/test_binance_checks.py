@@ -13,11 +13,11 @@ from dagster import AssetSelection, DagsterInstance, Definitions, define_asset_j
 from k2_assets.binance import defs as binance_defs
 from k2_assets.binance.assets import binance_trades
 from k2_assets.resources import build_resources
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.resource import TradeSinkResource
 from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
-from k2_resources.trades.sink_settings import TradeSinkResource
 from tests.support.producing import produce
 from tests.support.recorded import first_binance_records
 from tests.support.synthetic import asx_trades

@@ -19,11 +19,11 @@ from websockets.sync.client import connect as sync_connect
 
 from k2_resources.binance.recording_server import RecordingServerThread, ServerStats
 from k2_resources.binance.streamer import StreamMetrics, stream_to_kafka
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import free_port
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.platform.kafka_broker import free_port
 from k2_resources.schemas import decode_trade
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.topics import dead_letter_topic
 
 pytestmark = pytest.mark.integration
 

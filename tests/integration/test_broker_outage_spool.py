@@ -15,11 +15,11 @@ from kafka import TopicPartition
 
 from k2_resources.binance.recording_server import RecordingServerThread, load_recorded_trades
 from k2_resources.binance.streamer import StreamerConfig, StreamMetrics, StreamStats, run_streamer
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import KafkaBroker, free_port
-from k2_resources.kafka_spool import SEGMENT_SUFFIX
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.spool import SEGMENT_SUFFIX
+from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 from k2_resources.schemas import decode_trade
-from k2_resources.topics import dead_letter_topic
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration

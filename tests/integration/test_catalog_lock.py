@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from tests.support.producing import produce
 from tests.support.recorded import first_binance_records
 
@@ -60,7 +60,7 @@ def test_a_commit_that_meets_a_locked_catalog_retries_and_lands_once(kafka_broke
     locker = CatalogLocker(k2_home / "iceberg" / "catalog.db")
     batch = OffsetRange(topic_name, 0, 0, ROWS)
 
-    with caplog.at_level(logging.WARNING, logger="k2_resources.trades.microbatch"):
+    with caplog.at_level(logging.WARNING, logger="k2_resources.sink.microbatch"):
         result = run_microbatch(kafka, iceberg, batch, before_commit=locker.lock_now)
     locker.thread.join(timeout=30)
 

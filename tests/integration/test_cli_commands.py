@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import free_port
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.platform.kafka_broker import free_port
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 from tests.support.producing import produce
 from tests.support.recorded import recorded_trades
 

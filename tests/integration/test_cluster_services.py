@@ -19,15 +19,15 @@ from pyiceberg.table.update import AddSnapshotUpdate
 
 from k2_assets.asx import asx_raw_trades, asx_trades
 from k2_resources.asx.source import AsxSourceResource
-from k2_resources.catalog_errors import CatalogUnavailableError, explaining_catalog_errors
-from k2_resources.duckdb_query import DuckDBQueryResource
+from k2_resources.catalog.errors import CatalogUnavailableError, explaining_catalog_errors
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
 from k2_resources.operations.dagster_instance import POSTGRES_INSTANCE_CONFIG, prepare_instance
-from k2_resources.sql_query import run_sql
+from k2_resources.query.duckdb_query import DuckDBQueryResource
+from k2_resources.query.sql_query import run_sql
+from k2_resources.sink.microbatch import commit_range
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_resources.trades.hybrid import HybridQueryResource
-from k2_resources.trades.microbatch import commit_range
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
 from tests.support.cluster_services import drop_k2_tables, rest_catalog, s3_objects
 from tests.support.synthetic import asx_trades as synthetic_asx_trades
 

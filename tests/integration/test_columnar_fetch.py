@@ -8,11 +8,11 @@ from decimal import Decimal
 
 import pytest
 
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.columnar_fetch import FastFetchUnavailable, fetch_range
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.schemas import encode_trade
-from k2_resources.trades.columnar_fetch import FastFetchUnavailable, fetch_range
-from k2_resources.trades.microbatch import decode_batch, read_range, read_raw_range
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.sink.microbatch import decode_batch, read_range, read_raw_range
+from k2_resources.sink.offsets import OffsetRange
 
 MESSAGES = 3_000
 

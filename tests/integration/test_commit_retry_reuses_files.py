@@ -10,9 +10,9 @@ from decimal import Decimal
 
 import pytest
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.trades.microbatch import commit_range
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.sink.microbatch import commit_range
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 
 TOPIC = "market.trades.binance"
 SIZE = 30

@@ -22,18 +22,18 @@ from dagster import (
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.degradation.spill import SpillStore
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import recover_range
-from k2_resources.trades.offsets import (
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import recover_range
+from k2_resources.sink.offsets import (
     OffsetRange,
     committed_offsets,
     pending_key,
     pending_ranges,
 )
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.driver import checks_of, execute_requests, tick
 from k2_sensors.operations.alerts import AlertWebhookResource, build_alert_sensor
 from tests.support.producing import produce
@@ -173,8 +173,8 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
 def test_hybrid_query_reads_deferred_and_spilled_ranges_from_kafka_until_recovered(k2_home, kafka_broker, topic_name):
     from k2_resources.degradation.levels import DegradationLevel
     from k2_resources.degradation.shedding import LoadShedder
+    from k2_resources.sink.microbatch import run_microbatch
     from k2_resources.trades.hybrid import HybridQueryResource
-    from k2_resources.trades.microbatch import run_microbatch
 
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=1)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from kafka import TopicPartition
 
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.columnar_fetch import FastFetchUnavailable
-from k2_resources.trades.direct_offsets import DirectOffsets
+from k2_resources.kafka.columnar_fetch import FastFetchUnavailable
+from k2_resources.kafka.direct_offsets import DirectOffsets
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.trades.kafka_tail import KafkaTail
 
 PARTITIONS = 3

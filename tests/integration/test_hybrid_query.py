@@ -8,17 +8,17 @@ from decimal import Decimal
 
 import pytest
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.schemas import encode_trade
-from k2_resources.trades.hybrid import HybridQueryResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import (
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import (
     OffsetRange,
     committed_offsets,
     snapshot_committed_offsets,
 )
+from k2_resources.trades.hybrid import HybridQueryResource
 from tests.support.producing import PARTITIONS, Produced, produce
 from tests.support.recorded import recorded_trades_in_time_order
 
@@ -218,8 +218,8 @@ def test_k2_query_trades_prints_the_hybrid_result(split, capsys):
 
 
 def test_quotes_come_from_iceberg_in_time_order_with_time_travel(k2_home):
-    from k2_resources.iceberg import to_arrow
-    from k2_resources.tables import QUOTES
+    from k2_resources.catalog.resource import to_arrow
+    from k2_resources.catalog.tables import QUOTES
 
     iceberg = IcebergResource()
     base = datetime(2014, 3, 11, 0, 0, tzinfo=UTC)

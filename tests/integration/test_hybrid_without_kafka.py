@@ -17,15 +17,15 @@ import polars as pl
 import pytest
 
 from k2_assets.cli import main
+from k2_resources.catalog.resource import IcebergResource, to_arrow
+from k2_resources.catalog.tables import TRADES
 from k2_resources.errors import KafkaUnavailableError
-from k2_resources.iceberg import IcebergResource, to_arrow
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import KafkaBroker, free_port
-from k2_resources.settings import DATA_DIR
-from k2_resources.tables import TRADES
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.paths import DATA_DIR
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 from k2_resources.trades.hybrid import HybridQueryResource, KafkaTailMissingWarning
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
 from tests.support.producing import Produced, produce
 from tests.support.recorded import recorded_trades_in_time_order
 

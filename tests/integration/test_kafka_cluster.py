@@ -17,10 +17,10 @@ from dagster import DagsterInstance
 
 from k2_resources.binance.recording_server import RecordedTrade, RecordingServerThread, Tape
 from k2_resources.binance.streamer import stream_to_kafka
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.topics import dead_letter_topic
-from k2_resources.trades.offsets import committed_offsets
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.sink.offsets import committed_offsets
 from k2_sensors.binance.driver import drive
 from tests.support.kafka_cluster import partition_replicas, topic_settings
 from tests.support.recorded import recorded_trades_in_time_order

@@ -10,7 +10,7 @@ import pytest
 from kafka import TopicPartition
 
 from k2_resources.errors import KafkaUnavailableError
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.schemas import TradeV2, decode_trade, encode_trade
 
 pytestmark = pytest.mark.integration

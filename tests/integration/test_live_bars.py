@@ -15,11 +15,11 @@ from dagster import DagsterInstance, materialize
 
 from k2_assets.analytics.live_bars import binance_live_bars
 from k2_resources.analytics.live_bars import live_bars_table, stored_live_bars
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 from k2_resources.trades.hybrid import HybridQueryResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
 from tests.support.producing import Produced, produce
 from tests.support.recorded import recorded_trades_in_time_order
 

@@ -20,9 +20,9 @@ from dagster import AssetSelection, DagsterInstance, Definitions
 from k2_assets.operations.assets import MAINTENANCE_ASSETS, trades_file_layout
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
 from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.metrics import metrics_text
 from k2_resources.operations.maintenance import (
     TableMaintenanceResource,
@@ -33,12 +33,12 @@ from k2_resources.operations.maintenance import (
     remove_orphan_files,
 )
 from k2_resources.operations.table_metrics import update_table_metrics
+from k2_resources.paths import DATA_DIR
+from k2_resources.query.duckdb_query import DuckDBQueryResource
 from k2_resources.schemas import TradeV2, encode_trade
-from k2_resources.settings import DATA_DIR
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.microbatch import commit_range, run_microbatch
+from k2_resources.sink.offsets import OffsetRange, committed_offsets, snapshot_committed_offsets
 from k2_resources.trades.hybrid import HybridQueryResource
-from k2_resources.trades.microbatch import commit_range, run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets, snapshot_committed_offsets
 
 pytestmark = pytest.mark.integration
 

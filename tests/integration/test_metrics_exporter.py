@@ -9,13 +9,13 @@ from dagster import DagsterInstance, Definitions
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import free_port
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.metrics import REGISTRY, serve_metrics, stop_metrics
 from k2_resources.operations.exporter import MetricsPoller
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.platform.kafka_broker import free_port
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.driver import checks_of, drive, execute_requests, tick
 from tests.support.producing import produce
 from tests.support.recorded import first_binance_records, recorded_trades

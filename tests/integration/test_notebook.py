@@ -11,11 +11,11 @@ from nbclient import NotebookClient
 
 from k2_resources.asx.files import default_data_dir
 from k2_resources.asx.writes import ingest_day
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 from tests.support.producing import PARTITIONS, produce
 from tests.support.recorded import recorded_trades_in_time_order
 

@@ -15,9 +15,9 @@ from decimal import Decimal
 
 import pytest
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.trades.microbatch import COMMIT_RETRIES_PROPERTY, commit_range
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.sink.microbatch import COMMIT_RETRIES_PROPERTY, commit_range
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 
 TOPIC = "market.trades.binance"
 RANGES = 8

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from k2_resources import metrics
-from k2_resources.kafka_broker import free_port
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.platform.kafka_broker import free_port
 from tests.support.waiting import wait_for
 from tests.support.webhooks import WebhookReceiver
 

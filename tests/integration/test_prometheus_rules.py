@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from k2_resources import metrics
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

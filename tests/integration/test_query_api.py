@@ -22,13 +22,13 @@ import pytest
 from k2_resources.analytics.ohlcv import exchange_day_bounds, ohlcv_bars, ohlcv_table, to_ohlcv_arrow
 from k2_resources.api.app import ApiSettings, create_app
 from k2_resources.api.keys import KeyFile, KeyStore, parse_key
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import free_port
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.platform.kafka_broker import free_port
+from k2_resources.query.duckdb_query import DuckDBQueryResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_resources.trades.hybrid import HybridQueryResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
 from tests.support import synthetic
 from tests.support.api_server import serving
 from tests.support.producing import PARTITIONS, produce

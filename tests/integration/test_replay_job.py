@@ -11,12 +11,12 @@ from kafka import TopicPartition
 from k2_assets.operations.replays import trades_replay, trades_replay_nightly
 from k2_resources.asx.files import default_data_dir
 from k2_resources.asx.writes import ingest_day
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import replay_trades_topic
 from k2_resources.operations.replay_topic import ReplaySpec, replay_to_kafka
 from k2_resources.schemas import decode_trade
-from k2_resources.topics import replay_trades_topic
 from k2_resources.trades.time_ordered import TimeOrderedReader
 
 pytestmark = pytest.mark.integration

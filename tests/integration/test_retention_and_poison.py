@@ -18,14 +18,14 @@ from kafka import TopicPartition
 
 from k2_assets.cli import main as k2
 from k2_resources import schemas
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.operations.maintenance import expire_snapshots
 from k2_resources.schemas import encode_trade
 from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
-from k2_resources.topics import dead_letter_topic
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import (
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import (
     LOSS_ACKNOWLEDGED_KEY,
     LOSS_SUMMARY_KEY,
     OffsetRange,

@@ -15,9 +15,9 @@ from k2_assets.analytics import asx_ohlcv, binance_ohlcv
 from k2_resources.analytics.engine import AnalyticsEngineResource
 from k2_resources.analytics.ohlcv import exchange_day_bounds, ohlcv_bars, ohlcv_table, read_trades, stored_bars
 from k2_resources.analytics.spark_session import spark_session
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.tables import OHLCV
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.tables import OHLCV
+from k2_resources.query.duckdb_query import DuckDBQueryResource
 from k2_resources.trades.iceberg_read import RowFilter
 from tests.support.cluster_services import drop_k2_tables, rest_catalog
 from tests.support.synthetic import append_in_chunks, asx_trades, binance_trades, to_trades_arrow

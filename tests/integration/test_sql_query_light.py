@@ -1,6 +1,6 @@
 """The light SQL path (`k2 query sql`) and the ASX write path at scale, against a real Iceberg catalog.
 
-- k2_resources.sql_query reads the SQLite catalog with sqlite3 and must answer exactly what the
+- k2_resources.query.sql_query reads the SQLite catalog with sqlite3 and must answer exactly what the
   DuckDBQueryResource (pyiceberg) answers, empty tables included, and `k2 query sql` must import
   neither Dagster nor pyiceberg nor pyarrow;
 - the ASX writer's own partition split gives the partitions pyiceberg's split would;
@@ -21,10 +21,10 @@ from pyiceberg.io.pyarrow import _determine_partitions
 from k2_resources.asx.files import read_raw_day
 from k2_resources.asx.normalise import normalise_trades
 from k2_resources.asx.writes import ingest_day, partition_slices
-from k2_resources.catalog_settings import catalog_properties
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.iceberg import IcebergResource
-from k2_resources.sql_query import live_data_files, run_sql, sqlite_table_locations
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.settings import catalog_properties
+from k2_resources.query.duckdb_query import DuckDBQueryResource
+from k2_resources.query.sql_query import live_data_files, run_sql, sqlite_table_locations
 from tests.support.asx_generator import MALFORMED_LINES, write_asx_trades_day
 
 

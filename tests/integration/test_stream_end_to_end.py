@@ -15,11 +15,11 @@ from dagster import DagsterInstance
 
 from k2_resources.binance.recording_server import RecordingServerThread
 from k2_resources.binance.streamer import stream_to_kafka
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.topics import dead_letter_topic
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_sensors.binance.driver import drive
 from tests.support.stream import stream_defs
 

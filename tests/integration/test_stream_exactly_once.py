@@ -9,10 +9,10 @@ import pytest
 from dagster import DagsterInstance
 
 from k2_assets.cli import main as k2
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_sensors.binance.driver import drive, tick
 from tests.support.producing import produce
 from tests.support.recorded import recorded_trades

@@ -12,10 +12,10 @@ from dagster import AssetKey, DagsterInstance, Definitions
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.offsets import committed_offsets
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.offsets import committed_offsets
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.driver import execute_requests, tick
 from tests.support.producing import produce
 from tests.support.recorded import recorded_trades

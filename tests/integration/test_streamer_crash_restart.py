@@ -21,10 +21,10 @@ import pytest
 from dagster import DagsterInstance
 
 from k2_resources.binance.recording_server import RecordingServerThread
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.topics import dead_letter_topic
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.paths import PROJECT_ROOT
 from k2_sensors.binance.driver import drive
 from tests.support.stream import stream_defs
 from tests.support.waiting import wait_for

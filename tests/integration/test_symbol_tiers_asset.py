@@ -11,9 +11,9 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from k2_assets.degradation.assets import symbol_tiers
+from k2_resources.catalog.resource import IcebergResource, to_arrow
+from k2_resources.catalog.tables import TRADES
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.iceberg import IcebergResource, to_arrow
-from k2_resources.tables import TRADES
 from tests.support.recorded import recorded_trades
 from tests.support.synthetic import asx_trades
 

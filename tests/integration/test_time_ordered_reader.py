@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
 from k2_resources.schemas import decode_trade, encode_trade
 from k2_resources.trades.time_ordered import TimeOrderedReader
 from tests.support.synthetic import asx_trades

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
-from k2_resources.kafka_broker import free_port
+from k2_resources.platform.kafka_broker import free_port
 from tests.support.waiting import wait_for
 
 

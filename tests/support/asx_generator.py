@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from k2_resources.settings import DATA_DIR
+from k2_resources.paths import DATA_DIR
 
 # company_id -> (symbol, share of the day's rows, price level, tick): levels as traded 10-14 March 2014.
 COMPANIES: dict[str, tuple[str, float, float, float]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
 
 BENCH_RESULTS = PROJECT_ROOT / "bench-results"
 

@@ -16,8 +16,8 @@ import pyarrow.fs as pafs
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NoSuchTableError
 
-from k2_resources.cluster_services import TABLE_BUCKET, ObjectStore, Postgres
-from k2_resources.tables import ALL_TABLES
+from k2_resources.catalog.tables import ALL_TABLES
+from k2_resources.platform.cluster_services import TABLE_BUCKET, ObjectStore, Postgres
 
 
 def running_object_store(home: Path) -> Iterator[ObjectStore]:

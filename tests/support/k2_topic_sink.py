@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import sys
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 
 
 def sink_topic(kafka: KafkaResource, iceberg: IcebergResource, topic: str, batch: int) -> dict[str, int]:

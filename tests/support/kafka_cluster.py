@@ -11,7 +11,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from k2_resources.kafka_cluster import KafkaCluster
+from k2_resources.platform.kafka_cluster import KafkaCluster
 
 
 def running_kafka_cluster(home: Path) -> Iterator[KafkaCluster]:

@@ -19,9 +19,9 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from k2_resources.kafka_broker import free_port
-from k2_resources.maven import maven_classpath
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.platform.kafka_broker import free_port
+from k2_resources.platform.maven import maven_classpath
 
 POM = PROJECT_ROOT / "infra" / "kafka-connect" / "pom.xml"
 LOG4J_CONFIG = PROJECT_ROOT / "infra" / "kafka-connect" / "log4j2.properties"

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from k2_resources.kafka_broker import free_port
+from k2_resources.platform.kafka_broker import free_port
 from tests.support.waiting import wait_for
 
 DAEMON_HEALTH_QUERY = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.schemas import encode_trade
 
 PARTITIONS = 3

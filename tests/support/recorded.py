@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from k2_resources.paths import DATA_DIR
 from k2_resources.schemas import TradeV2
-from k2_resources.settings import DATA_DIR
 
 
 def binance_records(symbol: str, days: tuple[str, ...] = ("2024-08-08", "2024-08-09")) -> Iterator[dict]:

@@ -64,8 +64,8 @@ from dagster_shared.record import copy
 from dagster_shared.serdes import serialize_value
 
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.trades.offsets import OffsetRange
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.sink.offsets import OffsetRange
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.stream_rules import (
     InFlight,
     Observation,

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from pyiceberg.catalog.sql import SqlCatalog
 
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import run_microbatch
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
 
 
 def _runqueue_wait_s() -> float:
@@ -78,7 +78,7 @@ def main(topic: str, partition: int, end: int, batch: int) -> None:
     kafka, iceberg = KafkaResource(), IcebergResource()
     iceberg.trades()  # the table exists in steady state: opening the catalog is not the sink's work
     catalog_commits, retries = _CatalogCommits(), _Retries()
-    microbatch_log = logging.getLogger("k2_resources.trades.microbatch")
+    microbatch_log = logging.getLogger("k2_resources.sink.microbatch")
     microbatch_log.addHandler(retries)
     microbatch_log.setLevel(logging.INFO)
     print("ready", flush=True)

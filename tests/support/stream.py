@@ -6,7 +6,7 @@ from dagster import Definitions
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.sink.resource import TradeSinkResource
 
 
 def stream_defs(topic: str, max_batch: int) -> Definitions:

@@ -17,8 +17,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from k2_resources.settings import DATA_DIR
-from k2_resources.tables import TRADES
+from k2_resources.catalog.tables import TRADES
+from k2_resources.paths import DATA_DIR
 
 _SYDNEY_OFFSET_MARCH_2014 = timedelta(hours=11)  # AEDT, in force for all of 10-14 March 2014
 _BINANCE_FILES = {

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.resource import KafkaResource
 from k2_resources.schemas import encode_trade
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")

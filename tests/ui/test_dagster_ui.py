@@ -31,12 +31,12 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from k2_assets.asx import asx_trading_days
 from k2_assets.definitions import defs
-from k2_resources.duckdb_query import DuckDBQueryResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import KafkaBroker, free_port
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.operations.dagster_instance import prepare_instance
-from k2_resources.settings import PROJECT_ROOT, dagster_home
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.paths import PROJECT_ROOT, dagster_home
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port
+from k2_resources.query.duckdb_query import DuckDBQueryResource
 from tests.support.producing import produce
 from tests.support.recorded import recorded_trades
 from tests.support.waiting import wait_for

@@ -127,7 +127,7 @@ def test_webhook_urls_from_config_or_environment(monkeypatch: pytest.MonkeyPatch
 
 
 def test_post_reports_unreachable_webhooks_without_raising() -> None:
-    from k2_resources.kafka_broker import free_port
+    from k2_resources.platform.kafka_broker import free_port
 
     url = f"http://127.0.0.1:{free_port()}/nobody-listens"
     deliveries = AlertWebhookResource(urls=[url], timeout_seconds=2).post({"status": "firing"})

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from k2_resources.asx.files import RAW_SCHEMA, read_raw_day, trading_days
 from k2_resources.asx.normalise import check_against_model, normalise_trades
-from k2_resources.tables import TRADES
+from k2_resources.catalog.tables import TRADES
 
 SYDNEY = ZoneInfo("Australia/Sydney")
 SYMBOLS = {"7078": "BHP", "7458": "RIO"}

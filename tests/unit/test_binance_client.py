@@ -8,7 +8,7 @@ from k2_assets.cli import build_parser
 from k2_assets.cli.stream import streamer_config
 from k2_resources.binance.client import DEFAULT_LIVE_URL, backoff_delay, combined_stream_url
 from k2_resources.binance.recording_server import RecordedTrade, RecordingServer, requested_symbols
-from k2_resources.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
+from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 
 
 def test_backoff_doubles_from_the_initial_delay_to_the_cap_within_the_jitter():

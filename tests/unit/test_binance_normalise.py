@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 from k2_resources.binance.normalise import MalformedTradeMessage, normalise_trade, quote_asset
+from k2_resources.paths import DATA_DIR
 from k2_resources.schemas import decode_trade, encode_trade
-from k2_resources.settings import DATA_DIR
 
 SAMPLES = [json.loads(line) for line in (DATA_DIR / "binance" / "ws-samples.jsonl").read_text().splitlines()]
 INGESTED = datetime(2024, 8, 9, 0, 0, 1, tzinfo=UTC)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from k2_resources.errors import KafkaUnavailableError, SchemaMismatchError
-from k2_resources.kafka_broker import KafkaBroker
+from k2_resources.platform.kafka_broker import KafkaBroker
 from k2_resources.schemas import TradeV2, decode_quote, decode_trade, encode_trade
 
 

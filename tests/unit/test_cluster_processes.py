@@ -1,4 +1,4 @@
-"""The local topology's process checks (k2_resources/cluster_services.py) on real processes.
+"""The local topology's process checks (k2_resources/platform/cluster_services.py) on real processes.
 
 A service restarted by another process (a test, a second `k2` command) is that process's child:
 once stopped it stays a zombie until its parent reaps it. `k2 cluster stop` waited for such a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from k2_resources.cluster_services import _alive, _is_zombie, _stop_process
+from k2_resources.platform.cluster_services import _alive, _is_zombie, _stop_process
 from tests.support.waiting import wait_for
 
 

@@ -9,16 +9,16 @@ import pytest
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from k2_assets.cli import cluster as cluster_cli
-from k2_resources.catalog_errors import CatalogUnavailableError, catalog_unavailable, explaining_catalog_errors
-from k2_resources.catalog_settings import env_catalog_properties
-from k2_resources.cluster_env import env_file
-from k2_resources.kafka_broker import free_port
+from k2_resources.catalog.errors import CatalogUnavailableError, catalog_unavailable, explaining_catalog_errors
+from k2_resources.catalog.settings import env_catalog_properties
 from k2_resources.operations.dagster_instance import (
     EMBEDDED_INSTANCE_CONFIG,
     POSTGRES_INSTANCE_CONFIG,
     instance_config_for_environment,
     instance_storage_problem,
 )
+from k2_resources.platform.cluster_env import env_file
+from k2_resources.platform.kafka_broker import free_port
 from k2_resources.trades.iceberg_read import object_store_options
 
 CLUSTER_ENV = {

@@ -1,7 +1,7 @@
 """The column-wise micro-batch path gives exactly what the record-by-record path gives.
 
 The sink decodes a batch of Kafka messages into Arrow columns at once (k2_resources/schemas/
-columnar.py) and enriches, splits and checks it column-wise (k2_resources/trades/microbatch.py).
+columnar.py) and enriches, splits and checks it column-wise (k2_resources/sink/microbatch.py).
 The record-by-record definitions (fastavro ``decode_trade``, ``to_arrow``, ``enrich``,
 ``sequence_gaps``, ``LoadShedder.split``) are the reference: these tests compare the two on
 randomised records, including the awkward values (negative and extreme decimals, int64 limits,
@@ -16,13 +16,13 @@ from decimal import Decimal
 
 import pyarrow as pa
 
+from k2_resources.catalog.resource import to_arrow
+from k2_resources.catalog.tables import TRADES
 from k2_resources.degradation.shedding import LoadShedder
-from k2_resources.iceberg import to_arrow
 from k2_resources.schemas import TRADE_V2, decode_trade, encode_trade
 from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
 from k2_resources.schemas.columnar import decode_columnar
-from k2_resources.tables import TRADES
-from k2_resources.trades.microbatch import (
+from k2_resources.sink.microbatch import (
     decode_batch,
     enrich,
     enrich_rows,

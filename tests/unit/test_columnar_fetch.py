@@ -9,7 +9,7 @@ import pytest
 from kafka.record import MemoryRecords
 from kafka.record.default_records import DefaultRecordBatchBuilder
 
-from k2_resources.trades.columnar_fetch import FastFetchUnavailable, parse_record_batches
+from k2_resources.kafka.columnar_fetch import FastFetchUnavailable, parse_record_batches
 
 
 def batch(

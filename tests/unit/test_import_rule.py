@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
 
 PACKAGES = ("k2_resources", "k2_sensors", "k2_assets")
 # What each package may import from the K2 packages (itself included).

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 import k2_assets.cli.cluster as cluster_cli
-import k2_resources.kafka as kafka_module
+import k2_resources.kafka.resource as kafka_module
 from k2_assets.cli import main as k2
-from k2_resources.cluster_env import ClusterService, read_env_file, write_env_file
 from k2_resources.errors import K2Error
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_broker import KafkaBroker
-from k2_resources.kafka_cluster import KafkaCluster, replication_for
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.platform.cluster_env import ClusterService, read_env_file, write_env_file
+from k2_resources.platform.kafka_broker import KafkaBroker
+from k2_resources.platform.kafka_cluster import KafkaCluster, replication_for
 
 
 @pytest.mark.parametrize(

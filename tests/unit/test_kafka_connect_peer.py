@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from k2_resources.settings import PROJECT_ROOT
+from k2_resources.paths import PROJECT_ROOT
 from tests.support.kafka_connect import PeerUnavailableError, connect_classpath, versions
 
 

@@ -1,4 +1,4 @@
-"""The spool behind the streamer's producer (k2_resources/kafka_spool.py), against a fake producer
+"""The spool behind the streamer's producer (k2_resources/kafka/spool.py), against a fake producer
 whose acknowledgements the test gives by hand. The real broker outage is in
 tests/integration/test_broker_outage_spool.py."""
 
@@ -9,7 +9,7 @@ import threading
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-from k2_resources.kafka_spool import (
+from k2_resources.kafka.spool import (
     SEGMENT_SUFFIX,
     SpooledProducer,
     SpoolingProducer,

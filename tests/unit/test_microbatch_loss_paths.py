@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from k2_resources.schemas import encode_trade
-from k2_resources.trades.microbatch import RetentionLossError, decode_raw, read_range, read_raw_range
-from k2_resources.trades.offsets import OffsetRange
+from k2_resources.sink.microbatch import RetentionLossError, decode_raw, read_range, read_raw_range
+from k2_resources.sink.offsets import OffsetRange
 
 Message = namedtuple("Message", "offset value key timestamp")
 TOPIC = "market.trades.binance"

@@ -6,8 +6,8 @@ import json
 
 from dagster import AssetCheckSeverity
 
-from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.offsets import RetentionLoss
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.offsets import RetentionLoss
 from k2_sensors.binance.stream_rules import (
     LogLine,
     Observation,

@@ -9,7 +9,7 @@ import pytest
 
 from k2_resources.degradation.spill import SpillStore
 from k2_resources.errors import K2Error
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 
 TOPIC = BINANCE_TRADES_TOPIC
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades import follow
-from k2_resources.trades.follow import BEHIND, MEMORY, RECREATED, ROTATED, FollowSettings, follow_topic, plan_cycle
-from k2_resources.trades.microbatch import BatchResult
-from k2_resources.trades.offsets import DEFERRED, OffsetRange, PendingRange
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink import follow
+from k2_resources.sink.follow import BEHIND, MEMORY, RECREATED, ROTATED, FollowSettings, follow_topic, plan_cycle
+from k2_resources.sink.microbatch import BatchResult
+from k2_resources.sink.offsets import DEFERRED, OffsetRange, PendingRange
 from k2_sensors.binance.stream_rules import (
     FOLLOW,
     INGEST,

@@ -6,9 +6,9 @@ import json
 
 from dagster import AssetCheckSeverity
 
-from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.offsets import DEFERRED
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.offsets import DEFERRED
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.stream_rules import (
     RUN_ACTIVE,
     RUN_FAILED,

@@ -7,8 +7,8 @@ import copy
 from dagster import AssetCheckSeverity
 
 from k2_resources.degradation.levels import DegradationLevel, DegradationThresholds
-from k2_resources.topics import BINANCE_TRADES_TOPIC
-from k2_resources.trades.offsets import DEFERRED, PendingRange
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.offsets import DEFERRED, PendingRange
 from k2_sensors.binance.stream_rules import (
     INGEST,
     RECOVER,

@@ -6,8 +6,8 @@ import pytest
 from kafka.partitioner import DefaultPartitioner
 
 from k2_resources.binance.client import DEFAULT_SYMBOLS
-from k2_resources.symbol_partitions import SPREAD_SYMBOLS, SymbolPartitioner, symbol_partition
-from k2_resources.topics import BINANCE_TRADES_PARTITIONS
+from k2_resources.kafka.partitioner import SPREAD_SYMBOLS, SymbolPartitioner, symbol_partition
+from k2_resources.kafka.topics import BINANCE_TRADES_PARTITIONS
 
 
 class Cluster:

@@ -1,7 +1,7 @@
 """One source of thresholds: the checks, the degradation manager and the Prometheus alert rules agree.
 
 The rules file cannot import Python, so this parses it and compares every threshold in it with
-``k2_resources/operations/thresholds.py`` and with what the resources use by default.
+``k2_resources/thresholds.py`` and with what the resources use by default.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import re
 import yaml
 from dagster import AssetCheckSeverity
 
+from k2_resources import thresholds
 from k2_resources.degradation.levels import DegradationLevel, DegradationThresholds, check_status
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.operations import thresholds
-from k2_resources.settings import PROJECT_ROOT
-from k2_resources.trades.sink_settings import TradeSinkResource
+from k2_resources.paths import PROJECT_ROOT
+from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.stream_rules import StreamSnapshot, lag_evaluation
 
 RULES = PROJECT_ROOT / "infra" / "prometheus" / "rules" / "k2-alerts.yml"

@@ -71,18 +71,18 @@ from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
 from k2_resources import metrics
+from k2_resources.catalog.resource import IcebergResource, catalog_busy, to_arrow
+from k2_resources.catalog.tables import TRADES
 from k2_resources.degradation.shedding import LoadShedder
 from k2_resources.degradation.spill import SpillStore
 from k2_resources.errors import K2Error, SchemaMismatchError
-from k2_resources.iceberg import IcebergResource, catalog_busy, to_arrow
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka.columnar_fetch import FastFetchUnavailable, fetch_range
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.schemas import TRADE_V2, decode_trade
 from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
 from k2_resources.schemas.columnar import UnsupportedSchema, decode_columnar
-from k2_resources.tables import TRADES
-from k2_resources.topics import dead_letter_topic
-from k2_resources.trades.columnar_fetch import FastFetchUnavailable, fetch_range
-from k2_resources.trades.offsets import (
+from k2_resources.sink.offsets import (
     DEFERRED,
     LOSS_SUMMARY_KEY,
     PREFIX,

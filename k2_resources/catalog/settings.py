@@ -1,14 +1,14 @@
 """Where the Iceberg catalog is: its pyiceberg properties from the environment or the defaults.
 
-Kept apart from :mod:`k2_resources.iceberg` (which imports Dagster and pyiceberg) so that light
-readers such as :mod:`k2_resources.sql_query` find the catalog without importing either.
+Kept apart from :mod:`k2_resources.catalog.resource` (which imports Dagster and pyiceberg) so that light
+readers such as :mod:`k2_resources.query.sql_query` find the catalog without importing either.
 """
 
 from __future__ import annotations
 
 import os
 
-from k2_resources.settings import state_dir
+from k2_resources.paths import state_dir
 
 
 def default_catalog_properties() -> dict[str, str]:

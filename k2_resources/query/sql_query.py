@@ -11,7 +11,7 @@ Where the metadata files are: with the default catalog (pyiceberg's SqlCatalog o
 warehouse on local files) each table's current metadata location is one row of the catalog's
 ``iceberg_tables`` table, read here with sqlite3; a table without a snapshot is an empty view
 of its schema, taken from its metadata file. Any other catalog (REST, Glue, S3 warehouses) goes
-through :class:`k2_resources.duckdb_query.DuckDBQueryResource`, which asks pyiceberg.
+through :class:`k2_resources.query.duckdb_query.DuckDBQueryResource`, which asks pyiceberg.
 
 The DuckDB extensions come from their PyPI packages, because DuckDB cannot download extensions
 on machines without internet access.
@@ -31,8 +31,8 @@ from urllib.parse import unquote, urlparse
 import duckdb
 import fastavro
 
-from k2_resources.catalog_settings import catalog_properties as resolve_catalog_properties
-from k2_resources.settings import state_dir
+from k2_resources.catalog.settings import catalog_properties as resolve_catalog_properties
+from k2_resources.paths import state_dir
 
 NAMESPACE = "market"
 CATALOG_NAME = "k2"
@@ -280,8 +280,8 @@ def connect_tables(threads: int = 2, catalog_properties: dict[str, str] | None =
     locations = sqlite_table_locations(resolve_catalog_properties(catalog_properties))
     if locations is None:
         # Not the SQLite catalog on local files, or no tables yet: pyiceberg reads (and creates) them.
-        from k2_resources.duckdb_query import DuckDBQueryResource
-        from k2_resources.iceberg import IcebergResource
+        from k2_resources.catalog.resource import IcebergResource
+        from k2_resources.query.duckdb_query import DuckDBQueryResource
 
         return DuckDBQueryResource(
             iceberg=IcebergResource(catalog_properties=catalog_properties), threads=threads

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
-from k2_resources.catalog_settings import catalog_properties
+from k2_resources.catalog.settings import catalog_properties
 from k2_resources.errors import K2Error
 
 # How a connection that was refused or reset reads in the AWS SDK's messages (pyarrow's S3 client).

@@ -16,8 +16,8 @@ from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, 
 from pyiceberg.table import Table
 from sqlalchemy.exc import OperationalError
 
-from k2_resources.catalog_settings import catalog_properties, default_catalog_properties  # noqa: F401 (re-exported)
-from k2_resources.tables import ALL_TABLES, DEAD_LETTERS, NAMESPACE, QUOTES, TRADES, TableDefinition
+from k2_resources.catalog.settings import catalog_properties, default_catalog_properties  # noqa: F401 (re-exported)
+from k2_resources.catalog.tables import ALL_TABLES, DEAD_LETTERS, NAMESPACE, QUOTES, TRADES, TableDefinition
 
 
 class IcebergResource(ConfigurableResource):

@@ -4,7 +4,7 @@
 ``infra/kafka/pom.xml`` (cached under K2_HOME), formats the KRaft storage once, and runs
 ``kafka.Kafka`` listening on 127.0.0.1 only. Its log directories and logs stay under
 ``K2_HOME/kafka`` (or the folder given), so several brokers (one per test run) can coexist.
-The same class runs each node of the local 3-broker cluster (k2_resources/kafka_cluster.py): a
+The same class runs each node of the local 3-broker cluster (k2_resources/platform/kafka_cluster.py): a
 node id, the quorum's voters, a shared cluster id and the replication settings are fields.
 """
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k2_resources.errors import KafkaUnavailableError
-from k2_resources.maven import maven_classpath
-from k2_resources.settings import PROJECT_ROOT, state_dir
+from k2_resources.paths import PROJECT_ROOT, state_dir
+from k2_resources.platform.maven import maven_classpath
 
 POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 LOG4J_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.properties"

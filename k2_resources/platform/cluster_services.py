@@ -33,9 +33,9 @@ import psycopg2
 from psycopg2 import sql
 from pyiceberg.catalog import load_catalog
 
-from k2_resources.cluster_env import ClusterService, cluster_home
 from k2_resources.errors import K2Error
-from k2_resources.kafka_broker import free_port
+from k2_resources.platform.cluster_env import ClusterService, cluster_home
+from k2_resources.platform.kafka_broker import free_port
 
 TABLE_BUCKET = "k2lake"
 S3_REGION = "us-east-1"
@@ -220,7 +220,7 @@ class ObjectStore(_LocalServer):
         return ports
 
     def env(self) -> dict[str, str]:
-        """The variables K2 needs to use this catalog and store (k2_resources.catalog_settings)."""
+        """The variables K2 needs to use this catalog and store (k2_resources.catalog.settings)."""
         ports, keys = self.ports(), self.credentials()
         return {
             "K2_ICEBERG_CATALOG_TYPE": "rest",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from k2_resources.errors import K2Error
-from k2_resources.settings import state_dir
+from k2_resources.paths import state_dir
 
 ENV_FILE_NAME = "env.sh"
 

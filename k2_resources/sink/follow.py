@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import system_memory_percent
 from k2_resources.degradation.shedding import LoadShedder
 from k2_resources.degradation.spill import SpillStore
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.trades.microbatch import BatchResult, run_microbatch
-from k2_resources.trades.offsets import OffsetRange, committed_offsets
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.microbatch import BatchResult, run_microbatch
+from k2_resources.sink.offsets import OffsetRange, committed_offsets
 
 ROTATED = "ran its time"
 BEHIND = "fell behind"

@@ -34,16 +34,16 @@ from k2_resources.analytics.spark import SparkResource
 from k2_resources.analytics.spark_session import stop_spark
 from k2_resources.binance.recording_server import RecordingServerThread, Tape, load_recorded_trades
 from k2_resources.binance.streamer import stream_to_kafka
-from k2_resources.cluster_env import cluster_home, write_env_file
-from k2_resources.cluster_services import ObjectStore, Postgres, object_store, postgres
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.catalog.tables import OHLCV, TRADES
 from k2_resources.errors import K2Error
-from k2_resources.iceberg import IcebergResource
-from k2_resources.kafka import KafkaResource
-from k2_resources.kafka_cluster import KafkaCluster
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 from k2_resources.operations.dagster_instance import POSTGRES_INSTANCE_CONFIG, prepare_instance
-from k2_resources.settings import dagster_home
-from k2_resources.tables import OHLCV, TRADES
-from k2_resources.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
+from k2_resources.paths import dagster_home
+from k2_resources.platform.cluster_env import cluster_home, write_env_file
+from k2_resources.platform.cluster_services import ObjectStore, Postgres, object_store, postgres
+from k2_resources.platform.kafka_cluster import KafkaCluster
 from k2_resources.trades.iceberg_read import RowFilter
 from k2_sensors.binance.driver import drive
 

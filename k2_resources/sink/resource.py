@@ -7,8 +7,8 @@ import os
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from k2_resources.operations import thresholds
-from k2_resources.topics import BINANCE_TRADES_TOPIC
+from k2_resources import thresholds
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 
 
 class TradeSinkResource(ConfigurableResource):
@@ -29,7 +29,7 @@ class TradeSinkResource(ConfigurableResource):
     )
     follow_seconds: float = Field(
         default_factory=lambda: float(os.environ.get("K2_STREAM_FOLLOW_SECONDS", "0")),
-        description="at NORMAL, run one long-running follower (k2_resources/trades/follow.py) for this long "
+        description="at NORMAL, run one long-running follower (k2_resources/sink/follow.py) for this long "
         "instead of a run per range, committing every follow_interval_seconds; 0: a run per range. "
         "`k2 run` sets K2_STREAM_FOLLOW_SECONDS=600: a run launch costs seconds, a follower pays it once",
     )

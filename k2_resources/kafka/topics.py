@@ -8,7 +8,7 @@ from __future__ import annotations
 
 BINANCE_TRADES_TOPIC = "market.trades.binance"
 # Partitions the Binance trades topic is created with: enough for the daemon to run several
-# micro-batches in parallel; symbols are spread over them by k2_resources.symbol_partitions.
+# micro-batches in parallel; symbols are spread over them by k2_resources.kafka.partitioner.
 BINANCE_TRADES_PARTITIONS = 6
 DEAD_LETTER_SUFFIX = ".dlq"
 REPLAY_TRADES_PREFIX = "replay.trades."

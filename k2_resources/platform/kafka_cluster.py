@@ -1,7 +1,7 @@
 """A local Apache Kafka cluster of three KRaft nodes: the scale-out topology on one machine.
 
 Each node is a broker and a controller in one process (a 3-voter quorum), run by the same
-launcher and jars as the embedded broker (k2_resources/kafka_broker.py), on 127.0.0.1. New topics
+launcher and jars as the embedded broker (k2_resources/platform/kafka_broker.py), on 127.0.0.1. New topics
 get replication factor 3 and ``min.insync.replicas=2``, so with idempotent ``acks=all`` producers a
 write survives one node dying. State lives in ``K2_HOME/cluster/kafka-<n>``; the ports and the
 cluster id are kept in ``K2_HOME/cluster/kafka-cluster.json`` so `k2 cluster stop|status`, run
@@ -20,9 +20,9 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
-from k2_resources.cluster_env import ClusterService, cluster_home
 from k2_resources.errors import KafkaUnavailableError
-from k2_resources.kafka_broker import KafkaBroker, free_port, new_cluster_id, resolve_classpath
+from k2_resources.platform.cluster_env import ClusterService, cluster_home
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port, new_cluster_id, resolve_classpath
 
 DEFAULT_SIZE = 3
 MAX_REPLICATION_FACTOR = 3

@@ -13,8 +13,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from pydantic import Field
 
 from k2_resources.errors import KafkaUnavailableError
-from k2_resources.kafka_broker import DEFAULT_PORT
-from k2_resources.kafka_cluster import replication_for
+from k2_resources.platform.kafka_broker import DEFAULT_PORT
+from k2_resources.platform.kafka_cluster import replication_for
 
 
 def _registered_broker_count(admin: KafkaAdminClient) -> int:

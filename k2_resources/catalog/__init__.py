@@ -1,0 +1,1 @@
+"""The Iceberg catalog: the resource, its settings and errors, and K2's table definitions."""
