@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 
-.PHONY: run test install system-deps bench clean-state help
+.PHONY: run test lint install system-deps bench clean-state help
 
 help:
 	@echo "make run    start Kafka and the Dagster UI on http://127.0.0.1:3000 (Ctrl-C stops all)"
 	@echo "make test   create the environment if needed and run the whole test suite"
 	@echo "make bench  run the benchmarks; JSON lands in bench-results/"
+	@echo "make lint   ruff (lint and format check) and mypy, also run by make test"
 
 # The environment: uv installs exactly what uv.lock pins into .venv.
 $(VENV)/.installed: pyproject.toml uv.lock
@@ -28,7 +29,13 @@ system-deps:
 run: install
 	$(VENV)/bin/k2 run
 
-test: install
+# Lint and types first (seconds), then the suite: `make test` is what CI runs.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(VENV)/bin/pytest
 
 bench: install
