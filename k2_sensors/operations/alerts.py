@@ -184,7 +184,9 @@ class AlertWebhookResource(ConfigurableResource):
 
     urls: list[str] | None = Field(
         default=None,
-        description=f"Webhook URLs; default: ${WEBHOOKS_ENV} (comma separated), else no webhooks (alerts are only logged).",
+        description=(
+            f"Webhook URLs; default: ${WEBHOOKS_ENV} (comma separated), else no webhooks (alerts are only logged)."
+        ),
     )
     renotify_interval_seconds: float = Field(
         default=3600.0, description="Repeat a still-failing check's alert after this many seconds."

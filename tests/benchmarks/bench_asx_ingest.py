@@ -255,8 +255,8 @@ def test_asx_ingest_of_a_10m_row_day(k2_home: Path, tmp_path: Path) -> None:
                 "what": "one generated ASX trading day (tests/support/asx_generator.py: real price levels, skew, "
                 "qualifiers, venues; fixed seed) through ingest_day (column-wise read of the files, validation with "
                 "dead letters, V2 rows, replace the day in Iceberg); baseline pyarrow CSV -> zstd Parquet of the same "
-                "files, rows of the wrong width skipped; three rounds of the baseline then K2 (a first load, then replaces "
-                "of the same day), the fastest of each",
+                "files, rows of the wrong width skipped; three rounds of the baseline then K2 (a first load, then "
+                "replaces of the same day), the fastest of each",
                 "rows": rows,
                 "valid_rows": result.valid,
                 "dead_letters": result.rejected,
@@ -283,8 +283,9 @@ def test_asx_ingest_of_a_10m_row_day(k2_home: Path, tmp_path: Path) -> None:
                 # The V2 rows are 15 columns (two unique ids per row, a map, a list) where the baseline
                 # writes the 7 CSV fields: writing them alone bounds the ratio any loader can reach.
                 "floor_read_csv_and_write_v2_rows": {
-                    "what": "pyarrow reading the same CSV files plus pyarrow writing K2's V2 rows of the day from memory "
-                    "to zstd Parquet (two files written at once) with the table's encodings; no validation, no Iceberg commit",
+                    "what": "pyarrow reading the same CSV files plus pyarrow writing K2's V2 rows of the day from "
+                    "memory to zstd Parquet (two files written at once) with the table's encodings; no validation, "
+                    "no Iceberg commit",
                     **floor,
                     "best_ratio_to_baseline_any_v2_loader": round(baseline_seconds / floor["seconds"], 4),
                     "k2_ratio_to_floor": round(floor["seconds"] / k2_seconds, 4),

@@ -291,7 +291,10 @@ def test_hybrid_query_benchmark(k2_home, kafka_broker, topic_name):
             columns = TRADE_COLUMNS if name.startswith("all_asx") else None
             runs = 5 if name.startswith("all_asx") else 15
             samples, cold, _ = timed(
-                lambda: path_reader.read_frame(iceberg.trades(), snapshot_id, row_filter, columns=columns), runs
+                lambda reader=path_reader, where=row_filter, only=columns: reader.read_frame(
+                    iceberg.trades(), snapshot_id, where, columns=only
+                ),
+                runs,
             )
             paths.setdefault(name, {})[path] = {
                 "p50_ms": round(percentile(samples, 50), 2),

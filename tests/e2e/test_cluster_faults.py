@@ -330,7 +330,7 @@ def test_catalog_and_store_down_during_micro_batches_is_named_and_nothing_is_los
 def test_postgres_down_while_the_daemon_runs_is_named_and_the_stream_recovers(platform):
     database = platform.postgres()
     where = f"127.0.0.1:{platform.settings['DAGSTER_POSTGRES_PORT']}"
-    watch, stopped_at = LogWatch(platform.logs), time.time()
+    watch = LogWatch(platform.logs)
     database.stop()
     down_began = time.monotonic()
 

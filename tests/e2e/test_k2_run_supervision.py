@@ -42,7 +42,7 @@ def test_a_killed_exporter_and_a_killed_broker_are_restarted(tmp_path):
         first_exporter = _pid(exporter_pid_file)
         os.kill(first_exporter, signal.SIGKILL)
         wait_for(
-            lambda: (pid := _pid(exporter_pid_file)) not in (None, first_exporter) and answers(exporter_url),
+            lambda: _pid(exporter_pid_file) not in (None, first_exporter) and answers(exporter_url),
             timeout_s=180,
             what="the metrics exporter to be restarted and serve /metrics",
         )

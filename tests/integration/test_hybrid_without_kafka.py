@@ -114,7 +114,7 @@ def test_windows_kafka_cannot_hold_are_answered_without_kafka(committed):
     try:
         # ASX has no topic: the tail is never read, with or without the exchange named.
         for exchange in ("ASX", None):
-            frame, seconds = _timed(lambda: hybrid.trades(["BHP"], ASX_START, ASX_END, exchange=exchange))
+            frame, seconds = _timed(lambda named=exchange: hybrid.trades(["BHP"], ASX_START, ASX_END, exchange=named))
             assert frame.height == bhp_rows > 0
             assert seconds < 2.0, f"exchange={exchange}: {seconds:.1f}s without Kafka"
             stats = hybrid.last_stats

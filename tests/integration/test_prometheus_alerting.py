@@ -38,7 +38,8 @@ def delivered_alerts(webhook: WebhookReceiver) -> list[dict]:
 def binary(name: str) -> str:
     path = shutil.which(name)
     assert path, (
-        f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` (Debian packages prometheus, prometheus-alertmanager)"
+        f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` "
+        "(Debian packages prometheus, prometheus-alertmanager)"
     )
     return path
 
@@ -147,9 +148,9 @@ def test_lag_alert_travels_from_exporter_through_prometheus_and_alertmanager_to_
             stderr=subprocess.STDOUT,
         )
     )
-    logs = lambda: (
-        (tmp_path / "prometheus.log").read_text()[-3000:] + (tmp_path / "alertmanager.log").read_text()[-3000:]
-    )
+
+    def logs() -> str:
+        return (tmp_path / "prometheus.log").read_text()[-3000:] + (tmp_path / "alertmanager.log").read_text()[-3000:]
 
     # Prometheus scraped the K2 exporter: the per-partition lag is there
     query = urllib.parse.urlencode({"query": f'sum(k2_consumer_lag_messages{{topic="{TOPIC}"}})'})

@@ -25,7 +25,8 @@ WEBHOOK_PLACEHOLDER = "${K2_ALERT_WEBHOOK_URL}"
 def tool(name: str) -> str:
     path = shutil.which(name)
     assert path, (
-        f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` (Debian packages prometheus, prometheus-alertmanager)"
+        f"{name} is missing: run `bash infra/scripts/system-deps.sh --test` "
+        "(Debian packages prometheus, prometheus-alertmanager)"
     )
     return path
 

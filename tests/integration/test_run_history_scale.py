@@ -221,7 +221,8 @@ def test_retention_keeps_what_the_sensor_checks_and_exporter_read_and_bounds_the
         for key in history.newest_run_keys.values():
             assert instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: key}))
         assert len(instance.fetch_materializations(BINANCE_TRADES, limit=10_000).records) == 60
-        # Checks: the newest 20 evaluations of each stay (the recent ticks alone are 10 per check), the latest unchanged.
+        # Checks: the newest 20 evaluations of each stay (the recent ticks alone are 10 per check),
+        # the latest unchanged.
         for key in check_keys:
             kept = storage.get_asset_check_execution_history(key, limit=10_000)
             assert len(kept) == 20 and report.evaluations_deleted[key.name] == evaluations_before[key.name] - 20

@@ -68,7 +68,7 @@ class K2Run:
             ("the daemon's heartbeats", lambda: (s := self.daemon_statuses()) and all(s.values())),
             ("k2 metrics", lambda: answers(f"http://127.0.0.1:{self.exporter_port}/metrics")),
         ):
-            wait_for(lambda: up_or_exited(check), timeout_s=timeout_s, what=what, interval_s=0.5)
+            wait_for(lambda probe=check: up_or_exited(probe), timeout_s=timeout_s, what=what, interval_s=0.5)
             assert self.process.poll() is None, f"k2 run exited waiting for {what}:\n{self.output()[-4000:]}"
 
     def stop(self, timeout_s: float = 180.0) -> int:

@@ -13,7 +13,10 @@ from k2_resources.asx.normalise import normalise_quotes, normalise_trades
 from k2_resources.asx.sydney_time import local_day_bounds_utc
 from k2_resources.schemas.models import QuoteV2, TradeV2
 
-COMPANIES = "company_id,symbol,company_name,ISIN,start_date,end_date\n7078,BHP,BHP BILLITON LTD,AU000000BHP4,05/07/2008,03/31/2014\n"
+COMPANIES = (
+    "company_id,symbol,company_name,ISIN,start_date,end_date\n"
+    "7078,BHP,BHP BILLITON LTD,AU000000BHP4,05/07/2008,03/31/2014\n"
+)
 
 
 def make_source(

@@ -1,4 +1,5 @@
-"""The duplicate check: real repeats only, resets kept and reported, memory bounded, nothing remembered before accept."""
+"""The duplicate check: real repeats only, resets kept and reported, memory bounded, nothing remembered
+before accept."""
 
 from __future__ import annotations
 
@@ -117,8 +118,8 @@ def test_a_restart_remembers_the_trades_its_spool_still_holds(tmp_path):
 
     def frame(trade_id: int) -> str:
         return (
-            '{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","t":%d,"p":"1.5","q":"2",'
-            '"T":%d,"m":true,"M":true}}' % (trade_id, 1_723_161_600_000 + trade_id)
+            f'{{"stream":"btcusdt@trade","data":{{"e":"trade","E":1,"s":"BTCUSDT","t":{trade_id},"p":"1.5","q":"2",'
+            f'"T":{1_723_161_600_000 + trade_id},"m":true,"M":true}}}}'
         )
 
     records = [SpoolRecord(encode_trade(normalise_trade(frame(i))), b"BTCUSDT") for i in range(10)]

@@ -27,7 +27,8 @@ def test_a_command_builds_only_its_own_parser_and_still_lists_the_others() -> No
 def test_k2_help_imports_no_command_module_and_no_dagster() -> None:
     probe = (
         "import sys\nfrom k2_assets.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith(('dagster', 'pyarrow', 'pyiceberg', 'k2_assets.cli.')))\n"
+        "prefixes = ('dagster', 'pyarrow', 'pyiceberg', 'k2_assets.cli.')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(prefixes))\n"
         "print(loaded, file=sys.stderr)"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

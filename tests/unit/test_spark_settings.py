@@ -81,7 +81,7 @@ def test_engine_and_master_come_from_the_environment_with_working_defaults(monke
     assert AnalyticsEngineResource().spark.master == "spark://10.0.0.5:7077"
     monkeypatch.setenv("K2_ANALYTICS_ENGINE", "pandas")
     with pytest.raises(K2Error, match="K2_ANALYTICS_ENGINE='pandas' is not an engine; use one of polars, spark"):
-        AnalyticsEngineResource().name
+        _ = AnalyticsEngineResource().name
 
 
 def test_without_maven_the_spark_jars_are_one_clear_error(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
