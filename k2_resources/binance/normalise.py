@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from k2_resources.errors import K2Error
+from k2_resources.binance.errors import MalformedTradeMessage
 from k2_resources.schemas import TradeV2
 
 EXCHANGE = "BINANCE"
@@ -57,15 +57,6 @@ QUOTE_ASSETS = (
 )
 _MAPPED_FIELDS = {"e", "s", "t", "p", "q", "T"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class MalformedTradeMessage(K2Error):
-    """A frame that cannot become a trade V2 record; ``code`` names the kind of fault."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 def quote_asset(symbol: str) -> str:
@@ -139,7 +130,7 @@ def normalise_trade(message: str | bytes | dict[str, Any], ingestion_time: datet
     if not isinstance(message, dict):
         message = parse_frame(message)
     stream = message.get("stream")
-    data = message["data"] if "data" in message else message
+    data = message.get("data", message)
     if not isinstance(data, dict):
         raise MalformedTradeMessage("not_an_object", "field 'data' is not a JSON object")
     event = data.get("e")

@@ -26,6 +26,7 @@ import pyarrow as pa
 from kafka.protocol.consumer import FetchRequest, FetchResponse
 from kafka.record.util import calc_crc32c
 
+from k2_resources.kafka.errors import FastFetchUnavailable
 from k2_resources.schemas.columnar import _Walk
 
 FETCH_VERSION = 4
@@ -35,10 +36,6 @@ _BATCH_HEADER = struct.Struct(">qiibIhiqqqhii")
 _LENGTH_OF_OFFSET_AND_SIZE = 12  # baseOffset + batchLength: batchLength counts the bytes after them
 _CRC_FROM = 21  # the CRC covers the batch from the attributes on
 _COMPRESSION_MASK, _TRANSACTIONAL, _CONTROL = 0x07, 0x10, 0x20
-
-
-class FastFetchUnavailable(Exception):
-    """This range needs kafka-python's general path (the message says why)."""
 
 
 def _host_port(servers: str) -> tuple[str, int]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from kafka.protocol.consumer import ListOffsetsRequest, ListOffsetsResponse
 from kafka.protocol.metadata import MetadataRequest, MetadataResponse
 
-from k2_resources.kafka.columnar_fetch import BrokerConnection, FastFetchUnavailable
+from k2_resources.kafka.columnar_fetch import BrokerConnection
+from k2_resources.kafka.errors import FastFetchUnavailable
 
 METADATA_VERSION = 4  # Kafka 1.0 and later (4.x serves v0-v13)
 LIST_OFFSETS_VERSION = 4  # Kafka 2.1 and later

@@ -25,6 +25,7 @@ import psycopg2
 import yaml
 
 from k2_resources.errors import K2Error
+from k2_resources.operations.errors import BrokenInstanceError
 from k2_resources.paths import PROJECT_ROOT
 
 EMBEDDED_INSTANCE_CONFIG = PROJECT_ROOT / "dagster.yaml"
@@ -41,10 +42,6 @@ def instance_config_for_environment() -> Path:
 # that hold them (with the per-run event-log shards beside the index).
 _SQLITE_DATABASES = ("history/runs.db", "history/runs/index.db", "schedules/schedules.db")
 _SQLITE_FOLDERS = ("history", "schedules", "storage")
-
-
-class BrokenInstanceError(K2Error):
-    """The Dagster instance's storage is inconsistent and holds history K2 will not delete."""
 
 
 @dataclass(frozen=True)
@@ -161,8 +158,8 @@ def _check_postgres_answers(home: Path, settings: dict[str, str]) -> None:
         if f"{k}_from" in settings and not settings[k]
     ]
     fix = (
-        f"Fix: start it (`k2 cluster start` runs one under K2_HOME/cluster) or point {variables or home / 'dagster.yaml'} "
-        "at a running server"
+        "Fix: start it (`k2 cluster start` runs one under K2_HOME/cluster) or point "
+        f"{variables or home / 'dagster.yaml'} at a running server"
     )
     if missing:
         raise K2Error(

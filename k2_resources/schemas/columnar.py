@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from k2_resources.schemas.avro import _HEADER, MAGIC_BYTE
+from k2_resources.schemas.errors import UnsupportedSchema
 
 # Python's datetime range (years 1..9999) in microseconds from the epoch: fastavro cannot turn a
 # timestamp-micros outside it into a datetime, so such a message is irregular.
@@ -36,10 +37,6 @@ _MAX_MICROS = 253_402_300_799_999_999
 # More items than this in one array/map block: decoded by fastavro instead (keeps the lock-step
 # loop short; K2 records carry a handful of vendor fields).
 MAX_BLOCK_ITEMS = 256
-
-
-class UnsupportedSchema(Exception):
-    """The schema has a type this decoder does not handle; decode with fastavro instead."""
 
 
 @dataclass(frozen=True)

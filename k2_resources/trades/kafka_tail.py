@@ -35,8 +35,9 @@ from kafka.errors import KafkaError
 
 from k2_resources.catalog.tables import TRADES
 from k2_resources.errors import K2Error, KafkaUnavailableError
-from k2_resources.kafka.columnar_fetch import FastFetchUnavailable, fetch_range
+from k2_resources.kafka.columnar_fetch import fetch_range
 from k2_resources.kafka.direct_offsets import DirectOffsets
+from k2_resources.kafka.errors import FastFetchUnavailable
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.sink.microbatch import decode_batch
 

@@ -1,0 +1,13 @@
+"""Errors of K2's Kafka client code (the wire-level fetch and offsets client)."""
+
+from __future__ import annotations
+
+from k2_resources.errors import K2Error
+
+
+class FastFetchUnavailable(K2Error):
+    """This range needs kafka-python's general path (the message says why).
+
+    A control-flow signal: the caller reads the range with kafka-python instead, so retrying the
+    fast path would not help.
+    """

@@ -1,0 +1,9 @@
+"""Errors of the operations helpers (the Dagster instance, retention, exports)."""
+
+from __future__ import annotations
+
+from k2_resources.errors import K2Error
+
+
+class BrokenInstanceError(K2Error):
+    """The Dagster instance's storage is inconsistent and holds history K2 will not delete."""
