@@ -50,16 +50,17 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import polars as pl
 import pyarrow as pa
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 from pyiceberg.conversions import from_bytes
-from pyiceberg.expressions import EqualTo, In
+from pyiceberg.expressions import BooleanExpression, EqualTo, In
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.types import TimestamptzType
 
 from k2_resources.catalog.resource import IcebergResource
@@ -68,82 +69,33 @@ from k2_resources.errors import K2Error, KafkaUnavailableError
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.sink.offsets import PendingRange, committed_offsets, pending_ranges, snapshot_committed_offsets
-from k2_resources.trades.iceberg_read import DEFAULT_READ_PATH, RowFilter, ScanStats, SnapshotReader, load_for_read
-from k2_resources.trades.kafka_tail import KafkaTail, TailStats
+from k2_resources.trades.hybrid_result import (
+    HybridResult,
+    KafkaTailMissingWarning,
+    QueryStats,
+    as_frame,
+    chosen_symbols,
+    filter_rows,
+    merge_trades,
+    missing_offsets,
+    pending_rows,
+    to_trades_arrow,
+    utc,
+)
+from k2_resources.trades.iceberg_read import DEFAULT_READ_PATH, RowFilter, SnapshotReader, load_for_read
+from k2_resources.trades.kafka_tail import KafkaTail
 
-log = logging.getLogger(__name__)
-
-_ORDER = [
-    ("timestamp", "ascending"),
-    ("platform_sequence", "ascending"),
-    ("source_sequence", "ascending"),
-    ("message_id", "ascending"),
+__all__ = [
+    "HybridQueryResource",
+    "HybridResult",
+    "KafkaTailMissingWarning",
+    "QueryStats",
+    "merge_trades",
+    "missing_offsets",
+    "to_trades_arrow",
 ]
 
-
-@dataclass
-class QueryStats:
-    """What the last query read: the snapshot, the committed offsets, the Kafka ranges, row counts."""
-
-    snapshot_id: int | None = None
-    committed: dict[str, dict[int, int]] = field(default_factory=dict)
-    pending: dict[str, list[PendingRange]] = field(default_factory=dict)  # below committed, rows not in the table yet
-    iceberg: ScanStats = field(default_factory=ScanStats)
-    kafka: TailStats = field(default_factory=TailStats)
-    iceberg_rows: int = 0
-    kafka_rows: int = 0
-    duplicates_dropped: int = 0
-    kafka_skipped: dict[str, str] = field(default_factory=dict)  # topic -> why its tail was not read
-    missing: dict[str, str] = field(default_factory=dict)  # topic -> offsets left out (allow_partial)
-
-    @property
-    def partial(self) -> bool:
-        """True when Kafka was down and the result holds the Iceberg part only (allow_partial=True)."""
-        return bool(self.missing)
-
-
-class KafkaTailMissingWarning(UserWarning):
-    """A hybrid read returned the Iceberg part only: Kafka was unreachable and allow_partial=True."""
-
-
-def _utc(moment: datetime | None, name: str) -> datetime | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        raise K2Error(
-            f"{name}={moment.isoformat()} has no time zone; pass an aware datetime, "
-            "e.g. datetime(..., tzinfo=timezone.utc)"
-        )
-    return moment.astimezone(UTC)
-
-
-def _symbols(symbols: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    if symbols is None:
-        return None
-    chosen = (symbols,) if isinstance(symbols, str) else tuple(symbols)
-    if not chosen:
-        raise K2Error("symbols is empty; pass one symbol, a list of symbols, or None for all")
-    return chosen
-
-
-def merge_trades(parts: Sequence[pa.Table | pl.DataFrame], stats: QueryStats | None = None) -> pl.DataFrame:
-    """Concatenate trade parts, keep each message_id's first row, order by timestamp then sequences."""
-    frames = [part if isinstance(part, pl.DataFrame) else pl.from_arrow(part) for part in parts]
-    frames = [frame for frame in frames if frame.height] or frames[:1]
-    merged = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
-    if merged.height == 0:
-        return merged
-    unique = merged
-    if merged["message_id"].n_unique() != merged.height:  # cheap test first; duplicates are rare
-        unique = merged.filter(pl.col("message_id").is_first_distinct())
-    if stats is not None:
-        stats.duplicates_dropped = merged.height - unique.height
-    return unique.sort([name for name, _ in _ORDER], nulls_last=True)
-
-
-def to_trades_arrow(frame: pl.DataFrame) -> pa.Table:
-    """A merged result in market.trades' exact Arrow schema."""
-    return frame.to_arrow().cast(TRADES.arrow_schema())
+log = logging.getLogger(__name__)
 
 
 class HybridQueryResource(ConfigurableResource):
@@ -192,7 +144,10 @@ class HybridQueryResource(ConfigurableResource):
 
     @property
     def last_stats(self) -> QueryStats | None:
-        """What the last trades() call read (snapshot, committed offsets, Kafka ranges, rows)."""
+        """What the last ``trades()`` / ``recent_trades()`` call of this resource read (a notebook's view).
+
+        Concurrent callers (the API) use :meth:`read_trades`, whose result carries its own stats.
+        """
         return self._last_stats
 
     def _snapshot_reader(self) -> SnapshotReader:
@@ -213,24 +168,23 @@ class HybridQueryResource(ConfigurableResource):
     # Trades
     # ---------------------------------------------------------------------------------------
 
-    def trades(
+    def read_trades(
         self,
         symbols: str | Sequence[str] | None,
         start: datetime | None = None,
         end: datetime | None = None,
         exchange: str | None = None,
         as_of: int | datetime | None = None,
-        arrow: bool = False,
         allow_partial: bool = False,
-    ) -> pl.DataFrame | pa.Table:
-        """Trades of ``symbols`` (None: all) with start <= timestamp < end, ordered by timestamp.
+    ) -> HybridResult:
+        """Trades of ``symbols`` (None: all) with start <= timestamp < end, ordered by timestamp, with
+        the statistics of this read (a value of its own: safe while other threads query too).
 
         ``as_of``: a snapshot id or an aware datetime; reads that Iceberg snapshot only.
-        ``arrow=True`` returns a pyarrow Table in market.trades' schema instead of polars.
         ``allow_partial=True``: when Kafka is down, return the Iceberg part and warn
         (:class:`KafkaTailMissingWarning`) instead of raising :class:`KafkaUnavailableError`.
         """
-        row_filter = RowFilter(_symbols(symbols), _utc(start, "start"), _utc(end, "end"), exchange)
+        row_filter = RowFilter(chosen_symbols(symbols), utc(start, "start"), utc(end, "end"), exchange)
         if row_filter.start and row_filter.end and row_filter.end <= row_filter.start:
             raise K2Error(
                 f"end {row_filter.end.isoformat()} is not after start {row_filter.start.isoformat()}; swap them"
@@ -243,51 +197,81 @@ class HybridQueryResource(ConfigurableResource):
             stats.committed = {t: snapshot_committed_offsets(table, snapshot, t) for t in self.topics}
             result = self._snapshot_reader().read_frame(table, snapshot.snapshot_id, row_filter, stats=stats.iceberg)
             stats.iceberg_rows = result.height
-            merged = merge_trades([result], stats)
-        else:
-            snapshot = table.current_snapshot()
-            stats.snapshot_id = snapshot.snapshot_id if snapshot else None
-            stats.committed = {topic: committed_offsets(table, topic) for topic in self.topics}
-            stats.pending = {topic: pending_ranges(table, topic) for topic in self.topics}
-            if self._after_metadata_read is not None:
-                self._after_metadata_read()
-            # The two parts are independent (the snapshot and the offsets are pinned above): the Iceberg
-            # read (mostly polars and pyarrow, which release the GIL) runs while Kafka answers.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-hybrid-iceberg") as pool:
-                iceberg_read = pool.submit(
-                    self._snapshot_reader().read_frame, table, stats.snapshot_id, row_filter, stats=stats.iceberg
-                )
-                kafka_part = self._kafka_part(table, row_filter, stats, allow_partial)
-                iceberg_part = iceberg_read.result()
-            stats.iceberg_rows, stats.kafka_rows = iceberg_part.height, kafka_part.height
-            merged = merge_trades([iceberg_part, kafka_part], stats)
-        self._last_stats = stats
-        return to_trades_arrow(merged) if arrow else merged
+            return HybridResult(merge_trades([result], stats), stats)
+        current = table.current_snapshot()
+        stats.snapshot_id = current.snapshot_id if current else None
+        stats.committed = {topic: committed_offsets(table, topic) for topic in self.topics}
+        stats.pending = {topic: pending_ranges(table, topic) for topic in self.topics}
+        if self._after_metadata_read is not None:
+            self._after_metadata_read()
+        # The two parts are independent (the snapshot and the offsets are pinned above): the Iceberg
+        # read (mostly polars and pyarrow, which release the GIL) runs while Kafka answers.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-hybrid-iceberg") as pool:
+            iceberg_read = pool.submit(
+                self._snapshot_reader().read_frame, table, stats.snapshot_id, row_filter, stats=stats.iceberg
+            )
+            kafka_part = self._kafka_part(table, row_filter, stats, allow_partial)
+            iceberg_part = iceberg_read.result()
+        stats.iceberg_rows, stats.kafka_rows = iceberg_part.height, kafka_part.height
+        return HybridResult(merge_trades([iceberg_part, kafka_part], stats), stats)
 
-    def recent_trades(
-        self,
-        symbol: str,
-        minutes: float = 15,
-        now: datetime | None = None,
-        arrow: bool = False,
-        allow_partial: bool = False,
-    ) -> pl.DataFrame | pa.Table:
-        """The trades of ``symbol`` in the last ``minutes`` before ``now`` (default: the wall clock)."""
+    def read_recent_trades(
+        self, symbol: str, minutes: float = 15, now: datetime | None = None, allow_partial: bool = False
+    ) -> HybridResult:
+        """The trades of ``symbol`` in the last ``minutes`` up to ``now`` inclusive (default: the wall
+        clock), with the statistics of this read."""
         if minutes <= 0:
             raise K2Error(f"minutes={minutes} must be positive")
-        end = _utc(now, "now") or datetime.now(UTC)
+        end = utc(now, "now") or datetime.now(UTC)
         # Inclusive of ``now``: the window ends one microsecond after it.
-        return self.trades(
-            symbol,
-            end - timedelta(minutes=minutes),
-            end + timedelta(microseconds=1),
-            arrow=arrow,
-            allow_partial=allow_partial,
+        return self.read_trades(
+            symbol, end - timedelta(minutes=minutes), end + timedelta(microseconds=1), allow_partial=allow_partial
         )
 
-    def _snapshot_as_of(self, table: Table, as_of: int | datetime):
+    def trades(
+        self,
+        symbols: str | Sequence[str] | None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        exchange: str | None = None,
+        as_of: int | datetime | None = None,
+        allow_partial: bool = False,
+    ) -> pl.DataFrame:
+        """The rows of :meth:`read_trades` as a polars DataFrame; its stats become :attr:`last_stats`."""
+        return self._keep_stats(self.read_trades(symbols, start, end, exchange, as_of, allow_partial))
+
+    def trades_arrow(
+        self,
+        symbols: str | Sequence[str] | None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        exchange: str | None = None,
+        as_of: int | datetime | None = None,
+        allow_partial: bool = False,
+    ) -> pa.Table:
+        """:meth:`trades` as a pyarrow Table in market.trades' exact schema."""
+        return to_trades_arrow(self.trades(symbols, start, end, exchange, as_of, allow_partial))
+
+    def recent_trades(
+        self, symbol: str, minutes: float = 15, now: datetime | None = None, allow_partial: bool = False
+    ) -> pl.DataFrame:
+        """The trades of ``symbol`` in the last ``minutes`` before ``now`` (default: the wall clock)."""
+        return self._keep_stats(self.read_recent_trades(symbol, minutes, now, allow_partial))
+
+    def recent_trades_arrow(
+        self, symbol: str, minutes: float = 15, now: datetime | None = None, allow_partial: bool = False
+    ) -> pa.Table:
+        """:meth:`recent_trades` as a pyarrow Table in market.trades' exact schema."""
+        return to_trades_arrow(self.recent_trades(symbol, minutes, now, allow_partial))
+
+    def _keep_stats(self, result: HybridResult) -> pl.DataFrame:
+        self._last_stats = result.stats
+        return result.frame
+
+    def _snapshot_as_of(self, table: Table, as_of: int | datetime) -> Snapshot:
         if isinstance(as_of, datetime):
-            moment = _utc(as_of, "as_of")
+            moment = utc(as_of, "as_of")
+            assert moment is not None  # as_of is a datetime
             snapshot = table.snapshot_as_of_timestamp(int(moment.timestamp() * 1000))
             if snapshot is None:
                 raise K2Error(
@@ -346,7 +330,12 @@ class HybridQueryResource(ConfigurableResource):
         key = (table.metadata.table_uuid, snapshot_id, exchanges)
         if key in self._newest_trades:
             return self._newest_trades[key]
-        condition = EqualTo("exchange", exchanges[0]) if len(exchanges) == 1 else In("exchange", exchanges)
+        # pydantic's mypy plugin reads these expressions' fields, not their positional __init__
+        condition: BooleanExpression = (
+            EqualTo("exchange", exchanges[0])  # type: ignore[call-arg,misc]
+            if len(exchanges) == 1
+            else In("exchange", exchanges)  # type: ignore[call-arg,misc]
+        )
         field_id = table.schema().find_field("timestamp").field_id
         newest: datetime | None = None
         for task in table.scan(row_filter=condition, snapshot_id=snapshot_id).plan_files():
@@ -354,7 +343,8 @@ class HybridQueryResource(ConfigurableResource):
             if bound is None or task.delete_files:
                 newest = None
                 break
-            moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=from_bytes(TimestamptzType(), bound))
+            micros = cast(int, from_bytes(TimestamptzType(), bound))  # a timestamptz bound is microseconds
+            moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
             newest = moment if newest is None else max(newest, moment)
         with self._lock:
             if len(self._newest_trades) > 64:
@@ -387,9 +377,10 @@ class HybridQueryResource(ConfigurableResource):
                     f"trades of {missing}"
                 )
                 log.warning(message)
-                warnings.warn(message, KafkaTailMissingWarning, stacklevel=3)
+                # user -> trades() -> read_trades() -> _kafka_part(): the warning names the user's line
+                warnings.warn(message, KafkaTailMissingWarning, stacklevel=4)
         if not frames:
-            return pl.from_arrow(TRADES.arrow_schema().empty_table())
+            return as_frame(TRADES.arrow_schema().empty_table())
         return pl.concat(frames)
 
     def _topic_tail(self, topic: str, row_filter: RowFilter, stats: QueryStats) -> list[pl.DataFrame]:
@@ -414,16 +405,35 @@ class HybridQueryResource(ConfigurableResource):
         if row_filter.start is not None and not tail.covers(topic, {p: (lower[p], ends.get(p, 0)) for p in partitions}):
             bound_ms = int((row_filter.start.timestamp() - self.producer_clock_slack_seconds) * 1000)
             by_time = tail.offsets_for_time(topic, partitions, max(bound_ms, 0))
-            lower = {p: max(lower[p], ends[p] if by_time.get(p) is None else by_time[p]) for p in partitions}
+            lower = {p: max(lower[p], _or(by_time.get(p), ends[p])) for p in partitions}
         ranges = {p: (lower[p], ends.get(p, 0)) for p in partitions}
         tail.forget_below(topic, committed)
         frames.append(tail.read(topic, ranges, stats.kafka, predicate=row_filter.polars()))
-        frames.append(_filter(_pending_rows(self.kafka, stats.pending.get(topic, []), row_filter), row_filter))
+        frames.append(filter_rows(pending_rows(self.kafka, stats.pending.get(topic, []), row_filter), row_filter))
         return frames
 
     # ---------------------------------------------------------------------------------------
     # Quotes
     # ---------------------------------------------------------------------------------------
+
+    def quotes_arrow(
+        self,
+        symbols: str | Sequence[str] | None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        exchange: str | None = None,
+        as_of: int | datetime | None = None,
+    ) -> pa.Table:
+        """Quotes from ``market.quotes`` (Iceberg only: there is no quote topic yet) in its exact
+        Arrow schema, ordered by timestamp."""
+        row_filter = RowFilter(chosen_symbols(symbols), utc(start, "start"), utc(end, "end"), exchange)
+        table = load_for_read(self.iceberg, QUOTES)
+        snapshot = self._snapshot_as_of(table, as_of) if as_of is not None else table.current_snapshot()
+        rows = self._snapshot_reader().read(table, snapshot.snapshot_id if snapshot else None, row_filter)
+        schema = QUOTES.arrow_schema()
+        return (rows.cast(schema) if rows.schema != schema else rows).sort_by(
+            [("timestamp", "ascending"), ("source_sequence", "ascending"), ("message_id", "ascending")]
+        )
 
     def quotes(
         self,
@@ -432,18 +442,9 @@ class HybridQueryResource(ConfigurableResource):
         end: datetime | None = None,
         exchange: str | None = None,
         as_of: int | datetime | None = None,
-        arrow: bool = False,
-    ) -> pl.DataFrame | pa.Table:
-        """Quotes from ``market.quotes`` (Iceberg only: there is no quote topic yet), ordered by timestamp."""
-        row_filter = RowFilter(_symbols(symbols), _utc(start, "start"), _utc(end, "end"), exchange)
-        table = load_for_read(self.iceberg, QUOTES)
-        snapshot = self._snapshot_as_of(table, as_of) if as_of is not None else table.current_snapshot()
-        rows = self._snapshot_reader().read(table, snapshot.snapshot_id if snapshot else None, row_filter)
-        schema = QUOTES.arrow_schema()
-        rows = (rows.cast(schema) if rows.schema != schema else rows).sort_by(
-            [("timestamp", "ascending"), ("source_sequence", "ascending"), ("message_id", "ascending")]
-        )
-        return rows if arrow else pl.from_arrow(rows)
+    ) -> pl.DataFrame:
+        """:meth:`quotes_arrow` as a polars DataFrame."""
+        return as_frame(self.quotes_arrow(symbols, start, end, exchange, as_of))
 
     def teardown_after_execution(self, context) -> None:
         self.close()
@@ -456,42 +457,5 @@ class HybridQueryResource(ConfigurableResource):
             self._reader.close()
 
 
-def missing_offsets(topic: str, committed: dict[int, int], pending: list[PendingRange]) -> str:
-    """The offsets of ``topic`` a hybrid read needs from Kafka, in words (the log end is unknown here)."""
-    if committed:
-        parts = [f"{topic}[{p}] offsets {offset}.. (to the log end)" for p, offset in sorted(committed.items())]
-    else:
-        parts = [f"{topic}: every offset (market.trades has committed none of it yet)"]
-    parts += [f"{topic}[{r.partition}] offsets {r.start}..{r.end - 1} ({r.kind.lower()})" for r in pending]
-    return ", ".join(parts)
-
-
-def _filter(rows: pl.DataFrame, row_filter: RowFilter) -> pl.DataFrame:
-    conditions = []
-    if row_filter.symbols is not None:
-        conditions.append(pl.col("symbol").is_in(list(row_filter.symbols)))
-    if row_filter.exchange is not None:
-        conditions.append(pl.col("exchange") == row_filter.exchange)
-    if row_filter.start is not None:
-        conditions.append(pl.col("timestamp") >= row_filter.start)
-    if row_filter.end is not None:
-        conditions.append(pl.col("timestamp") < row_filter.end)
-    return rows.filter(*conditions) if conditions else rows
-
-
-def _pending_rows(kafka: KafkaResource, pending: list[PendingRange], row_filter: RowFilter) -> pl.DataFrame:
-    """Rows of load-shed ranges (below the committed offsets, not in the table yet) read from Kafka:
-    every row of a spilled range, the deferred symbols' rows of a deferred range."""
-    from k2_resources.catalog.resource import to_arrow
-    from k2_resources.sink.microbatch import read_range
-
-    records: list[dict] = []
-    for entry in pending:
-        if (
-            row_filter.symbols is not None
-            and entry.kind == "deferred"
-            and not set(entry.symbols) & set(row_filter.symbols)
-        ):
-            continue  # none of the wanted symbols is missing from this range
-        records += [r for r in read_range(kafka, entry.range).records if entry.is_missing(r["symbol"])]
-    return pl.from_arrow(to_arrow(records, TRADES))
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value

@@ -92,8 +92,8 @@ def test_asx_trades_written_through_the_rest_catalog_land_in_s3_and_read_back_eq
     expected = _sorted(rows.filter(in_window))
     assert expected.num_rows > 0
     for read_path in ("polars", "pyiceberg", "planned", "duckdb"):
-        bhp = HybridQueryResource(iceberg=iceberg, read_path=read_path).trades(
-            ["BHP"], start, end, exchange="ASX", arrow=True
+        bhp = HybridQueryResource(iceberg=iceberg, read_path=read_path).trades_arrow(
+            ["BHP"], start, end, exchange="ASX"
         )
         assert _sorted(bhp).equals(expected), read_path
     # SQL (`k2 query sql`) reads the S3 files through DuckDB's httpfs with the store's keys.

@@ -180,7 +180,7 @@ def test_recent_trades_with_an_explicit_now_and_duplicates_dropped(split):
     producer = KafkaResource().producer()
     producer.send(hybrid.topics[0], key=b"ETHUSDT", value=encode_trade(record), partition=0).get(timeout=30)
     producer.close()
-    frame = hybrid.trades("ETHUSDT", arrow=True)
+    frame = hybrid.trades_arrow("ETHUSDT")
     assert frame.column("message_id").to_pylist() == source.expected(["ETHUSDT"], None, None)
     assert hybrid.last_stats.duplicates_dropped == 1
 
@@ -251,6 +251,6 @@ def test_quotes_come_from_iceberg_in_time_order_with_time_travel(k2_home):
     frame = hybrid.quotes("BHP")
     assert frame["message_id"].to_list() == ["Q-3", "Q-4", "Q-1"]
     assert hybrid.quotes("BHP", as_of=first)["message_id"].to_list() == ["Q-3", "Q-1"]
-    window = hybrid.quotes(["BHP", "RIO"], base + timedelta(seconds=10), base + timedelta(seconds=30), arrow=True)
+    window = hybrid.quotes_arrow(["BHP", "RIO"], base + timedelta(seconds=10), base + timedelta(seconds=30))
     assert window.column("message_id").to_pylist() == ["Q-2", "Q-4"]
     assert window.schema == QUOTES.arrow_schema()

@@ -319,10 +319,10 @@ def test_hybrid_reads_are_identical_across_compaction(k2_home, kafka_broker, top
     def hybrid_read() -> tuple[pa.Table, pa.Table, dict, tuple[int, int]]:
         hybrid = HybridQueryResource(kafka=kafka, iceberg=iceberg, topics=[topic_name])
         try:
-            everything = hybrid.trades(None, arrow=True)
+            everything = hybrid.trades_arrow(None)
             stats = hybrid.last_stats
             newest = max(r["timestamp"] for r in records if r["symbol"] == "ETHUSDT")
-            recent = hybrid.recent_trades("ETHUSDT", minutes=3, now=newest, arrow=True)
+            recent = hybrid.recent_trades_arrow("ETHUSDT", minutes=3, now=newest)
             return everything, recent, stats.committed, (stats.iceberg_rows, stats.kafka_rows)
         finally:
             hybrid.close()
@@ -341,8 +341,8 @@ def test_hybrid_reads_are_identical_across_compaction(k2_home, kafka_broker, top
     assert hybrid_read() == (everything, recent, committed, split)
     as_of = HybridQueryResource(kafka=kafka, iceberg=iceberg, topics=[topic_name])
     try:
-        old = as_of.trades(None, as_of=before_compaction, arrow=True)
-        new = as_of.trades(None, as_of=iceberg.trades().current_snapshot().snapshot_id, arrow=True)
+        old = as_of.trades_arrow(None, as_of=before_compaction)
+        new = as_of.trades_arrow(None, as_of=iceberg.trades().current_snapshot().snapshot_id)
     finally:
         as_of.close()
     assert old.num_rows == len(records) - tail * KAFKA_PARTITIONS and old.equals(new)
