@@ -3,7 +3,8 @@
 Each K2 table appears as a view ``market.<name>`` over DuckDB's ``iceberg_scan`` of the
 table's current metadata file, so filters on symbol, exchange and time are pushed into the
 scan (partition pruning and Parquet statistics). The connection and its extensions come from
-:mod:`k2_resources.query.sql_query`, which `k2 query sql` uses without Dagster or pyiceberg.
+:mod:`k2_resources.query.connection`, shared with :mod:`k2_resources.query.sql_query` (which
+`k2 query sql` uses without Dagster or pyiceberg, and which falls back to this resource).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import Field
 
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.tables import ALL_TABLES, NAMESPACE
-from k2_resources.query.sql_query import connect_with_iceberg, use_object_store
+from k2_resources.query.connection import connect_with_iceberg, use_object_store
 
 
 class DuckDBQueryResource(ConfigurableResource):

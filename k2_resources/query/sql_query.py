@@ -1,9 +1,9 @@
 """SQL over the K2 Iceberg tables with DuckDB, importing neither Dagster nor pyiceberg on the way.
 
 `k2 query sql` starts a new process each time, so what it imports is most of what it costs
-(Dagster takes seconds, pyiceberg's SQL catalog about one more). Each table appears as a view
-``market.<name>``. Loading DuckDB's iceberg extension alone takes 0.3-0.9 s here, so a table
-whose current snapshot has data files only (no delete files) and one schema becomes a view over
+(Dagster and pyiceberg's SQL catalog each take a large share). Each table appears as a view
+``market.<name>``. Loading DuckDB's iceberg extension is slow too, so a table whose current
+snapshot has data files only (no delete files) and one schema becomes a view over
 ``read_parquet`` of exactly the files its manifests list as live, read with fastavro; any other
 table is a view over the extension's ``iceberg_scan`` of its current metadata file.
 
@@ -11,15 +11,13 @@ Where the metadata files are: with the default catalog (pyiceberg's SqlCatalog o
 warehouse on local files) each table's current metadata location is one row of the catalog's
 ``iceberg_tables`` table, read here with sqlite3; a table without a snapshot is an empty view
 of its schema, taken from its metadata file. Any other catalog (REST, Glue, S3 warehouses) goes
-through :class:`k2_resources.query.duckdb_query.DuckDBQueryResource`, which asks pyiceberg.
-
-The DuckDB extensions come from their PyPI packages, because DuckDB cannot download extensions
-on machines without internet access.
+through :class:`k2_resources.query.duckdb_query.DuckDBQueryResource`, which asks pyiceberg
+(imported only then, so the light path never loads Dagster). The DuckDB connection and its
+extensions come from :mod:`k2_resources.query.connection`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sqlite3
@@ -32,86 +30,11 @@ import duckdb
 import fastavro
 
 from k2_resources.catalog.settings import catalog_properties as resolve_catalog_properties
-from k2_resources.paths import state_dir
+from k2_resources.query.connection import connect_duckdb, load_iceberg_extension
 
 NAMESPACE = "market"
 CATALOG_NAME = "k2"
-_EXTENSION_PACKAGES = ("duckdb_extension_avro", "duckdb_extension_iceberg")
-_EXTENSION_NAMES = ("avro", "iceberg", "httpfs")
 _DELETED_ENTRY = 2  # a manifest entry's status: 0 existing, 1 added, 2 deleted
-
-
-def _packaged_extension(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the Python package {package} is missing; run `make install` (or `uv sync`) to install it")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    version = f"v{duckdb.__version__}"
-    candidates = sorted(root.glob(f"extensions/{version}/*.duckdb_extension")) or sorted(
-        root.glob("extensions/*/*.duckdb_extension")
-    )
-    if not candidates:
-        raise RuntimeError(
-            f"{package} carries no DuckDB extension for duckdb {duckdb.__version__}; "
-            "install the duckdb-extension-* version that matches duckdb"
-        )
-    return candidates[0]
-
-
-def connect_with_iceberg(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the avro and iceberg extensions loaded from their PyPI packages."""
-    connection = _connect(database)
-    _load_iceberg_extension(connection)
-    return connection
-
-
-def _connect(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    connection = duckdb.connect(database)
-    connection.execute("SET extension_directory = ?", [str(state_dir("duckdb", "extensions"))])
-    connection.execute("SET TimeZone = 'UTC'")
-    return connection
-
-
-def _load_iceberg_extension(connection: duckdb.DuckDBPyConnection) -> None:
-    """Load the avro and iceberg extensions (a no-op when loaded)."""
-    for package in _EXTENSION_PACKAGES:
-        _load_packaged_extension(connection, package)
-
-
-def _load_packaged_extension(connection: duckdb.DuckDBPyConnection, package: str) -> None:
-    """Load the DuckDB extension of a ``duckdb_extension_*`` PyPI package, installing it the first time."""
-    name = package.removeprefix("duckdb_extension_")
-    if name not in _EXTENSION_NAMES:
-        raise ValueError(f"unknown DuckDB extension package {package!r}")
-    try:
-        connection.execute(f"LOAD {name}")  # name is one of the constants of _EXTENSION_NAMES
-    except duckdb.Error:
-        # INSTALL takes no bound parameters; the path is the installed package's own file.
-        path = str(_packaged_extension(package)).replace("'", "''")
-        connection.execute(f"FORCE INSTALL '{path}'")
-        connection.execute(f"LOAD {name}")
-
-
-def use_object_store(connection: duckdb.DuckDBPyConnection, properties: dict[str, str]) -> None:
-    """Let ``connection`` read the S3 store named by pyiceberg's ``s3.*`` catalog properties (a no-op
-    without ``s3.endpoint``): the httpfs extension and a session secret holding the store's keys."""
-    endpoint = properties.get("s3.endpoint")
-    if not endpoint:
-        return
-    _load_packaged_extension(connection, "duckdb_extension_httpfs")
-    parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-    path_style = properties.get("s3.path-style-access", "true").lower() == "true"
-    connection.execute(
-        "CREATE OR REPLACE SECRET k2_s3 (TYPE s3, KEY_ID ?, SECRET ?, REGION ?, ENDPOINT ?, URL_STYLE ?, USE_SSL ?)",
-        [
-            properties.get("s3.access-key-id", ""),
-            properties.get("s3.secret-access-key", ""),
-            properties.get("s3.region", "us-east-1"),
-            parsed.netloc,
-            "path" if path_style else "vhost",
-            parsed.scheme == "https",
-        ],
-    )
 
 
 def _local_path(location: str) -> Path | None:
@@ -230,7 +153,7 @@ def create_views(connection: duckdb.DuckDBPyConnection, locations: dict[str, str
                 f"getvariable('{variable}_files'), hive_partitioning = false)"
             )
             continue
-        _load_iceberg_extension(connection)
+        load_iceberg_extension(connection)
         # The metadata location goes in as a bound parameter, never pasted into the SQL.
         connection.execute(f"SET VARIABLE {variable}_metadata = ?", [location])
         connection.execute(
@@ -280,13 +203,15 @@ def connect_tables(threads: int = 2, catalog_properties: dict[str, str] | None =
     locations = sqlite_table_locations(resolve_catalog_properties(catalog_properties))
     if locations is None:
         # Not the SQLite catalog on local files, or no tables yet: pyiceberg reads (and creates) them.
+        # Imported here, one way (duckdb_query never imports this module): the light path above
+        # must not load Dagster or pyiceberg.
         from k2_resources.catalog.resource import IcebergResource
         from k2_resources.query.duckdb_query import DuckDBQueryResource
 
         return DuckDBQueryResource(
             iceberg=IcebergResource(catalog_properties=catalog_properties), threads=threads
         ).connect()
-    connection = _connect()
+    connection = connect_duckdb()
     connection.execute("SET threads = ?", [threads])
     create_views(connection, locations)
     return connection

@@ -58,7 +58,8 @@ from pyiceberg.table.snapshots import Snapshot
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.settings import catalog_properties
 from k2_resources.catalog.tables import TableDefinition
-from k2_resources.query.sql_query import NAMESPACE, connect_with_iceberg, sqlite_table_locations, use_object_store
+from k2_resources.query.connection import connect_with_iceberg, use_object_store
+from k2_resources.query.sql_query import NAMESPACE, sqlite_table_locations
 
 ReadPath = Literal["polars", "planned", "duckdb", "pyiceberg"]
 DEFAULT_READ_PATH: ReadPath = "polars"
