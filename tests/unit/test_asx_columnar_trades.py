@@ -1,4 +1,5 @@
-"""The column-wise trade reader (k2_resources.asx.columnar_trades) gives exactly the rows and dead
+"""The column-wise trade reader (k2_resources.asx.columnar_trades and its stages in
+k2_resources.asx.columnar) gives exactly the rows and dead
 letters of the line-by-line path (normalise_trades on read_raw_day), or declines (None) and lets
 the line-by-line path run: on generated days with every kind of malformed line, and on files of
 hostile lines (wrong widths, duplicates, empty lines, undated lines between days, quotes, CRs)."""
@@ -15,13 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2_resources.asx.columnar_trades import (
-    ENCODED_SCHEMA,
-    _count_bytes,
-    _micros_of_day,
-    _prefixed,
-    normalise_trade_files,
-)
+from k2_resources.asx.columnar.columns import ENCODED_SCHEMA, prefixed
+from k2_resources.asx.columnar.fields import micros_of_day
+from k2_resources.asx.columnar.parts import count_bytes
+from k2_resources.asx.columnar_trades import normalise_trade_files
 from k2_resources.asx.files import read_raw_day, trading_days
 from k2_resources.asx.normalise import _TIME, NormalisedDay, normalise_trades
 from tests.support.asx_generator import write_asx_trades_day
@@ -109,7 +107,7 @@ def test_it_declines_bare_carriage_returns_and_bytes_that_are_not_utf8(tmp_path:
 def test_the_byte_pass_counts_line_feeds_and_finds_bare_carriage_returns(data: bytes, cut: int, block: int) -> None:
     """Against bytes' own methods, on any range of any bytes, in blocks of any size."""
     start, end = sorted((min(cut, len(data)), len(data) - min(cut, len(data)) // 2))
-    counts = _count_bytes(data, start, end, block=block)
+    counts = count_bytes(data, start, end, block=block)
     assert counts.line_feeds == data.count(b"\n", start, end)
     # A CR in the range is bare when the byte after it (in the range or not) is not LF.
     assert counts.bare_carriage_return == any(
@@ -209,7 +207,7 @@ def test_any_lines_give_the_same_rows_and_dead_letters(
     )
 )
 def test_the_byte_level_clock_reader_accepts_exactly_what_the_general_path_does(texts: list[str]) -> None:
-    micros, valid = _micros_of_day(pa.chunked_array([pa.array(texts, type=pa.string())], type=pa.string()))
+    micros, valid = micros_of_day(pa.chunked_array([pa.array(texts, type=pa.string())], type=pa.string()))
     for text, value, accepted in zip(texts, micros, valid):
         shaped = re.fullmatch(_TIME, text) is not None
         hour, minute, second = (int(text[at : at + 2]) if shaped else 0 for at in (0, 3, 6))
@@ -230,5 +228,5 @@ def test_prefixed_ids_equal_pyarrows_join(numbers: list[int], in_order: bool, pr
     expected = pc.binary_join_element_wise(
         pa.scalar(prefix, pa.large_string()), texts, pa.scalar("", pa.large_string())
     )
-    assert _prefixed(prefix, texts).equals(expected)
-    assert _prefixed(prefix, texts.slice(len(numbers) // 3)).equals(expected.slice(len(numbers) // 3))
+    assert prefixed(prefix, texts).equals(expected)
+    assert prefixed(prefix, texts.slice(len(numbers) // 3)).equals(expected.slice(len(numbers) // 3))
