@@ -4,7 +4,8 @@ from dagster import AssetExecutionContext, AssetKey, MaterializeResult, Metadata
 
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import DegradationResource
-from k2_resources.degradation.tiers import RANKING_WINDOW, SymbolRanking, ranking_from_table, write_ranking
+from k2_resources.degradation.tiers import RANKING_WINDOW, SymbolRanking, ranking_from_trades, write_ranking
+from k2_resources.trades.recent import recent_trades
 
 GROUP = "operations"
 
@@ -35,7 +36,8 @@ def symbol_tiers(
     ``degradation`` resource's ``tiers_file``), where every micro-batch's load shedder reads it;
     the static tier lists apply only while no ranking exists. An empty table writes nothing.
     """
-    ranking = ranking_from_table(iceberg.trades())
+    recent = recent_trades(iceberg.trades(), RANKING_WINDOW)
+    ranking = ranking_from_trades(recent.trades, recent.windows, recent.snapshot_id)
     windows = {exchange: [start.isoformat(), end.isoformat()] for exchange, (start, end) in ranking.windows.items()}
     if not ranking.symbols:
         context.log.info("market.trades holds no trades: no ranking written, the previous one (or the lists) stays")

@@ -26,18 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pyiceberg.conversions import from_bytes
-from pyiceberg.table import Table
 
 from k2_resources.degradation.shedding import TIER1_SIZE, TIER2_SIZE, LoadShedder
 from k2_resources.errors import K2Error
 from k2_resources.paths import state_dir
-from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader
 
 RANKING_WINDOW = timedelta(hours=24)
 RANKING_VERSION = 1
 RANKING_FILE_NAME = "symbol_tiers.json"
-_TIMESTAMP_COLUMN = "timestamp"
 
 
 def default_ranking_path() -> Path:
@@ -157,74 +153,30 @@ def rank_symbols(
     return ranked
 
 
-def _newest_per_exchange(table: Table, snapshot_id: int) -> dict[str, datetime]:
-    """The newest trade time per exchange, from the data files' column bounds (no data read)."""
-    timestamp_field = table.schema().find_field(_TIMESTAMP_COLUMN)
-    exchange_positions = {
-        spec_id: next((i for i, f in enumerate(spec.fields) if f.name == "exchange"), None)
-        for spec_id, spec in table.specs().items()
-    }
-    newest: dict[str, datetime] = {}
-    for task in table.scan(snapshot_id=snapshot_id).plan_files():
-        data_file = task.file
-        bound = (data_file.upper_bounds or {}).get(timestamp_field.field_id)
-        position = exchange_positions.get(data_file.spec_id)
-        exchange = data_file.partition[position] if position is not None else None
-        if bound is None or exchange is None:  # no statistics or no exchange partition: read the file's column
-            frame = pl.read_parquet(
-                data_file.file_path.removeprefix("file://"), columns=["exchange", _TIMESTAMP_COLUMN]
-            )
-            for row in frame.group_by("exchange").agg(pl.col(_TIMESTAMP_COLUMN).max()).iter_rows(named=True):
-                value = row[_TIMESTAMP_COLUMN].replace(tzinfo=UTC)
-                newest[row["exchange"]] = max(newest.get(row["exchange"], value), value)
-            continue
-        micros = from_bytes(timestamp_field.field_type, bound)
-        value = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros))
-        newest[exchange] = max(newest.get(exchange, value), value)
-    return newest
-
-
-def ranking_from_table(
-    table: Table,
-    window: timedelta = RANKING_WINDOW,
+def ranking_from_trades(
+    trades: pl.DataFrame,
+    windows: dict[str, tuple[datetime, datetime]],
+    source_snapshot_id: int | None,
     *,
     tier1_size: int = TIER1_SIZE,
     tier2_size: int = TIER2_SIZE,
     now: datetime | None = None,
 ) -> SymbolRanking:
-    """Rank the symbols of ``market.trades`` by notional over each exchange's last ``window`` of trading.
+    """The ranking of ``trades`` read from snapshot ``source_snapshot_id`` of ``market.trades`` over
+    each exchange's ``windows`` (see :func:`k2_resources.trades.recent.recent_trades`); a table
+    without a snapshot (``source_snapshot_id`` None) gives an empty ranking.
 
-    Each exchange's window ends at its own newest trade (inclusive), so a historical source (the
-    bundled ASX days) and the live stream both rank; with a live stream that is the last 24 hours.
-    An empty table gives an empty ranking.
+    The read lives in the trades package so this module never reads Iceberg (the edge runs one
+    way: readers know nothing of degradation, and degradation is handed frames).
     """
-    snapshot = table.current_snapshot()
     computed_at = now or datetime.now(UTC)
-    if snapshot is None:
+    if source_snapshot_id is None:
         return SymbolRanking((), computed_at, {}, None, tier1_size, tier2_size)
-    windows = {
-        exchange: (end - window, end + timedelta(microseconds=1))
-        for exchange, end in _newest_per_exchange(table, snapshot.snapshot_id).items()
-    }
-    reader = SnapshotReader()
-    try:
-        frames = [
-            reader.read_frame(
-                table,
-                snapshot.snapshot_id,
-                RowFilter(None, start, end, exchange),
-                columns=["symbol", "exchange", "price", "quantity"],
-            )
-            for exchange, (start, end) in sorted(windows.items())
-        ]
-    finally:
-        reader.close()
-    trades = pl.concat(frames) if frames else pl.DataFrame()
     return SymbolRanking(
         tuple(rank_symbols(trades, tier1_size, tier2_size)),
         computed_at,
         windows,
-        snapshot.snapshot_id,
+        source_snapshot_id,
         tier1_size,
         tier2_size,
     )
