@@ -20,11 +20,13 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+from k2_resources.api.errors import BadCursor, NotAcceptable
 
 JSON = "application/json"
 CSV = "text/csv"
@@ -37,10 +39,6 @@ _ALIASES = {
     "application/vnd.apache.arrow.file": ARROW,
     "application/x-arrow": ARROW,
 }
-
-
-class NotAcceptable(ValueError):
-    """The Accept header names no format the API can produce."""
 
 
 def choose_media_type(accept: str | None) -> str:
@@ -71,7 +69,7 @@ def choose_media_type(accept: str | None) -> str:
 
 def _csv_ready(frame: pl.DataFrame) -> pl.DataFrame:
     """Nested columns flattened for CSV: lists joined with ';', maps and structs as JSON text."""
-    columns = []
+    columns: list[pl.Expr | pl.Series] = []
     for name, dtype in frame.schema.items():
         if isinstance(dtype, pl.List):
             columns.append(pl.col(name).list.join(";").alias(name))
@@ -99,7 +97,9 @@ def render(rows: pl.DataFrame | pa.Table, media_type: str, envelope: dict[str, A
         with ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         return sink.getvalue()
-    frame = rows if isinstance(rows, pl.DataFrame) else pl.from_arrow(rows)
+    frame = (
+        rows if isinstance(rows, pl.DataFrame) else cast(pl.DataFrame, pl.from_arrow(rows))
+    )  # a Table gives a DataFrame
     if media_type == CSV:
         return _csv_ready(frame).write_csv(datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ").encode()
     # polars writes decimals as strings and maps as objects; the envelope is put around its array.
@@ -111,10 +111,6 @@ def render(rows: pl.DataFrame | pa.Table, media_type: str, envelope: dict[str, A
 # ---------------------------------------------------------------------------------------------
 # Cursors
 # ---------------------------------------------------------------------------------------------
-
-
-class BadCursor(ValueError):
-    """A cursor that this API did not issue for this query."""
 
 
 def query_fingerprint(endpoint: str, **parameters: Any) -> str:

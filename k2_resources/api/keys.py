@@ -193,7 +193,7 @@ class KeyStore:
         self._bootstrap = ApiKey(id=BOOTSTRAP_KEY_ID, name="K2_API_KEY", scopes=[ADMIN], salt="", hash="")
         self._keys: dict[str, ApiKey] = {}
         self._verified: dict[bytes, str] = {}  # sha256(presented key) -> key id
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None  # mtime_ns, size, inode
         self._checked_at = 0.0
         self._lock = threading.Lock()
         self._refresh(force=True)

@@ -9,7 +9,8 @@ import polars as pl
 import pyarrow.ipc as ipc
 import pytest
 
-from k2_resources.api.formats import ARROW, CSV, JSON, BadCursor, Cursor, NotAcceptable, choose_media_type, render
+from k2_resources.api.errors import BadCursor, NotAcceptable
+from k2_resources.api.formats import ARROW, CSV, JSON, Cursor, choose_media_type, render
 from k2_resources.api.keys import KeyFile, KeyStore, parse_key
 from k2_resources.api.limits import TokenBucketLimiter
 from k2_resources.errors import K2Error

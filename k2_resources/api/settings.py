@@ -1,0 +1,54 @@
+"""Settings of the query API; every one has a default that works without configuration."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+from k2_resources.errors import K2Error
+from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+
+DEFAULT_API_PORT = 8000
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise K2Error(f"{name}={raw!r} is not a number; unset it or give e.g. {default:g}") from exc
+
+
+class ApiSettings(BaseModel):
+    """Settings of the query API; every one has a default that works without configuration."""
+
+    keys_file: str | None = Field(
+        default=None, description="API keys file; default $K2_API_KEYS_FILE or K2_HOME/api/keys.json"
+    )
+    bootstrap_key: str | None = Field(
+        default_factory=lambda: os.environ.get("K2_API_KEY") or None,
+        description="one key with every scope, from $K2_API_KEY",
+    )
+    rate_per_second: float = Field(
+        default_factory=lambda: _env_float("K2_API_RATE_PER_SECOND", 20.0),
+        gt=0,
+        description="requests per second per key (token refill rate)",
+    )
+    burst: float = Field(
+        default_factory=lambda: _env_float("K2_API_BURST", 40.0),
+        ge=1,
+        description="requests a key may make at once (bucket size)",
+    )
+    default_page_rows: int = Field(default=1000, ge=1)
+    max_page_rows: int = Field(default=50_000, ge=1)
+    max_recent_minutes: float = Field(default=1440.0, gt=0)
+    topics: list[str] = Field(
+        default_factory=lambda: [
+            t.strip() for t in os.environ.get("K2_API_TOPICS", BINANCE_TRADES_TOPIC).split(",") if t.strip()
+        ],
+        description="Kafka topics whose tails the hybrid reads and whose lag health reports "
+        "($K2_API_TOPICS, comma-separated; default market.trades.binance)",
+    )
