@@ -34,7 +34,7 @@ Metrics (prometheus_client, a registry of the streamer's own, served on 127.0.0.
 ``k2_binance_trade_id_resets_total{symbol}``, ``k2_binance_produce_errors_total`` and the
 histogram ``k2_binance_event_to_produce_seconds`` (event time ``E`` to the hand-over to the producer).
 
-Kafka away: the producer the pipeline hands records to is a SpoolingProducer
+Kafka away: the producer the pipeline hands records to is a SpoolingKafkaProducer
 (k2_resources/kafka/spool.py): at most ``max_buffered`` records per topic wait in memory for the
 broker's acknowledgement; past that every record is appended to the spool
 ``K2_HOME/spool/<topic>/`` and replayed into Kafka in order when the broker is back; nothing is
@@ -84,7 +84,8 @@ from k2_resources.binance.recording_server import RecordingServer
 from k2_resources.errors import K2Error, SchemaMismatchError
 from k2_resources.kafka.partitioner import SymbolPartitioner
 from k2_resources.kafka.resource import KafkaResource
-from k2_resources.kafka.spool import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SETTINGS, SpoolingProducer
+from k2_resources.kafka.outbox import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SETTINGS
+from k2_resources.kafka.spool import SpoolingKafkaProducer
 from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 from k2_resources.metrics import BINANCE_TRADE_ID_RESETS
 from k2_resources.paths import state_dir
@@ -406,11 +407,11 @@ def spool_root(config: StreamerConfig) -> Path:
     return Path(config.spool_dir) if config.spool_dir else state_dir("spool")
 
 
-def spooling_producer(config: StreamerConfig, kafka: KafkaResource, metrics: StreamMetrics) -> SpoolingProducer:
+def spooling_producer(config: StreamerConfig, kafka: KafkaResource, metrics: StreamMetrics) -> SpoolingKafkaProducer:
     """The idempotent producer behind a bounded window and a spool per topic (nothing dropped while Kafka is away)."""
     root = spool_root(config)
     # Keyed by symbol; the partitioner spreads the well-known symbols over the partitions.
-    producer = SpoolingProducer(
+    producer = SpoolingKafkaProducer(
         kafka.producer(partitioner=SymbolPartitioner(), **SPOOLING_PRODUCER_SETTINGS),
         root,
         max_buffered=config.max_buffered,
@@ -497,7 +498,7 @@ async def run_streamer(
         if own_metrics_server:
             metrics.close()
     stats = pipeline.stats
-    if isinstance(pipeline.producer, SpoolingProducer):
+    if isinstance(pipeline.producer, SpoolingKafkaProducer):
         spool = pipeline.producer.totals()
         stats.spooled, stats.replayed, stats.undelivered = spool.spooled, spool.replayed, pipeline.producer.undelivered
     stats.reconnects, stats.rotations = client.stats.reconnects, client.stats.rotations

@@ -16,7 +16,7 @@ from kafka import TopicPartition
 from k2_resources.binance.recording_server import RecordingServerThread, load_recorded_trades
 from k2_resources.binance.streamer import StreamerConfig, StreamMetrics, StreamStats, run_streamer
 from k2_resources.kafka.resource import KafkaResource
-from k2_resources.kafka.spool import SEGMENT_SUFFIX
+from k2_resources.kafka.spool_store import SEGMENT_SUFFIX
 from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 from k2_resources.schemas import decode_trade

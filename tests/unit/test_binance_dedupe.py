@@ -11,7 +11,7 @@ import pytest
 from k2_resources.binance.dedupe import TradeIdTracker, TradeIdVerdict, seed_from_spool, trade_time_ms
 from k2_resources.binance.normalise import normalise_trade
 from k2_resources.errors import K2Error
-from k2_resources.kafka.spool import SpoolRecord, encode_record
+from k2_resources.kafka.spool_store import SpoolRecord, encode_record
 from k2_resources.schemas import encode_trade
 
 

@@ -1,5 +1,5 @@
-"""The spool behind the streamer's producer (k2_resources/kafka/spool.py), against a fake producer
-whose acknowledgements the test gives by hand. The real broker outage is in
+"""The spool behind the streamer's producer (k2_resources/kafka/: spool, outbox, spool_store,
+spool_replay), against a fake producer whose acknowledgements the test gives by hand. The real broker outage is in
 tests/integration/test_broker_outage_spool.py."""
 
 from __future__ import annotations
@@ -9,14 +9,9 @@ import threading
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-from k2_resources.kafka.spool import (
-    SEGMENT_SUFFIX,
-    SpooledProducer,
-    SpoolingProducer,
-    SpoolRecord,
-    decode_records,
-    encode_record,
-)
+from k2_resources.kafka.outbox import TopicOutbox
+from k2_resources.kafka.spool import SpoolingKafkaProducer
+from k2_resources.kafka.spool_store import SEGMENT_SUFFIX, SpoolRecord, decode_records, encode_record
 from tests.support.waiting import wait_for
 
 
@@ -108,7 +103,7 @@ def test_framing_round_trips_and_a_torn_tail_is_left_out():
 
 def test_a_full_window_spools_then_replays_in_order_and_deletes_only_acknowledged_segments(tmp_path):
     producer = FakeProducer()
-    out = SpooledProducer(producer, "t", tmp_path, max_buffered=10, segment_records=25)
+    out = TopicOutbox(producer, "t", tmp_path, max_buffered=10, segment_records=25)
     try:
         for value in _values(100):
             out.send(value, key=b"k")
@@ -141,7 +136,7 @@ def test_a_full_window_spools_then_replays_in_order_and_deletes_only_acknowledge
 def test_no_metadata_spools_at_once_and_never_blocks(tmp_path):
     producer = FakeProducer()
     producer.refuse_sends = True
-    out = SpooledProducer(producer, "t", tmp_path, max_buffered=1000, retry_backoff_s=0.05)
+    out = TopicOutbox(producer, "t", tmp_path, max_buffered=1000, retry_backoff_s=0.05)
     try:
         for value in _values(30):
             out.send(value)
@@ -162,7 +157,7 @@ def test_no_metadata_spools_at_once_and_never_blocks(tmp_path):
 
 def test_a_shutdown_with_kafka_away_keeps_everything_in_order_for_the_next_run(tmp_path):
     producer = FakeProducer()
-    out = SpooledProducer(producer, "t", tmp_path, max_buffered=10)
+    out = TopicOutbox(producer, "t", tmp_path, max_buffered=10)
     for value in _values(50):
         out.send(value)
     assert out.close(timeout_s=0.2) is False  # nothing acknowledged: 10 in memory, 40 spooled
@@ -172,7 +167,7 @@ def test_a_shutdown_with_kafka_away_keeps_everything_in_order_for_the_next_run(t
     with _segments(tmp_path)[-1].open("ab") as handle:
         handle.write(encode_record(SpoolRecord(b"torn"))[:5])
     later = FakeProducer()
-    again = SpooledProducer(later, "t", tmp_path, max_buffered=10)
+    again = TopicOutbox(later, "t", tmp_path, max_buffered=10)
     try:
         again.send(b"new")
         delivered: list[bytes] = []
@@ -191,7 +186,7 @@ def test_a_shutdown_with_kafka_away_keeps_everything_in_order_for_the_next_run(t
 
 def test_a_restart_resumes_after_the_acknowledged_part_of_a_segment(tmp_path):
     producer = FakeProducer()
-    out = SpooledProducer(producer, "t", tmp_path, max_buffered=5)
+    out = TopicOutbox(producer, "t", tmp_path, max_buffered=5)
     for value in _values(20):
         out.send(value)
     producer.ack_all()  # the 5 direct ones
@@ -200,7 +195,7 @@ def test_a_restart_resumes_after_the_acknowledged_part_of_a_segment(tmp_path):
     wait_for(lambda: len(producer.values()) == 5, timeout_s=10, what="the second replay batch")
     out.close(timeout_s=0)
     later = FakeProducer()
-    again = SpooledProducer(later, "t", tmp_path, max_buffered=100)
+    again = TopicOutbox(later, "t", tmp_path, max_buffered=100)
     try:
         wait_for(lambda: len(later.values()) == 10, timeout_s=10, what="the replay after the restart")
         assert later.values() == _values(10, start=10)  # from the first unacknowledged record on
@@ -210,7 +205,7 @@ def test_a_restart_resumes_after_the_acknowledged_part_of_a_segment(tmp_path):
 
 def test_the_spooling_producer_reports_records_refused_for_good(tmp_path):
     producer = FakeProducer()
-    spooling = SpoolingProducer(
+    spooling = SpoolingKafkaProducer(
         producer, tmp_path, topics=("trades", "trades.dlq"), max_buffered=10, close_timeout_s=0.2
     )
     errors: list[BaseException] = []
@@ -228,4 +223,4 @@ def test_the_spooling_producer_reports_records_refused_for_good(tmp_path):
 @pytest.mark.parametrize("max_buffered", [0, -1])
 def test_the_window_must_hold_a_record(tmp_path, max_buffered):
     with pytest.raises(ValueError, match="max_buffered"):
-        SpooledProducer(FakeProducer(), "t", tmp_path, max_buffered=max_buffered)
+        TopicOutbox(FakeProducer(), "t", tmp_path, max_buffered=max_buffered)
