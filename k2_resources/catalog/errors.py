@@ -86,3 +86,27 @@ def explaining_catalog_errors(configured: dict[str, str] | None = None) -> Itera
         if clear is None:
             raise
         raise clear from exc
+
+
+class CommitConflictError(K2Error):
+    """Every attempt of an Iceberg commit lost to another writer's commit (or met a locked catalog).
+
+    Nothing was committed by the failed attempts; running the same work again is safe and may succeed.
+    """
+
+    retriable = True
+
+
+class CommitRetry(K2Error):
+    """Raised inside a commit attempt to have the commit layer reload the table and try again.
+
+    A control-flow signal of :func:`k2_resources.catalog.commit.with_commit_retries` (for example
+    after a table property the attempt depends on was just changed); never reaches a caller.
+    """
+
+    retriable = True
+
+
+class TableChangedError(K2Error):
+    """The table's schema or partition spec changed after data files were written for it; the files
+    no longer fit, so the rows must be written again against the table as it is now."""

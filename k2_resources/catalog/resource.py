@@ -14,7 +14,6 @@ from pydantic import Field, PrivateAttr
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.table import Table
-from sqlalchemy.exc import OperationalError
 
 from k2_resources.catalog.settings import catalog_properties, default_catalog_properties  # noqa: F401 (re-exported)
 from k2_resources.catalog.tables import ALL_TABLES, DEAD_LETTERS, NAMESPACE, QUOTES, TRADES, TableDefinition
@@ -78,15 +77,6 @@ def ensure_tables(catalog: Catalog) -> None:
                 )
             except TableAlreadyExistsError:  # created concurrently by another process
                 pass
-
-
-def catalog_busy(exc: BaseException) -> bool:
-    """True when a SQL catalog refused an operation because its database is locked or busy right now
-    (SQLite's "database is locked" after its busy timeout): nothing changed, and a retry is safe."""
-    if not isinstance(exc, OperationalError):
-        return False
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
 
 
 def to_arrow(records: list[dict[str, Any]], definition: TableDefinition) -> pa.Table:

@@ -29,13 +29,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from dagster import ConfigurableResource
 from pydantic import Field
-from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.expressions import AlwaysTrue
-from pyiceberg.io.pyarrow import ArrowScan, _dataframe_to_data_files
+from pyiceberg.io.pyarrow import ArrowScan
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import FileScanTask, Table, TableProperties
 from pyiceberg.table.metadata import TableMetadata
 
+from k2_resources.catalog.commit import with_commit_retries
+from k2_resources.catalog.pyiceberg_adapter import dataframe_to_data_files
 from k2_resources.errors import K2Error
 from k2_resources.sink.offsets import PREFIX
 
@@ -233,28 +234,29 @@ def compact_table(
     """
     started = time.perf_counter()
     report = CompactionReport()
-    attempts = 0
-    while True:
+
+    def next_rewrite(_: int) -> list[PartitionCompaction] | None:
+        """Plan from the current snapshot and commit one rewrite; None when nothing qualifies."""
         table.refresh()
         partitions = partition_files(table)
         report.partitions_checked = max(report.partitions_checked, len(partitions))
         plan = _plan_rewrite(table, partitions, small_file_bytes, min_small_files, max_rewrite_bytes)
-        if not plan:
+        return _rewrite(table, plan, target_file_size_bytes) if plan else None
+
+    def count_conflict(_: BaseException) -> None:
+        report.conflicts += 1
+
+    while True:
+        # A conflict with a concurrent writer re-plans from the new current snapshot.
+        rewrites = with_commit_retries(
+            next_rewrite,
+            f"compaction of {table.name()}",
+            max_attempts=max_attempts,
+            gave_up="run the maintenance job again when ingest is quieter",
+            on_retry=count_conflict,
+        )
+        if rewrites is None:
             break
-        try:
-            rewrites = _rewrite(table, plan, target_file_size_bytes)
-        except CommitFailedException as exc:
-            attempts += 1
-            report.conflicts += 1
-            if attempts >= max_attempts:
-                raise K2Error(
-                    f"compaction of {table.name()} conflicted {attempts} times in a row with concurrent commits; "
-                    "run the maintenance job again when ingest is quieter"
-                ) from exc
-            log.info("compaction commit conflicted (attempt %d): %s", attempts, exc)
-            time.sleep(min(0.05 * 2**attempts, 2.0))
-            continue
-        attempts = 0
         report.commits += 1
         report.rewrites.extend(rewrites)
         if sum(r.files_after for r in rewrites) >= sum(r.files_before for r in rewrites):
@@ -276,7 +278,8 @@ def _plan_rewrite(
         if any(task.delete_files for task in small):
             log.warning("%s has delete files; compaction of merge-on-read partitions is not supported", partition.label)
             continue
-        chunk, total = [], 0
+        chunk: list[FileScanTask] = []
+        total = 0
         for task in sorted(small, key=lambda t: t.file.file_path):
             if len(chunk) >= 2 and total + task.file.file_size_in_bytes > budget:
                 break
@@ -371,11 +374,7 @@ def _write_sorted(
     files: list[DataFile] = []
     counter = itertools.count(0)
     for offset in range(0, rows.num_rows, rows_per_file):
-        files.extend(
-            _dataframe_to_data_files(
-                unsplit, rows.slice(offset, rows_per_file), table.io, write_uuid=write_uuid, counter=counter
-            )
-        )
+        files.extend(dataframe_to_data_files(unsplit, rows.slice(offset, rows_per_file), table.io, write_uuid, counter))
     return files
 
 
@@ -450,7 +449,7 @@ def referenced_files(table: Table) -> set[str]:
     metadata = table.metadata
     referenced = {_normalise(table.metadata_location)}
     referenced.update(_normalise(entry.metadata_file) for entry in metadata.metadata_log)
-    referenced.update(_normalise(s.path) for s in metadata.statistics)
+    referenced.update(_normalise(s.statistics_path) for s in metadata.statistics)
     referenced.update(_normalise(s.statistics_path) for s in metadata.partition_statistics)
     manifests = {}
     for snapshot in metadata.snapshots:
@@ -472,14 +471,16 @@ def remove_orphan_files(table: Table, grace: timedelta = timedelta(hours=72), dr
     are read afterwards, so a file committed between the two counts as referenced.
     """
     filesystem, root = pafs.FileSystem.from_uri(table.location())
-    listed = []
+    listed: list[pafs.FileInfo] = []
     for folder in ("data", "metadata"):
         selector = pafs.FileSelector(f"{root.rstrip('/')}/{folder}", recursive=True, allow_not_found=True)
         listed.extend(info for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File)
     table.refresh()
     referenced = referenced_files(table)
     cutoff = datetime.now(UTC) - grace
-    deleted, kept, freed = [], [], 0
+    deleted: list[str] = []
+    kept: list[str] = []
+    freed = 0
     for info in listed:
         if info.path in referenced:
             continue

@@ -142,7 +142,7 @@ def pending_rows(kafka: KafkaResource, pending: list[PendingRange], row_filter: 
     """Rows of load-shed ranges (below the committed offsets, not in the table yet) read from Kafka:
     every row of a spilled range, the deferred symbols' rows of a deferred range."""
     from k2_resources.catalog.resource import to_arrow
-    from k2_resources.sink.microbatch import read_range
+    from k2_resources.sink.range_read import read_range
 
     records: list[dict] = []
     for entry in pending:

@@ -39,7 +39,7 @@ from k2_resources.kafka.columnar_fetch import fetch_range
 from k2_resources.kafka.direct_offsets import DirectOffsets
 from k2_resources.kafka.errors import FastFetchUnavailable
 from k2_resources.kafka.resource import KafkaResource
-from k2_resources.sink.microbatch import decode_batch
+from k2_resources.sink.decode import decode_batch
 
 log = logging.getLogger(__name__)
 

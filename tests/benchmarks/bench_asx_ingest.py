@@ -33,7 +33,8 @@ import pytest
 from k2_resources.asx.columnar_trades import normalise_trade_files
 from k2_resources.asx.files import FIELDS, KINDS, default_data_dir, read_raw_day, source_files, trading_days
 from k2_resources.asx.normalise import NORMALISERS
-from k2_resources.asx.writes import _leaf_paths, day_filter, dead_letter_filter, ingest_day
+from k2_resources.asx.writes import day_filter, dead_letter_filter, ingest_day
+from k2_resources.catalog.data_files import leaf_paths
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.tables import TRADES
 from k2_resources.paths import PROJECT_ROOT
@@ -191,9 +192,7 @@ def _floor_for_v2_rows(data_dir: Path, day: str, out_dir: Path) -> dict[str, flo
             compression="zstd",
             store_decimal_as_integer=True,
             column_encoding=encodings,
-            use_dictionary=[
-                path for field in rows.schema if field.name not in encodings for path in _leaf_paths(field)
-            ],
+            use_dictionary=[path for field in rows.schema if field.name not in encodings for path in leaf_paths(field)],
         )
 
     start = time.perf_counter()

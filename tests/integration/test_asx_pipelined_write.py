@@ -25,17 +25,13 @@ from pyiceberg.types import StringType
 from k2_resources.asx.columnar_trades import trade_file_days
 from k2_resources.asx.files import read_raw_day
 from k2_resources.asx.normalise import normalise_trades
-from k2_resources.asx.writes import (
-    _data_file_writer,
-    _file_write_tasks,
-    _TableChanged,
-    day_filter,
-    in_table_schema,
-    ingest_day,
-    replace_with_files,
-)
+from k2_resources.asx.writes import day_filter, ingest_day
+from k2_resources.catalog.data_files import data_file_writer, file_write_tasks
+from k2_resources.catalog.errors import TableChangedError
+from k2_resources.catalog.partitioning import in_table_schema
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.tables import TRADES
+from k2_resources.catalog.writes import replace_with_files
 from tests.support.asx_generator import write_asx_trades_day
 
 _ORDER = [("symbol", "ascending"), ("timestamp", "ascending"), ("source_sequence", "ascending")]
@@ -118,14 +114,14 @@ def test_files_written_for_an_older_schema_are_not_committed(k2_home: Path, tmp_
     iceberg = IcebergResource()
     table = iceberg.trades()
     written_for = table.metadata
-    tasks = _file_write_tasks(
+    tasks = file_write_tasks(
         written_for, in_table_schema(rows, written_for.schema().as_arrow()), uuid.uuid4(), iter(range(1_000))
     )
     assert tasks
-    data_files = [_data_file_writer(table.io, written_for)(task) for task in tasks]
+    data_files = [data_file_writer(table.io, written_for)(task) for task in tasks]
     with table.update_schema() as update:
         update.add_column("venue_note", StringType())
-    with pytest.raises(_TableChanged):
+    with pytest.raises(TableChangedError):
         replace_with_files(iceberg.trades, written_for, data_files, day_filter(day), {"k2.rows": str(rows.num_rows)})
     assert iceberg.trades().current_snapshot() is None
 
@@ -146,11 +142,11 @@ def test_data_file_metrics_are_pyicebergs(k2_home: Path, tmp_path: Path) -> None
     metadata = table.metadata
     rows = in_table_schema(rows, metadata.schema().as_arrow())
     ours = [
-        _data_file_writer(table.io, metadata)(task)
-        for task in _file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))
+        data_file_writer(table.io, metadata)(task)
+        for task in file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))
     ]
     theirs = list(
-        write_file(table.io, metadata, iter(_file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))))
+        write_file(table.io, metadata, iter(file_write_tasks(metadata, rows, uuid.uuid4(), iter(range(100)))))
     )
     assert len(ours) == len(theirs) >= 1
     schema = metadata.schema()
@@ -194,12 +190,12 @@ def test_a_column_of_one_value_has_pyicebergs_metrics_without_parquet_statistics
     metadata = table.metadata
     schema = metadata.schema().as_arrow()
     ours = [
-        _data_file_writer(table.io, metadata)(task)
-        for task in _file_write_tasks(metadata, in_table_schema(encoded, schema), uuid.uuid4(), iter(range(100)))
+        data_file_writer(table.io, metadata)(task)
+        for task in file_write_tasks(metadata, in_table_schema(encoded, schema), uuid.uuid4(), iter(range(100)))
     ]
     decoded = in_table_schema(encoded.cast(TRADES.arrow_schema()), schema)
     theirs = list(
-        write_file(table.io, metadata, iter(_file_write_tasks(metadata, decoded, uuid.uuid4(), iter(range(100)))))
+        write_file(table.io, metadata, iter(file_write_tasks(metadata, decoded, uuid.uuid4(), iter(range(100)))))
     )
     assert len(ours) == len(theirs) >= 1  # one per UTC day the rows fall in
     symbol_id = metadata.schema().find_field("symbol").field_id

@@ -60,7 +60,7 @@ def test_a_commit_that_meets_a_locked_catalog_retries_and_lands_once(kafka_broke
     locker = CatalogLocker(k2_home / "iceberg" / "catalog.db")
     batch = OffsetRange(topic_name, 0, 0, ROWS)
 
-    with caplog.at_level(logging.WARNING, logger="k2_resources.sink.microbatch"):
+    with caplog.at_level(logging.WARNING, logger="k2_resources.catalog.commit"):
         result = run_microbatch(kafka, iceberg, batch, before_commit=locker.lock_now)
     locker.thread.join(timeout=30)
 

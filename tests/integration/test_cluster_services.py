@@ -25,7 +25,7 @@ from k2_resources.errors import K2Error
 from k2_resources.operations.dagster_instance import POSTGRES_INSTANCE_CONFIG, prepare_instance
 from k2_resources.query.duckdb_query import DuckDBQueryResource
 from k2_resources.query.sql_query import run_sql
-from k2_resources.sink.microbatch import commit_range
+from k2_resources.sink.offset_commit import commit_range
 from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_resources.trades.hybrid import HybridQueryResource
 from tests.support.cluster_services import drop_k2_tables, rest_catalog, s3_objects

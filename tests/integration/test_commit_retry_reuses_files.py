@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from k2_resources.catalog.resource import IcebergResource
-from k2_resources.sink.microbatch import commit_range
+from k2_resources.sink.offset_commit import commit_range
 from k2_resources.sink.offsets import OffsetRange, committed_offsets
 
 TOPIC = "market.trades.binance"

@@ -36,7 +36,8 @@ from k2_resources.operations.table_metrics import update_table_metrics
 from k2_resources.paths import DATA_DIR
 from k2_resources.query.duckdb_query import DuckDBQueryResource
 from k2_resources.schemas import TradeV2, encode_trade
-from k2_resources.sink.microbatch import commit_range, run_microbatch
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offset_commit import commit_range
 from k2_resources.sink.offsets import OffsetRange, committed_offsets, snapshot_committed_offsets
 from k2_resources.trades.hybrid import HybridQueryResource
 

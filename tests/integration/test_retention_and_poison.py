@@ -19,6 +19,7 @@ from kafka import TopicPartition
 from k2_assets.cli import main as k2
 from k2_resources import schemas
 from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.dead_letters import SINK, read_dead_letter
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.operations.maintenance import expire_snapshots
@@ -248,15 +249,19 @@ def test_a_record_that_decodes_but_cannot_be_stored_is_a_dead_letter_and_its_bat
     assert set(ids) == {r["trade_id"] for r in valid}
     assert committed_offsets(iceberg.trades(), topic_name) == {0: 303}
 
-    letters = read_topic(kafka, dead_letter_topic(topic_name))
+    letters = [read_dead_letter(m.value, m.headers) for m in read_topic(kafka, dead_letter_topic(topic_name))]
     assert len(letters) == 3
-    by_source = {
-        dict(m.headers)["k2.source"].decode(): (m.value, dict(m.headers)["k2.reason"].decode()) for m in letters
-    }
+    by_source = {letter.source: letter for letter in letters}
     assert set(by_source) == {f"{topic_name}/0@{offset}" for offset in poison}
     for offset, raw in poison.items():
-        value, reason = by_source[f"{topic_name}/0@{offset}"]
-        assert value == raw  # the message exactly as it was in Kafka
-        expected = "unstorable in market.trades" if offset == 50 else "undecodable"
-        assert reason.startswith(expected), reason
-    assert "OverflowError" in by_source[f"{topic_name}/0@200"][1]
+        letter = by_source[f"{topic_name}/0@{offset}"]
+        assert letter.raw == raw  # the message exactly as it was in Kafka
+        assert (letter.stage, letter.source_topic, letter.source_partition, letter.source_offset) == (
+            SINK,
+            topic_name,
+            0,
+            offset,
+        )
+        expected = "unstorable" if offset == 50 else "undecodable"
+        assert letter.reason == expected and letter.detail.startswith(expected), letter
+    assert "OverflowError" in by_source[f"{topic_name}/0@200"].detail

@@ -20,7 +20,8 @@ from pyiceberg.io.pyarrow import _determine_partitions
 
 from k2_resources.asx.files import read_raw_day
 from k2_resources.asx.normalise import normalise_trades
-from k2_resources.asx.writes import ingest_day, partition_slices
+from k2_resources.asx.writes import ingest_day
+from k2_resources.catalog.partitioning import partition_slices
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.settings import catalog_properties
 from k2_resources.query.duckdb_query import DuckDBQueryResource

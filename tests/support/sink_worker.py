@@ -78,7 +78,7 @@ def main(topic: str, partition: int, end: int, batch: int) -> None:
     kafka, iceberg = KafkaResource(), IcebergResource()
     iceberg.trades()  # the table exists in steady state: opening the catalog is not the sink's work
     catalog_commits, retries = _CatalogCommits(), _Retries()
-    microbatch_log = logging.getLogger("k2_resources.sink.microbatch")
+    microbatch_log = logging.getLogger("k2_resources.catalog.commit")
     microbatch_log.addHandler(retries)
     microbatch_log.setLevel(logging.INFO)
     print("ready", flush=True)

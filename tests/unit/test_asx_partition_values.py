@@ -9,7 +9,7 @@ import pyarrow as pa
 from pyiceberg.transforms import DayTransform, IdentityTransform
 from pyiceberg.types import StringType, TimestampType, TimestamptzType
 
-from k2_resources.asx.writes import partition_values
+from k2_resources.catalog.partitioning import partition_values
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

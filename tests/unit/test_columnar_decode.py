@@ -1,7 +1,7 @@
 """The column-wise micro-batch path gives exactly what the record-by-record path gives.
 
 The sink decodes a batch of Kafka messages into Arrow columns at once (k2_resources/schemas/
-columnar.py) and enriches, splits and checks it column-wise (k2_resources/sink/microbatch.py).
+columnar.py) and enriches, splits and checks it column-wise (k2_resources/sink/decode.py, enrich.py, gaps_and_shedding.py).
 The record-by-record definitions (fastavro ``decode_trade``, ``to_arrow``, ``enrich``,
 ``sequence_gaps``, ``LoadShedder.split``) are the reference: these tests compare the two on
 randomised records, including the awkward values (negative and extreme decimals, int64 limits,
@@ -22,15 +22,9 @@ from k2_resources.degradation.shedding import LoadShedder
 from k2_resources.schemas import TRADE_V2, decode_trade, encode_trade
 from k2_resources.schemas.avro import TRADE_V2_SCHEMA_ID
 from k2_resources.schemas.columnar import decode_columnar
-from k2_resources.sink.microbatch import (
-    decode_batch,
-    enrich,
-    enrich_rows,
-    rows_to_records,
-    sequence_gaps,
-    sequence_gaps_of,
-    split_rows,
-)
+from k2_resources.sink.decode import decode_batch, rows_to_records
+from k2_resources.sink.enrich import enrich, enrich_rows
+from k2_resources.sink.gaps_and_shedding import sequence_gaps, sequence_gaps_of, split_rows
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from k2_resources.sink.microbatch import commit_retry_seconds
+from k2_resources.catalog.commit import retry_seconds as commit_retry_seconds
 
 
 def test_the_first_retries_wait_milliseconds_and_seven_wait_under_three_seconds() -> None:

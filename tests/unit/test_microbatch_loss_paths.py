@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from k2_resources.schemas import encode_trade
-from k2_resources.sink.microbatch import RetentionLossError, decode_raw, read_range, read_raw_range
+from k2_resources.sink.errors import RetentionLossError
+from k2_resources.sink.range_read import decode_raw, read_range, read_raw_range
 from k2_resources.sink.offsets import OffsetRange
 
 Message = namedtuple("Message", "offset value key timestamp")

@@ -9,7 +9,8 @@ from dagster import AssetCheckSeverity
 from k2_resources.degradation.levels import DegradationLevel, DegradationManager, DegradationThresholds
 from k2_resources.degradation.shedding import LoadShedder
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
-from k2_resources.sink.microbatch import enrich, sequence_gaps
+from k2_resources.sink.enrich import enrich
+from k2_resources.sink.gaps_and_shedding import sequence_gaps
 from k2_resources.sink.offsets import DEFERRED, SPILLED, PendingRange
 from k2_sensors.binance.stream_rules import (
     RUN_ACTIVE,
