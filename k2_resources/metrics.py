@@ -1,16 +1,22 @@
 """The Prometheus metrics K2 exports, defined once so dashboards and alert rules share the names.
 
 All metrics live on ``REGISTRY``, a registry of K2's own (not prometheus_client's global one),
-so a process exports exactly K2's series and tests can read them back without interference.
+so a process exports exactly K2's series and tests can read them back without interference; a
+process that serves only some of them (the query API) serves a :class:`MetricsView`. The
+streamer's per-run metrics (k2_resources.binance.stream_metrics) are the one exception: each
+StreamMetrics has a registry of its own.
 The alert rules in ``infra/prometheus/rules/k2-alerts.yml`` refer to these names.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -80,11 +86,121 @@ BINANCE_TRADE_ID_RESETS = Counter(
     ["symbol"],
     registry=REGISTRY,
 )
+# Binance gap fill (issue 25): served by the streamer (`k2 stream binance`, port 9464) like the resets.
+BINANCE_GAPS_FILLED = Counter(
+    "k2_binance_gaps_filled_total",
+    "Trade-id gaps filled completely from the Binance REST history, by symbol.",
+    ["symbol"],
+    registry=REGISTRY,
+)
+BINANCE_TRADES_BACKFILLED = Counter(
+    "k2_binance_trades_backfilled_total",
+    "Trades fetched from the Binance REST history and handed to Kafka (vendor_data backfilled=true), by symbol.",
+    ["symbol"],
+    registry=REGISTRY,
+)
+BINANCE_GAPS_UNFILLED = Counter(
+    "k2_binance_gaps_unfilled_total",
+    "Trade-id gaps reported as a loss (too large, refused, unreachable, timeout, not at source), by symbol and reason.",
+    ["symbol", "reason"],
+    registry=REGISTRY,
+)
+BINANCE_TRADE_IDS_UNFILLED = Counter(
+    "k2_binance_trade_ids_unfilled_total",
+    "Trade ids of unfilled gaps that never reached Kafka (lost for good), by symbol and reason.",
+    ["symbol", "reason"],
+    registry=REGISTRY,
+)
 MICROBATCH_MESSAGES = Counter(
     "k2_microbatch_messages_total",
     "Messages written to Iceberg by micro-batch runs.",
     registry=REGISTRY,
 )
+
+# Set by the exporter (k2_resources.operations.exporter) from what the platform recorded.
+COMMITTED_MESSAGES = Gauge(
+    "k2_iceberg_committed_offsets",
+    "Sum over partitions of the Kafka offsets market.trades has committed; rate() of it is the sink's throughput.",
+    ["topic"],
+    registry=REGISTRY,
+)
+TOPIC_END_OFFSETS = Gauge(
+    "k2_kafka_end_offsets",
+    "Sum over partitions of the topic's end offsets; rate() of it is the input rate.",
+    ["topic"],
+    registry=REGISTRY,
+)
+EXPORTER_ERRORS = Gauge(
+    "k2_exporter_last_poll_failed",
+    "1 when the exporter's last poll of a source failed.",
+    ["source"],
+    registry=REGISTRY,
+)
+
+# K2's Iceberg tables (k2_resources.operations.table_metrics sets them; the Grafana dashboard
+# infra/grafana/dashboards/k2.json plots them).
+TABLE_RECORDS = Gauge("k2_iceberg_table_records", "Rows in the table's current snapshot.", ["table"], registry=REGISTRY)
+TABLE_DATA_FILES = Gauge(
+    "k2_iceberg_table_data_files", "Data files in the table's current snapshot.", ["table"], registry=REGISTRY
+)
+TABLE_DATA_BYTES = Gauge(
+    "k2_iceberg_table_data_bytes", "Bytes of the data files in the current snapshot.", ["table"], registry=REGISTRY
+)
+TABLE_SNAPSHOTS = Gauge(
+    "k2_iceberg_table_snapshots", "Snapshots kept in the table's metadata (time travel).", ["table"], registry=REGISTRY
+)
+TABLE_MAX_FILES_PER_PARTITION = Gauge(
+    "k2_iceberg_table_max_files_per_partition",
+    "Data files in the table's fullest partition (compaction brings it down).",
+    ["table"],
+    registry=REGISTRY,
+)
+
+# The query API's metrics, served at the API's own /metrics through API_METRICS (below).
+API_REQUESTS = Counter(
+    "k2_api_requests_total",
+    "Query API requests by route and HTTP status.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+API_REQUEST_SECONDS = Histogram(
+    "k2_api_request_seconds",
+    "Query API request time, from the request's arrival to the last byte sent, by route.",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+API_RATE_LIMITED = Counter(
+    "k2_api_rate_limited_total",
+    "Requests refused with 429 because the key's token bucket was empty, by key id.",
+    ["key_id"],
+    registry=REGISTRY,
+)
+API_ROWS = Counter(
+    "k2_api_rows_returned_total",
+    "Rows returned by the query API, by route.",
+    ["route"],
+    registry=REGISTRY,
+)
+
+
+class MetricsView:
+    """Some of ``REGISTRY``'s metrics, collected in the order given: what one process serves.
+
+    The API process does not run the stream sensor or the exporter, so a scrape of it must not
+    report their gauges (lag, degradation level) as zeros next to the real values `k2 metrics`
+    serves; it serves this view of the API's own metrics instead of the whole registry.
+    """
+
+    def __init__(self, *collectors: Collector) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()
+
+
+API_METRICS = MetricsView(API_REQUESTS, API_REQUEST_SECONDS, API_RATE_LIMITED, API_ROWS)
 
 _servers: dict[tuple[str, int], tuple[WSGIServer, threading.Thread]] = {}
 _servers_lock = threading.Lock()
@@ -119,3 +235,42 @@ def stop_metrics(port: int, addr: str = "127.0.0.1") -> None:
 def metrics_text() -> str:
     """The current exposition text of ``REGISTRY`` (what a scrape would return)."""
     return generate_latest(REGISTRY).decode("utf-8")
+
+
+# Table health and continuous maintenance (k2_resources/operations/continuous_maintenance.py; the
+# bounds are in k2_resources/operations/table_health.py and docs/operations.md).
+TABLE_HEALTH = Gauge(
+    "k2_table_health",
+    "A streamed table's health measure (manifests, snapshots, metadata_file_bytes, metadata_folder_bytes, "
+    "max_settled_files_per_partition, data_files, data_bytes, oldest_time_travel_age_s).",
+    ["table", "measure"],
+    registry=REGISTRY,
+)
+TABLE_HEALTH_SEVERITY = Gauge(
+    "k2_table_health_severity", "The table_health check's level: 0 OK, 1 WARN, 2 ERROR.", ["table"], registry=REGISTRY
+)
+MAINTENANCE_ACTIONS = Counter(
+    "k2_maintenance_actions_total",
+    "Continuous maintenance commits by action (compaction, expiry, orphans, properties).",
+    ["table", "action"],
+    registry=REGISTRY,
+)
+MAINTENANCE_FILES_REMOVED = Counter(
+    "k2_maintenance_files_removed_total",
+    "Files continuous maintenance took out of a table or deleted, by kind (data_rewritten, data_deleted, "
+    "manifests, manifest_lists, orphans).",
+    ["table", "kind"],
+    registry=REGISTRY,
+)
+MAINTENANCE_CONFLICTS = Counter(
+    "k2_maintenance_conflicts_total",
+    "Maintenance commit attempts that lost to a concurrent commit and were retried.",
+    ["table"],
+    registry=REGISTRY,
+)
+MAINTENANCE_ERRORS = Counter(
+    "k2_maintenance_errors_total", "Maintenance passes that failed (retried next pass).", ["table"], registry=REGISTRY
+)
+MAINTENANCE_PASS_SECONDS = Histogram(
+    "k2_maintenance_pass_seconds", "Seconds one maintenance pass over one table took.", ["table"], registry=REGISTRY
+)

@@ -19,7 +19,6 @@ import threading
 from dataclasses import dataclass, field
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
-from prometheus_client import Gauge
 
 from k2_resources.catalog.errors import catalog_unavailable
 from k2_resources.catalog.resource import IcebergResource
@@ -27,42 +26,25 @@ from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.metrics import (
+    COMMITTED_MESSAGES,
     CONSUMER_LAG,
     DEAD_LETTERS,
     DEFERRED_RANGES,
     DEFERRED_ROWS,
     DEGRADATION_LEVEL,
     DEGRADATION_TRANSITIONS,
+    EXPORTER_ERRORS,
     ICEBERG_COMMIT_SECONDS,
     MICROBATCH_MESSAGES,
-    REGISTRY,
     SHED_MESSAGES,
     SPILLED_BATCHES,
     SPILLED_ROWS,
+    TOPIC_END_OFFSETS,
 )
 from k2_resources.operations.table_metrics import update_table_metrics
 from k2_resources.sink.offsets import SPILLED, committed_offsets, pending_ranges
 
 log = logging.getLogger(__name__)
-
-COMMITTED_MESSAGES = Gauge(
-    "k2_iceberg_committed_offsets",
-    "Sum over partitions of the Kafka offsets market.trades has committed; rate() of it is the sink's throughput.",
-    ["topic"],
-    registry=REGISTRY,
-)
-TOPIC_END_OFFSETS = Gauge(
-    "k2_kafka_end_offsets",
-    "Sum over partitions of the topic's end offsets; rate() of it is the input rate.",
-    ["topic"],
-    registry=REGISTRY,
-)
-EXPORTER_ERRORS = Gauge(
-    "k2_exporter_last_poll_failed",
-    "1 when the exporter's last poll of a source failed.",
-    ["source"],
-    registry=REGISTRY,
-)
 
 BINANCE_TRADES = AssetKey("binance_trades")
 

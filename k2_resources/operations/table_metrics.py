@@ -1,36 +1,23 @@
 """Prometheus gauges describing K2's Iceberg tables (rows, files, bytes, snapshots, layout).
 
-They live on K2's own registry (``k2_resources.metrics.REGISTRY``), so the exporter that
-serves it (`k2 metrics`, port 9465) exports them once ``update_table_metrics`` has run; the
-Grafana dashboard (infra/grafana/dashboards/k2.json) plots them. Totals come from the current
+They are defined in :mod:`k2_resources.metrics`, on K2's own registry (``REGISTRY``), so the
+exporter that serves it (`k2 metrics`, port 9465) exports them once ``update_table_metrics`` has
+run; the Grafana dashboard (infra/grafana/dashboards/k2.json) plots them. Totals come from the current
 snapshot's summary (cheap); the per-partition layout needs the manifests, so it is optional.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Gauge
-
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.tables import ALL_TABLES
-from k2_resources.metrics import REGISTRY
+from k2_resources.metrics import (
+    TABLE_DATA_BYTES,
+    TABLE_DATA_FILES,
+    TABLE_MAX_FILES_PER_PARTITION,
+    TABLE_RECORDS,
+    TABLE_SNAPSHOTS,
+)
 from k2_resources.operations.maintenance import partition_stats
-
-TABLE_RECORDS = Gauge("k2_iceberg_table_records", "Rows in the table's current snapshot.", ["table"], registry=REGISTRY)
-TABLE_DATA_FILES = Gauge(
-    "k2_iceberg_table_data_files", "Data files in the table's current snapshot.", ["table"], registry=REGISTRY
-)
-TABLE_DATA_BYTES = Gauge(
-    "k2_iceberg_table_data_bytes", "Bytes of the data files in the current snapshot.", ["table"], registry=REGISTRY
-)
-TABLE_SNAPSHOTS = Gauge(
-    "k2_iceberg_table_snapshots", "Snapshots kept in the table's metadata (time travel).", ["table"], registry=REGISTRY
-)
-TABLE_MAX_FILES_PER_PARTITION = Gauge(
-    "k2_iceberg_table_max_files_per_partition",
-    "Data files in the table's fullest partition (compaction brings it down).",
-    ["table"],
-    registry=REGISTRY,
-)
 
 
 def update_table_metrics(iceberg: IcebergResource, with_layout: bool = True) -> dict[str, dict[str, float]]:
