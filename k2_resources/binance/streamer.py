@@ -14,17 +14,12 @@ the source) are kept, counted in ``k2_binance_trade_id_resets_total`` (alert
 K2BinanceTradeIdReset) and logged at WARNING with both ids.
 
 Dead letters: a frame that is not a valid trade goes to ``market.trades.binance.dlq`` and the
-stream goes on. Each dead letter's value is UTF-8 JSON::
-
-    {"source": "binance", "url": "<stream url>", "reason": "<code>", "detail": "<why>",
-     "raw": "<the frame exactly as received>", "received_at": "<ISO-8601 UTC>"}
-
-and its headers repeat ``k2.reason`` (the code) and ``k2.source`` (``binance``), so a consumer
-can filter without parsing. Reason codes are those of MalformedTradeMessage (invalid_json,
-missing_field, bad_number, unexpected_event, ...) plus schema_mismatch (does not encode),
-invalid_utf8 (a binary frame that is not text; kept as ``raw_base64``), too_large (the encoded
-trade exceeds what a Kafka record may hold) and produce_rejected (the producer refused the record). A frame above 64 KiB keeps its first 64 KiB with
-``raw_truncated``, ``raw_length`` and ``raw_sha256``.
+stream goes on, in K2's one dead-letter contract (k2_resources.kafka.dead_letters: the frame as
+received as the value, stage ``stream``, source ``binance`` and the stream url in headers).
+Reason codes are those of MalformedTradeMessage (invalid_json, missing_field, bad_number,
+unexpected_event, ...) plus schema_mismatch (does not encode), invalid_utf8 (a binary frame that
+is not text), too_large (the encoded trade exceeds what a Kafka record may hold) and
+produce_rejected (the producer refused the record).
 
 Metrics (prometheus_client, a registry of the streamer's own, served on 127.0.0.1):
 ``k2_binance_messages_received_total``, ``k2_binance_trades_produced_total{symbol}``,
@@ -46,15 +41,11 @@ and on disk.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import json
 import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +73,7 @@ from k2_resources.binance.dedupe import (
 from k2_resources.binance.normalise import MalformedTradeMessage, normalise_trade
 from k2_resources.binance.recording_server import RecordingServer
 from k2_resources.errors import K2Error, SchemaMismatchError
+from k2_resources.kafka.dead_letters import STREAM, dead_letter, send_dead_letter
 from k2_resources.kafka.partitioner import SymbolPartitioner
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.outbox import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SETTINGS
@@ -269,11 +261,8 @@ class FramePipeline:
         log.error("Kafka rejected a record: %s", exc)
 
     def dead_letter(self, raw: str | bytes, code: str, detail: str) -> str:
-        self.producer.send(
-            self.config.dlq_topic,
-            value=dead_letter_value(self.stats.url, raw, code, detail),
-            headers=[("k2.reason", code.encode()), ("k2.source", b"binance")],
-        ).add_errback(self._on_send_error)
+        letter = dead_letter(raw, code, detail, STREAM, source="binance", url=self.stats.url)
+        send_dead_letter(self.producer, self.config.dlq_topic, letter).add_errback(self._on_send_error)
         self.stats.dead_lettered += 1
         self.stats.dead_letters_by_reason[code] = self.stats.dead_letters_by_reason.get(code, 0) + 1
         self.metrics.dead_lettered.labels(code).inc()
@@ -359,39 +348,7 @@ class FramePipeline:
         self.producer.close()
 
 
-MAX_DEAD_LETTER_RAW_CHARS = 64 * 1024  # escaped JSON stays well under Kafka's 1 MB record limit
 MAX_RECORD_BYTES = 1_000_000  # KafkaProducer's max_request_size (1 MiB) less room for key and headers
-
-
-def dead_letter_value(url: str, raw: str | bytes, code: str, detail: str) -> bytes:
-    """The JSON value of one dead letter (see the module docstring).
-
-    A binary frame that is not UTF-8 is kept as ``raw_base64``; a frame longer than
-    MAX_DEAD_LETTER_RAW_CHARS keeps its first part in ``raw`` with ``raw_truncated``, its length
-    and its SHA-256, so the dead letter itself always fits in Kafka.
-    """
-    value: dict[str, Any] = {"source": "binance", "url": url, "reason": code, "detail": detail[:4096]}
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            value["raw_base64"] = base64.b64encode(raw[:MAX_DEAD_LETTER_RAW_CHARS]).decode()
-            raw_bytes = raw
-            raw = ""
-            if len(raw_bytes) > MAX_DEAD_LETTER_RAW_CHARS:
-                value.update(
-                    raw_truncated=True, raw_length=len(raw_bytes), raw_sha256=hashlib.sha256(raw_bytes).hexdigest()
-                )
-    if len(raw) > MAX_DEAD_LETTER_RAW_CHARS:
-        value.update(
-            raw_truncated=True,
-            raw_length=len(raw),
-            raw_sha256=hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest(),
-        )
-        raw = raw[:MAX_DEAD_LETTER_RAW_CHARS]
-    value["raw"] = raw
-    value["received_at"] = datetime.now(UTC).isoformat()
-    return json.dumps(value).encode()
 
 
 def _event_seconds(record: dict[str, Any]) -> float:

@@ -19,6 +19,7 @@ from websockets.sync.client import connect as sync_connect
 
 from k2_resources.binance.recording_server import RecordingServerThread, ServerStats
 from k2_resources.binance.streamer import StreamMetrics, stream_to_kafka
+from k2_resources.kafka.dead_letters import STREAM, read_dead_letter
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.paths import PROJECT_ROOT
@@ -172,17 +173,17 @@ def test_malformed_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on(kaf
     _assert_exactly_once(kafka, topic_name, sent)
 
     letters = _read_topic(kafka, dlq)
-    values = [json.loads(record.value) for record in letters]
+    values = [read_dead_letter(record.value, record.headers) for record in letters]
     assert len(values) == 11
     expected_reason = {"truncated_json": "invalid_json", "missing_price": "missing_field", "bad_price": "bad_number"}
-    by_raw = {value["raw"]: value for value in values}
+    by_raw = {value.text: value for value in values}
     for kind, frame in sent.malformed:
         letter = by_raw[frame]  # the raw payload, unchanged
-        assert letter["reason"] == expected_reason[kind] and letter["detail"]
-        assert letter["source"] == "binance" and letter["received_at"]
-    assert by_raw['{"result":null,"id":1}']["reason"] == "unexpected_event"
+        assert letter.reason == expected_reason[kind] and letter.detail
+        assert letter.source == "binance" and letter.stage == STREAM and letter.failed_at
+    assert by_raw['{"result":null,"id":1}'].reason == "unexpected_event"
     for record, value in zip(letters, values):
-        assert dict(record.headers)["k2.reason"] == value["reason"].encode()
+        assert dict(record.headers)["k2.reason"] == value.reason.encode()
 
 
 def test_a_restarted_streamer_recognises_what_its_previous_run_produced(kafka_broker, topic_name):

@@ -19,6 +19,7 @@ from kafka.errors import MessageSizeTooLargeError
 from kafka.future import Future
 
 from k2_resources.binance.streamer import FrameOutcome, FramePipeline, StreamerConfig, StreamMetrics
+from k2_resources.kafka.dead_letters import STREAM, DeadLetter, read_dead_letter
 from k2_resources.schemas import decode_trade
 
 TOPIC, DLQ = "trades", "trades.dlq"
@@ -49,6 +50,10 @@ class RecordingProducer:
 
     def values(self, topic: str) -> list[bytes]:
         return [value for sent_topic, _key, value, _headers in self.sent if sent_topic == topic]
+
+    def letters(self, topic: str) -> list[DeadLetter]:
+        sent = [(value, headers) for sent_topic, _key, value, headers in self.sent if sent_topic == topic]
+        return [read_dead_letter(value, headers) for value, headers in sent]
 
 
 @dataclass(frozen=True)
@@ -219,9 +224,9 @@ def test_every_frame_ends_once_as_produced_duplicate_or_dead_letter(frames: list
             assert outcome == FrameOutcome.DUPLICATE, frame  # judged by its identity before it is encoded
         else:
             assert outcome == FrameOutcome.DEAD_LETTER, frame
-    letters = [json.loads(value) for value in producer.values(DLQ)]
+    letters = producer.letters(DLQ)
     assert len(letters) == stats.dead_lettered
-    assert all(letter["reason"] and letter["detail"] and "raw" in letter for letter in letters)
+    assert all(letter.reason and letter.detail and letter.stage == STREAM for letter in letters)
 
     registry = pipeline.metrics.registry
     assert registry.get_sample_value("k2_binance_messages_received_total") == len(frames)
@@ -291,12 +296,13 @@ def test_oversized_and_binary_frames_become_dead_letters_that_fit_in_kafka():
     assert (
         pipeline.handle(_combined(_trade_data("BTCUSDT", 7), "BTCUSDT")) == FrameOutcome.PRODUCED
     )  # not a "duplicate"
-    too_large, binary = [json.loads(value) for value in producer.values(DLQ)]
-    assert too_large["reason"] == "produce_rejected" and too_large["raw_truncated"] is True
-    assert too_large["raw_length"] == len(big) and len(too_large["raw"]) == 64 * 1024
-    assert binary["reason"] == "invalid_utf8" and binary["raw_base64"] == "//4gYmluYXJ5"
+    too_large, binary = producer.letters(DLQ)
+    assert too_large.reason == "produce_rejected" and too_large.truncated
+    assert too_large.raw_length == len(big.encode()) and len(too_large.raw) == 64 * 1024
+    assert too_large.raw == big.encode()[: 64 * 1024]
+    assert binary.reason == "invalid_utf8" and binary.raw == b"\xff\xfe binary"
     assert all(len(value) < 200_000 for value in producer.values(DLQ))
     data["x"] = "é" * 600_000  # 1.2 MB encoded: more than any Kafka record may hold, whatever the producer
     assert pipeline.handle(_combined(data, "BTCUSDT").replace('"t": 7', '"t": 8')) == FrameOutcome.DEAD_LETTER
-    assert json.loads(producer.values(DLQ)[-1])["reason"] == "too_large"
+    assert producer.letters(DLQ)[-1].reason == "too_large"
     assert pipeline.stats.produced == 1 and pipeline.stats.dead_lettered == 3
