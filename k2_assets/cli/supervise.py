@@ -20,8 +20,6 @@ Policy (also in docs/operations.md):
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ from typing import Protocol
 
 from k2_resources.errors import K2Error
 from k2_resources.platform.kafka_broker import KafkaBroker
+from k2_resources.platform.processes import reaped, stop_children
 
 INITIAL_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
@@ -103,11 +102,11 @@ class Supervisor:
     def start(self, service: ServiceSpec) -> Supervised:
         entry = Supervised(service)
         self.services.append(entry)
-        self._launch(entry)
-        print(f"started {service.name} (log: {service.log}, pid {entry.process.pid})", flush=True)
+        process = self._launch(entry)
+        print(f"started {service.name} (log: {service.log}, pid {process.pid})", flush=True)
         return entry
 
-    def _launch(self, entry: Supervised) -> None:
+    def _launch(self, entry: Supervised) -> subprocess.Popen:
         service = entry.service
         with service.log.open("ab") as log:  # the child keeps its own copy of the descriptor
             entry.process = subprocess.Popen(
@@ -121,6 +120,7 @@ class Supervisor:
         entry.started_at = time.monotonic()
         entry.restart_at = None
         pid_path(self.run_dir, service.name).write_text(f"{entry.process.pid}\n")
+        return entry.process
 
     def check(self) -> None:
         """One pass: notice exits, schedule restarts, start what is due, look after the broker."""
@@ -133,10 +133,11 @@ class Supervisor:
                 self._exited(entry, now)
             if entry.process is None and entry.restart_at is not None and now >= entry.restart_at:
                 entry.restarts += 1
-                self._launch(entry)
-                print(f"restarted {entry.service.name} (restart {entry.restarts}, pid {entry.process.pid})", flush=True)
+                process = self._launch(entry)
+                print(f"restarted {entry.service.name} (restart {entry.restarts}, pid {process.pid})", flush=True)
 
     def _exited(self, entry: Supervised, now: float) -> None:
+        assert entry.process is not None  # called for a process that has exited
         service, code = entry.service, entry.process.returncode
         pid_path(self.run_dir, service.name).unlink(missing_ok=True)
         entry.process = None
@@ -172,15 +173,7 @@ class Supervisor:
 
     def stop_all(self, timeout_s: float = 30.0) -> None:
         """SIGTERM every service (last started first), wait, SIGKILL what is left; the broker is not touched."""
-        running = [p for p in reversed(self.processes()) if p.poll() is None]
-        for process in running:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in running:
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=timeout_s)
+        stop_children(list(reversed(self.processes())), timeout_s)
         for entry in self.services:
             pid_path(self.run_dir, entry.service.name).unlink(missing_ok=True)
 
@@ -220,11 +213,7 @@ def broker_alive(broker: KafkaBroker) -> bool:
     pid = broker.pid()
     if pid is None:
         return False
-    try:
-        finished, _status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not our child: broker.pid() already checked it exists
-        return True
-    if finished == pid:
+    if reaped(pid):  # not our child: broker.pid() already checked it exists
         broker.pid_file.unlink(missing_ok=True)
         return False
     return True

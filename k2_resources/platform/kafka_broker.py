@@ -24,6 +24,7 @@ from pathlib import Path
 from k2_resources.errors import KafkaUnavailableError
 from k2_resources.paths import PROJECT_ROOT, state_dir
 from k2_resources.platform.maven import maven_classpath
+from k2_resources.platform.processes import pid_in_file, stop_process
 
 POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 LOG4J_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.properties"
@@ -46,7 +47,8 @@ def _require(tool: str, fix: str) -> str:
 
 
 def new_cluster_id() -> str:
-    """A random KRaft cluster id (base64 of a UUID, never starting with '-', which the storage tool reads as an option)."""
+    """A random KRaft cluster id (base64 of a UUID, never starting with '-', which the storage tool
+    reads as an option)."""
     cluster_id = "-"
     while cluster_id.startswith("-"):
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -194,12 +196,7 @@ class KafkaBroker:
 
     def pid(self) -> int | None:
         """The broker's process id when it is running."""
-        try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-            return None
+        return pid_in_file(self.pid_file)
 
     def is_ready(self, timeout_s: float = 2.0) -> bool:
         """Whether the broker answers a metadata request."""
@@ -255,25 +252,7 @@ class KafkaBroker:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the broker: SIGTERM for a clean shutdown, SIGKILL if it does not finish in time."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                finished, _ = os.waitpid(pid, os.WNOHANG)
-                if finished == pid:
-                    break
-            except ChildProcessError:  # not our child: poll for its end instead
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-            time.sleep(0.2)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        stop_process(self.pid(), signal.SIGTERM, timeout_s, group=False, poll_s=0.2)
         self.pid_file.unlink(missing_ok=True)
 
     def kill(self, timeout_s: float = 30.0) -> None:
@@ -281,18 +260,7 @@ class KafkaBroker:
         pid = self.pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child: reap it, or it stays a zombie
-                    break
-            except ChildProcessError:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-            time.sleep(0.1)
+        stop_process(pid, signal.SIGKILL, timeout_s, group=False)  # reaps our child, or it stays a zombie
         self.pid_file.unlink(missing_ok=True)
 
     def status(self) -> str:

@@ -1,4 +1,4 @@
-"""The local topology's process checks (k2_resources/platform/cluster_services.py) on real processes.
+"""The process checks of the local topology and the broker (k2_resources/platform/processes.py) on real processes.
 
 A service restarted by another process (a test, a second `k2` command) is that process's child:
 once stopped it stays a zombie until its parent reaps it. `k2 cluster stop` waited for such a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from k2_resources.platform.cluster_services import _alive, _is_zombie, _stop_process
+from k2_resources.platform.processes import alive, is_zombie, stop_process
 from tests.support.waiting import wait_for
 
 
@@ -34,10 +34,10 @@ def test_a_zombie_that_is_not_our_child_counts_as_ended_and_stopping_it_returns(
             interval_s=0.02,
         )
         parent.stdin.close()
-        wait_for(lambda: _is_zombie(zombie), 10, "the child to become a zombie", interval_s=0.05)
-        assert not _alive(zombie)
-        _stop_process(zombie, 15, timeout_s=1)  # returns at once instead of waiting for it to vanish
-        assert _alive(parent.pid) and not _is_zombie(parent.pid)
+        wait_for(lambda: is_zombie(zombie), 10, "the child to become a zombie", interval_s=0.05)
+        assert not alive(zombie)
+        stop_process(zombie, 15, timeout_s=1)  # returns at once instead of waiting for it to vanish
+        assert alive(parent.pid) and not is_zombie(parent.pid)
     finally:
         parent.kill()
         parent.wait()
