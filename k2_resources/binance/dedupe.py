@@ -121,8 +121,10 @@ class TradeIdTracker:
             return Classification(TradeIdVerdict.RESET, previous_high=state.high)
         return Classification(TradeIdVerdict.LATE, previous_high=state.high)
 
-    def accept(self, symbol: str, trade_id: int, time_ms: int) -> None:
-        """Remember a trade that was accepted (validated, encoded and handed to the producer)."""
+    def accept(self, symbol: str, trade_id: int, time_ms: int, *, backfilled: bool = False) -> None:
+        """Remember a trade that was accepted (validated, encoded and handed to the producer).
+
+        A ``backfilled`` trade (fetched to fill a gap, so below the mark) may raise the mark, never reset it."""
         state = self._symbols.get(symbol)
         if state is None:
             state = self._symbols[symbol] = _SymbolState()
@@ -137,7 +139,7 @@ class TradeIdTracker:
             if len(self._order) > self.window:
                 oldest_state, oldest_key = self._order.popleft()
                 oldest_state.recent.discard(oldest_key)
-        if state.high is None or trade_id > state.high or state.high - trade_id > self.reset_jump:
+        if state.high is None or trade_id > state.high or (state.high - trade_id > self.reset_jump and not backfilled):
             state.high = trade_id  # a reset starts the symbol's ids again from here
 
 
@@ -201,7 +203,7 @@ def seed_from_topic(
                     if trade_id is None:
                         report.undecodable += 1
                         continue
-                    tracker.accept(symbol, trade_id, time_ms)
+                    tracker.accept(symbol, trade_id, time_ms, backfilled=_backfilled(trade))
                     report.records += 1
     finally:
         consumer.close()
@@ -233,6 +235,11 @@ def seed_from_spool(directory: Path, tracker: TradeIdTracker, limit: int = DEFAU
             except Exception:
                 continue
             if trade["source_sequence"] is not None:
-                tracker.accept(trade["symbol"], trade["source_sequence"], time_ms)
+                tracker.accept(trade["symbol"], trade["source_sequence"], time_ms, backfilled=_backfilled(trade))
                 accepted += 1
     return accepted
+
+
+def _backfilled(trade: dict) -> bool:
+    """A trade the gap fill fetched from the REST history (k2_resources.binance.gap_fill)."""
+    return (trade.get("vendor_data") or {}).get("backfilled") == "true"

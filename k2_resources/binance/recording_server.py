@@ -42,14 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import csv
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -57,80 +55,18 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from k2_resources.binance.rest_history import REST_PREFIX, RestHistory
+from k2_resources.binance.rest_limits import BINANCE_WEIGHT_LIMIT, WEIGHT_WINDOW_S
+from k2_resources.binance.tape import RECORDING_DIR, RecordedTrade, Tape, load_recorded_trades
 from k2_resources.errors import K2Error
-from k2_resources.paths import DATA_DIR
 
 log = logging.getLogger(__name__)
 
-RECORDING_DIR = DATA_DIR / "binance"
 END_OF_RECORDING_REASON = "end of recording"
 FORCED_DROP_REASON = "forced drop (recording server fault injection)"
 DEFAULT_PORT = 9443
 MALFORMED_KINDS = ("truncated_json", "missing_price", "bad_price")
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedTrade:
-    """One row of a data/binance/<SYMBOL>-trades-<date>.csv file, strings kept as recorded."""
-
-    symbol: str
-    trade_id: int
-    price: str
-    quantity: str
-    time_ms: int
-    buyer_is_maker: bool
-
-
-def load_recorded_trades(directory: Path = RECORDING_DIR) -> list[RecordedTrade]:
-    """All recorded trades in the folder, merged by trade time (then symbol, then id)."""
-    files = sorted(directory.glob("*-trades-*.csv"))
-    if not files:
-        raise K2Error(
-            f"no Binance recordings (*-trades-*.csv) in {directory}; "
-            "copy them from ../shared/data/binance (see data/binance/SOURCE.md)"
-        )
-    trades: list[RecordedTrade] = []
-    for path in files:
-        symbol = path.name.split("-", 1)[0].upper()
-        with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                trades.append(
-                    RecordedTrade(
-                        symbol,
-                        int(row["trade_id"]),
-                        row["price"],
-                        row["qty"],
-                        int(row["time_ms"]),
-                        row["is_buyer_maker"] == "true",
-                    )
-                )
-    trades.sort(key=lambda trade: (trade.time_ms, trade.symbol, trade.trade_id))
-    return trades
-
-
-class Tape:
-    """The recorded trades as an endless, loop-shifted sequence of combined-stream frames."""
-
-    def __init__(self, trades: list[RecordedTrade], max_pause_ms: int = 1000) -> None:
-        if not trades:
-            raise K2Error("the recording server's tape is empty: no recorded trades to serve")
-        self.trades = trades
-        offsets = [0]
-        for previous, current in zip(trades, trades[1:]):
-            offsets.append(offsets[-1] + min(current.time_ms - previous.time_ms, max_pause_ms))
-        self.offsets_ms = offsets  # compressed timeline: pacing and the "now" time base
-        self.compressed_span_ms = offsets[-1] + 1
-        self.recorded_span_ms = trades[-1].time_ms - trades[0].time_ms + 1
-        self.anchor_ms = trades[0].time_ms
-        ids: dict[str, list[int]] = {}
-        for trade in trades:
-            ids.setdefault(trade.symbol, []).append(trade.trade_id)
-        self.id_span = {symbol: max(values) - min(values) + 1 for symbol, values in ids.items()}
-        self.symbols = sorted(ids)
-
-    def view(self, symbols: set[str]) -> list[int]:
-        """Indices of the trades of these symbols, in tape order."""
-        return [index for index, trade in enumerate(self.trades) if trade.symbol in symbols]
+__all__ = ["RECORDING_DIR", "RecordedTrade", "RecordingServer", "ServerFaults", "Tape", "load_recorded_trades"]
 
 
 @dataclass
@@ -142,6 +78,7 @@ class ServerFaults:
     repeat_every: int | None = None  # after every N-th trade frame ...
     repeat_count: int = 3  # ... send the last K trade frames again
     malformed_every: int | None = None  # after every N-th trade frame, one malformed frame
+    lose_on_drop: int = 0  # a drop_after drop also loses the next N trades (sent, never received), as a network cut
 
 
 @dataclass
@@ -208,6 +145,8 @@ class RecordingServer:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 60.0,
         faults: ServerFaults | None = None,
+        rest_weight_limit: int = BINANCE_WEIGHT_LIMIT,
+        rest_window_s: float = WEIGHT_WINDOW_S,
         **fault_options: Any,
     ) -> None:
         """``fault_options`` are ServerFaults fields (drop_after=, repeat_every=, ...) given directly."""
@@ -222,6 +161,9 @@ class RecordingServer:
         self.resume_overlap = resume_overlap
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self._faults = replace(faults or ServerFaults(), **fault_options)
+        self.rest = RestHistory(
+            self.tape, time_base=time_base, loop=loop, weight_limit=rest_weight_limit, window_s=rest_window_s
+        )
         self._lock = threading.Lock()
         self._stats = ServerStats()
         self._cursors: dict[tuple[str, ...], int] = {}
@@ -319,6 +261,14 @@ class RecordingServer:
 
     # ---- protocol ------------------------------------------------------------------------------
     def _check_path(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.startswith(REST_PREFIX):  # the REST history, plain HTTP on the same port
+            status, headers, body = self.rest.answer(request.path)
+            response = connection.respond(status, body)
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "application/json"
+            for name, value in headers.items():
+                response.headers[name] = value
+            return response
         if requested_symbols(request.path) is None:
             return connection.respond(
                 HTTPStatus.NOT_FOUND, "use the combined-stream path /stream?streams=<symbol>@trade/...\n"
@@ -337,10 +287,7 @@ class RecordingServer:
         global_index = view[index]
         trade = tape.trades[global_index]
         offset = lap * tape.compressed_span_ms + tape.offsets_ms[global_index]
-        if self.time_base == "now":
-            time_ms = tape.anchor_ms + offset
-        else:
-            time_ms = trade.time_ms + lap * tape.recorded_span_ms
+        time_ms = tape.time_ms(global_index, lap, self.time_base)
         return trade, time_ms, trade.trade_id + lap * tape.id_span[trade.symbol], offset
 
     def _start_position(self, key: tuple[str, ...], view: list[int]) -> int:
@@ -355,7 +302,7 @@ class RecordingServer:
         return lap * len(view) + min(bisect.bisect_left(offsets, remainder), len(view) - 1)
 
     async def _handle(self, connection: ServerConnection) -> None:
-        symbols = requested_symbols(connection.request.path) or set()
+        symbols = requested_symbols(connection.request.path if connection.request else "") or set()
         key = tuple(sorted(symbols))
         view = self._view(key)
         with self._lock:
@@ -403,6 +350,7 @@ class RecordingServer:
                     self._cursors[key] = position
                 self._stats.trade_frames += 1
                 self._stats.trade_ids.setdefault(trade.symbol, set()).add(trade_id)
+                self.rest.sent(trade.symbol, trade_id)
                 faults = self._faults
                 extra = list(self._pending)
                 self._pending.clear()
@@ -430,8 +378,19 @@ class RecordingServer:
                     if allowed:
                         self._stats.drops += 1
                 if allowed:
+                    self._lose(key, view, position, faults.lose_on_drop, connection)
                     await connection.close(1001, FORCED_DROP_REASON)
                     return
+
+    def _lose(self, key: tuple[str, ...], view: list[int], position: int, count: int, owner: ServerConnection) -> None:
+        """The next ``count`` trades count as sent but never reach the client (lost in a network cut)."""
+        with self._lock:
+            for lost in range(position, position + count if self.loop else min(position + count, len(view))):
+                trade, _time_ms, trade_id, _offset = self._values(view, lost)
+                self._stats.trade_ids.setdefault(trade.symbol, set()).add(trade_id)
+                self.rest.sent(trade.symbol, trade_id)
+                if self._owners.get(key) is owner:
+                    self._cursors[key] = lost + 1
 
 
 class RecordingServerThread:
@@ -496,6 +455,11 @@ class RecordingServerThread:
 
     def stream_url(self, symbols: list[str]) -> str:
         return self.server.stream_url(symbols)
+
+    @property
+    def rest(self) -> RestHistory:
+        """The REST history (control: storm, refuse; stats)."""
+        return self.server.rest
 
     def stats(self) -> ServerStats:
         return self.server.stats()

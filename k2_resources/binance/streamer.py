@@ -21,13 +21,8 @@ unexpected_event, ...) plus schema_mismatch (does not encode), invalid_utf8 (a b
 is not text), too_large (the encoded trade exceeds what a Kafka record may hold) and
 produce_rejected (the producer refused the record).
 
-Metrics (prometheus_client, a registry of the streamer's own, served on 127.0.0.1):
-``k2_binance_messages_received_total``, ``k2_binance_trades_produced_total{symbol}``,
-``k2_binance_dead_letters_total{reason}``, ``k2_binance_duplicates_dropped_total{symbol}``,
-``k2_binance_reconnects_total``, ``k2_binance_trade_id_gaps_total{symbol}``,
-``k2_binance_missing_trade_ids_total{symbol}``, ``k2_binance_late_trades_total{symbol}``,
-``k2_binance_trade_id_resets_total{symbol}``, ``k2_binance_produce_errors_total`` and the
-histogram ``k2_binance_event_to_produce_seconds`` (event time ``E`` to the hand-over to the producer).
+Metrics: k2_resources.binance.stream_metrics. Gaps in a symbol's trade ids are filled from
+Binance's REST history beside the live stream (k2_resources.binance.gap_fill).
 
 Kafka away: the producer the pipeline hands records to is a SpoolingKafkaProducer
 (k2_resources/kafka/spool.py): at most ``max_buffered`` records per topic wait in memory for the
@@ -42,27 +37,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from k2_resources.binance.client import (
     BINANCE_MAX_CONNECTION_AGE_S,
     DEFAULT_SYMBOLS,
-    LIVE_BASE_URL,
     BinanceStreamClient,
     StopSignal,
-    combined_stream_url,
 )
 from k2_resources.binance.dedupe import (
-    DEFAULT_RESET_JUMP,
-    DEFAULT_SEED_PER_PARTITION,
-    DEFAULT_WINDOW,
     Classification,
     TradeIdTracker,
     TradeIdVerdict,
@@ -70,156 +60,32 @@ from k2_resources.binance.dedupe import (
     seed_from_topic,
     trade_time_ms,
 )
+from k2_resources.binance.gap_fill import GapFiller
+from k2_resources.binance.gap_ledger import GapLedger
+from k2_resources.binance.gap_plan import rest_base_url
 from k2_resources.binance.normalise import MalformedTradeMessage, normalise_trade
 from k2_resources.binance.recording_server import RecordingServer
-from k2_resources.errors import K2Error, SchemaMismatchError
+from k2_resources.binance.stream_config import DEFAULT_PARTITIONS, StreamerConfig
+from k2_resources.binance.stream_metrics import DEFAULT_METRICS_PORT, StreamMetrics, StreamStats
+from k2_resources.errors import SchemaMismatchError
 from k2_resources.kafka.dead_letters import STREAM, dead_letter, send_dead_letter
+from k2_resources.kafka.outbox import SPOOLING_PRODUCER_SETTINGS
 from k2_resources.kafka.partitioner import SymbolPartitioner
 from k2_resources.kafka.resource import KafkaResource
-from k2_resources.kafka.outbox import DEFAULT_MAX_BUFFERED, SPOOLING_PRODUCER_SETTINGS
 from k2_resources.kafka.spool import SpoolingKafkaProducer
-from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
-from k2_resources.metrics import BINANCE_TRADE_ID_RESETS
+from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
 from k2_resources.paths import state_dir
 from k2_resources.schemas import encode_trade
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS_PORT = 9464
-DEFAULT_PARTITIONS = BINANCE_TRADES_PARTITIONS
-DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
-
-
-@dataclass
-class StreamerConfig:
-    """Where the streamer reads from and writes to; the defaults stream live Binance into the embedded Kafka."""
-
-    url: str = LIVE_BASE_URL  # a base URL the symbols' streams are appended to, or a full combined-stream URL
-    symbols: tuple[str, ...] = DEFAULT_SYMBOLS
-    topic: str = BINANCE_TRADES_TOPIC
-    dlq_topic: str = BINANCE_TRADES_DLQ_TOPIC
-    partitions: int = DEFAULT_PARTITIONS
-    metrics_port: int | None = DEFAULT_METRICS_PORT  # None: no /metrics endpoint; 0: a free port
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    backoff_jitter: float = 0.25
-    max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800
-    spool_dir: str | None = None  # where records wait while Kafka is away; None: K2_HOME/spool
-    max_buffered: int = DEFAULT_MAX_BUFFERED  # records per topic in memory awaiting Kafka's ack before spooling
-    close_timeout_s: float = 10.0  # at the end, how long to wait for Kafka before leaving the rest spooled
-    dedupe_window: int = DEFAULT_WINDOW  # trades remembered to recognise repeats
-    reset_jump: int = DEFAULT_RESET_JUMP  # an id this far below the symbol's highest is a reset
-    seed_per_partition: int = DEFAULT_SEED_PER_PARTITION  # topic tail read back at start (0: none)
-
-    @property
-    def stream_url(self) -> str:
-        return combined_stream_url(self.url, self.symbols)
-
-
-class StreamMetrics:
-    """The streamer's Prometheus metrics in a registry of their own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.received = Counter("k2_binance_messages_received", "WebSocket frames received", registry=r)
-        self.produced = Counter(
-            "k2_binance_trades_produced", "trades handed to the Kafka producer", ["symbol"], registry=r
-        )
-        self.dead_lettered = Counter(
-            "k2_binance_dead_letters", "frames sent to the dead-letter topic", ["reason"], registry=r
-        )
-        self.duplicates = Counter(
-            "k2_binance_duplicates_dropped", "trades dropped as already produced", ["symbol"], registry=r
-        )
-        self.reconnects = Counter(
-            "k2_binance_reconnects", "WebSocket reconnects (incl. proactive 24 h ones)", registry=r
-        )
-        self.gaps = Counter(
-            "k2_binance_trade_id_gaps", "jumps of more than one in a symbol's trade ids", ["symbol"], registry=r
-        )
-        self.missing = Counter(
-            "k2_binance_missing_trade_ids", "trade ids skipped by those jumps", ["symbol"], registry=r
-        )
-        self.produce_errors = Counter(
-            "k2_binance_produce_errors", "sends the Kafka producer reported failed", registry=r
-        )
-        self.late = Counter(
-            "k2_binance_late_trades",
-            "trades below the symbol's highest id, not seen before: kept",
-            ["symbol"],
-            registry=r,
-        )
-        # defined in k2_resources.metrics (the alert rules refer to it) and served here, by the streamer
-        r.register(BINANCE_TRADE_ID_RESETS)
-        self.resets = BINANCE_TRADE_ID_RESETS
-        self.delay = Histogram(
-            "k2_binance_event_to_produce_seconds",
-            "event time E to hand-over to Kafka",
-            buckets=DELAY_BUCKETS,
-            registry=r,
-        )
-        self.spooled = Counter(
-            "k2_binance_spooled_frames", "records written to the spool while Kafka was away", ["topic"], registry=r
-        )
-        self.buffered = Gauge(
-            "k2_binance_buffered_frames", "records in memory awaiting Kafka's acknowledgement", registry=r
-        )
-        self.spool_pending = Gauge(
-            "k2_binance_spool_pending_frames", "records in the spool not yet in Kafka", registry=r
-        )
-        self._server: Any = None
-        self.port: int | None = None
-
-    def serve(self, port: int = DEFAULT_METRICS_PORT, host: str = "127.0.0.1") -> int:
-        """Serve /metrics on host:port (0: a free port); returns the port."""
-        try:
-            server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise K2Error(
-                f"cannot serve metrics on {host}:{port} ({exc}); pass another --metrics-port "
-                "or stop the process using it"
-            ) from exc
-        self._server = server
-        self.port = server.server_port
-        return self.port
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-@dataclass
-class StreamStats:
-    """What one streamer run did."""
-
-    url: str = ""
-    topic: str = ""
-    dlq_topic: str = ""
-    received: int = 0
-    produced: int = 0
-    dead_lettered: int = 0
-    duplicates: int = 0
-    gaps: int = 0
-    missing_ids: int = 0
-    reconnects: int = 0
-    rotations: int = 0
-    produce_errors: int = 0
-    spooled: int = 0  # records that waited in the spool on disk (Kafka away or not keeping up)
-    replayed: int = 0  # spooled records sent to Kafka from the spool
-    undelivered: int = 0  # records left in the spool at the end (sent first by the next run)
-    late: int = 0  # trades below the symbol's highest id that were not seen before (kept)
-    resets: int = 0  # trade-id resets (large backward jumps; kept and reported)
-    seeded: int = 0  # trades read back from the topic's tail into the duplicate check at start
-    ended_by: str | None = None
-    seconds: float = 0.0
-    produced_by_symbol: dict[str, int] = field(default_factory=dict)
-    dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = [
+    "DEFAULT_METRICS_PORT",
+    "DEFAULT_PARTITIONS",
+    "StreamMetrics",
+    "StreamStats",
+    "StreamerConfig",
+]  # re-exported: the CLI and tests import them here
 
 
 class FrameOutcome:
@@ -248,6 +114,8 @@ class FramePipeline:
         self.stats = StreamStats(url=config.stream_url, topic=config.topic, dlq_topic=config.dlq_topic)
         self.tracker = tracker or TradeIdTracker(window=config.dedupe_window, reset_jump=config.reset_jump)
         self.producer = producer
+        self.on_gap: Callable[[str, int, int], None] | None = None  # (symbol, first, last missing id)
+        self.on_reset: Callable[[str, int, int], None] | None = None  # (symbol, previous high, new id)
         self._errors_lock = threading.Lock()
         self._produced: dict[str, Any] = {}  # symbol -> its child of the produced counter
         self._dupes: dict[str, Any] = {}
@@ -283,6 +151,20 @@ class FramePipeline:
             record = normalise_trade(text)
         except MalformedTradeMessage as exc:
             return self.dead_letter(raw, exc.code, exc.detail)
+        return self._produce(raw, record, backfilled=False)
+
+    def handle_backfilled(self, message: dict[str, Any]) -> str:
+        """One trade from the REST history (a trade message with ``backfilled`` set): the same steps
+        as a frame, but it never opens a gap, counts as late or reset, or moves the id high-water mark
+        down (see TradeIdTracker.accept)."""
+        raw = json.dumps(message, separators=(",", ":"))
+        try:
+            record = normalise_trade(message)
+        except MalformedTradeMessage as exc:
+            return self.dead_letter(raw, exc.code, exc.detail)
+        return self._produce(raw, record, backfilled=True)
+
+    def _produce(self, raw: str | bytes, record: dict[str, Any], *, backfilled: bool) -> str:
         symbol, trade_id = record["symbol"], record["source_sequence"]
         time_ms = trade_time_ms(record["timestamp"])
         seen = self.tracker.classify(symbol, trade_id, time_ms)
@@ -310,8 +192,18 @@ class FramePipeline:
                 f"the Kafka producer refused the record ({future.exception}); nothing else changed",
             )
         future.add_errback(self._on_send_error)
-        self._accepted(record, seen)
+        if backfilled:
+            self._accepted_backfill(record)
+        else:
+            self._accepted(record, seen)
         return FrameOutcome.PRODUCED
+
+    def _accepted_backfill(self, record: dict[str, Any]) -> None:
+        symbol = record["symbol"]
+        self.tracker.accept(symbol, record["source_sequence"], trade_time_ms(record["timestamp"]), backfilled=True)
+        self.stats.backfilled += 1
+        self.metrics.backfilled.labels(symbol).inc()
+        self._count_produced(symbol)
 
     def _accepted(self, record: dict[str, Any], seen: Classification) -> None:
         """The trade was handed to the producer: only now remember it and count it."""
@@ -322,6 +214,8 @@ class FramePipeline:
             self.stats.missing_ids += seen.missing
             self.metrics.gaps.labels(symbol).inc()
             self.metrics.missing.labels(symbol).inc(seen.missing)
+            if self.on_gap is not None and seen.previous_high is not None:
+                self.on_gap(symbol, seen.previous_high + 1, trade_id - 1)
         elif seen.verdict == TradeIdVerdict.LATE:
             self.stats.late += 1
             self.metrics.late.labels(symbol).inc()
@@ -336,12 +230,17 @@ class FramePipeline:
                 seen.previous_high,
                 self.tracker.reset_jump,
             )
+            if self.on_reset is not None and seen.previous_high is not None:
+                self.on_reset(symbol, seen.previous_high, trade_id)
+        self._count_produced(symbol)
+        self.metrics.delay.observe(max(0.0, time.time() - _event_seconds(record)))
+
+    def _count_produced(self, symbol: str) -> None:
         self.stats.produced += 1
         self.stats.produced_by_symbol[symbol] = self.stats.produced_by_symbol.get(symbol, 0) + 1
         if symbol not in self._produced:
             self._produced[symbol] = self.metrics.produced.labels(symbol)
         self._produced[symbol].inc()
-        self.metrics.delay.observe(max(0.0, time.time() - _event_seconds(record)))
 
     def close(self) -> None:
         self.producer.flush()
@@ -405,6 +304,25 @@ def _start_pipeline(config: StreamerConfig, kafka: KafkaResource, metrics: Strea
     return pipeline
 
 
+def _start_gap_filler(config: StreamerConfig, pipeline: FramePipeline, metrics: StreamMetrics) -> GapFiller:
+    """The gap filler wired to the pipeline, the gaps a previous run left open queued, its task started."""
+    settings = config.gap_fill
+    filler = GapFiller(
+        settings,
+        rest_base_url(config.stream_url, settings.rest_url),
+        pipeline.handle_backfilled,
+        pipeline.tracker.high_water_mark,
+        GapLedger.for_topic(config.topic),
+        metrics,
+        pipeline.stats,
+    )
+    pipeline.on_gap, pipeline.on_reset = filler.gap, filler.reset
+    if settings.enabled:
+        filler.resume()
+    filler.start()
+    return filler
+
+
 async def run_streamer(
     config: StreamerConfig,
     kafka: KafkaResource | None = None,
@@ -441,15 +359,21 @@ async def run_streamer(
         on_event=count_reconnects,
     )
     pipeline: FramePipeline | None = None
+    filler: GapFiller | None = None
     try:
         pipeline = _start_pipeline(config, kafka or KafkaResource(), metrics)
+        filler = _start_gap_filler(config, pipeline, metrics)
         async with contextlib.aclosing(client.frames()) as frames:
             async for raw in frames:
                 pipeline.handle(raw)
+                if pipeline.stats.received % 256 == 0:
+                    await asyncio.sleep(0)  # a frame ready at once does not suspend: let the gap fill run
                 if max_messages is not None and pipeline.stats.received >= max_messages:
                     client.stats.ended_by = "max_messages"
                     break
     finally:
+        if filler is not None:
+            await filler.close(config.gap_fill.drain_timeout_s)
         if pipeline is not None:
             pipeline.close()
         if own_metrics_server:
@@ -478,7 +402,7 @@ async def run_with_local_recording(
     """
     server = RecordingServer(speed=speed, loop=loop, time_base="now" if loop else "recorded")
     async with server:
-        local = StreamerConfig(**{**asdict(config), "url": server.base_url})
+        local = dataclasses.replace(config, url=server.base_url)
         return await run_streamer(local, kafka, **options)
 
 
