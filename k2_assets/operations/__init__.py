@@ -12,7 +12,7 @@ from k2_assets.operations.assets import (
     trades_storage,
 )
 from k2_assets.operations.checks import MAINTENANCE_CHECKS
-from k2_assets.operations.history import dagster_history_retention, dagster_history_retention_nightly
+from k2_assets.operations.history_retention import dagster_history_retention, dagster_history_retention_nightly
 from k2_assets.operations.jobs import trades_table_maintenance_job, trades_table_maintenance_schedule
 from k2_assets.operations.replays import trades_replay, trades_replay_nightly
 from k2_sensors.operations.alerts import build_alert_sensor

@@ -22,15 +22,15 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from k2_assets.operations.history import dagster_history_retention
+from k2_assets.operations.history_retention import dagster_history_retention
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.operations.dagster_instance import prepare_instance
-from k2_resources.operations.run_retention import RetentionPolicy, prune_stream_history, stream_check_keys
+from k2_resources.operations.history_retention import RetentionPolicy, prune_stream_history, stream_check_keys
 from k2_resources.paths import dagster_home
 from k2_resources.sink.offsets import committed_key
 from k2_sensors.binance.driver import checks_of, tick
-from k2_sensors.binance.stream_sensor import BINANCE_TRADES, latest_batch_gaps
+from k2_sensors.binance.observe import BINANCE_TRADES, latest_batch_gaps
 from tests.support.run_history import RunHistoryWriter
 from tests.support.stream import stream_defs
 

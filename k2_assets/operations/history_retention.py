@@ -1,14 +1,14 @@
 """Retention of the stream's Dagster history: a job and its nightly schedule (on by default).
 
 One run per micro-batch and one check evaluation per check per sensor tick (5 s) would grow the
-Dagster instance without end; see ``k2_resources/operations/run_retention.py`` for what is kept
+Dagster instance without end; see ``k2_resources/operations/history_retention.py`` for what is kept
 and why, and docs/operations.md ("Dagster history retention").
 """
 
 from dagster import Config, DefaultScheduleStatus, OpExecutionContext, ScheduleDefinition, job, op
 from pydantic import Field
 
-from k2_resources.operations.run_retention import RetentionPolicy, prune_stream_history, stream_check_keys
+from k2_resources.operations.history_retention import RetentionPolicy, prune_stream_history, stream_check_keys
 from k2_sensors.binance.stream_sensor import BINANCE_TRADES
 
 MICROBATCH_JOB = "binance_trades_microbatch"
