@@ -16,9 +16,10 @@ from k2_resources.sink.follow import FollowSettings, follow_topic
 from k2_resources.sink.microbatch import BatchResult, recover_range, run_microbatch
 from k2_resources.sink.offsets import OffsetRange
 
-INGEST = "ingest"
-RECOVER = "recover"
-FOLLOW = "follow"
+Mode = Literal["ingest", "recover", "follow"]
+INGEST: Mode = "ingest"
+RECOVER: Mode = "recover"
+FOLLOW: Mode = "follow"
 
 
 class MicroBatchConfig(Config):
@@ -36,7 +37,7 @@ class MicroBatchConfig(Config):
     start_offset: int = Field(default=0, ge=0)
     end_offset: int = Field(default=0, ge=0)
     degradation_level: int = Field(default=0, ge=0, le=4, description="0 NORMAL, 1 SOFT, 2 GRACEFUL, 3 AGGRESSIVE")
-    mode: Literal["ingest", "recover", "follow"] = Field(default=INGEST)
+    mode: Mode = Field(default=INGEST)
     follow_seconds: float = Field(default=600.0, gt=0, description="follow: how long before handing back to the sensor")
     follow_interval_seconds: float = Field(default=1.0, ge=0, description="follow: how often to commit")
     max_batch_messages: int = Field(default=50_000, gt=0, description="follow: the largest range one commit takes")

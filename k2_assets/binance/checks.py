@@ -14,14 +14,14 @@ from k2_resources.degradation.resource import DegradationResource
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.sink.resource import TradeSinkResource
-from k2_sensors.binance.stream_rules import (
+from k2_sensors.binance.observe import dead_letter_total, latest_batch_gaps, read_stream_offsets
+from k2_sensors.binance.stream_checks import (
     DEAD_LETTER_COUNT,
     DEFERRED_BACKLOG,
     DEGRADATION_LEVEL,
     RETENTION_LOSS,
     SEQUENCE_GAPS,
     SPILLED_BACKLOG,
-    StreamSnapshot,
     baseline_evaluation,
     dead_letter_evaluation,
     deferred_backlog_evaluation,
@@ -31,14 +31,14 @@ from k2_sensors.binance.stream_rules import (
     sequence_gap_evaluation,
     spilled_backlog_evaluation,
 )
-from k2_sensors.binance.stream_sensor import dead_letter_total, latest_batch_gaps
+from k2_sensors.binance.stream_observation import StreamOffsets
 
 CONSUMER_LAG = "consumer_lag"
 OFFSET_BASELINE = "offset_baseline"
 
 
-def _snapshot(kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource) -> StreamSnapshot:
-    return StreamSnapshot.read(kafka, iceberg, sink.topic)
+def _offsets(kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource) -> StreamOffsets:
+    return read_stream_offsets(kafka, iceberg, sink.topic)
 
 
 def _result(evaluation) -> AssetCheckResult:
@@ -47,7 +47,7 @@ def _result(evaluation) -> AssetCheckResult:
 
 @asset_check(asset=binance_trades, name=CONSUMER_LAG, description="Messages in Kafka not yet in market.trades.")
 def binance_consumer_lag(kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource) -> AssetCheckResult:
-    return _result(lag_evaluation(_snapshot(kafka, iceberg, sink), sink))
+    return _result(lag_evaluation(_offsets(kafka, iceberg, sink), sink))
 
 
 @asset_check(
@@ -58,7 +58,7 @@ def binance_consumer_lag(kafka: KafkaResource, iceberg: IcebergResource, sink: T
 def binance_offset_baseline(
     kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource
 ) -> AssetCheckResult:
-    return _result(baseline_evaluation(_snapshot(kafka, iceberg, sink)))
+    return _result(baseline_evaluation(_offsets(kafka, iceberg, sink)))
 
 
 @asset_check(
@@ -72,7 +72,7 @@ def binance_degradation_level(
     kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource, degradation: DegradationResource
 ) -> AssetCheckResult:
     manager = degradation.manager(None)
-    manager.evaluate(_snapshot(kafka, iceberg, sink).total_lag, system_memory_percent())
+    manager.evaluate(_offsets(kafka, iceberg, sink).total_lag, system_memory_percent())
     return _result(degradation_evaluation(manager))
 
 
@@ -84,7 +84,7 @@ def binance_degradation_level(
 def binance_deferred_backlog(
     kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource
 ) -> AssetCheckResult:
-    return _result(deferred_backlog_evaluation(_snapshot(kafka, iceberg, sink)))
+    return _result(deferred_backlog_evaluation(_offsets(kafka, iceberg, sink)))
 
 
 @asset_check(
@@ -95,7 +95,7 @@ def binance_deferred_backlog(
 def binance_spilled_backlog(
     kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource, degradation: DegradationResource
 ) -> AssetCheckResult:
-    return _result(spilled_backlog_evaluation(_snapshot(kafka, iceberg, sink), degradation.spill_store().backlog()))
+    return _result(spilled_backlog_evaluation(_offsets(kafka, iceberg, sink), degradation.spill_store().backlog()))
 
 
 @asset_check(
@@ -124,7 +124,7 @@ def binance_dead_letter_count(kafka: KafkaResource, sink: TradeSinkResource) -> 
     "lost range and count, until an operator accepts the loss with `k2 offsets accept-loss`.",
 )
 def binance_retention_loss(kafka: KafkaResource, iceberg: IcebergResource, sink: TradeSinkResource) -> AssetCheckResult:
-    return _result(retention_loss_evaluation(_snapshot(kafka, iceberg, sink)))
+    return _result(retention_loss_evaluation(_offsets(kafka, iceberg, sink)))
 
 
 DEGRADATION_CHECKS = [

@@ -104,7 +104,7 @@ def _scenario() -> dict[str, Any]:
     from k2_resources.degradation.resource import DegradationResource
     from k2_resources.sink.resource import TradeSinkResource
     from k2_sensors.binance.driver import checks_of, execute_requests, tick
-    from k2_sensors.binance.stream_rules import StreamCursor
+    from k2_sensors.binance.stream_cursor import StreamCursor
 
     degradation = DegradationResource(
         lag_triggers=LAG_TRIGGERS,

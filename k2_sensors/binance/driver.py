@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_context
+from dagster import AssetCheckEvaluation, DagsterInstance, Definitions, RunRequest, SensorResult, build_sensor_context
 from dagster._core.storage.tags import RUN_KEY_TAG
 
 SENSOR_NAME = "binance_stream_sensor"
@@ -39,9 +39,17 @@ def tick(instance: DagsterInstance, defs: Definitions, cursor: str | None) -> Se
     resources = defs.get_repository_def().get_top_level_resources()
     with build_sensor_context(instance=instance, cursor=cursor, resources=resources, definitions=defs) as context:
         result = sensor(context)
+    if not isinstance(result, SensorResult):  # the stream sensor always returns one
+        raise TypeError(f"{SENSOR_NAME} returned {type(result).__name__}, not a SensorResult")
     for event in result.asset_events:
         instance.report_runless_asset_event(event)
     return result
+
+
+def _run_tags(request: RunRequest) -> dict[str, str]:
+    if request.run_key is None:  # the stream sensor keys every request
+        raise ValueError(f"a run request of {SENSOR_NAME} has no run key: {request}")
+    return {**request.tags, RUN_KEY_TAG: request.run_key}
 
 
 def execute_requests(
@@ -52,12 +60,12 @@ def execute_requests(
     ``extra_run_config`` is merged into each run's config (e.g. loggers, to keep a demo quiet).
     """
     runs = failed = 0
-    for request in result.run_requests:
+    for request in result.run_requests or []:
         job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
         outcome = job.execute_in_process(
             run_config={**request.run_config, **(extra_run_config or {})},
             instance=instance,
-            tags={**request.tags, RUN_KEY_TAG: request.run_key},
+            tags=_run_tags(request),
             raise_on_error=False,
         )
         runs += 1
@@ -74,6 +82,7 @@ def checks_of(result: SensorResult) -> dict[str, dict]:
             "metadata": {key: getattr(value, "value", value) for key, value in event.metadata.items()},
         }
         for event in result.asset_events
+        if isinstance(event, AssetCheckEvaluation)
     }
 
 
@@ -89,29 +98,15 @@ def drive(
     """Tick, run what was requested, and repeat until ``until(report)`` or the deadline."""
     report = DriveReport(cursor=cursor)
     deadline = time.monotonic() + timeout_s
+    loggers = {"loggers": {"console": {"config": {"log_level": run_log_level}}}}
     while time.monotonic() < deadline:
         result = tick(instance, defs, report.cursor)
         report.ticks += 1
         report.cursor = result.cursor
-        report.last_checks = {
-            event.check_name: {
-                "passed": event.passed,
-                "severity": event.severity.value,
-                "metadata": {key: getattr(value, "value", value) for key, value in event.metadata.items()},
-            }
-            for event in result.asset_events
-        }
-        for request in result.run_requests:
-            job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
-            run_config = {**request.run_config, "loggers": {"console": {"config": {"log_level": run_log_level}}}}
-            outcome = job.execute_in_process(
-                run_config=run_config,
-                instance=instance,
-                tags={**request.tags, RUN_KEY_TAG: request.run_key},
-                raise_on_error=False,
-            )
-            report.runs += 1
-            report.failed_runs += 0 if outcome.success else 1
+        report.last_checks = checks_of(result)
+        runs, failed = execute_requests(instance, defs, result, loggers)
+        report.runs += runs
+        report.failed_runs += failed
         if not result.run_requests:
             if until(report):
                 return report

@@ -5,8 +5,9 @@ A tick only reads offsets (Kafka end offsets, the table's committed offsets and 
 ranges, the dead-letter topic's end offsets), the status of the runs it requested and the
 latest materialisations' metadata: it stays far below the sensor timeout; the work is in the runs.
 
-A tick is three steps: ``observe`` (every read, here) -> ``decide`` -> ``report`` (both pure, in
-``stream_rules``); ``evaluate_stream`` composes them into the SensorResult and sets the metrics.
+A tick is three steps: ``observe`` (every read, in ``observe``) -> ``decide`` (pure, in
+``stream_planning``) -> ``report`` (pure, in ``stream_checks``); ``evaluate_stream`` composes them
+into the SensorResult and sets the metrics. The cursor is ``stream_cursor``'s.
 
 Degradation, each tick: lag and memory -> DegradationManager (state in the cursor's
 ``degradation``) -> level; a transition is logged with its cause; the level, lag and
@@ -23,7 +24,6 @@ current level or a new follower.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -32,63 +32,30 @@ from typing import Any
 
 from dagster import (
     AssetCheckEvaluation,
-    AssetKey,
     DagsterInstance,
-    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
-    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     sensor,
 )
-from dagster._core.storage.tags import RUN_KEY_TAG
-from kafka import TopicPartition
 
 from k2_resources import metrics
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel, system_memory_percent
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.kafka.resource import KafkaResource
-from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.sink.offsets import DEFERRED, SPILLED, OffsetRange
 from k2_resources.sink.resource import TradeSinkResource
-from k2_sensors.binance.stream_rules import (
-    FOLLOW,
-    INGEST,
-    RUN_ACTIVE,
-    RUN_FAILED,
-    RUN_SUCCEEDED,
-    CheckOutcome,
-    Decision,
-    Observation,
-    StreamCursor,
-    StreamSettings,
-    StreamSnapshot,
-    decide,
-    follower_run_keys,
-    recovery_run_keys,
-    report,
-)
+from k2_sensors.binance.observe import BINANCE_TRADES, observe
+from k2_sensors.binance.stream_checks import CheckOutcome, report
+from k2_sensors.binance.stream_cursor import StreamCursor
+from k2_sensors.binance.stream_observation import Observation
+from k2_sensors.binance.stream_planning import FOLLOW, INGEST, Decision, StreamSettings, decide
+
+__all__ = ["BINANCE_TRADES", "binance_stream_sensor", "evaluate_stream", "run_request", "follow_request"]
 
 _logger = logging.getLogger("k2.stream_sensor")
-
-BINANCE_TRADES = AssetKey("binance_trades")
-_FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED, DagsterRunStatus.CANCELING}
-
-
-def run_statuses(instance: DagsterInstance, run_keys: list[str]) -> dict[str, str]:
-    """active / failed / succeeded for each run key that has a run."""
-    statuses: dict[str, str] = {}
-    for key in run_keys:
-        runs = instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: key}), limit=1)
-        if not runs:
-            continue
-        status = runs[0].status
-        statuses[key] = (
-            RUN_FAILED if status in _FAILED else RUN_SUCCEEDED if status == DagsterRunStatus.SUCCESS else RUN_ACTIVE
-        )
-    return statuses
 
 
 def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, mode: str = INGEST) -> RunRequest:
@@ -149,38 +116,6 @@ def follow_request(topic: str, run_key: str, sink: TradeSinkResource) -> RunRequ
     )
 
 
-def dead_letter_total(kafka: KafkaResource, topic: str) -> int:
-    """Messages ever written to ``topic`` (sum of its end offsets); 0 when it does not exist yet."""
-    consumer = kafka.consumer()
-    try:
-        if topic not in consumer.topics():
-            return 0  # asking for its partitions could auto-create it
-        partitions = consumer.partitions_for_topic(topic) or set()
-        return sum(consumer.end_offsets([TopicPartition(topic, p) for p in partitions]).values())
-    finally:
-        consumer.close()
-
-
-def latest_batch_gaps(instance: DagsterInstance, topic: str, limit: int = 30) -> dict[int, dict[str, Any]]:
-    """Sequence gaps of the newest micro-batch materialisation per partition of ``topic``."""
-    latest: dict[int, dict[str, Any]] = {}
-    records = instance.fetch_materializations(BINANCE_TRADES, limit=limit).records
-    for record in records:  # newest first
-        materialization = record.asset_materialization
-        if materialization is None:
-            continue
-        meta = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
-        if meta.get("topic") != topic or "sequence_gaps_by_symbol" not in meta:
-            continue
-        partition = int(meta["partition"])
-        if partition not in latest:
-            latest[partition] = {
-                "range": f"{meta['start_offset']}-{meta['end_offset']}",
-                "gaps": json.loads(meta["sequence_gaps_by_symbol"]),
-            }
-    return latest
-
-
 def check_evaluation(outcome: CheckOutcome) -> AssetCheckEvaluation:
     return AssetCheckEvaluation(
         asset_key=BINANCE_TRADES,
@@ -191,42 +126,14 @@ def check_evaluation(outcome: CheckOutcome) -> AssetCheckEvaluation:
     )
 
 
-def observe(
-    instance: DagsterInstance,
-    cursor: StreamCursor,
-    kafka: KafkaResource,
-    iceberg: IcebergResource,
-    sink: TradeSinkResource,
-    degradation: DegradationResource,
-    memory_percent: Callable[[], float] = system_memory_percent,
-) -> Observation:
-    """Every read of one tick: offsets and pending ranges, the in-flight runs' statuses, memory,
-    dead letters, the latest batches' sequence gaps and the spill folder's backlog."""
-    dlq = dead_letter_topic(sink.topic)
-    return Observation(
-        snapshot=StreamSnapshot.read(kafka, iceberg, sink.topic),
-        run_status=run_statuses(
-            instance,
-            [flight.run_key for flight in cursor.in_flight.values()]
-            + recovery_run_keys(cursor)
-            + follower_run_keys(cursor),
-        ),
-        memory_percent=memory_percent(),
-        dead_letter_topic=dlq,
-        dead_letters=dead_letter_total(kafka, dlq),
-        batch_gaps=latest_batch_gaps(instance, sink.topic),
-        spill_files=degradation.spill_store().backlog(),
-    )
-
-
 def publish_metrics(observation: Observation, decision: Decision) -> None:
     """The level, per-partition lag and backlogs as Prometheus gauges."""
-    snapshot = observation.snapshot
+    offsets = observation.offsets
     metrics.DEGRADATION_LEVEL.set(int(decision.level))
-    for partition in snapshot.end_offsets:
-        metrics.CONSUMER_LAG.labels(snapshot.topic, str(partition)).set(snapshot.lag(partition))
-    metrics.DEFERRED_RANGES.set(len(snapshot.pending_of(DEFERRED)))
-    metrics.SPILLED_BATCHES.set(len(snapshot.pending_of(SPILLED)))
+    for partition in offsets.end_offsets:
+        metrics.CONSUMER_LAG.labels(offsets.topic, str(partition)).set(offsets.lag(partition))
+    metrics.DEFERRED_RANGES.set(len(offsets.pending_of(DEFERRED)))
+    metrics.SPILLED_BATCHES.set(len(offsets.pending_of(SPILLED)))
 
 
 def evaluate_stream(

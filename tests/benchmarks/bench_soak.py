@@ -46,7 +46,7 @@ from k2_resources.paths import PROJECT_ROOT, dagster_home
 from k2_resources.platform.kafka_broker import free_port
 from k2_resources.sink.offsets import committed_key
 from k2_sensors.binance.driver import tick
-from k2_sensors.binance.stream_sensor import latest_batch_gaps, run_statuses
+from k2_sensors.binance.observe import latest_batch_gaps, run_statuses
 from tests.support.run_history import RunHistory, RunHistoryWriter
 from tests.support.stream import stream_defs
 from tests.support.waiting import wait_for

@@ -44,7 +44,7 @@ from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.platform.cluster_env import read_env_file
 from k2_resources.platform.cluster_services import ObjectStore, Postgres, object_store, postgres
 from k2_resources.sink.offsets import committed_offsets
-from k2_sensors.binance.stream_rules import SEQUENCE_GAPS
+from k2_sensors.binance.stream_checks import SEQUENCE_GAPS
 from tests.support.platform import K2Run, start_k2_run
 from tests.support.recorded import binance_records
 from tests.support.waiting import wait_for

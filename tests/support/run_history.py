@@ -66,15 +66,10 @@ from dagster_shared.serdes import serialize_value
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.sink.offsets import OffsetRange
 from k2_resources.sink.resource import TradeSinkResource
-from k2_sensors.binance.stream_rules import (
-    InFlight,
-    Observation,
-    StreamCursor,
-    StreamSettings,
-    StreamSnapshot,
-    decide,
-    report,
-)
+from k2_sensors.binance.stream_checks import report
+from k2_sensors.binance.stream_cursor import InFlight, StreamCursor
+from k2_sensors.binance.stream_observation import Observation, StreamOffsets
+from k2_sensors.binance.stream_planning import StreamSettings, decide
 from k2_sensors.binance.stream_sensor import BINANCE_TRADES, check_evaluation, run_request
 
 JOB_NAME = "binance_trades_microbatch"
@@ -355,8 +350,8 @@ class RunHistoryWriter:
     def _tick_checks(self, ts: float, lag: int) -> list[EventLogEntry]:
         """The check evaluations one sensor tick reports, made by the sensor's own rules."""
         ends = {p: self._ends[p] + lag for p in range(self.partitions)}
-        snapshot = StreamSnapshot(self.topic, ends, dict(self._ends))
-        observation = Observation(snapshot=snapshot, memory_percent=40.0, dead_letter_topic=f"{self.topic}.dlq")
+        snapshot = StreamOffsets(self.topic, ends, dict(self._ends))
+        observation = Observation(offsets=snapshot, memory_percent=40.0, dead_letter_topic=f"{self.topic}.dlq")
         told = report(observation, decide(observation, StreamCursor(), self._settings, ts), self._settings)
         return [
             EventLogEntry(

@@ -8,18 +8,10 @@ from dagster import AssetCheckSeverity
 
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.sink.offsets import RetentionLoss
-from k2_sensors.binance.stream_rules import (
-    LogLine,
-    Observation,
-    StreamCursor,
-    StreamSettings,
-    StreamSnapshot,
-    baseline_evaluation,
-    decide,
-    plan_batches,
-    report,
-    retention_loss_evaluation,
-)
+from k2_sensors.binance.stream_checks import LogLine, baseline_evaluation, report, retention_loss_evaluation
+from k2_sensors.binance.stream_cursor import StreamCursor
+from k2_sensors.binance.stream_observation import Observation, StreamOffsets
+from k2_sensors.binance.stream_planning import StreamSettings, decide, plan_batches
 
 TOPIC = BINANCE_TRADES_TOPIC
 SETTINGS = StreamSettings(
@@ -29,8 +21,8 @@ SETTINGS = StreamSettings(
 
 def snapshot(
     starts: dict[int, int], ends: dict[int, int], committed: dict[int, int], losses: tuple[RetentionLoss, ...] = ()
-) -> StreamSnapshot:
-    return StreamSnapshot(TOPIC, ends, committed, (), starts, losses)
+) -> StreamOffsets:
+    return StreamOffsets(TOPIC, ends, committed, (), starts, losses)
 
 
 def test_a_log_start_past_the_committed_offset_is_an_error_naming_partition_range_and_count():

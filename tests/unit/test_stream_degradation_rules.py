@@ -12,19 +12,15 @@ from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.sink.enrich import enrich
 from k2_resources.sink.gaps_and_shedding import sequence_gaps
 from k2_resources.sink.offsets import DEFERRED, SPILLED, PendingRange
-from k2_sensors.binance.stream_rules import (
-    RUN_ACTIVE,
-    RUN_FAILED,
-    StreamCursor,
-    StreamSnapshot,
-    batch_level,
+from k2_sensors.binance.stream_checks import (
     dead_letter_evaluation,
     deferred_backlog_evaluation,
     degradation_evaluation,
-    note_probe,
-    plan_recoveries,
     spilled_backlog_evaluation,
 )
+from k2_sensors.binance.stream_cursor import RUN_ACTIVE, RUN_FAILED, StreamCursor
+from k2_sensors.binance.stream_observation import StreamOffsets
+from k2_sensors.binance.stream_planning import batch_level, note_probe, plan_recoveries
 
 TOPIC = BINANCE_TRADES_TOPIC
 
@@ -37,8 +33,8 @@ def spilled(partition: int, start: int, end: int) -> PendingRange:
     return PendingRange(TOPIC, partition, start, end, SPILLED, (), end - start)
 
 
-def snap(pending: list[PendingRange]) -> StreamSnapshot:
-    return StreamSnapshot(TOPIC, {0: 1000, 1: 1000}, {0: 1000, 1: 1000}, tuple(pending))
+def snap(pending: list[PendingRange]) -> StreamOffsets:
+    return StreamOffsets(TOPIC, {0: 1000, 1: 1000}, {0: 1000, 1: 1000}, tuple(pending))
 
 
 def test_pending_range_round_trips_and_says_which_rows_are_missing():
@@ -94,7 +90,7 @@ def test_a_failed_recovery_is_requested_again_with_a_new_run_key():
 
 def test_no_recovery_for_a_topic_whose_offsets_went_backwards():
     cursor = StreamCursor()
-    snapshot = StreamSnapshot(TOPIC, {0: 10}, {0: 1000}, (deferred(0, 0, 100),))
+    snapshot = StreamOffsets(TOPIC, {0: 10}, {0: 1000}, (deferred(0, 0, 100),))
     assert plan_recoveries(snapshot, cursor, DegradationLevel.NORMAL, {}, 300, now=0) == []
 
 

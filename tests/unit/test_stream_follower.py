@@ -10,19 +10,9 @@ from k2_resources.sink import follow
 from k2_resources.sink.follow import BEHIND, MEMORY, RECREATED, ROTATED, FollowSettings, follow_topic, plan_cycle
 from k2_resources.sink.microbatch import BatchResult
 from k2_resources.sink.offsets import DEFERRED, OffsetRange, PendingRange
-from k2_sensors.binance.stream_rules import (
-    FOLLOW,
-    INGEST,
-    RUN_ACTIVE,
-    RUN_FAILED,
-    RUN_SUCCEEDED,
-    InFlight,
-    Observation,
-    StreamCursor,
-    StreamSettings,
-    StreamSnapshot,
-    decide,
-)
+from k2_sensors.binance.stream_cursor import RUN_ACTIVE, RUN_FAILED, RUN_SUCCEEDED, InFlight, StreamCursor
+from k2_sensors.binance.stream_observation import Observation, StreamOffsets
+from k2_sensors.binance.stream_planning import FOLLOW, INGEST, StreamSettings, decide
 
 TOPIC = BINANCE_TRADES_TOPIC
 FOLLOWING = StreamSettings(
@@ -36,7 +26,7 @@ FOLLOWING = StreamSettings(
 
 
 def observe(ends, committed, run_status=None, pending=()) -> Observation:
-    return Observation(StreamSnapshot(TOPIC, ends, committed, tuple(pending)), run_status=run_status or {})
+    return Observation(StreamOffsets(TOPIC, ends, committed, tuple(pending)), run_status=run_status or {})
 
 
 def test_at_normal_with_new_data_the_sensor_requests_one_follower_instead_of_ranges():

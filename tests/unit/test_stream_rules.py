@@ -9,26 +9,16 @@ from dagster import AssetCheckSeverity
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.sink.offsets import DEFERRED
 from k2_resources.sink.resource import TradeSinkResource
-from k2_sensors.binance.stream_rules import (
-    RUN_ACTIVE,
-    RUN_FAILED,
-    RUN_SUCCEEDED,
-    InFlight,
-    Recovery,
-    StreamCursor,
-    StreamSnapshot,
-    baseline_evaluation,
-    lag_evaluation,
-    plan_batches,
-    recovery_run_keys,
-    retry_attempt,
-)
+from k2_sensors.binance.stream_checks import baseline_evaluation, lag_evaluation
+from k2_sensors.binance.stream_cursor import RUN_ACTIVE, RUN_FAILED, RUN_SUCCEEDED, InFlight, Recovery, StreamCursor
+from k2_sensors.binance.stream_observation import StreamOffsets
+from k2_sensors.binance.stream_planning import plan_batches, recovery_run_keys, retry_attempt
 
 TOPIC = BINANCE_TRADES_TOPIC
 
 
-def snap(ends: dict[int, int], committed: dict[int, int]) -> StreamSnapshot:
-    return StreamSnapshot(TOPIC, ends, committed)
+def snap(ends: dict[int, int], committed: dict[int, int]) -> StreamOffsets:
+    return StreamOffsets(TOPIC, ends, committed)
 
 
 def test_requests_one_bounded_range_per_partition_from_the_committed_offset():

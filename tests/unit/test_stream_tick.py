@@ -9,19 +9,10 @@ from dagster import AssetCheckSeverity
 from k2_resources.degradation.levels import DegradationLevel, DegradationThresholds
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.sink.offsets import DEFERRED, PendingRange
-from k2_sensors.binance.stream_rules import (
-    INGEST,
-    RECOVER,
-    RUN_ACTIVE,
-    RUN_FAILED,
-    LogLine,
-    Observation,
-    StreamCursor,
-    StreamSettings,
-    StreamSnapshot,
-    decide,
-    report,
-)
+from k2_sensors.binance.stream_checks import LogLine, report
+from k2_sensors.binance.stream_cursor import RUN_ACTIVE, RUN_FAILED, StreamCursor
+from k2_sensors.binance.stream_observation import Observation, StreamOffsets
+from k2_sensors.binance.stream_planning import INGEST, RECOVER, StreamSettings, decide
 
 TOPIC = BINANCE_TRADES_TOPIC
 SETTINGS = StreamSettings(
@@ -47,7 +38,7 @@ CHECKS = [
 def observed(
     ends: dict[int, int], committed: dict[int, int], pending: tuple[PendingRange, ...] = (), **more
 ) -> Observation:
-    return Observation(StreamSnapshot(TOPIC, ends, committed, pending), dead_letter_topic=f"{TOPIC}.dlq", **more)
+    return Observation(StreamOffsets(TOPIC, ends, committed, pending), dead_letter_topic=f"{TOPIC}.dlq", **more)
 
 
 def test_decide_plans_batches_at_the_level_and_leaves_the_given_cursor_alone():

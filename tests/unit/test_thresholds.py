@@ -16,7 +16,8 @@ from k2_resources.degradation.levels import DegradationLevel, DegradationThresho
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.paths import PROJECT_ROOT
 from k2_resources.sink.resource import TradeSinkResource
-from k2_sensors.binance.stream_rules import StreamSnapshot, lag_evaluation
+from k2_sensors.binance.stream_checks import lag_evaluation
+from k2_sensors.binance.stream_observation import StreamOffsets
 
 RULES = PROJECT_ROOT / "infra" / "prometheus" / "rules" / "k2-alerts.yml"
 
@@ -56,7 +57,7 @@ def test_the_lag_check_turns_at_exactly_the_alert_thresholds():
     sink = TradeSinkResource()
 
     def verdict(lag: int) -> tuple[bool, AssetCheckSeverity]:
-        outcome = lag_evaluation(StreamSnapshot("t", {0: lag}, {0: 0}), sink)
+        outcome = lag_evaluation(StreamOffsets("t", {0: lag}, {0: 0}), sink)
         return outcome.passed, outcome.severity
 
     assert verdict(thresholds.LAG_WARN_MESSAGES - 1)[0] is True
