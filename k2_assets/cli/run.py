@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     # A busy two-core machine can take over Dagster's default 60 s to load the code in a new run.
     env.setdefault("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")
     # The stream sensor runs one long-running follower (commits every second) instead of a run per
-    # range: launching a run costs seconds, so runs per range left trades 19 s (median) from the table.
+    # range: launching a run costs seconds, so runs per range left trades far behind the table.
     env.setdefault("K2_STREAM_FOLLOW_SECONDS", "600")
     broker = _kafka(env)
     logs = k2_home() / "logs"

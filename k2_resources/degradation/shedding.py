@@ -65,7 +65,8 @@ class LoadShedder:
     def from_volumes(
         cls, volumes: Mapping[str, float], tier1_size: int = TIER1_SIZE, tier2_size: int = TIER2_SIZE
     ) -> LoadShedder:
-        """Tiers from recent per-symbol volume: the top ``tier1_size`` are tier 1, the rest of the top ``tier2_size`` tier 2.
+        """Tiers from recent per-symbol volume: the top ``tier1_size`` are tier 1, the rest of the top
+        ``tier2_size`` tier 2.
 
         Ties are broken by symbol name so that the same volumes always give the same tiers.
         """

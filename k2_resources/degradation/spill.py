@@ -106,7 +106,8 @@ class SpillStore:
         """
         if start < 0 or end <= start:
             raise K2Error(
-                f"cannot spill offsets {start}..{end} of {topic}/{partition}: the range must be [start, end) with 0 <= start < end"
+                f"cannot spill offsets {start}..{end} of {topic}/{partition}: "
+                "the range must be [start, end) with 0 <= start < end"
             )
         folder = self._folder(topic, partition)
         table = records if isinstance(records, pa.Table) else pa.Table.from_pylist(list(records), schema=schema)

@@ -2,14 +2,14 @@
 
 kafka-python turns every fetched record into a ``ConsumerRecord`` in pure Python (varints, CRC
 per batch, timestamp type, headers): on 2 cores that per-message work is most of what a raw
-``poll`` loop costs, and the sink used to pay it in full before decoding. Here the range is
+``poll`` loop costs, paid in full before decoding. Here the range is
 fetched with plain Fetch requests (v4, the oldest version Kafka 4 serves) on one socket to the
 bootstrap broker, and the record batches in the response are parsed for all messages at once
 with numpy (the same lock-step varint walk the Avro decoder uses): each batch's CRC-32C is
 checked, and the result is the offsets and the values as one Arrow binary array.
 
 It covers the common case only and says so (``FastFetchUnavailable``): the caller then reads
-the range with kafka-python as before, which handles every other case exactly (another broker
+the range with kafka-python, which handles every other case exactly (another broker
 leads the partition, an error code such as offsets deleted by retention, a compressed,
 transactional or pre-v2 batch, a null value, offsets that skip).
 """

@@ -1,10 +1,9 @@
 """A topic's partitions, end offsets and offsets for a time, asked of the broker directly.
 
-kafka-python's consumer needs 0.1-0.3 s on 2 cores before it answers its first question (bootstrap,
-version probe, metadata of every topic in the cluster), which was most of a new process's first
-``recent_trades`` once the sink keeps the tail short. The same three answers take one plain
-Metadata request for the one topic and one ListOffsets request each, on a single connection to
-the bootstrap broker (about 10 ms in all).
+kafka-python's consumer does a lot before it answers its first question (bootstrap, version
+probe, metadata of every topic in the cluster), most of a new process's first ``recent_trades``
+once the sink keeps the tail short. The same three answers take one plain Metadata request for
+the one topic and one ListOffsets request each, on a single connection to the bootstrap broker.
 
 It covers the common case only and says so (:class:`FastFetchUnavailable`): the broker answers
 with an error, does not lead every partition of the topic (a cluster: the leaders must be asked),

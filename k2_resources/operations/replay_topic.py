@@ -102,7 +102,8 @@ def replay_to_kafka(
     end, headers = _last_message_headers(kafka, spec.topic)
     if end and headers.get(REPLAY_ID) != spec.replay_id:
         raise K2Error(
-            f"topic {spec.topic} already holds {end} messages of another replay ({headers.get(REPLAY_ID, 'not a K2 replay')}); "
+            f"topic {spec.topic} already holds {end} messages of another replay "
+            f"({headers.get(REPLAY_ID, 'not a K2 replay')}); "
             "choose another topic name or delete that topic first"
         )
     done = int(headers[REPLAY_SEQ]) + 1 if end else 0

@@ -1,28 +1,16 @@
 """Reading rows of one Iceberg snapshot of ``market.trades`` / ``market.quotes`` for a filter.
 
-Four read paths were measured on the benchmark data (tests/benchmarks/bench_hybrid.py: 5.02M
-rows in 29 data files, 401K of them ASX over 5 trading days, 4.6M Binance over two UTC days;
-2 cores shared with other test runs, load average 4-10), p50 / p99 in ms, rows returned as a
-polars DataFrame:
-
-=================================  ===========  ================  ==================
-path                               point query  BTCUSDT 60 min    all ASX, 8 columns
-                                   (40.6K rows) (53K rows)        (401K rows)
-=================================  ===========  ================  ==================
-``polars``: plan_files + polars    15 / 23      18 / 35           24 / 29
-``planned``: plan_files + DuckDB   34 / 42      43 / 51           94 / 100
-``pyiceberg``: scan().to_arrow()   41 / 53      67 / 80           75 / 87
-``duckdb``: iceberg_scan()         67 / 75      78 / 112          126 / 136
-=================================  ===========  ================  ==================
-
-So the default is ``polars``: pyiceberg plans the scan (partition pruning on the day and
-exchange partitions, then file pruning on the column bounds of ``symbol`` and ``timestamp``:
-the point query plans 2 of 29 files, the last 15 minutes of BTCUSDT 0 when they are all in
-Kafka), and polars reads only the planned Parquet files with the filter pushed into its reader
-(row groups skipped on their statistics, predicate columns decoded first). Plans are cached
-per (snapshot, filter): a snapshot never changes. A delete file among the planned manifest
-entries (pyiceberg itself writes copy-on-write, so only other writers produce them) sends the
-read to pyiceberg's own reader, which applies them.
+Four read paths are kept (``polars``: plan_files + polars; ``planned``: plan_files + DuckDB;
+``pyiceberg``: scan().to_arrow(); ``duckdb``: iceberg_scan()); tests/benchmarks/bench_hybrid.py
+compares them and docs/cost-model.md has the figures. The default is ``polars``, the fastest
+on every query measured: pyiceberg plans the scan (partition pruning on the day and exchange
+partitions, then file pruning on the column bounds of ``symbol`` and ``timestamp``, so a point
+query plans a few files and a window that is all in Kafka none), and polars reads only the
+planned Parquet files with the filter pushed into its reader (row groups skipped on their
+statistics, predicate columns decoded first). Plans are cached per (snapshot, filter): a
+snapshot never changes. A delete file among the planned manifest entries (pyiceberg itself
+writes copy-on-write, so only other writers produce them) sends the read to pyiceberg's own
+reader, which applies them.
 """
 
 from __future__ import annotations
@@ -141,7 +129,7 @@ def load_for_read(iceberg: IcebergResource, definition: TableDefinition) -> Tabl
 
     With the default catalog (SQLite on local files) the row is read with sqlite3 and the table
     is opened read-only from its metadata file, which is what pyiceberg's SqlCatalog does too, minus
-    importing SQLAlchemy's ORM and opening every K2 table (about 0.5-0.8 s of a new process's first
+    importing SQLAlchemy's ORM and opening every K2 table (a large share of a new process's first
     query). Any other catalog, or a catalog without the table yet (it is then created), goes
     through ``iceberg.table``."""
     properties = catalog_properties(iceberg.catalog_properties)
@@ -369,7 +357,8 @@ class SnapshotReader:
             connection = self._connection(with_iceberg=False)
             self._reach_object_store(connection, table)
             connection.execute("SET VARIABLE k2_files = ?", [files])
-            sql = f"SELECT {self._select(columns)} FROM read_parquet(getvariable('k2_files'), hive_partitioning = false){where}"
+            source = "read_parquet(getvariable('k2_files'), hive_partitioning = false)"
+            sql = f"SELECT {self._select(columns)} FROM {source}{where}"
             return connection.execute(sql, parameters).fetch_arrow_table()
 
     def _reach_object_store(self, connection: duckdb.DuckDBPyConnection, table: Table) -> None:
