@@ -100,7 +100,10 @@ def _dead_letter_sample(iceberg: IcebergResource, kind: Kind, partition_key: str
     rows = (
         iceberg.dead_letters()
         .scan(
-            row_filter=And(EqualTo("source", DEAD_LETTER_SOURCE[kind]), EqualTo("partition_key", partition_key)),
+            row_filter=And(
+                EqualTo(term="source", value=DEAD_LETTER_SOURCE[kind]),
+                EqualTo(term="partition_key", value=partition_key),
+            ),
             selected_fields=("file", "line_number", "reason"),
             limit=limit,
         )

@@ -229,7 +229,7 @@ def iceberg_counts(exchange: str) -> dict[str, int]:
     rows = (
         IcebergResource()
         .trades()
-        .scan(row_filter=EqualTo("exchange", exchange), selected_fields=("trade_id",))
+        .scan(row_filter=EqualTo(term="exchange", value=exchange), selected_fields=("trade_id",))
         .to_arrow()
     )
     return {

@@ -146,13 +146,13 @@ def _ohlcv(args: argparse.Namespace) -> int:
     from k2_resources.analytics.ohlcv import ohlcv_table
     from k2_resources.catalog.resource import IcebergResource
 
-    condition = And(EqualTo("interval", args.interval), In("symbol", tuple(args.symbol)))
+    condition = And(EqualTo(term="interval", value=args.interval), In(term="symbol", literals=tuple(args.symbol)))
     if args.exchange:
-        condition = And(condition, EqualTo("exchange", args.exchange))
+        condition = And(condition, EqualTo(term="exchange", value=args.exchange))
     if args.start:
-        condition = And(condition, GreaterThanOrEqual("bucket_start", args.start.isoformat()))
+        condition = And(condition, GreaterThanOrEqual(term="bucket_start", value=args.start.isoformat()))
     if args.end:
-        condition = And(condition, LessThan("bucket_start", args.end.isoformat()))
+        condition = And(condition, LessThan(term="bucket_start", value=args.end.isoformat()))
     rows = ohlcv_table(IcebergResource().catalog()).scan(row_filter=condition).to_arrow()
     rows = rows.select(
         ["bucket_start", "symbol", "exchange", "open", "high", "low", "close", "volume", "vwap", "trade_count"]

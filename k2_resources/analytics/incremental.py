@@ -54,7 +54,7 @@ class BinanceBarsReport:
 
 def touched_days(table: Table, last: int | None, current: int) -> tuple[list[datetime], str]:
     """UTC day starts whose Binance trades changed since snapshot ``last``, and how that was found."""
-    binance = EqualTo("exchange", EXCHANGE)
+    binance = EqualTo(term="exchange", value=EXCHANGE)
     if last is not None and table.snapshot_by_id(last) is not None:
         appended = table.incremental_append_scan(
             from_snapshot_id_exclusive=last,
@@ -99,10 +99,10 @@ def update_binance_bars(
                 from_snapshot_id_exclusive=last,
                 to_snapshot_id_inclusive=current,
                 row_filter=And(
-                    EqualTo("exchange", EXCHANGE),
+                    EqualTo(term="exchange", value=EXCHANGE),
                     And(
-                        GreaterThanOrEqual("timestamp", day_start.isoformat()),
-                        LessThan("timestamp", day_end.isoformat()),
+                        GreaterThanOrEqual(term="timestamp", value=day_start.isoformat()),
+                        LessThan(term="timestamp", value=day_end.isoformat()),
                     ),
                 ),
                 selected_fields=("timestamp",),

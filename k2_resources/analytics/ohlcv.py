@@ -146,11 +146,14 @@ def replace_filter(
 ) -> BooleanExpression:
     """The bars of ``exchange`` whose buckets start in [start, end) (optionally some symbols only)."""
     expression: BooleanExpression = And(
-        EqualTo("exchange", exchange),
-        And(GreaterThanOrEqual("bucket_start", start.isoformat()), LessThan("bucket_start", end.isoformat())),
+        EqualTo(term="exchange", value=exchange),
+        And(
+            GreaterThanOrEqual(term="bucket_start", value=start.isoformat()),
+            LessThan(term="bucket_start", value=end.isoformat()),
+        ),
     )
     if symbols:
-        expression = And(expression, In("symbol", tuple(symbols)))
+        expression = And(expression, In(term="symbol", literals=tuple(symbols)))
     return expression
 
 
@@ -265,8 +268,11 @@ def stored_bars(ohlcv: Table, exchange: str, start: datetime, end: datetime) -> 
     """The bars of ``exchange`` in ``market.ohlcv`` whose buckets start in [start, end)."""
     rows = ohlcv.scan(
         row_filter=And(
-            EqualTo("exchange", exchange),
-            And(GreaterThanOrEqual("bucket_start", start.isoformat()), LessThan("bucket_start", end.isoformat())),
+            EqualTo(term="exchange", value=exchange),
+            And(
+                GreaterThanOrEqual(term="bucket_start", value=start.isoformat()),
+                LessThan(term="bucket_start", value=end.isoformat()),
+            ),
         )
     ).to_arrow()
     return pl.from_arrow(rows)

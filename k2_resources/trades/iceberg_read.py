@@ -66,13 +66,17 @@ class RowFilter:
         """The same filter as a pyiceberg expression, for partition and file pruning."""
         parts: list[BooleanExpression] = []
         if self.symbols is not None:
-            parts.append(EqualTo("symbol", self.symbols[0]) if len(self.symbols) == 1 else In("symbol", self.symbols))
+            parts.append(
+                EqualTo(term="symbol", value=self.symbols[0])
+                if len(self.symbols) == 1
+                else In(term="symbol", literals=self.symbols)
+            )
         if self.exchange is not None:
-            parts.append(EqualTo("exchange", self.exchange))
+            parts.append(EqualTo(term="exchange", value=self.exchange))
         if self.start is not None:
-            parts.append(GreaterThanOrEqual("timestamp", self.start.isoformat()))
+            parts.append(GreaterThanOrEqual(term="timestamp", value=self.start.isoformat()))
         if self.end is not None:
-            parts.append(LessThan("timestamp", self.end.isoformat()))
+            parts.append(LessThan(term="timestamp", value=self.end.isoformat()))
         expression: BooleanExpression = AlwaysTrue()
         for part in parts:
             expression = part if isinstance(expression, AlwaysTrue) else And(expression, part)
