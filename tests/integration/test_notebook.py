@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import nbformat
 import pytest
@@ -56,8 +57,17 @@ def test_the_tour_notebook_tells_its_six_parts(k2_home, kafka_broker, topic_name
     ]
     assert len(charts) == 2 and all(len(chart) > 1000 for chart in charts)  # base64 PNGs: the burst, price and volume
 
-    # 1. positioning: the hybrid read measured against the L3 budget.
-    assert 0 < summary["positioning"]["p50_ms"] <= summary["positioning"]["worst_ms"] < 500
+    # 1. positioning: the hybrid read measured and set against each tier's budget, the verdicts following
+    # the figures. Whether it is fast enough is the benchmark's call (bench_hybrid, judged), not this test's.
+    positioning = summary["positioning"]
+    assert 0 < positioning["p50_ms"] <= positioning["worst_ms"] and positioning["l3_budget_ms"] == 500
+    verdicts = re.findall(
+        r"(L[123]) budget +([\d.]+) ms: K2 hybrid read p50 [\d.]+ ms, worst ([\d.]+) ms -> (\w+)", text
+    )
+    assert [tier for tier, *_ in verdicts] == ["L1", "L2", "L3"], text
+    for tier, budget, worst, verdict in verdicts:
+        if abs(float(worst) - float(budget)) > 0.1:  # printed to 0.1 ms: a tie cannot be told
+            assert verdict == ("within" if float(worst) < float(budget) else "outside"), (tier, budget, worst)
     # 2. ingestion: both exchanges counted; Kafka holds the half not yet committed.
     ingestion = summary["ingestion"]
     assert ingestion["asx_rows"] == asx_day.valid > 0
