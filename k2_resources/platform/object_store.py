@@ -199,7 +199,7 @@ class ObjectStore(LocalServer):
 
     def stop(self, timeout_s: float = 8.0) -> None:
         """Stop the process (SIGTERM, SIGKILL after ``timeout_s``); its data stays in ``home``. A clean
-        stop takes 2-3 s; now and then weed's volume server never finishes its shutdown, and the kill
+        stop takes a few seconds; now and then weed's volume server never finishes its shutdown, and the kill
         is safe for what was acknowledged (volumes are append-only and checked at start)."""
         stop_process(self.pid(), signal.SIGTERM, timeout_s)
         self._save(pid=None)
