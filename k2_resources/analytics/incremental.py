@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
 import polars as pl
 from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThan
@@ -68,7 +69,9 @@ def touched_days(table: Table, last: int | None, current: int) -> tuple[list[dat
         how = "full recompute (no earlier run, or its snapshot expired)"
     if appended.num_rows == 0:
         return [], how
-    days = pl.from_arrow(appended).select(pl.col("timestamp").dt.truncate("1d").unique().sort())["timestamp"]
+    days = cast(pl.DataFrame, pl.from_arrow(appended)).select(pl.col("timestamp").dt.truncate("1d").unique().sort())[
+        "timestamp"
+    ]
     return days.to_list(), how
 
 
@@ -111,9 +114,9 @@ def update_binance_bars(
             else None
         )
         if appended is not None and appended.num_rows:
-            stamps = pl.from_arrow(appended)["timestamp"]
-            first_minute = stamps.min().replace(second=0, microsecond=0)
-            end_minute = stamps.max().replace(second=0, microsecond=0) + timedelta(minutes=1)
+            stamps = cast(pl.DataFrame, pl.from_arrow(appended))["timestamp"]
+            first_minute = cast(datetime, stamps.min()).replace(second=0, microsecond=0)
+            end_minute = cast(datetime, stamps.max()).replace(second=0, microsecond=0) + timedelta(minutes=1)
         else:
             first_minute, end_minute = day_start, day_end
         fresh = engine.ohlcv_bars(

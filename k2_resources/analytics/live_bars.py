@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import polars as pl
 from pyiceberg.catalog import Catalog
@@ -94,7 +95,7 @@ def compute_live_bars(
             None,
             hybrid.last_stats or QueryStats(),
         )
-    newest = probe["timestamp"].max()
+    newest = cast(datetime, probe["timestamp"].max())
     end = newest.replace(second=0, microsecond=0) + timedelta(minutes=1)
     start = end - span
     trades = hybrid.trades(chosen, start, end, exchange=exchange, allow_partial=allow_partial)
@@ -105,7 +106,9 @@ def compute_live_bars(
 
 def _comparable(bars: pl.DataFrame) -> pl.DataFrame:
     """Bars in market.live_bars' exact types, without computed_at, in key order."""
-    exact = pl.from_arrow(to_ohlcv_arrow(bars) if bars.height else OHLCV.arrow_schema().empty_table())
+    exact = cast(
+        pl.DataFrame, pl.from_arrow(to_ohlcv_arrow(bars) if bars.height else OHLCV.arrow_schema().empty_table())
+    )
     return exact.drop("computed_at").sort(_BAR_KEY)
 
 
@@ -113,8 +116,8 @@ def stored_live_bars(table: Table) -> pl.DataFrame:
     """Every bar in ``market.live_bars`` (current snapshot), ordered by symbol and minute."""
     table.refresh()
     if table.current_snapshot() is None:
-        return pl.from_arrow(OHLCV.arrow_schema().empty_table())
-    return pl.from_arrow(table.scan().to_arrow()).sort(_BAR_KEY)
+        return cast(pl.DataFrame, pl.from_arrow(OHLCV.arrow_schema().empty_table()))
+    return cast(pl.DataFrame, pl.from_arrow(table.scan().to_arrow())).sort(_BAR_KEY)
 
 
 def replace_live_bars(

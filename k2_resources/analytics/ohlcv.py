@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 import polars as pl
 import pyarrow as pa
@@ -133,7 +134,7 @@ def ohlcv_bars(
         )
     columns = [field.name for field in OHLCV_SCHEMA.fields]
     if not bars:
-        return pl.from_arrow(OHLCV.arrow_schema().empty_table())
+        return cast(pl.DataFrame, pl.from_arrow(OHLCV.arrow_schema().empty_table()))
     return pl.concat([b.select(columns) for b in bars]).sort("interval", "symbol", "bucket_start")
 
 
@@ -256,12 +257,12 @@ def exchange_day_bounds(exchange: str, day: str | datetime) -> tuple[datetime, d
 
 def empty_bars() -> pl.DataFrame:
     """No bars, in OHLCV's columns."""
-    return pl.from_arrow(OHLCV.arrow_schema().empty_table())
+    return cast(pl.DataFrame, pl.from_arrow(OHLCV.arrow_schema().empty_table()))
 
 
 def empty_trades() -> pl.DataFrame:
     """No trades, in TRADE_COLUMNS."""
-    return pl.from_arrow(TRADES.arrow_schema().empty_table()).select(TRADE_COLUMNS)
+    return cast(pl.DataFrame, pl.from_arrow(TRADES.arrow_schema().empty_table())).select(TRADE_COLUMNS)
 
 
 def stored_bars(ohlcv: Table, exchange: str, start: datetime, end: datetime) -> pl.DataFrame:
@@ -275,13 +276,13 @@ def stored_bars(ohlcv: Table, exchange: str, start: datetime, end: datetime) -> 
             ),
         )
     ).to_arrow()
-    return pl.from_arrow(rows)
+    return cast(pl.DataFrame, pl.from_arrow(rows))
 
 
 def read_trades(table: Table, snapshot_id: int | None, row_filter: RowFilter) -> pl.DataFrame:
     """The TRADE_COLUMNS of the trades matching ``row_filter`` in snapshot ``snapshot_id`` of market.trades."""
     reader = SnapshotReader()
     try:
-        return pl.from_arrow(reader.read(table, snapshot_id, row_filter, columns=TRADE_COLUMNS))
+        return cast(pl.DataFrame, pl.from_arrow(reader.read(table, snapshot_id, row_filter, columns=TRADE_COLUMNS)))
     finally:
         reader.close()

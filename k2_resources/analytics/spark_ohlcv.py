@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import pyarrow as pa
@@ -116,7 +116,7 @@ def spark_ohlcv_bars(
     computed_at = (computed_at or datetime.now(UTC)).astimezone(UTC)
     intervals = list(intervals)
     if not intervals:
-        return pl.from_arrow(OHLCV.arrow_schema().empty_table())
+        return cast(pl.DataFrame, pl.from_arrow(OHLCV.arrow_schema().empty_table()))
     # One scan and one shuffle for every interval: each trade is exploded into one row per interval.
     buckets = F.explode(
         F.array(
@@ -169,7 +169,7 @@ def spark_ohlcv_bars(
     names = [field.name for field in OHLCV_SCHEMA.fields]
     schema = OHLCV.arrow_schema()
     arrow = pa.table([arrow.column(name).cast(schema.field(name).type) for name in names], schema=schema)
-    return pl.from_arrow(arrow).sort("interval", "symbol", "bucket_start")
+    return cast(pl.DataFrame, pl.from_arrow(arrow)).sort("interval", "symbol", "bucket_start")
 
 
 def _with_exact_vwap(bars: Any) -> Any:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import unquote, urlparse
 
 import duckdb
@@ -264,17 +264,23 @@ class SnapshotReader:
     ) -> pl.DataFrame:
         """Like :meth:`read`, as a polars DataFrame (the polars path never goes through Arrow)."""
         if self.read_path != "polars":
-            return pl.from_arrow(self.read(table, snapshot_id, row_filter, columns, stats, exact_schema=False))
+            return cast(
+                pl.DataFrame,
+                pl.from_arrow(self.read(table, snapshot_id, row_filter, columns, stats, exact_schema=False)),
+            )
         stats = stats if stats is not None else ScanStats()
         stats.path = self.read_path
         empty = table.schema().as_arrow()
         if columns is not None:
             empty = pa.schema([empty.field(c) for c in columns])
         files = self.planned_files(table, snapshot_id, row_filter, stats) if snapshot_id is not None else []
-        if files is None:  # merge-on-read deletes: let pyiceberg apply them
-            frame = pl.from_arrow(self._read_pyiceberg(table, snapshot_id, row_filter, columns, stats))
+        frame: pl.DataFrame
+        if files is None and snapshot_id is not None:  # merge-on-read deletes: let pyiceberg apply them
+            frame = cast(
+                pl.DataFrame, pl.from_arrow(self._read_pyiceberg(table, snapshot_id, row_filter, columns, stats))
+            )
         elif not files:
-            frame = pl.from_arrow(empty.empty_table())
+            frame = cast(pl.DataFrame, pl.from_arrow(empty.empty_table()))
         else:
             scan = pl.scan_parquet(files, hive_partitioning=False, storage_options=object_store_options(table, files))
             predicate = row_filter.polars()

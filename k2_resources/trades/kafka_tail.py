@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import pyarrow as pa
@@ -215,14 +215,14 @@ class KafkaTail:
                     raise self._unavailable(exc) from exc
                 for partition, pieces in fetched.items():
                     self._store(topic, partition, pieces)
-            frames = []
+            frames: list[pl.DataFrame] = []
             for partition, (start, end) in sorted(ranges.items()):
                 cached = self._cache.get((topic, partition))
                 if end <= start or cached is None:
                     continue
                 wanted = pl.col("platform_sequence").is_between(start, end, closed="left")
                 frames.append(cached.rows.filter(wanted if predicate is None else predicate & wanted))
-            return pl.concat(frames) if frames else _EMPTY.clear()
+            return cast(pl.DataFrame, pl.concat(frames)) if frames else _EMPTY.clear()
 
     def covers(self, topic: str, ranges: dict[int, tuple[int, int]]) -> bool:
         """True when every offset of ``ranges`` is decoded in the cache already."""
