@@ -14,8 +14,9 @@ Two queries, both answering the default first page (up to 1000 rows, JSON):
 - ``point``: ``/v1/trades?symbol=BHP&start=<12 March 2014 Sydney>&end=<13 March>`` (Iceberg).
 
 Each runs with the server on both cores (shared with the clients), and pinned to one core (the
-clients on the other). Timing is reported, not asserted: the target is p99 < 100 ms at >= 200
-req/s on 2 cores, and other engineers' runs share this machine (the load average is recorded).
+clients on the other). Timing is reported, not asserted: the target (p99 < 100 ms at >= 200
+req/s on 2 cores) is judged by tests/benchmarks/judge.py from tests/benchmarks/targets.toml, and
+other engineers' runs share this machine (the load average is recorded).
 """
 
 from __future__ import annotations
@@ -198,7 +199,6 @@ def test_api_latency_and_throughput_at_50_clients(k2_home, kafka_broker, topic_n
                 os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
                 server.terminate()
                 server.wait(timeout=60)
-    results["targets"] = {"p99_ms": 100, "throughput_rps": 200, "cores": 2, "asserted": False}
     results["machine"] = {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")

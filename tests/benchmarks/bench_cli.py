@@ -22,7 +22,8 @@ Writes bench-results/cli.json with the median of 5 runs (and every sample) of:
 
 next to baselines measured in the same run: ``python -c pass`` (interpreter start-up, the floor
 of any command) and ``python -c`` DuckDB counting the same Parquet files directly (no catalog, no
-K2), so the ratios say what K2's own work costs.
+K2), so the ratios say what K2's own work costs. The targets (< 0.3 s, < 1.0 s, < 0.5 s) are in
+tests/benchmarks/targets.toml, judged by tests/benchmarks/judge.py.
 """
 
 from __future__ import annotations
@@ -209,21 +210,19 @@ def test_cli_latency_in_new_processes(k2_home: Path, kafka_broker, topic_name: s
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0]},
         "baseline_python_c_pass": python_pass,
         "baseline_duckdb_count_parquet_files": {**duckdb_parquet, "files": len(data_files)},
-        "k2_help": {**help_run, "target_s": 0.3, "x_python_start": ratio(help_run)},
+        "k2_help": {**help_run, "x_python_start": ratio(help_run)},
         "k2_query_sql_count": {
             **sql_run,
-            "target_s": 1.0,
             "x_python_start": ratio(sql_run),
             "x_duckdb_on_the_parquet_files": round(sql_run["median_s"] / duckdb_parquet["median_s"], 2),
         },
         "before_query_sql_through_duckdb_query_resource": {**resource_run, "x_python_start": ratio(resource_run)},
         "hybrid_first_recent_trades": {
             **_first_calls(live_runs),
-            "target_s": 0.5,
             "kafka_messages_uncommitted": uncommitted,
         },
-        "hybrid_first_recent_trades_sink_down": {**_first_calls(sink_down_runs), "target_s": 0.5},
-        "hybrid_first_recent_trades_with_bytecode_cache": {**_first_calls(cached_runs), "target_s": 0.5},
+        "hybrid_first_recent_trades_sink_down": _first_calls(sink_down_runs),
+        "hybrid_first_recent_trades_with_bytecode_cache": _first_calls(cached_runs),
     }
     out = PROJECT_ROOT / "bench-results"
     out.mkdir(exist_ok=True)

@@ -303,13 +303,8 @@ def test_hybrid_query_benchmark(k2_home, kafka_broker, topic_name):
             }
         path_reader.close()
     results["iceberg_read_paths"] = paths
-    results["targets"] = {"recent_trades_15min_p99_ms": 500, "point_query_p99_ms": 100}
-    # Benchmarks report, they do not gate: whether each target was met is in the JSON, not an assert
-    # (a shared, busy machine must not fail the suite on timing).
-    results["targets_met"] = {
-        "recent_trades_15min_p99_ms": results["recent_trades_15min"]["p99_ms"] < 500,
-        "point_query_p99_ms": results["point_query"]["p99_ms"] < 100,
-    }
+    # Benchmarks report, they do not gate: the targets (recent_trades p99 < 500 ms, point query p99
+    # < 100 ms) are judged by tests/benchmarks/judge.py from tests/benchmarks/targets.toml.
     # Other engineers' test runs share the 2 cores: the load says how noisy the figures are.
     results["machine"] = {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 

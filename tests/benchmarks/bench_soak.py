@@ -19,7 +19,8 @@ default 20,000):
   network is idle is the page time, and every GraphQL operation the page sent is replayed
   ``REPLAYS`` times for its server time (p50 per operation).
 
-Each figure at 20K runs is reported with its ratio to the baseline measured in the same run.
+Each figure at 20K runs is reported with its ratio to the baseline measured in the same run. The
+tick's target (p99 under 2 s) is in tests/benchmarks/targets.toml, judged by tests/benchmarks/judge.py.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ OFFSETS_PER_RUN = 5
 LAG = 50  # offsets beyond the history in each partition: every tick requests the next batch
 TICKS = 20
 REPLAYS = 5
-TICK_BUDGET_S = 2.0
 CHROMIUM = Path("/usr/bin/chromium")
 ASSET_PAGES = ("/assets/binance_trades", "/assets/binance_trades?view=checks")
 # How long a page may keep sending GraphQL queries. At 20K runs the asset page never settles: it
@@ -318,7 +318,6 @@ def test_soak_benchmark(k2_home, kafka_broker, topic_name, tmp_path):
             "what": "runs (SUCCESS, sensor tags), 5 status events + planned + materialisation per run, "
             "the runless check evaluations of one tick per round of partitions",
         },
-        "tick_budget_ms": TICK_BUDGET_S * 1000,
         "tick_p50_ms": soak["tick"]["p50_ms"],
         "tick_p99_ms": soak["tick"]["p99_ms"],
         "tick_p99_ratio_to_baseline": _ratio(soak["tick"]["p99_ms"], base["tick"]["p99_ms"]),
