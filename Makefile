@@ -38,9 +38,16 @@ lint: $(VENV)/.installed
 test: install lint
 	$(VENV)/bin/pytest
 
+# The judge (tests/benchmarks/targets.toml) runs even when a benchmark failed; either failing fails
+# make bench. Result files older than this run count as not run.
 bench: install
 	@mkdir -p bench-results
-	$(VENV)/bin/pytest tests/benchmarks -p no:cacheprovider -o testpaths=tests/benchmarks -o python_files="bench_*.py" -q
+	@started=$$(date +%s); \
+	$(VENV)/bin/pytest tests/benchmarks -p no:cacheprovider -o testpaths=tests/benchmarks -o python_files="bench_*.py" -q; \
+	benched=$$?; \
+	$(PY) -m tests.benchmarks.judge --since $$started; \
+	judged=$$?; \
+	[ $$benched -eq 0 ] && [ $$judged -eq 0 ]
 
 clean-state:
 	rm -rf .k2
