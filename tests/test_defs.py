@@ -19,6 +19,9 @@ ASSETS = {
     "trades_file_layout",
     "trades_snapshot_history",
     "symbol_tiers",
+    "market_trades_table",
+    "market_quotes_table",
+    "market_live_bars_table",
 }
 ASSET_CHECKS = {
     ("asx_raw_trades", "company_ids_mapped"),
@@ -50,6 +53,9 @@ ASSET_CHECKS = {
     ("binance_live_bars", "volumes_match_hybrid_trades"),
     ("trades_file_layout", "files_per_partition"),
     ("trades_file_layout", "small_files_per_partition"),
+    ("market_trades_table", "table_health"),
+    ("market_quotes_table", "table_health"),
+    ("market_live_bars_table", "table_health"),
 }
 JOBS = {
     "__ASSET_JOB",

@@ -6,6 +6,7 @@ from typing import Literal
 from dagster import AssetExecutionContext, AssetMaterialization, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from k2_assets.operations.health_checks import FollowerMaintenance
 from k2_resources.catalog.errors import explaining_catalog_errors
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel
@@ -130,7 +131,10 @@ def _follow(
         memory_limit_percent=thresholds.memory_percent[0],
     )
 
+    maintenance = FollowerMaintenance(context, iceberg)  # continuous table maintenance, on by default
+
     def report(result: BatchResult) -> None:
+        maintenance.log_pending()
         if not result.already_committed:
             context.log_event(
                 AssetMaterialization(
@@ -138,16 +142,18 @@ def _follow(
                 )
             )
 
-    outcome = follow_topic(
-        kafka,
-        iceberg,
-        config.topic,
-        settings,
-        report,
-        level=level,
-        shedder=degradation.load_shedder(),
-        spill_store=degradation.spill_store(),
-    )
+    with maintenance:
+        outcome = follow_topic(
+            kafka,
+            iceberg,
+            config.topic,
+            settings,
+            report,
+            level=level,
+            shedder=degradation.load_shedder(),
+            spill_store=degradation.spill_store(),
+            pause=maintenance.pause,
+        )
     context.log.info(
         f"following {config.topic} ended ({outcome.reason}) after {outcome.commits} commits, "
         f"{outcome.rows_written} rows"
