@@ -149,7 +149,7 @@ def _scenario() -> dict[str, Any]:
             for entry in history[len(transitions) :]:
                 transitions.append({k: entry[k] for k in ("from", "to", "cause", "lag")})
                 _say(f"  level {entry['from']} -> {entry['to']}: {entry['cause']}")
-            for request in result.run_requests:
+            for request in result.run_requests or []:
                 runs[request.tags.get("k2/mode", "ingest")] += 1
             _, failed = execute_requests(instance, defs, result, extra_run_config=QUIET_RUNS)
             if failed:

@@ -66,7 +66,7 @@ def services(args: argparse.Namespace, logs: Path, home: Path) -> list[Service]:
     k2 = [sys.executable, "-m", "k2_assets.cli"]
     bin_dir = Path(sys.executable).parent
     workspace = str(PROJECT_ROOT / "workspace.yaml")
-    chosen = []
+    chosen: list[tuple[str, list[str], Path | None]] = []
     if not args.no_stream:
         chosen.append(("binance streamer", k2 + ["stream", "binance"], None))  # K2_STREAM_* env vars set its options
     chosen.append(("metrics exporter", k2 + ["metrics"], None))

@@ -40,11 +40,16 @@ FLAP_WINDOW_S = 60.0
 
 
 class ServiceSpec(Protocol):
-    name: str
-    argv: list[str]
-    log: Path
-    cwd: Path | None
-    may_finish: bool
+    @property
+    def name(self) -> str: ...
+    @property
+    def argv(self) -> list[str]: ...
+    @property
+    def log(self) -> Path: ...
+    @property
+    def cwd(self) -> Path | None: ...
+    @property
+    def may_finish(self) -> bool: ...
 
 
 @dataclass

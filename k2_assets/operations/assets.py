@@ -8,6 +8,7 @@ first two made unreferenced).
 """
 
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster._core.definitions.metadata import RawMetadataValue
 
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.operations.maintenance import TableMaintenanceResource, partition_stats
@@ -17,7 +18,7 @@ GROUP = "operations"
 TRADES_WRITERS = [AssetKey("asx_trades"), AssetKey("binance_trades")]
 
 
-def _layout_metadata(iceberg: IcebergResource, maintenance: TableMaintenanceResource) -> dict[str, object]:
+def _layout_metadata(iceberg: IcebergResource, maintenance: TableMaintenanceResource) -> dict[str, RawMetadataValue]:
     stats = partition_stats(iceberg.trades(), maintenance.small_file_bytes)
     files = sum(s.files for s in stats)
     total = sum(s.total_bytes for s in stats)

@@ -427,7 +427,7 @@ def normalise_quotes(raw: pa.Table, partition_key: str, ingested_at: datetime | 
 
 
 NORMALISERS = {"trades": normalise_trades, "quotes": normalise_quotes}
-MODELS = {"trades": TradeV2, "quotes": QuoteV2}
+MODELS: dict[str, type[TradeV2] | type[QuoteV2]] = {"trades": TradeV2, "quotes": QuoteV2}
 
 
 def check_against_model(rows: pa.Table, kind: Kind, sample: int = 3) -> None:

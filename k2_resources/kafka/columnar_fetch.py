@@ -55,7 +55,7 @@ class BrokerConnection:
             raise FastFetchUnavailable(f"cannot open a plain connection to {servers}: {exc}") from exc
         self.correlation = 0
 
-    def fetch(self, topic: str, partition: int, offset: int, max_bytes: int, max_wait_ms: int) -> object:
+    def fetch(self, topic: str, partition: int, offset: int, max_bytes: int, max_wait_ms: int) -> Any:
         request = FetchRequest(
             replica_id=-1,
             max_wait_ms=max_wait_ms,

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
@@ -104,7 +105,7 @@ class MetricsPoller:
         latest = storage.get_latest_asset_check_execution_by_key([key]).get(key)
         evaluation = latest.evaluation if latest is not None else None
         if evaluation is not None and "level_value" in evaluation.metadata:
-            DEGRADATION_LEVEL.set(evaluation.metadata["level_value"].value)
+            DEGRADATION_LEVEL.set(_number(evaluation.metadata["level_value"]))
         self._count_transitions(storage, key)
         records = self.instance.fetch_materializations(
             BINANCE_TRADES, limit=500, cursor=self._materialization_cursor, ascending=True
@@ -112,9 +113,9 @@ class MetricsPoller:
         for record in records.records:
             metadata = record.asset_materialization.metadata if record.asset_materialization else {}
             if "commit_seconds" in metadata and not metadata.get("already_committed", _Value(False)).value:
-                ICEBERG_COMMIT_SECONDS.observe(float(metadata["commit_seconds"].value))
+                ICEBERG_COMMIT_SECONDS.observe(_number(metadata["commit_seconds"]))
             if "rows_written" in metadata:
-                MICROBATCH_MESSAGES.inc(int(metadata["rows_written"].value))
+                MICROBATCH_MESSAGES.inc(_number(metadata["rows_written"]))
             if "deferred_rows_by_symbol" in metadata:
                 for symbol, rows in json.loads(str(metadata["deferred_rows_by_symbol"].value)).items():
                     SHED_MESSAGES.labels(symbol=symbol).inc(int(rows))
@@ -144,6 +145,11 @@ class MetricsPoller:
 
     def _tables(self) -> None:
         update_table_metrics(self.iceberg)
+
+
+def _number(entry: Any) -> float:
+    """A numeric metadata entry's value (Dagster types metadata values as any packable value)."""
+    return float(entry.value)
 
 
 @dataclass

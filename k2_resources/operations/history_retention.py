@@ -35,6 +35,9 @@ from dagster import AssetCheckKey, AssetKey, DagsterInstance, DagsterRunStatus, 
 from dagster._core.events import DagsterEventType
 from dagster._core.instance.utils import RUNLESS_RUN_ID
 from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable, SqlEventLogStorageTable
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+
+from k2_resources.errors import K2Error
 
 FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
 events = SqlEventLogStorageTable
@@ -59,6 +62,17 @@ class RetentionReport:
     @property
     def total_evaluations_deleted(self) -> int:
         return sum(self.evaluations_deleted.values())
+
+
+def sql_event_log(instance: DagsterInstance) -> SqlEventLogStorage:
+    """The instance's event log as SQL storage (SQLite or Postgres), which pruning deletes from."""
+    storage = instance.event_log_storage
+    if not isinstance(storage, SqlEventLogStorage):
+        raise K2Error(
+            f"Dagster history retention needs SQL event log storage (SQLite or Postgres), not "
+            f"{type(storage).__name__}: point DAGSTER_HOME's dagster.yaml at one of them"
+        )
+    return storage
 
 
 def prune_runs(instance: DagsterInstance, job_name: str, policy: RetentionPolicy, now: datetime | None = None) -> int:
@@ -92,7 +106,7 @@ def prune_check_evaluations(
     newest ``min_evaluations_to_keep`` of that check. Returns check name -> evaluations deleted."""
     now = now or datetime.now(UTC)
     cutoff = (now - timedelta(hours=policy.check_retention_hours)).replace(tzinfo=None)  # stored naive UTC
-    storage = instance.event_log_storage
+    storage = sql_event_log(instance)
     table = AssetCheckExecutionsTable
     deleted: dict[str, int] = {}
     for key in check_keys:
@@ -138,7 +152,7 @@ def prune_check_evaluations(
 def stream_check_keys(instance: DagsterInstance, asset_key: AssetKey) -> list[AssetCheckKey]:
     """Every check of ``asset_key`` that has evaluations in the instance (from its check-executions index)."""
     table = AssetCheckExecutionsTable
-    with instance.event_log_storage.index_connection() as conn:
+    with sql_event_log(instance).index_connection() as conn:
         names = (
             conn.execute(db.select(table.c.check_name).where(table.c.asset_key == asset_key.to_string()).distinct())
             .scalars()

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import duckdb
@@ -173,17 +173,18 @@ def live_data_files(metadata: dict[str, Any]) -> list[str] | None:
     if manifest_list is None:
         return None
     files: list[str] = []
+    # Manifest lists and manifests are Avro records of the Iceberg spec: dicts of known fields.
     with manifest_list.open("rb") as stream:
-        manifests = list(fastavro.reader(stream))
+        manifests = cast(list[dict[str, Any]], list(fastavro.reader(stream)))
     for manifest in manifests:
         path = _local_path(manifest["manifest_path"])
         if manifest.get("content", 0) != 0 or path is None:
             return None
         with path.open("rb") as stream:
-            for entry in fastavro.reader(stream):
+            for entry in cast(Iterator[dict[str, Any]], fastavro.reader(stream)):
                 if entry["status"] == _DELETED_ENTRY:
                     continue
-                data_file = entry["data_file"]
+                data_file: dict[str, Any] = entry["data_file"]
                 local = _local_path(data_file["file_path"])
                 if (
                     data_file.get("content", 0) != 0

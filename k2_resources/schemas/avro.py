@@ -17,7 +17,7 @@ import json
 import struct
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 
@@ -31,8 +31,8 @@ _SCHEMA_DIR = Path(__file__).parent
 
 
 @cache
-def _parsed(name: str) -> dict:
-    return fastavro.parse_schema(json.loads((_SCHEMA_DIR / f"{name}.avsc").read_text()))
+def _parsed(name: str) -> dict[str, Any]:
+    return cast(dict[str, Any], fastavro.parse_schema(json.loads((_SCHEMA_DIR / f"{name}.avsc").read_text())))
 
 
 TRADE_V2 = _parsed("trade_v2")
@@ -62,7 +62,8 @@ def _decode(expected_id: int, payload: bytes) -> dict[str, Any]:
             f"message has magic byte {magic} and schema id {schema_id}, expected 0 and {expected_id}: "
             "it was not written by K2's V2 encoder for this record type (check the topic name)"
         )
-    return fastavro.schemaless_reader(io.BytesIO(payload[_HEADER.size :]), _SCHEMAS[schema_id], None)
+    record = fastavro.schemaless_reader(io.BytesIO(payload[_HEADER.size :]), _SCHEMAS[schema_id], None)
+    return cast(dict[str, Any], record)  # a record schema decodes to a dict
 
 
 def encode_trade(record: dict[str, Any]) -> bytes:

@@ -219,9 +219,13 @@ class _Decimal(_Column):
 
     def read(self, walk: _Walk, rows: np.ndarray) -> None:
         rows, starts, lengths = walk.span(rows)
+        if self.limit is None:  # wider than int64 holds: every row takes the general decoder
+            walk.fail(rows)
+            return
+        limit = self.limit
         fits = (lengths >= 1) & (lengths <= 8)
-        if self.limit is None or not fits.all():
-            walk.fail(rows[~fits] if self.limit is not None else rows)
+        if not fits.all():
+            walk.fail(rows[~fits])
             rows, starts, lengths = rows[fits], starts[fits], lengths[fits]
         value = np.zeros(rows.size, np.uint64)
         for index in range(8):
@@ -231,7 +235,7 @@ class _Decimal(_Column):
         # Sign-extend from 8 * length bits.
         shift = np.uint64(64) - (lengths.astype(np.uint64) * np.uint64(8))
         signed = (value << shift).astype(np.int64) >> shift.astype(np.int64)
-        fits = (signed > -self.limit) & (signed < self.limit)
+        fits = (signed > -limit) & (signed < limit)
         if not fits.all():
             walk.fail(rows[~fits])
         self.values[rows] = signed

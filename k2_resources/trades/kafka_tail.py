@@ -43,7 +43,7 @@ from k2_resources.sink.decode import decode_batch
 
 log = logging.getLogger(__name__)
 
-_EMPTY = pl.from_arrow(TRADES.arrow_schema().empty_table())
+_EMPTY = cast(pl.DataFrame, pl.from_arrow(TRADES.arrow_schema().empty_table()))  # a Table gives a DataFrame
 _MAX_PARALLEL_FETCHES = 8  # partitions fetched at once (a connection each)
 
 
@@ -222,7 +222,9 @@ class KafkaTail:
                     continue
                 wanted = pl.col("platform_sequence").is_between(start, end, closed="left")
                 frames.append(cached.rows.filter(wanted if predicate is None else predicate & wanted))
-            return cast(pl.DataFrame, pl.concat(frames)) if frames else _EMPTY.clear()
+            if not frames:
+                return _EMPTY.clear()
+            return pl.concat(frames, how="vertical")
 
     def covers(self, topic: str, ranges: dict[int, tuple[int, int]]) -> bool:
         """True when every offset of ``ranges`` is decoded in the cache already."""
