@@ -8,7 +8,6 @@ consumer: what a notebook user meets when Kafka goes down.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -26,18 +25,14 @@ from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 from k2_resources.sink.microbatch import run_microbatch
 from k2_resources.sink.offsets import OffsetRange
 from k2_resources.trades.hybrid import HybridQueryResource, KafkaTailMissingWarning
-from k2_resources.trades.kafka_tail import KafkaTail
 from tests.support.producing import Produced, produce
 from tests.support.recorded import recorded_trades_in_time_order
+from tests.support.tail_calls import record_tail_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 ASX_START = datetime(2014, 3, 9, tzinfo=UTC)  # 10 March in Sydney starts on the 9th in UTC
 ASX_END = datetime(2014, 3, 15, tzinfo=UTC)
-# What the tail is asked, in order: a look-up of the topic's partitions and offsets (each bounded by
-# kafka_timeout_seconds), then a read of the offset ranges (kafka-python's poll loop, bounded by a
-# minute). "Fails fast" means it fails at the first bounded look-up and never reaches the read.
-TAIL_CALLS = ("partitions", "end_offsets", "offsets_for_time", "read")
 
 
 def _commit_half(kafka: KafkaResource, iceberg: IcebergResource, topic: str) -> tuple[Produced, dict[int, int]]:
@@ -88,22 +83,10 @@ def _load_bhp(iceberg: IcebergResource) -> int:
 
 
 @pytest.fixture
-def tail_calls(monkeypatch) -> Iterator[list[str]]:
-    """The names of the KafkaTail calls made, in order (each call still goes to the real tail)."""
-    calls: list[str] = []
-
-    def recording(name: str):
-        original = getattr(KafkaTail, name)
-
-        def call(self, *args, **kwargs):
-            calls.append(name)
-            return original(self, *args, **kwargs)
-
-        return call
-
-    for name in TAIL_CALLS:
-        monkeypatch.setattr(KafkaTail, name, recording(name))
-    yield calls
+def tail_calls(monkeypatch) -> list[str]:
+    """What the hybrid reads asked Kafka, in order (see tests/support/tail_calls.py): the tests assert
+    that code path (no call; failed at the first bounded look-up) rather than seconds."""
+    return record_tail_calls(monkeypatch)
 
 
 @pytest.fixture
