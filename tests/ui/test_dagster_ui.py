@@ -67,7 +67,8 @@ class DagsterUI:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             answer = json.load(response)
-        assert "errors" not in answer, answer["errors"]
+        if "errors" in answer:  # not an assert: wait_for retries this while the webserver settles, and names it
+            raise RuntimeError(f"GraphQL errors: {answer['errors']}")
         return answer["data"]
 
     def log_tails(self, chars: int = 4000) -> str:
