@@ -8,6 +8,7 @@ makes them visible (with history) in the UI and runnable on demand.
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
 from k2_assets.binance.assets import binance_trades
+from k2_resources.binance.gap_ledger import GapLedger
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import system_memory_percent
 from k2_resources.degradation.resource import DegradationResource
@@ -101,10 +102,13 @@ def binance_spilled_backlog(
 @asset_check(
     asset=binance_trades,
     name=SEQUENCE_GAPS,
-    description="Binance trade ids missing inside the newest micro-batch of each partition (ids are contiguous per symbol).",
+    description="Binance trade ids missing inside the newest micro-batch of each partition (ids are contiguous per "
+    "symbol), and the streamer's gap fill: gaps filled from the REST history and unfilled ones (losses: ERROR, with "
+    "ids and counts, until accepted with `k2 offsets gaps --accept`).",
 )
 def binance_sequence_gaps(context: AssetCheckExecutionContext, sink: TradeSinkResource) -> AssetCheckResult:
-    return _result(sequence_gap_evaluation(latest_batch_gaps(context.instance, sink.topic)))
+    ledger = GapLedger.for_topic(sink.topic).summary().metadata()
+    return _result(sequence_gap_evaluation(latest_batch_gaps(context.instance, sink.topic), ledger))
 
 
 @asset_check(

@@ -1,5 +1,6 @@
-"""`k2 offsets show|reset|accept-loss`: what market.trades holds of each Kafka topic, a new
-baseline, and the operator's acceptance of offsets Kafka retention deleted before they were committed."""
+"""`k2 offsets show|reset|accept-loss|gaps`: what market.trades holds of each Kafka topic, a new
+baseline, the operator's acceptance of offsets Kafka retention deleted before they were committed, and
+the trade-id gaps the streamer could not fill from the exchange's history (issue 25)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import getpass
 import json
 from datetime import UTC, datetime
 
+from k2_resources.binance.gap_ledger import GapLedger
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.errors import K2Error
 from k2_resources.kafka.resource import KafkaResource
@@ -47,6 +49,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     accept.add_argument("--note", required=True, help="why the loss is accepted (e.g. reloaded from the source)")
     accept.add_argument("--by", default=None, help="who accepts it (default: the current user)")
     accept.set_defaults(handler=_accept_loss)
+    gaps = actions.add_parser(
+        "gaps",
+        help="trade-id gaps the streamer could not fill (losses) and those still filling",
+        description="Lists the unfilled trade-id gaps of the streamer's gap ledger "
+        "(K2_HOME/binance/gaps/<topic>.jsonl): "
+        "symbol, first and last missing id, how many never reached Kafka and why; with --all also the filled ones. "
+        "--accept records that an operator accepted every unfilled gap and reset so far (the sequence_gaps check "
+        "turns green); the entries stay in the ledger.",
+    )
+    gaps.add_argument("--topic", default=BINANCE_TRADES_TOPIC)
+    gaps.add_argument("--all", action="store_true", help="also list the filled gaps")
+    gaps.add_argument("--accept", action="store_true", help="accept the unfilled gaps and resets listed")
+    gaps.add_argument("--note", default=None, help="why they are accepted (required with --accept)")
+    gaps.add_argument("--by", default=None, help="who accepts them (default: the current user)")
+    gaps.set_defaults(handler=_gaps)
 
 
 def _topic_offsets(kafka: KafkaResource, topic: str) -> tuple[dict[int, int], dict[int, int]]:
@@ -83,7 +100,51 @@ def _show(args: argparse.Namespace) -> int:
             "retention_gap": 0 if mismatch else max(0, earliest[p] - done),
         }
     losses = [{**loss.to_dict(), "acknowledged": loss.acknowledged} for loss in retention_losses(table, args.topic)]
-    print(json.dumps({"topic": args.topic, "partitions": rows, "retention_losses": losses}, indent=2))
+    summary = GapLedger.for_topic(args.topic).summary()
+    gaps = {
+        "filled": summary.filled_gaps,
+        "trade_ids_filled": summary.filled_ids,
+        "unfilled": summary.unfilled_gaps,
+        "trade_ids_unfilled": summary.unfilled_ids,
+        "filling": summary.open_gaps,
+        "details": "k2 offsets gaps --topic " + args.topic,
+    }
+    print(
+        json.dumps(
+            {"topic": args.topic, "partitions": rows, "retention_losses": losses, "trade_id_gaps": gaps}, indent=2
+        )
+    )
+    return 0
+
+
+def _gaps(args: argparse.Namespace) -> int:
+    ledger = GapLedger.for_topic(args.topic)
+    gaps, resets = ledger.states()
+    listed = [e for e in gaps.values() if args.all or e["event"] != "filled"]
+    for entry in listed:
+        state = {"open": "filling", "filled": "filled", "unfilled": "UNFILLED"}[entry["event"]]
+        missing = 0 if state == "filled" else entry["ids"] - entry.get("filled", 0)
+        reason = f" reason={entry['reason']}" if "reason" in entry else ""
+        print(
+            f"{state:8} {entry['symbol']} ids {entry['first']}-{entry['last']} ({entry['ids']} ids, "
+            f"{missing} missing){reason} at {entry['at']}"
+        )
+    for reset in resets:
+        print(f"RESET    {reset['symbol']} id {reset['id']} after {reset['high']} (never filled) at {reset['at']}")
+    summary = ledger.summary()
+    print(
+        f"{args.topic}: {summary.unfilled_gaps} unfilled gaps ({summary.unfilled_ids} trade ids lost), "
+        f"{summary.open_gaps} filling, {summary.filled_gaps} filled ({summary.filled_ids} ids), {summary.resets} resets"
+    )
+    if args.accept:
+        if not args.note:
+            raise K2Error("--accept needs --note saying why the unfilled gaps are accepted")
+        if not (summary.unfilled_gaps or summary.resets):
+            print("nothing to accept")
+            return 0
+        by = args.by or getpass.getuser()
+        ledger.accept(by, args.note)
+        print(f"accepted by {by}: {summary.unfilled_gaps} unfilled gaps and {summary.resets} resets")
     return 0
 
 

@@ -96,7 +96,9 @@ def _run(args: argparse.Namespace) -> int:
         metrics.close()
     print(
         f"stopped ({stats.ended_by}): received {stats.received}, produced {stats.produced}, "
-        f"dead-lettered {stats.dead_lettered}, duplicates dropped {stats.duplicates}, gaps {stats.gaps}, "
+        f"dead-lettered {stats.dead_lettered}, duplicates dropped {stats.duplicates}, gaps {stats.gaps} "
+        f"({stats.gaps_filled} filled with {stats.backfilled} trades, {stats.gaps_unfilled} unfilled: "
+        f"{stats.ids_unfilled} ids lost, see `k2 offsets gaps`), "
         f"reconnects {stats.reconnects}; metrics were on port {port}",
         flush=True,
     )

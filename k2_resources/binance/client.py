@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -120,7 +120,7 @@ class BinanceStreamClient:
     def _stopping(self) -> bool:
         return self.stop_event is not None and self.stop_event.is_set()
 
-    async def frames(self) -> AsyncIterator[str | bytes]:
+    async def frames(self) -> AsyncGenerator[str | bytes]:
         """Every frame of the stream as received (text or binary), across reconnects, until the stream ends."""
         attempt = 0
         last_frame_at = time.monotonic()
@@ -146,6 +146,7 @@ class BinanceStreamClient:
                     if time.monotonic() - opened_at >= self.max_connection_age_s:
                         async for frame in self._handover(connection):
                             yield frame
+                        assert self._next is not None  # _handover always sets it (the old connection on failure)
                         connection, opened_at = self._next, time.monotonic()
                         if self._carry is not None:
                             self.stats.frames += 1

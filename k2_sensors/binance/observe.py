@@ -15,6 +15,7 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from dagster._core.storage.tags import RUN_KEY_TAG
 from kafka import TopicPartition
 
+from k2_resources.binance.gap_ledger import GapLedger
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import system_memory_percent
 from k2_resources.degradation.resource import DegradationResource
@@ -115,5 +116,6 @@ def observe(
         dead_letter_topic=dlq,
         dead_letters=dead_letter_total(kafka, dlq),
         batch_gaps=latest_batch_gaps(instance, sink.topic),
+        gap_ledger=GapLedger.for_topic(sink.topic).summary().metadata(),
         spill_files=degradation.spill_store().backlog(),
     )

@@ -156,18 +156,27 @@ def spilled_backlog_evaluation(offsets: StreamOffsets, spill_files: dict[str, in
     return CheckOutcome(SPILLED_BACKLOG, passed=not spilled, severity=AssetCheckSeverity.WARN, metadata=metadata)
 
 
-def sequence_gap_evaluation(latest_by_partition: Mapping[int, Mapping[str, Any]]) -> CheckOutcome:
+def sequence_gap_evaluation(
+    latest_by_partition: Mapping[int, Mapping[str, Any]], gap_ledger: Mapping[str, Any] | None = None
+) -> CheckOutcome:
     """WARN when the latest micro-batch of any partition found trade ids missing inside its range.
 
     ``latest_by_partition``: partition -> {"range": str, "gaps": {symbol: missing ids}} from the
     newest materialisation per partition (the runs count the gaps: cheap, no table scan per tick).
+    ``gap_ledger``: the streamer's gap fill (GapSummary.metadata(), issue 25), merged in: ERROR while
+    a gap is unfilled (a loss not yet accepted); batch gaps pass once the gap fill filled them (the
+    backfilled trades land in a later batch) and nothing is still filling.
     """
     total = sum(sum(entry["gaps"].values()) for entry in latest_by_partition.values())
+    ledger = dict(gap_ledger or {})
+    unfilled, filling = ledger.get("gaps_unfilled", 0), ledger.get("gaps_filling", 0)
+    explained = total > 0 and ledger.get("gaps_filled", 0) > 0 and not filling
     return CheckOutcome(
         SEQUENCE_GAPS,
-        passed=total == 0,
-        severity=AssetCheckSeverity.WARN,
+        passed=not unfilled and (total == 0 or explained),
+        severity=AssetCheckSeverity.ERROR if unfilled else AssetCheckSeverity.WARN,
         metadata={
+            **ledger,
             "missing_trade_ids": total,
             "batches_checked": json.dumps({str(p): e["range"] for p, e in sorted(latest_by_partition.items())}),
             "by_symbol": json.dumps(
@@ -228,7 +237,7 @@ def report(observation: Observation, decision: Decision, settings: StreamSetting
         degradation_evaluation(decision.degradation),
         deferred_backlog_evaluation(offsets),
         spilled_backlog_evaluation(offsets, dict(observation.spill_files)),
-        sequence_gap_evaluation(dict(observation.batch_gaps)),
+        sequence_gap_evaluation(dict(observation.batch_gaps), observation.gap_ledger),
         dead_letter_evaluation(observation.dead_letter_topic, observation.dead_letters),
         retention_loss_evaluation(offsets),
     )

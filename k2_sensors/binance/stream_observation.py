@@ -77,4 +77,5 @@ class Observation:
     dead_letter_topic: str = ""
     dead_letters: int = 0  # messages ever written to the dead-letter topic
     batch_gaps: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)  # see sequence_gap_evaluation
+    gap_ledger: Mapping[str, Any] = field(default_factory=dict)  # the streamer's gap fill, GapSummary.metadata()
     spill_files: Mapping[str, int] = field(default_factory=dict)  # SpillStore.backlog()
