@@ -76,11 +76,13 @@ def topic_trades(kafka: KafkaResource, topic: str) -> list[dict]:
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     records: list = []
+
+    def read_to_end() -> bool:
+        records.extend(r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
+        return all(consumer.position(tp) >= ends[tp.partition] for tp in partitions)
+
     wait_for(
-        lambda: (
-            records.extend(r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
-            or all(consumer.position(tp) >= ends[tp.partition] for tp in partitions)
-        ),
+        read_to_end,
         timeout_s=120,
         what=f"reading {topic} to its end offsets {ends}",
         interval_s=0,
