@@ -45,7 +45,7 @@ bench: install
 	@started=$$(date +%s); \
 	$(VENV)/bin/pytest tests/benchmarks -p no:cacheprovider -o testpaths=tests/benchmarks -o python_files="bench_*.py" -q; \
 	benched=$$?; \
-	$(PY) -m tests.benchmarks.judge --since $$started; \
+	$(PY) -m tests.support.bench_judge --since $$started; \
 	judged=$$?; \
 	[ $$benched -eq 0 ] && [ $$judged -eq 0 ]
 

@@ -15,7 +15,7 @@ Two queries, both answering the default first page (up to 1000 rows, JSON):
 
 Each runs with the server on both cores (shared with the clients), and pinned to one core (the
 clients on the other). Timing is reported, not asserted: the target (p99 < 100 ms at >= 200
-req/s on 2 cores) is judged by tests/benchmarks/judge.py from tests/benchmarks/targets.toml, and
+req/s on 2 cores) is judged by tests/support/bench_judge.py from tests/benchmarks/targets.toml, and
 other engineers' runs share this machine (the load average is recorded).
 """
 

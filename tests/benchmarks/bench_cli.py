@@ -23,7 +23,7 @@ Writes bench-results/cli.json with the median of 5 runs (and every sample) of:
 next to baselines measured in the same run: ``python -c pass`` (interpreter start-up, the floor
 of any command) and ``python -c`` DuckDB counting the same Parquet files directly (no catalog, no
 K2), so the ratios say what K2's own work costs. The targets (< 0.3 s, < 1.0 s, < 0.5 s) are in
-tests/benchmarks/targets.toml, judged by tests/benchmarks/judge.py.
+tests/benchmarks/targets.toml, judged by tests/support/bench_judge.py.
 """
 
 from __future__ import annotations

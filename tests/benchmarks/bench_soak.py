@@ -20,7 +20,7 @@ default 20,000):
   ``REPLAYS`` times for its server time (p50 per operation).
 
 Each figure at 20K runs is reported with its ratio to the baseline measured in the same run. The
-tick's target (p99 under 2 s) is in tests/benchmarks/targets.toml, judged by tests/benchmarks/judge.py.
+tick's target (p99 under 2 s) is in tests/benchmarks/targets.toml, judged by tests/support/bench_judge.py.
 """
 
 from __future__ import annotations

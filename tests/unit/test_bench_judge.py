@@ -1,4 +1,4 @@
-"""The benchmark judge (tests/benchmarks/judge.py) on synthetic bench-results: met, short either
+"""The benchmark judge (tests/support/bench_judge.py) on synthetic bench-results: met, short either
 way, a missing figure, a missing file, an off-spec run, a stale file; and the repo's targets file."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmarks import judge
-from tests.benchmarks.judge import Target, TargetsError, load_targets, main
+from tests.support import bench_judge as judge
+from tests.support.bench_judge import Target, TargetsError, load_targets, main
 
 TARGETS = """
 [[target]]
@@ -182,7 +182,7 @@ def test_the_repo_targets_cover_the_stated_targets_with_known_files():
     for key, (direction, value) in expected.items():
         assert key in targets, key
         assert (targets[key].direction, targets[key].target) == (direction, value), key
-    benchmarks = Path(judge.__file__).parent
+    benchmarks = judge.TARGETS.parent
     for target in targets.values():
         assert isinstance(target, Target) and target.label
         # every file is one a benchmark writes

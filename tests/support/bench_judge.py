@@ -12,7 +12,7 @@ a table (file, figure, value, target, status) and exits 1 when any target is not
 Files in bench-results/ without a target are listed as reported only. Exit status 2: the targets
 file itself is wrong.
 
-Run: ``python -m tests.benchmarks.judge [--results DIR] [--targets FILE] [--files a.json,b.json]
+Run: ``python -m tests.support.bench_judge [--results DIR] [--targets FILE] [--files a.json,b.json]
 [--since EPOCH]`` (``make bench`` runs it after the benchmarks).
 """
 
@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-PROJECT_ROOT = HERE.parent.parent
-TARGETS = HERE / "targets.toml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+TARGETS = PROJECT_ROOT / "tests" / "benchmarks" / "targets.toml"
 RESULTS = PROJECT_ROOT / "bench-results"
 
 DIRECTIONS = {"min": ">=", "max": "<"}
@@ -191,7 +190,7 @@ def summary(verdicts: Sequence[Verdict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.benchmarks.judge", description="Judge bench-results/*.json against targets.toml."
+        prog="python -m tests.support.bench_judge", description="Judge bench-results/*.json against targets.toml."
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="the bench-results directory")
     parser.add_argument("--targets", type=Path, default=TARGETS, help="the targets file")
