@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "start Kafka and the Dagster UI on 127.0.0.1 (Ctrl-C stops all)"),
     "instance": ("instance", "create or migrate the Dagster instance (before starting services)"),
     "demo": ("demo", "run the whole platform headless (embedded, or `cluster`: the scale-out topology), then stop"),
-    "kafka": ("kafka", "start, stop or inspect the embedded Kafka broker"),
+    "kafka": ("kafka", "start, stop or inspect the embedded Kafka broker, or read a topic's dead letters"),
     "cluster": ("cluster", "start, stop or inspect the local scale-out topology (3 Kafka brokers ...)"),
     "query": ("query", "query the Iceberg tables"),
     "offsets": ("offsets", "show or reset the Kafka offsets market.trades has committed"),
