@@ -12,8 +12,8 @@ from k2_resources.kafka.columnar_fetch import FastFetchUnavailable, fetch_range
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.schemas import encode_trade
 from k2_resources.sink.decode import decode_batch
-from k2_resources.sink.range_read import read_range, read_raw_range
 from k2_resources.sink.offsets import OffsetRange
+from k2_resources.sink.range_read import read_range, read_raw_range
 
 MESSAGES = 3_000
 

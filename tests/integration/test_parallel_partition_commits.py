@@ -15,8 +15,8 @@ from decimal import Decimal
 
 import pytest
 
-from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.commit import COMMIT_RETRIES_PROPERTY
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.sink.offset_commit import commit_range
 from k2_resources.sink.offsets import OffsetRange, committed_offsets
 

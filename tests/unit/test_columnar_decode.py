@@ -1,7 +1,8 @@
 """The column-wise micro-batch path gives exactly what the record-by-record path gives.
 
-The sink decodes a batch of Kafka messages into Arrow columns at once (k2_resources/schemas/
-columnar.py) and enriches, splits and checks it column-wise (k2_resources/sink/decode.py, enrich.py, gaps_and_shedding.py).
+The sink decodes a batch of Kafka messages into Arrow columns at once
+(k2_resources/schemas/columnar.py) and enriches, splits and checks it column-wise
+(k2_resources/sink/decode.py, enrich.py, gaps_and_shedding.py).
 The record-by-record definitions (fastavro ``decode_trade``, ``to_arrow``, ``enrich``,
 ``sequence_gaps``, ``LoadShedder.split``) are the reference: these tests compare the two on
 randomised records, including the awkward values (negative and extreme decimals, int64 limits,

@@ -12,8 +12,8 @@ import pytest
 
 from k2_resources.schemas import encode_trade
 from k2_resources.sink.errors import RetentionLossError
-from k2_resources.sink.range_read import decode_raw, read_range, read_raw_range
 from k2_resources.sink.offsets import OffsetRange
+from k2_resources.sink.range_read import decode_raw, read_range, read_raw_range
 
 Message = namedtuple("Message", "offset value key timestamp")
 TOPIC = "market.trades.binance"
