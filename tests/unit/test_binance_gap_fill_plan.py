@@ -129,3 +129,17 @@ def test_ledger_tells_filled_unfilled_open_and_resets_apart(tmp_path):
     ledger.accept("ops", "reloaded by hand")
     after = ledger.summary()
     assert (after.unfilled_gaps, after.resets, after.filled_gaps, after.open_gaps) == (0, 0, 1, 1)
+
+
+def test_a_backfilled_trade_far_below_the_mark_is_not_a_reset():
+    from k2_resources.binance.dedupe import TradeIdTracker, TradeIdVerdict
+
+    tracker = TradeIdTracker(reset_jump=100)
+    tracker.accept("BTCUSDT", 10_000, 1)
+    tracker.accept("BTCUSDT", 9_000, 2, backfilled=True)  # a fill of an old gap, 1,000 below
+    assert tracker.high_water_mark("BTCUSDT") == 10_000
+    assert tracker.classify("BTCUSDT", 9_000, 2).verdict == TradeIdVerdict.DUPLICATE
+    tracker.accept("BTCUSDT", 10_500, 3, backfilled=True)  # a fill may raise the mark
+    assert tracker.high_water_mark("BTCUSDT") == 10_500
+    tracker.accept("BTCUSDT", 5, 4)  # a live trade that far below is a reset
+    assert tracker.high_water_mark("BTCUSDT") == 5
