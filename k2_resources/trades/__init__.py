@@ -1,1 +1,2 @@
-"""The normalised trades table: Kafka offsets recorded in Iceberg, and exactly-once micro-batches."""
+"""Reading market.trades: the hybrid resource (Iceberg plus the Kafka tail), snapshot reads, the
+time-ordered reader."""
