@@ -7,6 +7,7 @@ readers such as :mod:`k2_resources.query.sql_query` find the catalog without imp
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from k2_resources.paths import state_dir
 
@@ -48,6 +49,40 @@ def env_catalog_properties() -> dict[str, str] | None:
     if "s3.endpoint" in props:
         props.setdefault("s3.path-style-access", "true")
     return props
+
+
+# The reader identity of a store with two (k2_resources.platform.object_store): variable -> the usual one it replaces.
+READER_VARIABLES = {
+    "K2_ICEBERG_READER_CREDENTIAL": "K2_ICEBERG_CATALOG_CREDENTIAL",
+    "K2_S3_READER_ACCESS_KEY_ID": "K2_S3_ACCESS_KEY_ID",
+    "K2_S3_READER_SECRET_ACCESS_KEY": "K2_S3_SECRET_ACCESS_KEY",
+}
+
+
+def reader_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the reader's identity under the usual names and the writer's removed, when
+    ``env`` names a reader (``K2_S3_READER_ACCESS_KEY_ID``); else ``env`` unchanged."""
+    if not env.get("K2_S3_READER_ACCESS_KEY_ID"):
+        return dict(env)
+    chosen = {name: value for name, value in env.items() if name not in READER_VARIABLES}
+    for reader, usual in READER_VARIABLES.items():
+        chosen.pop(usual, None)
+        if env.get(reader):
+            chosen[usual] = env[reader]
+    return chosen
+
+
+def use_reader_identity() -> bool:
+    """Make this process a reader: the store's reader identity replaces the writer's in ``os.environ``
+    (the writer's secret is dropped, so neither this process nor its children hold it). For processes
+    that only read tables (the query API, `k2 query`); True when a reader identity was configured."""
+    if not os.environ.get("K2_S3_READER_ACCESS_KEY_ID"):
+        return False
+    chosen = reader_env(os.environ)
+    for name in [name for name in os.environ if name not in chosen]:
+        del os.environ[name]
+    os.environ.update(chosen)
+    return True
 
 
 def catalog_properties(configured: dict[str, str] | None = None) -> dict[str, str]:

