@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from dagster import DagsterInstance
+from kafka import TopicPartition
 
 from k2_assets.cli import main as k2
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.kafka_outputs import CONSUMER_GROUP
 from k2_resources.sink.microbatch import run_microbatch
 from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_sensors.binance.driver import drive, tick
@@ -149,3 +154,72 @@ def test_new_baseline_after_recreation_loads_the_new_topic_from_its_start(k2_hom
         assert report.last_checks["offset_baseline"]["passed"] is True
     ids = iceberg_trade_ids(iceberg)
     assert len(ids) == len(set(ids)) == len(old) + len(new)
+
+
+# A run of partition 1's range [0, 400) in a process of its own (importing no test module),
+# stopped on entering the consumer-group commit: after its Iceberg commit, before the group moves.
+STOPPED_RUN = """
+import sys
+from pathlib import Path
+from k2_resources.catalog.resource import IcebergResource
+from k2_resources.kafka.resource import KafkaResource
+from k2_resources.sink.kafka_outputs import commit_consumer_group
+from k2_resources.sink.microbatch import run_microbatch
+from k2_resources.sink.offsets import OffsetRange
+from tests.support.breakpoints import stop_on_entry
+
+stop_on_entry(commit_consumer_group, Path(sys.argv[2]))
+run_microbatch(KafkaResource(), IcebergResource(), OffsetRange(sys.argv[1], 1, 0, 400))
+"""
+
+
+def _group_offsets(kafka: KafkaResource, topic: str) -> dict[int, int | None]:
+    consumer = kafka.consumer(group_id=CONSUMER_GROUP)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(kafka.end_offsets(topic))]
+        return {tp.partition: consumer.committed(tp) for tp in partitions}
+    finally:
+        consumer.close()
+
+
+def test_run_killed_between_its_iceberg_commit_and_the_group_commit_is_repaired_exactly_once(
+    k2_home, kafka_broker, stream_topic, tmp_path
+):
+    records = recorded_trades(3000)
+    kafka, iceberg = KafkaResource(), IcebergResource()
+    produce(kafka, stream_topic, records)
+    barrier = tmp_path / "stopped-before-group-commit"
+
+    # A real process runs a range and is stopped on entering the consumer-group commit.
+    environment = dict(os.environ, K2_HOME=str(k2_home), K2_KAFKA_BOOTSTRAP=kafka_broker.bootstrap_servers)
+    log = (tmp_path / "stopped-run.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_RUN, stream_topic, str(barrier)], env=environment, stderr=log
+    )
+
+    def stopped() -> bool:
+        assert process.poll() is None, (tmp_path / "stopped-run.log").read_text()[-3000:]
+        return barrier.exists()
+
+    try:
+        wait_for(stopped, timeout_s=180, what="the run to reach the consumer-group commit")
+        # The kill lands exactly there: the Iceberg commit is in, the consumer group has not moved.
+        assert committed_offsets(IcebergResource().trades(), stream_topic) == {1: 400}
+        assert _group_offsets(kafka, stream_topic) == {0: None, 1: None, 2: None}
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=60)
+        log.close()
+
+    with DagsterInstance.ephemeral() as instance:
+        drive(instance, stream_defs(stream_topic, max_batch=1000), until=lambda r: r.lag == 0, timeout_s=600)
+
+    ids = iceberg_trade_ids(iceberg)
+    assert len(ids) == len(set(ids)) == len(records)  # no duplicate of the killed run's 400 rows
+    assert set(ids) == {r["trade_id"] for r in records}  # and no gap
+    ends = kafka.end_offsets(stream_topic)
+    assert committed_offsets(iceberg.trades(), stream_topic) == ends
+    assert _group_offsets(kafka, stream_topic) == ends  # the group caught up after the re-run
