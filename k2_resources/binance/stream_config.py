@@ -15,6 +15,7 @@ from k2_resources.binance.gap_plan import GapFillSettings
 from k2_resources.binance.stream_metrics import DEFAULT_METRICS_PORT
 from k2_resources.kafka.outbox import DEFAULT_MAX_BUFFERED
 from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
+from k2_resources.platform.failover import CLOSE_TIMEOUT_S
 
 DEFAULT_PARTITIONS = BINANCE_TRADES_PARTITIONS
 
@@ -35,7 +36,7 @@ class StreamerConfig:
     max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800
     spool_dir: str | None = None  # where records wait while Kafka is away; None: K2_HOME/spool
     max_buffered: int = DEFAULT_MAX_BUFFERED  # records per topic in memory awaiting Kafka's ack before spooling
-    close_timeout_s: float = 10.0  # at the end, how long to wait for Kafka before leaving the rest spooled
+    close_timeout_s: float = CLOSE_TIMEOUT_S  # at the end, how long to wait for Kafka (> a broker's failover)
     dedupe_window: int = DEFAULT_WINDOW  # trades remembered to recognise repeats
     reset_jump: int = DEFAULT_RESET_JUMP  # an id this far below the symbol's highest is a reset
     seed_per_partition: int = DEFAULT_SEED_PER_PARTITION  # topic tail read back at start (0: none)

@@ -13,6 +13,13 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from pydantic import Field
 
 from k2_resources.errors import KafkaUnavailableError
+from k2_resources.kafka.security import ClientSecurity, client_security
+from k2_resources.platform.failover import (
+    DELIVERY_TIMEOUT_MS,
+    RECONNECT_BACKOFF_MAX_MS,
+    REQUEST_TIMEOUT_MS,
+    RETRY_BACKOFF_MS,
+)
 from k2_resources.platform.kafka_broker import DEFAULT_PORT
 from k2_resources.platform.kafka_cluster import replication_for
 
@@ -64,20 +71,38 @@ class KafkaResource(ConfigurableResource):
         default=None, description="host:port list; defaults to $K2_KAFKA_BOOTSTRAP or the embedded broker"
     )
     client_id: str = Field(default="k2", description="client.id prefix sent to the brokers")
-    request_timeout_ms: int = Field(default=30_000)
+    role: str | None = Field(
+        default=None,
+        description="the role whose principal this client uses on a secured cluster (k2_resources/kafka/security.py)",
+    )
+    request_timeout_ms: int = Field(
+        default=REQUEST_TIMEOUT_MS, description="longer than a broker's failover (k2_resources/platform/failover.py)"
+    )
 
     @property
     def servers(self) -> str:
         return self.bootstrap_servers or default_bootstrap_servers()
 
+    def security(self) -> ClientSecurity:
+        """This client's security settings, from the environment (PLAINTEXT when none is set)."""
+        return client_security(self.role)
+
+    def as_role(self, role: str) -> KafkaResource:
+        """The same cluster, as the principal of ``role`` (on a secured cluster; no change otherwise)."""
+        return self.model_copy(update={"role": role})
+
     def _unreachable(self, exc: Exception) -> KafkaUnavailableError:
+        settings = self.security()
+        if settings.secured:
+            return settings.failure(self.servers, exc)
         return KafkaUnavailableError(
             f"cannot reach Kafka at {self.servers} ({type(exc).__name__}: {exc}); start the embedded "
             "broker with `k2 kafka start` or set K2_KAFKA_BOOTSTRAP to a running cluster"
         )
 
     def producer(self, **overrides: Any) -> KafkaProducer:
-        """An idempotent producer (acks=all) that batches for throughput."""
+        """An idempotent producer (acks=all) that batches for throughput; its timeouts outlast a
+        broker's failover (k2_resources/platform/failover.py)."""
         config: dict[str, Any] = {
             "bootstrap_servers": self.servers,
             "client_id": f"{self.client_id}-producer",
@@ -87,12 +112,14 @@ class KafkaResource(ConfigurableResource):
             "batch_size": 256 * 1024,
             "max_in_flight_requests_per_connection": 5,
             "request_timeout_ms": self.request_timeout_ms,
+            "delivery_timeout_ms": DELIVERY_TIMEOUT_MS,
+            "retry_backoff_ms": RETRY_BACKOFF_MS,
             # kafka-python backs off up to 30 s between reconnects to a broker that went away, so a
             # restarted broker (or the leader it hands back) was reached again only that late, past
             # the end-of-run flush; a second at most keeps a failover's stall to about that.
-            "reconnect_backoff_max_ms": 1000,
+            "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
         }
-        config.update(overrides)
+        config.update({**self.security().kafka_python(), **overrides})
         try:
             return KafkaProducer(**config)
         except (KafkaError, OSError) as exc:
@@ -111,7 +138,7 @@ class KafkaResource(ConfigurableResource):
             "max_partition_fetch_bytes": 16 * 1024 * 1024,
             "request_timeout_ms": max(self.request_timeout_ms, 30_000),
         }
-        config.update(overrides)
+        config.update({**self.security().kafka_python(), **overrides})
         try:
             return KafkaConsumer(**config)
         except (KafkaError, OSError) as exc:
@@ -125,6 +152,7 @@ class KafkaResource(ConfigurableResource):
                 client_id=f"{self.client_id}-admin",
                 request_timeout_ms=self.request_timeout_ms,
                 bootstrap_timeout_ms=self.request_timeout_ms,
+                **self.security().kafka_python(),
             )
         except (KafkaError, OSError) as exc:
             raise self._unreachable(exc) from exc

@@ -23,6 +23,7 @@ from kafka.errors import KafkaTimeoutError
 
 from k2_resources.kafka.outbox import DEFAULT_MAX_BUFFERED, TopicOutbox
 from k2_resources.kafka.spool_store import SpoolStats
+from k2_resources.platform.failover import CLOSE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class SpoolingKafkaProducer:
         root: Path,
         *,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
-        close_timeout_s: float = 10.0,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
         on_spooled: Callable[[str, int], None] | None = None,
         topics: tuple[str, ...] = (),
         **options: Any,
