@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from k2_resources.errors import K2Error
+from k2_resources.errors import K2Error, KafkaUnavailableError
 
 
 class FastFetchUnavailable(K2Error):
@@ -11,3 +11,8 @@ class FastFetchUnavailable(K2Error):
     A control-flow signal: the caller reads the range with kafka-python instead, so retrying the
     fast path would not help.
     """
+
+
+class KafkaSecurityError(KafkaUnavailableError):
+    """Kafka security settings are missing or wrong, or the cluster refused this client (the
+    message names the listener, the principal and the variable to fix)."""
