@@ -5,10 +5,14 @@ retries a conflicting commit on its own, re-basing the data but keeping the prop
 before the conflict, which erased the other partition's offset (seen with two sink processes in
 the parallel-partition benchmark). K2 turns that retry off and retries from a fresh table itself.
 Real Iceberg (SQLite catalog, file warehouse); writers race with one catalog each, like processes.
+The race is forced, not hoped for: both writers plan each commit from the same snapshot (a barrier
+just before the first attempt's commit), so one of them must lose every round, and the test counts
+the commit layer's conflicts to prove it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -50,28 +54,44 @@ def rows(partition: int, start: int) -> list[dict]:
 
 
 @pytest.mark.timeout(300)
-def test_two_partitions_committing_at_once_lose_no_offsets_and_write_no_duplicates(k2_home):
+def test_two_partitions_committing_at_once_lose_no_offsets_and_write_no_duplicates(k2_home, caplog):
     IcebergResource().trades()  # the table exists before the writers start
-    go = threading.Barrier(2)
+    planned = threading.Barrier(2)
     failures: list[BaseException] = []
 
     def write(partition: int) -> None:
         iceberg = IcebergResource()  # a catalog of its own, as another process would have
         try:
             for index in range(RANGES):
-                go.wait(timeout=60)  # both commit their next range at the same moment
+                first_attempt = [True]
+
+                def both_planned(first: list[bool] = first_attempt) -> None:
+                    # Both writers loaded the table and planned their commit before either commits:
+                    # the second to commit is based on a snapshot that is no longer current.
+                    if first[0]:
+                        first[0] = False
+                        planned.wait(timeout=60)
+
                 start = index * SIZE
-                commit_range(iceberg, OffsetRange(TOPIC, partition, start, start + SIZE), rows(partition, start))
+                commit_range(
+                    iceberg,
+                    OffsetRange(TOPIC, partition, start, start + SIZE),
+                    rows(partition, start),
+                    before_commit=both_planned,
+                )
         except BaseException as exc:
             failures.append(exc)
-            go.abort()
+            planned.abort()
 
     writers = [threading.Thread(target=write, args=(p,)) for p in (0, 1)]
-    for writer in writers:
-        writer.start()
-    for writer in writers:
-        writer.join(timeout=240)
+    with caplog.at_level(logging.INFO, logger="k2_resources.catalog.commit"):
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(timeout=240)
     assert not failures, failures
+    conflicts = [r for r in caplog.records if "conflicted" in r.getMessage()]
+    assert len(conflicts) >= RANGES, "the commits never raced, so the test proved nothing"
 
     table = IcebergResource().trades()
     assert table.properties[COMMIT_RETRIES_PROPERTY] == "0"
