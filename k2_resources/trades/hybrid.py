@@ -275,15 +275,17 @@ class HybridQueryResource(ConfigurableResource):
             snapshot = table.snapshot_as_of_timestamp(int(moment.timestamp() * 1000))
             if snapshot is None:
                 raise K2Error(
-                    f"{table.name()} has no snapshot at or before {moment.isoformat()}; "
-                    "pick a later time (see the table's snapshots with `k2 query sql`)"
+                    f"{table.name()} keeps no snapshot at or before {moment.isoformat()}: time travel keeps what "
+                    "the snapshot policy of continuous maintenance says (K2_SNAPSHOT_RETENTION_HOURS, "
+                    "docs/operations.md); pick a later time or raise that setting"
                 )
             return snapshot
         snapshot = table.snapshot_by_id(int(as_of))
         if snapshot is None:
             raise K2Error(
-                f"{table.name()} has no snapshot {as_of}; it may have expired; "
-                "list the snapshots with table.snapshots() or pass a time instead"
+                f"{table.name()} keeps no snapshot {as_of}: it expired under the snapshot policy of continuous "
+                "maintenance (K2_SNAPSHOT_RETENTION_HOURS, docs/operations.md); list the snapshots with "
+                "table.snapshots() or pass a time instead"
             )
         return snapshot
 
