@@ -21,7 +21,17 @@ from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from k2_sensors.binance.driver import drive, tick
 from tests.support.producing import produce
 from tests.support.recorded import recorded_trades
-from tests.support.stream import stream_defs
+from tests.support.stream import (
+    FOLLOWER,
+    PER_RANGE,
+    assert_contiguous,
+    both_sink_modes,
+    execute_in_background,
+    follower_endings,
+    range_commits,
+    requested_modes,
+    stream_defs,
+)
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -54,15 +64,21 @@ def stream_topic(kafka_broker, topic_name) -> str:
     return topic_name
 
 
-def test_every_trade_lands_once_and_rerun_writes_nothing(k2_home, kafka_broker, stream_topic):
+@both_sink_modes
+def test_every_trade_lands_once_and_rerun_writes_nothing(k2_home, kafka_broker, stream_topic, sink_mode):
     records = recorded_trades(6000)
     kafka, iceberg = KafkaResource(), IcebergResource()
     produce(kafka, stream_topic, records)
-    defs = stream_defs(stream_topic, max_batch=700)
+    defs = stream_defs(stream_topic, max_batch=700, sink_mode=sink_mode)
 
     with DagsterInstance.ephemeral() as instance:
         report = drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=600)
-        assert report.runs >= 9  # 3 partitions of 2000 messages in ranges of at most 700
+        # 3 partitions of 2000 messages in ranges of at most 700: 9 commits, by 9 runs or one follower
+        commits = range_commits(iceberg.trades(), stream_topic)
+        assert len(commits) == 9, commits
+        assert_contiguous(commits)
+        # a follower that ran its time before the last cycle hands over to another one
+        assert report.runs == 9 if sink_mode == PER_RANGE else 1 <= report.runs <= 9
         assert report.failed_runs == 0
         assert report.last_checks["consumer_lag"]["passed"] is True
         assert report.last_checks["offset_baseline"]["passed"] is True
@@ -91,7 +107,10 @@ def _die_before_commit(topic: str, k2_home: str, bootstrap: str) -> None:
     )
 
 
-def test_batch_killed_half_way_then_rerun_leaves_no_duplicates_and_no_gaps(k2_home, kafka_broker, stream_topic):
+@both_sink_modes
+def test_batch_killed_half_way_then_rerun_leaves_no_duplicates_and_no_gaps(
+    k2_home, kafka_broker, stream_topic, sink_mode
+):
     records = recorded_trades(3000)
     kafka, iceberg = KafkaResource(), IcebergResource()
     produce(kafka, stream_topic, records)
@@ -110,23 +129,43 @@ def test_batch_killed_half_way_then_rerun_leaves_no_duplicates_and_no_gaps(k2_ho
     assert first.written == 400
 
     with DagsterInstance.ephemeral() as instance:
-        drive(instance, stream_defs(stream_topic, max_batch=1000), until=lambda r: r.lag == 0, timeout_s=600)
+        defs = stream_defs(stream_topic, max_batch=1000, sink_mode=sink_mode)
+        drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=600)
 
     ids = iceberg_trade_ids(iceberg)
     assert len(ids) == len(set(ids)) == len(records)
     assert set(ids) == {r["trade_id"] for r in records}
+    assert_contiguous(range_commits(iceberg.trades(), stream_topic))
 
 
-def test_recreated_topic_stops_batches_and_fails_the_baseline_check(k2_home, kafka_broker, stream_topic):
-    kafka = KafkaResource()
+FOLLOWING_LONG_S = 240  # a follower that would run this long unless something ends it sooner
+
+
+@both_sink_modes
+def test_recreated_topic_stops_batches_and_fails_the_baseline_check(k2_home, kafka_broker, stream_topic, sink_mode):
+    kafka, iceberg = KafkaResource(), IcebergResource()
     produce(kafka, stream_topic, recorded_trades(600))
-    defs = stream_defs(stream_topic, max_batch=1000)
+    defs = stream_defs(stream_topic, max_batch=1000, sink_mode=sink_mode, follow_seconds=FOLLOWING_LONG_S)
     with DagsterInstance.ephemeral() as instance:
-        drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
-
-        # The table now claims offsets the recreated topic does not have.
-        recreate_topic(kafka, stream_topic)
-        produce(kafka, stream_topic, recorded_trades(20))
+        if sink_mode == FOLLOWER:
+            # The topic is recreated under a running follower: it stops at its next cycle, not at its time.
+            first = tick(instance, defs, None)
+            assert requested_modes(first) == ["follow"]
+            follower = execute_in_background(instance, defs, first)
+            wait_for(
+                lambda: sum(committed_offsets(iceberg.trades(), stream_topic).values()) == 600,
+                timeout_s=240,
+                what="the follower to commit the 600 trades",
+            )
+            recreate_topic(kafka, stream_topic)
+            assert follower.join(timeout_s=FOLLOWING_LONG_S / 2) == (1, 0)
+            assert follower_endings(instance) == ["topic offsets below the table's"]
+            produce(kafka, stream_topic, recorded_trades(20))
+        else:
+            drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
+            # The table now claims offsets the recreated topic does not have.
+            recreate_topic(kafka, stream_topic)
+            produce(kafka, stream_topic, recorded_trades(20))
 
         result = tick(instance, defs, None)
         assert result.run_requests == []
@@ -136,11 +175,14 @@ def test_recreated_topic_stops_batches_and_fails_the_baseline_check(k2_home, kaf
         assert "committed up to" in baseline.metadata["mismatch"].value
 
 
-def test_new_baseline_after_recreation_loads_the_new_topic_from_its_start(k2_home, kafka_broker, stream_topic):
+@both_sink_modes
+def test_new_baseline_after_recreation_loads_the_new_topic_from_its_start(
+    k2_home, kafka_broker, stream_topic, sink_mode
+):
     kafka, iceberg = KafkaResource(), IcebergResource()
     old = recorded_trades(900)
     produce(kafka, stream_topic, old)
-    defs = stream_defs(stream_topic, max_batch=1000)
+    defs = stream_defs(stream_topic, max_batch=1000, sink_mode=sink_mode)
     with DagsterInstance.ephemeral() as instance:
         drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300)
     recreate_topic(kafka, stream_topic)
@@ -154,6 +196,7 @@ def test_new_baseline_after_recreation_loads_the_new_topic_from_its_start(k2_hom
         assert report.last_checks["offset_baseline"]["passed"] is True
     ids = iceberg_trade_ids(iceberg)
     assert len(ids) == len(set(ids)) == len(old) + len(new)
+    assert set(ids) == {r["trade_id"] for r in old + new}
 
 
 # A run of partition 1's range [0, 400) in a process of its own (importing no test module),
