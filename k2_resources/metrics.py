@@ -3,8 +3,9 @@
 All metrics live on ``REGISTRY``, a registry of K2's own (not prometheus_client's global one),
 so a process exports exactly K2's series and tests can read them back without interference; a
 process that serves only some of them (the query API) serves a :class:`MetricsView`. The
-streamer's per-run metrics (k2_resources.binance.stream_metrics) are the one exception: each
-StreamMetrics has a registry of its own.
+streamer's metrics (:class:`StreamerMetrics`) are defined here too but built on a registry given
+by each run (k2_resources.binance.stream_metrics.StreamMetrics makes one per run), so two
+streamers in one process (tests) count apart and `k2 metrics` does not serve them as zeros.
 The alert rules in ``infra/prometheus/rules/k2-alerts.yml`` refer to these names.
 """
 
@@ -79,38 +80,6 @@ ICEBERG_COMMIT_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
     registry=REGISTRY,
 )
-BINANCE_TRADE_ID_RESETS = Counter(
-    "k2_binance_trade_id_resets_total",
-    "Binance trade ids that fell far below the symbol's highest (an id reset or relisting at the source); "
-    "the trades are kept. Served by the streamer (`k2 stream binance`, port 9464).",
-    ["symbol"],
-    registry=REGISTRY,
-)
-# Binance gap fill (issue 25): served by the streamer (`k2 stream binance`, port 9464) like the resets.
-BINANCE_GAPS_FILLED = Counter(
-    "k2_binance_gaps_filled_total",
-    "Trade-id gaps filled completely from the Binance REST history, by symbol.",
-    ["symbol"],
-    registry=REGISTRY,
-)
-BINANCE_TRADES_BACKFILLED = Counter(
-    "k2_binance_trades_backfilled_total",
-    "Trades fetched from the Binance REST history and handed to Kafka (vendor_data backfilled=true), by symbol.",
-    ["symbol"],
-    registry=REGISTRY,
-)
-BINANCE_GAPS_UNFILLED = Counter(
-    "k2_binance_gaps_unfilled_total",
-    "Trade-id gaps reported as a loss (too large, refused, unreachable, timeout, not at source), by symbol and reason.",
-    ["symbol", "reason"],
-    registry=REGISTRY,
-)
-BINANCE_TRADE_IDS_UNFILLED = Counter(
-    "k2_binance_trade_ids_unfilled_total",
-    "Trade ids of unfilled gaps that never reached Kafka (lost for good), by symbol and reason.",
-    ["symbol", "reason"],
-    registry=REGISTRY,
-)
 MICROBATCH_MESSAGES = Counter(
     "k2_microbatch_messages_total",
     "Messages written to Iceberg by micro-batch runs.",
@@ -134,6 +103,30 @@ EXPORTER_ERRORS = Gauge(
     "k2_exporter_last_poll_failed",
     "1 when the exporter's last poll of a source failed.",
     ["source"],
+    registry=REGISTRY,
+)
+
+# The streamer's gap ledger (K2_HOME/binance/gaps/<topic>.jsonl, issue 25), read by the exporter: the
+# state the sequence_gaps check reports, as gauges. Unfilled gaps count until an operator accepts them
+# (`k2 offsets gaps --accept`), so an alert on them holds until someone looked.
+GAP_LEDGER_GAPS = Gauge(
+    "k2_binance_ledger_gaps",
+    "Trade-id gaps in the streamer's gap ledger by state (filled, unfilled, filling, absent_at_source) and, "
+    "for unfilled ones, reason; unfilled gaps count until accepted with `k2 offsets gaps --accept`.",
+    ["topic", "state", "reason"],
+    registry=REGISTRY,
+)
+GAP_LEDGER_TRADE_IDS = Gauge(
+    "k2_binance_ledger_trade_ids",
+    "Trade ids of those gaps by state and reason: filled (fetched from the REST history), unfilled (never "
+    "reached Kafka: lost), filling (a fill under way), absent_at_source (the exchange's history has no such ids).",
+    ["topic", "state", "reason"],
+    registry=REGISTRY,
+)
+GAP_LEDGER_RESETS = Gauge(
+    "k2_binance_ledger_resets",
+    "Trade-id resets in the gap ledger not yet accepted (reported, never filled).",
+    ["topic"],
     registry=REGISTRY,
 )
 
@@ -182,6 +175,17 @@ API_ROWS = Counter(
     ["route"],
     registry=REGISTRY,
 )
+API_AUDIT_LINES = Counter(
+    "k2_api_audit_lines_total",
+    "Audit lines the query API wrote, by outcome (allowed, refused, failed) and credential (api_key, jwt, none).",
+    ["outcome", "credential"],
+    registry=REGISTRY,
+)
+API_AUDIT_WRITE_ERRORS = Counter(
+    "k2_api_audit_write_errors_total",
+    "Requests whose audit line could not be written (disk full, permissions): alert on any.",
+    registry=REGISTRY,
+)
 
 
 class MetricsView:
@@ -200,7 +204,9 @@ class MetricsView:
             yield from collector.collect()
 
 
-API_METRICS = MetricsView(API_REQUESTS, API_REQUEST_SECONDS, API_RATE_LIMITED, API_ROWS)
+API_METRICS = MetricsView(
+    API_REQUESTS, API_REQUEST_SECONDS, API_RATE_LIMITED, API_ROWS, API_AUDIT_LINES, API_AUDIT_WRITE_ERRORS
+)
 
 _servers: dict[tuple[str, int], tuple[WSGIServer, threading.Thread]] = {}
 _servers_lock = threading.Lock()
@@ -274,3 +280,114 @@ MAINTENANCE_ERRORS = Counter(
 MAINTENANCE_PASS_SECONDS = Histogram(
     "k2_maintenance_pass_seconds", "Seconds one maintenance pass over one table took.", ["table"], registry=REGISTRY
 )
+
+
+# The Binance streamer's metrics (`k2 stream binance`, served on 127.0.0.1:9464). Built on a registry
+# each run gives (see the module docstring); the alert rules and the Grafana dashboard use these names.
+STREAMER_DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+class StreamerMetrics:
+    """The streamer's metrics, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = self.registry = registry
+        self.received = Counter("k2_binance_messages_received", "WebSocket frames received", registry=r)
+        self.produced = Counter(
+            "k2_binance_trades_produced", "trades handed to the Kafka producer", ["symbol"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "k2_binance_dead_letters", "frames sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.duplicates = Counter(
+            "k2_binance_duplicates_dropped", "trades dropped as already produced", ["symbol"], registry=r
+        )
+        self.reconnects = Counter(
+            "k2_binance_reconnects", "WebSocket reconnects (incl. proactive 24 h ones)", registry=r
+        )
+        self.gaps = Counter(
+            "k2_binance_trade_id_gaps", "jumps of more than one in a symbol's trade ids", ["symbol"], registry=r
+        )
+        self.missing = Counter(
+            "k2_binance_missing_trade_ids", "trade ids skipped by those jumps", ["symbol"], registry=r
+        )
+        self.produce_errors = Counter(
+            "k2_binance_produce_errors", "sends the Kafka producer reported failed", registry=r
+        )
+        self.late = Counter(
+            "k2_binance_late_trades",
+            "trades below the symbol's highest id, not seen before: kept",
+            ["symbol"],
+            registry=r,
+        )
+        self.resets = Counter(
+            "k2_binance_trade_id_resets_total",
+            "Binance trade ids that fell far below the symbol's highest (an id reset or relisting at the source); "
+            "the trades are kept. Served by the streamer (`k2 stream binance`, port 9464).",
+            ["symbol"],
+            registry=r,
+        )
+        self.delay = Histogram(
+            "k2_binance_event_to_produce_seconds",
+            "event time E to hand-over to Kafka",
+            buckets=STREAMER_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.spooled = Counter(
+            "k2_binance_spooled_frames", "records written to the spool while Kafka was away", ["topic"], registry=r
+        )
+        self.buffered = Gauge(
+            "k2_binance_buffered_frames", "records in memory awaiting Kafka's acknowledgement", registry=r
+        )
+        self.spool_pending = Gauge(
+            "k2_binance_spool_pending_frames", "records in the spool not yet in Kafka", registry=r
+        )
+        self._gap_fill(r)
+
+    def _gap_fill(self, r: CollectorRegistry) -> None:
+        """Gap fill (issue 25): filled, unfilled and absent gaps, the REST requests and the open fills."""
+        self.gaps_filled = Counter(
+            "k2_binance_gaps_filled_total",
+            "Trade-id gaps filled completely from the Binance REST history, by symbol.",
+            ["symbol"],
+            registry=r,
+        )
+        self.backfilled = Counter(
+            "k2_binance_trades_backfilled_total",
+            "Trades fetched from the Binance REST history and handed to Kafka (vendor_data backfilled=true), "
+            "by symbol.",
+            ["symbol"],
+            registry=r,
+        )
+        self.gaps_unfilled = Counter(
+            "k2_binance_gaps_unfilled_total",
+            "Trade-id gaps reported as a loss (too large, refused, unreachable, timeout, not at source), "
+            "by symbol and reason.",
+            ["symbol", "reason"],
+            registry=r,
+        )
+        self.ids_unfilled = Counter(
+            "k2_binance_trade_ids_unfilled_total",
+            "Trade ids of unfilled gaps that never reached Kafka (lost for good), by symbol and reason.",
+            ["symbol", "reason"],
+            registry=r,
+        )
+        self.ids_absent = Counter(
+            "k2_binance_trade_ids_absent_at_source_total",
+            "Trade ids of gaps the exchange's history does not hold (it answers with later ids): nothing to "
+            "fill and not a loss, e.g. between two windows of a recording. By symbol.",
+            ["symbol"],
+            registry=r,
+        )
+        self.rest_requests = Counter(
+            "k2_binance_rest_requests",
+            "Binance REST history requests by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.rest_used_weight = Gauge(
+            "k2_binance_rest_used_weight",
+            "request weight used in the current window (X-MBX-USED-WEIGHT-1M)",
+            registry=r,
+        )
+        self.gaps_filling = Gauge("k2_binance_gaps_filling", "trade-id gaps queued or being filled", registry=r)
