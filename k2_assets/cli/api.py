@@ -1,5 +1,9 @@
-"""`k2 api`: serve the HTTP query API with uvicorn on 127.0.0.1 (port K2_API_PORT, default 8000);
-`k2 api keys create|list|revoke` manages its API keys (stored hashed; a new key is printed once)."""
+"""`k2 api`: serve the HTTP query API with uvicorn on 127.0.0.1 (port K2_API_PORT, default 8000), over
+HTTPS when K2_API_TLS_CERT and K2_API_TLS_KEY name a PEM certificate and key;
+`k2 api keys create|list|revoke` manages its API keys (stored hashed; a new key is printed once).
+
+The API only reads tables: when the environment names the object store's reader identity
+(K2_S3_READER_*, written by `k2 cluster`), the process takes it and drops the writer's secret."""
 
 from __future__ import annotations
 
@@ -7,9 +11,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from k2_resources.api.app import DEFAULT_API_PORT
+from k2_resources.api.app import DEFAULT_API_PORT, ApiSettings
 from k2_resources.api.keys import SCOPES, KeyFile, KeyStore, default_keys_file
+from k2_resources.api.tokens import TokenSettings
+from k2_resources.catalog.settings import use_reader_identity
+from k2_resources.errors import K2Error
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="list keys (ids, names, scopes, limits; never the keys)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_list)
-    revoke = actions.add_parser("revoke", help="revoke a key by id (a running API refuses it within a second)")
+    revoke = actions.add_parser("revoke", help="revoke a key by id (a running API refuses it from the next request)")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_revoke)
 
@@ -98,9 +106,25 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def tls_files(settings: ApiSettings) -> dict[str, str]:
+    """uvicorn's ssl_certfile and ssl_keyfile when both are configured and readable, {} when neither is."""
+    cert, key = settings.tls_certfile, settings.tls_keyfile
+    if not cert and not key:
+        return {}
+    if not cert or not key:
+        raise K2Error("set both K2_API_TLS_CERT (PEM certificate) and K2_API_TLS_KEY (its PEM key), or neither")
+    for variable, path in (("K2_API_TLS_CERT", cert), ("K2_API_TLS_KEY", key)):
+        if not Path(path).is_file():
+            raise K2Error(f"{variable}={path}: no such file")
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    use_reader_identity()  # before the workers start: they inherit the reader's environment alone
+    TokenSettings.from_environment().check()  # a bad K2_API_JWT_* stops here, not in every worker
+    tls = tls_files(ApiSettings())
     store = KeyStore.from_environment()
     if not store.configured:
         print(
@@ -110,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    print(f"K2 query API on http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
+    scheme = "https" if tls else "http"
+    print(f"K2 query API on {scheme}://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
     uvicorn.run(
         "k2_resources.api.app:create_app",
         factory=True,
@@ -119,5 +144,6 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         access_log=args.access_log,
         log_level="info",
+        **tls,  # type: ignore[arg-type]
     )
     return 0

@@ -1,7 +1,8 @@
 """Errors of the query API, each answered with one HTTP status (see ``handlers``).
 
 ``ParameterError`` 422 (the parameter and its fix), ``NotAcceptable`` 406, ``ApiError`` its own
-status (401, 403, 429) and headers. ``BadCursor`` becomes a ``ParameterError`` on ``cursor``.
+status (401, 403, 429) and headers; ``TokenSettingsError`` stops the API at start (bad K2_API_JWT_*).
+``BadCursor`` becomes a ``ParameterError`` on ``cursor``.
 The first three were ``ValueError`` before they were ``K2Error``; they are both, so code that
 catches ``ValueError`` still does.
 """
@@ -32,7 +33,12 @@ class ApiError(K2Error):
     """A refused request with its HTTP status and headers: no or a bad key (401), a missing scope
     (403), an empty token bucket (429, retriable after Retry-After)."""
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, reason: str = "") -> None:
         super().__init__(detail)
         self.status, self.detail, self.headers = status, detail, headers or {}
         self.retriable = status == 429
+        self.reason = reason  # a short word for the audit line: expired, revoked, missing_scope...
+
+
+class TokenSettingsError(K2Error):
+    """Bearer-token settings (K2_API_JWT_*) or the JWKS they name are unusable; the API does not start."""

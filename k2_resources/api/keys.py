@@ -5,8 +5,10 @@ the file, in logs and in ``k2 api keys list``; ``secret`` (32 random bytes, URL-
 is shown once, when the key is created, and stored only as a salted scrypt hash. A request's
 key is found by its id, then its secret is hashed with the stored salt and compared with
 ``hmac.compare_digest``. scrypt costs tens of milliseconds, so a key that verified once is
-remembered in memory (by the SHA-256 of the whole key) until the file changes: revoking a key
-takes effect within ``reload_interval_s``.
+remembered in memory (by the SHA-256 of the whole key) until the file changes. Every request
+looks at the file's stat (microseconds; ``reload_interval_s`` 0) and a change (a rewrite replaces
+the file: new inode, times and size) drops that memory, so a revocation is refused from the next
+request on, in every worker process (each has its own store and checks the same file).
 
 The file (default ``K2_HOME/api/keys.json``, or ``K2_API_KEYS_FILE``) holds::
 
@@ -185,7 +187,7 @@ class KeyStore:
     """Answers "which key is this?" for requests; re-reads the file when it changes."""
 
     def __init__(
-        self, path: Path | None = None, bootstrap_key: str | None = None, reload_interval_s: float = 1.0
+        self, path: Path | None = None, bootstrap_key: str | None = None, reload_interval_s: float = 0.0
     ) -> None:
         self.file = KeyFile(path)
         self.reload_interval_s = reload_interval_s
@@ -193,7 +195,7 @@ class KeyStore:
         self._bootstrap = ApiKey(id=BOOTSTRAP_KEY_ID, name="K2_API_KEY", scopes=[ADMIN], salt="", hash="")
         self._keys: dict[str, ApiKey] = {}
         self._verified: dict[bytes, str] = {}  # sha256(presented key) -> key id
-        self._stamp: tuple[int, int, int] | None = None  # mtime_ns, size, inode
+        self._stamp: tuple[int, int, int, int] | None = None  # mtime_ns, ctime_ns, size, inode
         self._checked_at = 0.0
         self._lock = threading.Lock()
         self._refresh(force=True)
@@ -209,8 +211,8 @@ class KeyStore:
         return bool(self._bootstrap_digest) or any(not k.revoked for k in self._keys.values())
 
     def _refresh(self, force: bool = False, recheck: bool = False) -> None:
-        """Re-read the keys file when it changed; its stat is looked at once per reload interval,
-        or at once with ``recheck`` (a key id not known yet: just created with `k2 api keys create`)."""
+        """Re-read the keys file when it changed; its stat is looked at once per reload interval (every
+        call by default), or at once with ``recheck`` (a key id not known yet: just created)."""
         now = time.monotonic()
         if not force and not recheck and now - self._checked_at < self.reload_interval_s:
             return
@@ -218,7 +220,7 @@ class KeyStore:
             self._checked_at = now
             try:
                 info = self.file.path.stat()
-                stamp = (info.st_mtime_ns, info.st_size, info.st_ino)  # a rewrite replaces the inode
+                stamp = (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino)  # a rewrite: new inode
             except FileNotFoundError:
                 stamp = None
             if stamp == self._stamp and not force:

@@ -49,7 +49,9 @@ def respond(
         headers["X-Next-Cursor"] = next_cursor
         headers["Link"] = f'<{request.url.include_query_params(cursor=next_cursor)}>; rel="next"'
     body = render(rows, media_type, {"next_cursor": next_cursor, **(envelope or {})} if media_type == JSON else None)
-    API_ROWS.labels(route=route).inc(rows.height if isinstance(rows, pl.DataFrame) else rows.num_rows)
+    count = rows.height if isinstance(rows, pl.DataFrame) else rows.num_rows
+    request.state.k2_rows = count  # for the audit line
+    API_ROWS.labels(route=route).inc(count)
     return Response(
         content=body, media_type=media_type if media_type != CSV else "text/csv; charset=utf-8", headers=headers
     )

@@ -1,4 +1,4 @@
-"""What the API's routes share: the hybrid resource, DuckDB, keys, limits, health, caches."""
+"""What the API's routes share: the hybrid resource, DuckDB, keys, tokens, the audit log, limits, health, caches."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Any
 import duckdb
 from fastapi import Request
 
+from k2_resources.api.audit import AuditLog
 from k2_resources.api.health import HealthProbe
 from k2_resources.api.keys import KeyStore
 from k2_resources.api.limits import TokenBucketLimiter
 from k2_resources.api.settings import ApiSettings
+from k2_resources.api.tokens import TokenSettings, TokenVerifier
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.query.duckdb_query import connect_with_iceberg
 from k2_resources.trades.hybrid import HybridQueryResource
@@ -23,11 +25,20 @@ class Services:
     """One per application (``app.state.k2``). Requests run on many threads at once: the hybrid's
     reads return their own stats, DuckDB gives each request a cursor of its own."""
 
-    def __init__(self, settings: ApiSettings, hybrid: HybridQueryResource, keys: KeyStore) -> None:
+    def __init__(
+        self,
+        settings: ApiSettings,
+        hybrid: HybridQueryResource,
+        keys: KeyStore,
+        tokens: TokenVerifier | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.settings = settings
         self.hybrid = hybrid
         self.iceberg: IcebergResource = hybrid.iceberg
         self.keys = keys
+        self.tokens = tokens or TokenVerifier(TokenSettings.from_environment())
+        self.audit = audit or AuditLog()
         self.limiter = TokenBucketLimiter(settings.rate_per_second, settings.burst)
         self.health = HealthProbe(hybrid.kafka, hybrid.iceberg, hybrid.topics)
         self._duckdb: duckdb.DuckDBPyConnection | None = None
@@ -53,6 +64,7 @@ class Services:
         self._symbols_cache = {key: rows, **dict(older)}
 
     def close(self) -> None:
+        self.audit.close()
         self.health.close()
         self.hybrid.close()
         if self._duckdb is not None:

@@ -42,6 +42,17 @@ class ApiSettings(BaseModel):
         ge=1,
         description="requests a key may make at once (bucket size)",
     )
+    audit_file: str | None = Field(
+        default=None, description="the audit log; default $K2_API_AUDIT_FILE or K2_HOME/api/audit.log"
+    )
+    tls_certfile: str | None = Field(
+        default_factory=lambda: os.environ.get("K2_API_TLS_CERT") or None,
+        description="PEM certificate (chain) to serve HTTPS with ($K2_API_TLS_CERT); with tls_keyfile",
+    )
+    tls_keyfile: str | None = Field(
+        default_factory=lambda: os.environ.get("K2_API_TLS_KEY") or None,
+        description="its PEM private key ($K2_API_TLS_KEY; keep it 0600)",
+    )
     default_page_rows: int = Field(default=1000, ge=1)
     max_page_rows: int = Field(default=50_000, ge=1)
     max_recent_minutes: float = Field(default=1440.0, gt=0)

@@ -31,14 +31,15 @@ def serving(app, timeout_s: float = 60.0) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def wait_until_serving(base_url: str, timeout_s: float = 90.0, process=None) -> None:
-    """Wait for an API started elsewhere (a subprocess) to answer /v1/health."""
+def wait_until_serving(base_url: str, timeout_s: float = 90.0, process=None, verify: bool | str = True) -> None:
+    """Wait for an API started elsewhere (a subprocess) to answer /v1/health (``verify``: httpx's, e.g.
+    the CA file of an HTTPS API's certificate)."""
 
     def answers() -> bool:
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the API process exited with code {process.returncode}")
         try:
-            return httpx.get(f"{base_url}/v1/health", timeout=5).status_code in (200, 503)
+            return httpx.get(f"{base_url}/v1/health", timeout=5, verify=verify).status_code in (200, 503)
         except httpx.HTTPError:
             return False
 
