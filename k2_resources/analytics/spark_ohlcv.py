@@ -89,19 +89,7 @@ def spark_ohlcv_bars(
     """Bars of every interval for the Spark DataFrame ``trades``, computed in Spark, in OHLCV's columns."""
     from pyspark.sql import functions as F
 
-    columns = set(trades.columns)
-    frame = trades.select(
-        "symbol",
-        "exchange",
-        "timestamp",
-        F.col("price").cast("decimal(18,8)").alias("price"),
-        F.col("quantity").cast("decimal(18,8)").alias("quantity"),
-        *[
-            (F.col(c) if c in columns else F.lit(None).cast("bigint")).alias(c)
-            for c in ("source_sequence", "platform_sequence")
-        ],
-        (F.col("message_id") if "message_id" in columns else F.lit("")).alias("message_id"),
-    )
+    frame = _trade_columns(trades)
     # The in-process engine's order within a bucket, missing values last.
     order = F.struct(
         F.col("timestamp"),
@@ -165,6 +153,31 @@ def spark_ohlcv_bars(
         "last_trade_at",
         F.lit(computed_at).alias("computed_at"),
     )
+    return _to_polars(bars)
+
+
+def _trade_columns(trades: Any) -> Any:
+    """The columns the bars need, typed as the in-process engine reads them; sequences a table lacks
+    are null and a missing message id is empty (they only order trades within a bucket)."""
+    from pyspark.sql import functions as F
+
+    columns = set(trades.columns)
+    return trades.select(
+        "symbol",
+        "exchange",
+        "timestamp",
+        F.col("price").cast("decimal(18,8)").alias("price"),
+        F.col("quantity").cast("decimal(18,8)").alias("quantity"),
+        *[
+            (F.col(c) if c in columns else F.lit(None).cast("bigint")).alias(c)
+            for c in ("source_sequence", "platform_sequence")
+        ],
+        (F.col("message_id") if "message_id" in columns else F.lit("")).alias("message_id"),
+    )
+
+
+def _to_polars(bars: Any) -> pl.DataFrame:
+    """The Spark bars as a polars frame in OHLCV's schema and order."""
     arrow = bars.toArrow()
     names = [field.name for field in OHLCV_SCHEMA.fields]
     schema = OHLCV.arrow_schema()
