@@ -2,8 +2,8 @@
 
 Why: under `k2 run` every micro-batch is a Dagster run, and starting a run (a new process that
 imports Dagster and the code location) costs seconds on an idle two-core machine and over a
-minute on a loaded one, on top of the sensor's 5 s tick. Freshness as a user meets it was 19 s
-median. A follower pays the launch once and then commits every ``interval_s``.
+minute on a loaded one, on top of the sensor's 5 s tick (docs/cost-model.md has the figures). A
+follower pays the launch once and then commits every ``interval_s``.
 
 Each cycle is the same exactly-once micro-batch as a run of its own: per partition, the range
 ``[committed, end)`` (at most ``max_batch_messages``) is read and committed by ``run_microbatch``,
