@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 from pyiceberg.table import Table, TableProperties
@@ -52,7 +51,16 @@ from k2_resources.operations.snapshot_policy import (
     expire_by_policy,
     referenced,
 )
-from k2_resources.operations.table_health import ERROR, OK, WARN, TableHealth, evaluate, measure
+from k2_resources.operations.table_health import (
+    ERROR,
+    OK,
+    WARN,
+    TableHealth,
+    evaluate,
+    list_files,
+    measure,
+    table_filesystem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +154,15 @@ class OrphanOutcome:
     kept_in_grace: int = 0
 
 
-def _listing_path(location: str) -> str:
-    parsed = urlparse(location)
-    return parsed.path if parsed.scheme in ("", "file") else f"{parsed.netloc}{parsed.path}"
-
-
 def sweep_orphans(table: Table, grace_s: float, cache: ReferenceCache, now: float | None = None) -> OrphanOutcome:
     """Delete files under ``data/`` and ``metadata/`` that the table does not reference and that are
     older than ``grace_s``. The listing is taken before the references are read, so a file
     committed in between counts as referenced."""
     outcome = OrphanOutcome()
-    filesystem, root = pafs.FileSystem.from_uri(table.location())
+    filesystem, _ = table_filesystem(table, table.location())
     listed: list[pafs.FileInfo] = []
     for folder in ("data", "metadata"):
-        selector = pafs.FileSelector(f"{root.rstrip('/')}/{folder}", recursive=True, allow_not_found=True)
-        listed.extend(info for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File)
+        listed.extend(list_files(table, f"{table.location().rstrip('/')}/{folder}"))
     outcome.listed = len(listed)
     table.refresh()
     metadata = table.metadata
@@ -171,7 +173,7 @@ def sweep_orphans(table: Table, grace_s: float, cache: ReferenceCache, now: floa
     keep.update(lists | manifests | data)
     for manifest_path in manifests:  # deleted entries too: a live snapshot's manifest names them
         keep.update(cache.manifest_files.get(manifest_path, (frozenset(), frozenset()))[1])
-    keep_paths = {_listing_path(path) for path in keep}
+    keep_paths = {table_filesystem(table, path)[1] for path in keep}
     cutoff = (now if now is not None else time.time()) - grace_s
     for info in listed:
         if info.path in keep_paths:
@@ -377,3 +379,20 @@ def record_health(health: TableHealth) -> str:
     severity, _ = evaluate(health)
     metrics.TABLE_HEALTH_SEVERITY.labels(table=health.table).set({OK: 0, WARN: 1, ERROR: 2}[severity])
     return severity
+
+
+_HEALTH_CACHES: dict[str, ReferenceCache] = {}
+
+
+def update_health_metrics(iceberg: IcebergResource, settings: MaintenanceSettings | None = None) -> dict[str, str]:
+    """Measure every streamed table and set its ``k2_table_health`` gauges (the exporter, each poll);
+    returns each table's severity. Manifests are read once per exporter (they never change)."""
+    settings = settings or from_env()
+    severities = {}
+    for definition in STREAMED_TABLES:
+        cache = _HEALTH_CACHES.setdefault(definition.identifier, ReferenceCache())
+        if len(cache.manifest_entries) > 10_000:  # manifests of long-expired snapshots: start afresh
+            cache = _HEALTH_CACHES[definition.identifier] = ReferenceCache()
+        health = measure(iceberg.table(definition), settings.compaction.settle_window_s + settings.interval_s, cache)
+        severities[definition.identifier] = record_health(health)
+    return severities

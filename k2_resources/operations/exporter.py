@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 BINANCE_TRADES = AssetKey("binance_trades")
 
 
+from k2_resources.operations.continuous_maintenance import update_health_metrics
 @dataclass
 class MetricsPoller:
     """Reads the platform's state and sets the metrics; ``poll()`` once per scrape interval."""
@@ -168,3 +169,7 @@ def run_exporter(port: int, interval_s: float, stop: threading.Event, poller: Me
             stop.wait(interval_s)
     finally:
         stop_metrics(port)
+        update_health_metrics(self.iceberg)  # k2_table_health: the table_health check's measures
+
+
+_LOSS_REASONS = tuple(sorted({value for name, value in vars(LossReason).items() if name.isupper()} | {"dead_lettered"}))

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
+from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table import Table
 
 from k2_resources.operations.settled_compaction import live_files, settled_sequence
@@ -106,16 +107,21 @@ class TableHealth:
         }
 
 
-def _listing(location: str) -> list[pafs.FileInfo]:
-    filesystem, root = pafs.FileSystem.from_uri(location)
+def table_filesystem(table: Table, location: str) -> tuple[pafs.FileSystem, str]:
+    """The file system holding ``location`` as the table's FileIO is configured (an object store's
+    endpoint and credentials included), and the path in it; a listing names files by that path."""
+    io = table.io
+    if isinstance(io, PyArrowFileIO):
+        scheme, netloc, path = PyArrowFileIO.parse_location(location, io.properties)
+        return io.fs_by_scheme(scheme, netloc), path
+    return pafs.FileSystem.from_uri(location)
+
+
+def list_files(table: Table, folder: str) -> list[pafs.FileInfo]:
+    """Every file under ``folder`` (a location under the table's)."""
+    filesystem, root = table_filesystem(table, folder)
     selector = pafs.FileSelector(root.rstrip("/"), recursive=True, allow_not_found=True)
     return [info for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File]
-
-
-def _metadata_file_bytes(location: str) -> int:
-    filesystem, path = pafs.FileSystem.from_uri(location)
-    info = filesystem.get_file_info(path)
-    return int(info.size or 0)
 
 
 def measure(
@@ -132,7 +138,7 @@ def measure(
     snapshots = table.snapshots()
     health.snapshots = len(snapshots)
     health.oldest_snapshot_ms = min((s.timestamp_ms for s in snapshots), default=None)
-    health.metadata_file_bytes = _metadata_file_bytes(table.metadata_location)
+    health.metadata_file_bytes = len(table.io.new_input(table.metadata_location))
     current = table.current_snapshot()
     if current is not None:
         health.manifests = len(cache.manifests(table, current))
@@ -153,7 +159,7 @@ def measure(
             "/".join(str(v) for v in key[1]): counts[0] for key, counts in sorted(per_partition.items(), key=str)
         }
     if with_folder:
-        listed = _listing(f"{table.location().rstrip('/')}/metadata")
+        listed = list_files(table, f"{table.location().rstrip('/')}/metadata")
         health.metadata_folder_bytes = sum(int(info.size or 0) for info in listed)
         health.metadata_folder_files = len(listed)
     health.measure_seconds = time.perf_counter() - started
