@@ -42,6 +42,7 @@ from k2_resources.metrics import (
     SPILLED_ROWS,
     TOPIC_END_OFFSETS,
 )
+from k2_resources.operations.continuous_maintenance import update_health_metrics
 from k2_resources.operations.table_metrics import update_table_metrics
 from k2_resources.sink.offsets import SPILLED, committed_offsets, pending_ranges
 
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 BINANCE_TRADES = AssetKey("binance_trades")
 
 
-from k2_resources.operations.continuous_maintenance import update_health_metrics
 @dataclass
 class MetricsPoller:
     """Reads the platform's state and sets the metrics; ``poll()`` once per scrape interval."""
@@ -146,6 +146,7 @@ class MetricsPoller:
 
     def _tables(self) -> None:
         update_table_metrics(self.iceberg)
+        update_health_metrics(self.iceberg)  # k2_table_health: the table_health check's measures
 
 
 def _number(entry: Any) -> float:
@@ -169,7 +170,3 @@ def run_exporter(port: int, interval_s: float, stop: threading.Event, poller: Me
             stop.wait(interval_s)
     finally:
         stop_metrics(port)
-        update_health_metrics(self.iceberg)  # k2_table_health: the table_health check's measures
-
-
-_LOSS_REASONS = tuple(sorted({value for name, value in vars(LossReason).items() if name.isupper()} | {"dead_lettered"}))
