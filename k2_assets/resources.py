@@ -15,6 +15,7 @@ from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import RESOURCE_KEY as DEGRADATION_KEY
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.security import HYBRID, SINK
 from k2_resources.operations.maintenance import TableMaintenanceResource
 from k2_resources.query.duckdb_query import DuckDBQueryResource
 from k2_resources.sink.resource import TradeSinkResource
@@ -24,14 +25,15 @@ from k2_sensors.operations.alerts import AlertWebhookResource
 
 
 def build_resources() -> dict[str, object]:
-    """The resources by key; the DuckDB and hybrid resources share the one Iceberg (and Kafka) resource."""
+    """The resources by key; the DuckDB and hybrid resources share the one Iceberg resource. The Kafka
+    clients of the sensor and the sink, and those of the hybrid reads, each use their role's principal."""
     iceberg = IcebergResource()
-    kafka = KafkaResource()
+    kafka = KafkaResource(role=SINK)  # the sensor's and the sink's principal on a secured cluster
     return {
         "kafka": kafka,
         "iceberg": iceberg,
         "duckdb": DuckDBQueryResource(iceberg=iceberg),
-        "hybrid": HybridQueryResource(kafka=kafka, iceberg=iceberg),
+        "hybrid": HybridQueryResource(kafka=KafkaResource(role=HYBRID), iceberg=iceberg),
         "sink": TradeSinkResource(),
         "asx_source": AsxSourceResource(),
         "maintenance": TableMaintenanceResource(),

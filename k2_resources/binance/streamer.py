@@ -72,6 +72,7 @@ from k2_resources.kafka.dead_letters import STREAM, dead_letter, send_dead_lette
 from k2_resources.kafka.outbox import SPOOLING_PRODUCER_SETTINGS
 from k2_resources.kafka.partitioner import SymbolPartitioner
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.security import STREAMER
 from k2_resources.kafka.spool import SpoolingKafkaProducer
 from k2_resources.kafka.topics import BINANCE_TRADES_DLQ_TOPIC, BINANCE_TRADES_TOPIC
 from k2_resources.paths import state_dir
@@ -361,7 +362,7 @@ async def run_streamer(
     pipeline: FramePipeline | None = None
     filler: GapFiller | None = None
     try:
-        pipeline = _start_pipeline(config, kafka or KafkaResource(), metrics)
+        pipeline = _start_pipeline(config, kafka or KafkaResource(role=STREAMER), metrics)
         filler = _start_gap_filler(config, pipeline, metrics)
         async with contextlib.aclosing(client.frames()) as frames:
             async for raw in frames:

@@ -16,6 +16,7 @@ transactional or pre-v2 batch, a null value, offsets that skip).
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -27,6 +28,7 @@ from kafka.protocol.consumer import FetchRequest, FetchResponse
 from kafka.record.util import calc_crc32c
 
 from k2_resources.kafka.errors import FastFetchUnavailable
+from k2_resources.kafka.security import PLAINTEXT, PROTOCOL_VARIABLE
 from k2_resources.schemas.columnar import _Walk
 
 FETCH_VERSION = 4
@@ -49,6 +51,9 @@ class BrokerConnection:
 
     def __init__(self, servers: str, client_id: str, timeout_s: float) -> None:
         self.client_id = client_id
+        if os.environ.get(PROTOCOL_VARIABLE, PLAINTEXT).strip().upper() not in ("", PLAINTEXT):
+            # This plain socket speaks neither TLS nor SASL: a secured cluster is read by kafka-python.
+            raise FastFetchUnavailable(f"{PROTOCOL_VARIABLE} is set: the cluster is read through kafka-python")
         try:
             self.sock = socket.create_connection(_host_port(servers), timeout=timeout_s)
         except (OSError, ValueError) as exc:

@@ -27,6 +27,7 @@ from kafka import TopicPartition
 
 from k2_resources.errors import K2Error
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.security import REPLAY
 from k2_resources.schemas import encode_trade
 from k2_resources.trades.time_ordered import TimeOrderedReader
 
@@ -98,6 +99,7 @@ def replay_to_kafka(
     sleep: Callable[[float], None] = time.sleep,
 ) -> ReplayResult:
     """Replay the window into ``spec.topic`` (resuming a partial replay); ``limit`` stops early (tests)."""
+    kafka = kafka.as_role(REPLAY)  # on a secured cluster: the replay principal, which may write replay topics
     kafka.ensure_topic(spec.topic, partitions=1)
     end, headers = _last_message_headers(kafka, spec.topic)
     if end and headers.get(REPLAY_ID) != spec.replay_id:

@@ -69,7 +69,8 @@ ROLE_GRANTS: dict[str, list[tuple[ResourceType, str, ACLResourcePatternType, tup
     HYBRID: [(ResourceType.TOPIC, TRADE_TOPICS_PREFIX, _PREFIXED, _READ)],
     API: [(ResourceType.TOPIC, TRADE_TOPICS_PREFIX, _PREFIXED, _READ)],
     EXPORTER: [(ResourceType.TOPIC, TRADE_TOPICS_PREFIX, _PREFIXED, _READ)],
-    REPLAY: [(ResourceType.TOPIC, REPLAY_TOPICS_PREFIX, _PREFIXED, _WRITE)],
+    # A replay reads its own topic's last message to resume where it stopped.
+    REPLAY: [(ResourceType.TOPIC, REPLAY_TOPICS_PREFIX, _PREFIXED, (*_WRITE, ACLOperation.READ))],
     ADMIN: [],  # a super user
 }
 

@@ -67,6 +67,7 @@ from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.tables import QUOTES, TRADES
 from k2_resources.errors import K2Error, KafkaUnavailableError
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.security import HYBRID
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
 from k2_resources.sink.offsets import PendingRange, committed_offsets, pending_ranges, snapshot_committed_offsets
 from k2_resources.trades.hybrid_result import (
@@ -101,7 +102,7 @@ log = logging.getLogger(__name__)
 class HybridQueryResource(ConfigurableResource):
     """Trades from Iceberg plus the Kafka tail not yet committed, exactly once; quotes from Iceberg."""
 
-    kafka: KafkaResource = Field(default_factory=KafkaResource)
+    kafka: KafkaResource = Field(default_factory=lambda: KafkaResource(role=HYBRID))
     iceberg: IcebergResource = Field(default_factory=IcebergResource)
     topics: list[str] = Field(
         default_factory=lambda: [BINANCE_TRADES_TOPIC],
