@@ -8,6 +8,7 @@ K2 process needs to use it (``K2_KAFKA_BOOTSTRAP=host:port,...`` for Kafka). The
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,7 +52,11 @@ def write_env_file(values: Mapping[str, str], home: Path | None = None) -> Path:
         "# `source` it in a shell, or use `k2 run --cluster`.",
     ]
     lines += [f"export {name}={shlex.quote(str(value))}" for name, value in sorted(values.items())]
-    path.write_text("\n".join(lines) + "\n")
+    # It holds the generated credentials: readable by this user only, even if an older file was not.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
     return path
 
 
