@@ -4,9 +4,12 @@ In a fresh K2_HOME it starts the topology of `k2 cluster` (3 KRaft brokers with 
 ``min.insync.replicas=2``; SeaweedFS serving S3 and the Iceberg REST catalog; Postgres holding the
 Dagster instance), points K2 at it through the same environment variables a real cluster takes,
 streams the bundled Binance recording through K2's streamer into the 6-partition Binance topic,
-kills one broker with SIGKILL half-way and starts it again, drives the real stream sensor and its
-micro-batch runs until the lag is zero, counts what Iceberg holds, reads the table with Spark and
-compares Spark's OHLCV bars with the in-process engine's, then stops everything it started.
+kills one broker with SIGKILL at a point of the playback chosen by --kill-at or drawn from a seed
+(both reported; its last seconds included, where the failover must fit under the streamer's close
+deadline: k2_resources/platform/failover.py), starts it again once the others lead its partitions,
+drives the real stream sensor and its micro-batch runs until the lag is zero, counts what Iceberg
+holds, reads the table with Spark and compares Spark's OHLCV bars with the in-process engine's,
+then stops everything it started.
 
 Its functions that touch Dagster import :mod:`k2_assets.definitions` only once the topology's
 variables are set: the resources read them when the definitions are built.
@@ -14,7 +17,10 @@ variables are set: the resources read them when the definitions are built.
 
 from __future__ import annotations
 
+import bisect
 import os
+import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -43,12 +49,33 @@ from k2_resources.operations.dagster_instance import POSTGRES_INSTANCE_CONFIG, p
 from k2_resources.paths import dagster_home
 from k2_resources.platform.cluster_env import cluster_home, write_env_file
 from k2_resources.platform.cluster_services import ObjectStore, Postgres, object_store, postgres
+from k2_resources.platform.failover import CLOSE_TIMEOUT_S, FAILOVER_BOUND_MS
 from k2_resources.platform.kafka_cluster import KafkaCluster
 from k2_resources.trades.iceberg_read import RowFilter
 from k2_sensors.binance.driver import drive
 
-# The recording plays for about this long, so the kill lands while the streamer is writing.
+# The recording plays for about this long; the kill lands at a chosen point of it (KillPoint).
 PLAYBACK_S = 15.0
+# What the summary reports of the kill (StreamWithKill.result).
+KILL_REPORT = (
+    "kill_at",
+    "kill_seed",
+    "killed_broker",
+    "killed_at_trades",
+    "failover_seconds",
+    "stream_closed_after_kill_seconds",
+    "recording_ended_before_restart",
+    "broker_restart_seconds",
+)
+# What the summary reports of the streamer's run (StreamStats).
+STREAMER_REPORT = (
+    "streamer_received",
+    "streamer_ended_by",
+    "streamer_reconnects",
+    "streamer_gaps_filled",
+    "streamer_spooled",
+    "streamer_undelivered",
+)
 # Spark's bars and the in-process engine's are compared at one fixed "computed at" time.
 COMPARED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -132,20 +159,65 @@ def topic_setting(bootstrap_servers: str, topic: str, name: str) -> str | None:
     return None if entry is None else str(entry["value"])
 
 
-def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+@dataclass(frozen=True)
+class KillPoint:
+    """Where in the recording's playback the broker dies: ``fraction`` of its time (0 its start, 1 its
+    last trade), given with --kill-at or drawn from ``seed`` (reported, so a run can be repeated)."""
+
+    fraction: float
+    seed: int | None = None
+
+    @classmethod
+    def choose(cls, kill_at: float | None = None, seed: int | None = None) -> KillPoint:
+        """``kill_at`` when given, else a point drawn from ``seed`` (a new random seed when None).
+
+        Drawn points span the whole playback, its last seconds included: a kill there meets the
+        streamer's end-of-stream flush and close, the moment a failover must fit under
+        (k2_resources/platform/failover.py)."""
+        if kill_at is not None:
+            if not 0.0 <= kill_at <= 1.0:
+                raise K2Error(f"--kill-at {kill_at} is not a fraction of the playback; give one from 0 to 1")
+            return cls(kill_at)
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        return cls(round(random.Random(seed).uniform(0.05, 1.0), 3), seed)
+
+    def trade_index(self, tape: Tape) -> int:
+        """How many of the tape's trades the server has sent when the kill is due."""
+        due_ms = self.fraction * (tape.compressed_span_ms - 1)
+        return max(1, min(len(tape.offsets_ms), bisect.bisect_right(tape.offsets_ms, due_ms)))
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             raise K2Error(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(interval_s)
+
+
+def _led_elsewhere(cluster: KafkaCluster, topic: str, victim: int) -> bool:
+    """Whether the surviving brokers report ``victim`` fenced and every partition of ``topic`` led by another."""
+    survivors = ",".join(b.bootstrap_servers for b in cluster.nodes() if b.node_id != victim)
+    try:
+        if victim in cluster.live_brokers():
+            return False
+        leaders = partition_leaders(survivors, topic)
+    except Exception:
+        return False  # a survivor busy with the failover: ask again
+    return bool(leaders) and all(p["leader"] not in (victim, -1) for p in leaders.values())
 
 
 @dataclass
 class StreamWithKill:
-    """Streams the recording into ``topic`` while killing and restarting one broker, in a thread of its own."""
+    """Streams the recording into ``topic`` while killing and restarting one broker, in a thread of its own.
+
+    The leader of partition 0 dies (SIGKILL) once the recording server has played ``kill_point`` of
+    the recording; the demo then measures how long the cluster took to fence it and lead its
+    partitions elsewhere, lets the stream go on (or end) on two brokers, and starts it again."""
 
     cluster: KafkaCluster
     topic: str
+    kill_point: KillPoint
     result: dict[str, Any] = field(default_factory=dict)
     error: BaseException | None = None
     thread: threading.Thread | None = None
@@ -167,19 +239,13 @@ class StreamWithKill:
     def _stream_and_kill(self) -> None:
         kafka = KafkaResource()
         trades = load_recorded_trades()
-
-        def produced() -> int:
-            try:
-                return sum(kafka.end_offsets(self.topic).values())
-            except Exception:
-                return -1
-
-        speed = Tape(trades).compressed_span_ms / 1000 / PLAYBACK_S
-        stream_outcome: dict[str, Any] = {}
+        tape = Tape(trades)
+        speed = tape.compressed_span_ms / 1000 / PLAYBACK_S
+        outcome: dict[str, Any] = {}
         with RecordingServerThread(trades=trades, speed=speed, loop=False) as server:
 
             def stream() -> None:
-                stream_outcome["stats"] = stream_to_kafka(
+                outcome["stats"] = stream_to_kafka(
                     server.url,
                     self.topic,
                     kafka,
@@ -188,40 +254,87 @@ class StreamWithKill:
                     backoff_initial_s=0.05,
                     backoff_max_s=0.5,
                 )
+                outcome["closed_at"] = time.monotonic()
 
             streamer = threading.Thread(target=stream, name="k2-demo-streamer", daemon=True)
             streamer.start()
-            _say(f"streaming {len(trades)} recorded trades from {server.url} over ~{PLAYBACK_S:.0f}s ...")
+            due = self.kill_point.trade_index(tape)
+            _say(
+                f"streaming {len(trades)} recorded trades from {server.url} over ~{PLAYBACK_S:.0f}s; "
+                f"broker kill at {self.kill_point.fraction:.0%} of the playback (trade {due})"
+            )
             _wait(
-                lambda: produced() >= len(trades) // 2 or not streamer.is_alive(),
+                lambda: server.stats().trade_frames >= due or not streamer.is_alive(),
                 180,
-                "the streamer to put half of the recording in Kafka",
+                f"the recording server to play {due} trades",
+                interval_s=0.05,
             )
             if not streamer.is_alive():
-                raise K2Error("the stream ended before the broker kill; the recording played too fast")
-            victim = partition_leaders(self.cluster.bootstrap_servers, self.topic)[0]["leader"]
-            killed_at = produced()
-            self.cluster.kill(victim)
-            _say(f"killed broker {victim} (kill -9) at {killed_at} trades")
-            _wait(
-                lambda: produced() >= killed_at + len(trades) // 10 or not streamer.is_alive(),
-                180,
-                f"the stream to go on with broker {victim} dead",
-            )
-            restart_began = time.monotonic()
-            self.cluster.restart(victim)
-            restart_s = round(time.monotonic() - restart_began, 1)
-            _say(f"broker {victim} restarted in {restart_s}s")
+                raise K2Error(f"the stream ended before the broker kill: {outcome.get('stats')}")
+            self._kill_fail_over_and_restart(server, streamer, kafka, len(trades))
             streamer.join(timeout=300)
             if streamer.is_alive():
                 raise K2Error("the streamer did not finish the recording within 300 s")
-            self.result.update(
-                source_trades=server.stats().unique_trades,
-                killed_broker=victim,
-                killed_at_trades=killed_at,
-                broker_restart_seconds=restart_s,
-                kafka_records=produced(),
-            )
+        stats = outcome["stats"]
+        self.result.update(
+            source_trades=server.stats().unique_trades,
+            kafka_records=sum(kafka.end_offsets(self.topic).values()),
+            stream_closed_after_kill_seconds=round(outcome["closed_at"] - self.result.pop("_killed_at"), 1),
+            streamer_received=stats.received,
+            streamer_ended_by=stats.ended_by,
+            streamer_reconnects=stats.reconnects,
+            streamer_gaps_filled=stats.gaps_filled,
+            streamer_spooled=stats.spooled,
+            streamer_undelivered=stats.undelivered,
+        )
+
+    def _kill_fail_over_and_restart(
+        self, server: RecordingServerThread, streamer: threading.Thread, kafka: KafkaResource, total: int
+    ) -> None:
+        """Kill partition 0's leader, wait until the others lead its partitions, let the stream go
+        on (or end), then start the broker again; the timings go into ``result``."""
+
+        def produced() -> int:
+            try:
+                return sum(kafka.end_offsets(self.topic).values())
+            except Exception:
+                return -1
+
+        victim = partition_leaders(self.cluster.bootstrap_servers, self.topic)[0]["leader"]
+        sent_at_kill = server.stats().trade_frames
+        killed_at = time.monotonic()
+        self.cluster.kill(victim)
+        in_kafka_at_kill = produced()
+        _say(f"killed broker {victim} (kill -9) with {sent_at_kill} of {total} trades played")
+        _wait(
+            lambda: _led_elsewhere(self.cluster, self.topic, victim),
+            FAILOVER_BOUND_MS / 1000 * 3,
+            f"broker {victim} fenced and its partitions led by the others",
+            interval_s=0.25,  # each look is two admin clients: the streamer shares this process
+        )
+        failover_s = round(time.monotonic() - killed_at, 1)
+        _say(f"broker {victim} fenced and its partitions led elsewhere {failover_s}s after the kill")
+        _wait(
+            lambda: produced() >= min(total, in_kafka_at_kill + total // 10) or not streamer.is_alive(),
+            180,
+            f"the stream to go on (or end) with broker {victim} dead",
+            interval_s=0.5,
+        )
+        ended = server.stats().finished
+        restart_began = time.monotonic()
+        self.cluster.restart(victim)
+        restart_s = round(time.monotonic() - restart_began, 1)
+        _say(f"broker {victim} restarted in {restart_s}s")
+        self.result.update(
+            _killed_at=killed_at,
+            killed_broker=victim,
+            killed_at_trades=sent_at_kill,
+            kill_at=self.kill_point.fraction,
+            kill_seed=self.kill_point.seed,
+            failover_seconds=failover_s,
+            recording_ended_before_restart=ended,
+            broker_restart_seconds=restart_s,
+        )
 
 
 def iceberg_counts(exchange: str) -> dict[str, int]:
@@ -299,20 +412,21 @@ def read_with_spark(exchange: str) -> dict[str, Any]:
         stop_spark()
 
 
-def run_cluster_demo(home: Path, timeout_s: float = 900.0) -> dict[str, Any]:
-    """Run the demo with ``home`` as K2_HOME (already set in the environment) and return its summary."""
+def run_cluster_demo(home: Path, timeout_s: float = 900.0, kill_point: KillPoint | None = None) -> dict[str, Any]:
+    """Run the demo with ``home`` as K2_HOME (already set in the environment) and return its summary;
+    the broker dies at ``kill_point`` (default: a point drawn from a new seed, reported)."""
     started = time.monotonic()
     _say(f"K2_HOME={home}")
     topology = start_topology(cluster_home())
     try:
-        return _run_on(topology, started, timeout_s)
+        return _run_on(topology, started, timeout_s, kill_point or KillPoint.choose())
     finally:
         stop_spark()  # a no-op unless a failure left the session of warm_up_spark running
         _say("stopping the topology ...")
         topology.stop()
 
 
-def _run_on(topology: LocalTopology, started: float, timeout_s: float) -> dict[str, Any]:
+def _run_on(topology: LocalTopology, started: float, timeout_s: float, kill_point: KillPoint) -> dict[str, Any]:
     # Imported once the topology's variables are set: the definitions' resources read them when built.
     from k2_assets.definitions import defs
 
@@ -324,7 +438,7 @@ def _run_on(topology: LocalTopology, started: float, timeout_s: float) -> dict[s
     min_isr = topic_setting(cluster.bootstrap_servers, BINANCE_TRADES_TOPIC, "min.insync.replicas")
 
     prepare_instance(dagster_home(), config=POSTGRES_INSTANCE_CONFIG)  # created once, before anything opens it
-    stream = StreamWithKill(cluster, BINANCE_TRADES_TOPIC)
+    stream = StreamWithKill(cluster, BINANCE_TRADES_TOPIC, kill_point)
     spark_starting = warm_up_spark()
     with DagsterInstance.from_config(str(dagster_home())) as instance:
         stream.start()
@@ -354,14 +468,15 @@ def _run_on(topology: LocalTopology, started: float, timeout_s: float) -> dict[s
         "replication_factor": replication,
         "min_insync_replicas": int(min_isr) if min_isr else None,
         "partitions": len(leaders),
-        "killed_broker": stream.result.get("killed_broker"),
-        "killed_at_trades": stream.result.get("killed_at_trades"),
-        "broker_restart_seconds": stream.result.get("broker_restart_seconds"),
+        **{name: stream.result.get(name) for name in KILL_REPORT},
+        "failover_bound_seconds": FAILOVER_BOUND_MS / 1000,
+        "close_timeout_seconds": CLOSE_TIMEOUT_S,
         "catalog": os.environ.get("K2_ICEBERG_CATALOG_TYPE", "sql"),
         "storage": storage,
         "dagster_storage": "postgres",
         "source_trades": stream.result.get("source_trades"),
         "kafka_records": stream.result.get("kafka_records"),
+        **{name: stream.result.get(name) for name in STREAMER_REPORT},
         **counts,
         **spark,
         "lag": report.lag,

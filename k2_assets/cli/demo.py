@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line summarising the run")
     parser.add_argument("--home", help="K2_HOME to use (default: a new temporary folder)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--kill-at",
+        type=float,
+        help="cluster: kill the broker at this fraction of the recording's playback (0-1; default: drawn from --seed)",
+    )
+    parser.add_argument("--seed", type=int, help="cluster: the seed the kill point is drawn from (default: a new one)")
     parser.set_defaults(handler=_run)
 
 
@@ -67,20 +73,25 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_cluster(home: Path, args: argparse.Namespace) -> int:
     """`k2 demo cluster`: the topology's settings replace any the shell has (the demo uses its own)."""
-    from k2_assets.cli.cluster_demo import run_cluster_demo
+    from k2_assets.cli.cluster_demo import KillPoint, run_cluster_demo
 
     if args.home is None:
         home.chmod(0o711)  # mkdtemp's 0700 would keep out Postgres, which runs as another user under root
     for name in [n for n in os.environ if n.startswith(("K2_ICEBERG_", "K2_S3_", "DAGSTER_POSTGRES_"))]:
         del os.environ[name]
     os.environ.pop("K2_KAFKA_BOOTSTRAP", None)
-    summary = run_cluster_demo(home, timeout_s=args.timeout)
+    kill_point = KillPoint.choose(args.kill_at, args.seed)  # a bad --kill-at fails before anything starts
+    summary = run_cluster_demo(home, timeout_s=args.timeout, kill_point=kill_point)
     if args.json:
         print(json.dumps(summary))
     ok = (
         summary["lag"] == 0
         and summary["brokers"] == 3
-        and summary["source_trades"] == summary["iceberg_trades"] == summary["iceberg_distinct_trade_ids"]
+        and summary["source_trades"]
+        == summary["kafka_records"]
+        == summary["iceberg_trades"]
+        == summary["iceberg_distinct_trade_ids"]
+        and summary["streamer_undelivered"] == 0
         and summary["spark_trades"] in (None, summary["source_trades"])
         and summary["spark_ohlcv_equal"] is not False
     )
