@@ -2,8 +2,13 @@
 
 A new process starts 3 Kafka brokers, SeaweedFS (S3 + Iceberg REST catalog) and Postgres in a
 fresh K2_HOME, streams the bundled recording into the 6-partition Binance topic, kills a broker
-with SIGKILL half-way and restarts it, sinks into Iceberg until the lag is zero, reads with Spark,
-and stops everything: every recorded trade must be in Iceberg exactly once.
+with SIGKILL and restarts it, sinks into Iceberg until the lag is zero, reads with Spark, and stops
+everything: every recorded trade must be in Kafka and in Iceberg exactly once, and nothing left in
+the streamer's spool.
+
+The kill lands mid-stream and within the last 2 s of the playback, where the streamer's flush and
+close at the end of the recording wait on the failover (k2_resources/platform/failover.py: the
+close deadline outlasts fencing, election and the producer's retry).
 """
 
 from __future__ import annotations
@@ -36,11 +41,12 @@ def demo_home():
     shutil.rmtree(home, ignore_errors=True)
 
 
-def test_demo_cluster_loses_and_duplicates_nothing_when_a_broker_dies(demo_home):
+@pytest.mark.parametrize("kill_at", [0.5, 0.95], ids=["mid_stream", "last_2_seconds"])
+def test_demo_cluster_loses_and_duplicates_nothing_when_a_broker_dies(demo_home, kill_at):
     env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_SETTINGS)}
     env["K2_HOME"] = str(demo_home / "unused")  # the demo uses --home
     completed = subprocess.run(
-        [str(K2), "demo", "cluster", "--json", "--home", str(demo_home / "k2")],
+        [str(K2), "demo", "cluster", "--json", "--home", str(demo_home / "k2"), "--kill-at", str(kill_at)],
         env=env,
         capture_output=True,
         text=True,
@@ -50,7 +56,9 @@ def test_demo_cluster_loses_and_duplicates_nothing_when_a_broker_dies(demo_home)
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     print(
         f"\ntopology started in {summary['start_seconds']}s; killed broker {summary['killed_broker']} at "
-        f"{summary['killed_at_trades']} trades, restarted in {summary['broker_restart_seconds']}s; "
+        f"{summary['killed_at_trades']} trades ({kill_at:.0%} of the playback), its partitions led elsewhere "
+        f"{summary['failover_seconds']}s later, the stream closed {summary['stream_closed_after_kill_seconds']}s "
+        f"after the kill; restarted in {summary['broker_restart_seconds']}s; "
         f"{summary['micro_batch_runs']} micro-batches; Spark {summary.get('spark_seconds')}s; "
         f"whole demo {summary['seconds']}s"
     )
@@ -58,7 +66,12 @@ def test_demo_cluster_loses_and_duplicates_nothing_when_a_broker_dies(demo_home)
     assert summary["brokers"] == 3 and summary["replication_factor"] == 3 and summary["min_insync_replicas"] == 2
     assert summary["partitions"] == 6
     assert summary["killed_broker"] in (1, 2, 3)
-    assert 0 < summary["killed_at_trades"] < RECORDED_TRADES  # the kill landed mid-stream
+    assert summary["kill_at"] == kill_at and 0 < summary["killed_at_trades"] <= RECORDED_TRADES
+    if kill_at < 0.9:
+        assert summary["killed_at_trades"] < RECORDED_TRADES  # the kill landed mid-stream
+    # Fenced and led elsewhere well before the streamer's close deadline, which it met with nothing spooled.
+    assert summary["failover_seconds"] < summary["failover_bound_seconds"] < summary["close_timeout_seconds"]
+    assert summary["streamer_undelivered"] == 0
     assert (summary["catalog"], summary["storage"], summary["dagster_storage"]) == ("rest", "s3", "postgres")
     assert summary["source_trades"] == RECORDED_TRADES
     assert summary["kafka_records"] == RECORDED_TRADES  # idempotent acks=all: no record twice in Kafka

@@ -2,8 +2,11 @@
 
 The bundled recording (tests/support/recorded.py) is played by the local recording server and
 streamed by K2's streamer (idempotent acks=all producer) into a topic of the local 3-broker
-cluster; half-way the leader of partition 0 is killed with SIGKILL, the stream goes on with two
-brokers (min.insync.replicas=2), and the broker is started again later. The real stream sensor
+cluster; the leader of partition 0 is killed with SIGKILL early, half-way or within the last second
+of the playback (where the streamer's end-of-stream flush and close wait on the failover:
+k2_resources/platform/failover.py), the cluster fences it and leads its partitions elsewhere, the
+stream goes on (or ends) with two brokers (min.insync.replicas=2), nothing is left in the
+streamer's spool, and the broker is started again. The real stream sensor
 then drives micro-batches into Iceberg until the lag is zero: every trade is there exactly once.
 """
 
@@ -15,11 +18,13 @@ import time
 import pytest
 from dagster import DagsterInstance
 
+from k2_assets.cli.cluster_demo import KillPoint
 from k2_resources.binance.recording_server import RecordedTrade, RecordingServerThread, Tape
 from k2_resources.binance.streamer import stream_to_kafka
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import dead_letter_topic
+from k2_resources.platform.failover import FAILOVER_BOUND_MS
 from k2_resources.sink.offsets import committed_offsets
 from k2_sensors.binance.driver import drive
 from tests.support.kafka_cluster import partition_replicas, topic_settings
@@ -30,7 +35,7 @@ from tests.support.waiting import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 PER_SYMBOL = 1_500  # BTCUSDT and ETHUSDT: 3,000 trades
-PLAYBACK_S = 20.0  # how long the server takes to play them, so the kill lands mid-stream
+PLAYBACK_S = 20.0  # how long the server takes to play them
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 
 
@@ -49,7 +54,10 @@ def recorded_tape() -> list[RecordedTrade]:
     ]
 
 
-def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(k2_home, kafka_cluster, topic_name, monkeypatch):
+@pytest.mark.parametrize("kill_at", [0.1, 0.5, 0.96], ids=["early", "mid_stream", "last_second"])
+def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
+    k2_home, kafka_cluster, topic_name, monkeypatch, kill_at
+):
     monkeypatch.setenv("K2_KAFKA_BOOTSTRAP", kafka_cluster.bootstrap_servers)
     kafka, iceberg = KafkaResource(), IcebergResource()
     servers = kafka_cluster.bootstrap_servers
@@ -88,27 +96,40 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(k2_home, 
 
         streamer = threading.Thread(target=stream, name="k2-streamer")
         streamer.start()
+        due = KillPoint(kill_at).trade_index(Tape(tape))
         wait_for(
-            lambda: produced() >= len(tape) // 2 or not streamer.is_alive(),
+            lambda: server.stats().trade_frames >= due or not streamer.is_alive(),
             timeout_s=120,
-            what="the streamer to put half of the trades in Kafka",
-            interval_s=0.05,
+            what=f"the server to play {due} trades ({kill_at:.0%} of the playback)",
+            interval_s=0.02,
         )
         assert streamer.is_alive(), "the stream ended before the kill; raise PLAYBACK_S"
         victim = replicas[0]["leader"]
         killed_at = produced()
         kafka_cluster.kill(victim)
+        kill_time = time.monotonic()
         assert victim not in kafka_cluster.running()
 
-        # Two brokers left: a new leader takes over and the stream goes on.
+        # Two brokers left: the controller fences the dead one and its partitions get new leaders.
+        survivors = ",".join(b.bootstrap_servers for b in kafka_cluster.nodes() if b.node_id != victim)
+
+        def failed_over() -> bool:
+            try:
+                leaders = [p["leader"] for p in partition_replicas(survivors, topic_name).values()]
+            except Exception:
+                return False  # a survivor busy with the failover: ask again
+            return victim not in kafka_cluster.live_brokers() and all(leader not in (victim, -1) for leader in leaders)
+
+        wait_for(failed_over, timeout_s=FAILOVER_BOUND_MS / 1000 * 3, what="the failover", interval_s=0.05)
+        failover_s = time.monotonic() - kill_time
+        # The stream goes on (or, killed in its last second, ends) with broker {victim} dead.
         wait_for(
-            lambda: produced() >= killed_at + len(tape) // 8,
+            lambda: produced() >= min(len(tape), killed_at + len(tape) // 8) or not streamer.is_alive(),
             timeout_s=120,
             what=f"the stream to go on with broker {victim} dead",
             interval_s=0.2,
         )
         assert victim not in kafka_cluster.running()
-        assert partition_replicas(servers, topic_name)[0]["leader"] not in (victim, -1)  # failed over
         restart_began = time.monotonic()
         kafka_cluster.restart(victim)
         restart_s = time.monotonic() - restart_began
@@ -116,9 +137,14 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(k2_home, 
         assert not streamer.is_alive(), "the streamer did not finish the recording"
         sent = server.stats()
 
-    print(f"\nkilled broker {victim} at {killed_at} of {len(tape)} trades; restarted in {restart_s:.1f}s")
+    print(
+        f"\nkilled broker {victim} at {killed_at} of {len(tape)} trades ({kill_at:.0%} of the playback); "
+        f"failed over in {failover_s:.1f}s; restarted in {restart_s:.1f}s"
+    )
+    assert failover_s < FAILOVER_BOUND_MS / 1000
     assert sent.finished and sent.unique_trades == len(tape)
     assert stats["result"].ended_by == "end_of_recording"
+    assert stats["result"].undelivered == 0, "the streamer gave up on Kafka before the failover ended"
     assert produced() == len(tape)  # idempotent acks=all: no record written twice by retries
     wait_for(
         lambda: all(r["isr"] == [1, 2, 3] for r in partition_replicas(servers, topic_name).values()),
