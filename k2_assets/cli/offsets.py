@@ -120,10 +120,10 @@ def _show(args: argparse.Namespace) -> int:
 def _gaps(args: argparse.Namespace) -> int:
     ledger = GapLedger.for_topic(args.topic)
     gaps, resets = ledger.states()
-    listed = [e for e in gaps.values() if args.all or e["event"] != "filled"]
+    listed = [e for e in gaps.values() if args.all or e["event"] not in ("filled", "absent")]
     for entry in listed:
-        state = {"open": "filling", "filled": "filled", "unfilled": "UNFILLED"}[entry["event"]]
-        missing = 0 if state == "filled" else entry["ids"] - entry.get("filled", 0)
+        state = {"open": "filling", "filled": "filled", "unfilled": "UNFILLED", "absent": "absent"}[entry["event"]]
+        missing = 0 if state in ("filled", "absent") else entry["ids"] - entry.get("filled", 0) - entry.get("absent", 0)
         reason = f" reason={entry['reason']}" if "reason" in entry else ""
         print(
             f"{state:8} {entry['symbol']} ids {entry['first']}-{entry['last']} ({entry['ids']} ids, "
@@ -134,7 +134,8 @@ def _gaps(args: argparse.Namespace) -> int:
     summary = ledger.summary()
     print(
         f"{args.topic}: {summary.unfilled_gaps} unfilled gaps ({summary.unfilled_ids} trade ids lost), "
-        f"{summary.open_gaps} filling, {summary.filled_gaps} filled ({summary.filled_ids} ids), {summary.resets} resets"
+        f"{summary.open_gaps} filling, {summary.filled_gaps} filled ({summary.filled_ids} ids), "
+        f"{summary.resets} resets, {summary.absent_ids} ids absent at the source (not a loss)"
     )
     if args.accept:
         if not args.note:

@@ -18,9 +18,18 @@ fed by ``X-MBX-USED-WEIGHT-1M``); a 429 or 418 stops every request for its ``Ret
 *lost* (ERROR log, ``k2_binance_gaps_unfilled_total{reason}`` and ``..._trade_ids_unfilled_total``,
 an ``unfilled`` ledger entry) when it is larger than ``max_gap_ids``, when the endpoint refuses
 (401/403/451 turn the fill off for the rest of the run; 400 loses that gap), after ``max_attempts``
-failures in a row, after ``fill_timeout_s``, or when the history does not have the ids. An id reset
-is written to the ledger as a reset and never filled. A gap is ``filled`` only once its last
+failures in a row, after ``fill_timeout_s``, or when the history answers nothing from an id on. An
+id reset is written to the ledger as a reset and never filled. A gap is ``filled`` only once its last
 missing id was handed to the producer.
+
+Ids the source does not hold are not a loss: when the history answers a request from id ``a`` with a
+later id ``b`` (``historicalTrades`` serves the trades from ``fromId`` on), the ids ``a .. b - 1`` were
+never traded there (two windows of a recording a year apart, or ids an exchange skipped). They are
+counted as *absent at the source* (WARNING, ``k2_binance_trade_ids_absent_at_source_total``, an
+``absent`` ledger entry or the ``absent`` count of a ``filled`` one), never as filled. A gap above
+``max_gap_ids`` is never fetched, but one request of one trade asks where the source's history goes on
+from the gap's first id: if it holds that id, the gap is a ``too_large`` loss; if it goes on past the
+gap, nothing is missing; if it goes on inside the gap, the rest is a gap of its own, judged the same way.
 """
 
 from __future__ import annotations
@@ -38,9 +47,10 @@ from urllib.parse import urlencode
 
 from k2_resources.binance.errors import GapFillTimeout, RestRefused, RestUnavailable
 from k2_resources.binance.gap_ledger import GapLedger
-from k2_resources.binance.gap_plan import Gap, GapFillSettings, LossReason, Page, in_gap, judge, next_page
+from k2_resources.binance.gap_plan import Gap, GapFillSettings, LossReason, Page, in_gap, next_page
 from k2_resources.binance.rest_limits import (
     ENDPOINT_WEIGHTS,
+    HISTORICAL_TRADES,
     RECENT_TRADES,
     USED_WEIGHT_HEADER,
     WeightLimiter,
@@ -110,16 +120,10 @@ class GapFiller:
     # ---- called by the pipeline (synchronously, on the loop) ----------------------------------------
     def gap(self, symbol: str, first: int, last: int) -> None:
         gap = Gap(symbol, first, last)
-        reason = LossReason.DISABLED if not self.settings.enabled else judge(gap, self.settings.max_gap_ids)
-        if reason is not None:
-            detail = (
-                f"{gap.size} ids, above the bound of {self.settings.max_gap_ids}"
-                if reason == LossReason.TOO_LARGE
-                else ""
-            )
-            self._lose(gap, reason, 0, detail)
+        if not self.settings.enabled:
+            self._lose(gap, LossReason.DISABLED, 0)
             return
-        self.ledger.opened(gap)
+        self.ledger.opened(gap)  # one above the bound too: the task asks the source whether it holds its ids
         self._enqueue(gap)
 
     def reset(self, symbol: str, high: int, trade_id: int) -> None:
@@ -182,11 +186,16 @@ class GapFiller:
     async def _fill(self, gap: Gap) -> None:
         settings = self.settings
         deadline = time.monotonic() + settings.fill_timeout_s
-        from_id, filled, skipped, dead, failures, recent_ok = gap.first, 0, 0, 0, 0, True
+        if gap.size > settings.max_gap_ids:
+            rest = await self._beyond_bound(gap, deadline)
+            if rest is None:
+                return None
+            gap = rest
+        from_id, filled, skipped, absent, dead, failures, recent_ok = gap.first, 0, 0, 0, 0, 0, True
         started = time.monotonic()
         while from_id <= gap.last:
             if self.refused is not None:
-                return self._lose(gap, LossReason.REFUSED, filled, self.refused)
+                return self._lose(gap, LossReason.REFUSED, filled, self.refused, absent)
             page = next_page(gap, from_id, self.live_high(gap.symbol), recent_ok=recent_ok)
             try:
                 trades = await self._request(page, deadline)
@@ -194,26 +203,30 @@ class GapFiller:
                 if exc.status in REFUSING_STATUSES:
                     self.refused = str(exc)
                     log.error("gap fill turned off for this run: %s", exc)
-                return self._lose(gap, LossReason.REFUSED, filled, str(exc))
+                return self._lose(gap, LossReason.REFUSED, filled, str(exc), absent)
             except GapFillTimeout as exc:
-                return self._lose(gap, LossReason.TIMEOUT, filled, str(exc))
+                return self._lose(gap, LossReason.TIMEOUT, filled, str(exc), absent)
             except RestUnavailable as exc:
                 failures += 1
                 if failures >= settings.max_attempts:
-                    return self._lose(gap, LossReason.UNREACHABLE, filled, f"{failures} failures in a row; last: {exc}")
+                    last = f"{failures} failures in a row; last: {exc}"
+                    return self._lose(gap, LossReason.UNREACHABLE, filled, last, absent)
                 pause = settings.retry_initial_s * 2 ** (failures - 1)
                 if time.monotonic() + pause > deadline:
-                    return self._lose(gap, LossReason.TIMEOUT, filled, str(exc))
+                    return self._lose(gap, LossReason.TIMEOUT, filled, str(exc), absent)
                 log.warning("gap fill of %s: %s; retry %d in %.1f s", gap.key, exc, failures, pause)
                 await asyncio.sleep(pause)
                 continue
             failures = 0
-            wanted, absent, next_from = in_gap(trades, gap, from_id)
+            wanted, passed_over, next_from = in_gap(trades, gap, from_id)
             if page.endpoint == RECENT_TRADES and (not wanted or wanted[0]["id"] != from_id):
                 recent_ok = False  # the newest trades do not reach back to from_id: ask the history
                 continue
             if not wanted:
-                skipped += gap.last - from_id + 1
+                # the history goes on past the gap: the rest is not at the source; it answers nothing: a loss
+                beyond = any(isinstance(t.get("id"), int) and t["id"] > gap.last for t in trades)
+                absent += gap.last - from_id + 1 if beyond else 0
+                skipped += 0 if beyond else gap.last - from_id + 1
                 break
             for index, trade in enumerate(wanted, 1):
                 outcome = self.handle(rest_message(gap.symbol, trade))
@@ -221,18 +234,71 @@ class GapFiller:
                 dead += outcome == "dead_letter"
                 if index % SLICE == 0:
                     await asyncio.sleep(0)  # let the live frames through
-            skipped += absent
+            absent += passed_over  # the history answered with later ids: these were never traded there
             from_id = next_from
         if skipped or dead:
             reason = LossReason.NOT_AT_SOURCE if skipped else "dead_lettered"
-            return self._lose(gap, reason, filled, f"{skipped} ids not in the history, {dead} dead-lettered")
-        self.ledger.filled(gap, filled)
+            detail = f"{skipped} ids the history does not answer, {dead} dead-lettered, {absent} absent at the source"
+            return self._lose(gap, reason, filled, detail, absent)
+        if absent:
+            self._count_absent(gap, absent)
+        if not filled:
+            self.ledger.absent(gap, absent)
+            return None
+        self.ledger.filled(gap, filled, absent)
         self.stats.gaps_filled += 1
         self.metrics.gaps_filled.labels(gap.symbol).inc()
         log.info(
             "gap filled: %s, %d trade ids from the REST history in %.2f s", gap.key, filled, time.monotonic() - started
         )
         return None
+
+    async def _beyond_bound(self, gap: Gap, deadline: float) -> Gap | None:
+        """A gap above ``max_gap_ids``: what remains to fill after asking the source where its history
+        goes on from ``gap.first`` (one request of one trade); None when nothing does (lost or absent)."""
+        bound = f"{gap.size} ids, above the bound of {self.settings.max_gap_ids}"
+        if self.refused is not None:
+            self._lose(gap, LossReason.TOO_LARGE, 0, f"{bound}; the history refuses: {self.refused}")
+            return None
+        page = Page(HISTORICAL_TRADES, {"symbol": gap.symbol, "fromId": gap.first, "limit": 1})
+        try:
+            trades = await self._request(page, deadline)
+        except RestRefused as exc:
+            if exc.status in REFUSING_STATUSES:
+                self.refused = str(exc)
+                log.error("gap fill turned off for this run: %s", exc)
+            self._lose(gap, LossReason.TOO_LARGE, 0, f"{bound}; the history could not be asked: {exc}")
+            return None
+        except (GapFillTimeout, RestUnavailable) as exc:
+            self._lose(gap, LossReason.TOO_LARGE, 0, f"{bound}; the history could not be asked: {exc}")
+            return None
+        held = min((t["id"] for t in trades if isinstance(t.get("id"), int) and t["id"] >= gap.first), default=None)
+        if held is None or held == gap.first:  # the source holds the ids (or answers nothing): a loss
+            self._lose(gap, LossReason.TOO_LARGE, 0, bound)
+            return None
+        absent = min(held, gap.last + 1) - gap.first
+        self._count_absent(gap, absent)
+        self.ledger.absent(gap, absent)
+        if held > gap.last:
+            return None
+        rest = Gap(gap.symbol, held, gap.last)
+        self.ledger.opened(rest)
+        if rest.size > self.settings.max_gap_ids:  # the source holds its first id: no second question
+            rest_bound = f"{rest.size} ids, above the bound of {self.settings.max_gap_ids}"
+            self._lose(rest, LossReason.TOO_LARGE, 0, rest_bound)
+            return None
+        return rest
+
+    def _count_absent(self, gap: Gap, absent: int) -> None:
+        log.warning(
+            "trade-id gap not at the source: %s, %d of its %d ids are not in the exchange's history (it answers "
+            "with later ids); nothing to fill, not a loss",
+            gap.key,
+            absent,
+            gap.size,
+        )
+        self.stats.ids_absent += absent
+        self.metrics.ids_absent.labels(gap.symbol).inc(absent)
 
     async def _request(self, page: Page, deadline: float) -> list[dict[str, Any]]:
         """The trades of one page, after the limiter allows it; waits out 429/418 (Retry-After)."""
@@ -271,8 +337,8 @@ class GapFiller:
                 raise RestUnavailable(f"the answer is not a list of trades: {text}")
             return [t for t in trades if isinstance(t, dict)]
 
-    def _lose(self, gap: Gap, reason: str, filled: int, detail: str = "") -> None:
-        missing = gap.size - filled
+    def _lose(self, gap: Gap, reason: str, filled: int, detail: str = "", absent: int = 0) -> None:
+        missing = gap.size - filled - absent
         log.error(
             "trade-id gap NOT filled (%s): %s ids %d-%d, %d of %d ids never reached Kafka%s",
             reason,
@@ -283,7 +349,7 @@ class GapFiller:
             gap.size,
             f" ({detail})" if detail else "",
         )
-        self.ledger.unfilled(gap, reason, filled, detail)
+        self.ledger.unfilled(gap, reason, filled, detail, absent)
         self.stats.gaps_unfilled += 1
         self.stats.ids_unfilled += missing
         self.metrics.gaps_unfilled.labels(gap.symbol, reason).inc()

@@ -5,9 +5,13 @@ happens, so a streamer killed mid-fill finds its open gaps again at start, and t
 ``sequence_gaps`` check and ``k2 offsets gaps`` read the same file:
 
 - ``open``: a gap to fill (``symbol``, ``first``, ``last``, ``ids``);
-- ``filled``: every id of it is now handed to Kafka (``filled`` ids);
+- ``filled``: every id of it the source holds is now handed to Kafka (``filled`` ids; ``absent``, when
+  present, counts ids the exchange's history skipped: they do not exist at the source);
+- ``absent``: the source holds none of the gap's first ``absent`` ids (its history answers with a later
+  id: two windows of a recording, or ids the exchange never used). Not a loss, nothing to fill; when
+  ``absent < ids`` the rest was opened as a gap of its own;
 - ``unfilled``: a loss, with ``reason`` (a gap_plan.LossReason) and the ids ``filled`` before it
-  was given up (``ids - filled`` are missing for good);
+  was given up (``ids - filled - absent`` are missing for good);
 - ``reset``: an id reset (``high`` then ``id``): reported, never filled;
 - ``accepted``: an operator accepted every unfilled gap and reset so far (``by``, ``note``).
 
@@ -51,6 +55,8 @@ class GapSummary:
     unfilled_ids: int = 0
     open_gaps: int = 0
     open_ids: int = 0
+    absent_gaps: int = 0  # gaps with ids the source's history does not hold (not a loss)
+    absent_ids: int = 0
     resets: int = 0  # not yet accepted
     unfilled: list[dict[str, Any]] = field(default_factory=list)  # newest last
     open: list[dict[str, Any]] = field(default_factory=list)
@@ -74,6 +80,8 @@ class GapSummary:
             "trade_ids_unfilled": self.unfilled_ids,
             "gaps_filling": self.open_gaps,
             "trade_ids_filling": self.open_ids,
+            "gaps_absent_at_source": self.absent_gaps,
+            "trade_ids_absent_at_source": self.absent_ids,
             "trade_id_resets": self.resets,
             "unfilled": ids(self.unfilled),
             "filling": ids(self.open),
@@ -100,21 +108,19 @@ class GapLedger:
     def opened(self, gap: Gap) -> None:
         self._append({"event": "open", "symbol": gap.symbol, "first": gap.first, "last": gap.last, "ids": gap.size})
 
-    def filled(self, gap: Gap, filled: int) -> None:
-        self._append(
-            {
-                "event": "filled",
-                "symbol": gap.symbol,
-                "first": gap.first,
-                "last": gap.last,
-                "ids": gap.size,
-                "filled": filled,
-            }
-        )
+    def filled(self, gap: Gap, filled: int, absent: int = 0) -> None:
+        event = {"event": "filled", "symbol": gap.symbol, "first": gap.first, "last": gap.last, "ids": gap.size}
+        self._append({**event, "filled": filled, **({"absent": absent} if absent else {})})
 
-    def unfilled(self, gap: Gap, reason: str, filled: int = 0, detail: str = "") -> None:
+    def absent(self, gap: Gap, absent: int) -> None:
+        """The source holds none of the gap's first ``absent`` ids (the rest, if any, is a gap of its own)."""
+        event = {"event": "absent", "symbol": gap.symbol, "first": gap.first, "last": gap.last, "ids": gap.size}
+        self._append({**event, "absent": absent})
+
+    def unfilled(self, gap: Gap, reason: str, filled: int = 0, detail: str = "", absent: int = 0) -> None:
         event = {"event": "unfilled", "symbol": gap.symbol, "first": gap.first, "last": gap.last, "ids": gap.size}
-        self._append({**event, "filled": filled, "reason": reason, "detail": detail[:500]})
+        extra = {"absent": absent} if absent else {}
+        self._append({**event, "filled": filled, **extra, "reason": reason, "detail": detail[:500]})
 
     def reset(self, symbol: str, high: int, trade_id: int) -> None:
         self._append({"event": "reset", "symbol": symbol, "high": high, "id": trade_id})
@@ -145,7 +151,7 @@ class GapLedger:
                 resets = []
             elif kind == "reset":
                 resets.append(event)
-            elif kind in ("open", "filled", "unfilled"):
+            elif kind in ("open", "filled", "unfilled", "absent"):
                 key = f"{event['symbol']}:{event['first']}-{event['last']}"
                 gaps.pop(key, None)  # re-inserted: newest last
                 gaps[key] = event
@@ -160,12 +166,17 @@ class GapLedger:
         gaps, resets = self.states()
         s = GapSummary(resets=len(resets), reset_list=resets)
         for e in gaps.values():
+            if e.get("absent"):
+                s.absent_gaps += 1
+                s.absent_ids += e["absent"]
+            if e["event"] == "absent":
+                continue
             if e["event"] == "filled":
                 s.filled_gaps += 1
                 s.filled_ids += e["filled"]
             elif e["event"] == "unfilled":
                 s.unfilled_gaps += 1
-                s.unfilled_ids += e["ids"] - e.get("filled", 0)
+                s.unfilled_ids += e["ids"] - e.get("filled", 0) - e.get("absent", 0)
                 s.filled_ids += e.get("filled", 0)
                 s.unfilled.append(e)
             else:
@@ -183,8 +194,9 @@ class GapLedger:
         if lines <= COMPACT_AFTER_LINES:
             return
         gaps, resets = self.states()
-        keep = [e for e in gaps.values() if e["event"] != "filled"] + resets
-        keep += [e for e in gaps.values() if e["event"] == "filled"][-KEEP_CLOSED:]
+        closed = ("filled", "absent")
+        keep = [e for e in gaps.values() if e["event"] not in closed] + resets
+        keep += [e for e in gaps.values() if e["event"] in closed][-KEEP_CLOSED:]
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in keep), encoding="utf-8")
         temporary.replace(self.path)

@@ -5,8 +5,8 @@ ids ``h + 1 .. n - 1`` were never received: a :class:`Gap`. It is fetched from t
 pages of at most 1,000 trades (:func:`next_page`): ``/api/v3/trades`` (the newest trades, no
 ``fromId``) when every missing id is among the newest 1,000 of the symbol, else
 ``/api/v3/historicalTrades?fromId=`` (also the fallback when the newest page does not reach back far
-enough). A gap above ``max_gap_ids`` is never fetched: it is reported as a loss at once
-(:func:`judge`), as is a gap found while the endpoint refuses.
+enough). A gap above ``max_gap_ids`` (:func:`judge`) is never fetched: one request of one trade
+asks whether the source holds its ids at all (gap_fill), and if it does, the gap is a loss.
 
 Settings come from :class:`GapFillResource` (a Dagster ConfigurableResource whose fields may be
 ``EnvVar``\\ s) or from the environment (:meth:`GapFillSettings.from_env`, what `k2 stream binance`
@@ -33,11 +33,11 @@ RECENT_MARGIN = 100  # ids the newest page must reach below a gap's first id (th
 class LossReason:
     """Why a gap (or what remains of it) was not filled."""
 
-    TOO_LARGE = "too_large"  # above max_gap_ids: never fetched
+    TOO_LARGE = "too_large"  # above max_gap_ids and held by the source: never fetched
     REFUSED = "refused"  # 401/403/451 (or 400): no key, forbidden, geo-blocked, not accepted
     UNREACHABLE = "unreachable"  # max_attempts failures in a row (timeouts, 5xx, connection errors)
     TIMEOUT = "timeout"  # fill_timeout_s passed (e.g. a long 429/418 ban)
-    NOT_AT_SOURCE = "not_at_source"  # the history has no such ids (it skipped them)
+    NOT_AT_SOURCE = "not_at_source"  # the history answers nothing from these ids on (ids it skips are absent)
     DISABLED = "disabled"  # gap fill switched off
 
 

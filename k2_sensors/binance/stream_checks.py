@@ -165,12 +165,13 @@ def sequence_gap_evaluation(
     newest materialisation per partition (the runs count the gaps: cheap, no table scan per tick).
     ``gap_ledger``: the streamer's gap fill (GapSummary.metadata(), issue 25), merged in: ERROR while
     a gap is unfilled (a loss not yet accepted); batch gaps pass once the gap fill filled them (the
-    backfilled trades land in a later batch) and nothing is still filling.
+    backfilled trades land in a later batch) or found them absent at the source, and nothing is still filling.
     """
     total = sum(sum(entry["gaps"].values()) for entry in latest_by_partition.values())
     ledger = dict(gap_ledger or {})
     unfilled, filling = ledger.get("gaps_unfilled", 0), ledger.get("gaps_filling", 0)
-    explained = total > 0 and ledger.get("gaps_filled", 0) > 0 and not filling
+    closed = ledger.get("gaps_filled", 0) + ledger.get("gaps_absent_at_source", 0)  # absent: never traded
+    explained = total > 0 and closed > 0 and not filling
     return CheckOutcome(
         SEQUENCE_GAPS,
         passed=not unfilled and (total == 0 or explained),

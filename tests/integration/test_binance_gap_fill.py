@@ -3,8 +3,9 @@
 The feed resends nothing on a reconnect (``resume_overlap=0``, as live Binance) and a forced drop also
 loses the trades that were on the wire (``lose_on_drop``): every one of them must end in the topic once,
 fetched from the REST history, even through a 429 storm; a gap above the bound, a refusing endpoint and
-an id reset are reported (ledger, metrics, ERROR log) and never filled. Expected sets come from the
-server's record of what it sent, never from the streamer.
+an id reset are reported (ledger, metrics, ERROR log) and never filled. Ids the source itself does not
+hold (the bundled recording's jump between its 2023 and 2024 windows) are absent at the source, not a
+loss. Expected sets come from the server's record of what it sent, never from the streamer.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import pytest
 
 from k2_resources.binance.gap_ledger import GapLedger
 from k2_resources.binance.gap_plan import GapFillSettings
-from k2_resources.binance.recording_server import RecordingServerThread
+from k2_resources.binance.recording_server import RecordingServerThread, load_recorded_trades
 from k2_resources.binance.stream_metrics import StreamMetrics
 from k2_resources.binance.streamer import StreamerConfig, run_streamer
 from k2_resources.kafka.resource import KafkaResource
+from k2_sensors.binance.stream_checks import sequence_gap_evaluation
 from tests.support.streamer_runs import tape_2024, topic_trades, twice
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -116,7 +118,8 @@ def test_a_gap_past_the_bound_is_a_loss_loud_counted_and_never_fetched(k2_home, 
         stats, metrics, _ = _stream(server, topic_name, max_gap_ids=LOST_PER_DROP - 1)
         sent, rest = _sent(server), server.rest.stats()
     keys = set(_in_topic(topic_name))
-    assert rest.requests == 0  # never fetched
+    # never fetched: one request of one trade per gap asks whether the source holds its ids (it does)
+    assert rest.requests == DROPS and sum(len(ids) for ids in rest.served_ids.values()) == DROPS
     assert (stats.gaps_filled, stats.gaps_unfilled, stats.ids_unfilled) == (0, DROPS, DROPS * LOST_PER_DROP)
     assert len(sent - keys) == DROPS * LOST_PER_DROP and keys <= sent  # exactly the lost ones missing
     summary = GapLedger.for_topic(topic_name).summary()
@@ -155,3 +158,39 @@ def test_an_id_reset_stays_a_reset_and_is_not_filled(k2_home, kafka_broker, topi
     assert (
         summary.resets == 1 and summary.reset_list[0]["id"] == 1 and summary.filled_gaps == summary.unfilled_gaps == 0
     )
+
+
+@pytest.mark.timeout(900)  # a whole lap of the recording (37,563 trades) on a shared 2-core machine
+def test_the_bundled_recording_plays_a_lap_without_a_loss_and_real_gaps_on_it_are_filled(
+    k2_home, kafka_broker, topic_name, caplog
+):
+    """The bundled recording jumps 664M BTCUSDT ids between its 2023 and 2024 windows: the REST history
+    (the recording) answers a request from the first missing id with the 2024 window's first id, so the
+    jump is absent at the source (WARNING, counted, an ``absent`` ledger entry), not a ``too_large`` loss;
+    connections dropped on the same lap still lose trades on the wire, and those gaps are filled."""
+    caplog.set_level(logging.WARNING, logger="k2_resources.binance.gap_fill")
+    with RecordingServerThread(
+        speed=None, resume_overlap=0, drop_after=5_000, max_drops=DROPS, lose_on_drop=LOST_PER_DROP
+    ) as server:
+        stats, metrics, seconds = _stream(server, topic_name)
+        sent, served = _sent(server), server.stats()
+    tape = load_recorded_trades()
+    btc = sorted(t.trade_id for t in tape if t.symbol == "BTCUSDT")
+    (window_end, window_start) = next((a, b) for a, b in zip(btc, btc[1:]) if b != a + 1)
+    assert served.finished and len(sent) == len(tape) and served.drops == DROPS  # one whole lap
+    keys = _in_topic(topic_name)
+    assert not twice(keys) and set(keys) == sent  # every trade of the lap once, the lost ones filled
+    assert (stats.gaps_unfilled, stats.ids_unfilled) == (0, 0)
+    assert stats.backfilled == DROPS * LOST_PER_DROP and stats.ids_absent == window_start - window_end - 1
+    summary = GapLedger.for_topic(topic_name).summary()
+    assert (summary.unfilled_gaps, summary.open_gaps, summary.filled_ids) == (0, 0, DROPS * LOST_PER_DROP)
+    assert (summary.absent_gaps, summary.absent_ids) == (1, window_start - window_end - 1)
+    absent = [e for e in GapLedger.for_topic(topic_name).events() if e["event"] == "absent"]
+    assert [(e["symbol"], e["first"], e["last"]) for e in absent] == [("BTCUSDT", window_end + 1, window_start - 1)]
+    assert _sample(metrics, "k2_binance_trade_ids_absent_at_source_total", symbol="BTCUSDT") == summary.absent_ids
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    outcome = sequence_gap_evaluation(
+        {0: {"range": "0-1", "gaps": {"BTCUSDT": summary.absent_ids}}}, summary.metadata()
+    )
+    assert outcome.passed  # the sequence_gaps check stays green on a healthy install
+    print(f"one lap: {len(sent)} trades, {stats.gaps_filled} gaps filled, {summary.absent_ids} absent, {seconds:.1f} s")
