@@ -6,9 +6,11 @@ messages whose rate is the sink's throughput), pending deferred/spilled ranges a
 (the backlogs), the dead-letter topic's size, the latest degradation level the stream sensor
 reported and its level changes (from the ``degradation_level`` check history in the Dagster
 instance), each micro-batch's Iceberg commit time and the rows it deferred by load shedding (from
-its materialisation), and table statistics. Runs and sensor ticks happen in processes that serve
-no metrics, so counters of what they did are derived here, from what they recorded. It holds no
-state the platform needs: restarting it loses nothing (counters restart, which Prometheus handles).
+its materialisation), the streamer's gap ledger (filled, unfilled, filling and absent trade-id gaps
+with their ids, by reason: what the ``sequence_gaps`` check reports), and table statistics. Runs
+and sensor ticks happen in processes that serve no metrics, so counters of what they did are
+derived here, from what they recorded. It holds no state the platform needs: restarting it loses
+nothing (counters restart, which Prometheus handles).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from typing import Any
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
+from k2_resources.binance.gap_ledger import GapLedger
+from k2_resources.binance.gap_plan import LossReason
 from k2_resources.catalog.errors import catalog_unavailable
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.security import EXPORTER
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC, dead_letter_topic
 from k2_resources.metrics import (
     COMMITTED_MESSAGES,
@@ -35,6 +40,9 @@ from k2_resources.metrics import (
     DEGRADATION_LEVEL,
     DEGRADATION_TRANSITIONS,
     EXPORTER_ERRORS,
+    GAP_LEDGER_GAPS,
+    GAP_LEDGER_RESETS,
+    GAP_LEDGER_TRADE_IDS,
     ICEBERG_COMMIT_SECONDS,
     MICROBATCH_MESSAGES,
     SHED_MESSAGES,
@@ -55,7 +63,7 @@ BINANCE_TRADES = AssetKey("binance_trades")
 class MetricsPoller:
     """Reads the platform's state and sets the metrics; ``poll()`` once per scrape interval."""
 
-    kafka: KafkaResource = field(default_factory=KafkaResource)
+    kafka: KafkaResource = field(default_factory=lambda: KafkaResource(role=EXPORTER))
     iceberg: IcebergResource = field(default_factory=IcebergResource)
     topic: str = BINANCE_TRADES_TOPIC
     instance: DagsterInstance | None = None
@@ -66,7 +74,13 @@ class MetricsPoller:
     check_history_window: int = 500  # evaluations read per poll (the sensor reports one per tick)
 
     def poll(self) -> None:
-        for source, step in (("kafka", self._stream), ("dagster", self._dagster), ("iceberg", self._tables)):
+        steps = (
+            ("kafka", self._stream),
+            ("dagster", self._dagster),
+            ("gap_ledger", self._gaps),
+            ("iceberg", self._tables),
+        )
+        for source, step in steps:
             try:
                 step()
                 EXPORTER_ERRORS.labels(source=source).set(0)
@@ -144,9 +158,31 @@ class MetricsPoller:
                 ).inc()
             self._level_seen = level
 
+    def _gaps(self) -> None:
+        """The gap ledger's state (K2_HOME/binance/gaps/<topic>.jsonl) as gauges: every state and known
+        reason is set each poll, so a gap accepted or filled since brings its series back to 0."""
+        summary = GapLedger.for_topic(self.topic).summary()
+        by_reason = dict.fromkeys(_LOSS_REASONS, (0, 0))
+        for entry in summary.unfilled:
+            gaps, ids = by_reason.get(entry.get("reason", ""), (0, 0))
+            lost = entry["ids"] - entry.get("filled", 0) - entry.get("absent", 0)
+            by_reason[entry.get("reason", "")] = (gaps + 1, ids + lost)
+        states = [
+            ("filled", "", summary.filled_gaps, summary.filled_ids),
+            ("filling", "", summary.open_gaps, summary.open_ids),
+            ("absent_at_source", "", summary.absent_gaps, summary.absent_ids),
+        ] + [("unfilled", reason, gaps, ids) for reason, (gaps, ids) in sorted(by_reason.items())]
+        for state, reason, gaps, ids in states:
+            GAP_LEDGER_GAPS.labels(topic=self.topic, state=state, reason=reason).set(gaps)
+            GAP_LEDGER_TRADE_IDS.labels(topic=self.topic, state=state, reason=reason).set(ids)
+        GAP_LEDGER_RESETS.labels(topic=self.topic).set(summary.resets)
+
     def _tables(self) -> None:
         update_table_metrics(self.iceberg)
         update_health_metrics(self.iceberg)  # k2_table_health: the table_health check's measures
+
+
+_LOSS_REASONS = tuple(sorted({value for name, value in vars(LossReason).items() if name.isupper()} | {"dead_lettered"}))
 
 
 def _number(entry: Any) -> float:
