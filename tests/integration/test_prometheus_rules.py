@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from k2_resources import metrics
 from k2_resources.paths import PROJECT_ROOT
@@ -77,7 +78,7 @@ def test_promtool_fails_a_rule_test_that_expects_the_wrong_thing(tmp_path: Path)
 def test_prometheus_config_and_rules_are_valid() -> None:
     result = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 rules found" in result.stdout
+    assert "7 rules found" in result.stdout
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
     assert targets == {"k2": ["127.0.0.1:9465"], "k2-streamer": ["127.0.0.1:9464"], "k2-api": ["127.0.0.1:8000"]}
@@ -85,6 +86,7 @@ def test_prometheus_config_and_rules_are_valid() -> None:
 
 def test_the_rules_alert_on_the_metrics_k2_exports() -> None:
     exported = {m.name for m in metrics.REGISTRY.collect()}
+    exported |= {m.name for m in metrics.StreamerMetrics(CollectorRegistry()).registry.collect()}  # :9464
     exported |= {f"{name}_total" for name in exported}
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {
@@ -92,6 +94,7 @@ def test_the_rules_alert_on_the_metrics_k2_exports() -> None:
         "K2DegradationLevel",
         "K2DeadLetters",
         "K2BinanceTradeIdReset",
+        "K2BinanceGapsUnfilled",
     }
     for rule in rules:
         for name in re.findall(r"\bk2_[a-z_]+", rule["expr"]):
