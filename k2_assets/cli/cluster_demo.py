@@ -56,6 +56,9 @@ from k2_sensors.binance.driver import drive
 
 # The recording plays for about this long; the kill lands at a chosen point of it (KillPoint).
 PLAYBACK_S = 15.0
+# How long the local server waits for the streamer to read the end-of-recording close (the streamer
+# reads every frame before it: under load, long after the server sent them).
+SERVER_CLOSE_TIMEOUT_S = 300.0
 # What the summary reports of the kill (StreamWithKill.result).
 KILL_REPORT = (
     "kill_at",
@@ -242,7 +245,12 @@ class StreamWithKill:
         tape = Tape(trades)
         speed = tape.compressed_span_ms / 1000 / PLAYBACK_S
         outcome: dict[str, Any] = {}
-        with RecordingServerThread(trades=trades, speed=speed, loop=False) as server:
+        # The demo's fault is the broker. On a loaded machine the streamer (sharing this process with the
+        # micro-batch runs and Spark's start) can fall behind the local server; the server neither drops
+        # that slow reader (no keepalive) nor cuts the end-of-recording close short, which would discard
+        # the frames still unread on the socket: a trailing loss no trade-id gap reveals.
+        server_options = {"ping_interval": None, "close_timeout": SERVER_CLOSE_TIMEOUT_S}
+        with RecordingServerThread(trades=trades, speed=speed, loop=False, **server_options) as server:
 
             def stream() -> None:
                 outcome["stats"] = stream_to_kafka(

@@ -144,6 +144,7 @@ class RecordingServer:
         max_pause_ms: int = 1000,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 60.0,
+        close_timeout: float | None = 2.0,  # then the server drops the TCP connection (data unread by the client too)
         faults: ServerFaults | None = None,
         rest_weight_limit: int = BINANCE_WEIGHT_LIMIT,
         rest_window_s: float = WEIGHT_WINDOW_S,
@@ -160,6 +161,7 @@ class RecordingServer:
         self.speed, self.loop, self.time_base = speed, loop, time_base
         self.resume_overlap = resume_overlap
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self.close_timeout = close_timeout
         self._faults = replace(faults or ServerFaults(), **fault_options)
         self.rest = RestHistory(
             self.tape, time_base=time_base, loop=loop, weight_limit=rest_weight_limit, window_s=rest_window_s
@@ -184,7 +186,7 @@ class RecordingServer:
             process_request=self._check_path,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
-            close_timeout=2,
+            close_timeout=self.close_timeout,
             max_queue=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
