@@ -119,6 +119,64 @@ def _check_for(definition: TableDefinition) -> ChecksDefinition:
 TABLE_HEALTH_CHECKS = [_check_for(definition) for definition in STREAMED_TABLES]
 
 
+REPORT_EVERY_S = 60.0
+# Counts summed over the passes a report covers; every other entry is the latest pass's.
+SUMMED = ("_commits", "_conflicts", "_abandoned", "_removed", "_added", "_rewritten", "_deleted", "_expired", "seconds")
+
+
+class PassDigest:
+    """The passes over one table since its last report, as one materialization and one evaluation."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.passes = 0
+        self.changed = 0
+        self.totals: dict[str, object] = {}
+        self.health: TableHealth | None = None
+        self.logged_at = time.monotonic()
+        self.logged_level: str | None = None
+        self.errors: list[str] = []
+
+    @property
+    def level_changed(self) -> bool:
+        return self.health is not None and evaluate(self.health)[0] != self.logged_level
+
+    def add(self, result: MaintenancePass) -> None:
+        self.passes += 1
+        self.changed += 1 if result.changed_anything else 0
+        if result.error:
+            self.errors.append(result.error)
+        if result.health is not None:
+            self.health = result.health
+        for key, value in maintenance_materialization(result).metadata.items():
+            raw = getattr(value, "value", value)
+            if isinstance(raw, int | float) and not isinstance(raw, bool) and key.endswith(SUMMED):
+                previous = self.totals.get(key, 0)
+                self.totals[key] = previous + raw if isinstance(previous, int | float) else raw
+            elif key not in ("table", "started_at"):
+                self.totals[key] = raw
+
+    def take(self, now: float) -> tuple[AssetMaterialization | None, TableHealth | None]:
+        """The report of the passes so far (a materialization only if one changed the table or failed)."""
+        materialization = None
+        if self.changed or self.errors:
+            metadata: dict[str, object] = {"passes": self.passes, "passes_that_changed": self.changed, **self.totals}
+            if self.errors:
+                metadata["failed_passes"] = len(self.errors)
+                metadata["error"] = self.errors[-1]
+            partitions = metadata.get("compaction_partitions")
+            if isinstance(partitions, list):
+                metadata["compaction_partitions"] = MetadataValue.json(partitions)
+            materialization = AssetMaterialization(asset_key=table_asset_key(self.table), metadata=metadata)  # type: ignore[arg-type]
+        health = self.health
+        if health is not None:
+            self.logged_level = evaluate(health)[0]
+        self.passes = self.changed = 0
+        self.totals, self.health, self.errors = {}, None, []
+        self.logged_at = now
+        return materialization, health
+
+
 class FollowerMaintenance:
     """Continuous maintenance for the length of a follower run, reported into that run.
 
@@ -128,11 +186,18 @@ class FollowerMaintenance:
     compaction commit go between two cycles (k2_resources/operations/commit_window.py).
     """
 
-    def __init__(self, context: AssetExecutionContext | OpExecutionContext, iceberg: IcebergResource) -> None:
+    def __init__(
+        self,
+        context: AssetExecutionContext | OpExecutionContext,
+        iceberg: IcebergResource,
+        report_every_s: float = REPORT_EVERY_S,
+    ) -> None:
         self.context = context
         self.enabled = maintenance_enabled()
         self.reports: queue.Queue[MaintenancePass] = queue.Queue()
         self.maintenance = ContinuousMaintenance(iceberg, on_pass=self.reports.put) if self.enabled else None
+        self.report_every_s = report_every_s
+        self.digests: dict[str, PassDigest] = {}
 
     def pause(self, seconds: float) -> None:
         self.log_pending()
@@ -141,17 +206,25 @@ class FollowerMaintenance:
         else:
             self.maintenance.window.pause(seconds)
 
-    def log_pending(self) -> None:
+    def log_pending(self, flush: bool = False) -> None:
+        """Log what the passes did, at most once per ``report_every_s`` per table (and at the end),
+        so a week of streaming leaves thousands of events in the instance, not hundreds of thousands;
+        a table_health level change is logged at once."""
         while True:
             try:
                 result = self.reports.get_nowait()
             except queue.Empty:
-                return
-            if result.changed_anything or result.error:
-                self.context.log_event(maintenance_materialization(result))
-            if result.health is not None:
-                # log_event takes check evaluations too (its annotation lists only the older event kinds)
-                self.context.log_event(health_evaluation(result.health))  # type: ignore[arg-type]
+                break
+            self.digests.setdefault(result.table, PassDigest(result.table)).add(result)
+        now = time.monotonic()
+        for digest in self.digests.values():
+            if digest.passes and (flush or digest.level_changed or now - digest.logged_at >= self.report_every_s):
+                materialization, health = digest.take(now)
+                if materialization is not None:
+                    self.context.log_event(materialization)
+                if health is not None:
+                    # log_event takes check evaluations too (its annotation lists only the older event kinds)
+                    self.context.log_event(health_evaluation(health))  # type: ignore[arg-type]
 
     def __enter__(self) -> FollowerMaintenance:
         if self.maintenance is not None:
@@ -163,4 +236,4 @@ class FollowerMaintenance:
     ) -> None:
         if self.maintenance is not None:
             self.maintenance.stop()
-        self.log_pending()
+        self.log_pending(flush=True)
