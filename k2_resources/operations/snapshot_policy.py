@@ -231,9 +231,7 @@ def expire_by_policy(
     def count(_: BaseException) -> None:
         outcome.conflicts += 1
 
-    table = with_commit_retries(
-        attempt, f"snapshot expiry of {load().name()}", gave_up="the next pass tries again", on_retry=count
-    )
+    table = with_commit_retries(attempt, "snapshot expiry", gave_up="the next pass tries again", on_retry=count)
     outcome.expired = len(chosen)
     live = table.snapshots()
     outcome.snapshots_after = len(live)
