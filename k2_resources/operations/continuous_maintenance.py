@@ -81,6 +81,7 @@ class MaintenanceSettings:
     orphan_interval_s: float = 3600.0
     orphan_grace_s: float = 1800.0
     measure_health: bool = True
+    health_interval_s: float = 60.0  # passes measure the table at most this often (the report's cadence)
 
     def table_properties(self) -> dict[str, str]:
         return {
@@ -245,6 +246,7 @@ class TableMaintainer:
         self.cache = ReferenceCache()
         self.properties_ok = False
         self.last_sweep = time.monotonic()  # the first sweep waits a whole interval
+        self.last_health = -float("inf")
         self.before_swap: Callable[[], None] | None = None  # tests: a point to kill a rewrite at
         self.window: CommitWindow | None = None  # shared with the follower of this process, if any
 
@@ -264,7 +266,8 @@ class TableMaintainer:
             if sweep or (sweep is None and due):
                 result.orphans = sweep_orphans(self.load(), self.settings.orphan_grace_s, self.cache)
                 self.last_sweep = time.monotonic()
-            if self.settings.measure_health:
+            if self.settings.measure_health and time.monotonic() - self.last_health >= self.settings.health_interval_s:
+                self.last_health = time.monotonic()
                 # A file is taken by the first pass after it settles: the window as health counts it.
                 settled_after = self.settings.compaction.settle_window_s + self.settings.interval_s
                 result.health = measure(self.load(), settled_after, self.cache)
