@@ -120,6 +120,7 @@ TABLE_HEALTH_CHECKS = [_check_for(definition) for definition in STREAMED_TABLES]
 
 
 REPORT_EVERY_S = 60.0
+HEALTH_EVERY_S = 600.0  # an unchanged table_health level is logged this often; a change at once
 # Counts summed over the passes a report covers; every other entry is the latest pass's.
 SUMMED = ("_commits", "_conflicts", "_abandoned", "_removed", "_added", "_rewritten", "_deleted", "_expired", "seconds")
 
@@ -134,6 +135,7 @@ class PassDigest:
         self.totals: dict[str, object] = {}
         self.health: TableHealth | None = None
         self.logged_at = time.monotonic()
+        self.health_logged_at = -float("inf")
         self.logged_level: str | None = None
         self.errors: list[str] = []
 
@@ -156,7 +158,7 @@ class PassDigest:
             elif key not in ("table", "started_at"):
                 self.totals[key] = raw
 
-    def take(self, now: float) -> tuple[AssetMaterialization | None, TableHealth | None]:
+    def take(self, now: float, final: bool = False) -> tuple[AssetMaterialization | None, TableHealth | None]:
         """The report of the passes so far (a materialization only if one changed the table or failed)."""
         materialization = None
         if self.changed or self.errors:
@@ -169,8 +171,12 @@ class PassDigest:
                 metadata["compaction_partitions"] = MetadataValue.json(partitions)
             materialization = AssetMaterialization(asset_key=table_asset_key(self.table), metadata=metadata)  # type: ignore[arg-type]
         health = self.health
-        if health is not None:
+        due = final or self.level_changed or now - self.health_logged_at >= HEALTH_EVERY_S
+        if health is not None and due:
             self.logged_level = evaluate(health)[0]
+            self.health_logged_at = now
+        else:
+            health = None
         self.passes = self.changed = 0
         self.totals, self.health, self.errors = {}, None, []
         self.logged_at = now
@@ -219,7 +225,7 @@ class FollowerMaintenance:
         now = time.monotonic()
         for digest in self.digests.values():
             if digest.passes and (flush or digest.level_changed or now - digest.logged_at >= self.report_every_s):
-                materialization, health = digest.take(now)
+                materialization, health = digest.take(now, final=flush)
                 if materialization is not None:
                     self.context.log_event(materialization)
                 if health is not None:
