@@ -19,6 +19,7 @@ from k2_resources.asx.source import AsxSourceResource
 from k2_resources.asx.sydney_time import local_day_bounds_utc
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.query.duckdb_query import DuckDBQueryResource
+from tests.support.breakpoints import met
 
 pytestmark = pytest.mark.integration
 
@@ -175,18 +176,30 @@ def test_a_malformed_row_is_a_dead_letter_and_the_rest_of_the_day_loads(k2_home:
     assert _counts_per_day("market.trades")["2014-03-12"] == TRADES_PER_DAY["2014-03-12"]
 
 
-def test_days_written_at_the_same_time_by_separate_processes_all_land_once(k2_home: Path) -> None:
+def test_days_written_at_the_same_time_by_separate_processes_all_land_once(k2_home: Path, tmp_path: Path) -> None:
     """A UI backfill runs up to four days at once; their Iceberg commits race and must all land,
-    including two runs of the same day (the later one replaces the earlier)."""
+    including two runs of the same day (the later one replaces the earlier).
+
+    The race is forced: each process, having loaded the table for its day's commit, waits there
+    until every process has (a barrier on entering the commit), so all of them commit against the
+    same snapshot and all but one must meet a conflict, which is logged and retried."""
     IcebergResource().catalog()  # tables exist before the race, as after the first run
+    days = DAYS + ["2014-03-11"]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     script = (
-        "import sys\n"
+        "import logging, sys\n"
+        "from pathlib import Path\n"
         "from k2_resources.asx.files import default_data_dir\n"
         "from k2_resources.asx.writes import ingest_day\n"
         "from k2_resources.catalog.resource import IcebergResource\n"
+        "from k2_resources.catalog.writes import replace_with_files\n"
+        "from tests.support.breakpoints import meet_on_entry, nested_code\n"
+        "logging.basicConfig(level=logging.WARNING)\n"  # pyiceberg's retries are warnings
+        "logging.getLogger('k2_resources.catalog.commit').setLevel(logging.INFO)\n"
+        f"meet_on_entry(nested_code(replace_with_files, 'commit'), Path({str(barrier)!r}), {len(days)}, 600)\n"
         "print(ingest_day(default_data_dir(), IcebergResource(), 'trades', sys.argv[1]).valid)\n"
     )
-    days = DAYS + ["2014-03-11"]
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", script, day],
@@ -200,6 +213,11 @@ def test_days_written_at_the_same_time_by_separate_processes_all_land_once(k2_ho
     outputs = [worker.communicate(timeout=600) for worker in workers]
     assert [w.returncode for w in workers] == [0] * len(days), [err[-2000:] for _, err in outputs]
     assert [int(out) for out, _ in outputs] == [sum(TRADES_PER_DAY[day].values()) for day in days]
+    assert met(barrier, len(days))  # every writer reached its commit while the others waited there
+    # Each conflict is logged where it is retried: by K2's commit layer ("conflicted"), or by
+    # pyiceberg's own retry inside the commit ("concurrent update"), which these writes leave on.
+    conflicts = sum(err.count("conflicted") + err.count("due to a concurrent update") for _, err in outputs)
+    assert conflicts >= len(days) - 1, "the commits never raced, so the test proved nothing"
     assert _counts_per_day("market.trades") == TRADES_PER_DAY
     ids = (
         DuckDBQueryResource()
