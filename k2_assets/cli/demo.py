@@ -80,6 +80,10 @@ def _run_cluster(home: Path, args: argparse.Namespace) -> int:
     for name in [n for n in os.environ if n.startswith(("K2_ICEBERG_", "K2_S3_", "DAGSTER_POSTGRES_"))]:
         del os.environ[name]
     os.environ.pop("K2_KAFKA_BOOTSTRAP", None)
+    for name in [n for n in os.environ if n.startswith(("K2_KAFKA_SASL_", "K2_KAFKA_SSL_"))]:
+        del os.environ[name]
+    for name in ("K2_KAFKA_SECURITY_PROTOCOL", "K2_KAFKA_CREDENTIALS_FILE", "K2_KAFKA_ROLE"):
+        os.environ.pop(name, None)
     kill_point = KillPoint.choose(args.kill_at, args.seed)  # a bad --kill-at fails before anything starts
     summary = run_cluster_demo(home, timeout_s=args.timeout, kill_point=kill_point)
     if args.json:
@@ -94,6 +98,7 @@ def _run_cluster(home: Path, args: argparse.Namespace) -> int:
         and summary["streamer_undelivered"] == 0
         and summary["spark_trades"] in (None, summary["source_trades"])
         and summary["spark_ohlcv_equal"] is not False
+        and (summary["kafka_security"] == "PLAINTEXT" or summary["unauthorized_produce_refused"])
     )
     return 0 if ok else 1
 

@@ -13,6 +13,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from pydantic import Field
 
 from k2_resources.errors import KafkaUnavailableError
+from k2_resources.kafka.security import PROTOCOL_VARIABLE, ClientSecurity, client_security
 from k2_resources.platform.failover import (
     DELIVERY_TIMEOUT_MS,
     RECONNECT_BACKOFF_MAX_MS,
@@ -70,6 +71,10 @@ class KafkaResource(ConfigurableResource):
         default=None, description="host:port list; defaults to $K2_KAFKA_BOOTSTRAP or the embedded broker"
     )
     client_id: str = Field(default="k2", description="client.id prefix sent to the brokers")
+    role: str | None = Field(
+        default=None,
+        description="the role whose principal this client uses on a secured cluster (k2_resources/kafka/security.py)",
+    )
     request_timeout_ms: int = Field(
         default=REQUEST_TIMEOUT_MS, description="longer than a broker's failover (k2_resources/platform/failover.py)"
     )
@@ -78,10 +83,22 @@ class KafkaResource(ConfigurableResource):
     def servers(self) -> str:
         return self.bootstrap_servers or default_bootstrap_servers()
 
+    def security(self) -> ClientSecurity:
+        """This client's security settings, from the environment (PLAINTEXT when none is set)."""
+        return client_security(self.role)
+
+    def as_role(self, role: str) -> KafkaResource:
+        """The same cluster, as the principal of ``role`` (on a secured cluster; no change otherwise)."""
+        return self.model_copy(update={"role": role})
+
     def _unreachable(self, exc: Exception) -> KafkaUnavailableError:
+        settings = self.security()
+        if settings.secured:
+            return settings.failure(self.servers, exc)
         return KafkaUnavailableError(
             f"cannot reach Kafka at {self.servers} ({type(exc).__name__}: {exc}); start the embedded "
-            "broker with `k2 kafka start` or set K2_KAFKA_BOOTSTRAP to a running cluster"
+            "broker with `k2 kafka start` or set K2_KAFKA_BOOTSTRAP to a running cluster (this client spoke "
+            f"PLAINTEXT: a secured cluster needs {PROTOCOL_VARIABLE}=SASL_SSL and its CA and principal)"
         )
 
     def producer(self, **overrides: Any) -> KafkaProducer:
@@ -103,7 +120,7 @@ class KafkaResource(ConfigurableResource):
             # the end-of-run flush; a second at most keeps a failover's stall to about that.
             "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
         }
-        config.update(overrides)
+        config.update({**self.security().kafka_python(), **overrides})
         try:
             return KafkaProducer(**config)
         except (KafkaError, OSError) as exc:
@@ -122,7 +139,7 @@ class KafkaResource(ConfigurableResource):
             "max_partition_fetch_bytes": 16 * 1024 * 1024,
             "request_timeout_ms": max(self.request_timeout_ms, 30_000),
         }
-        config.update(overrides)
+        config.update({**self.security().kafka_python(), **overrides})
         try:
             return KafkaConsumer(**config)
         except (KafkaError, OSError) as exc:
@@ -136,6 +153,7 @@ class KafkaResource(ConfigurableResource):
                 client_id=f"{self.client_id}-admin",
                 request_timeout_ms=self.request_timeout_ms,
                 bootstrap_timeout_ms=self.request_timeout_ms,
+                **self.security().kafka_python(),
             )
         except (KafkaError, OSError) as exc:
             raise self._unreachable(exc) from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from k2_resources.errors import KafkaUnavailableError
 from k2_resources.paths import PROJECT_ROOT, state_dir
@@ -92,6 +94,12 @@ class KafkaBroker:
     classpath_cache: Path | None = None  # None: classpath.txt in ``home``
     port_fix: str = "set K2_KAFKA_PORT"  # how a user picks other ports, named when a port is taken
     extra_properties: dict[str, str] = field(default_factory=dict)  # e.g. the cluster's failover timing
+    # Security of a secured cluster node (k2_resources/platform/kafka_acls.py): the server.properties
+    # entries that replace its PLAINTEXT listeners, ``kafka-storage format`` arguments (its SCRAM
+    # credentials) and the kafka-python settings its readiness check connects with.
+    security_properties: dict[str, str] = field(default_factory=dict, repr=False)
+    format_arguments: tuple[str, ...] = field(default=(), repr=False)
+    client_settings: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def default(cls) -> KafkaBroker:
@@ -151,7 +159,9 @@ class KafkaBroker:
         }
         props.update(self.extra_properties)
         path = self.home / "server.properties"
+        props.update(self.security_properties)
         path.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
+        path.chmod(0o600)  # a secured node's file holds its keystore and SCRAM passwords
         return path
 
     def _java_command(self, classpath: str, main: str, *args: str) -> list[str]:
@@ -185,14 +195,14 @@ class KafkaBroker:
                 "-c",
                 str(properties),
                 "--ignore-formatted",
+                *self.format_arguments,
             ),
             capture_output=True,
             text=True,
         )
         if result.returncode != 0:
-            raise KafkaUnavailableError(
-                f"formatting Kafka storage in {self.log_dirs} failed:\n{result.stdout}{result.stderr}"
-            )
+            output = re.sub(r"password=[^],\s]*", "password=(hidden)", result.stdout + result.stderr)
+            raise KafkaUnavailableError(f"formatting Kafka storage in {self.log_dirs} failed:\n{output}")
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -210,6 +220,7 @@ class KafkaBroker:
                 bootstrap_servers=self.bootstrap_servers,
                 request_timeout_ms=int(timeout_s * 1000),
                 bootstrap_timeout_ms=int(timeout_s * 1000),
+                **self.client_settings,
             )
         except (KafkaError, OSError, ValueError):
             return False

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
@@ -23,6 +24,7 @@ from kafka.errors import KafkaError
 from k2_resources.errors import KafkaUnavailableError
 from k2_resources.platform.cluster_env import ClusterService, cluster_home
 from k2_resources.platform.failover import CLUSTER_TIMING
+from k2_resources.platform.kafka_acls import PLAINTEXT, SASL_SSL, SECURITY_VARIABLE, ClusterSecurity, apply_acls
 from k2_resources.platform.kafka_broker import KafkaBroker, free_port, new_cluster_id, resolve_classpath
 
 DEFAULT_SIZE = 3
@@ -83,6 +85,7 @@ class KafkaCluster:
             ports = [(free_port(), free_port()) for _ in range(self.size)]
         layout = {
             "cluster_id": new_cluster_id(),
+            "security": os.environ.get(SECURITY_VARIABLE, SASL_SSL).upper(),
             "nodes": [
                 {"node_id": n + 1, "port": port, "controller_port": controller}
                 for n, (port, controller) in enumerate(ports)
@@ -116,7 +119,32 @@ class KafkaCluster:
                 )
                 for n in layout["nodes"]
             ]
+            if self.security == SASL_SSL:
+                self._secure(self._nodes)
         return self._nodes
+
+    # -- security (k2_resources/platform/kafka_acls.py) ----------------------------------------
+
+    @property
+    def security(self) -> str:
+        """SASL_SSL for a cluster made with security (the default), PLAINTEXT for one made without
+        (``K2_CLUSTER_KAFKA_SECURITY=PLAINTEXT``, or made before K2 secured its clusters)."""
+        return str(self._layout().get("security", PLAINTEXT))
+
+    def _secure(self, nodes: list[KafkaBroker]) -> None:
+        """SASL_SSL listeners, mTLS between controllers, SCRAM principals and the authorizer on each node."""
+        secured = ClusterSecurity(self.home)
+        node_ids = [broker.node_id for broker in nodes]
+        for broker in nodes:
+            broker.security_properties = secured.broker_properties(
+                broker.node_id, broker.port, broker.controller_port, node_ids
+            )
+            broker.format_arguments = tuple(secured.format_arguments())
+            broker.client_settings = secured.admin_settings()
+
+    def client_settings(self) -> dict[str, Any]:
+        """kafka-python settings of the cluster's own admin checks (the admin principal when secured)."""
+        return ClusterSecurity(self.home).admin_settings() if self.security == SASL_SSL else {}
 
     def node(self, node_id: int) -> KafkaBroker:
         for broker in self.nodes():
@@ -137,6 +165,7 @@ class KafkaCluster:
                 bootstrap_servers=self.bootstrap_servers,
                 request_timeout_ms=int(timeout_s * 1000),
                 bootstrap_timeout_ms=int(timeout_s * 1000),
+                **self.client_settings(),
             )
         except (KafkaError, OSError, ValueError):
             return []
@@ -177,6 +206,8 @@ class KafkaCluster:
             detail = "\n".join(f"node {node_id}: {exc}" for node_id, exc in sorted(failures.items()))
             raise KafkaUnavailableError(f"the local Kafka cluster did not start (all nodes stopped again):\n{detail}")
         self.wait_until_live(timeout_s=max(10.0, timeout_s - (time.monotonic() - started)))
+        if self.security == SASL_SSL:
+            apply_acls(self.bootstrap_servers, self.client_settings())
         self.started_in_s = time.monotonic() - started
         return self.started_in_s
 
@@ -218,7 +249,10 @@ class KafkaCluster:
 
     def env(self) -> dict[str, str]:
         """The variables K2 needs to use this cluster."""
-        return {"K2_KAFKA_BOOTSTRAP": self.bootstrap_servers}
+        env = {"K2_KAFKA_BOOTSTRAP": self.bootstrap_servers}
+        if self.security == SASL_SSL:
+            env.update(ClusterSecurity(self.home).client_env())  # names files; no secret is in the env file
+        return env
 
 
 def kafka_service(cluster: KafkaCluster | None = None) -> ClusterService:

@@ -11,6 +11,7 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
+from k2_resources.kafka.security import ADMIN, client_security
 from k2_resources.platform.kafka_cluster import KafkaCluster
 
 
@@ -27,7 +28,7 @@ def running_kafka_cluster(home: Path) -> Iterator[KafkaCluster]:
 
 def partition_replicas(bootstrap_servers: str, topic: str) -> dict[int, dict]:
     """Per partition of ``topic``: its leader, replicas and in-sync replicas (broker ids)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_security(ADMIN).kafka_python())
     try:
         [described] = admin.describe_topics([topic])
         return {
@@ -44,7 +45,7 @@ def partition_replicas(bootstrap_servers: str, topic: str) -> dict[int, dict]:
 
 def topic_settings(bootstrap_servers: str, topic: str) -> dict[str, str]:
     """The settings of ``topic`` that differ from Kafka's defaults (name -> value)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_security(ADMIN).kafka_python())
     try:
         result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
     finally:
