@@ -44,6 +44,7 @@ from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.tables import OHLCV, TRADES
 from k2_resources.errors import K2Error
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.kafka.security import ADMIN, HYBRID, STREAMER, client_security, is_security_failure
 from k2_resources.kafka.topics import BINANCE_TRADES_PARTITIONS, BINANCE_TRADES_TOPIC
 from k2_resources.operations.dagster_instance import POSTGRES_INSTANCE_CONFIG, prepare_instance
 from k2_resources.paths import dagster_home
@@ -142,7 +143,7 @@ def start_topology(home: Path) -> LocalTopology:
 
 def partition_leaders(bootstrap_servers: str, topic: str) -> dict[int, dict[str, Any]]:
     """Per partition of ``topic``: its leader and replicas (broker ids)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_security(ADMIN).kafka_python())
     try:
         [described] = admin.describe_topics([topic])
         return {
@@ -155,7 +156,7 @@ def partition_leaders(bootstrap_servers: str, topic: str) -> dict[int, dict[str,
 
 def topic_setting(bootstrap_servers: str, topic: str, name: str) -> str | None:
     """One setting of ``topic`` as the cluster reports it."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **client_security(ADMIN).kafka_python())
     try:
         result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, [name])])
     finally:
@@ -244,7 +245,7 @@ class StreamWithKill:
             self.error = exc
 
     def _stream_and_kill(self) -> None:
-        kafka = KafkaResource()
+        kafka = KafkaResource(role=STREAMER)
         trades = load_recorded_trades()
         tape = Tape(trades)
         speed = tape.compressed_span_ms / 1000 / PLAYBACK_S
@@ -355,6 +356,31 @@ class StreamWithKill:
         )
 
 
+def unauthorized_produce_probe(topic: str) -> dict[str, Any]:
+    """Try to produce one record to ``topic`` as a principal without the ACL (the hybrid reader's) and
+    say whether the cluster refused it with an authorization error and wrote nothing.
+
+    Only on a secured cluster: on a PLAINTEXT one the record would land among the trades."""
+    reader = KafkaResource(role=HYBRID, request_timeout_ms=15_000)
+    settings = reader.security()
+    if not settings.secured:
+        return {"unauthorized_produce_refused": False, "unauthorized_produce_error": "the cluster is PLAINTEXT"}
+    before = KafkaResource().end_offsets(topic)
+    error: BaseException | None = None
+    producer = reader.producer(enable_idempotence=False, retries=0, max_block_ms=15_000)
+    try:
+        producer.send(topic, key=b"probe", value=b"a forged trade").get(timeout=30)
+    except Exception as exc:  # the refusal is the expected outcome
+        error = exc
+    finally:
+        producer.close(timeout=5)
+    written = sum(KafkaResource().end_offsets(topic).values()) - sum(before.values())
+    refused = error is not None and is_security_failure(error) and written == 0
+    message = str(settings.failure(reader.servers, error)) if error is not None else f"{written} record(s) written"
+    _say(f"unauthorized produce to {topic} as {settings.principal}: {'refused' if refused else 'NOT refused'}")
+    return {"unauthorized_produce_refused": refused, "unauthorized_produce_error": message}
+
+
 def iceberg_counts(exchange: str) -> dict[str, int]:
     """Rows and distinct trade ids of ``exchange`` in market.trades (pyiceberg, through K2's catalog)."""
     rows = (
@@ -454,6 +480,7 @@ def _run_on(topology: LocalTopology, started: float, timeout_s: float, kill_poin
     leaders = partition_leaders(cluster.bootstrap_servers, BINANCE_TRADES_TOPIC)
     replication = len(leaders[0]["replicas"])
     min_isr = topic_setting(cluster.bootstrap_servers, BINANCE_TRADES_TOPIC, "min.insync.replicas")
+    probe = unauthorized_produce_probe(BINANCE_TRADES_TOPIC)
 
     prepare_instance(dagster_home(), config=POSTGRES_INSTANCE_CONFIG)  # created once, before anything opens it
     stream = StreamWithKill(cluster, BINANCE_TRADES_TOPIC, kill_point)
@@ -486,6 +513,8 @@ def _run_on(topology: LocalTopology, started: float, timeout_s: float, kill_poin
         "replication_factor": replication,
         "min_insync_replicas": int(min_isr) if min_isr else None,
         "partitions": len(leaders),
+        "kafka_security": cluster.security,
+        **probe,
         **{name: stream.result.get(name) for name in KILL_REPORT},
         "failover_bound_seconds": FAILOVER_BOUND_MS / 1000,
         "close_timeout_seconds": CLOSE_TIMEOUT_S,

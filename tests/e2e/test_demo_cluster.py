@@ -65,6 +65,9 @@ def test_demo_cluster_loses_and_duplicates_nothing_when_a_broker_dies(demo_home,
 
     assert summary["brokers"] == 3 and summary["replication_factor"] == 3 and summary["min_insync_replicas"] == 2
     assert summary["partitions"] == 6
+    # Secured (issue 24): SASL_SSL, and a principal without the ACL could not produce to the trades topic.
+    assert summary["kafka_security"] == "SASL_SSL"
+    assert summary["unauthorized_produce_refused"] is True, summary.get("unauthorized_produce_error")
     assert summary["killed_broker"] in (1, 2, 3)
     assert summary["kill_at"] == kill_at and 0 < summary["killed_at_trades"] <= RECORDED_TRADES
     if kill_at < 0.9:

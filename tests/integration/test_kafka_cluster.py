@@ -58,7 +58,8 @@ def recorded_tape() -> list[RecordedTrade]:
 def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
     k2_home, kafka_cluster, topic_name, monkeypatch, kill_at
 ):
-    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP", kafka_cluster.bootstrap_servers)
+    for name, value in kafka_cluster.env().items():  # the bootstrap, and the security settings of a secured cluster
+        monkeypatch.setenv(name, value)
     kafka, iceberg = KafkaResource(), IcebergResource()
     servers = kafka_cluster.bootstrap_servers
     tape = recorded_tape()
