@@ -194,3 +194,35 @@ def test_node_certificates_are_signed_by_the_cluster_ca_and_kept_private(tmp_pat
     assert properties["authorizer.class.name"].endswith("StandardAuthorizer")
     assert properties["allow.everyone.if.no.acl.found"] == "false"
     assert "User:CN=k2-kafka-3" in properties["super.users"] and "User:k2-sink" not in properties["super.users"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_compose_secrets_are_private_and_agree_with_docker_compose(tmp_path: Path) -> None:
+    import yaml
+
+    from k2_resources.paths import PROJECT_ROOT
+    from k2_resources.platform.compose_kafka import NODES, write_compose_secrets
+
+    written = write_compose_secrets(tmp_path)
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in written)
+    assert write_compose_secrets(tmp_path) == written  # a second run keeps the same files
+    credentials = ClusterSecurity(tmp_path).credentials()
+    assert f'username="{credentials["broker"][0]}"' in (tmp_path / "kafka_server_jaas.conf").read_text()
+    assert (tmp_path / "scram-arguments").read_text().count("--add-scram") == len(credentials)
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for n in NODES:
+        environment = services[f"kafka-{n}"]["environment"]
+        assert (tmp_path / environment["KAFKA_SSL_KEYSTORE_FILENAME"]) in written
+        assert (tmp_path / f"format-{environment['KAFKA_SECRETS_NODE']}.properties") in written
+        assert "PLAINTEXT" not in environment["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+        assert environment["KAFKA_AUTHORIZER_CLASS_NAME"] == kafka_acls.AUTHORIZER
+        assert environment["KAFKA_SUPER_USERS"].split(";") == [
+            "User:k2-admin",
+            "User:k2-broker",
+            *(f"User:CN=kafka-{m}" for m in NODES),
+        ]
+    k2_env = services["streamer"]["environment"]
+    assert k2_env["K2_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert Path(k2_env["K2_KAFKA_CREDENTIALS_FILE"]).name == ClusterSecurity(tmp_path).credentials_file.name
+    assert Path(k2_env["K2_KAFKA_SSL_CAFILE"]).name == "ca.pem"
