@@ -38,15 +38,14 @@ from k2_resources.catalog.writes import replace_rows, replace_with_files
 def day_filter(day: date | str) -> BooleanExpression:
     """exchange = 'ASX' and timestamp in [local midnight, next local midnight) as UTC."""
     start, end = local_day_bounds_utc(day)
-    # pyiceberg's predicates take (term, literal); mypy's pydantic plugin reads their fields instead.
-    exchange = EqualTo("exchange", EXCHANGE)  # type: ignore[call-arg,misc]
-    after = GreaterThanOrEqual("timestamp", start.isoformat())  # type: ignore[call-arg,misc]
-    before = LessThan("timestamp", end.isoformat())  # type: ignore[call-arg,misc]
+    exchange = EqualTo(term="exchange", value=EXCHANGE)
+    after = GreaterThanOrEqual(term="timestamp", value=start.isoformat())
+    before = LessThan(term="timestamp", value=end.isoformat())
     return And(exchange, And(after, before))
 
 
 def dead_letter_filter(source: str, partition_key: str) -> BooleanExpression:
-    return And(EqualTo("source", source), EqualTo("partition_key", partition_key))  # type: ignore[call-arg,misc]
+    return And(EqualTo(term="source", value=source), EqualTo(term="partition_key", value=partition_key))
 
 
 @dataclass(frozen=True)

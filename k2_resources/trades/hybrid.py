@@ -333,11 +333,10 @@ class HybridQueryResource(ConfigurableResource):
         key = (table.metadata.table_uuid, snapshot_id, exchanges)
         if key in self._newest_trades:
             return self._newest_trades[key]
-        # pydantic's mypy plugin reads these expressions' fields, not their positional __init__
         condition: BooleanExpression = (
-            EqualTo("exchange", exchanges[0])  # type: ignore[call-arg,misc]
+            EqualTo(term="exchange", value=exchanges[0])
             if len(exchanges) == 1
-            else In("exchange", exchanges)  # type: ignore[call-arg,misc]
+            else In(term="exchange", literals=exchanges)
         )
         field_id = table.schema().find_field("timestamp").field_id
         newest: datetime | None = None
