@@ -2,12 +2,15 @@
 
 Real recorded Binance trades in a real topic, half of each partition committed to Iceberg; the
 asset is materialised in a Dagster instance and its bars are compared with bars computed from the
-produced trades themselves.
+produced trades themselves: volume and count with polars, and open, high, low, close and VWAP
+with plain Python decimals over the produced records (nothing of the code under test).
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections import defaultdict
+from datetime import datetime, timedelta
+from decimal import Decimal
 
 import polars as pl
 import pytest
@@ -59,6 +62,36 @@ def _truth(source: Produced) -> pl.DataFrame:
     )
 
 
+def _price_truth(source: Produced) -> dict[tuple[str, datetime], tuple[Decimal, Decimal, Decimal, Decimal, Decimal]]:
+    """(symbol, minute) -> open, high, low, close and exact VWAP of the produced trades of the last
+    2 hours; open and close are the first and last trade in time, then trade id, order."""
+    newest = max(r["timestamp"] for r in source.rows)
+    start = newest.replace(second=0, microsecond=0) + timedelta(minutes=1) - timedelta(hours=2)
+    minutes: dict[tuple[str, datetime], list[dict]] = defaultdict(list)
+    for r in source.rows:
+        if r["timestamp"] >= start:
+            minutes[(r["symbol"], r["timestamp"].replace(second=0, microsecond=0))].append(r)
+    truth = {}
+    for key, trades in minutes.items():
+        trades.sort(key=lambda r: (r["timestamp"], r["source_sequence"]))
+        prices = [Decimal(r["price"]) for r in trades]
+        volume = sum(Decimal(r["quantity"]) for r in trades)
+        notional = sum(Decimal(r["price"]) * Decimal(r["quantity"]) for r in trades)
+        truth[key] = (prices[0], max(prices), min(prices), prices[-1], notional / volume)
+    return truth
+
+
+def _assert_prices_match(iceberg: IcebergResource, source: Produced) -> None:
+    """The stored bars' open, high, low and close equal the source's; VWAP is the exact quotient to 8 places."""
+    truth = _price_truth(source)
+    stored = stored_live_bars(live_bars_table(iceberg.catalog())).to_dicts()
+    assert {(b["symbol"], b["bucket_start"]) for b in stored} == set(truth)
+    for bar in stored:
+        open_, high, low, close, vwap = truth[(bar["symbol"], bar["bucket_start"])]
+        assert (bar["open"], bar["high"], bar["low"], bar["close"]) == (open_, high, low, close), bar
+        assert abs(bar["vwap"] - vwap) < Decimal("0.00000001"), (bar, vwap)
+
+
 def _bars(iceberg: IcebergResource) -> pl.DataFrame:
     return (
         stored_live_bars(live_bars_table(iceberg.catalog()))
@@ -95,6 +128,7 @@ def test_live_bars_include_the_kafka_tail_exactly_and_a_rerun_changes_nothing(k2
     bars = _bars(iceberg)
     assert bars.height == truth.height > 1
     assert bars.equals(truth)
+    _assert_prices_match(iceberg, source)
     snapshot = live_bars_table(iceberg.catalog()).current_snapshot().snapshot_id
 
     # Nothing new: the same window, the same bars, no write.
@@ -119,3 +153,4 @@ def test_live_bars_include_the_kafka_tail_exactly_and_a_rerun_changes_nothing(k2
     fourth, checks = _materialise(instance, topic_name)
     assert all(checks.values()) and fourth["written"] is True and fourth["kafka_rows"] == len(more.rows)
     assert _bars(iceberg).equals(_truth(Produced(source.rows + more.rows)))
+    _assert_prices_match(iceberg, Produced(source.rows + more.rows))
