@@ -9,13 +9,14 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from k2_resources.catalog.settings import use_reader_identity
 from k2_resources.errors import K2Error
 from k2_resources.query.sql_query import run_sql
 
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sql = kinds.add_parser("sql", help="run SQL over market.trades, market.quotes, market.dead_letters, market.ohlcv")
     sql.add_argument("sql", help='e.g. "select symbol, count(*) from market.trades group by 1"')
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    sql.set_defaults(handler=_sql)
+    sql.set_defaults(handler=_as_reader(_sql))
 
     trades = kinds.add_parser("trades", help="trades from Iceberg plus the Kafka tail (the hybrid query)")
     trades.add_argument("--symbol", action="append", required=True, help="repeat for several symbols")
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated columns to print, or 'all'",
     )
     _output_arguments(trades)
-    trades.set_defaults(handler=_trades)
+    trades.set_defaults(handler=_as_reader(_trades))
 
     ohlcv = kinds.add_parser("ohlcv", help="OHLCV bars from market.ohlcv")
     ohlcv.add_argument("--symbol", action="append", required=True, help="repeat for several symbols")
@@ -60,7 +61,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ohlcv.add_argument("--end", type=_moment, help="bars starting before this ISO time")
     ohlcv.add_argument("--exchange", help="e.g. BINANCE or ASX")
     _output_arguments(ohlcv)
-    ohlcv.set_defaults(handler=_ohlcv)
+    ohlcv.set_defaults(handler=_as_reader(_ohlcv))
+
+
+def _as_reader(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``handler`` run with the object store's reader identity when one is configured: `k2 query`
+    only reads, so it holds no credential that could write or delete table files."""
+
+    def run(args: argparse.Namespace) -> int:
+        use_reader_identity()
+        return handler(args)
+
+    return run
 
 
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
