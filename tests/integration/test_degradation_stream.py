@@ -33,17 +33,27 @@ from k2_resources.sink.offsets import (
     pending_key,
     pending_ranges,
 )
-from k2_resources.sink.resource import TradeSinkResource
 from k2_sensors.binance.driver import checks_of, execute_requests, tick
 from k2_sensors.operations.alerts import AlertWebhookResource, build_alert_sensor
 from tests.support.producing import produce
 from tests.support.recorded import first_binance_records
+from tests.support.stream import (
+    PER_RANGE,
+    both_sink_modes,
+    execute_in_background,
+    follower_endings,
+    requested_modes,
+    sink_resource,
+)
+from tests.support.waiting import wait_for
 from tests.support.webhooks import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
 BURST = 30_000
 FIRST_WAVE = 4_000  # lag 4K: GRACEFUL (WARN) before the rest arrives
+FOLLOWED = 600  # follower mode: lag 600 is NORMAL, so a follower starts; the rest arrives while it runs
+FOLLOW_S = 20  # the follower's time: it must still be following when the burst arrives
 PARTITION_OF = {"BTCUSDT": 0, "ETHUSDT": 1}  # one partition per symbol, as a keyed producer would
 LEVEL_CHECK = AssetCheckKey(AssetKey("binance_trades"), "degradation_level")
 
@@ -60,7 +70,11 @@ def burst_records() -> list[dict]:
     return records
 
 
-def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka_broker, topic_name):
+@both_sink_modes
+def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka_broker, topic_name, sink_mode):
+    """One run per range: the first wave is in before the first tick (GRACEFUL), then the rest.
+    Follower: a follower starts at NORMAL and the burst arrives while it follows: it falls behind
+    (lag past half the SOFT trigger) and hands back to the sensor, which takes it from CIRCUIT_BREAK."""
     kafka, iceberg = KafkaResource(), IcebergResource()
     kafka.ensure_topic(topic_name, partitions=3)
     records = burst_records()
@@ -72,7 +86,7 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
         tier2_symbols=[],  # so ETHUSDT is tier 3
     )
     resources = build_resources()
-    resources.update(sink=TradeSinkResource(topic=topic_name, max_batch_messages=2_000), degradation=degradation)
+    resources.update(sink=sink_resource(topic_name, 2_000, sink_mode, follow_seconds=FOLLOW_S), degradation=degradation)
     defs = Definitions.merge(binance_defs, Definitions(resources=resources))
     webhook = WebhookReceiver()
     alerts = build_alert_sensor(check_keys=[LEVEL_CHECK], minimum_interval_seconds=1)
@@ -96,11 +110,27 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
                     alert_cursor = alerts(ctx).cursor
                 return checks
 
-            # Hold the consumer back: the first wave is in Kafka before the sensor's first tick.
-            produce(kafka, topic_name, records[:FIRST_WAVE], partitions=PARTITION_OF)
-            first = step()
-            assert first["degradation_level"]["metadata"]["level"] == "GRACEFUL"
-            produce(kafka, topic_name, records[FIRST_WAVE:], partitions=PARTITION_OF)
+            if sink_mode == PER_RANGE:
+                # Hold the consumer back: the first wave is in Kafka before the sensor's first tick.
+                produce(kafka, topic_name, records[:FIRST_WAVE], partitions=PARTITION_OF)
+                first = step()
+                assert first["degradation_level"]["metadata"]["level"] == "GRACEFUL"
+                produce(kafka, topic_name, records[FIRST_WAVE:], partitions=PARTITION_OF)
+            else:
+                produce(kafka, topic_name, records[:FOLLOWED], partitions=PARTITION_OF)
+                result = tick(instance, defs, cursor)
+                cursor = result.cursor
+                levels.append(checks_of(result)["degradation_level"]["metadata"]["level"])
+                assert (levels, requested_modes(result)) == (["NORMAL"], ["follow"])
+                follower = execute_in_background(instance, defs, result)
+                wait_for(
+                    lambda: sum(committed_offsets(iceberg.trades(), topic_name).values()) == FOLLOWED,
+                    timeout_s=FOLLOW_S,
+                    what="the follower to commit the first trades",
+                )
+                produce(kafka, topic_name, records[FOLLOWED:], partitions=PARTITION_OF)
+                assert follower.join(timeout_s=300) == (1, 0)
+                assert follower_endings(instance) == ["fell behind"]  # not "ran its time"
             second = step()
             assert second["degradation_level"]["metadata"]["level"] == "CIRCUIT_BREAK"
             assert "lag" in second["degradation_level"]["metadata"]["cause"]
@@ -129,15 +159,18 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
                 reversed(instance.event_log_storage.get_asset_check_execution_history(LEVEL_CHECK, limit=10_000))
             )
             verdicts = [("PASS" if r.evaluation.passed else r.evaluation.severity.value) for r in history]
-            first_warn = verdicts.index("WARN")
             first_error = verdicts.index("ERROR")
-            assert first_warn < first_error
+            if sink_mode == PER_RANGE:
+                assert verdicts.index("WARN") < first_error
+            else:
+                assert verdicts[:first_error] == ["PASS"]  # from NORMAL under the follower straight to ERROR
             assert "PASS" in verdicts[first_error:] and verdicts[-1] == "PASS"
             assert {"AGGRESSIVE", "SOFT"} <= set(levels)  # it stepped down through the levels
 
         # The webhook got the alert (and its escalation) and the recovery, in that order.
         statuses = [(a["check"], a["status"], a["severity"]) for a in webhook.received]
-        assert statuses[0] == ("binance_trades:degradation_level", "firing", "WARN")
+        first_alert = "WARN" if sink_mode == PER_RANGE else "ERROR"
+        assert statuses[0] == ("binance_trades:degradation_level", "firing", first_alert)
         assert ("binance_trades:degradation_level", "firing", "ERROR") in statuses
         assert statuses[-1][:2] == ("binance_trades:degradation_level", "resolved")
     finally:
@@ -157,9 +190,12 @@ def test_burst_to_circuit_break_and_back_loses_nothing_and_alerts(k2_home, kafka
     summaries = [s.summary.additional_properties for s in table.snapshots()]
     pending_seen = [json.loads(s[pending_key(topic_name)]) for s in summaries if pending_key(topic_name) in s]
     kinds = {entry["kind"] for entries in pending_seen for entry in entries}
-    assert kinds == {"deferred", "spilled"}
+    if sink_mode == PER_RANGE:
+        assert kinds == {"deferred", "spilled"}
+    else:  # the burst met the follower at NORMAL: from CIRCUIT_BREAK down, spilled (deferred only if lag was left)
+        assert "spilled" in kinds
     recovered = [s for s in summaries if "k2.kafka.recovered-kind" in s]
-    assert {s["k2.kafka.recovered-kind"] for s in recovered} == {"deferred", "spilled"}
+    assert {s["k2.kafka.recovered-kind"] for s in recovered} == kinds
 
     # Re-running a recovered range writes nothing.
     partition, _, offsets = recovered[0]["k2.kafka.recovered-range"].partition(":")
@@ -198,10 +234,15 @@ def test_hybrid_query_reads_deferred_and_spilled_ranges_from_kafka_until_recover
         shedder=shedder,
         spill_store=spill,
     )
-    assert graceful.deferred > 0 and spilled.spilled == 150
+    # From the source: one partition keeps the produced order, so offsets 0..249 are records[:250].
+    eth_of_graceful = [r["message_id"] for r in records[:250] if r["symbol"] == "ETHUSDT"]
+    btc_of_graceful = {r["message_id"] for r in records[:250] if r["symbol"] == "BTCUSDT"}
+    assert graceful.deferred == len(eth_of_graceful) > 0 and spilled.spilled == 150
     assert committed_offsets(iceberg.trades(), topic_name) == {0: 400}
-    in_table = iceberg.trades().scan().to_arrow().num_rows
-    assert in_table == 250 - graceful.deferred  # the deferred ETHUSDT rows and the spilled batch are not in the table
+    in_table = iceberg.trades().scan(selected_fields=("message_id",)).to_arrow().column("message_id").to_pylist()
+    # the deferred ETHUSDT rows and the spilled batch are not in the table: exactly the BTCUSDT rows of 0..249
+    assert len(in_table) == len(set(in_table)) == 250 - len(eth_of_graceful)
+    assert set(in_table) == btc_of_graceful
 
     hybrid = HybridQueryResource(kafka=kafka, iceberg=iceberg, topics=[topic_name])
     everything = {r["message_id"] for r in records}
