@@ -17,7 +17,6 @@ variables are set: the resources read them when the definitions are built.
 
 from __future__ import annotations
 
-import bisect
 import os
 import random
 import secrets
@@ -31,7 +30,7 @@ from typing import Any
 
 import polars as pl
 from dagster import DagsterInstance
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from pyiceberg.expressions import EqualTo
 
@@ -55,13 +54,16 @@ from k2_resources.platform.kafka_cluster import KafkaCluster
 from k2_resources.trades.iceberg_read import RowFilter
 from k2_sensors.binance.driver import drive
 
-# The recording plays for about this long; the kill lands at a chosen point of it (KillPoint).
-PLAYBACK_S = 15.0
+# The recording plays for about this long; the kill lands once Kafka holds a chosen share of it (KillPoint).
+PLAYBACK_S = 45.0
 # How long the local server waits for the streamer to read the end-of-recording close (the streamer
 # reads every frame before it: under load, long after the server sent them).
 SERVER_CLOSE_TIMEOUT_S = 300.0
 # How long the demo waits for the failover it measures: past every client deadline that waits on it.
 FAILOVER_WAIT_S = 120.0
+# Trades the server resends when the streamer reconnects: within the duplicate check's window, and
+# fewer ids than a reset's jump (k2_resources/binance/dedupe.py).
+RESUME_OVERLAP = 5_000
 # What the summary reports of the kill (StreamWithKill.result).
 KILL_REPORT = (
     "kill_at",
@@ -167,8 +169,11 @@ def topic_setting(bootstrap_servers: str, topic: str, name: str) -> str | None:
 
 @dataclass(frozen=True)
 class KillPoint:
-    """Where in the recording's playback the broker dies: ``fraction`` of its time (0 its start, 1 its
-    last trade), given with --kill-at or drawn from ``seed`` (reported, so a run can be repeated)."""
+    """When the broker dies: once Kafka holds ``fraction`` of the recording's trades (0 at the first,
+    1 at the last: during the streamer's final flush and close), given with --kill-at or drawn from
+    ``seed`` (reported, so a run can be repeated). Counted in Kafka, not in the server's playback:
+    on a loaded machine the streamer may run well behind the server, and it is the stream's own end
+    that a late kill must meet."""
 
     fraction: float
     seed: int | None = None
@@ -177,20 +182,34 @@ class KillPoint:
     def choose(cls, kill_at: float | None = None, seed: int | None = None) -> KillPoint:
         """``kill_at`` when given, else a point drawn from ``seed`` (a new random seed when None).
 
-        Drawn points span the whole playback, its last seconds included: a kill there meets the
+        Drawn points span the whole stream, its last seconds included: a kill there meets the
         streamer's end-of-stream flush and close, the moment a failover must fit under
         (k2_resources/platform/failover.py)."""
         if kill_at is not None:
             if not 0.0 <= kill_at <= 1.0:
-                raise K2Error(f"--kill-at {kill_at} is not a fraction of the playback; give one from 0 to 1")
+                raise K2Error(f"--kill-at {kill_at} is not a fraction of the stream; give one from 0 to 1")
             return cls(kill_at)
         seed = secrets.randbelow(2**31) if seed is None else seed
         return cls(round(random.Random(seed).uniform(0.05, 1.0), 3), seed)
 
-    def trade_index(self, tape: Tape) -> int:
-        """How many of the tape's trades the server has sent when the kill is due."""
-        due_ms = self.fraction * (tape.compressed_span_ms - 1)
-        return max(1, min(len(tape.offsets_ms), bisect.bisect_right(tape.offsets_ms, due_ms)))
+    def records(self, total: int) -> int:
+        """How many of ``total`` trades are in Kafka when the kill is due."""
+        return max(1, min(total, round(self.fraction * total)))
+
+
+def records_in(kafka: KafkaResource, topic: str) -> tuple[Callable[[], int], Callable[[], None]]:
+    """(count, close): the records in ``topic`` (its end offsets added up; -1 when Kafka does not
+    answer), asked through one consumer kept open, and the function closing it."""
+    consumer = kafka.consumer()
+    partitions = [TopicPartition(topic, p) for p in range(BINANCE_TRADES_PARTITIONS)]
+
+    def count() -> int:
+        try:
+            return sum(consumer.end_offsets(partitions).values())
+        except Exception:
+            return -1
+
+    return count, consumer.close
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
@@ -247,14 +266,19 @@ class StreamWithKill:
     def _stream_and_kill(self) -> None:
         kafka = KafkaResource(role=STREAMER)
         trades = load_recorded_trades()
-        tape = Tape(trades)
-        speed = tape.compressed_span_ms / 1000 / PLAYBACK_S
+        speed = Tape(trades).compressed_span_ms / 1000 / PLAYBACK_S
         outcome: dict[str, Any] = {}
         # The demo's fault is the broker. On a loaded machine the streamer (sharing this process with the
         # micro-batch runs and Spark's start) can fall behind the local server; the server neither drops
         # that slow reader (no keepalive) nor cuts the end-of-recording close short, which would discard
-        # the frames still unread on the socket: a trailing loss no trade-id gap reveals.
-        server_options = {"ping_interval": None, "close_timeout": SERVER_CLOSE_TIMEOUT_S}
+        # the frames still unread on the socket: a trailing loss no trade-id gap reveals. Should the
+        # streamer's own keepalive give up, the server resends the last RESUME_OVERLAP trades on the
+        # reconnect (repeats the duplicate check drops) and the gap fill asks for any older ones.
+        server_options = {
+            "ping_interval": None,
+            "close_timeout": SERVER_CLOSE_TIMEOUT_S,
+            "resume_overlap": RESUME_OVERLAP,
+        }
         with RecordingServerThread(trades=trades, speed=speed, loop=False, **server_options) as server:
 
             def stream() -> None:
@@ -271,20 +295,24 @@ class StreamWithKill:
 
             streamer = threading.Thread(target=stream, name="k2-demo-streamer", daemon=True)
             streamer.start()
-            due = self.kill_point.trade_index(tape)
+            due = self.kill_point.records(len(trades))
             _say(
                 f"streaming {len(trades)} recorded trades from {server.url} over ~{PLAYBACK_S:.0f}s; "
-                f"broker kill at {self.kill_point.fraction:.0%} of the playback (trade {due})"
+                f"broker kill at {self.kill_point.fraction:.0%} of them in Kafka ({due})"
             )
-            _wait(
-                lambda: server.stats().trade_frames >= due or not streamer.is_alive(),
-                180,
-                f"the recording server to play {due} trades",
-                interval_s=0.05,
-            )
-            if not streamer.is_alive():
-                raise K2Error(f"the stream ended before the broker kill: {outcome.get('stats')}")
-            self._kill_fail_over_and_restart(server, streamer, kafka, len(trades))
+            produced, stop_counting = records_in(kafka, self.topic)
+            try:
+                _wait(
+                    lambda: produced() >= due or not streamer.is_alive(),
+                    600,
+                    f"{due} trades in Kafka",
+                    interval_s=0.05,
+                )
+                if not streamer.is_alive():
+                    raise K2Error(f"the stream ended before the broker kill: {outcome.get('stats')}")
+                self._kill_fail_over_and_restart(server, streamer, produced, len(trades))
+            finally:
+                stop_counting()
             streamer.join(timeout=300)
             if streamer.is_alive():
                 raise K2Error("the streamer did not finish the recording within 300 s")
@@ -302,26 +330,18 @@ class StreamWithKill:
         )
 
     def _kill_fail_over_and_restart(
-        self, server: RecordingServerThread, streamer: threading.Thread, kafka: KafkaResource, total: int
+        self, server: RecordingServerThread, streamer: threading.Thread, produced: Callable[[], int], total: int
     ) -> None:
         """Kill partition 0's leader, wait until the others lead its partitions, let the stream go
         on (or end), then start the broker again; the timings go into ``result``."""
-
-        def produced() -> int:
-            try:
-                return sum(kafka.end_offsets(self.topic).values())
-            except Exception:
-                return -1
-
         victim = partition_leaders(self.cluster.bootstrap_servers, self.topic)[0]["leader"]
         # One client to the survivors, connected before the kill: each look is then two requests.
         survivors = ",".join(b.bootstrap_servers for b in self.cluster.nodes() if b.node_id != victim)
         admin = KafkaResource(bootstrap_servers=survivors).admin()
-        sent_at_kill = server.stats().trade_frames
+        in_kafka_at_kill = produced()
         killed_at = time.monotonic()
         self.cluster.kill(victim)
-        in_kafka_at_kill = produced()
-        _say(f"killed broker {victim} (kill -9) with {sent_at_kill} of {total} trades played")
+        _say(f"killed broker {victim} (kill -9) with {in_kafka_at_kill} of {total} trades in Kafka")
         try:
             _wait(
                 lambda: _led_elsewhere(admin, self.topic, victim),
@@ -347,7 +367,7 @@ class StreamWithKill:
         self.result.update(
             _killed_at=killed_at,
             killed_broker=victim,
-            killed_at_trades=sent_at_kill,
+            killed_at_trades=in_kafka_at_kill,
             kill_at=self.kill_point.fraction,
             kill_seed=self.kill_point.seed,
             failover_seconds=failover_s,

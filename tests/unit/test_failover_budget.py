@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 import k2_resources.kafka.resource as kafka_module
-from k2_assets.cli.cluster_demo import PLAYBACK_S, KillPoint
-from k2_resources.binance.recording_server import Tape, load_recorded_trades
+from k2_assets.cli.cluster_demo import KillPoint
 from k2_resources.binance.stream_config import StreamerConfig
 from k2_resources.errors import K2Error
 from k2_resources.kafka.resource import KafkaResource
@@ -69,14 +68,11 @@ def test_a_kill_point_is_given_or_drawn_from_a_reported_seed():
     assert drawn.seed is not None and KillPoint.choose(seed=drawn.seed) == drawn
     fractions = [KillPoint.choose(seed=seed).fraction for seed in range(200)]
     assert min(fractions) < 0.2 and 0.4 < sorted(fractions)[100] < 0.6
-    # The last 2 s of the playback are drawn too: there the failover meets the streamer's close.
-    assert any(fraction > 1 - 2 / PLAYBACK_S for fraction in fractions)
+    # The stream's last seconds are drawn too: there the failover meets the streamer's close.
+    assert any(fraction > 0.97 for fraction in fractions)
 
 
-def test_a_kill_point_maps_to_a_trade_of_the_tape_in_playback_order():
-    tape = Tape(load_recorded_trades())
-    indexes = [KillPoint(fraction).trade_index(tape) for fraction in (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)]
-    assert indexes == sorted(indexes) and indexes[0] == 1 and indexes[-1] == len(tape.offsets_ms)
-    late = KillPoint(1 - 1.5 / PLAYBACK_S).trade_index(tape)  # 1.5 s of playback before the end
-    due_ms = tape.offsets_ms[late - 1]
-    assert (tape.compressed_span_ms - due_ms) / tape.compressed_span_ms * PLAYBACK_S <= 1.6
+def test_a_kill_point_is_a_share_of_the_trades_in_kafka():
+    total = 37_563
+    counts = [KillPoint(fraction).records(total) for fraction in (0.0, 0.1, 0.5, 0.95, 1.0)]
+    assert counts == [1, 3_756, 18_782, 35_685, total]
