@@ -88,6 +88,9 @@ class TopicOutbox(SpoolReplay):
         self._lock = threading.Condition()
         self._inflight: OrderedDict[int, Entry] = OrderedDict()
         self._resend: list[Entry] = []
+        # Direct records whose delivery timed out, held until no direct record is in flight, then
+        # spooled together in the order they were sent (see _failed).
+        self._expired: list[Entry] = []
         self._store = SpoolStore(
             self.directory, topic, self.stats, segment_records=segment_records, fsync_interval_s=fsync_interval_s
         )
@@ -151,7 +154,13 @@ class TopicOutbox(SpoolReplay):
 
     def _all_delivered(self) -> bool:
         """Under the lock: nothing in memory, nothing in the spool."""
-        return not self._inflight and not self._spooling and not self._resend and not self._store.segments
+        return (
+            not self._inflight
+            and not self._spooling
+            and not self._resend
+            and not self._expired
+            and not self._store.segments
+        )
 
     def drained(self) -> bool:
         """Nothing in memory, nothing in the spool: every record is in Kafka."""
@@ -203,6 +212,7 @@ class TopicOutbox(SpoolReplay):
             self.stats.acknowledged += 1
             if entry.segment is not None:
                 self._store.acknowledged(entry.segment, entry.index)
+            self._spool_expired_when_settled()
             self._lock.notify_all()
 
     def _failed(self, entry: Entry, exc: BaseException) -> None:
@@ -220,10 +230,15 @@ class TopicOutbox(SpoolReplay):
                 self._resend.sort(key=lambda e: e.seq)
                 self._spooling = True
             else:
-                # Delivery timed out: keep it in the spool rather than lose it (it may land after
-                # records sent later, which is why the producer's delivery timeout should be long).
+                # Delivery timed out: keep it rather than lose it. Records sent directly after it may
+                # still time out, and records handed over meanwhile go to the spool: so it waits until
+                # no direct record is in flight, then all that timed out go into the spool in the order
+                # they were sent, ahead of those later records (a record that times out can still land
+                # after one of its partition that did not, which is why the delivery timeout is long).
                 log.warning("%s: a record was not delivered in time (%s); spooling it", self.topic, exc)
-                self._append_to_spool(self._take_seq(), entry.record)
+                self._expired.append(entry)
+                self._spooling = True
+            self._spool_expired_when_settled()
             self._lock.notify_all()
         if not getattr(exc, "retriable", False) and self.on_error is not None:
             self.on_error(exc)
@@ -238,6 +253,15 @@ class TopicOutbox(SpoolReplay):
         self.stats.spooled += 1
         self._lock.notify_all()
 
+    def _spool_expired_when_settled(self) -> None:
+        """Under the lock: once no direct record is in flight, the timed-out ones into the spool, in order."""
+        if self._expired and not any(entry.segment is None for entry in self._inflight.values()):
+            expired, self._expired = sorted(self._expired, key=lambda e: e.seq), []
+            head = self._store.segments[-1] if self._store.segments else None
+            if head is not None and not head.sealed:
+                self._store.seal(head)  # later records go to a new segment, after the ones written here
+            self._write_in_order(expired)
+
     def _keep_undelivered(self) -> None:
         """At a shutdown with Kafka away: write the in-memory window's direct records to the spool.
 
@@ -246,20 +270,12 @@ class TopicOutbox(SpoolReplay):
         """
         with self._lock:
             self._abandoned = True
-            direct = [entry for entry in self._inflight.values() if entry.segment is None]
+            direct = [entry for entry in self._inflight.values() if entry.segment is None] + self._expired
             self._inflight.clear()
             self._resend.clear()
+            self._expired = []
             self._store.close_head()
-            run: list[Entry] = []
-            spooled_seqs = sorted(s.first_seq for s in self._store.segments)
-            for entry in sorted(direct, key=lambda e: e.seq):
-                # start a new rescue segment whenever a spooled segment begins between two direct records
-                if run and any(run[-1].seq < first < entry.seq for first in spooled_seqs):
-                    self._write_rescue(run)
-                    run = []
-                run.append(entry)
-            if run:
-                self._write_rescue(run)
+            self._write_in_order(sorted(direct, key=lambda e: e.seq))
             if direct:
                 log.warning(
                     "%s: Kafka did not acknowledge %d record(s) before shutdown; they are in the spool %s "
@@ -268,6 +284,20 @@ class TopicOutbox(SpoolReplay):
                     len(direct),
                     self.directory,
                 )
+
+    def _write_in_order(self, entries: list[Entry]) -> None:
+        """Under the lock: direct ``entries`` (in seq order) into segments named by their own sequence
+        numbers, so they replay before every later record."""
+        run: list[Entry] = []
+        spooled_seqs = sorted(s.first_seq for s in self._store.segments)
+        for entry in entries:
+            # start a new rescue segment whenever a spooled segment begins between two direct records
+            if run and any(run[-1].seq < first < entry.seq for first in spooled_seqs):
+                self._write_rescue(run)
+                run = []
+            run.append(entry)
+        if run:
+            self._write_rescue(run)
 
     def _write_rescue(self, entries: list[Entry]) -> None:
         self._store.write_segment(entries[0].seq, [entry.record for entry in entries])

@@ -44,6 +44,7 @@ class SpoolReplay:
     _lock: threading.Condition
     _inflight: OrderedDict[int, Entry]
     _resend: list[Entry]  # spooled records to send again before reading further
+    _expired: list[Entry]  # direct records that timed out, not in the spool yet
     _store: SpoolStore
     _next_seq: int
     _spooling: bool
@@ -62,6 +63,8 @@ class SpoolReplay:
         """Under the lock: records to send now (resends first), as many as the window has room for."""
         room = self.max_buffered - len(self._inflight)
         batch: list[Entry] = []
+        if self._expired:  # they go into the spool ahead of what it holds now: wait for them
+            return batch
         while self._resend and room > 0:
             entry = self._resend.pop(0)
             batch.append(entry)
@@ -123,7 +126,7 @@ class SpoolReplay:
 
     def _finish_replay_if_done(self) -> None:
         """Under the lock: once every spooled record is sent, new records go straight to Kafka again."""
-        if not self._spooling or self._resend:
+        if not self._spooling or self._resend or self._expired:
             return
         if any(segment.read_index < segment.count for segment in self._store.segments):
             return
