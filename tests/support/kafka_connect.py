@@ -19,6 +19,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from k2_resources.kafka.security import SINK, client_security
 from k2_resources.paths import PROJECT_ROOT
 from k2_resources.platform.kafka_broker import free_port
 from k2_resources.platform.maven import maven_classpath
@@ -76,7 +77,15 @@ class IcebergConnectSink:
     def _write_properties(self, name: str, values: dict[str, str]) -> Path:
         path = self.home / name
         path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+        path.chmod(0o600)  # on a secured cluster it holds a SCRAM password
         return path
+
+    @staticmethod
+    def _security(*prefixes: str) -> dict[str, str]:
+        """The sink role's Kafka client settings (k2_resources/kafka/security.py) under each prefix;
+        nothing on a PLAINTEXT cluster."""
+        settings = client_security(SINK).java_properties()
+        return {f"{prefix}{key}": value for prefix in prefixes for key, value in settings.items()}
 
     def _worker_properties(self) -> Path:
         return self._write_properties(
@@ -92,6 +101,7 @@ class IcebergConnectSink:
                 # The sink answers the coordinator only inside put(); with Connect's default 60 s flush
                 # interval an idle consumer blocks in poll() that long and commits time out (30 s).
                 "offset.flush.interval.ms": str(self.commit_interval_ms),
+                **self._security("", "consumer.", "producer.", "admin."),
             },
         )
 
@@ -115,6 +125,7 @@ class IcebergConnectSink:
                 "iceberg.catalog.warehouse": f"file://{self.warehouse}",
                 "iceberg.control.topic": self.control_topic,
                 "iceberg.control.commit.interval-ms": str(self.commit_interval_ms),
+                **self._security("iceberg.kafka."),
             },
         )
 
