@@ -37,10 +37,16 @@ class K2Run:
     ui_port: int
     exporter_port: int
     _log: object = field(repr=False, default=None)
+    api_port: int = 0
 
     @property
     def ui(self) -> str:
         return f"http://127.0.0.1:{self.ui_port}"
+
+    @property
+    def api(self) -> str:
+        """The query API `k2 run` serves (port K2_API_PORT)."""
+        return f"http://127.0.0.1:{self.api_port}"
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -90,17 +96,20 @@ def start_k2_run(
     extra_args: tuple[str, ...] = (),
     kafka_ports: tuple[int, int] | None = None,
     stream: dict[str, str] | None = None,
+    env_settings: dict[str, str] | None = None,
 ) -> K2Run:
     """`python -m k2_assets.cli run` on ``home``: with ``kafka_bootstrap`` it uses that broker, else it
     starts its own embedded one on ``kafka_ports`` (or free ports).
 
     Without ``stream`` it runs with ``--no-stream``; with it, the Binance streamer runs too and
     ``stream`` holds its settings as K2_STREAM_* environment variables (e.g. ``{"K2_STREAM_ONCE": "1"}``).
+    ``env_settings``: more environment variables for `k2 run` and its services (e.g. K2_API_KEY).
     """
-    ui_port, exporter_port = free_port(), free_port()
+    ui_port, exporter_port, api_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("K2_KAFKA_BOOTSTRAP", "DAGSTER_HOME")}
     # The query API gets a free port too: a fixed 8000 would clash with another k2 run on the machine.
-    env.update(K2_HOME=str(home), K2_EXPORTER_PORT=str(exporter_port), K2_API_PORT=str(free_port()), **(stream or {}))
+    env.update(K2_HOME=str(home), K2_EXPORTER_PORT=str(exporter_port), K2_API_PORT=str(api_port), **(stream or {}))
+    env.update(env_settings or {})
     if kafka_bootstrap:
         env["K2_KAFKA_BOOTSTRAP"] = kafka_bootstrap
     else:
@@ -123,7 +132,15 @@ def start_k2_run(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    return K2Run(home=home, process=process, log_path=log_path, ui_port=ui_port, exporter_port=exporter_port, _log=log)
+    return K2Run(
+        home=home,
+        process=process,
+        log_path=log_path,
+        ui_port=ui_port,
+        exporter_port=exporter_port,
+        _log=log,
+        api_port=api_port,
+    )
 
 
 def _spin(deadline: float) -> None:
