@@ -55,7 +55,9 @@ def test_accept_loss_with_nothing_to_accept_and_twice_changes_nothing(k2_home, k
     )
     table = iceberg.trades()
     assert len(table.snapshots()) == before + 1  # the acceptance's own commit, and nothing for the clean topic
-    accepted = json.loads(table.current_snapshot().summary.additional_properties[LOSS_ACKNOWLEDGED_KEY])
+    current = table.current_snapshot()
+    assert current is not None and current.summary is not None
+    accepted = json.loads(current.summary.additional_properties[LOSS_ACKNOWLEDGED_KEY])
     [loss] = retention_losses(table, lossy)
     assert (loss.acknowledged_by, loss.acknowledged_at) == ("ops-on-call", accepted["at"])
     assert retention_losses(table, clean) == []

@@ -30,11 +30,8 @@ KEPT, DEFERRED = "BTCUSDT", "QQQUSDT"  # tier 1 and tier 3 of the default tiers
 
 
 def _loss_snapshots(iceberg: IcebergResource) -> list[dict]:
-    return [
-        dict(s.summary.additional_properties)
-        for s in iceberg.trades().snapshots()
-        if LOSS_SUMMARY_KEY in s.summary.additional_properties
-    ]
+    summaries = [s.summary.additional_properties for s in iceberg.trades().snapshots() if s.summary is not None]
+    return [dict(summary) for summary in summaries if LOSS_SUMMARY_KEY in summary]
 
 
 def test_retention_loss_inside_recover_range_is_recorded_in_the_recovery_commit(
