@@ -272,7 +272,7 @@ class StreamWithKill:
         # micro-batch runs and Spark's start) can fall behind the local server; the server neither drops
         # that slow reader (no keepalive) nor cuts the end-of-recording close short, which would discard
         # the frames still unread on the socket: a trailing loss no trade-id gap reveals. Should the
-        # streamer's own keepalive give up, the server resends the last RESUME_OVERLAP trades on the
+        # connection drop anyway, the server resends the last RESUME_OVERLAP trades on the
         # reconnect (repeats the duplicate check drops) and the gap fill asks for any older ones.
         server_options = {
             "ping_interval": None,
@@ -290,6 +290,7 @@ class StreamWithKill:
                     idle_timeout_s=60,
                     backoff_initial_s=0.05,
                     backoff_max_s=0.5,
+                    ping_interval_s=None,  # no keepalive either way: a lagging streamer keeps its connection
                 )
                 outcome["closed_at"] = time.monotonic()
 

@@ -34,6 +34,7 @@ class StreamerConfig:
     backoff_max_s: float = 60.0
     backoff_jitter: float = 0.25
     max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800
+    ping_interval_s: float | None = 20.0  # keepalive pings; None for a local server a slow reader lags behind
     spool_dir: str | None = None  # where records wait while Kafka is away; None: K2_HOME/spool
     max_buffered: int = DEFAULT_MAX_BUFFERED  # records per topic in memory awaiting Kafka's ack before spooling
     close_timeout_s: float = CLOSE_TIMEOUT_S  # at the end, how long to wait for Kafka (> a broker's failover)

@@ -355,6 +355,7 @@ async def run_streamer(
         backoff_max_s=config.backoff_max_s,
         backoff_jitter=config.backoff_jitter,
         max_connection_age_s=config.max_connection_age_s,
+        ping_interval_s=config.ping_interval_s,
         idle_timeout_s=idle_timeout_s,
         stop_event=stop_event,
         on_event=count_reconnects,
@@ -423,6 +424,7 @@ def stream_to_kafka(
     backoff_initial_s: float = 1.0,
     backoff_max_s: float = 60.0,
     max_connection_age_s: float = BINANCE_MAX_CONNECTION_AGE_S - 1800,
+    ping_interval_s: float | None = 20.0,
 ) -> StreamStats:
     """Stream a Binance combined stream into Kafka; blocks until done.
 
@@ -443,6 +445,7 @@ def stream_to_kafka(
         backoff_initial_s=backoff_initial_s,
         backoff_max_s=backoff_max_s,
         max_connection_age_s=max_connection_age_s,
+        ping_interval_s=ping_interval_s,
     )
     return asyncio.run(
         run_streamer(
