@@ -86,7 +86,10 @@ def test_three_nodes_share_one_quorum_and_keep_their_ports(tmp_path):
     properties = dict(line.split("=", 1) for line in nodes[1]._properties().read_text().splitlines())
     assert properties["node.id"] == "2" and properties["default.replication.factor"] == "3"
     assert properties["min.insync.replicas"] == "2" and properties["offsets.topic.replication.factor"] == "3"
-    assert properties["listeners"].startswith("PLAINTEXT://127.0.0.1:")
+    # Secured by default (issue 24, docs/security.md "Kafka"): no PLAINTEXT listener, the file private.
+    assert properties["listeners"].startswith("SASL_SSL://127.0.0.1:") and "PLAINTEXT" not in properties["listeners"]
+    assert properties["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert oct(nodes[1]._properties().stat().st_mode & 0o777) == "0o600"
     # A later command (another process) finds the same nodes.
     again = KafkaCluster(home=tmp_path)
     assert (
@@ -100,6 +103,18 @@ def test_three_nodes_share_one_quorum_and_keep_their_ports(tmp_path):
     )
     with pytest.raises(K2Error, match="has 3 Kafka nodes, not 5"):
         KafkaCluster(home=tmp_path, size=5).nodes()
+
+
+def test_a_cluster_made_plaintext_stays_plaintext(tmp_path, monkeypatch):
+    monkeypatch.setenv("K2_CLUSTER_KAFKA_SECURITY", "PLAINTEXT")
+    cluster = KafkaCluster(home=tmp_path)
+    node = cluster.nodes()[0]
+    node.home.mkdir(parents=True)
+    properties = dict(line.split("=", 1) for line in node._properties().read_text().splitlines())
+    assert properties["listeners"].startswith("PLAINTEXT://127.0.0.1:") and "authorizer.class.name" not in properties
+    monkeypatch.delenv("K2_CLUSTER_KAFKA_SECURITY")
+    assert KafkaCluster(home=tmp_path).security == "PLAINTEXT"  # the choice is kept with the layout
+    assert set(cluster.env()) == {"K2_KAFKA_BOOTSTRAP"}
 
 
 def test_the_single_node_broker_keeps_its_settings(tmp_path):
