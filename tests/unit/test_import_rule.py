@@ -109,11 +109,12 @@ LIBRARY_EDGES: dict[str, set[str]] = {
     "kafka": SHARED | {"schemas", "platform"},
     "query": SHARED | {"catalog"},
     "asx": SHARED | {"schemas", "catalog"},
-    "binance": SHARED | {"schemas", "kafka"},
+    "binance": SHARED | {"schemas", "kafka", "platform"},
     "degradation": SHARED | {"catalog", "kafka"},
     "sink": SHARED | {"schemas", "catalog", "kafka", "degradation"},
     "trades": SHARED | {"schemas", "catalog", "kafka", "query", "sink"},
-    "operations": SHARED | {"schemas", "catalog", "kafka", "query", "degradation", "sink", "trades", "platform"},
+    "operations": SHARED
+    | {"schemas", "catalog", "kafka", "query", "binance", "degradation", "sink", "trades", "platform"},
     "analytics": SHARED | {"schemas", "catalog", "kafka", "query", "trades", "operations", "platform"},
     "api": SHARED | {"schemas", "catalog", "kafka", "query", "sink", "trades", "degradation", "operations"},
 }
