@@ -56,13 +56,17 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def run_degradation_demo(json_output: bool) -> int:
+def run_degradation_demo(json_output: bool, home: Path | None = None) -> int:
     """Run the scenario; 0 when the level reached AGGRESSIVE or higher, came back to NORMAL and
-    every trade of the burst is in Iceberg exactly once, else 1."""
+    every trade of the burst is in Iceberg exactly once, else 1. In ``home`` (`--home`), kept
+    afterwards so its tables can be read; by default in a temporary folder, deleted at the end."""
     from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 
     logging.disable(logging.WARNING)  # the demo prints its own progress; loggers say errors only
-    home = Path(tempfile.mkdtemp(prefix="k2-degradation-demo-"))
+    keep = home is not None
+    if home is None:
+        home = Path(tempfile.mkdtemp(prefix="k2-degradation-demo-"))
+    home.mkdir(parents=True, exist_ok=True)
     _say(f"K2_HOME={home}")
     broker = KafkaBroker(home=home / "kafka", port=free_port(), controller_port=free_port())
     try:
@@ -73,7 +77,8 @@ def run_degradation_demo(json_output: bool) -> int:
                 summary = _scenario()
     finally:
         broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
         logging.disable(logging.NOTSET)
     ok = (
         summary["max_level"] >= 3

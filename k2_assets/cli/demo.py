@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.scenario == "degradation":
         from k2_assets.cli.degradation_demo import run_degradation_demo
 
-        return run_degradation_demo(json_output=args.json)
+        return run_degradation_demo(json_output=args.json, home=Path(args.home).resolve() if args.home else None)
     home = Path(args.home or tempfile.mkdtemp(prefix="k2-demo-")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["K2_HOME"] = str(home)
