@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from k2_assets.cli.degradation_demo import BURST
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.kafka.resource import KafkaResource
@@ -20,6 +21,7 @@ from k2_resources.sink.microbatch import run_microbatch
 from k2_resources.sink.offsets import OffsetRange
 from tests.support.producing import produce
 from tests.support.recorded import recorded_trades
+from tests.support.source_ids import binance_trade_ids, recorded_binance_trades, table_trade_ids
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +110,11 @@ def test_k2_demo_degradation_goes_up_the_levels_and_back_losing_nothing(tmp_path
     assert level(summary["final_level"]) == DegradationLevel.NORMAL
     assert summary["sent"] == summary["in_iceberg"] > 0
     assert len(summary["transitions"]) >= 4  # up at least to AGGRESSIVE and stepwise back down
+    # Nothing lost or doubled, by ids: the burst is the recording's first trades in time order
+    # (data/binance, merged by time, symbol, id), and the table holds each of them once.
+    in_table = table_trade_ids(tmp_path / "demo")
+    assert [key for key, n in in_table.items() if n > 1] == []  # no trade twice
+    assert in_table == binance_trade_ids(recorded_binance_trades()[:BURST])
     print(
         f"\nk2 demo degradation: {seconds:.0f}s, {summary['sent']} trades, max level {level(summary['max_level']).name}"
     )
