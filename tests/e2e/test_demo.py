@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.support.source_ids import binance_trade_ids, recorded_binance_trades, table_trade_ids
+
 pytestmark = pytest.mark.integration
 
 
@@ -32,3 +34,8 @@ def test_demo_streams_every_recorded_trade_into_iceberg_exactly_once(tmp_path):
     assert summary["lag"] == 0
     assert summary["checks"] and set(summary["checks"].values()) == {"PASSED"}
     assert {"binance_trades.consumer_lag", "binance_trades.offset_baseline"} <= set(summary["checks"])
+
+    # Exactly once by ids, not by the demo's counts: the table's Binance trade ids are the recording's, once each.
+    in_table = table_trade_ids(tmp_path / "demo")
+    assert [key for key, n in in_table.items() if n > 1] == []  # no trade twice
+    assert in_table == binance_trade_ids(recorded_binance_trades())
