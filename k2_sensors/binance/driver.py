@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from dagster import AssetCheckEvaluation, DagsterInstance, Definitions, RunRequest, SensorResult, build_sensor_context
 from dagster._core.storage.tags import RUN_KEY_TAG
+from kafka.errors import KafkaError
 
 SENSOR_NAME = "binance_stream_sensor"
 
@@ -24,6 +25,8 @@ class DriveReport:
     ticks: int = 0
     runs: int = 0
     failed_runs: int = 0
+    failed_ticks: int = 0  # ticks that met a retriable Kafka error (a broker failing over) and were asked again
+    last_tick_error: str | None = None
     cursor: str | None = None
     last_checks: dict[str, dict] = field(default_factory=dict)  # check name -> {passed, severity, metadata}
 
@@ -100,7 +103,17 @@ def drive(
     deadline = time.monotonic() + timeout_s
     loggers = {"loggers": {"console": {"config": {"log_level": run_log_level}}}}
     while time.monotonic() < deadline:
-        result = tick(instance, defs, report.cursor)
+        try:
+            result = tick(instance, defs, report.cursor)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            # As the daemon does: the tick fails and the next one asks again (a broker killed a moment
+            # ago is still named in the metadata until the cluster fences it); others fail at once.
+            report.failed_ticks += 1
+            report.last_tick_error = f"{type(exc).__name__}: {exc}"
+            time.sleep(idle_pause_s)
+            continue
         report.ticks += 1
         report.cursor = result.cursor
         report.last_checks = checks_of(result)
