@@ -60,6 +60,8 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
 ):
     for name, value in kafka_cluster.env().items():  # the bootstrap, and the security settings of a secured cluster
         monkeypatch.setenv(name, value)
+    # On the secured cluster the sink's principal may read trade topics only (market.trades.*, its ACL).
+    topic_name = f"market.trades.{topic_name}"
     kafka, iceberg = KafkaResource(), IcebergResource()
     servers = kafka_cluster.bootstrap_servers
     tape = recorded_tape()
