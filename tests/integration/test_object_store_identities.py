@@ -85,11 +85,8 @@ def test_credentials_are_private_files_and_no_log_of_the_store_holds_a_secret(ob
     object_store.reader_credentials()
     for path in (object_store.credentials_file, object_store.reader_credentials_file, object_store.identities_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    secrets = [
-        value
-        for keys in (object_store.credentials(), object_store.reader_credentials())
-        for value in (keys["secret_access_key"], keys["access_key_id"])
-    ]
+    # The secret keys; an access key id is an identifier that S3 servers log with a refused request.
+    secrets = [keys["secret_access_key"] for keys in (object_store.credentials(), object_store.reader_credentials())]
     logs = [object_store.log_file, *(object_store.home / "tmp").glob("weed*")]
     assert any(path.is_file() and path.stat().st_size > 0 for path in logs)
     for path in logs:
