@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -33,6 +32,7 @@ from k2_resources.paths import PROJECT_ROOT
 from k2_resources.sink.offset_commit import commit_range
 from k2_resources.sink.offsets import OffsetRange, committed_offsets
 from tests.support.soak_rows import second_of_trades
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -169,7 +169,12 @@ def test_compaction_and_a_follower_committing_without_pause_both_progress(k2_hom
     with maintenance:
         thread = threading.Thread(target=follower)
         thread.start()
-        time.sleep(40)
+        # Both sides make progress: the follower commits and maintenance compacts beside it.
+        wait_for(
+            lambda: len(done) >= 30 and sum(p.compaction.commits for p in maintenance.passes if p.compaction) >= 2,
+            timeout_s=300,
+            what="30 follower commits and 2 compactions beside them",
+        )
         stop.set()
         thread.join(120)
     compactions = sum(p.compaction.commits for p in maintenance.passes if p.compaction)
