@@ -10,6 +10,7 @@ if [[ "${1:-}" == "--test" ]]; then
   :  # test-only tools are appended here by later features
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+  command -v wrk >/dev/null 2>&1 || need+=(wrk)  # tests/benchmarks/bench_api.py: the HTTP load generator
   command -v chromium >/dev/null 2>&1 || need+=(chromium)  # tests/ui: headless browser driven by Playwright
   # `k2 cluster` and tests/integration/test_cluster_services.py: Postgres for the Dagster instance
   # (Debian keeps the server binaries in /usr/lib/postgresql/<version>/bin, off PATH)
