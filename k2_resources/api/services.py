@@ -17,6 +17,7 @@ from k2_resources.api.tokens import TokenSettings, TokenVerifier
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.query.duckdb_query import connect_with_iceberg
 from k2_resources.trades.hybrid import HybridQueryResource
+from k2_resources.trades.live_tail import ServingReader
 
 SYMBOLS_CACHE_ENTRIES = 16
 
@@ -35,6 +36,8 @@ class Services:
     ) -> None:
         self.settings = settings
         self.hybrid = hybrid
+        # Trades reads of the routes: the hybrid's answers, from the caches of a long-lived process.
+        self.serving = ServingReader(hybrid, int(settings.cache_megabytes * 1024 * 1024))
         self.iceberg: IcebergResource = hybrid.iceberg
         self.keys = keys
         self.tokens = tokens or TokenVerifier(TokenSettings.from_environment())

@@ -53,6 +53,20 @@ class ApiSettings(BaseModel):
         default_factory=lambda: os.environ.get("K2_API_TLS_KEY") or None,
         description="its PEM private key ($K2_API_TLS_KEY; keep it 0600)",
     )
+    cache_megabytes: float = Field(
+        default_factory=lambda: _env_float("K2_API_CACHE_MB", 512.0),
+        gt=0,
+        description="memory for rows of immutable data files kept between queries ($K2_API_CACHE_MB)",
+    )
+    max_in_flight: int = Field(
+        default_factory=lambda: int(_env_float("K2_API_MAX_IN_FLIGHT", 64)),
+        ge=1,
+        description="data requests answered at once; more get 503 with Retry-After ($K2_API_MAX_IN_FLIGHT)",
+    )
+    bench_route: bool = Field(
+        default_factory=lambda: os.environ.get("K2_API_BENCH_ROUTE", "") in ("1", "true", "yes"),
+        description="serve /v1/_bench/bytes, pre-encoded bytes: the benchmark's baseline ($K2_API_BENCH_ROUTE=1)",
+    )
     default_page_rows: int = Field(default=1000, ge=1)
     max_page_rows: int = Field(default=50_000, ge=1)
     max_recent_minutes: float = Field(default=1440.0, gt=0)

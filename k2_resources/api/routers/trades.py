@@ -101,7 +101,7 @@ def answer_trades(
     if after is not None:
         resume = from_micros(after.position[0])
         read_start = resume if read_start is None else max(read_start, resume)
-    result = services.hybrid.read_trades(
+    result = services.serving.read_trades(
         symbols, read_start, window_end, exchange=chosen_exchange, as_of=pinned_as_of, allow_partial=allow_partial
     )
     page, next_cursor = page_of(result.frame, limit, query, after, {})
@@ -113,7 +113,7 @@ def answer_recent(
 ) -> Response:
     if "," in symbol:
         raise ParameterError("symbol", "one symbol only here; use /v1/trades for several")
-    hybrid = services_of(request).hybrid
+    serving = services_of(request).serving
     (chosen,) = parse_symbols([symbol])
     given_now = parse_time("now", now)
     query = query_fingerprint("recent", symbol=chosen, minutes=minutes, now=given_now)
@@ -121,10 +121,12 @@ def answer_recent(
     # The window's end is fixed by the first page, so later pages page through the same window.
     end = from_micros(after.pinned["now"]) if after is not None else (given_now or datetime.now(UTC))
     if after is None:
-        result = hybrid.read_recent_trades(chosen, minutes, now=end, allow_partial=allow_partial)
+        # Inclusive of ``end``: the window ends one microsecond after it (as read_recent_trades).
+        window_end = end + timedelta(microseconds=1)
+        result = serving.read_trades(chosen, end - timedelta(minutes=minutes), window_end, allow_partial=allow_partial)
     else:
         resume = max(end - timedelta(minutes=minutes), from_micros(after.position[0]))
-        result = hybrid.read_trades(chosen, resume, end + timedelta(microseconds=1), allow_partial=allow_partial)
+        result = serving.read_trades(chosen, resume, end + timedelta(microseconds=1), allow_partial=allow_partial)
     page, next_cursor = page_of(result.frame, limit, query, after, {"now": micros(end)})
     window = {"start": (end - timedelta(minutes=minutes)).isoformat(), "end": end.isoformat()}
     return respond(

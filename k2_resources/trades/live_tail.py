@@ -1,0 +1,329 @@
+"""The serving path of a long-lived process (the API): trades from memory wherever they can be.
+
+:class:`ServingReader` answers :meth:`HybridQueryResource.read_trades` with the same rows and the
+same boundary (the Iceberg snapshot below its committed offsets, the Kafka log above them, log
+end captured after the query arrived), but keeps what does not change between queries:
+
+- table metadata: loaded again only when the catalog points at a new metadata file (one cheap
+  SQLite row per query with the default catalog), by one thread while the others wait;
+- scan plans: per snapshot and per (symbols, exchange, time bounds widened to whole hours), so a
+  moving window ("the last 5 minutes") hits the same plan until the table changes;
+- data files: immutable, so each planned file's rows of the query's symbols/exchange are kept
+  sorted by time (LRU within ``memory_budget_bytes``) and a query slices them by binary search;
+- the live tail: the decoded Kafka rows above the committed offsets stay in the hybrid's
+  :class:`~k2_resources.trades.kafka_tail.KafkaTail`; the log end is asked by ONE look-up at a time
+  shared by every query that arrived before it started (:class:`SharedEndOffsets`), so 50
+  concurrent queries cost one broker round trip, not 50, and none misses a message produced
+  before it arrived.
+
+Anything unusual (``as_of``, load-shed pending ranges, delete files in the plan, a catalog other
+than SQLite) goes to the hybrid resource's own read: slower, identical answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+from pyiceberg.table import Table
+
+from k2_resources.catalog.settings import catalog_properties
+from k2_resources.catalog.tables import TRADES
+from k2_resources.errors import K2Error, KafkaUnavailableError
+from k2_resources.query.sql_query import NAMESPACE, sqlite_table_locations
+from k2_resources.sink.offsets import committed_offsets, pending_ranges
+from k2_resources.trades.hybrid import HybridQueryResource
+from k2_resources.trades.hybrid_result import (
+    HybridResult,
+    KafkaTailMissingWarning,
+    QueryStats,
+    as_frame,
+    chosen_symbols,
+    merge_trades,
+    missing_offsets,
+    utc,
+)
+from k2_resources.trades.iceberg_read import RowFilter, load_for_read, object_store_options
+from k2_resources.trades.kafka_tail import KafkaTail
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024
+PARTITIONS_TTL_S = 5.0
+_HOUR = timedelta(hours=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _floor_hour(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _EPOCH + ((moment - _EPOCH) // _HOUR) * _HOUR
+
+
+def _ceil_hour(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _EPOCH + -((_EPOCH - moment) // _HOUR) * _HOUR
+
+
+def planning_filter(row_filter: RowFilter) -> RowFilter:
+    """``row_filter`` with its window widened to whole hours: the files it plans are a superset of
+    the exact filter's, and the rows are cut exactly afterwards."""
+    return RowFilter(row_filter.symbols, _floor_hour(row_filter.start), _ceil_hour(row_filter.end), row_filter.exchange)
+
+
+class TableCache:
+    """``market.trades`` as of now, reloaded only when the catalog row names a new metadata file."""
+
+    def __init__(self, hybrid: HybridQueryResource) -> None:
+        self.hybrid = hybrid
+        self._table: Table | None = None
+        self._location: str | None = None
+        self._lock = threading.Lock()
+
+    def _location_now(self) -> str | None:
+        iceberg = self.hybrid.iceberg
+        properties = catalog_properties(iceberg.catalog_properties)
+        return (sqlite_table_locations(properties, iceberg.catalog_name, NAMESPACE) or {}).get(TRADES.identifier)
+
+    def current(self) -> Table:
+        location = self._location_now()
+        if location is None:  # another catalog, or no table yet: today's read (it may create the table)
+            return load_for_read(self.hybrid.iceberg, TRADES)
+        table = self._table
+        if table is not None and self._location == location:
+            return table
+        with self._lock:  # one thread loads a new metadata file; the others then find it here
+            if self._table is None or self._location != location:
+                self._table, self._location = load_for_read(self.hybrid.iceberg, TRADES), location
+            return self._table
+
+
+@dataclass(frozen=True)
+class _Sorted:
+    rows: pl.DataFrame  # sorted by timestamp
+    times: pl.Series  # the timestamp column, for binary search
+
+
+class FileRows:
+    """Rows of immutable data files for a (symbols, exchange) key, sorted by time, LRU within a byte budget."""
+
+    def __init__(self, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
+        self.memory_budget_bytes = memory_budget_bytes
+        self._entries: OrderedDict[tuple, tuple[_Sorted, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def rows(self, table: Table, path: str, row_filter: RowFilter) -> _Sorted:
+        key = (path, row_filter.symbols, row_filter.exchange)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit[0]
+        scan = pl.scan_parquet([path], hive_partitioning=False, storage_options=object_store_options(table, [path]))
+        keep = RowFilter(row_filter.symbols, None, None, row_filter.exchange).polars()
+        frame = (scan.filter(keep) if keep is not None else scan).collect().sort("timestamp")
+        entry = _Sorted(frame, frame["timestamp"])
+        size = int(frame.estimated_size())
+        with self._lock:
+            if key not in self._entries and size <= self.memory_budget_bytes:
+                self._entries[key] = (entry, size)
+                self._bytes += size
+                while self._bytes > self.memory_budget_bytes:
+                    _, (_, dropped) = self._entries.popitem(last=False)
+                    self._bytes -= dropped
+        return entry
+
+    def window(self, table: Table, path: str, row_filter: RowFilter) -> pl.DataFrame:
+        """The file's rows of the filter's symbols, exchange and [start, end)."""
+        entry = self.rows(table, path, row_filter)
+        low, high = 0, entry.rows.height
+        if row_filter.start is not None:
+            low = int(entry.times.search_sorted(row_filter.start, side="left"))
+        if row_filter.end is not None:
+            high = int(entry.times.search_sorted(row_filter.end, side="left"))
+        return entry.rows.slice(low, max(0, high - low))
+
+
+@dataclass
+class _Lookup:
+    started: float
+    ends: dict[int, int] | None = None
+    error: BaseException | None = None
+
+
+class SharedEndOffsets:
+    """Log-end offsets of a topic for concurrent queries: one look-up at a time, and a query takes the
+    result of a look-up that started after the query arrived (so it sees every message produced
+    before it), joining one in flight or starting the next."""
+
+    def __init__(self, tail: KafkaTail) -> None:
+        self.tail = tail
+        self._done: dict[tuple, _Lookup] = {}
+        self._running: set[tuple] = set()
+        self._cond = threading.Condition()
+
+    def ends(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        key = (topic, tuple(partitions))
+        arrived = time.monotonic()
+        with self._cond:
+            while True:
+                done = self._done.get(key)
+                if done is not None and done.started >= arrived:
+                    if done.error is not None:
+                        raise done.error
+                    assert done.ends is not None
+                    return done.ends
+                if key not in self._running:
+                    self._running.add(key)
+                    break
+                self._cond.wait(timeout=1.0)
+        lookup = _Lookup(time.monotonic())
+        try:
+            lookup.ends = self.tail.end_offsets(topic, partitions)
+        except BaseException as exc:
+            lookup.error = exc
+            raise
+        finally:
+            with self._cond:
+                self._done[key] = lookup
+                self._running.discard(key)
+                self._cond.notify_all()
+        return lookup.ends
+
+
+class ServingReader:
+    """:meth:`HybridQueryResource.read_trades` for a long-lived process, with the caches of the module doc."""
+
+    def __init__(self, hybrid: HybridQueryResource, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
+        self.hybrid = hybrid
+        self.tables = TableCache(hybrid)
+        self.files = FileRows(memory_budget_bytes)
+        self._ends: SharedEndOffsets | None = None
+        self._partitions: dict[str, tuple[float, list[int]]] = {}
+        self._lock = threading.Lock()
+
+    def table(self) -> Table:
+        """``market.trades`` as of now (cached metadata)."""
+        return self.tables.current()
+
+    def read_trades(
+        self,
+        symbols: str | Sequence[str] | None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        exchange: str | None = None,
+        as_of: int | datetime | None = None,
+        allow_partial: bool = False,
+    ) -> HybridResult:
+        """The rows and statistics of ``hybrid.read_trades`` with the same arguments."""
+        if as_of is not None:
+            return self.hybrid.read_trades(symbols, start, end, exchange, as_of, allow_partial)
+        row_filter = RowFilter(chosen_symbols(symbols), utc(start, "start"), utc(end, "end"), exchange)
+        if row_filter.start and row_filter.end and row_filter.end <= row_filter.start:
+            raise K2Error(
+                f"end {row_filter.end.isoformat()} is not after start {row_filter.start.isoformat()}; swap them"
+            )
+        table = self.table()
+        stats = QueryStats()
+        current = table.current_snapshot()
+        stats.snapshot_id = current.snapshot_id if current else None
+        stats.committed = {topic: committed_offsets(table, topic) for topic in self.hybrid.topics}
+        stats.pending = {topic: pending_ranges(table, topic) for topic in self.hybrid.topics}
+        if any(stats.pending.values()):  # load-shed ranges: rare, read the way the hybrid does
+            return self.hybrid.read_trades(symbols, start, end, exchange, None, allow_partial)
+        iceberg_part = self._iceberg_part(table, row_filter, stats)
+        if iceberg_part is None:  # delete files: pyiceberg's reader applies them
+            return self.hybrid.read_trades(symbols, start, end, exchange, None, allow_partial)
+        kafka_part = self._kafka_part(table, row_filter, stats, allow_partial)
+        stats.iceberg_rows, stats.kafka_rows = iceberg_part.height, kafka_part.height
+        return HybridResult(merge_trades([iceberg_part, kafka_part], stats), stats)
+
+    def _iceberg_part(self, table: Table, row_filter: RowFilter, stats: QueryStats) -> pl.DataFrame | None:
+        stats.iceberg.path = "serving"
+        empty = as_frame(table.schema().as_arrow().empty_table())
+        if stats.snapshot_id is None:
+            return empty
+        files = self.hybrid._snapshot_reader().planned_files(
+            table, stats.snapshot_id, planning_filter(row_filter), stats.iceberg
+        )
+        if files is None:
+            return None
+        frames = [frame for frame in (self.files.window(table, f, row_filter) for f in files) if frame.height]
+        frame = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else (frames[0] if frames else empty)
+        stats.iceberg.rows = frame.height
+        return frame
+
+    def _shared_ends(self) -> SharedEndOffsets:
+        with self._lock:
+            if self._ends is None:
+                self._ends = SharedEndOffsets(self.hybrid.kafka_tail())
+            return self._ends
+
+    def _topic_partitions(self, tail: KafkaTail, topic: str) -> list[int]:
+        known = self._partitions.get(topic)
+        if known is not None and time.monotonic() - known[0] < PARTITIONS_TTL_S:
+            return known[1]
+        found = tail.partitions(topic)
+        if found:  # a topic not created yet is asked again next time
+            self._partitions[topic] = (time.monotonic(), found)
+        return found
+
+    def _kafka_part(self, table: Table, row_filter: RowFilter, stats: QueryStats, allow_partial: bool) -> pl.DataFrame:
+        """The hybrid's Kafka part (same skips, same errors) with shared log-end look-ups."""
+        frames: list[pl.DataFrame] = []
+        for topic in self.hybrid.topics:
+            committed = stats.committed.get(topic, {})
+            reason = self.hybrid.tail_skip_reason(table, stats.snapshot_id, topic, row_filter, committed, [])
+            if reason is not None:
+                stats.kafka_skipped[topic] = reason
+                continue
+            try:
+                frames.append(self._topic_tail(topic, row_filter, stats))
+            except KafkaUnavailableError as exc:
+                self._partitions.pop(topic, None)
+                missing = missing_offsets(topic, committed, [])
+                if not allow_partial:
+                    raise KafkaUnavailableError(
+                        f"{exc}. The trades of {missing} are only in Kafka. Fix: start Kafka, or pass "
+                        "allow_partial=True (CLI: --allow-partial) for the Iceberg part alone; a query for an "
+                        "exchange without a topic (exchange='ASX') never reads Kafka"
+                    ) from exc
+                stats.missing[topic] = missing
+                message = (
+                    f"Kafka is unreachable ({exc}); the result holds the Iceberg part only and lacks the "
+                    f"trades of {missing}"
+                )
+                log.warning(message)
+                warnings.warn(message, KafkaTailMissingWarning, stacklevel=4)
+        if not frames:
+            return as_frame(TRADES.arrow_schema().empty_table())
+        return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+    def _topic_tail(self, topic: str, row_filter: RowFilter, stats: QueryStats) -> pl.DataFrame:
+        tail = self.hybrid.kafka_tail()
+        committed = stats.committed.get(topic, {})
+        partitions = sorted(set(self._topic_partitions(tail, topic)) | set(committed))
+        if not partitions:
+            return as_frame(TRADES.arrow_schema().empty_table())
+        ends = self._shared_ends().ends(topic, partitions)
+        for partition, done in committed.items():
+            if ends.get(partition, 0) < done:
+                raise K2Error(
+                    f"{topic}[{partition}] ends at offset {ends.get(partition, 0)} but market.trades has "
+                    f"committed up to {done}: the topic was recreated; set a new baseline with "
+                    "`k2 offsets reset` before querying the tail"
+                )
+        lower = {p: committed.get(p, 0) for p in partitions}
+        if row_filter.start is not None and not tail.covers(topic, {p: (lower[p], ends.get(p, 0)) for p in partitions}):
+            bound_ms = int((row_filter.start.timestamp() - self.hybrid.producer_clock_slack_seconds) * 1000)
+            by_time = tail.offsets_for_time(topic, partitions, max(bound_ms, 0))
+            for p in partitions:
+                found = by_time.get(p)
+                lower[p] = max(lower[p], ends.get(p, 0) if found is None else found)
+        tail.forget_below(topic, committed)
+        return tail.read(topic, {p: (lower[p], ends.get(p, 0)) for p in partitions}, stats.kafka, row_filter.polars())
