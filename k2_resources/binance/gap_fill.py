@@ -262,7 +262,7 @@ class GapFiller:
             return None
         page = Page(HISTORICAL_TRADES, {"symbol": gap.symbol, "fromId": gap.first, "limit": 1})
         try:
-            trades = await self._request(page, deadline)
+            trades = await self._request_retrying(page, deadline, gap)
         except RestRefused as exc:
             if exc.status in REFUSING_STATUSES:
                 self.refused = str(exc)
@@ -288,6 +288,21 @@ class GapFiller:
             self._lose(rest, LossReason.TOO_LARGE, 0, rest_bound)
             return None
         return rest
+
+    async def _request_retrying(self, page: Page, deadline: float, gap: Gap) -> list[dict[str, Any]]:
+        """``_request``, tried again after a timeout or a 5xx (``max_attempts`` in a row, with the
+        fill's backoff) while the deadline allows: one slow answer on a busy machine is not a loss."""
+        failures = 0
+        while True:
+            try:
+                return await self._request(page, deadline)
+            except RestUnavailable as exc:
+                failures += 1
+                pause = self.settings.retry_initial_s * 2 ** (failures - 1)
+                if failures >= self.settings.max_attempts or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("gap fill of %s: %s; retry %d in %.1f s", gap.key, exc, failures, pause)
+                await asyncio.sleep(pause)
 
     def _count_absent(self, gap: Gap, absent: int) -> None:
         log.warning(
