@@ -28,12 +28,14 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from k2_resources.api.admission import AdmissionMiddleware
 from k2_resources.api.audit import AuditLog
 from k2_resources.api.handlers import install_error_handlers
 from k2_resources.api.keys import KeyStore, default_keys_file
 from k2_resources.api.middleware import MetricsMiddleware
-from k2_resources.api.routers import operations, reference
+from k2_resources.api.routers import bench, operations, reference
 from k2_resources.api.routers.bars import bars_router
+from k2_resources.api.routers.stream import router as stream_router
 from k2_resources.api.routers.trades import trades_router
 from k2_resources.api.services import Services
 from k2_resources.api.settings import DEFAULT_API_PORT, ApiSettings
@@ -87,10 +89,15 @@ def create_app(
         description=_DESCRIPTION,
     )
     app.state.k2 = services
+    # Admission inside the metrics: a refused request is counted and audited like any other.
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight, level=services.health.current_level)
     app.add_middleware(MetricsMiddleware, audit=audit)
     install_error_handlers(app)
     app.include_router(trades_router(settings))
+    app.include_router(stream_router)
     app.include_router(bars_router(settings))
     app.include_router(reference.router)
     app.include_router(operations.router)
+    if settings.bench_route:
+        app.include_router(bench.router)
     return app

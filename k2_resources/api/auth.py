@@ -8,11 +8,12 @@ refused request names what was presented (a key's public id, a token's ``jti`` o
 the secret).
 """
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from k2_resources.api.errors import ApiError
@@ -113,47 +114,57 @@ def authenticate(request: Request, header_key: str | None, bearer: str | None, s
     return principal
 
 
-def require(scope: str) -> Callable[..., Principal]:
-    """A dependency: a valid key or token (401), holding ``scope`` (403), with a token in its bucket (429)."""
+def require(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: a valid key or token (401), holding ``scope`` (403), with a token in its bucket (429).
 
-    def dependency(
+    It runs on the event loop for API keys (a dict look-up, a file stat, a locked bucket: no thread
+    hop per request); a JWT may need the identity provider's keys fetched, so it goes to a thread."""
+
+    async def dependency(
         request: Request,
         header_key: Annotated[str | None, Security(_api_key_header)] = None,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
     ) -> Principal:
-        principal = authenticate(request, header_key, bearer.credentials if bearer else None, scope)
-        if not principal.allows(scope):
-            raise _refuse(
-                request,
-                "missing_scope",
-                ApiError(
-                    403,
-                    f"{principal.name} lacks the scope {scope} this route needs (it has "
-                    f"{', '.join(principal.scopes) or 'none'}); "
-                    + (
-                        f"create a key with --scope {scope}"
-                        if principal.credential == "api_key"
-                        else "ask for a token with a grant mapped to it (K2_API_JWT_SCOPE_MAP)"
-                    ),
-                ),
-            )
-        services = services_of(request)
-        decision = services.limiter.take(principal.name, principal.rate_per_second, principal.burst)
-        request.state.rate = decision
-        if not decision.allowed:
-            # Keys by id; tokens by subject (a jti is new with every token: unbounded series).
-            label = principal.credential_id if principal.credential == "api_key" else principal.name
-            API_RATE_LIMITED.labels(key_id=label).inc()
-            raise _refuse(
-                request,
-                "rate_limited",
-                ApiError(
-                    429,
-                    f"rate limit of {decision.limit:g} requests/s (burst {decision.burst:g}) reached "
-                    f"for {principal.name}; retry after {decision.retry_after_header} s",
-                    {"Retry-After": decision.retry_after_header, **rate_headers(decision)},
-                ),
-            )
-        return principal
+        credential = bearer.credentials if bearer else None
+        if not header_key and credential and looks_like_jwt(credential) and services_of(request).tokens.enabled:
+            return await run_in_threadpool(_admit, request, header_key, credential, scope)
+        return _admit(request, header_key, credential, scope)
 
     return dependency
+
+
+def _admit(request: Request, header_key: str | None, credential: str | None, scope: str) -> Principal:
+    principal = authenticate(request, header_key, credential, scope)
+    if not principal.allows(scope):
+        raise _refuse(
+            request,
+            "missing_scope",
+            ApiError(
+                403,
+                f"{principal.name} lacks the scope {scope} this route needs (it has "
+                f"{', '.join(principal.scopes) or 'none'}); "
+                + (
+                    f"create a key with --scope {scope}"
+                    if principal.credential == "api_key"
+                    else "ask for a token with a grant mapped to it (K2_API_JWT_SCOPE_MAP)"
+                ),
+            ),
+        )
+    services = services_of(request)
+    decision = services.limiter.take(principal.name, principal.rate_per_second, principal.burst)
+    request.state.rate = decision
+    if not decision.allowed:
+        # Keys by id; tokens by subject (a jti is new with every token: unbounded series).
+        label = principal.credential_id if principal.credential == "api_key" else principal.name
+        API_RATE_LIMITED.labels(key_id=label).inc()
+        raise _refuse(
+            request,
+            "rate_limited",
+            ApiError(
+                429,
+                f"rate limit of {decision.limit:g} requests/s (burst {decision.burst:g}) reached "
+                f"for {principal.name}; retry after {decision.retry_after_header} s",
+                {"Retry-After": decision.retry_after_header, **rate_headers(decision)},
+            ),
+        )
+    return principal

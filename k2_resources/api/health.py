@@ -5,6 +5,12 @@ worker thread with a deadline, so an unreachable broker makes the answer "degrad
 ``kafka_timeout_s`` instead of holding the request for the client's own timeout; while one
 Kafka probe is still waiting, later requests report that rather than starting another.
 Results are reused for ``ttl_s`` so that frequent probes cost one look-up.
+
+The report names the platform's degradation level (``degradation``): the stream path's own rule
+(:class:`~k2_resources.degradation.levels.DegradationManager`: lag and memory, escalation at once,
+recovery with hysteresis and a cooldown) over the lag seen here and this machine's memory. The
+admission control of the API reads :meth:`HealthProbe.current_level` to shed expensive queries
+first when it rises; that refreshes in the background, never on a request's path.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from k2_resources.catalog.resource import IcebergResource
+from k2_resources.degradation.levels import DegradationLevel, DegradationManager, describe_level, system_memory_percent
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.sink.offsets import committed_offsets
 
@@ -41,6 +48,25 @@ class HealthProbe:
         self._pending_since = 0.0
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._lock = threading.Lock()
+        self._manager = DegradationManager()
+        self.level = DegradationLevel.NORMAL
+        self._level_checked = 0.0
+        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-api-level")
+        self._refreshing = False
+
+    def current_level(self, max_age_s: float = 5.0) -> DegradationLevel:
+        """The last level computed; when it is older than ``max_age_s`` a check starts in the
+        background (the caller never waits for the catalog or Kafka)."""
+        if time.monotonic() - self._level_checked > max_age_s and not self._refreshing:
+            self._refreshing = True
+            self._refresher.submit(self._refresh)
+        return self.level
+
+    def _refresh(self) -> None:
+        try:
+            self.check()
+        finally:
+            self._refreshing = False
 
     def check(self) -> dict[str, Any]:
         with self._lock:
@@ -99,10 +125,20 @@ class HealthProbe:
                 }
                 lag[topic] = {"total": sum(v["lag"] for v in partitions.values()), "partitions": partitions}
         status = "ok" if catalog["ok"] and kafka["ok"] else ("degraded" if catalog["ok"] else "down")
-        return {"status": status, "catalog": catalog, "kafka": kafka, "lag": lag}
+        memory = system_memory_percent()
+        self.level = self._manager.evaluate(sum(t["total"] for t in lag.values()), memory)
+        self._level_checked = time.monotonic()
+        degradation = {
+            "level": int(self.level),
+            "name": self.level.name,
+            "description": describe_level(self.level),
+            "memory_percent": round(memory, 1),
+        }
+        return {"status": status, "catalog": catalog, "kafka": kafka, "lag": lag, "degradation": degradation}
 
     def _end_offsets(self) -> dict[str, dict[int, int]]:
         return {topic: self.kafka.end_offsets(topic) for topic in self.topics}
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._refresher.shutdown(wait=False, cancel_futures=True)

@@ -50,7 +50,7 @@ from k2_resources.trades.hybrid_result import (
     missing_offsets,
     utc,
 )
-from k2_resources.trades.iceberg_read import RowFilter, load_for_read, object_store_options
+from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader, load_for_read, object_store_options
 from k2_resources.trades.kafka_tail import KafkaTail
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,10 @@ class ServingReader:
         """``market.trades`` as of now (cached metadata)."""
         return self.tables.current()
 
+    def snapshot_reader(self) -> SnapshotReader:
+        """The hybrid's reader, whose scan plans are cached per (snapshot, filter)."""
+        return self.hybrid._snapshot_reader()
+
     def read_trades(
         self,
         symbols: str | Sequence[str] | None,
@@ -248,7 +252,7 @@ class ServingReader:
         empty = as_frame(table.schema().as_arrow().empty_table())
         if stats.snapshot_id is None:
             return empty
-        files = self.hybrid._snapshot_reader().planned_files(
+        files = self.snapshot_reader().planned_files(
             table, stats.snapshot_id, planning_filter(row_filter), stats.iceberg
         )
         if files is None:

@@ -1,4 +1,8 @@
-"""``/v1/symbols``: every symbol in market.trades with its first and last trade and trade count."""
+"""``/v1/symbols``: every symbol in market.trades with its first and last trade and trade count.
+
+From the per-data-file summaries of :mod:`k2_resources.api.summary` (a new snapshot reads only its
+new files), or DuckDB over the snapshot when it has delete files.
+"""
 
 from typing import Annotated, Any, cast
 
@@ -47,15 +51,17 @@ def symbols(
 ) -> Response:
     services = services_of(request)
     chosen_exchange = parse_exchange(exchange)
-    table = services.iceberg.trades()
+    table = services.serving.table()  # metadata cached per metadata file
     snapshot = table.current_snapshot()
     cache_key = (snapshot.snapshot_id if snapshot else None, chosen_exchange)
     rows: Any = services.cached_symbols(cache_key)  # a snapshot never changes: its statistics neither
     if rows is None:
         if snapshot is None:
             rows = pl.DataFrame(schema=_EMPTY_SCHEMA)
-        else:
-            rows = symbol_statistics(services, table.metadata_location, chosen_exchange)
+        else:  # from per-file summaries (new files only); DuckDB over the snapshot when it has delete files
+            rows = services.symbol_summary.statistics(table, snapshot.snapshot_id, chosen_exchange)
+            if rows is None:
+                rows = symbol_statistics(services, table.metadata_location, chosen_exchange)
         services.cache_symbols(cache_key, rows)
     return respond(
         request,
