@@ -132,7 +132,9 @@ def test_file_rows_window_equals_the_filter_and_is_cached(tmp_path: Path) -> Non
     rows = FileRows(memory_budget_bytes=1 << 20)
     window = RowFilter(("A",), base + timedelta(seconds=10), base + timedelta(seconds=60), "X")
     got = rows.window(None, str(path), window)  # type: ignore[arg-type]  # local file: no table options needed
-    expected = frame.filter(window.polars())
+    predicate = window.polars()
+    assert predicate is not None
+    expected = frame.filter(predicate)
     assert sorted(got["message_id"].to_list()) == sorted(expected["message_id"].to_list())
     assert got["timestamp"].is_sorted()
     path.unlink()  # a second window of the same key comes from memory
