@@ -6,6 +6,7 @@ from typing import Literal
 from dagster import AssetExecutionContext, AssetMaterialization, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from k2_assets.binance.follow_report import FollowReport
 from k2_assets.operations.health_checks import FollowerMaintenance
 from k2_resources.catalog.errors import explaining_catalog_errors
 from k2_resources.catalog.resource import IcebergResource
@@ -13,7 +14,7 @@ from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
-from k2_resources.sink.follow import FollowSettings, follow_topic
+from k2_resources.sink.follow import REPORT_SECONDS, FollowSettings, follow_topic
 from k2_resources.sink.microbatch import BatchResult, recover_range, run_microbatch
 from k2_resources.sink.offsets import OffsetRange
 
@@ -30,7 +31,8 @@ class MicroBatchConfig(Config):
     AGGRESSIVE: enrich, skip enrichment, defer tier-3 symbols, spill); ``recover`` writes the
     missing rows of the pending (deferred or spilled) range and removes it from the pending list;
     ``follow`` ignores the range and follows every partition of the topic, committing each one's new
-    offsets every ``follow_interval_seconds`` for ``follow_seconds`` (k2_resources/sink/follow.py).
+    offsets every ``follow_interval_seconds`` for ``follow_seconds`` (k2_resources/sink/follow.py) and
+    logging one materialisation of them per ``follow_report_seconds`` (follow_report.py).
     """
 
     topic: str = Field(default=BINANCE_TRADES_TOPIC)
@@ -41,6 +43,9 @@ class MicroBatchConfig(Config):
     mode: Mode = Field(default=INGEST)
     follow_seconds: float = Field(default=600.0, gt=0, description="follow: how long before handing back to the sensor")
     follow_interval_seconds: float = Field(default=1.0, ge=0, description="follow: how often to commit")
+    follow_report_seconds: float = Field(
+        default=REPORT_SECONDS, ge=0, description="follow: how often to log one materialisation of the commits"
+    )
     max_batch_messages: int = Field(default=50_000, gt=0, description="follow: the largest range one commit takes")
 
 
@@ -119,8 +124,9 @@ def _follow(
     iceberg: IcebergResource,
     degradation: DegradationResource,
 ) -> MaterializeResult:
-    """The topic's follower: each commit is logged as a materialisation of its own, with its range,
-    so the UI lists every commit as it does a run per range; the run's own result sums them up."""
+    """The topic's follower: its commits are logged as one materialisation per report window
+    (follow_report.py: each partition's offset range, rows, gaps, snapshot ids); the run's own result
+    closes the last window and sums up the run, so nothing committed goes unrecorded."""
     level = DegradationLevel(config.degradation_level)
     thresholds = degradation.thresholds()
     settings = FollowSettings(
@@ -132,15 +138,17 @@ def _follow(
     )
 
     maintenance = FollowerMaintenance(context, iceberg)  # continuous table maintenance, on by default
+    windows = FollowReport(
+        config.topic,
+        level.name,
+        config.follow_report_seconds,
+        lambda metadata: context.log_event(AssetMaterialization(asset_key=context.asset_key, metadata=metadata)),
+        run_for_s=config.follow_seconds,
+    )
 
     def report(result: BatchResult) -> None:
         maintenance.log_pending()
-        if not result.already_committed:
-            context.log_event(
-                AssetMaterialization(
-                    asset_key=context.asset_key, metadata=batch_metadata(FOLLOW, level, result.batch, result)
-                )
-            )
+        windows.add(result)
 
     with maintenance:
         outcome = follow_topic(
@@ -156,13 +164,15 @@ def _follow(
         )
     context.log.info(
         f"following {config.topic} ended ({outcome.reason}) after {outcome.commits} commits, "
-        f"{outcome.rows_written} rows"
+        f"{outcome.rows_written} rows, reported in {windows.windows_emitted + 1} materialisation(s)"
     )
-    # No rows_written / commit_seconds here: `k2 metrics` counts those from the per-commit events.
+    # The last window's figures (rows_written, offset_ranges, ...; none when it committed nothing)
+    # and the run's totals: `k2 metrics` sums rows_written over the windows, so each row counts once.
     return MaterializeResult(
         metadata={
             "mode": FOLLOW,
             "topic": config.topic,
+            **windows.close(),
             "commits": outcome.commits,
             "rows_committed": outcome.rows_written,
             "ended_because": outcome.reason,

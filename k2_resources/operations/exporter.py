@@ -129,6 +129,10 @@ class MetricsPoller:
             metadata = record.asset_materialization.metadata if record.asset_materialization else {}
             if "commit_seconds" in metadata and not metadata.get("already_committed", _Value(False)).value:
                 ICEBERG_COMMIT_SECONDS.observe(_number(metadata["commit_seconds"]))
+            if "window_commits" in metadata:  # a follower's report window: count and sum exact, buckets at the mean
+                commits = int(_number(metadata["window_commits"]))
+                for _ in range(commits):
+                    ICEBERG_COMMIT_SECONDS.observe(_number(metadata["commit_seconds_sum"]) / commits)
             if "rows_written" in metadata:
                 MICROBATCH_MESSAGES.inc(_number(metadata["rows_written"]))
             if "deferred_rows_by_symbol" in metadata:

@@ -33,6 +33,13 @@ from k2_resources.kafka.resource import KafkaResource
 from k2_resources.sink.microbatch import BatchResult, run_microbatch
 from k2_resources.sink.offsets import OffsetRange, committed_offsets
 
+# How often a follower records its commits in Dagster (one materialisation per window, all partitions),
+# and how long `k2 run`'s follower runs before handing back (its result closes the last window): each
+# event of the last 7 days costs the asset page, 168 a week at these (docs/operations.md, "Dagster
+# history of the stream"; bench_soak.py).
+REPORT_SECONDS = 3600.0
+K2_RUN_FOLLOW_SECONDS = 3600.0
+
 ROTATED = "ran its time"
 BEHIND = "fell behind"
 MEMORY = "memory at the SOFT trigger"

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from k2_resources import thresholds
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
+from k2_resources.sink.follow import REPORT_SECONDS
 
 
 class TradeSinkResource(ConfigurableResource):
@@ -36,4 +37,11 @@ class TradeSinkResource(ConfigurableResource):
     follow_interval_seconds: float = Field(
         default_factory=lambda: float(os.environ.get("K2_STREAM_FOLLOW_INTERVAL_SECONDS", "1")),
         description="how often a follower commits each partition's new offsets",
+    )
+    follow_report_seconds: float = Field(
+        default_factory=lambda: float(os.environ.get("K2_STREAM_FOLLOW_REPORT_SECONDS", str(REPORT_SECONDS))),
+        description="how often a follower records its commits in Dagster: one materialisation of binance_trades "
+        "per window with each partition's offset range (the per-commit detail is in the table's snapshots); "
+        "the run's end closes the last window. Each event of the last 7 days costs the asset page "
+        "(docs/operations.md, 'Dagster history of the stream')",
     )

@@ -73,7 +73,8 @@ def dead_letter_total(kafka: KafkaResource, topic: str) -> int:
 
 
 def latest_batch_gaps(instance: DagsterInstance, topic: str, limit: int = 30) -> dict[int, dict[str, Any]]:
-    """Sequence gaps of the newest micro-batch materialisation per partition of ``topic``."""
+    """Sequence gaps of the newest micro-batch materialisation (or follower report window) per partition
+    of ``topic``."""
     latest: dict[int, dict[str, Any]] = {}
     records = instance.fetch_materializations(BINANCE_TRADES, limit=limit).records
     for record in records:  # newest first
@@ -81,6 +82,10 @@ def latest_batch_gaps(instance: DagsterInstance, topic: str, limit: int = 30) ->
         if materialization is None:
             continue
         meta: dict[str, Any] = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+        if meta.get("topic") == topic and "sequence_gaps_by_partition" in meta:  # a follower's report window
+            for key, window in json.loads(meta["sequence_gaps_by_partition"]).items():
+                latest.setdefault(int(key), window)
+            continue
         if meta.get("topic") != topic or "sequence_gaps_by_symbol" not in meta:
             continue
         partition = int(meta["partition"])

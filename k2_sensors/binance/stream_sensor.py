@@ -88,7 +88,7 @@ def run_request(batch: OffsetRange, run_key: str, attempt: int, level: int = 0, 
 
 def follow_request(topic: str, run_key: str, sink: TradeSinkResource) -> RunRequest:
     """The topic's follower (k2_resources/sink/follow.py): every partition, committed each
-    ``follow_interval_seconds`` for ``follow_seconds``; each commit is a materialisation with its range."""
+    ``follow_interval_seconds`` for ``follow_seconds``; one materialisation per ``follow_report_seconds``."""
     return RunRequest(
         run_key=run_key,
         run_config={
@@ -100,6 +100,7 @@ def follow_request(topic: str, run_key: str, sink: TradeSinkResource) -> RunRequ
                         "degradation_level": 0,
                         "follow_seconds": float(sink.follow_seconds),
                         "follow_interval_seconds": float(sink.follow_interval_seconds),
+                        "follow_report_seconds": float(sink.follow_report_seconds),
                         "max_batch_messages": int(sink.max_batch_messages),
                     }
                 }

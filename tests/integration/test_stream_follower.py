@@ -1,6 +1,6 @@
 """The follower on real Kafka, Iceberg and Dagster: the stream sensor asks for it, it commits trades
-produced while it runs, every trade lands exactly once, and each commit is a materialisation with its
-offset range (what the UI lists), matching the snapshots that recorded the same ranges."""
+produced while it runs, every trade lands exactly once, and its commits are materialisations per report
+window whose offset ranges cover exactly the snapshots that recorded the same ranges."""
 
 from __future__ import annotations
 
@@ -48,7 +48,11 @@ def test_the_sensor_starts_a_follower_that_commits_new_trades_each_second_exactl
     produce(kafka, topic_name, first)
     resources = build_resources()
     resources["sink"] = TradeSinkResource(
-        topic=topic_name, max_batch_messages=50_000, follow_seconds=20, follow_interval_seconds=0.5
+        topic=topic_name,
+        max_batch_messages=50_000,
+        follow_seconds=20,
+        follow_interval_seconds=0.5,
+        follow_report_seconds=4,
     )
     defs = Definitions.merge(binance_defs, Definitions(resources=resources))
 
@@ -79,15 +83,21 @@ def test_the_sensor_starts_a_follower_that_commits_new_trades_each_second_exactl
         for s in iceberg.trades().snapshots()
         if (p := s.summary.additional_properties if s.summary else {}).get("k2.kafka.topic") == topic_name
     }
-    per_commit = [
-        e.asset_materialization.metadata for e in events if "start_offset" in e.asset_materialization.metadata
-    ]
-    reported = {(m["partition"].value, m["start_offset"].value, m["end_offset"].value) for m in per_commit}
-    assert reported == snapshots
+    windows = [e.asset_materialization.metadata for e in events if "window_commits" in e.asset_materialization.metadata]
+    assert len(windows) > 1  # windows of 4 s while it ran, then the run's result closing the last
+    assert sum(w["window_commits"].value for w in windows) == len(snapshots)
     assert len(snapshots) > 3  # the second lot came in commits of its own, while the follower ran
     for partition in range(3):
         ranges = sorted((start, end) for p, start, end in snapshots if p == partition)
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), f"partition {partition}: {ranges}"
+        spans = sorted(
+            tuple(w["offset_ranges"].value[str(partition)])
+            for w in windows
+            if str(partition) in w["offset_ranges"].value
+        )
+        # the windows cover the partition's snapshots exactly: contiguous, from the first range to the last
+        assert spans[0][0] == ranges[0][0] and spans[-1][1] == ranges[-1][1], (spans, ranges)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), f"partition {partition}: {spans}"
     summary = [e.asset_materialization.metadata for e in events if "ended_because" in e.asset_materialization.metadata]
     assert len(summary) == 1 and summary[0]["commits"].value == len(snapshots)
 
