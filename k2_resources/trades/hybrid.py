@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Literal, cast
 
 import polars as pl
 import pyarrow as pa
@@ -85,6 +85,7 @@ from k2_resources.trades.hybrid_result import (
 )
 from k2_resources.trades.iceberg_read import DEFAULT_READ_PATH, RowFilter, SnapshotReader, load_for_read
 from k2_resources.trades.kafka_tail import KafkaTail
+from k2_resources.trades.subscribe import Subscription, SubscriptionSource
 
 __all__ = [
     "HybridQueryResource",
@@ -413,6 +414,29 @@ class HybridQueryResource(ConfigurableResource):
         frames.append(tail.read(topic, ranges, stats.kafka, predicate=row_filter.polars()))
         frames.append(filter_rows(pending_rows(self.kafka, stats.pending.get(topic, []), row_filter), row_filter))
         return frames
+
+    def subscribe(
+        self,
+        symbols: str | Sequence[str] | None = None,
+        start: datetime | None = None,
+        exchange: str | None = None,
+        cursor: str | None = None,
+        as_: Literal["arrow", "polars"] = "polars",
+        batch_rows: int = 10_000,
+        idle_timeout_s: float | None = None,
+    ) -> Subscription:
+        """Trades from ``start`` on: the history from the pinned Iceberg snapshot, then live from Kafka
+        at the offsets that snapshot committed, each trade once (see :mod:`k2_resources.trades.subscribe`).
+
+        Iterate it for polars DataFrames (``as_="arrow"``: Arrow tables); ``.cursor`` after a batch
+        resumes exactly after it (``subscribe(cursor=...)``, the filters travel in the cursor).
+        Iteration waits for new trades for ever unless ``idle_timeout_s`` is given.
+        """
+        source = SubscriptionSource(
+            self.iceberg, self.kafka, self.kafka_tail(), self._snapshot_reader(), list(self.topics),
+            dict(self.topic_exchanges), self.producer_clock_slack_seconds,
+        )  # fmt: skip
+        return Subscription(source, symbols, start, exchange, cursor, as_, batch_rows, idle_timeout_s=idle_timeout_s)
 
     # ---------------------------------------------------------------------------------------
     # Quotes
