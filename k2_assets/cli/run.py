@@ -152,8 +152,9 @@ def _run(args: argparse.Namespace) -> int:
     # A busy two-core machine can take over Dagster's default 60 s to load the code in a new run.
     env.setdefault("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")
     # The stream sensor runs one long-running follower (commits every second) instead of a run per
-    # range: launching a run costs seconds, so runs per range left trades far behind the table.
-    env.setdefault("K2_STREAM_FOLLOW_SECONDS", "600")
+    # range: launching a run costs seconds, so runs per range left trades far behind the table. An
+    # hour per run: each run ends in a materialisation (k2_resources/sink/follow.py K2_RUN_FOLLOW_SECONDS).
+    env.setdefault("K2_STREAM_FOLLOW_SECONDS", "3600")
     broker = _kafka(env)
     logs = k2_home() / "logs"
     logs.mkdir(exist_ok=True)
