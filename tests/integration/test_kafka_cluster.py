@@ -7,7 +7,8 @@ in Kafka: where the streamer's end-of-stream flush and close wait on the failove
 k2_resources/platform/failover.py), the cluster fences it and leads its partitions elsewhere, the
 stream goes on (or ends) with two brokers (min.insync.replicas=2), nothing is left in the
 streamer's spool, and the broker is started again. The real stream sensor
-then drives micro-batches into Iceberg until the lag is zero: every trade is there exactly once.
+then sinks the topic until the lag is zero, in both sink modes (the deployed follower, and a run per
+range, each into a lake of its own): every trade is there exactly once.
 """
 
 from __future__ import annotations
@@ -16,23 +17,20 @@ import threading
 import time
 
 import pytest
-from dagster import DagsterInstance
 
 from k2_assets.cli.cluster_demo import KillPoint
 from k2_resources.binance.recording_server import RecordedTrade, RecordingServerThread, Tape
 from k2_resources.binance.streamer import stream_to_kafka
-from k2_resources.catalog.resource import IcebergResource
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import dead_letter_topic
 from k2_resources.platform.failover import CLOSE_TIMEOUT_S, FAILOVER_BOUND_MS
 from k2_resources.sink.offsets import committed_offsets
-from k2_sensors.binance.driver import drive
 from tests.support.kafka_cluster import partition_replicas, topic_settings
 from tests.support.recorded import recorded_trades_in_time_order
-from tests.support.stream import stream_defs
+from tests.support.stream import drain_in_each_mode
 from tests.support.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PER_SYMBOL = 1_500  # BTCUSDT and ETHUSDT: 3,000 trades
 PLAYBACK_S = 40.0  # how long the server takes to play them: the last tenth is ~4 s, time to kill in it
@@ -56,13 +54,13 @@ def recorded_tape() -> list[RecordedTrade]:
 
 @pytest.mark.parametrize("kill_at", [0.1, 0.5, 0.92], ids=["early", "mid_stream", "stream_end"])
 def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
-    k2_home, kafka_cluster, topic_name, monkeypatch, kill_at
+    k2_home, kafka_cluster, topic_name, monkeypatch, tmp_path, kill_at
 ):
     for name, value in kafka_cluster.env().items():  # the bootstrap, and the security settings of a secured cluster
         monkeypatch.setenv(name, value)
     # On the secured cluster the sink's principal may read trade topics only (market.trades.*, its ACL).
     topic_name = f"market.trades.{topic_name}"
-    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka = KafkaResource()
     servers = kafka_cluster.bootstrap_servers
     tape = recorded_tape()
 
@@ -155,15 +153,13 @@ def test_broker_killed_mid_stream_loses_nothing_and_duplicates_nothing(
         what=f"broker {victim} back in every partition's in-sync replicas",
     )
 
-    with DagsterInstance.ephemeral() as instance:
-        report = drive(instance, stream_defs(topic_name, max_batch=1_000), until=lambda r: r.lag == 0, timeout_s=300)
-    assert report.failed_runs == 0
-    assert report.lag == 0 and report.last_checks["consumer_lag"]["passed"] is True
-
-    rows = iceberg.trades().scan(selected_fields=("trade_id", "symbol", "source_sequence")).to_arrow().to_pylist()
-    trade_ids = [row["trade_id"] for row in rows]
-    assert len(trade_ids) == len(set(trade_ids)) == len(tape)
-    assert {(row["symbol"], row["source_sequence"]) for row in rows} == {(t.symbol, t.trade_id) for t in tape}
-    # Keyed by symbol: BTCUSDT and ETHUSDT fill two partitions, the third stays empty (nothing to commit).
-    written = {partition: end for partition, end in kafka.end_offsets(topic_name).items() if end}
-    assert committed_offsets(iceberg.trades(), topic_name) == written
+    # The topic the kill left, sunk in both sink modes (the deployed follower, and a run per range).
+    for sink_mode, iceberg, report in drain_in_each_mode(topic_name, tmp_path, monkeypatch):
+        assert report.failed_runs == 0, sink_mode
+        assert report.lag == 0 and report.last_checks["consumer_lag"]["passed"] is True, sink_mode
+        rows = iceberg.trades().scan(selected_fields=("trade_id", "symbol", "source_sequence")).to_arrow().to_pylist()
+        trade_ids = [row["trade_id"] for row in rows]
+        assert len(trade_ids) == len(set(trade_ids)) == len(tape), sink_mode
+        assert {(row["symbol"], row["source_sequence"]) for row in rows} == {(t.symbol, t.trade_id) for t in tape}
+        written = {partition: end for partition, end in kafka.end_offsets(topic_name).items() if end}
+        assert committed_offsets(iceberg.trades(), topic_name) == written, sink_mode

@@ -6,6 +6,7 @@ each reconnect and repeats frames now and then: the restarted streamer reads the
 duplicate check, so every (symbol, trade id) the server sent is in market.trades once. With ``resume_overlap=0`` the
 server resends nothing, as live Binance: the trades the killed process had received but not handed to Kafka are
 fetched from the server's REST history by the gap fill (issue 25), so again every trade is there exactly once.
+The topic the crashes leave is sunk in both sink modes, the deployed follower and a run per range.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import time
 from collections import Counter
 
 import pytest
-from dagster import DagsterInstance
 
 from k2_resources.binance.gap_ledger import GapLedger
 from k2_resources.binance.recording_server import RecordingServerThread
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.kafka.resource import KafkaResource
-from k2_sensors.binance.driver import drive
-from tests.support.stream import stream_defs
+from k2_resources.sink.offsets import committed_offsets
+from tests.support.stream import drain_in_each_mode
 from tests.support.streamer_runs import kill_at, start_streamer, streamer_env, tape_2024
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -42,9 +42,9 @@ def _table_rows(iceberg: IcebergResource) -> list[dict]:
 
 @pytest.mark.parametrize("resend", [RESEND, 0], ids=["feed-resends", "feed-resends-nothing"])
 def test_sigkilled_streamer_restarts_and_every_trade_lands_in_iceberg_exactly_once(
-    k2_home, kafka_broker, topic_name, tmp_path, resend
+    k2_home, kafka_broker, topic_name, tmp_path, resend, monkeypatch
 ):
-    kafka, iceberg = KafkaResource(), IcebergResource()
+    kafka = KafkaResource()
     kafka.ensure_topic(topic_name, partitions=3)
     env = streamer_env(k2_home, kafka_broker.bootstrap_servers, K2_GAP_FILL_TIMEOUT_S="120")
     kill_points = sorted(random.Random(SEED).sample(range(TRADES // 10, TRADES * 9 // 10), KILLS))
@@ -86,19 +86,23 @@ def test_sigkilled_streamer_restarts_and_every_trade_lands_in_iceberg_exactly_on
         assert (ledger.unfilled_gaps, ledger.open_gaps) == (0, 0), (ledger, output)
         assert rest.violations == 0 and rest.by_status[200] >= ledger.filled_gaps
 
-    with DagsterInstance.ephemeral() as instance:
-        report = drive(instance, stream_defs(topic_name, max_batch=1_000), until=lambda r: r.lag == 0, timeout_s=600)
-        assert report.failed_runs == 0
-
-    rows = _table_rows(iceberg)
-    twice = [message_id for message_id, count in Counter(row["message_id"] for row in rows).items() if count > 1]
-    assert not twice, f"{len(twice)} message_ids are in market.trades more than once, e.g. {twice[:3]}"
-    in_table = {(row["symbol"], row["source_sequence"]) for row in rows}
-    assert in_table == {(symbol, trade_id) for symbol, ids in sent.trade_ids.items() for trade_id in ids}
-    assert len(rows) == TRADES
-    backfilled = [r for r in rows if dict(r["vendor_data"] or {}).get("backfilled") == "true"]
-    if not resend:  # filled ids also count trades a refill found already there (duplicates)
-        assert 1 <= len(backfilled) <= ledger.filled_ids
+    # The topic the crashes left, sunk in both sink modes (a follower, and a run per range).
+    for sink_mode, iceberg, report in drain_in_each_mode(topic_name, tmp_path, monkeypatch):
+        assert report.failed_runs == 0, sink_mode
+        rows = _table_rows(iceberg)
+        twice = [message_id for message_id, count in Counter(row["message_id"] for row in rows).items() if count > 1]
+        assert not twice, f"{sink_mode}: {len(twice)} message_ids are in market.trades twice or more: {twice[:3]}"
+        in_table = {(row["symbol"], row["source_sequence"]) for row in rows}
+        sent_ids = {(symbol, trade_id) for symbol, ids in sent.trade_ids.items() for trade_id in ids}
+        committed = committed_offsets(iceberg.trades(), topic_name)
+        assert in_table == sent_ids, (
+            f"{sink_mode}: {len(sent_ids - in_table)} sent trades missing, {len(in_table - sent_ids)} never sent; "
+            f"{len(rows)} rows; committed offsets {committed}, topic end {kafka.end_offsets(topic_name)}"
+        )
+        assert len(rows) == TRADES, sink_mode
+        backfilled = [r for r in rows if dict(r["vendor_data"] or {}).get("backfilled") == "true"]
+        if not resend:  # filled ids also count trades a refill found already there (duplicates)
+            assert 1 <= len(backfilled) <= ledger.filled_ids
     print(
         f"resend={resend}: {TRADES} trades, kills after {kills}, gaps filled {ledger.filled_gaps} "
         f"({ledger.filled_ids} ids, {len(backfilled)} backfilled rows), REST {dict(rest.by_status)}, "

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions, SensorResult
 
 from k2_assets.binance import defs as binance_defs
 from k2_assets.resources import build_resources
+from k2_resources.catalog.resource import IcebergResource
 from k2_resources.degradation.resource import RESOURCE_KEY as DEGRADATION_KEY
 from k2_resources.degradation.resource import DegradationResource
 from k2_resources.sink.resource import TradeSinkResource
-from k2_sensors.binance.driver import execute_requests
+from k2_sensors.binance.driver import drive, execute_requests
 
 FOLLOWER = "follower"
 PER_RANGE = "per_range"
@@ -131,3 +133,20 @@ def execute_in_background(instance: DagsterInstance, defs: Definitions, result: 
     thread = threading.Thread(target=work, name="sink-runs", daemon=True)
     thread.start()
     return Background(thread, outcome)
+
+
+def drain_in_each_mode(topic: str, lakes: Path, monkeypatch: pytest.MonkeyPatch, max_batch: int = 1_000):
+    """Sink ``topic`` to lag 0 once per sink mode, each into a lake of its own under ``lakes``; yields
+    (sink_mode, the lake's IcebergResource, the drive's report).
+
+    For faults on the producer side (a streamer or broker killed): the topic they left is the
+    fault's outcome, and sinking it again in the other mode costs seconds, where streaming it again
+    would double the test."""
+    for sink_mode in SINK_MODES:
+        lake = lakes / f"lake-{sink_mode}"
+        lake.mkdir(parents=True)
+        monkeypatch.setenv("K2_HOME", str(lake))
+        with DagsterInstance.ephemeral() as instance:
+            defs = stream_defs(topic, max_batch=max_batch, sink_mode=sink_mode)
+            report = drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=600)
+        yield sink_mode, IcebergResource(), report
