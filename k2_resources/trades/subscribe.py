@@ -24,8 +24,8 @@ Kafka offsets and outlives nothing more than Kafka's retention.
 
 Live reads go through the resource's :class:`~k2_resources.trades.kafka_tail.KafkaTail`: the
 subscriptions of one process (the API's fifty clients) share its decoded cache, so a new
-message is fetched and decoded once, and they share one log-end look-up per
-``poll_interval_s / 2`` (:class:`_LogEnds`).
+message is fetched and decoded once; they share one thread following the log ends, and
+subscribers at the same position with the same filters share each live batch (:class:`_LogEnds`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, TypeAlias
@@ -71,23 +71,73 @@ class SubscriptionSource:
 
 
 class _LogEnds:
-    """The log-end offsets of a topic, asked of the broker at most once per ``ttl_s`` for every
-    subscription sharing one tail (fifty subscribers polling make one request, not fifty)."""
+    """What the subscriptions sharing one tail share: the topics' log ends, refreshed every
+    ``interval_s`` by one thread while someone follows them (fifty subscribers polling make one
+    broker request, not fifty, and one that is up to date asks nothing at all), and the last live
+    batches by (ranges, filter), so subscribers at the same position with the same filters get the
+    same frame: read, filtered and sorted once."""
+
+    IDLE_S = 5.0  # the refresher stops this long after the last subscriber looked
+    BATCHES = 64
 
     def __init__(self, tail: KafkaTail) -> None:
         self.tail = tail
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, dict[int, int]]] = {}
+        self._following: dict[str, tuple[list[int], float]] = {}  # topic -> (partitions, last looked)
+        self._refresher: threading.Thread | None = None
+        self._interval_s = 0.025
+        self._batches: dict[tuple, pl.DataFrame] = {}
 
     def get(self, topic: str, partitions: list[int], ttl_s: float) -> dict[int, int]:
+        """The log ends, at most ``ttl_s`` old (asked of the broker when older)."""
         with self._lock:
-            now = time.monotonic()
             seen = self._seen.get(topic)
-            if seen is not None and now - seen[0] < ttl_s and set(partitions) <= set(seen[1]):
+            if seen is not None and time.monotonic() - seen[0] < ttl_s and set(partitions) <= set(seen[1]):
                 return seen[1]
-            ends = self.tail.end_offsets(topic, partitions)
+        ends = self.tail.end_offsets(topic, partitions)
+        with self._lock:
             self._seen[topic] = (time.monotonic(), ends)
-            return ends
+        return ends
+
+    def latest(self, topic: str, partitions: list[int], interval_s: float) -> dict[int, int] | None:
+        """The last log ends seen (no I/O; None: none yet); keeps the refresher following ``topic``."""
+        with self._lock:
+            self._following[topic] = (partitions, time.monotonic())
+            self._interval_s = min(self._interval_s, interval_s)
+            if self._refresher is None or not self._refresher.is_alive():
+                self._refresher = threading.Thread(target=self._refresh, name="k2-subscribe-log-ends", daemon=True)
+                self._refresher.start()
+            seen = self._seen.get(topic)
+            return seen[1] if seen is not None else None
+
+    def _refresh(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                wanted = {t: parts for t, (parts, looked) in self._following.items() if now - looked < self.IDLE_S}
+                if not wanted:
+                    self._refresher = None
+                    return
+            for topic, partitions in wanted.items():
+                try:
+                    self.get(topic, partitions, ttl_s=0.0)
+                except K2Error:
+                    pass  # a subscriber's own poll reports it
+            time.sleep(self._interval_s)  # the next look at the log ends
+
+    def batch(self, key: tuple, read: Callable[[], pl.DataFrame]) -> pl.DataFrame:
+        """The live batch of ``key`` (ranges and filter), read once for every subscriber asking for it."""
+        with self._lock:
+            found = self._batches.get(key)
+        if found is not None:
+            return found
+        frame = read()
+        with self._lock:
+            if len(self._batches) >= self.BATCHES:
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[key] = frame
+        return frame
 
 
 _LOG_ENDS: weakref.WeakKeyDictionary[KafkaTail, _LogEnds] = weakref.WeakKeyDictionary()
@@ -265,37 +315,56 @@ class Subscription:
             )
         return self._out(batch) if batch.height else None
 
+    def has_news(self) -> bool:
+        """False when the last log ends seen hold nothing past the position (no I/O): :meth:`poll`
+        would return None. True in the history phase, or when it may return a batch."""
+        position = self._cursor
+        if position is None or position.phase == HISTORY:
+            return True
+        shared = _log_ends(self.source.tail)
+        for topic, parts in position.offsets.items():
+            ends = shared.latest(topic, sorted(parts), self.poll_interval_s / 2)
+            if ends is None or any(ends.get(p, start) > start for p, start in parts.items()):
+                return True
+        return False
+
     def _next_live(self, position: StreamCursor) -> Batch | None:
         """Every message above the position in each topic, filtered; the position moves to the log ends."""
         offsets = {topic: dict(parts) for topic, parts in position.offsets.items()}
-        frames: list[pl.DataFrame] = []
-        tail = self.source.tail
-        ends_cache = _log_ends(tail)
+        shared = _log_ends(self.source.tail)
+        ranges: dict[str, dict[int, tuple[int, int]]] = {}
         for topic, parts in offsets.items():
             if not parts:
                 continue
-            ends = ends_cache.get(topic, sorted(parts), ttl_s=self.poll_interval_s / 2)
+            ends = shared.get(topic, sorted(parts), ttl_s=self.poll_interval_s / 2)
             # At most max_batch_messages a partition per batch: a subscriber far behind catches up in steps.
-            ranges = {
+            ranges[topic] = {
                 p: (start, min(ends[p], start + self.max_batch_messages))
                 for p, start in parts.items()
                 if ends.get(p, start) > start
             }
-            if not ranges:
-                continue
-            frames.append(tail.read(topic, ranges, predicate=self.row_filter.polars()))
-            for p, (_, end) in ranges.items():
+            for p, (_, end) in ranges[topic].items():
                 parts[p] = end
         if offsets == position.offsets:
             return None
+        key = (tuple(sorted((t, p, r) for t, rs in ranges.items() for p, r in rs.items())), self.row_filter)
+        batch = shared.batch(key, lambda: self._read_live(ranges))
         self._cursor = StreamCursor(LIVE, position.symbols, position.exchange, position.start_us, offsets)
+        return self._out(batch) if batch.height else None  # no rows: messages of other symbols
+
+    def _read_live(self, ranges: dict[str, dict[int, tuple[int, int]]]) -> pl.DataFrame:
+        frames = [
+            self.source.tail.read(topic, parts, predicate=self.row_filter.polars())
+            for topic, parts in ranges.items()
+            if parts
+        ]
         rows = [frame for frame in frames if frame.height]
         if not rows:
-            return None  # messages of other symbols: the position moved, nothing to deliver
+            return as_frame(TRADES.arrow_schema().empty_table())
         batch = pl.concat(rows, how="vertical_relaxed") if len(rows) > 1 else rows[0]
         if batch["message_id"].n_unique() != batch.height:
             batch = batch.filter(pl.col("message_id").is_first_distinct())
-        return self._out(batch.sort(["timestamp", "platform_sequence"], maintain_order=True))
+        return batch.sort(["timestamp", "platform_sequence"], maintain_order=True)
 
     def _out(self, batch: pl.DataFrame) -> Batch:
         return to_trades_arrow(batch) if self.as_ == "arrow" else batch

@@ -121,20 +121,36 @@ async def _watch_disconnect(websocket: WebSocket, gone: asyncio.Event) -> None:
     gone.set()
 
 
+_ENCODED: dict[int, tuple[pl.DataFrame, str]] = {}  # id(frame) -> (frame, its JSON rows); the frame keeps its id
+
+
+def _json_rows(frame: pl.DataFrame) -> str:
+    """``frame``'s rows as JSON, encoded once for every subscriber given the same (shared) live batch."""
+    found = _ENCODED.get(id(frame))
+    if found is not None and found[0] is frame:
+        return found[1]
+    encoded = frame.write_json()
+    if len(_ENCODED) >= 64:
+        _ENCODED.pop(next(iter(_ENCODED)))
+    _ENCODED[id(frame)] = (frame, encoded)
+    return encoded
+
+
 async def _pump(websocket: WebSocket, subscription: Subscription, gone: asyncio.Event) -> None:
     """Send batches as they come, the phase change once, a heartbeat when quiet; until the client goes."""
     announced_live = False
     quiet_since = time.monotonic()
     while not gone.is_set():
         try:
-            batch = await run_in_threadpool(subscription.poll)
+            # Up to date: no thread hop, no I/O (a thread follows the log ends for every subscription).
+            batch = await run_in_threadpool(subscription.poll) if subscription.has_news() else None
         except KafkaUnavailableError as error:
             raise _Refusal(503, f"{error}; reconnect later with the last cursor you received") from None
         except CursorError as error:
             raise _Refusal(400, str(error)) from None
         phase = subscription.phase
         if batch is not None:
-            data = cast(pl.DataFrame, batch).write_json()  # the subscription yields polars (as_="polars")
+            data = _json_rows(cast(pl.DataFrame, batch))  # the subscription yields polars (as_="polars")
             head = json.dumps({"type": "trades", "phase": phase, "count": len(batch), "cursor": subscription.cursor})
             await websocket.send_text(head[:-1] + ',"data":' + data + "}")
             quiet_since = time.monotonic()
