@@ -89,3 +89,35 @@ def test_an_idle_follower_reports_nothing():
         report.add(commit(0, 0, 10, snapshot=1, already=True))
         clock.now += 2
     assert emitted == [] and report.close() == {}
+
+
+def test_the_readers_of_the_windows_see_every_row_commit_and_partition_gap():
+    """The sequence-gap check's reader and `k2 metrics` on a real (in-memory) Dagster instance."""
+    from dagster import AssetMaterialization, DagsterInstance
+
+    from k2_resources.metrics import REGISTRY
+    from k2_resources.operations.exporter import MetricsPoller
+    from k2_sensors.binance.observe import BINANCE_TRADES, latest_batch_gaps
+
+    clock, emitted = Clock(), []
+    report = FollowReport("t", "NORMAL", 60, emitted.append, clock=clock)
+    report.add(commit(0, 0, 10, snapshot=1, gaps={"BTCUSDT": 2}))
+    clock.now = 61
+    report.add(commit(1, 0, 30, snapshot=2))  # closes the first window: both commits
+    report.add(commit(0, 10, 15, snapshot=3, gaps={"ETHUSDT": 1}))
+    emitted.append(report.close())
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    rows_before, commits_before = sample("k2_microbatch_messages_total"), sample("k2_iceberg_commit_seconds_count")
+    with DagsterInstance.ephemeral() as instance:
+        for metadata in emitted:
+            instance.report_runless_asset_event(AssetMaterialization(asset_key=BINANCE_TRADES, metadata=metadata))
+        assert latest_batch_gaps(instance, "t") == {
+            0: {"range": "10-15", "gaps": {"ETHUSDT": 1}},  # the newest window's, per partition
+            1: {"range": "0-30", "gaps": {}},
+        }
+        MetricsPoller(topic="t", instance=instance)._dagster()
+    assert sample("k2_microbatch_messages_total") - rows_before == 45  # each row once
+    assert sample("k2_iceberg_commit_seconds_count") - commits_before == 3  # each commit once
