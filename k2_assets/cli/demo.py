@@ -99,6 +99,8 @@ def _run_cluster(home: Path, args: argparse.Namespace) -> int:
         and summary["spark_trades"] in (None, summary["source_trades"])
         and summary["spark_ohlcv_equal"] is not False
         and (summary["kafka_security"] == "PLAINTEXT" or summary["unauthorized_produce_refused"])
+        and bool(summary["checks"])
+        and set(summary["checks"].values()) == {"PASSED"}  # a failed asset check fails the demo too
     )
     return 0 if ok else 1
 
