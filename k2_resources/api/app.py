@@ -36,7 +36,6 @@ from k2_resources.api.middleware import MetricsMiddleware
 from k2_resources.api.routers import bench, operations, reference
 from k2_resources.api.routers.bars import bars_router
 from k2_resources.api.routers.stream import router as stream_router
-from k2_resources.api.routers.stream import router as stream_router
 from k2_resources.api.routers.trades import trades_router
 from k2_resources.api.services import Services
 from k2_resources.api.settings import DEFAULT_API_PORT, ApiSettings
@@ -95,7 +94,6 @@ def create_app(
     app.add_middleware(MetricsMiddleware, audit=audit)
     install_error_handlers(app)
     app.include_router(trades_router(settings))
-    app.include_router(stream_router)
     app.include_router(stream_router)
     app.include_router(bars_router(settings))
     app.include_router(reference.router)

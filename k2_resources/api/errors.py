@@ -42,3 +42,11 @@ class ApiError(K2Error):
 
 class TokenSettingsError(K2Error):
     """Bearer-token settings (K2_API_JWT_*) or the JWKS they name are unusable; the API does not start."""
+
+
+class StreamRefusal(K2Error):
+    """Ends a trade subscription with an error message and a close code (4000 + the HTTP status)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail

@@ -40,7 +40,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from k2_resources.api.auth import require
-from k2_resources.api.errors import ApiError, ParameterError
+from k2_resources.api.errors import ApiError, ParameterError, StreamRefusal
 from k2_resources.api.keys import READ_TRADES
 from k2_resources.api.params import parse_exchange, parse_symbols, parse_time
 from k2_resources.api.services import services_of
@@ -54,14 +54,6 @@ POLL_INTERVAL_S = 0.05
 HISTORY_ROWS_PER_MESSAGE = 1_000
 
 router = APIRouter(tags=["trades"])
-
-
-class _Refusal(Exception):
-    """Ends a stream with an error message and a close code (4000 + the HTTP status)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
 
 
 async def _credential(websocket: WebSocket) -> tuple[str | None, str | None]:
@@ -93,7 +85,7 @@ async def _admit(websocket: WebSocket) -> None:
         if inspect.isawaitable(checked):
             await checked
     except ApiError as error:
-        raise _Refusal(error.status, error.detail) from None
+        raise StreamRefusal(error.status, error.detail) from None
 
 
 def _subscription(websocket: WebSocket) -> Subscription:
@@ -108,7 +100,7 @@ def _subscription(websocket: WebSocket) -> Subscription:
             batch_rows=HISTORY_ROWS_PER_MESSAGE,
         )
     except (ParameterError, CursorError) as error:
-        raise _Refusal(400, str(error)) from None
+        raise StreamRefusal(400, str(error)) from None
 
 
 async def _watch_disconnect(websocket: WebSocket, gone: asyncio.Event) -> None:
@@ -145,9 +137,9 @@ async def _pump(websocket: WebSocket, subscription: Subscription, gone: asyncio.
             # Up to date: no thread hop, no I/O (a thread follows the log ends for every subscription).
             batch = await run_in_threadpool(subscription.poll) if subscription.has_news() else None
         except KafkaUnavailableError as error:
-            raise _Refusal(503, f"{error}; reconnect later with the last cursor you received") from None
+            raise StreamRefusal(503, f"{error}; reconnect later with the last cursor you received") from None
         except CursorError as error:
-            raise _Refusal(400, str(error)) from None
+            raise StreamRefusal(400, str(error)) from None
         phase = subscription.phase
         if batch is not None:
             data = _json_rows(cast(pl.DataFrame, batch))  # the subscription yields polars (as_="polars")
@@ -165,7 +157,7 @@ async def _pump(websocket: WebSocket, subscription: Subscription, gone: asyncio.
             await asyncio.wait_for(gone.wait(), POLL_INTERVAL_S)
 
 
-async def _close_with(websocket: WebSocket, refusal: _Refusal) -> None:
+async def _close_with(websocket: WebSocket, refusal: StreamRefusal) -> None:
     if websocket.client_state != WebSocketState.CONNECTED:
         return
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
@@ -186,10 +178,10 @@ async def trades_stream(websocket: WebSocket) -> None:
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(websocket, gone))
         await _pump(websocket, subscription, gone)
-    except _Refusal as refusal:
+    except StreamRefusal as refusal:
         await _close_with(websocket, refusal)
     except K2Error as error:  # before RuntimeError: a K2Error is one
-        await _close_with(websocket, _Refusal(503, str(error)))
+        await _close_with(websocket, StreamRefusal(503, str(error)))
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-send
     finally:
