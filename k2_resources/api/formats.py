@@ -102,10 +102,18 @@ def render(rows: pl.DataFrame | pa.Table, media_type: str, envelope: dict[str, A
     )  # a Table gives a DataFrame
     if media_type == CSV:
         return _csv_ready(frame).write_csv(datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ").encode()
-    # polars writes decimals as strings and maps as objects; the envelope is put around its array.
-    data = frame.write_json() if frame.height else "[]"
-    head = {"count": frame.height, **(envelope or {})}
-    return ('{"data":' + data + "," + json.dumps(head, default=str)[1:]).encode()
+    return json_envelope(json_rows(frame), frame.height, envelope)
+
+
+def json_rows(frame: pl.DataFrame) -> bytes:
+    """The rows as one JSON array (polars writes decimals as strings and maps as objects)."""
+    return frame.write_json().encode() if frame.height else b"[]"
+
+
+def json_envelope(rows: bytes, count: int, envelope: dict[str, Any] | None = None) -> bytes:
+    """A JSON body: the rows' array under ``data``, then ``count`` and the envelope's keys."""
+    head = {"count": count, **(envelope or {})}
+    return b'{"data":' + rows + b"," + json.dumps(head, default=str)[1:].encode()
 
 
 # ---------------------------------------------------------------------------------------------

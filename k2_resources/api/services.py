@@ -12,6 +12,7 @@ from k2_resources.api.audit import AuditLog
 from k2_resources.api.health import HealthProbe
 from k2_resources.api.keys import KeyStore
 from k2_resources.api.limits import TokenBucketLimiter
+from k2_resources.api.pages import PageCache
 from k2_resources.api.settings import ApiSettings
 from k2_resources.api.summary import SymbolSummary
 from k2_resources.api.tokens import TokenSettings, TokenVerifier
@@ -39,6 +40,7 @@ class Services:
         self.hybrid = hybrid
         # Trades reads of the routes: the hybrid's answers, from the caches of a long-lived process.
         self.serving = ServingReader(hybrid, int(settings.cache_megabytes * 1024 * 1024))
+        self.pages = PageCache()  # rendered /v1/trades pages by data version
         self.symbol_summary = SymbolSummary(self.serving.snapshot_reader())
         self.iceberg: IcebergResource = hybrid.iceberg
         self.keys = keys

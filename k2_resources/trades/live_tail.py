@@ -52,6 +52,7 @@ from k2_resources.trades.hybrid_result import (
 )
 from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader, load_for_read, object_store_options
 from k2_resources.trades.kafka_tail import KafkaTail
+from k2_resources.trades.serving_cache import ManifestPlans, SnapshotRows, micros_of
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,15 @@ class SharedEndOffsets:
         return lookup.ends
 
 
+@dataclass(frozen=True)
+class ServedResult(HybridResult):
+    """A hybrid result with the identity of everything it was read from (None: not known): the
+    planned data files and the Kafka offset ranges. Two reads of one query with the same version
+    have the same rows, so an answer rendered from one serves the other."""
+
+    version: tuple | None = None
+
+
 class ServingReader:
     """:meth:`HybridQueryResource.read_trades` for a long-lived process, with the caches of the module doc."""
 
@@ -203,6 +213,10 @@ class ServingReader:
         self.hybrid = hybrid
         self.tables = TableCache(hybrid)
         self.files = FileRows(memory_budget_bytes)
+        self.plans = ManifestPlans()
+        self.snapshots = SnapshotRows()
+        self._empties: dict[tuple, pl.DataFrame] = {}
+        self._newest: dict[str, datetime] = {}  # per topic: the newest committed trade seen (never decreases)
         self._ends: SharedEndOffsets | None = None
         self._partitions: dict[str, tuple[float, list[int]]] = {}
         self._lock = threading.Lock()
@@ -223,8 +237,11 @@ class ServingReader:
         exchange: str | None = None,
         as_of: int | datetime | None = None,
         allow_partial: bool = False,
+        head: int | None = None,
     ) -> HybridResult:
-        """The rows and statistics of ``hybrid.read_trades`` with the same arguments."""
+        """The rows and statistics of ``hybrid.read_trades`` with the same arguments; with ``head``, only
+        (at least) the first ``head`` rows in (timestamp, message_id) order are certain to be there
+        (each part is cut at ``head`` before the merge: a page needs no more)."""
         if as_of is not None:
             return self.hybrid.read_trades(symbols, start, end, exchange, as_of, allow_partial)
         row_filter = RowFilter(chosen_symbols(symbols), utc(start, "start"), utc(end, "end"), exchange)
@@ -240,27 +257,74 @@ class ServingReader:
         stats.pending = {topic: pending_ranges(table, topic) for topic in self.hybrid.topics}
         if any(stats.pending.values()):  # load-shed ranges: rare, read the way the hybrid does
             return self.hybrid.read_trades(symbols, start, end, exchange, None, allow_partial)
-        iceberg_part = self._iceberg_part(table, row_filter, stats)
-        if iceberg_part is None:  # delete files: pyiceberg's reader applies them
+        planned = self._iceberg_part(table, row_filter, stats, head)
+        if planned is None:  # delete files: pyiceberg's reader applies them
             return self.hybrid.read_trades(symbols, start, end, exchange, None, allow_partial)
+        iceberg_part, files = planned
         kafka_part = self._kafka_part(table, row_filter, stats, allow_partial)
+        if head is not None and kafka_part.height > head:
+            kafka_part = kafka_part.sort(["timestamp", "message_id"]).head(head)
         stats.iceberg_rows, stats.kafka_rows = iceberg_part.height, kafka_part.height
-        return HybridResult(merge_trades([iceberg_part, kafka_part], stats), stats)
+        version = (files, tuple(sorted(stats.kafka.ranges.items())), tuple(sorted(stats.missing.items())))
+        return ServedResult(merge_trades([iceberg_part, kafka_part], stats), stats, version)
 
-    def _iceberg_part(self, table: Table, row_filter: RowFilter, stats: QueryStats) -> pl.DataFrame | None:
+    def _iceberg_part(
+        self, table: Table, row_filter: RowFilter, stats: QueryStats, head: int | None
+    ) -> tuple[pl.DataFrame, tuple[str, ...]] | None:
+        """The Iceberg part and the files it was read from; None when delete files apply."""
         stats.iceberg.path = "serving"
-        empty = as_frame(table.schema().as_arrow().empty_table())
+        empty = self._empty(table)
         if stats.snapshot_id is None:
-            return empty
-        files = self.snapshot_reader().planned_files(
-            table, stats.snapshot_id, planning_filter(row_filter), stats.iceberg
-        )
+            return empty, ()
+        widened = planning_filter(row_filter)
+        files = self.plans.files(table, stats.snapshot_id, widened)
         if files is None:
             return None
-        frames = [frame for frame in (self.files.window(table, f, row_filter) for f in files) if frame.height]
-        frame = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else (frames[0] if frames else empty)
+        stats.iceberg.files_planned = len(files)
+        key = (table.metadata.table_uuid, widened)
+        rows = self.snapshots.rows(
+            key, stats.snapshot_id, files, lambda path: self.files.rows(table, path, row_filter).rows, empty
+        )
+        frame = rows.window(micros_of(row_filter.start), micros_of(row_filter.end), head)
         stats.iceberg.rows = frame.height
-        return frame
+        return frame, files
+
+    def _empty(self, table: Table) -> pl.DataFrame:
+        """No rows, in the table's schema (kept per schema: converting it costs milliseconds)."""
+        key = (table.metadata.table_uuid, table.metadata.current_schema_id)
+        empty = self._empties.get(key)
+        if empty is None:
+            empty = self._empties[key] = as_frame(table.schema().as_arrow().empty_table())
+        return empty
+
+    def _skip_reason(
+        self, table: Table, snapshot_id: int | None, topic: str, row_filter: RowFilter, committed: dict[int, int]
+    ) -> str | None:
+        """The hybrid's tail_skip_reason, without working out the newest committed trade again for each
+        snapshot: it never decreases (appends add newer trades, compaction keeps them), so a window that
+        ended long enough before it once still does."""
+        exchanges = self.hybrid.topic_exchanges.get(topic)
+        lateness = timedelta(seconds=self.hybrid.max_trade_lateness_seconds)
+        newest = self._newest.get(topic)
+        if (
+            exchanges
+            and newest is not None
+            and lateness
+            and committed
+            and row_filter.end is not None
+            and (row_filter.exchange is None or row_filter.exchange in exchanges)
+            and row_filter.end <= newest - lateness
+        ):
+            return (
+                f"the window ends at {row_filter.end.isoformat()}, at least {lateness.total_seconds():g}s "
+                f"before the newest committed {'/'.join(exchanges)} trade ({newest.isoformat()})"
+            )
+        reason = self.hybrid.tail_skip_reason(table, snapshot_id, topic, row_filter, committed, [])
+        if reason is not None and exchanges and snapshot_id is not None and row_filter.exchange in (None, *exchanges):
+            found = self.hybrid.newest_committed_trade(table, snapshot_id, tuple(exchanges))  # cached by the hybrid
+            if found is not None:
+                self._newest[topic] = max(found, self._newest.get(topic, found))
+        return reason
 
     def _shared_ends(self) -> SharedEndOffsets:
         with self._lock:
@@ -282,7 +346,7 @@ class ServingReader:
         frames: list[pl.DataFrame] = []
         for topic in self.hybrid.topics:
             committed = stats.committed.get(topic, {})
-            reason = self.hybrid.tail_skip_reason(table, stats.snapshot_id, topic, row_filter, committed, [])
+            reason = self._skip_reason(table, stats.snapshot_id, topic, row_filter, committed)
             if reason is not None:
                 stats.kafka_skipped[topic] = reason
                 continue

@@ -12,9 +12,11 @@ from pathlib import Path
 import polars as pl
 
 from k2_resources.api.admission import AdmissionMiddleware
+from k2_resources.api.pages import PageCache, Rendered
 from k2_resources.degradation.levels import DegradationLevel
 from k2_resources.trades.iceberg_read import RowFilter
 from k2_resources.trades.live_tail import FileRows, SharedEndOffsets, planning_filter
+from k2_resources.trades.serving_cache import SnapshotRows, micros_of
 
 
 def _scope(path: str, query: bytes = b"") -> dict:
@@ -140,3 +142,44 @@ def test_file_rows_window_equals_the_filter_and_is_cached(tmp_path: Path) -> Non
     path.unlink()  # a second window of the same key comes from memory
     again = rows.window(None, str(path), RowFilter(("A",), None, base + timedelta(seconds=10), "X"))  # type: ignore[arg-type]
     assert again.height == frame.filter((pl.col("symbol") == "A") & (pl.col("timestamp") < window.start)).height
+
+
+def test_snapshot_rows_add_new_files_to_the_previous_snapshot_and_rebuild_otherwise() -> None:
+    base = datetime(2026, 1, 2, tzinfo=UTC)
+
+    def rows(ids: range) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "timestamp": [base + timedelta(seconds=i // 2) for i in ids],
+                "message_id": [f"m{i:03d}" for i in ids],
+            }
+        )
+
+    files = {"a": rows(range(0, 10)), "b": rows(range(10, 20)), "c": rows(range(20, 30))}
+    reads: list[str] = []
+
+    def read(path: str) -> pl.DataFrame:
+        reads.append(path)
+        return files[path]
+
+    snapshots = SnapshotRows()
+    empty = rows(range(0))
+    first = snapshots.rows(("k",), 1, ("a", "b"), read, empty)
+    second = snapshots.rows(("k",), 2, ("a", "b", "c"), read, empty)
+    assert reads == ["a", "b", "c"]  # the second snapshot read only its new file
+    assert second.rows["message_id"].to_list() == [f"m{i:03d}" for i in range(30)]
+    assert snapshots.rows(("k",), 2, ("a", "b", "c"), read, empty) is second
+    compacted = snapshots.rows(("k",), 3, ("c",), read, empty)  # files went away: rebuilt
+    assert compacted.rows.height == 10 and reads[-1] == "c"
+    window = second.window(micros_of(base + timedelta(seconds=3)), micros_of(base + timedelta(seconds=7)))
+    assert window["message_id"].to_list() == [f"m{i:03d}" for i in range(6, 14)]
+    assert second.window(micros_of(base + timedelta(seconds=3)), None, head=3).height == 3
+    assert first.rows.height == 20
+
+
+def test_page_cache_keeps_the_newest_within_its_bytes() -> None:
+    pages = PageCache(max_bytes=40)
+    for number in range(5):
+        pages.put(("q", number), Rendered(b"x" * 10, "application/json", None, 1))
+    assert pages.get(("q", 0)) is None and pages.get(("q", 4)) is not None
+    assert pages.get(None) is None

@@ -27,7 +27,7 @@ from k2_resources.api.params import (
     parse_symbols,
     parse_time,
 )
-from k2_resources.api.responses import PAGED, respond
+from k2_resources.api.responses import PAGED, respond, send
 from k2_resources.api.services import Services, services_of
 from k2_resources.api.settings import ApiSettings
 
@@ -102,10 +102,23 @@ def answer_trades(
         resume = from_micros(after.position[0])
         read_start = resume if read_start is None else max(read_start, resume)
     result = services.serving.read_trades(
-        symbols, read_start, window_end, exchange=chosen_exchange, as_of=pinned_as_of, allow_partial=allow_partial
+        symbols,
+        read_start,
+        window_end,
+        exchange=chosen_exchange,
+        as_of=pinned_as_of,
+        allow_partial=allow_partial,
+        head=None if after is not None else limit + 1,  # a first page needs its rows and one more
     )
+    version = getattr(result, "version", None)  # the identity of the files and offsets read
+    key = None if version is None else (query, cursor, limit, request.headers.get("accept"), version)
+    cached = services.pages.get(key)
+    if cached is not None:
+        return send(request, cached, "/v1/trades")
     page, next_cursor = page_of(result.frame, limit, query, after, {})
-    return respond(request, page, "/v1/trades", next_cursor, missing=dict(result.stats.missing))
+    return respond(
+        request, page, "/v1/trades", next_cursor, missing=dict(result.stats.missing), pages=services.pages, key=key
+    )
 
 
 def answer_recent(
@@ -113,7 +126,8 @@ def answer_recent(
 ) -> Response:
     if "," in symbol:
         raise ParameterError("symbol", "one symbol only here; use /v1/trades for several")
-    serving = services_of(request).serving
+    services = services_of(request)
+    serving = services.serving
     (chosen,) = parse_symbols([symbol])
     given_now = parse_time("now", now)
     query = query_fingerprint("recent", symbol=chosen, minutes=minutes, now=given_now)
@@ -123,14 +137,26 @@ def answer_recent(
     if after is None:
         # Inclusive of ``end``: the window ends one microsecond after it (as read_recent_trades).
         window_end = end + timedelta(microseconds=1)
-        result = serving.read_trades(chosen, end - timedelta(minutes=minutes), window_end, allow_partial=allow_partial)
+        result = serving.read_trades(
+            chosen, end - timedelta(minutes=minutes), window_end, allow_partial=allow_partial, head=limit + 1
+        )
     else:
         resume = max(end - timedelta(minutes=minutes), from_micros(after.position[0]))
         result = serving.read_trades(chosen, resume, end + timedelta(microseconds=1), allow_partial=allow_partial)
     page, next_cursor = page_of(result.frame, limit, query, after, {"now": micros(end)})
     window = {"start": (end - timedelta(minutes=minutes)).isoformat(), "end": end.isoformat()}
+    version = getattr(result, "version", None)
+    # In one data version a page is identified by its first row and its length (rows are in a fixed order).
+    rows_key = None if version is None or not page.height else (version, page["message_id"][0], page.height)
     return respond(
-        request, page, "/v1/trades/recent", next_cursor, {"window": window}, missing=dict(result.stats.missing)
+        request,
+        page,
+        "/v1/trades/recent",
+        next_cursor,
+        {"window": window},
+        missing=dict(result.stats.missing),
+        pages=services.pages,
+        rows_key=rows_key,
     )
 
 
