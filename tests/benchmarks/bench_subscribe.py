@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -219,6 +220,7 @@ def test_subscribe_latency_and_exactness_at_50_subscribers(k2_home, kafka_broker
         K2_API_TOPICS=topic_name,
         K2_API_KEYS_FILE=str(keys.path),
         K2_KAFKA_BOOTSTRAP=kafka_broker.bootstrap_servers,
+        PYTHONFAULTHANDLER="1",
     )
     port = free_port()
     with (tmp_path / "api.log").open("w") as log:
@@ -239,7 +241,11 @@ def test_subscribe_latency_and_exactness_at_50_subscribers(k2_home, kafka_broker
         finally:
             committer.stop.set()
             server.terminate()
-            server.wait(timeout=60)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # stuck: its threads' stacks go to the log (faulthandler)
+                server.send_signal(signal.SIGABRT)
+                server.wait(timeout=30)
         committer.join(timeout=60)
     assert producer.error is None, producer.error
     figures = _figures(subscribers, producer.sent_ms)
