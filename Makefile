@@ -36,7 +36,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test: install lint
-	$(VENV)/bin/pytest -n 2 --dist loadgroup
+	$(VENV)/bin/pytest
 
 # The judge (tests/benchmarks/targets.toml) runs even when a benchmark failed; either failing fails
 # make bench. Result files older than this run count as not run.

@@ -7,32 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from k2_resources.platform.kafka_broker import KafkaBroker, free_port, resolve_classpath
+from k2_resources.platform.kafka_broker import KafkaBroker, free_port
 from tests.support.cluster_services import running_object_store, running_postgres
 from tests.support.kafka_cluster import running_kafka_cluster
 from tests.support.spark import running_spark_lake
-
-# `make test` runs two pytest-xdist workers (--dist loadgroup). Tests that start a whole platform
-# (`k2 run`, `k2 demo`) run one after another on one worker: two at once on two cores would starve
-# each other's daemons. Tests of the session-wide services share one worker, so each service starts once.
-PLATFORM_GROUP, SERVICES_GROUP = "platform", "services"
-SHARED_SERVICES = {"kafka_cluster", "object_store", "postgres_server", "spark_lake"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.parent.name == "e2e":
-            item.add_marker(pytest.mark.xdist_group(PLATFORM_GROUP))
-        elif SHARED_SERVICES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group(SERVICES_GROUP))
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under xdist, the controller resolves the Kafka jars once before the workers start brokers, so
-    two workers never fill Maven's local repository at the same time."""
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        resolve_classpath(Path(str(config.rootpath)) / ".venv" / "kafka-classpath.txt")
 
 
 @pytest.fixture(scope="session")
