@@ -150,6 +150,10 @@ def _follow(
         maintenance.log_pending()
         windows.add(result)
 
+    def pause(seconds: float) -> None:
+        windows.due()  # each cycle, committed or not: a quiet stream's window still closes on time
+        maintenance.pause(seconds)
+
     with maintenance:
         outcome = follow_topic(
             kafka,
@@ -160,7 +164,7 @@ def _follow(
             level=level,
             shedder=degradation.load_shedder(),
             spill_store=degradation.spill_store(),
-            pause=maintenance.pause,
+            pause=pause,
         )
     context.log.info(
         f"following {config.topic} ended ({outcome.reason}) after {outcome.commits} commits, "

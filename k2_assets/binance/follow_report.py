@@ -136,6 +136,11 @@ class FollowReport:
     def add(self, result: BatchResult) -> None:
         if not result.already_committed:
             self._window.add(result)
+        self.due()
+
+    def due(self) -> None:
+        """Emits the open window once ``interval_s`` has passed. The follower calls it every cycle, so
+        when the stream goes quiet its last commits are recorded within a window, not at the run's end."""
         now = self._clock()
         if self._window.commits and now - self._opened >= self.interval_s and now < self._run_ends_by:
             self._emit(self._take())

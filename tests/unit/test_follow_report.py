@@ -82,6 +82,19 @@ def test_gaps_are_summed_per_partition_and_already_committed_ranges_add_nothing(
     assert window["offset_ranges"].value == {"0": [0, 20]}
 
 
+def test_a_window_closes_on_time_when_the_stream_goes_quiet():
+    clock, emitted = Clock(), []
+    report = FollowReport("t", "NORMAL", 60, emitted.append, run_for_s=3600, clock=clock)
+    report.add(commit(0, 0, 10, snapshot=1))
+    for _ in range(59):  # the follower's cycles with nothing new to commit
+        clock.now += 1
+        report.due()
+    assert emitted == []
+    clock.now += 1
+    report.due()
+    assert [w["window_commits"] for w in emitted] == [1] and report.close() == {}
+
+
 def test_an_idle_follower_reports_nothing():
     clock, emitted = Clock(), []
     report = FollowReport("t", "NORMAL", 1, emitted.append, clock=clock)
