@@ -223,6 +223,8 @@ def wrk(url: str, key: str, accept: str, connections: int, duration_s: float, tm
         "max_ms": round(raw["max_us"] / 1000, 1),
         "requests": raw["requests"],
         "errors": raw["status_errors"] + raw["socket_errors"],
+        "status_errors": raw["status_errors"],  # answers that were not 2xx/3xx
+        "socket_errors": raw["socket_errors"],  # connect, read, write and 10 s timeouts
         "status_503": raw["status_503"],
         "retry_after": raw["retry_after"],
     }
