@@ -267,15 +267,17 @@ def measure_overload(base_url: str, key: str, path: str, params: dict, tmp: Path
 
     runner = threading.Thread(target=load)
     runner.start()
-    time.sleep(1.0)  # the load is on before the probe's first request (a pause, not a wait for a condition)
     with httpx.Client(headers={"X-API-Key": key}, timeout=30) as probe:
+        saturated = False  # counted from the server's first refusal: the overload is on from then
         while runner.is_alive():
             sent = time.perf_counter()
             response = probe.get(url)
             elapsed = (time.perf_counter() - sent) * 1000
-            (answered if response.status_code == 200 else refused).append(elapsed)
+            saturated = saturated or response.status_code == 503
+            if saturated:
+                (answered if response.status_code == 200 else refused).append(elapsed)
             if response.status_code == 503:
-                time.sleep(0.01)
+                time.sleep(0.01)  # a client's back-off after a refusal (Retry-After, shortened), not a wait
     runner.join()
     answered.sort()
     return {
