@@ -175,6 +175,17 @@ API_ROWS = Counter(
     ["route"],
     registry=REGISTRY,
 )
+API_IN_FLIGHT = Gauge(
+    "k2_api_requests_in_flight",
+    "Data requests the query API is answering now (admission refuses beyond K2_API_MAX_IN_FLIGHT).",
+    registry=REGISTRY,
+)
+API_SHARED_READS = Counter(
+    "k2_api_shared_reads_total",
+    "Trades requests answered by a read another identical request started after they arrived, by route.",
+    ["route"],
+    registry=REGISTRY,
+)
 API_AUDIT_LINES = Counter(
     "k2_api_audit_lines_total",
     "Audit lines the query API wrote, by outcome (allowed, refused, failed) and credential (api_key, jwt, none).",
@@ -205,7 +216,14 @@ class MetricsView:
 
 
 API_METRICS = MetricsView(
-    API_REQUESTS, API_REQUEST_SECONDS, API_RATE_LIMITED, API_ROWS, API_AUDIT_LINES, API_AUDIT_WRITE_ERRORS
+    API_REQUESTS,
+    API_REQUEST_SECONDS,
+    API_RATE_LIMITED,
+    API_ROWS,
+    API_IN_FLIGHT,
+    API_SHARED_READS,
+    API_AUDIT_LINES,
+    API_AUDIT_WRITE_ERRORS,
 )
 
 _servers: dict[tuple[str, int], tuple[WSGIServer, threading.Thread]] = {}

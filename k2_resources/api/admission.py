@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from k2_resources.api.metrics import API_IN_FLIGHT
 from k2_resources.degradation.levels import DegradationLevel
 
 RETRY_AFTER_S = 1
@@ -63,13 +64,16 @@ class AdmissionMiddleware:
             return
         if self.in_flight >= self.limit_for(scope):
             self.refused += 1
+            scope.setdefault("state", {})["k2_reason"] = "overloaded"  # for the audit line
             await _refuse(send, self.in_flight)
             return
         self.in_flight += 1
+        API_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            API_IN_FLIGHT.dec()
 
 
 async def _refuse(send: Any, in_flight: int) -> None:

@@ -7,7 +7,22 @@ exporter's gauges (lag, degradation level) as zeros next to the real values ``k2
 
 from __future__ import annotations
 
+from k2_resources.metrics import (
+    API_IN_FLIGHT,
+    API_RATE_LIMITED,
+    API_REQUEST_SECONDS,
+    API_REQUESTS,
+    API_ROWS,
+    API_SHARED_READS,
+)
 from k2_resources.metrics import API_METRICS as API_REGISTRY
-from k2_resources.metrics import API_RATE_LIMITED, API_REQUEST_SECONDS, API_REQUESTS, API_ROWS
 
-__all__ = ["API_RATE_LIMITED", "API_REGISTRY", "API_REQUESTS", "API_REQUEST_SECONDS", "API_ROWS"]
+__all__ = [
+    "API_IN_FLIGHT",
+    "API_RATE_LIMITED",
+    "API_REGISTRY",
+    "API_REQUESTS",
+    "API_REQUEST_SECONDS",
+    "API_ROWS",
+    "API_SHARED_READS",
+]

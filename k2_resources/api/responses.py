@@ -40,10 +40,25 @@ def respond(
     key: tuple | None = None,
     rows_key: tuple | None = None,
 ) -> Response:
-    """Rows in the negotiated format with rate, cursor and (for a partial answer) missing-offsets headers;
-    kept in ``pages`` under ``key`` when both are given. ``rows_key`` (the identity of the rows: data
+    """Rows in the negotiated format with rate, cursor and (for a partial answer) missing-offsets headers."""
+    page = render_page(request.headers.get("accept"), rows, next_cursor, envelope, missing, pages, key, rows_key)
+    return send(request, page, route)
+
+
+def render_page(
+    accept: str | None,
+    rows: pl.DataFrame | pa.Table,
+    next_cursor: str | None = None,
+    envelope: dict[str, Any] | None = None,
+    missing: dict[str, str] | None = None,
+    pages: PageCache | None = None,
+    key: tuple | None = None,
+    rows_key: tuple | None = None,
+) -> Rendered:
+    """Rows encoded in the format ``accept`` negotiates, minus the per-request headers; kept in
+    ``pages`` under ``key`` when both are given. ``rows_key`` (the identity of the rows: data
     version and page) keeps their encoding alone, for answers whose envelope changes per request."""
-    media_type = choose_media_type(request.headers.get("accept"))
+    media_type = choose_media_type(accept)
     partial = None
     if missing:
         # Kafka was down and the client asked for allow_partial: say which offsets are not in the rows.
@@ -66,7 +81,7 @@ def respond(
     rendered = Rendered(body, media_type, next_cursor, count, partial)
     if pages is not None and key is not None:
         pages.put(key, rendered)
-    return send(request, rendered, route)
+    return rendered
 
 
 def send(request: Request, page: Rendered, route: str) -> Response:

@@ -9,6 +9,7 @@ import duckdb
 from fastapi import Request
 
 from k2_resources.api.audit import AuditLog
+from k2_resources.api.coalesce import Coalescer
 from k2_resources.api.health import HealthProbe
 from k2_resources.api.keys import KeyStore
 from k2_resources.api.limits import TokenBucketLimiter
@@ -41,6 +42,7 @@ class Services:
         # Trades reads of the routes: the hybrid's answers, from the caches of a long-lived process.
         self.serving = ServingReader(hybrid, int(settings.cache_megabytes * 1024 * 1024))
         self.pages = PageCache()  # rendered /v1/trades pages by data version
+        self.coalescer = Coalescer()  # identical concurrent trades requests share one read
         self.symbol_summary = SymbolSummary(self.serving.snapshot_reader())
         self.iceberg: IcebergResource = hybrid.iceberg
         self.keys = keys

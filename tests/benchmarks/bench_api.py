@@ -5,8 +5,8 @@ real ASX 10-14 March 2014 trades (about 200K rows) and 400K BTCUSDT/ETHUSDT trad
 Iceberg; 30K more Binance trades in a real Kafka topic, the first 6K committed by real
 micro-batches. During the whole run a producer thread keeps sending Binance trades stamped with
 the wall clock (``STREAM_PER_S``) and the real follower (k2_resources.sink.follow) commits every
-partition's new offsets every second, so the table gets new snapshots under the reads and the
-recent window always holds the last seconds of the stream.
+partition's new offsets every second, with continuous maintenance as deployed, so the table gets
+new snapshots under the reads and the recent window always holds the last seconds of the stream.
 
 The server is the real command (`python -m k2_assets.cli api`, uvicorn, one process) in a
 subprocess with the benchmark's baseline route on (K2_API_BENCH_ROUTE=1). The load generator is
@@ -51,6 +51,7 @@ from k2_resources.analytics.ohlcv import exchange_day_bounds
 from k2_resources.api.keys import KeyFile
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.kafka.resource import KafkaResource
+from k2_resources.operations.continuous_maintenance import ContinuousMaintenance
 from k2_resources.paths import PROJECT_ROOT
 from k2_resources.platform.kafka_broker import free_port
 from k2_resources.schemas import encode_trade
@@ -142,6 +143,9 @@ class LiveStream:
         self.sent = 0
         self.commits = 0
         self.errors: list[str] = []
+        # As deployed (`k2 run`): continuous maintenance with its default settings, its commits
+        # between the follower's cycles; the reads meet the table it keeps.
+        self.maintenance = ContinuousMaintenance(iceberg)
         templates = synthetic.binance_trades(20_000, datetime.now(UTC), seed=29)
         self._records = synthetic.to_records(templates)
         self._threads = [
@@ -185,6 +189,7 @@ class LiveStream:
 
     def _follow(self) -> None:
         settings = FollowSettings(interval_s=1.0, run_for_s=3600, memory_limit_percent=100.0)
+        self.maintenance.start()
 
         def counted(result) -> None:
             if not result.already_committed:
@@ -192,9 +197,19 @@ class LiveStream:
 
         try:
             while not self.stop.is_set():
-                follow_topic(self.kafka, self.iceberg, self.topic, settings, counted, should_stop=self.stop.is_set)
+                follow_topic(
+                    self.kafka,
+                    self.iceberg,
+                    self.topic,
+                    settings,
+                    counted,
+                    should_stop=self.stop.is_set,
+                    pause=self.maintenance.window.pause,
+                )
         except Exception as exc:
             self.errors.append(f"follower: {type(exc).__name__}: {exc}")
+        finally:
+            self.maintenance.stop()
 
 
 def wrk(url: str, key: str, accept: str, connections: int, duration_s: float, tmp: Path, count_503: bool) -> dict:
@@ -230,6 +245,19 @@ def wrk(url: str, key: str, accept: str, connections: int, duration_s: float, tm
     }
 
 
+def settle(base_url: str, deadline_s: float = 60.0) -> None:
+    """Wait until the server answers no request: a wrk run that ends leaves its last requests in
+    flight, and the next run's fresh connections would meet the admission limit with them."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        metrics = httpx.get(base_url + "/metrics", timeout=10).text
+        in_flight = [line for line in metrics.splitlines() if line.startswith("k2_api_requests_in_flight ")]
+        if in_flight and float(in_flight[0].split()[1]) == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the API still answered requests {deadline_s:g} s after wrk stopped")
+
+
 def _one(base_url: str, key: str, path: str, params: dict, accept: str) -> httpx.Response:
     response = httpx.get(base_url + path, params=params, headers={"X-API-Key": key, "Accept": accept}, timeout=60)
     assert response.status_code == 200, response.text
@@ -241,14 +269,18 @@ def measure_case(base_url: str, key: str, path: str, params: dict, accept: str, 
     sample = _one(base_url, key, path, params, accept)
     url = str(httpx.URL(base_url + path, params=params))
     wrk(url, key, accept, CONNECTIONS, WARMUP_S, tmp, False)
+    settle(base_url)
     measured = wrk(url, key, accept, CONNECTIONS, DURATION_S, tmp, False)
+    settle(base_url)
     measured["load_average_1m"] = round(os.getloadavg()[0], 2)
     measured["body_bytes"] = len(sample.content)
     if accept == "application/json":
         measured["rows_per_response"] = sample.json()["count"]
     baseline_url = f"{base_url}/v1/_bench/bytes?size={len(sample.content)}"
     wrk(baseline_url, key, accept, CONNECTIONS, WARMUP_S, tmp, False)
+    settle(base_url)
     baseline = wrk(baseline_url, key, accept, CONNECTIONS, DURATION_S, tmp, False)
+    settle(base_url)
     measured["baseline_rps"] = baseline["rps"]
     measured["baseline_p99_ms"] = baseline["p99_ms"]
     measured["ratio_to_baseline"] = round(measured["rps"] / baseline["rps"], 3) if baseline["rps"] else None
@@ -304,6 +336,16 @@ def _serve(env: dict, port: int, log) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def shared_reads(base_url: str) -> dict[str, float]:
+    """Per route, the requests answered by a read another identical request started (the API's coalescing)."""
+    found: dict[str, float] = {}
+    for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("k2_api_shared_reads_total{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('route="', 1)[1].split('"', 1)[0]] = float(value)
+    return found
 
 
 def write_results(results: dict) -> None:
@@ -362,6 +404,7 @@ def test_api_throughput_and_latency_under_wrk(k2_home, kafka_broker, topic_name,
                 print(name, json.dumps(results[name]), flush=True)
             results["overload"] = measure_overload(base_url, key, *recent, tmp_path)
             print("overload", json.dumps(results["overload"]), flush=True)
+            results["shared_reads"] = shared_reads(base_url)
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -369,6 +412,7 @@ def test_api_throughput_and_latency_under_wrk(k2_home, kafka_broker, topic_name,
         "per_s": STREAM_PER_S,
         "sent": stream.sent,
         "follower_commits": stream.commits,
+        "maintenance_passes": len(stream.maintenance.passes),
         "errors": stream.errors,
     }
     results["machine"] = {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}

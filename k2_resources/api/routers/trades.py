@@ -16,8 +16,9 @@ from fastapi.responses import Response
 
 from k2_resources.api.auth import require
 from k2_resources.api.errors import ParameterError
-from k2_resources.api.formats import Cursor, query_fingerprint
+from k2_resources.api.formats import Cursor, choose_media_type, query_fingerprint
 from k2_resources.api.keys import READ_TRADES
+from k2_resources.api.pages import Rendered
 from k2_resources.api.params import (
     check_order,
     decode_cursor,
@@ -27,7 +28,7 @@ from k2_resources.api.params import (
     parse_symbols,
     parse_time,
 )
-from k2_resources.api.responses import PAGED, respond, send
+from k2_resources.api.responses import PAGED, render_page, send
 from k2_resources.api.services import Services, services_of
 from k2_resources.api.settings import ApiSettings
 
@@ -77,7 +78,8 @@ def check_as_of(services: Services, as_of: str | None) -> int | datetime | None:
 
 
 def answer_trades(
-    request: Request,
+    services: Services,
+    accept: str,
     symbol: list[str],
     start: str | None,
     end: str | None,
@@ -86,8 +88,7 @@ def answer_trades(
     limit: int,
     cursor: str | None,
     allow_partial: bool,
-) -> Response:
-    services = services_of(request)
+) -> Rendered:
     symbols = parse_symbols(symbol)
     window_start, window_end = parse_time("start", start), parse_time("end", end)
     check_order(window_start, window_end)
@@ -111,22 +112,26 @@ def answer_trades(
         head=None if after is not None else limit + 1,  # a first page needs its rows and one more
     )
     version = getattr(result, "version", None)  # the identity of the files and offsets read
-    key = None if version is None else (query, cursor, limit, request.headers.get("accept"), version)
+    key = None if version is None else (query, cursor, limit, accept, version)
     cached = services.pages.get(key)
     if cached is not None:
-        return send(request, cached, "/v1/trades")
+        return cached
     page, next_cursor = page_of(result.frame, limit, query, after, {})
-    return respond(
-        request, page, "/v1/trades", next_cursor, missing=dict(result.stats.missing), pages=services.pages, key=key
-    )
+    return render_page(accept, page, next_cursor, missing=dict(result.stats.missing), pages=services.pages, key=key)
 
 
 def answer_recent(
-    request: Request, symbol: str, minutes: float, now: str | None, limit: int, cursor: str | None, allow_partial: bool
-) -> Response:
+    services: Services,
+    accept: str,
+    symbol: str,
+    minutes: float,
+    now: str | None,
+    limit: int,
+    cursor: str | None,
+    allow_partial: bool,
+) -> Rendered:
     if "," in symbol:
         raise ParameterError("symbol", "one symbol only here; use /v1/trades for several")
-    services = services_of(request)
     serving = services.serving
     (chosen,) = parse_symbols([symbol])
     given_now = parse_time("now", now)
@@ -148,10 +153,9 @@ def answer_recent(
     version = getattr(result, "version", None)
     # In one data version a page is identified by its first row and its length (rows are in a fixed order).
     rows_key = None if version is None or not page.height else (version, page["message_id"][0], page.height)
-    return respond(
-        request,
+    return render_page(
+        accept,
         page,
-        "/v1/trades/recent",
         next_cursor,
         {"window": window},
         missing=dict(result.stats.missing),
@@ -168,7 +172,7 @@ def trades_router(settings: ApiSettings) -> APIRouter:
     )
 
     @router.get("/v1/trades", summary="Trades of one or more symbols in a time window (Iceberg plus the Kafka tail)")
-    def trades(
+    async def trades(
         request: Request,
         symbol: Annotated[list[str], Query(description="symbol(s): repeat the parameter or separate with commas")],
         start: Annotated[str | None, Query(description="ISO 8601, inclusive; UTC unless it has an offset")] = None,
@@ -182,10 +186,17 @@ def trades_router(settings: ApiSettings) -> APIRouter:
         cursor: Annotated[str | None, _CURSOR] = None,
         allow_partial: Annotated[bool, _PARTIAL] = False,
     ) -> Response:
-        return answer_trades(request, symbol, start, end, exchange, as_of, limit, cursor, allow_partial)
+        services, accept = services_of(request), choose_media_type(request.headers.get("accept"))
+        key = ("/v1/trades", tuple(symbol), start, end, exchange, as_of, limit, cursor, allow_partial, accept)
+        page = await services.coalescer.run(
+            key,
+            lambda: answer_trades(services, accept, symbol, start, end, exchange, as_of, limit, cursor, allow_partial),
+            "/v1/trades",
+        )
+        return send(request, page, "/v1/trades")
 
     @router.get("/v1/trades/recent", summary="The last N minutes of one symbol, including trades still in Kafka")
-    def recent_trades(
+    async def recent_trades(
         request: Request,
         symbol: Annotated[str, Query(description="one symbol, e.g. BTCUSDT")],
         minutes: Annotated[
@@ -198,6 +209,13 @@ def trades_router(settings: ApiSettings) -> APIRouter:
         cursor: Annotated[str | None, _CURSOR] = None,
         allow_partial: Annotated[bool, _PARTIAL] = False,
     ) -> Response:
-        return answer_recent(request, symbol, minutes, now, limit, cursor, allow_partial)
+        services, accept = services_of(request), choose_media_type(request.headers.get("accept"))
+        key = ("/v1/trades/recent", symbol, minutes, now, limit, cursor, allow_partial, accept)
+        page = await services.coalescer.run(
+            key,
+            lambda: answer_recent(services, accept, symbol, minutes, now, limit, cursor, allow_partial),
+            "/v1/trades/recent",
+        )
+        return send(request, page, "/v1/trades/recent")
 
     return router
