@@ -67,7 +67,9 @@ def create_app(
     settings = settings or ApiSettings()
     tokens = tokens or TokenVerifier(TokenSettings.from_environment())  # bad settings stop the API here
     audit = audit or AuditLog(Path(settings.audit_file) if settings.audit_file else None)
-    hybrid = hybrid or HybridQueryResource(topics=settings.topics, kafka=KafkaResource(role=API))
+    hybrid = hybrid or HybridQueryResource(
+        topics=settings.topics, topic_exchanges=settings.topic_exchanges, kafka=KafkaResource(role=API)
+    )
     keys = keys or KeyStore(
         Path(settings.keys_file) if settings.keys_file else default_keys_file(), settings.bootstrap_key
     )

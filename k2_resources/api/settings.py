@@ -22,6 +22,24 @@ def _env_float(name: str, default: float) -> float:
         raise K2Error(f"{name}={raw!r} is not a number; unset it or give e.g. {default:g}") from exc
 
 
+def topic_exchanges_from_environment() -> dict[str, list[str]]:
+    """$K2_API_TOPIC_EXCHANGES (``topic=EXCHANGE`` pairs, comma-separated; repeat a topic for more
+    exchanges), else the Binance topic carrying BINANCE."""
+    raw = os.environ.get("K2_API_TOPIC_EXCHANGES", "").strip()
+    if not raw:
+        return {BINANCE_TRADES_TOPIC: ["BINANCE"]}
+    found: dict[str, list[str]] = {}
+    for pair in raw.split(","):
+        topic, equals, exchange = pair.partition("=")
+        if not equals or not topic.strip() or not exchange.strip():
+            raise K2Error(
+                f"K2_API_TOPIC_EXCHANGES={raw!r}: {pair.strip()!r} is not topic=EXCHANGE; give e.g. "
+                f"{BINANCE_TRADES_TOPIC}=BINANCE (comma-separated pairs) or unset it"
+            )
+        found.setdefault(topic.strip(), []).append(exchange.strip().upper())
+    return found
+
+
 class ApiSettings(BaseModel):
     """Settings of the query API; every one has a default that works without configuration."""
 
@@ -76,4 +94,10 @@ class ApiSettings(BaseModel):
         ],
         description="Kafka topics whose tails the hybrid reads and whose lag health reports "
         "($K2_API_TOPICS, comma-separated; default market.trades.binance)",
+    )
+    topic_exchanges: dict[str, list[str]] = Field(
+        default_factory=topic_exchanges_from_environment,
+        description="the exchanges each topic carries: a window of another exchange, or one ending a day "
+        "before the topic's newest committed trade, skips that tail ($K2_API_TOPIC_EXCHANGES, "
+        "topic=EXCHANGE pairs; topics not named are always read)",
     )

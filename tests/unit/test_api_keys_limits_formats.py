@@ -127,3 +127,16 @@ def test_cursors_round_trip_and_refuse_other_queries_and_garbage():
     for garbage in ("", "!!!", "bm90IGpzb24", cursor.encode()[:-4]):
         with pytest.raises(BadCursor):
             Cursor.decode(garbage, "q1", 2)
+
+
+def test_topic_exchanges_come_from_the_environment_and_a_bad_pair_names_the_fix(monkeypatch):
+    from k2_resources.api.settings import ApiSettings
+    from k2_resources.errors import K2Error
+
+    monkeypatch.delenv("K2_API_TOPIC_EXCHANGES", raising=False)
+    assert ApiSettings().topic_exchanges == {"market.trades.binance": ["BINANCE"]}
+    monkeypatch.setenv("K2_API_TOPIC_EXCHANGES", "t1=binance, t1=BYBIT,t2=ASX")
+    assert ApiSettings().topic_exchanges == {"t1": ["BINANCE", "BYBIT"], "t2": ["ASX"]}
+    monkeypatch.setenv("K2_API_TOPIC_EXCHANGES", "t1")
+    with pytest.raises(K2Error, match="topic=EXCHANGE"):
+        ApiSettings()
