@@ -194,9 +194,14 @@ def fetch_range(
     end: int,
     timeout_s: float = 120.0,
     max_bytes: int = 64 * 1024 * 1024,
+    connection: BrokerConnection | None = None,
 ) -> tuple[pa.Int64Array, pa.LargeBinaryArray]:
-    """Offsets [start, end) of ``topic[partition]``: (offsets, values) as Arrow arrays, in order."""
-    connection = BrokerConnection(servers, client_id, min(timeout_s, 30.0))
+    """Offsets [start, end) of ``topic[partition]``: (offsets, values) as Arrow arrays, in order.
+    ``connection``: one the caller keeps open between fetches (it is not closed here); by default
+    a connection of its own."""
+    owned = connection is None
+    if connection is None:
+        connection = BrokerConnection(servers, client_id, min(timeout_s, 30.0))
     offset_parts, value_parts = [], []
     expected = start
     deadline = time.monotonic() + timeout_s
@@ -220,6 +225,7 @@ def fetch_range(
             value_parts.append(values)
             expected = expected_next
     finally:
-        connection.close()
+        if owned:
+            connection.close()
     values = pa.concat_arrays(value_parts) if value_parts else pa.array([], pa.large_binary())
     return pa.array(np.concatenate(offset_parts) if offset_parts else np.zeros(0, np.int64), pa.int64()), values

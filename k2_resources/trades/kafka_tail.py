@@ -35,7 +35,7 @@ from kafka.errors import KafkaError
 
 from k2_resources.catalog.tables import TRADES
 from k2_resources.errors import K2Error, KafkaUnavailableError
-from k2_resources.kafka.columnar_fetch import fetch_range
+from k2_resources.kafka.columnar_fetch import BrokerConnection, fetch_range
 from k2_resources.kafka.direct_offsets import DirectOffsets
 from k2_resources.kafka.errors import FastFetchUnavailable
 from k2_resources.kafka.resource import KafkaResource
@@ -85,6 +85,10 @@ class KafkaTail:
         self._direct: DirectOffsets | None = None
         self._cache: dict[tuple[str, int], _Cached] = {}
         self._lock = threading.RLock()
+        # Kept between fetches: a live tail fetches a few new messages many times a second, and a new
+        # thread and TCP connection per partition per fetch cost more than the fetch itself.
+        self._fetch_pool: ThreadPoolExecutor | None = None
+        self._fetch_connections: dict[int, BrokerConnection] = {}
 
     def consumer(self) -> KafkaConsumer:
         if self._consumer is None:
@@ -301,29 +305,43 @@ class KafkaTail:
         if not isinstance(self.kafka, KafkaResource) or not ranges:
             return fetched
         polling = time.perf_counter()
-        with ThreadPoolExecutor(
-            max_workers=min(len(ranges), _MAX_PARALLEL_FETCHES), thread_name_prefix="k2-tail-fetch"
-        ) as pool:
-            pending = {
-                partition: pool.submit(
-                    fetch_range,
-                    self.kafka.servers,
-                    f"{self.kafka.client_id}-tail",
-                    topic,
-                    partition,
-                    start,
-                    end,
-                    self.timeout_s,
-                )
-                for partition, (start, end) in ranges.items()
-            }
-            for partition, future in pending.items():
-                try:
-                    fetched[partition] = future.result()
-                except FastFetchUnavailable as exc:
-                    log.debug("%s[%d]: reading the tail with kafka-python (%s)", topic, partition, exc)
+        if self._fetch_pool is None:
+            self._fetch_pool = ThreadPoolExecutor(max_workers=_MAX_PARALLEL_FETCHES, thread_name_prefix="k2-tail-fetch")
+        client_id = f"{self.kafka.client_id}-tail"
+        pending = {}
+        for partition, (start, end) in ranges.items():
+            try:
+                connection = self._fetch_connections.get(partition)
+                if connection is None:
+                    connection = BrokerConnection(self.kafka.servers, client_id, min(self.timeout_s, 30.0))
+                    self._fetch_connections[partition] = connection
+            except FastFetchUnavailable as exc:
+                log.debug("%s[%d]: reading the tail with kafka-python (%s)", topic, partition, exc)
+                continue
+            pending[partition] = self._fetch_pool.submit(
+                fetch_range,
+                self.kafka.servers,
+                client_id,
+                topic,
+                partition,
+                start,
+                end,
+                self.timeout_s,
+                connection=connection,
+            )
+        for partition, future in pending.items():
+            try:
+                fetched[partition] = future.result()
+            except FastFetchUnavailable as exc:
+                self._drop_fetch_connection(partition)  # it may be broken or half-read: a new one next time
+                log.debug("%s[%d]: reading the tail with kafka-python (%s)", topic, partition, exc)
         stats.poll_seconds += time.perf_counter() - polling
         return fetched
+
+    def _drop_fetch_connection(self, partition: int) -> None:
+        connection = self._fetch_connections.pop(partition, None)
+        if connection is not None:
+            connection.close()
 
     def _fetch_ranges(
         self, consumer: KafkaConsumer, topic: str, ranges: dict[int, tuple[int, int]], stats: TailStats
@@ -375,6 +393,11 @@ class KafkaTail:
         with self._lock:
             self._drop_direct()
             self._drop_consumer()
+            for partition in list(self._fetch_connections):
+                self._drop_fetch_connection(partition)
+            if self._fetch_pool is not None:
+                self._fetch_pool.shutdown(wait=False)
+                self._fetch_pool = None
             self._cache.clear()
 
 
