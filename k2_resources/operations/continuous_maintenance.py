@@ -249,6 +249,42 @@ class TableMaintainer:
         self.last_health = -float("inf")
         self.before_swap: Callable[[], None] | None = None  # tests: a point to kill a rewrite at
         self.window: CommitWindow | None = None  # shared with the follower of this process, if any
+        # Set by ContinuousMaintenance: compaction runs on its own fixed-rate thread (compact()), and a
+        # pass reports what it did since the previous pass instead of compacting itself.
+        self.separate_compaction = False
+        self.compaction_cache = ReferenceCache()  # compact() runs beside run_pass: its own cache
+        self._compacted: list[CompactionOutcome] = []
+        self._lock = threading.Lock()
+
+    def compact(self) -> None:
+        """One compaction of this table (the compaction thread); its outcome goes into the next pass."""
+        if self.identifier not in COMPACTED_TABLES:
+            return
+        try:
+            outcome = compact_settled(
+                self.load,
+                self.settings.compaction,
+                self.compaction_cache,
+                before_swap=self.before_swap,
+                window=self.window,
+            )
+        except Exception as exc:  # the next pass tries again
+            log.warning("compaction of %s failed: %s", self.identifier, exc, exc_info=True)
+            return
+        with self._lock:
+            self._compacted.append(outcome)
+
+    def _take_compactions(self) -> CompactionOutcome:
+        with self._lock:
+            done, self._compacted = self._compacted, []
+        merged = CompactionOutcome()
+        for outcome in done:
+            merged.rewrites += outcome.rewrites
+            merged.commits += outcome.commits
+            merged.conflicts += outcome.conflicts
+            merged.abandoned += outcome.abandoned
+            merged.seconds += outcome.seconds
+        return merged
 
     def run_pass(self, sweep: bool | None = None) -> MaintenancePass:
         started = time.perf_counter()
@@ -257,7 +293,9 @@ class TableMaintainer:
             if not self.properties_ok:
                 result.properties_set = ensure_properties(self.load, self.settings)
                 self.properties_ok = True
-            if self.identifier in COMPACTED_TABLES:
+            if self.separate_compaction:
+                result.compaction = self._take_compactions()
+            elif self.identifier in COMPACTED_TABLES:
                 result.compaction = compact_settled(
                     self.load, self.settings.compaction, self.cache, before_swap=self.before_swap, window=self.window
                 )
@@ -307,6 +345,7 @@ class ContinuousMaintenance:
         self.passes: list[MaintenancePass] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._compaction_thread: threading.Thread | None = None
 
     def run_once(self) -> list[MaintenancePass]:
         done = []
@@ -329,17 +368,39 @@ class ContinuousMaintenance:
         while not self._stop.wait(self.settings.interval_s):
             self.run_once()
 
+    def _compaction_loop(self) -> None:
+        """Compaction at a fixed rate, every half interval, whatever expiry, the orphan sweep and the
+        health measure cost: files settle continuously, and the health bound (settle window plus one
+        interval) holds only while two committed compactions are at most one interval apart."""
+        tick = self.settings.interval_s / 2
+        next_at = time.monotonic()
+        while True:
+            next_at = max(next_at + tick, time.monotonic() - tick)  # late: run now, no burst to catch up
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                return
+            for maintainer in self.maintainers:
+                if self._stop.is_set():
+                    return
+                maintainer.compact()
+
     def start(self) -> ContinuousMaintenance:
         if self._thread is None:
+            for maintainer in self.maintainers:
+                maintainer.separate_compaction = True
+            self._compaction_thread = threading.Thread(
+                target=self._compaction_loop, name="k2-table-compaction", daemon=True
+            )
+            self._compaction_thread.start()
             self._thread = threading.Thread(target=self._loop, name="k2-table-maintenance", daemon=True)
             self._thread.start()
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for thread in (self._thread, self._compaction_thread):
+            if thread is not None:
+                thread.join(timeout)
+        self._thread = self._compaction_thread = None
 
     def __enter__(self) -> ContinuousMaintenance:
         return self.start()
