@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import httpx
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from k2_resources.api.keys import KeyFile
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.kafka.resource import KafkaResource
 from k2_resources.kafka.topics import BINANCE_TRADES_TOPIC
@@ -27,6 +29,20 @@ pytestmark = pytest.mark.integration
 
 SYMBOL = "ETHUSDT"
 INGEST_DEADLINE_S = 900
+
+
+def _message_ids_from_the_api(base_url: str, key: str) -> Counter:
+    """Every ETHUSDT trade `k2 run`'s API answers, page after page."""
+    found: Counter = Counter()
+    params: dict[str, str | int] = {"symbol": SYMBOL, "limit": 50_000}
+    while True:
+        response = httpx.get(f"{base_url}/v1/trades", params=params, headers={"X-API-Key": key}, timeout=120)
+        assert response.status_code == 200, response.text[:2000]
+        page = response.json()
+        found.update(row["message_id"] for row in page["data"])
+        if not page["next_cursor"]:
+            return found
+        params["cursor"] = page["next_cursor"]
 
 
 def _message_ids_in_iceberg(iceberg: IcebergResource) -> Counter:
@@ -66,6 +82,9 @@ def test_k2_run_streams_the_recording_through_the_daemon_into_iceberg_exactly_on
         )
         seconds = time.monotonic() - started
         in_iceberg = _message_ids_in_iceberg(iceberg)
+        # The API `k2 run` serves answers the same trades, each once (Iceberg plus the Kafka tail).
+        key, _ = KeyFile(k2_home / "api" / "keys.json").create("e2e", ["read:trades"])
+        from_the_api = _message_ids_from_the_api(run.api, key)
         kafka = KafkaResource(bootstrap_servers=f"127.0.0.1:{kafka_ports[0]}")
         in_kafka = sum(kafka.end_offsets(BINANCE_TRADES_TOPIC).values())
         instance = DagsterInstance.from_config(str(k2_home / "dagster"))
@@ -86,6 +105,7 @@ def test_k2_run_streams_the_recording_through_the_daemon_into_iceberg_exactly_on
     duplicates = {m: n for m, n in in_iceberg.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} message ids twice in market.trades, e.g. {list(duplicates)[:5]}"
     assert set(in_iceberg) == set(recorded)
+    assert from_the_api == Counter(set(recorded)), "the API under k2 run answers every recorded trade once"
     assert in_kafka == len(recorded), "the streamer produced each recorded trade once"
     # the runs were requested by the sensor and started by the daemon's run launcher, and none failed;
     # under `k2 run` the sensor starts a long-running follower, which may still be running now
