@@ -550,6 +550,7 @@ def _run_on(topology: LocalTopology, started: float, timeout_s: float, kill_poin
         "lag": report.lag,
         "micro_batch_runs": report.runs,
         "failed_runs": report.failed_runs,
+        "run_errors": report.run_errors,
         "failed_ticks": report.failed_ticks,  # sensor ticks a broker's failover failed, asked again
         "checks": {
             name: "PASSED" if check["passed"] else "FAILED" for name, check in sorted(report.last_checks.items())

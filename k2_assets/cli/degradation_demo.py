@@ -158,7 +158,7 @@ def _scenario() -> dict[str, Any]:
                 runs[request.tags.get("k2/mode", "ingest")] += 1
             _, failed = execute_requests(instance, defs, result, extra_run_config=QUIET_RUNS)
             if failed:
-                raise RuntimeError(f"{failed} micro-batch run(s) failed; see the Dagster logs above")
+                raise RuntimeError(f"{len(failed)} micro-batch run(s) failed: {'; '.join(failed)}")
             return checks_of(result)
 
         _say(

@@ -22,6 +22,8 @@ Reconnects
     The server remembers, per set of requested streams, where the newest connection got to, and
     a new connection resumes there, minus ``resume_overlap`` trades that it sends again (as a
     live reconnect can). That is what makes a forced drop lose nothing and bring duplicates.
+    ``lose_on_reconnect`` plays live Binance instead: the feed moved on while nobody listened, so
+    a reconnect resumes that many trades later (they count as sent; the REST history has them).
     While two connections overlap (a client rotating its connection), the older one keeps
     playing but no longer moves the resume point.
 
@@ -79,6 +81,8 @@ class ServerFaults:
     repeat_count: int = 3  # ... send the last K trade frames again
     malformed_every: int | None = None  # after every N-th trade frame, one malformed frame
     lose_on_drop: int = 0  # a drop_after drop also loses the next N trades (sent, never received), as a network cut
+    # a reconnect resumes N trades later: a live feed publishes while nobody listens (sent, never received)
+    lose_on_reconnect: int = 0
 
 
 @dataclass
@@ -321,9 +325,15 @@ class RecordingServer:
             self._connections.discard(connection)
 
     async def _play(self, connection: ServerConnection, key: tuple[str, ...], view: list[int]) -> None:
+        with self._lock:
+            reconnect = key in self._cursors
         position = self._start_position(key, view)
         with self._lock:  # the newest connection of a stream set owns its resume cursor
             self._owners[key] = connection
+            missed = self._faults.lose_on_reconnect if reconnect else 0
+        if missed:
+            self._lose(key, view, position, missed, connection)
+            position = position + missed if self.loop else min(position + missed, len(view))
         first_offset = self._values(view, position)[3]
         started = time.monotonic()
         sent_here = 0

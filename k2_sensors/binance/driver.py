@@ -11,7 +11,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagster import AssetCheckEvaluation, DagsterInstance, Definitions, RunRequest, SensorResult, build_sensor_context
+from dagster import (
+    AssetCheckEvaluation,
+    DagsterInstance,
+    Definitions,
+    ExecuteInProcessResult,
+    RunRequest,
+    SensorResult,
+    build_sensor_context,
+)
 from dagster._core.storage.tags import RUN_KEY_TAG
 from kafka.errors import KafkaError
 
@@ -27,6 +35,7 @@ class DriveReport:
     failed_runs: int = 0
     failed_ticks: int = 0  # ticks that met a retriable Kafka error (a broker failing over) and were asked again
     last_tick_error: str | None = None
+    run_errors: list[str] = field(default_factory=list)  # why each failed run failed (its first step failure)
     cursor: str | None = None
     last_checks: dict[str, dict] = field(default_factory=dict)  # check name -> {passed, severity, metadata}
 
@@ -55,14 +64,23 @@ def _run_tags(request: RunRequest) -> dict[str, str]:
     return {**request.tags, RUN_KEY_TAG: request.run_key}
 
 
+def failure_of(outcome: ExecuteInProcessResult) -> str:
+    """The first step failure of a failed run, as ``step: error``."""
+    for event in outcome.all_events:
+        if event.is_step_failure and event.step_failure_data.error is not None:
+            return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+    return f"run {outcome.run_id} failed without a step failure"
+
+
 def execute_requests(
     instance: DagsterInstance, defs: Definitions, result: SensorResult, extra_run_config: dict | None = None
-) -> tuple[int, int]:
-    """Run the tick's run requests in-process, one after another; returns (runs, failed runs).
+) -> tuple[int, list[str]]:
+    """Run the tick's run requests in-process, one after another; returns (runs, why each failed run failed).
 
     ``extra_run_config`` is merged into each run's config (e.g. loggers, to keep a demo quiet).
     """
-    runs = failed = 0
+    runs = 0
+    failed: list[str] = []
     for request in result.run_requests or []:
         job = defs.resolve_job_def(request.job_name or "binance_trades_microbatch")
         outcome = job.execute_in_process(
@@ -72,7 +90,8 @@ def execute_requests(
             raise_on_error=False,
         )
         runs += 1
-        failed += 0 if outcome.success else 1
+        if not outcome.success:
+            failed.append(failure_of(outcome))
     return runs, failed
 
 
@@ -119,7 +138,8 @@ def drive(
         report.last_checks = checks_of(result)
         runs, failed = execute_requests(instance, defs, result, loggers)
         report.runs += runs
-        report.failed_runs += failed
+        report.failed_runs += len(failed)
+        report.run_errors.extend(failed)
         if not result.run_requests:
             if until(report):
                 return report

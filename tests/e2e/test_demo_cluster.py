@@ -83,7 +83,7 @@ def test_demo_cluster_loses_and_duplicates_nothing_when_a_broker_dies(demo_home,
     assert summary["source_trades"] == summary["iceberg_trades"] == summary["iceberg_distinct_trade_ids"]
     assert summary["spark_trades"] == summary["source_trades"], summary.get("spark_error")
     assert summary["spark_ohlcv_equal"] is True and summary["spark_ohlcv_bars"] > 0
-    assert summary["lag"] == 0 and summary["failed_runs"] == 0
+    assert summary["lag"] == 0 and summary["failed_runs"] == 0, summary["run_errors"]
     assert summary["checks"] and set(summary["checks"].values()) == {"PASSED"}
     # Everything it started is stopped: no process still uses its folder.
     assert processes_naming(demo_home) == [], "processes left running"

@@ -73,7 +73,7 @@ def test_the_sensor_starts_a_follower_that_commits_new_trades_each_second_exactl
         assert [r.run_config["ops"]["binance_trades"]["config"]["mode"] for r in result.run_requests] == ["follow"]
         producer = threading.Thread(target=produce_the_rest_once_the_first_window_is_logged, args=(instance,))
         producer.start()
-        assert execute_requests(instance, defs, result) == (1, 0)  # returns when its 20 s are up
+        assert execute_requests(instance, defs, result) == (1, [])  # returns when its 20 s are up
         producer.join(timeout=60)
         assert not producer.is_alive()
         events = instance.fetch_materializations(AssetKey("binance_trades"), limit=1000).records
@@ -138,13 +138,13 @@ def test_a_follower_hands_back_to_the_sensor_when_memory_reaches_the_soft_trigge
         ballast = b"\x01" * int(_mem_total_bytes() * BALLAST_PERCENT / 100)  # written: resident, not reserved
         try:
             assert system_memory_percent() >= trigger
-            assert follower.join(timeout_s=60) == (1, 0)  # ends at its next cycle, not after 240 s
+            assert follower.join(timeout_s=60) == (1, [])  # ends at its next cycle, not after 240 s
             assert follower_endings(instance) == ["memory at the SOFT trigger"]
             produce(kafka, topic_name, records[1500:])
             second = tick(instance, defs, first.cursor)
             assert checks_of(second)["degradation_level"]["metadata"]["level"] == "SOFT"
             assert requested_modes(second) == ["ingest"] * 3  # runs per range at SOFT, no follower
-            assert execute_requests(instance, defs, second) == (3, 0)
+            assert execute_requests(instance, defs, second) == (3, [])
         finally:
             del ballast
         report = drive(instance, defs, until=lambda r: r.lag == 0, timeout_s=300, cursor=second.cursor)

@@ -111,8 +111,8 @@ class Background:
     thread: threading.Thread
     outcome: dict = field(default_factory=dict)
 
-    def join(self, timeout_s: float) -> tuple[int, int]:
-        """Wait for the runs to end; (runs, failed runs). Fails if they are still running at the deadline."""
+    def join(self, timeout_s: float) -> tuple[int, list[str]]:
+        """Wait for the runs to end; (runs, why each failed run failed). Fails if still running at the deadline."""
         self.thread.join(timeout=timeout_s)
         assert not self.thread.is_alive(), f"the runs were still running after {timeout_s:.0f} s"
         if "error" in self.outcome:
