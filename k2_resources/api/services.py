@@ -75,6 +75,7 @@ class Services:
     def close(self) -> None:
         self.audit.close()
         self.health.close()
+        self.serving.close()
         self.hybrid.close()
         if self._duckdb is not None:
             self._duckdb.close()

@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -53,11 +53,13 @@ from k2_resources.trades.hybrid_result import (
 from k2_resources.trades.iceberg_read import RowFilter, SnapshotReader, load_for_read, object_store_options
 from k2_resources.trades.kafka_tail import KafkaTail
 from k2_resources.trades.serving_cache import ManifestPlans, SnapshotRows, micros_of
+from k2_resources.trades.serving_table import ServedTable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024
 PARTITIONS_TTL_S = 5.0
+HOT_FILTER_S = 30.0  # a filter queried this recently is prepared for each new version of the table
 _HOUR = timedelta(hours=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -219,11 +221,37 @@ class ServingReader:
         self._newest: dict[str, datetime] = {}  # per topic: the newest committed trade seen (never decreases)
         self._ends: SharedEndOffsets | None = None
         self._partitions: dict[str, tuple[float, list[int]]] = {}
+        self._hot: dict[tuple, tuple[float, RowFilter]] = {}  # snapshot-rows key -> (last queried, filter)
         self._lock = threading.Lock()
+        self.served = ServedTable(hybrid.topics, self._prepare)
 
     def table(self) -> Table:
-        """``market.trades`` as of now (cached metadata)."""
-        return self.tables.current()
+        """``market.trades`` as queries read it now: the newest version, or the one before it while the
+        newest is prepared aside when both hold the same rows (:mod:`k2_resources.trades.serving_table`)."""
+        return self.served.table(self.tables.current())
+
+    def _prepare(self, table: Table) -> None:
+        """Plans and sorted rows of ``table``'s snapshot for the filters queried lately."""
+        snapshot = table.current_snapshot()
+        if snapshot is None:
+            return
+        empty = self._empty(table)
+        recent = time.monotonic() - HOT_FILTER_S
+        for key, (queried, widened) in list(self._hot.items()):
+            if queried < recent:
+                self._hot.pop(key, None)
+                continue
+            if key[0] != table.metadata.table_uuid:
+                continue
+            files = self.plans.files(table, snapshot.snapshot_id, widened)
+            if files is not None:
+                self.snapshots.rows(key, snapshot.snapshot_id, files, self._file_reader(table, widened), empty)
+
+    def _file_reader(self, table: Table, row_filter: RowFilter) -> Callable[[str], pl.DataFrame]:
+        return lambda path: self.files.rows(table, path, row_filter).rows
+
+    def close(self) -> None:
+        self.served.close()
 
     def snapshot_reader(self) -> SnapshotReader:
         """The hybrid's reader, whose scan plans are cached per (snapshot, filter)."""
@@ -282,9 +310,8 @@ class ServingReader:
             return None
         stats.iceberg.files_planned = len(files)
         key = (table.metadata.table_uuid, widened)
-        rows = self.snapshots.rows(
-            key, stats.snapshot_id, files, lambda path: self.files.rows(table, path, row_filter).rows, empty
-        )
+        self._hot[key] = (time.monotonic(), widened)
+        rows = self.snapshots.rows(key, stats.snapshot_id, files, self._file_reader(table, row_filter), empty)
         frame = rows.window(micros_of(row_filter.start), micros_of(row_filter.end), head)
         stats.iceberg.rows = frame.height
         return frame, files

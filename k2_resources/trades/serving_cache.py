@@ -118,13 +118,21 @@ class SortedRows:
 
 
 class SnapshotRows:
-    """One :class:`SortedRows` per (table, symbols, exchange, widened window), moved from snapshot to snapshot."""
+    """The :class:`SortedRows` of the last two snapshots per (table, symbols, exchange, widened window),
+    moved from snapshot to snapshot. Two, because queries keep reading a snapshot while the next one is
+    prepared beside them (:mod:`k2_resources.trades.serving_table`): neither evicts the other."""
 
-    def __init__(self, max_keys: int = 256) -> None:
+    def __init__(self, max_keys: int = 256, versions: int = 2) -> None:
         self.max_keys = max_keys
-        self._rows: OrderedDict[tuple, SortedRows] = OrderedDict()
+        self.versions = versions
+        self._rows: OrderedDict[tuple, tuple[SortedRows, ...]] = OrderedDict()  # oldest version first
         self._locks: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
+
+    def _known(self, key: tuple, snapshot_id: int | None) -> tuple[SortedRows | None, tuple[SortedRows, ...]]:
+        """(the rows of ``snapshot_id`` if kept, every kept version); the caller holds the lock."""
+        kept = self._rows.get(key, ())
+        return next((rows for rows in kept if rows.snapshot_id == snapshot_id), None), kept
 
     def rows(
         self,
@@ -136,25 +144,28 @@ class SnapshotRows:
     ) -> SortedRows:
         """The rows of ``files`` for ``key``; ``read(path)`` gives one file's rows of the key's filter."""
         with self._lock:
-            known = self._rows.get(key)
-            if known is not None and known.snapshot_id == snapshot_id:
+            found, _ = self._known(key, snapshot_id)
+            if found is not None:
                 self._rows.move_to_end(key)
-                return known
+                return found
             build_lock = self._locks.setdefault(key, threading.Lock())
         with build_lock:  # one thread builds the next snapshot's rows; the others then find them
             with self._lock:
-                known = self._rows.get(key)
-            if known is not None and known.snapshot_id == snapshot_id:
-                return known
+                found, kept = self._known(key, snapshot_id)
+            if found is not None:
+                return found
             wanted = frozenset(files)
-            if known is not None and known.files <= wanted:
-                built = known.extended(snapshot_id, wanted, [read(path) for path in sorted(wanted - known.files)])
+            # the newest kept version whose files are all still there grows by the new files' rows
+            base = next((rows for rows in reversed(kept) if rows.files <= wanted), None)
+            if base is not None:
+                built = base.extended(snapshot_id, wanted, [read(path) for path in sorted(wanted - base.files)])
             else:
                 parts = [frame for frame in (read(path) for path in files) if frame.height]
                 frame = pl.concat(parts, how="vertical_relaxed") if parts else empty
                 built = SortedRows.of(snapshot_id, wanted, frame)
             with self._lock:
-                self._rows[key] = built
+                self._rows[key] = (*self._rows.get(key, ())[-(self.versions - 1) :], built)
+                self._rows.move_to_end(key)
                 while len(self._rows) > self.max_keys:
                     dropped, _ = self._rows.popitem(last=False)
                     self._locks.pop(dropped, None)

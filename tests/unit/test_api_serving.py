@@ -169,6 +169,8 @@ def test_snapshot_rows_add_new_files_to_the_previous_snapshot_and_rebuild_otherw
     assert reads == ["a", "b", "c"]  # the second snapshot read only its new file
     assert second.rows["message_id"].to_list() == [f"m{i:03d}" for i in range(30)]
     assert snapshots.rows(("k",), 2, ("a", "b", "c"), read, empty) is second
+    # the snapshot before stays kept (queries read it while the next is prepared): nothing read again
+    assert snapshots.rows(("k",), 1, ("a", "b"), read, empty) is first and reads == ["a", "b", "c"]
     compacted = snapshots.rows(("k",), 3, ("c",), read, empty)  # files went away: rebuilt
     assert compacted.rows.height == 10 and reads[-1] == "c"
     window = second.window(micros_of(base + timedelta(seconds=3)), micros_of(base + timedelta(seconds=7)))
