@@ -35,6 +35,7 @@ from pyiceberg.table import Table
 from sqlalchemy.exc import OperationalError
 
 from k2_resources.catalog.errors import CommitConflictError, CommitRetry
+from k2_resources.catalog.pyiceberg_adapter import transaction_of
 from k2_resources.errors import K2Error
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def ensure_no_blind_retries(table: Table) -> None:
     if table.properties.get(COMMIT_RETRIES_PROPERTY) == "0":
         return
     try:
-        with table.transaction() as transaction:
+        with transaction_of(table) as transaction:
             transaction.set_properties({COMMIT_RETRIES_PROPERTY: "0"})
         log.info("set %s=0 on %s: K2 retries conflicting commits itself", COMMIT_RETRIES_PROPERTY, table.name())
     except Exception as exc:

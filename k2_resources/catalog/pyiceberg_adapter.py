@@ -10,7 +10,9 @@ pyiceberg has no public way to do these, and K2 needs each one:
   (``Transaction._append_snapshot_producer``, what ``Transaction.append`` does inside);
 - delete rows so that the delete validates against concurrent writers as an overwrite does
   (``Transaction.delete(..., _isolation_operation=...)``, what ``Transaction.overwrite`` does);
-- the Parquet writer options a table's properties ask for (``_get_parquet_writer_kwargs``).
+- the Parquet writer options a table's properties ask for (``_get_parquet_writer_kwargs``);
+- a transaction that works out its staged metadata once per staged change (:class:`MemoTransaction`,
+  over ``Transaction._updates`` and ``Transaction._table``).
 
 Nothing else in K2 may touch a pyiceberg name that starts with an underscore.
 ``tests/unit/test_pyiceberg_adapter.py`` holds each function to the pyiceberg version it was
@@ -34,7 +36,7 @@ from pyiceberg.io.pyarrow import (
 )
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
-from pyiceberg.table import Transaction
+from pyiceberg.table import Table, Transaction
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation
 
@@ -71,6 +73,33 @@ def delete_as_overwrite(transaction: Transaction, row_filter: BooleanExpression,
     """Delete the rows matching ``row_filter`` in ``transaction``, validated against concurrent
     writers as an overwrite (what ``Transaction.overwrite`` does before it appends)."""
     transaction.delete(delete_filter=row_filter, snapshot_properties=summary, _isolation_operation=Operation.OVERWRITE)
+
+
+class MemoTransaction(Transaction):
+    """A ``Transaction`` whose staged metadata is worked out once per staged change, not on every read.
+
+    pyiceberg 0.12's ``Transaction.table_metadata`` applies the staged updates to a deep copy of the
+    table's metadata each time it is read, and one append reads it about twenty times. A table
+    committed to every second keeps hundreds of snapshots in its metadata, so that copying was most
+    of a commit's CPU, and it grew with the snapshots kept. TableMetadata is immutable (frozen
+    models, changed only by copies), so one result per (base metadata, staged updates) serves every read.
+    """
+
+    _memo: tuple[object, object, TableMetadata] | None = None
+
+    @property
+    def table_metadata(self) -> TableMetadata:
+        memo = self._memo
+        if memo is not None and memo[0] is self._table.metadata and memo[1] is self._updates:
+            return memo[2]
+        metadata = Transaction.table_metadata.fget(self)  # type: ignore[attr-defined]
+        self._memo = (self._table.metadata, self._updates, metadata)
+        return metadata
+
+
+def transaction_of(table: Table) -> Transaction:
+    """``table.transaction()``, as a :class:`MemoTransaction`: every K2 commit opens its transaction here."""
+    return MemoTransaction(table)
 
 
 def parquet_writer_options(table_properties: dict[str, str]) -> dict[str, Any]:

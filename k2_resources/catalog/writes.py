@@ -24,7 +24,7 @@ from k2_resources.catalog.commit import with_commit_retries
 from k2_resources.catalog.data_files import write_data_files
 from k2_resources.catalog.errors import TableChangedError
 from k2_resources.catalog.partitioning import decoded_schema, in_table_schema, partition_slices
-from k2_resources.catalog.pyiceberg_adapter import delete_as_overwrite
+from k2_resources.catalog.pyiceberg_adapter import delete_as_overwrite, transaction_of
 
 REPLACE_ATTEMPTS = 8
 
@@ -33,7 +33,7 @@ def _overwrite(table: Table, rows: pa.Table, row_filter: BooleanExpression, prop
     """``table.overwrite`` (delete ``row_filter``, append ``rows``, one transaction), splitting
     the rows into partitions by :func:`partition_slices` instead of pyiceberg's filter per
     partition; falls back to ``table.overwrite`` when that does not apply."""
-    with table.transaction() as transaction:
+    with transaction_of(table) as transaction:
         metadata = transaction.table_metadata
         pieces = partition_slices(metadata, rows)
         if pieces is None:
@@ -139,7 +139,7 @@ def replace_with_files(
             raise TableChangedError(
                 f"{table.name()}: its schema or partition spec changed after its files were written"
             )
-        with table.transaction() as transaction:
+        with transaction_of(table) as transaction:
             delete_as_overwrite(transaction, row_filter, properties)
             with transaction.update_snapshot(snapshot_properties=properties).fast_append() as append:
                 for data_file in data_files:

@@ -39,6 +39,7 @@ from pyiceberg.table import Table, TableProperties
 
 from k2_resources import metrics
 from k2_resources.catalog.commit import with_commit_retries
+from k2_resources.catalog.pyiceberg_adapter import transaction_of
 from k2_resources.catalog.resource import IcebergResource
 from k2_resources.catalog.tables import LIVE_BARS, QUOTES, TRADES, TableDefinition
 from k2_resources.operations.commit_window import CommitWindow
@@ -137,7 +138,7 @@ def ensure_properties(load: Callable[[], Table], settings: MaintenanceSettings) 
         missing = {k: v for k, v in wanted.items() if table.properties.get(k) != v}
         changed[:] = sorted(missing)
         if missing:
-            with table.transaction() as transaction:
+            with transaction_of(table) as transaction:
                 transaction.set_properties(missing)
 
     with_commit_retries(attempt, "maintenance table properties", gave_up="the next pass tries again")

@@ -36,7 +36,7 @@ from pyiceberg.table import FileScanTask, Table, TableProperties
 from pyiceberg.table.metadata import TableMetadata
 
 from k2_resources.catalog.commit import with_commit_retries
-from k2_resources.catalog.pyiceberg_adapter import dataframe_to_data_files
+from k2_resources.catalog.pyiceberg_adapter import dataframe_to_data_files, transaction_of
 from k2_resources.errors import K2Error
 from k2_resources.sink.offsets import PREFIX
 
@@ -308,7 +308,7 @@ def _rewrite(
         **{key: value for key, value in metadata.properties.items() if key.startswith(f"{PREFIX}.committed.")},
     }
     results: list[tuple[str, list[FileScanTask], int, list[DataFile]]] = []
-    with table.transaction() as transaction:
+    with transaction_of(table) as transaction:
         overwrite = transaction.update_snapshot(snapshot_properties=summary).overwrite()
         with overwrite:
             for label, tasks in plan:

@@ -40,7 +40,7 @@ from pyiceberg.table import FileScanTask, Table, TableProperties
 
 from k2_resources.catalog.commit import with_commit_retries
 from k2_resources.catalog.errors import CommitConflictError, CommitRetry
-from k2_resources.catalog.pyiceberg_adapter import dataframe_to_data_files
+from k2_resources.catalog.pyiceberg_adapter import dataframe_to_data_files, transaction_of
 from k2_resources.errors import K2Error
 from k2_resources.operations.commit_window import CommitWindow
 from k2_resources.operations.snapshot_policy import ReferenceCache
@@ -258,7 +258,7 @@ def _swap(
             f"{MAINTENANCE_KEY}.files-written": str(len(new_files)),
             **{k: v for k, v in table.properties.items() if k.startswith(COMMITTED_PREFIX)},
         }
-        with table.transaction() as transaction:
+        with transaction_of(table) as transaction:
             with transaction.update_snapshot(snapshot_properties=summary).overwrite() as overwrite:
                 for path in sorted(wanted):
                     overwrite.delete_data_file(current[path].data_file)

@@ -35,7 +35,7 @@ from k2_resources.catalog.commit import (
     with_commit_retries,
 )
 from k2_resources.catalog.data_files import WrittenRows
-from k2_resources.catalog.pyiceberg_adapter import append_data_files
+from k2_resources.catalog.pyiceberg_adapter import append_data_files, transaction_of
 from k2_resources.catalog.resource import IcebergResource, to_arrow
 from k2_resources.catalog.tables import TRADES
 from k2_resources.sink.errors import OffsetGapError
@@ -191,7 +191,7 @@ def _commit_once(
     if before_commit is not None:
         before_commit()
     data_files = written.data_files(table)
-    with table.transaction() as transaction:
+    with transaction_of(table) as transaction:
         append_data_files(transaction, summary, data_files)
         transaction.set_properties(properties)
     seconds = time.perf_counter() - started

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
+from k2_resources.catalog.pyiceberg_adapter import transaction_of
+
 PREFIX = "k2.kafka"
 
 
@@ -103,7 +105,7 @@ def reset_baseline(table: Table, topic: str, offsets: dict[int, int]) -> list[Pe
     kept = [p for p in pending if p.kind == SPILLED]
     dropped = [p for p in pending if p.kind != SPILLED]
     committed_json = json.dumps({str(p): o for p, o in sorted(offsets.items())})
-    with table.transaction() as transaction:
+    with transaction_of(table) as transaction:
         transaction.set_properties(
             {
                 committed_key(topic): committed_json,
@@ -358,7 +360,7 @@ def acknowledge_losses(table: Table, topic: str, by: str, note: str, at: str) ->
         ),
         **properties,
     }
-    with table.transaction() as transaction:
+    with transaction_of(table) as transaction:
         transaction.append(table.schema().as_arrow().empty_table(), snapshot_properties=summary)
         transaction.set_properties(properties)
     table.refresh()

@@ -24,6 +24,7 @@ from k2_resources.catalog.pyiceberg_adapter import (
     dataframe_to_data_files,
     delete_as_overwrite,
     parquet_writer_options,
+    transaction_of,
 )
 
 SCHEMA = Schema(
@@ -90,6 +91,29 @@ def test_delete_as_overwrite_deletes_the_matching_rows(table: Table) -> None:
     with table.transaction() as transaction:
         delete_as_overwrite(transaction, EqualTo("symbol", "A"), {"k2.test": "delete"})  # type: ignore[call-arg,misc]
     assert table.scan().to_arrow().column("symbol").to_pylist() == ["B"]
+
+
+def test_transaction_of_works_out_the_staged_metadata_once_per_change_and_commits_as_pyiceberg(table: Table) -> None:
+    """pyiceberg 0.12: ``Transaction.table_metadata`` over ``Transaction._table`` and ``Transaction._updates``."""
+    _assert_version()
+    table.append(_rows(["A"]))
+    with transaction_of(table) as transaction:
+        first = transaction.table_metadata
+        assert transaction.table_metadata is first  # nothing staged since: the same result, not a new copy
+        transaction.set_properties({"k2.test": "memo"})
+        staged = transaction.table_metadata
+        assert staged is not first and staged.properties["k2.test"] == "memo"
+        plain = table.transaction()
+        plain.set_properties({"k2.test": "memo"})
+        # what pyiceberg itself works out (but the clock: each working-out stamps its own last-updated-ms)
+        assert plain.table_metadata.model_dump(exclude={"last_updated_ms"}) == staged.model_dump(
+            exclude={"last_updated_ms"}
+        )
+        files = dataframe_to_data_files(table.metadata, _rows(["B", "C"]), table.io, uuid.uuid4())
+        append_data_files(transaction, {"k2.test": "memo-append"}, files)
+    assert table.properties["k2.test"] == "memo"
+    assert table.current_snapshot().summary.additional_properties["k2.test"] == "memo-append"  # type: ignore[union-attr]
+    assert table.scan().to_arrow().num_rows == 3
 
 
 def test_parquet_writer_options_follow_the_table_properties(tmp_path: Path) -> None:
