@@ -11,8 +11,9 @@ pyiceberg has no public way to do these, and K2 needs each one:
 - delete rows so that the delete validates against concurrent writers as an overwrite does
   (``Transaction.delete(..., _isolation_operation=...)``, what ``Transaction.overwrite`` does);
 - the Parquet writer options a table's properties ask for (``_get_parquet_writer_kwargs``);
-- a transaction that works out its staged metadata once per staged change (:class:`MemoTransaction`,
-  over ``Transaction._updates`` and ``Transaction._table``).
+- a transaction that works out its staged metadata once per staged change and without copying the
+  whole metadata (:class:`MemoTransaction`, over ``Transaction._updates`` and ``Transaction._table``,
+  with ``pyiceberg.table.update._apply_table_update`` and ``_TableMetadataUpdateContext``).
 
 Nothing else in K2 may touch a pyiceberg name that starts with an underscore.
 ``tests/unit/test_pyiceberg_adapter.py`` holds each function to the pyiceberg version it was
@@ -24,6 +25,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -39,6 +41,8 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation
+from pyiceberg.table.update import TableUpdate, _apply_table_update, _TableMetadataUpdateContext
+from pyiceberg.utils.datetime import datetime_to_millis
 
 WRITTEN_FOR = "0.12"  # the pyiceberg minor version these functions were written and tested against
 
@@ -75,24 +79,41 @@ def delete_as_overwrite(transaction: Transaction, row_filter: BooleanExpression,
     transaction.delete(delete_filter=row_filter, snapshot_properties=summary, _isolation_operation=Operation.OVERWRITE)
 
 
+def staged_metadata(base: TableMetadata, updates: tuple[TableUpdate, ...]) -> TableMetadata:
+    """``base`` with ``updates`` applied: pyiceberg's ``update_table_metadata`` for a transaction's own
+    reads, without its closing deep copy (each update already returns a new, frozen TableMetadata)."""
+    context = _TableMetadataUpdateContext()
+    metadata = base
+    for update in updates:
+        metadata = _apply_table_update(update, metadata, context)
+    if context.has_changes() and base.last_updated_ms == metadata.last_updated_ms:
+        metadata = metadata.model_copy(update={"last_updated_ms": datetime_to_millis(datetime.now().astimezone())})
+    metadata.spec().check_compatible(metadata.schema())
+    metadata.sort_order().check_compatible(metadata.schema())
+    return metadata
+
+
 class MemoTransaction(Transaction):
-    """A ``Transaction`` whose staged metadata is worked out once per staged change, not on every read.
+    """A ``Transaction`` whose staged metadata is worked out once per staged change, without copies.
 
     pyiceberg 0.12's ``Transaction.table_metadata`` applies the staged updates to a deep copy of the
     table's metadata each time it is read, and one append reads it about twenty times. A table
     committed to every second keeps hundreds of snapshots in its metadata, so that copying was most
     of a commit's CPU, and it grew with the snapshots kept. TableMetadata is immutable (frozen
-    models, changed only by copies), so one result per (base metadata, staged updates) serves every read.
+    models, changed only by copies), so one result per (base metadata, staged updates) serves every
+    read, and nothing staged means the table's own metadata. The catalog's commit is pyiceberg's own.
     """
 
     _memo: tuple[object, object, TableMetadata] | None = None
 
     @property
     def table_metadata(self) -> TableMetadata:
+        if not self._updates:
+            return self._table.metadata
         memo = self._memo
         if memo is not None and memo[0] is self._table.metadata and memo[1] is self._updates:
             return memo[2]
-        metadata = Transaction.table_metadata.fget(self)  # type: ignore[attr-defined]
+        metadata = staged_metadata(self._table.metadata, self._updates)
         self._memo = (self._table.metadata, self._updates, metadata)
         return metadata
 
